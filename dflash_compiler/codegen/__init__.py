@@ -1,0 +1,1 @@
+"""Kernel code generation: Triton kernels and their launchers."""

@@ -1,0 +1,1 @@
+"""Triton kernels for the verify/draft hot path. Each file holds a kernel and its launcher."""
