@@ -1,0 +1,72 @@
+"""Shared benchmark plumbing: the copy-bandwidth ceiling, timing with rotating inputs, tables and result JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_us(fn: Callable[[int], object], rotations: int = 1, warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    """Median time of fn(i) in microseconds, cycling i over `rotations` input sets so L2 does not flatter."""
+    import triton.testing
+
+    counter = iter(range(1 << 62))
+    ms = triton.testing.do_bench(
+        lambda: fn(next(counter) % rotations), warmup=warmup_ms, rep=rep_ms, return_mode="median"
+    )
+    return ms * 1e3
+
+
+def rotations_for(bytes_per_set: int, l2_bytes: int = 50 * 2**20) -> int:
+    """How many input sets to cycle through so that the working set is several times the L2 cache."""
+    return max(1, min(64, (4 * l2_bytes) // max(1, bytes_per_set) + 1))
+
+
+def copy_bandwidth_tbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in TB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    src.random_(0, 255)
+    us = time_us(lambda _: dst.copy_(src))
+    return 2 * nbytes / (us * 1e-6) / 1e12
+
+
+def floor_us(nbytes: int, bandwidth_tbps: float) -> float:
+    return nbytes / (bandwidth_tbps * 1e12) * 1e6
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def write_results(path: str | Path, rows: list[dict], **extra: object) -> dict:
+    doc = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        **extra,
+        "rows": rows,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
