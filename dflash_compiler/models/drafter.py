@@ -1,0 +1,145 @@
+"""The DFlash block-diffusion drafter (upstream `DFlashDraftModel`): Qwen3-style layers conditioned on the
+target by KV injection.
+
+The target's tapped features go through `fc` and `hidden_norm` once; every layer projects the result with its
+own k/v projections into context K/V, kept in a cache. A draft block `[anchor, MASK x (B-1)]` (embedded with the
+target's embedding) attends to that context and to itself; the target's lm_head reads slots 1..B-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import DrafterConfig
+from .target import MLP, RMSNorm
+
+
+@dataclass
+class DrafterCache:
+    """Context K/V per drafter layer, [B, Hkv, S, D], written at the absolute positions of committed tokens."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+
+class DrafterAttention(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, bias = cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, zero_centered=False)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, zero_centered=False)
+
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normed, rotated K and V [B, Hkv, T, D] of inputs x [B, T, H]."""
+        bsz, t, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(bsz, t, self.cfg.num_kv_heads, -1)).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, t, self.cfg.num_kv_heads, -1).transpose(1, 2)
+        return ops.apply_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx_k: torch.Tensor,
+        ctx_v: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        bsz, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(bsz, t, self.cfg.num_heads, -1)).transpose(1, 2)
+        q = ops.apply_rope(q, cos, sin)
+        k, v = self.kv(x, cos, sin)
+        keys, values = torch.cat((ctx_k, k), dim=2), torch.cat((ctx_v, v), dim=2)
+        out = ops.attention(q, keys, values, mask, self.cfg.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
+
+
+class DrafterLayer(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.self_attn = DrafterAttention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zero_centered=False)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zero_centered=False)
+
+    def forward(self, h, cos, sin, ctx_k, ctx_v, mask) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx_k, ctx_v, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DFlashDrafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig, target_hidden_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.fc = nn.Linear(len(cfg.target_layer_ids) * target_hidden_size, cfg.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zero_centered=False)
+        self.layers = nn.ModuleList(DrafterLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zero_centered=False)
+        inv_freq, self.rope_scale = cfg.rope.inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> DrafterCache:
+        device = device or self.fc.weight.device
+        dtype = dtype or self.fc.weight.dtype
+        shape = (batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim)
+        n = self.cfg.num_layers
+        return DrafterCache([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rope_cos_sin(self.inv_freq, positions, self.rope_scale, dtype)
+
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Context K/V of every layer for target features [B, C, K*H_target] at positions [B, C]."""
+        c = self.hidden_norm(self.fc(features))
+        cos, sin = self.rope(positions, c.dtype)
+        return [layer.self_attn.kv(c, cos, sin) for layer in self.layers]
+
+    def append_context(self, cache: DrafterCache, features: torch.Tensor, positions: torch.Tensor) -> DrafterCache:
+        """Writes the context K/V of newly committed tokens into the cache at their positions."""
+        slots = positions.view(positions.shape[0], 1, -1, 1).expand(-1, self.cfg.num_kv_heads, -1, self.cfg.head_dim)
+        for kc, vc, (k, v) in zip(cache.k, cache.v, self.context_kv(features, positions)):
+            kc.scatter_(2, slots, k.to(kc.dtype))
+            vc.scatter_(2, slots, v.to(vc.dtype))
+        return cache
+
+    def layer_masks(self, positions: torch.Tensor, cache_len: int) -> list[torch.Tensor]:
+        """Per-layer masks [B, T, S+T] for a block at positions [B, T] over a context cache of S slots, of which
+        the positions before the block's anchor are valid. Full layers see the whole block both ways; causal
+        (sliding) layers see earlier block slots, and a window of `sliding_window` positions."""
+        device = positions.device
+        bsz, t = positions.shape
+        ctx_pos = torch.arange(cache_len, device=device).view(1, 1, -1)
+        ctx_valid = ctx_pos < positions[:, :1].unsqueeze(-1)
+        q_pos = positions.unsqueeze(-1)
+        key_pos = torch.cat((ctx_pos.expand(bsz, 1, -1), positions.unsqueeze(1)), dim=-1)
+        base = torch.cat((ctx_valid.expand(-1, t, -1), torch.ones(bsz, t, t, dtype=torch.bool, device=device)), -1)
+        masks = {}
+        for kind, causal in zip(self.cfg.layer_types, self.cfg.causal_layers):
+            if (kind, causal) in masks:
+                continue
+            mask = base
+            if causal:
+                mask = mask & (key_pos <= q_pos)
+            if kind == "sliding_attention":
+                mask = mask & (q_pos - key_pos < self.cfg.sliding_window)
+            masks[(kind, causal)] = mask
+        return [masks[key] for key in zip(self.cfg.layer_types, self.cfg.causal_layers)]
+
+    def forward(self, block_embeds: torch.Tensor, positions: torch.Tensor, cache: DrafterCache) -> torch.Tensor:
+        """Runs a block [B, T, H] of embedded tokens at contiguous positions [B, T] over the context cache.
+        Returns the final-normed hidden states [B, T, H]; the target's lm_head turns them into logits."""
+        cos, sin = self.rope(positions, block_embeds.dtype)
+        h = block_embeds
+        for layer, mask, k, v in zip(self.layers, self.layer_masks(positions, cache.k[0].shape[2]), cache.k, cache.v):
+            h = layer(h, cos, sin, k, v, mask)
+        return self.norm(h)

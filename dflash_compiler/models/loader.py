@@ -1,0 +1,196 @@
+"""Checkpoint loading from (sharded) safetensors, with every defect reported as one line naming file and tensor."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import DFlashError
+from .config import DrafterConfig, TargetConfig
+from .drafter import DFlashDrafter
+from .target import TargetModel
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise DFlashError(f"parameter 'dtype': {dtype!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """Catches truncated or corrupt files up front: the header must parse and cover the file exactly."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise DFlashError(f"{path}: corrupt safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > size - 8:
+                raise DFlashError(f"{path}: corrupt safetensors file (header length {header_len} exceeds file size)")
+            header = json.loads(fh.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DFlashError(f"{path}: corrupt safetensors file (header is not valid JSON)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise DFlashError(f"{path}: truncated or corrupt safetensors file ({size} bytes, header describes {8 + header_len + end})")
+
+
+def checkpoint_files(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DFlashError(f"{index}: field 'weight_map' is missing or the file is not valid JSON") from None
+        files = sorted({directory / name for name in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise DFlashError(f"{index}: shard '{f.name}' listed in weight_map is missing")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise DFlashError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    return files
+
+
+def iter_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for path in checkpoint_files(directory):
+        _check_safetensors_file(path)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, fh.get_tensor(name), path
+        except DFlashError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for malformed data
+            raise DFlashError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+
+
+def load_weights(
+    module: nn.Module,
+    directory: str | Path,
+    rename: Callable[[str], str | None],
+    device: torch.device,
+    dtype: torch.dtype,
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Loads every checkpoint tensor into module (built on the meta device), checking names and shapes.
+
+    rename maps a checkpoint name to a parameter name, or to None for tensors to skip.
+    """
+    expected = dict(module.named_parameters())
+    seen: set[str] = set()
+    for ckpt_name, tensor, path in iter_tensors(directory):
+        name = rename(ckpt_name)
+        if name is None:
+            continue
+        if name not in expected:
+            raise DFlashError(f"{path}: unexpected tensor '{ckpt_name}' (not part of this model)")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise DFlashError(
+                f"{path}: tensor '{ckpt_name}' has shape {list(tensor.shape)}, expected {list(expected[name].shape)}"
+            )
+        _assign(module, name, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        seen.add(name)
+    missing = [n for n in expected if n not in seen and n not in optional]
+    if missing:
+        raise DFlashError(f"{directory}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+
+
+def _assign(module: nn.Module, name: str, value: nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, leaf, value)
+
+
+def _finish(module: nn.Module, device: torch.device) -> None:
+    """Rebuilds the non-persistent buffers (RoPE frequencies) that were created on the meta device."""
+    if hasattr(module, "inv_freq"):
+        cfg = module.cfg
+        inv_freq, _ = cfg.rope.inv_freq()
+        module.inv_freq = inv_freq.to(device)
+    module.eval()
+
+
+def _target_rename(cfg: TargetConfig) -> Callable[[str], str | None]:
+    def rename(name: str) -> str | None:
+        if name.startswith(("model.visual.", "mtp.", "model.mtp.")):
+            return None
+        for prefix in ("model.language_model.", "model."):
+            if name.startswith(prefix):
+                return name[len(prefix) :]
+        return name
+
+    return rename
+
+
+def load_target(directory: str | Path, device: str | torch.device = "cpu", dtype="float32") -> TargetModel:
+    cfg = TargetConfig.from_dir(directory)
+    device, dtype = torch.device(device), parse_dtype(dtype)
+    with torch.device("meta"):
+        model = TargetModel(cfg)
+    load_weights(
+        model,
+        directory,
+        _target_rename(cfg),
+        device,
+        dtype,
+        optional=("lm_head.weight",) if cfg.tie_word_embeddings else (),
+    )
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    _finish(model, device)
+    return model
+
+
+def check_drafter_fits(cfg: DrafterConfig, target: TargetConfig, path: Path) -> None:
+    if cfg.hidden_size != target.hidden_size:
+        raise DFlashError(
+            f"{path}: field 'hidden_size' is {cfg.hidden_size} but the target's hidden size is {target.hidden_size}"
+        )
+    if cfg.vocab_size != target.vocab_size:
+        raise DFlashError(f"{path}: field 'vocab_size' is {cfg.vocab_size} but the target's is {target.vocab_size}")
+    bad = [i for i in cfg.target_layer_ids if i >= target.num_layers]
+    if bad:
+        raise DFlashError(
+            f"{path}: field 'target_layer_ids' has layer {bad[0]}, out of range for a {target.num_layers}-layer target"
+        )
+    if cfg.mask_token_id >= target.vocab_size:
+        raise DFlashError(f"{path}: field 'mask_token_id' {cfg.mask_token_id} is outside the target vocabulary")
+
+
+def load_drafter(
+    directory: str | Path, target: TargetConfig, device: str | torch.device = "cpu", dtype="float32"
+) -> DFlashDrafter:
+    cfg = DrafterConfig.from_dir(directory)
+    check_drafter_fits(cfg, target, Path(directory) / "config.json")
+    device, dtype = torch.device(device), parse_dtype(dtype)
+    with torch.device("meta"):
+        model = DFlashDrafter(cfg, target.hidden_size)
+
+    def rename(name: str) -> str | None:
+        # Upstream drafters ship no embedding or head (the target's are shared); some add a `model.` prefix.
+        name = name.removeprefix("model.")
+        return None if name in ("embed_tokens.weight", "lm_head.weight") else name
+
+    want = len(cfg.target_layer_ids) * target.hidden_size
+    for name, tensor, path in iter_tensors(directory):
+        if rename(name) == "fc.weight" and tensor.ndim == 2 and tensor.shape[1] != want:
+            raise DFlashError(
+                f"{path}: tensor '{name}' has {tensor.shape[1]} input features, expected "
+                f"len(target_layer_ids) x hidden = {len(cfg.target_layer_ids)} x {target.hidden_size} = {want}"
+            )
+    load_weights(model, directory, rename, device, dtype)
+    _finish(model, device)
+    return model

@@ -1,0 +1,99 @@
+"""`dflash-generate`: generate from a target (and DFlash drafter) checkpoint, streaming text, then tau and speed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import DFlashError
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dflash-generate", description=__doc__)
+    p.add_argument("--target", help="target checkpoint directory (default: the bundled tiny pair)")
+    p.add_argument("--drafter", help="DFlash drafter checkpoint directory (omit to run the target alone)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, else bf16)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--baseline", action="store_true", help="also run the target alone and report the speedup")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return p
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    args = generate_parser().parse_args(argv)
+    try:
+        return _generate(args)
+    except DFlashError as e:
+        print(f"dflash-generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ..runtime.engine import Engine
+    from ..runtime.speculative import GenerationStats
+
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    engine = Engine.from_pretrained(args.target, args.drafter, args.device, dtype, args.block_size)
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        chat=args.chat,
+        seed=args.seed,
+    )
+    if args.json:
+        result = engine.generate(args.prompt, **kwargs)
+        stats = result.stats
+        doc = {
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "acceptance_lengths": stats.acceptance_lengths,
+            "acceptance_length": stats.acceptance_length,
+            "per_position_acceptance": stats.per_position_acceptance,
+            "tokens_per_s": stats.tokens_per_s,
+            "time_to_first_token_s": stats.time_to_first_token_s,
+            "finish_reason": result.finish_reason,
+        }
+        if args.baseline:
+            doc["baseline_tokens_per_s"] = _baseline(engine, args.prompt, kwargs).tokens_per_s
+        print(json.dumps(doc))
+        return 0
+    stats = GenerationStats()
+    for piece in engine.stream(args.prompt, stats=stats, **kwargs):
+        print(piece, end="", flush=True)
+    print()
+    line = (
+        f"[{stats.generated_tokens} tokens, block {stats.block_size}, acceptance length tau = "
+        f"{stats.acceptance_length:.2f}, {stats.tokens_per_s:.1f} tokens/s"
+    )
+    if args.baseline and engine.drafter is not None:
+        base = _baseline(engine, args.prompt, kwargs)
+        speedup = stats.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
+        line += f"; autoregressive {base.tokens_per_s:.1f} tokens/s, speedup {speedup:.2f}x"
+    print(line + "]", file=sys.stderr)
+    return 0
+
+
+def _baseline(engine, prompt: str, kwargs: dict):
+    """The same request through the same loop with block size 1: plain autoregressive decoding."""
+    from ..runtime.speculative import GenerationStats, SpeculativeDecoder
+
+    stats = GenerationStats()
+    ids = engine.encode(prompt, kwargs["chat"])
+    from .sampling import SamplingParams
+
+    params = SamplingParams(kwargs["temperature"], kwargs["top_k"], kwargs["top_p"])
+    decoder = SpeculativeDecoder(engine.target)
+    for _ in decoder.stream(ids, kwargs["max_new_tokens"], params, engine.stop_token_ids, kwargs["seed"], stats):
+        pass
+    return stats

@@ -1,0 +1,163 @@
+"""The eager speculative decoding loop: prefill, then draft -> verify -> accept -> commit until done.
+
+Block size 1 (or no proposer) is plain autoregressive decoding through the same path, the baseline every
+speedup is measured against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DFlashError
+from ..models.target import TargetModel
+from .proposer import Proposer
+from .sampling import SamplingParams, greedy_accept, probabilities, rejection_accept, sample_from
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    block_size: int = 1
+    acceptance_lengths: list[int] = field(default_factory=list)  # committed tokens per verify step, bonus included
+    time_to_first_token_s: float = 0.0
+    decode_time_s: float = 0.0
+
+    @property
+    def acceptance_length(self) -> float:
+        """Mean acceptance length tau over verify steps (accepted drafts + the bonus token)."""
+        return sum(self.acceptance_lengths) / len(self.acceptance_lengths) if self.acceptance_lengths else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        """Fraction of verify steps in which draft slot i (1-based) was accepted, for i = 1..block_size-1."""
+        steps = len(self.acceptance_lengths)
+        if not steps:
+            return []
+        return [sum(a - 1 >= i for a in self.acceptance_lengths) / steps for i in range(1, self.block_size)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: tokens after the first over the time after the first token."""
+        return (self.generated_tokens - 1) / self.decode_time_s if self.decode_time_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "block_size": self.block_size,
+            "acceptance_lengths": self.acceptance_lengths,
+            "acceptance_length": self.acceptance_length,
+            "per_position_acceptance": self.per_position_acceptance,
+            "time_to_first_token_s": self.time_to_first_token_s,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+
+class SpeculativeDecoder:
+    def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None):
+        self.target, self.proposer = target, proposer
+        self.block_size = 1 if proposer is None else (block_size or proposer.block_size)
+        if self.block_size < 1 or (proposer is not None and self.block_size > proposer.block_size):
+            limit = 1 if proposer is None else proposer.block_size
+            raise DFlashError(f"parameter 'block_size' must be in 1..{limit}, got {self.block_size}")
+        self.taps = proposer.target_layer_ids if proposer is not None and self.block_size > 1 else ()
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop_token_ids: Sequence[int] = (),
+        seed: int | None = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[list[int]]:
+        """Yields the newly committed tokens of each step; ends after a stop token (included) or max_new_tokens."""
+        target, device = self.target, self.target.embed_tokens.weight.device
+        max_pos = target.cfg.max_position_embeddings
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise DFlashError(f"parameter 'max_new_tokens' must be an integer >= 1, got {max_new_tokens!r}")
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise DFlashError("parameter 'prompt' is empty")
+        vocab = target.cfg.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt):
+            raise DFlashError(f"parameter 'prompt' holds a token id outside the vocabulary 0..{vocab - 1}")
+        if len(prompt) >= max_pos:
+            raise DFlashError(
+                f"parameter 'prompt' is {len(prompt)} tokens, longer than the model's context ({max_pos} - 1)"
+            )
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens, stats.block_size = len(prompt), self.block_size
+        gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % (1 << 62))
+        stops = set(stop_token_ids)
+        budget = min(max_new_tokens, max_pos - len(prompt))
+        cache_len = len(prompt) + budget + self.block_size
+        bs = self.block_size
+
+        def uniforms(*shape: int) -> torch.Tensor:
+            return torch.rand(shape, generator=gen).to(device)
+
+        t0 = time.perf_counter()
+        n = len(prompt)
+        ids = torch.tensor([prompt], device=device)
+        positions = torch.arange(n, device=device).unsqueeze(0)
+        cache = target.new_cache(1, cache_len)
+        out = target(ids, positions, cache, taps=self.taps, per_position_states=False, last_logits_only=True)
+        cache = target.commit(cache, out, positions, torch.tensor([n - 1], device=device))
+        last = out.logits[:, -1]
+        anchor = last.argmax(-1) if params.greedy else sample_from(probabilities(last, params), uniforms(1))
+        if self.taps:
+            self.proposer.reset(1, cache_len)
+            self.proposer.add_context(out.features, positions)
+        first = int(anchor.item())
+        stats.time_to_first_token_s = time.perf_counter() - t0
+        stats.generated_tokens = 1
+        yield [first]
+        t1 = time.perf_counter()
+        done = first in stops
+        start = n
+        while not done and stats.generated_tokens < budget:
+            verify_len = min(bs, budget - stats.generated_tokens)
+            start_t = torch.tensor([start], device=device)
+            drafts = torch.empty(1, 0, dtype=torch.long, device=device)
+            q = None
+            if verify_len > 1:
+                drafts, q = self.proposer.propose(anchor, start_t, params, uniforms(1, bs - 1))
+                drafts = drafts[:, : verify_len - 1]
+                q = q[:, : verify_len - 1] if q is not None else None
+            block = torch.cat((anchor.view(1, 1), drafts), dim=1)
+            positions = start + torch.arange(block.shape[1], device=device).unsqueeze(0)
+            out = target(block, positions, cache, taps=self.taps, per_position_states=True)
+            if params.greedy:
+                accepted, bonus = greedy_accept(drafts, out.logits)
+            else:
+                p = probabilities(out.logits, params)
+                q = q if q is not None else torch.zeros_like(p[:, :0])
+                accepted, bonus = rejection_accept(drafts, q, p, uniforms(1, drafts.shape[1]), uniforms(1))
+            cache = target.commit(cache, out, positions, accepted)
+            a = int(accepted.item())
+            if self.taps:
+                self.proposer.add_context(out.features[:, : a + 1], positions[:, : a + 1])
+            new = drafts[0, :a].tolist() + [int(bonus.item())]
+            stats.acceptance_lengths.append(a + 1)
+            for i, tok in enumerate(new):
+                if tok in stops:
+                    new, done = new[: i + 1], True
+                    break
+            new = new[: budget - stats.generated_tokens]
+            stats.generated_tokens += len(new)
+            yield new
+            start += a + 1
+            anchor = bonus
+        stats.decode_time_s = time.perf_counter() - t1
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs) -> tuple[list[int], GenerationStats]:
+        stats = kwargs.pop("stats", None) or GenerationStats()
+        tokens = [t for chunk in self.stream(prompt_ids, max_new_tokens, stats=stats, **kwargs) for t in chunk]
+        return tokens, stats

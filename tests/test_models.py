@@ -1,0 +1,120 @@
+"""Our model definitions against transformers' own implementations, and the GDN state machinery."""
+
+import pytest
+import torch
+from checkpoints import VOCAB, write_llama, write_qwen3, write_qwen35
+
+from dflash_compiler.models import ops
+from dflash_compiler.models.loader import load_target
+
+FAMILIES = {
+    "qwen3_5": lambda d: write_qwen35(d, seed=1),
+    "qwen3_5_text": lambda d: write_qwen35(d, seed=2, multimodal=False),
+    "qwen3": lambda d: write_qwen3(d, seed=3),
+    "llama": lambda d: write_llama(d, seed=4),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    ref = FAMILIES[request.param](d)
+    return ref, load_target(d)
+
+
+def _close(ours, ref):
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_prefill_logits_and_taps_match_transformers(pair):
+    ref, ours = pair
+    ids = torch.randint(0, VOCAB, (2, 41))
+    expected = ref(input_ids=ids, output_hidden_states=True)
+    taps = (0, 2)  # layer k's output is hidden_states[k+1]: the residual stream before the final norm
+    out = ours(ids, torch.arange(41).expand(2, -1), ours.new_cache(2, 64), taps=taps, per_position_states=False)
+    _close(out.logits, expected.logits)
+    _close(out.features, torch.cat([expected.hidden_states[k + 1] for k in taps], dim=-1))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("new_tokens", [1, 5])
+def test_decode_and_verify_on_a_cache_match_transformers(pair, new_tokens):
+    ref, ours = pair
+    prompt_len = 23
+    ids = torch.randint(0, VOCAB, (1, prompt_len + new_tokens))
+    first = ref(input_ids=ids[:, :prompt_len], use_cache=True)
+    expected = ref(input_ids=ids[:, prompt_len:], past_key_values=first.past_key_values, use_cache=True).logits
+
+    cache = ours.new_cache(1, 48)
+    pos = torch.arange(prompt_len).unsqueeze(0)
+    out = ours(ids[:, :prompt_len], pos, cache, per_position_states=False)
+    cache = ours.commit(cache, out, pos, torch.tensor([prompt_len - 1]))
+    pos = torch.arange(prompt_len, prompt_len + new_tokens).unsqueeze(0)
+    verify = ours(ids[:, prompt_len:], pos, cache, per_position_states=True)
+    _close(verify.logits, expected)
+
+
+@torch.no_grad()
+def test_verify_states_equal_token_by_token_decoding(tmp_path):
+    write_qwen35(tmp_path, seed=5, multimodal=False)
+    model = load_target(tmp_path)
+    batch, prompt_len, block = 3, 9, 7
+    ids = torch.randint(0, VOCAB, (batch, prompt_len + block))
+
+    def prefill():
+        cache = model.new_cache(batch, 32)
+        pos = torch.arange(prompt_len).expand(batch, -1)
+        out = model(ids[:, :prompt_len], pos, cache, per_position_states=False)
+        return model.commit(cache, out, pos, torch.full((batch,), prompt_len - 1))
+
+    pos = torch.arange(prompt_len, prompt_len + block).expand(batch, -1)
+    verify_cache = prefill()
+    verify = model(ids[:, prompt_len:], pos, verify_cache, per_position_states=True)
+    stepwise = prefill()
+    for t in range(block):
+        # commit a different accepted index per request, all equal to t here, and compare with stepping
+        committed = model.commit(verify_cache, verify, pos, torch.full((batch,), t))
+        p = pos[:, t : t + 1]
+        step = model(ids[:, prompt_len + t : prompt_len + t + 1], p, stepwise, per_position_states=True)
+        _close(step.logits[:, 0], verify.logits[:, t])
+        stepwise = model.commit(stepwise, step, p, torch.zeros(batch, dtype=torch.long))
+        for a, b in zip(committed.recurrent, stepwise.recurrent):
+            _close(a, b)
+        for a, b in zip(committed.conv, stepwise.conv):
+            _close(a, b)
+    # ragged acceptance: each request selects its own position
+    index = torch.tensor([0, 3, 6])
+    ragged = model.commit(prefill(), verify, pos, index)
+    for b, i in enumerate(index.tolist()):
+        single = model.commit(prefill(), verify, pos, torch.full((batch,), i))
+        _close(ragged.recurrent[0][b], single.recurrent[0][b])
+        _close(ragged.conv[0][b], single.conv[0][b])
+
+
+@pytest.mark.parametrize("seq_len,chunk", [(1, 64), (37, 16), (64, 64), (131, 64)])
+def test_chunked_and_recurrent_gated_delta_rule_agree(seq_len, chunk):
+    b, h, hv, d = 2, 2, 6, 16
+    q, k = torch.randn(b, seq_len, h, d), torch.randn(b, seq_len, h, d)
+    v = torch.randn(b, seq_len, hv, d)
+    g, beta = ops.gdn_gates(torch.randn(b, seq_len, hv), torch.randn(b, seq_len, hv), torch.randn(hv), torch.rand(hv))
+    state = torch.randn(b, hv, d, d)
+    o_rec, states = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=True)
+    o_chunk, final = ops.gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size=chunk)
+    torch.testing.assert_close(o_chunk, o_rec, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final, states[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_gated_delta_rule_matches_transformers_reference():
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
+
+    b, t, h, hv, d = 1, 5, 2, 4, 8
+    q, k, v = torch.randn(b, t, h, d), torch.randn(b, t, h, d), torch.randn(b, t, hv, d)
+    g, beta = ops.gdn_gates(torch.randn(b, t, hv), torch.randn(b, t, hv), torch.randn(hv), torch.rand(hv))
+    state = torch.randn(b, hv, d, d)
+    ref_o, ref_s = torch_recurrent_gated_delta_rule(
+        q, k, v, g=g, beta=beta, initial_state=state.clone(), output_final_state=True, use_qk_l2norm_in_kernel=True
+    )
+    o, s = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state)
+    torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=1e-5)
