@@ -132,6 +132,7 @@ def write_drafter(
     seed: int = 0,
     sliding_window: int | None = None,
     model_prefix: bool = False,
+    vocab: int = VOCAB,
 ) -> dict:
     """A DFlash drafter in the upstream format. layout='legacy': block_size at the top level, rope_theta;
     layout='nested': everything under dflash_config, rope_parameters, and (with sliding_window) a sliding layer."""
@@ -151,7 +152,7 @@ def write_drafter(
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 512,
         "num_target_layers": target_layers,
-        "vocab_size": VOCAB,
+        "vocab_size": vocab,
         "tie_word_embeddings": True,
         "dtype": "float32",
     }
@@ -172,8 +173,10 @@ def write_drafter(
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
-        return torch.randn(*shape, generator=gen) * (0.5 / shape[-1] ** 0.5) if len(shape) > 1 else (
-            1.0 + 0.1 * torch.randn(*shape, generator=gen)
+        return (
+            torch.randn(*shape, generator=gen) * (0.5 / shape[-1] ** 0.5)
+            if len(shape) > 1
+            else (1.0 + 0.1 * torch.randn(*shape, generator=gen))
         )
 
     tensors = {"fc.weight": rnd(h, n_taps * h), "hidden_norm.weight": rnd(h), "norm.weight": rnd(h)}

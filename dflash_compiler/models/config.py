@@ -312,7 +312,9 @@ class DrafterConfig:
         src, ids = pick("target_layer_ids")
         if ids is None:
             if num_target is None:
-                raise DFlashError(f"{path}: field 'dflash_config.target_layer_ids' is missing (and no num_target_layers)")
+                raise DFlashError(
+                    f"{path}: field 'dflash_config.target_layer_ids' is missing (and no num_target_layers)"
+                )
             ids = default_target_layer_ids(f.int("num_target_layers"), layers)
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
             raise src._fail("target_layer_ids", f"must be a non-empty list of layer indices, got {ids!r}")

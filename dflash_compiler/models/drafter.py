@@ -92,8 +92,10 @@ class DFlashDrafter(nn.Module):
         dtype = dtype or self.fc.weight.dtype
         shape = (batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim)
         n = self.cfg.num_layers
-        return DrafterCache([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-                            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
+        return DrafterCache(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+        )
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.rope_cos_sin(self.inv_freq, positions, self.rope_scale, dtype)

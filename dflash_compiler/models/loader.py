@@ -43,7 +43,9 @@ def _check_safetensors_file(path: Path) -> None:
         raise DFlashError(f"{path}: corrupt safetensors file (header is not valid JSON)") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end != size:
-        raise DFlashError(f"{path}: truncated or corrupt safetensors file ({size} bytes, header describes {8 + header_len + end})")
+        raise DFlashError(
+            f"{path}: truncated or corrupt safetensors file ({size} bytes, header describes {8 + header_len + end})"
+        )
 
 
 def checkpoint_files(directory: str | Path) -> list[Path]:

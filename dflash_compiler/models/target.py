@@ -252,7 +252,9 @@ class TargetModel(nn.Module):
         """Makes block position index[b] (per request) the last committed one: writes the block's K/V and
         selects the GDN state after that position. KV past it is written too but is never read."""
         if cache.k:
-            slots = positions.view(positions.shape[0], 1, -1, 1).expand(-1, self.cfg.num_kv_heads, -1, self.cfg.head_dim)
+            slots = positions.view(positions.shape[0], 1, -1, 1).expand(
+                -1, self.cfg.num_kv_heads, -1, self.cfg.head_dim
+            )
             for kc, vc, k, v in zip(cache.k, cache.v, out.block_k, out.block_v):
                 kc.scatter_(2, slots, k.to(kc.dtype))
                 vc.scatter_(2, slots, v.to(vc.dtype))

@@ -72,7 +72,7 @@ class SpeculativeDecoder:
         self,
         prompt_ids: Sequence[int],
         max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams | None = None,
         stop_token_ids: Sequence[int] = (),
         seed: int | None = None,
         stats: GenerationStats | None = None,
@@ -92,6 +92,7 @@ class SpeculativeDecoder:
             raise DFlashError(
                 f"parameter 'prompt' is {len(prompt)} tokens, longer than the model's context ({max_pos} - 1)"
             )
+        params = params or SamplingParams()
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens, stats.block_size = len(prompt), self.block_size
         gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % (1 << 62))
