@@ -114,34 +114,52 @@ class DFlashDrafter(nn.Module):
             vc.scatter_(2, slots, v.to(vc.dtype))
         return cache
 
-    def layer_masks(self, positions: torch.Tensor, cache_len: int) -> list[torch.Tensor]:
-        """Per-layer masks [B, T, S+T] for a block at positions [B, T] over a context cache of S slots, of which
-        the positions before the block's anchor are valid. Full layers see the whole block both ways; causal
-        (sliding) layers see earlier block slots, and a window of `sliding_window` positions."""
+    def layer_masks(
+        self, positions: torch.Tensor, anchors: torch.Tensor, blocks: torch.Tensor, ctx_len: int
+    ) -> list[torch.Tensor]:
+        """Per-layer masks [B, T, S+T] for block queries at positions [B, T] over S context slots.
+
+        A query sees context positions before its block's anchor (anchors [B, T]) and the queries of its own
+        block (blocks [B, T]: block index of each query): both ways in full layers, only earlier ones in causal
+        layers; sliding layers also drop keys `sliding_window` or more positions back. Training packs many blocks
+        into one call; inference has a single block.
+        """
         device = positions.device
         bsz, t = positions.shape
-        ctx_pos = torch.arange(cache_len, device=device).view(1, 1, -1)
-        ctx_valid = ctx_pos < positions[:, :1].unsqueeze(-1)
+        ctx_pos = torch.arange(ctx_len, device=device).view(1, 1, -1)
         q_pos = positions.unsqueeze(-1)
         key_pos = torch.cat((ctx_pos.expand(bsz, 1, -1), positions.unsqueeze(1)), dim=-1)
-        base = torch.cat((ctx_valid.expand(-1, t, -1), torch.ones(bsz, t, t, dtype=torch.bool, device=device)), -1)
+        base = torch.cat((ctx_pos < anchors.unsqueeze(-1), blocks.unsqueeze(-1) == blocks.unsqueeze(1)), dim=-1)
         masks = {}
-        for kind, causal in zip(self.cfg.layer_types, self.cfg.causal_layers):
-            if (kind, causal) in masks:
+        for key in zip(self.cfg.layer_types, self.cfg.causal_layers):
+            if key in masks:
                 continue
+            kind, causal = key
             mask = base
             if causal:
                 mask = mask & (key_pos <= q_pos)
             if kind == "sliding_attention":
                 mask = mask & (q_pos - key_pos < self.cfg.sliding_window)
-            masks[(kind, causal)] = mask
+            masks[key] = mask
         return [masks[key] for key in zip(self.cfg.layer_types, self.cfg.causal_layers)]
 
-    def forward(self, block_embeds: torch.Tensor, positions: torch.Tensor, cache: DrafterCache) -> torch.Tensor:
-        """Runs a block [B, T, H] of embedded tokens at contiguous positions [B, T] over the context cache.
-        Returns the final-normed hidden states [B, T, H]; the target's lm_head turns them into logits."""
+    def run_blocks(
+        self,
+        block_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        context: list[tuple[torch.Tensor, torch.Tensor]],
+        masks: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The drafter's layers over block queries [B, T, H] with per-layer context K/V and masks; final-normed."""
         cos, sin = self.rope(positions, block_embeds.dtype)
         h = block_embeds
-        for layer, mask, k, v in zip(self.layers, self.layer_masks(positions, cache.k[0].shape[2]), cache.k, cache.v):
+        for layer, mask, (k, v) in zip(self.layers, masks, context):
             h = layer(h, cos, sin, k, v, mask)
         return self.norm(h)
+
+    def forward(self, block_embeds: torch.Tensor, positions: torch.Tensor, cache: DrafterCache) -> torch.Tensor:
+        """Runs one block [B, T, H] of embedded tokens at contiguous positions [B, T] over the context cache.
+        Returns the final-normed hidden states [B, T, H]; the target's lm_head turns them into logits."""
+        anchors = positions[:, :1].expand_as(positions)
+        masks = self.layer_masks(positions, anchors, torch.zeros_like(positions), cache.k[0].shape[2])
+        return self.run_blocks(block_embeds, positions, list(zip(cache.k, cache.v)), masks)

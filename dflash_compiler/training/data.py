@@ -1,0 +1,128 @@
+"""Drafter training data: prompts, and the target's own continuations of them.
+
+The drafter learns to predict the target, not a corpus, so every training sequence is a prompt followed by the
+target's greedy (or sampled) continuation, generated here in batches with the target's step functions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DFlashError
+from ..models.target import TargetModel
+from ..runtime.sampling import SamplingParams, probabilities, sample_from
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".json", ".html")
+
+
+def read_prompts(source: str | Path, tokenizer, prompt_tokens: int, chat: bool = False) -> list[list[int]]:
+    """Prompts as token ids, from a .jsonl file (one {"prompt": str} or {"messages": [...]} per line) or a
+    directory of text files (each cut into prompts of `prompt_tokens` tokens)."""
+    source = Path(source)
+    if source.is_dir():
+        prompts = []
+        for path in sorted(p for p in source.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()):
+            ids = tokenizer.encode(path.read_text(errors="replace"), add_special_tokens=False)
+            prompts += [ids[i : i + prompt_tokens] for i in range(0, len(ids) - prompt_tokens + 1, prompt_tokens)]
+        if not prompts:
+            raise DFlashError(f"{source}: no text files with at least {prompt_tokens} tokens")
+        return prompts
+    if not source.is_file():
+        raise DFlashError(f"parameter 'prompts': {source} is neither a file nor a directory")
+    prompts = []
+    for n, line in enumerate(source.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise DFlashError(f"{source}: line {n} is not valid JSON") from None
+        if isinstance(item, dict) and isinstance(item.get("messages"), list):
+            ids = tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            if chat:
+                messages = [{"role": "user", "content": item["prompt"]}]
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            else:
+                ids = tokenizer.encode(item["prompt"], add_special_tokens=False)
+        else:
+            raise DFlashError(f"{source}: line {n} needs a 'prompt' string or a 'messages' list")
+        if ids:
+            prompts.append(ids[-prompt_tokens:])
+    if not prompts:
+        raise DFlashError(f"{source}: no prompts")
+    return prompts
+
+
+@torch.inference_mode()
+def continue_batch(
+    target: TargetModel, prompts: torch.Tensor, new_tokens: int, params: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
+    """The target's continuations [B, new_tokens] of equal-length prompts [B, P]."""
+    bsz, plen = prompts.shape
+    device = prompts.device
+    cache = target.new_cache(bsz, plen + new_tokens)
+    positions = torch.arange(plen, device=device).expand(bsz, -1)
+    out = target(prompts, positions, cache, per_position_states=False, last_logits_only=True)
+    cache = target.commit(cache, out, positions, torch.full((bsz,), plen - 1, device=device))
+    tokens = []
+    for step in range(new_tokens):
+        logits = out.logits[:, -1]
+        if params.greedy:
+            nxt = logits.argmax(-1)
+        else:
+            u = torch.rand(bsz, generator=generator).to(device)
+            nxt = sample_from(probabilities(logits, params), u)
+        tokens.append(nxt)
+        if step == new_tokens - 1:
+            break
+        positions = torch.full((bsz, 1), plen + step, device=device)
+        out = target(nxt.view(bsz, 1), positions, cache, per_position_states=True)
+        cache = target.commit(cache, out, positions, torch.zeros(bsz, dtype=torch.long, device=device))
+    return torch.stack(tokens, dim=1)
+
+
+@dataclass
+class SequenceSet:
+    """Training sequences [N, P + R]: prompt then the target's continuation; loss only on the response."""
+
+    tokens: torch.Tensor
+    prompt_len: int
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        while True:
+            order = torch.randperm(self.tokens.shape[0], generator=generator)
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                yield self.tokens[order[i : i + batch_size]]
+
+
+def build_sequences(
+    target: TargetModel,
+    prompts: list[list[int]],
+    prompt_len: int,
+    response_len: int,
+    batch_size: int,
+    params: SamplingParams,
+    seed: int,
+    progress=None,
+) -> SequenceSet:
+    """Generates the target's continuations of every prompt (left-truncated or skipped to `prompt_len`)."""
+    device = target.embed_tokens.weight.device
+    usable = [p[-prompt_len:] for p in prompts if len(p) >= prompt_len]
+    if not usable:
+        raise DFlashError(f"parameter 'prompts': no prompt has at least {prompt_len} tokens")
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(0, len(usable), batch_size):
+        chunk = torch.tensor(usable[i : i + batch_size], device=device)
+        rows.append(torch.cat((chunk, continue_batch(target, chunk, response_len, params, generator)), dim=1).cpu())
+        if progress is not None:
+            progress(len(chunk))
+    return SequenceSet(torch.cat(rows), prompt_len)

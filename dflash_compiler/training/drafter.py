@@ -1,0 +1,270 @@
+"""DFlash drafter training (paper section 4.2): a frozen target, trainable drafter layers, `fc`, `hidden_norm` and
+`norm`; blocks `[anchor, MASK x (B-1)]` at random anchors in the response see the context strictly before their
+anchor and each other, never other blocks; cross-entropy on slots 1..B-1 weighted exp(-(k-1)/gamma)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ..models.config import DrafterConfig, TargetConfig, default_target_layer_ids
+from ..models.drafter import DFlashDrafter
+from ..models.target import TargetModel
+from .data import SequenceSet
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    anchors_per_sequence: int = 8
+    lr: float = 6e-4
+    warmup: float = 0.04
+    weight_decay: float = 0.0
+    gamma: float = 7.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 200
+    checkpoint_every: int = 500
+
+
+def drafter_config_dict(
+    target: TargetConfig,
+    mask_token_id: int,
+    block_size: int = 16,
+    num_layers: int = 5,
+    target_layer_ids: list[int] | None = None,
+    overrides: dict | None = None,
+) -> dict:
+    """An upstream-format drafter config.json for a target (DFlashDraftModel, Qwen3-style layers)."""
+    ids = target_layer_ids or default_target_layer_ids(target.num_layers, num_layers)
+    head_dim = 128 if target.hidden_size >= 1024 else max(16, target.hidden_size // 8)
+    heads = max(1, target.hidden_size // head_dim)
+    cfg = {
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "hidden_size": target.hidden_size,
+        "intermediate_size": target.intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 4) if heads % 4 == 0 else heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "rope_scaling": None,
+        "max_position_embeddings": target.max_position_embeddings,
+        "layer_types": ["full_attention"] * num_layers,
+        "sliding_window": None,
+        "num_target_layers": target.num_layers,
+        "vocab_size": target.vocab_size,
+        "tie_word_embeddings": True,
+        "block_size": block_size,
+        "dflash_config": {"block_size": block_size, "mask_token_id": mask_token_id, "target_layer_ids": ids},
+        "dtype": "bfloat16",
+    }
+    cfg.update(overrides or {})
+    return cfg
+
+
+def new_drafter(cfg_dict: dict, target: TargetModel, seed: int) -> DFlashDrafter:
+    cfg = DrafterConfig.from_dict(cfg_dict, Path("drafter config"))
+    device = target.embed_tokens.weight.device
+    torch.manual_seed(seed)
+    drafter = DFlashDrafter(cfg, target.cfg.hidden_size).to(device)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return drafter
+
+
+def sample_anchors(n: int, count: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct anchor positions per sequence, uniformly in [low, high]."""
+    span = high - low + 1
+    count = min(count, span)
+    return torch.rand(n, span, generator=generator).argsort(-1)[:, :count] + low
+
+
+def block_loss(
+    drafter: DFlashDrafter,
+    target: TargetModel,
+    tokens: torch.Tensor,
+    anchors: torch.Tensor,
+    block_size: int,
+    gamma: float,
+) -> tuple[torch.Tensor, dict]:
+    """The DFlash objective for sequences [N, L] with anchors [N, A]; also returns the teacher-forced acceptance
+    length (which equals the real greedy tau at those anchors when the sequences are the target's greedy output)."""
+    n, length = tokens.shape
+    device = tokens.device
+    positions = torch.arange(length, device=device).expand(n, -1)
+    with torch.no_grad():
+        out = target(
+            tokens, positions, target.new_cache(n, 0), taps=drafter.cfg.target_layer_ids, per_position_states=False
+        )
+    context = drafter.context_kv(out.features, positions)
+    a = anchors.shape[1]
+    slot = torch.arange(block_size, device=device)
+    q_pos = (anchors.unsqueeze(-1) + slot).view(n, a * block_size)
+    q_anchor = anchors.repeat_interleave(block_size, dim=1)
+    q_block = torch.arange(a, device=device).repeat_interleave(block_size).expand(n, -1)
+    masks = drafter.layer_masks(q_pos, q_anchor, q_block, length)
+    block_ids = torch.full((n, a, block_size), drafter.cfg.mask_token_id, device=device)
+    block_ids[:, :, 0] = tokens.gather(1, anchors)
+    hidden = drafter.run_blocks(target.embed_tokens(block_ids.view(n, -1)), q_pos, context, masks)
+    logits = target.lm_head(hidden).view(n, a, block_size, -1)[:, :, 1:].float()
+    label_pos = q_pos.view(n, a, block_size)[:, :, 1:]
+    valid = label_pos < length
+    labels = tokens.gather(1, label_pos.clamp(max=length - 1).view(n, -1)).view_as(label_pos)
+    weights = torch.exp(-(slot[1:].float() - 1) / gamma).expand_as(labels) * valid
+    ce = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none").view_as(labels)
+    loss = (ce * weights).sum() / weights.sum()
+    with torch.no_grad():
+        match = ((logits.argmax(-1) == labels) & valid).long()
+        tau = 1.0 + match.cumprod(-1).sum(-1).float().mean()
+        per_position = match.cumprod(-1).float().mean((0, 1))
+    return loss, {"tau": float(tau), "per_position": per_position.tolist()}
+
+
+def save_drafter(drafter: DFlashDrafter, cfg_dict: dict, directory: str | Path, dtype=torch.bfloat16) -> None:
+    """Writes config.json + model.safetensors in the upstream layout (no embedding, no head), atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in drafter.state_dict().items()}
+    cfg = {**cfg_dict, "dtype": str(dtype).removeprefix("torch.")}
+    tmp_weights, tmp_config = directory / "model.safetensors.tmp", directory / "config.json.tmp"
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp_weights, directory / "model.safetensors")
+    os.replace(tmp_config, directory / "config.json")
+
+
+class DrafterTrainer:
+    def __init__(
+        self,
+        target: TargetModel,
+        cfg_dict: dict,
+        train: SequenceSet,
+        held_out: SequenceSet,
+        config: TrainConfig,
+        output: str | Path,
+    ):
+        self.target, self.cfg_dict, self.train_set, self.held_out = target, cfg_dict, train, held_out
+        self.config, self.output = config, Path(output)
+        self.drafter = new_drafter(cfg_dict, target, config.seed)
+        self.block_size = self.drafter.cfg.block_size
+        self.optimizer = torch.optim.AdamW(
+            self.drafter.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+        )
+        self.step = 0
+        self.history: list[dict] = []
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output / "checkpoint.pt"
+
+    def lr_at(self, step: int) -> float:
+        warm = max(1, int(self.config.warmup * self.config.steps))
+        if step < warm:
+            return self.config.lr * (step + 1) / warm
+        progress = (step - warm) / max(1, self.config.steps - warm)
+        return self.config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def save_checkpoint(self) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "drafter": self.drafter.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": self.history,
+            "config": asdict(self.config),
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def resume(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.target.embed_tokens.weight.device)
+        self.drafter.load_state_dict(state["drafter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step, self.history = state["step"], state["history"]
+        return True
+
+    def _anchors(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, length = tokens.shape
+        anchors = sample_anchors(
+            n, self.config.anchors_per_sequence, self.train_set.prompt_len, length - 2, self.generator
+        )
+        return anchors.to(tokens.device)
+
+    @torch.no_grad()
+    def evaluate(self, max_sequences: int = 256) -> dict:
+        """Held-out teacher-forced acceptance over every anchor position of the response region."""
+        self.drafter.eval()
+        tokens = self.held_out.tokens[:max_sequences].to(self.target.embed_tokens.weight.device)
+        # whole blocks only, so every slot has a label
+        low = self.held_out.prompt_len
+        high = max(low, tokens.shape[1] - self.block_size)
+        taus, per_pos = [], []
+        for i in range(0, tokens.shape[0], 16):
+            chunk = tokens[i : i + 16]
+            anchors = torch.arange(low, high + 1, 4, device=chunk.device).expand(chunk.shape[0], -1)
+            _, metrics = block_loss(self.drafter, self.target, chunk, anchors, self.block_size, self.config.gamma)
+            taus.append(metrics["tau"])
+            per_pos.append(metrics["per_position"])
+        self.drafter.train()
+        return {"tau": sum(taus) / len(taus), "per_position": [sum(x) / len(x) for x in zip(*per_pos)]}
+
+    def train(self, progress: bool = True) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        device = self.target.embed_tokens.weight.device
+        batches = self.train_set.batches(self.config.batch_size, self.generator)
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress, desc="drafter", unit="step")
+        self.drafter.train()
+        tokens_seen, t0 = 0, time.perf_counter()
+        tau = float("nan")
+        while self.step < self.config.steps:
+            tokens = next(batches).to(device)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step)
+            loss, _ = block_loss(
+                self.drafter, self.target, tokens, self._anchors(tokens), self.block_size, self.config.gamma
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            tokens_seen += tokens.numel()
+            record = {"step": self.step, "loss": loss.item(), "seconds": time.perf_counter() - t0}
+            if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
+                held = self.evaluate()
+                tau = held["tau"]
+                record.update(held_out_tau=tau, per_position=held["per_position"])
+            self.history.append(record)
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                self.save_checkpoint()
+                save_drafter(self.drafter, self.cfg_dict, self.output)
+            rate = tokens_seen / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}", tau=f"{tau:.2f}")
+            bar.update(1)
+        bar.close()
+        return self.history
