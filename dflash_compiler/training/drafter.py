@@ -264,7 +264,7 @@ class DrafterTrainer:
                 self.save_checkpoint()
                 save_drafter(self.drafter, self.cfg_dict, self.output)
             rate = tokens_seen / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}", tau=f"{tau:.2f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}", tau=f"{tau:.2f}")
             bar.update(1)
         bar.close()
         return self.history

@@ -1,0 +1,317 @@
+"""Builds the tiny trained target + drafter pair that ships as the default model.
+
+    python scripts/tiny_pair.py corpus  --out .cache/tiny                  # stdlib sources -> tokenizer + tokens
+    python scripts/tiny_pair.py target  --corpus .cache/tiny --out OUT/target --minutes 5
+    dflash-train-drafter --target OUT/target --prompts .cache/tiny/drafter_prompts.jsonl -o OUT/drafter ...
+    python scripts/tiny_pair.py evaluate --pair OUT --prompts dflash_compiler/assets/tiny-pair/heldout_prompts.jsonl
+
+The corpus is the Python standard library of the interpreter that runs `corpus`: no network needed. Files are
+split into train and held-out by a hash of their path, so held-out prompts come from files never trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import sysconfig
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TARGET_CONFIG = {
+    "architectures": ["Qwen3_5ForCausalLM"],
+    "model_type": "qwen3_5_text",
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "linear_num_key_heads": 4,
+    "linear_num_value_heads": 8,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "linear_conv_kernel_dim": 4,
+    "full_attention_interval": 4,
+    "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 2,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 2048,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    "attention_bias": False,
+    "attn_output_gate": True,
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+    "dtype": "bfloat16",
+}
+
+
+def held_out(rel: str) -> bool:
+    return zlib.crc32(rel.encode()) % 20 == 0
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = str(path.relative_to(root))
+        if "site-packages" in rel or rel.startswith(("lib2to3/tests/data", "test/", "idlelib/")):
+            continue
+        files.append((rel, path))
+    return files
+
+
+def build_corpus(args: argparse.Namespace) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_texts, held_texts = [], []
+    for rel, path in stdlib_files():
+        text = path.read_text(errors="replace")
+        (held_texts if held_out(rel) else train_texts).append(text)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TARGET_CONFIG["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(train_texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="<|mask|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out / "tokenizer")
+    eos = tok.token_to_id("<|endoftext|>")
+    ids: list[int] = []
+    for text in train_texts:
+        ids += tok.encode(text).ids + [eos]
+    np.save(out / "train_tokens.npy", np.asarray(ids, dtype=np.uint16))
+    rng = random.Random(0)
+    # drafter prompts: code from training files; held-out prompts: code from files never trained on
+    with (out / "drafter_prompts.jsonl").open("w") as fh:
+        for _ in range(args.drafter_prompts):
+            start = rng.randrange(0, len(ids) - 80)
+            fh.write(json.dumps({"prompt": tok.decode(ids[start : start + 72])}) + "\n")
+    held_prompts = []
+    held_ids = [tok.encode(text).ids for text in held_texts]
+    held_ids = [h for h in held_ids if len(h) > 200]
+    while len(held_prompts) < args.heldout_prompts:
+        h = held_ids[len(held_prompts) % len(held_ids)]
+        start = rng.randrange(0, len(h) - 120)
+        held_prompts.append({"prompt": tok.decode(h[start : start + 48])})
+    (out / "heldout_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in held_prompts))
+    meta = {
+        "python": sys.version.split()[0],
+        "train_files": len(train_texts),
+        "held_out_files": len(held_texts),
+        "train_tokens": len(ids),
+        "held_out_rule": "crc32(path relative to the stdlib) % 20 == 0",
+    }
+    (out / "corpus.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(json.dumps(meta))
+
+
+def init_target(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty_like(p).uniform_(1, 16).log())
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.empty_like(p).uniform_(0.001, 0.1).expm1().clamp(min=1e-4).log())
+            elif name.endswith("linear_attn.norm.weight"):
+                p.fill_(1.0)
+            elif p.ndim == 1:
+                p.zero_()  # zero-centred norms: weight is an offset from 1
+            else:
+                p.normal_(0.0, 0.02)
+
+
+def save_sharded(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
+    """Sharded safetensors with model.safetensors.index.json, the layout of large upstream checkpoints."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    for name, tensor in state.items():
+        if shards[-1] and sum(t.nbytes for t in shards[-1].values()) + tensor.nbytes > max_bytes:
+            shards.append({})
+        shards[-1][name] = tensor
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.nbytes for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def train_target(args: argparse.Namespace) -> None:
+    from dflash_compiler.models.config import TargetConfig
+    from dflash_compiler.models.target import TargetModel
+
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    corpus = Path(args.corpus)
+    tokens = torch.from_numpy(np.load(corpus / "train_tokens.npy").astype(np.int64))
+    cfg = TargetConfig.from_dict(TARGET_CONFIG, Path("tiny target config"))
+    model = TargetModel(cfg).to(device)
+    init_target(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(args.seed)
+    seq, bsz = args.seq_len, args.batch_size
+    positions = torch.arange(seq, device=device).expand(bsz, -1)
+
+    def step(lr: float) -> float:
+        starts = torch.randint(0, len(tokens) - seq - 1, (bsz,), generator=gen)
+        batch = torch.stack([tokens[s : s + seq + 1] for s in starts.tolist()]).to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            out = model(batch[:, :-1], positions, model.new_cache(bsz, 0), per_position_states=False)
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    # size the run to the time budget: time a few warm steps, then a fixed step count with a cosine schedule
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step(args.lr * 0.01)
+    t1 = time.perf_counter()
+    for _ in range(10):
+        step(args.lr * 0.05)
+    per_step = (time.perf_counter() - t1) / 10
+    steps = max(20, int((args.minutes * 60 - (time.perf_counter() - t0)) / per_step))
+    warm = max(1, steps // 25)
+    history = []
+    for i in range(steps):
+        lr = args.lr * min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+        loss = step(lr)
+        if i % 100 == 0 or i == steps - 1:
+            history.append({"step": i, "loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(history[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        (k if k == "lm_head.weight" else "model." + k): v.detach().to(torch.bfloat16).cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_sharded(state, out, args.shard_mb * 2**20)
+    (out / "config.json").write_text(json.dumps(TARGET_CONFIG, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "pad_token_id": 0}) + "\n")
+    for f in (corpus / "tokenizer").iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    summary = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "batch_size": bsz,
+        "seq_len": seq,
+        "tokens_seen": steps * bsz * seq,
+        "lr": args.lr,
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "history": history,
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Greedy DFlash against the target alone on held-out prompts: equality, tau and its spread, speed."""
+    from dflash_compiler.runtime import Engine
+
+    pair = Path(args.pair)
+    device = args.device
+    dtype = "float32"
+    engine = Engine.from_pretrained(pair / "target", pair / "drafter", device=device, dtype=dtype)
+    alone = Engine.from_pretrained(pair / "target", None, device=device, dtype=dtype)
+    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    rows, identical = [], 0
+    all_lengths: list[int] = []
+    for prompt in prompts[: args.limit]:
+        spec = engine.generate(prompt, max_new_tokens=args.max_new_tokens)
+        base = alone.generate(prompt, max_new_tokens=args.max_new_tokens)
+        identical += spec.token_ids == base.token_ids
+        all_lengths += spec.stats.acceptance_lengths
+        rows.append(
+            {
+                "tau": spec.stats.acceptance_length,
+                "dflash_tokens_per_s": spec.stats.tokens_per_s,
+                "ar_tokens_per_s": base.stats.tokens_per_s,
+            }
+        )
+    taus = torch.tensor([r["tau"] for r in rows])
+    block = engine.decoder.block_size
+    steps = len(all_lengths)
+    summary = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "prompts": len(rows),
+        "max_new_tokens": args.max_new_tokens,
+        "block_size": block,
+        "identical_to_target": identical,
+        "tau_overall": sum(all_lengths) / steps,
+        "tau_mean_over_prompts": float(taus.mean()),
+        "tau_std_over_prompts": float(taus.std()),
+        "tau_min": float(taus.min()),
+        "tau_max": float(taus.max()),
+        "per_position_acceptance": [sum(a - 1 >= i for a in all_lengths) / steps for i in range(1, block)],
+        "dflash_tokens_per_s": float(np.median([r["dflash_tokens_per_s"] for r in rows])),
+        "ar_tokens_per_s": float(np.median([r["ar_tokens_per_s"] for r in rows])),
+    }
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("corpus")
+    c.add_argument("--out", required=True)
+    c.add_argument("--drafter-prompts", type=int, default=20000)
+    c.add_argument("--heldout-prompts", type=int, default=64)
+    t = sub.add_parser("target")
+    t.add_argument("--corpus", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--minutes", type=float, default=5.0)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--shard-mb", type=int, default=12)
+    e = sub.add_parser("evaluate")
+    e.add_argument("--pair", required=True)
+    e.add_argument("--prompts", required=True)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--limit", type=int, default=64)
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--json")
+    args = p.parse_args()
+    {"corpus": build_corpus, "target": train_target, "evaluate": evaluate}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
