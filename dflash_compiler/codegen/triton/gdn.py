@@ -1,0 +1,795 @@
+"""Gated DeltaNet kernels: the causal conv1d over a block, the gated delta rule over a verify block (with what a
+rollback needs), the commit of an accepted position, and the chunked form for prefill.
+
+References: models/ops.py causal_conv1d, conv_window_after, gdn_gates, gated_delta_rule_recurrent,
+gated_delta_rule_chunked.
+
+Rollback. After a verify block of T tokens the engine keeps the state after accepted position idx[b]. The verify
+kernel may capture the states after the first `capture` positions (capture = T: every state; 0: none), and the
+commit kernel starts from the last captured state at or before idx[b] (or from the block's initial state, which
+the verify leaves untouched) and replays the remaining steps from the block's saved inputs. capture = 0 is the
+replay strategy: verify writes only its output, and commit reads the initial state once, replays at most T steps
+and writes one state, instead of the verify writing T states (16 x 3 MiB per request and layer at Qwen3.5-27B).
+
+The conv commit reads the block's raw input x (kept by the caller until the commit) instead of a copy of it: the
+extended input would write (W-1+T)*C values per block and per-position windows (W-1)*T*C, while the window after
+any position lies in [window, x] already.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# tl.sum's combine function. The kernels call tl.reduce with it rather than tl.sum (and write out sigmoid and
+# cumsum): Triton's interpreter re-patches the language on every call of a library @jit function (about 5 ms each),
+# which would make the CPU tests of the step-by-step loops below take minutes.
+_add = tl.standard._sum_combine
+
+# Verify-time capture depth when the caller names none: 0 is replay (see the module docstring).
+DEFAULT_CAPTURE = 0
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@triton.jit
+def _conv_kernel(
+    x_ptr,
+    win_ptr,
+    w_ptr,
+    y_ptr,
+    T,
+    C,
+    sx_b,
+    sx_t,
+    sy_b,
+    sy_t,
+    W: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_c * BC + tl.arange(0, BC)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    cmask = offs_c < C
+    tmask = offs_t < T
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in tl.static_range(W):
+        w_j = tl.load(w_ptr + offs_c * W + j, mask=cmask, other=0.0).to(tl.float32)
+        # extended position t + j holds x[t + j - (W-1)], or window column t + j for the first W-1 positions
+        src = offs_t + j - (W - 1)
+        in_x = (src >= 0)[:, None] & tmask[:, None] & cmask[None, :]
+        in_w = (src < 0)[:, None] & tmask[:, None] & cmask[None, :]
+        xv = tl.load(x_ptr + b * sx_b + src[:, None] * sx_t + offs_c[None, :], mask=in_x, other=0.0)
+        wv = tl.load(win_ptr + (b * C + offs_c[None, :]) * (W - 1) + (src[:, None] + W - 1), mask=in_w, other=0.0)
+        acc += (xv.to(tl.float32) + wv.to(tl.float32)) * w_j[None, :]
+    y = acc * 1.0 / (1.0 + tl.exp(-acc))
+    tl.store(
+        y_ptr + b * sy_b + offs_t[:, None] * sy_t + offs_c[None, :],
+        y.to(y_ptr.dtype.element_ty),
+        mask=tmask[:, None] & cmask[None, :],
+    )
+
+
+@triton.jit
+def _conv_commit_kernel(
+    x_ptr, win_ptr, idx_ptr, T, C, sx_b, sx_t, W1: tl.constexpr, W1P: tl.constexpr, BC: tl.constexpr
+):
+    pid_c = tl.program_id(0)
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    last = tl.load(idx_ptr + b)
+    offs_c = pid_c * BC + tl.arange(0, BC)
+    offs_j = tl.arange(0, W1P)
+    cmask = (offs_c < C)[:, None] & (offs_j < W1)[None, :] & ((offs_c * 0 + last) >= 0)[:, None]
+    # new window column j is extended position last + 1 + j: a window column or an input row
+    pos = last + 1 + offs_j
+    from_w = (pos < W1)[None, :]
+    wv = tl.load(win_ptr + (b64 * C + offs_c[:, None]) * W1 + pos[None, :], mask=cmask & from_w, other=0.0)
+    xrow = pos - W1
+    xv = tl.load(
+        x_ptr + b64 * sx_b + xrow[None, :] * sx_t + offs_c[:, None],
+        mask=cmask & (~from_w) & (xrow < T)[None, :],
+        other=0.0,
+    )
+    val = tl.where(from_w, wv, xv.to(win_ptr.dtype.element_ty))
+    # the window is updated in place: every thread must have read before any writes
+    tl.debug_barrier()
+    tl.store(win_ptr + (b64 * C + offs_c[:, None]) * W1 + offs_j[None, :], val, mask=cmask)
+
+
+@triton.jit
+def _gdn_recurrent_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    b_ptr,
+    a_log_ptr,
+    dt_bias_ptr,
+    state_ptr,
+    states_ptr,
+    final_ptr,
+    o_ptr,
+    idx_ptr,
+    T,
+    D,
+    scale,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sv_b,
+    sv_t,
+    sv_h,
+    sa_b,
+    sa_t,
+    sa_h,
+    sb_b,
+    sb_t,
+    sb_h,
+    HV: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    COMMIT: tl.constexpr,
+    CAPTURE: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+):
+    """One (request, value head, V slice) per program; the [K, BV] state slice stays in registers.
+
+    Verify (COMMIT False): run positions 0..T-1 from state, write o, the states after positions < D (CAPTURE) and
+    the final state (STORE_FINAL). Commit (COMMIT True): make the state after position idx[b] current, starting
+    from the captured state of position min(idx[b], D-1) (or state) and replaying the steps after it.
+    """
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    hq = h // G
+    b64 = bb.to(tl.int64)
+    offs_k = tl.arange(0, K)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    tile = offs_k[:, None] * V + offs_v[None, :]
+    head = (b64 * HV + h) * (K * V)
+    if COMMIT:
+        last = tl.minimum(tl.load(idx_ptr + bb), T - 1)
+        t_end = last + 1
+        start = tl.minimum(last, D - 1)
+        t_begin = start + 1
+        if start >= 0:
+            S = tl.load(states_ptr + ((b64 * D + start) * HV + h) * (K * V) + tile).to(tl.float32)
+        else:
+            S = tl.load(state_ptr + head + tile, mask=(tile * 0 + last) >= 0, other=0.0)
+    else:
+        t_begin = 0
+        t_end = T
+        S = tl.load(state_ptr + head + tile)
+    neg_a = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))
+    dtb = tl.load(dt_bias_ptr + h).to(tl.float32)
+    k_base = k_ptr + b64 * sk_b + hq * sk_h
+    q_base = q_ptr + b64 * sq_b + hq * sq_h
+    for t0 in range(t_begin, t_end, BT):
+        # Everything that does not depend on the state is loaded for BT positions up front, so the sequential loop
+        # below waits on no device-memory latency: the norms and gates as vectors, v as a tile, and the k/q rows
+        # are re-read per step from L1 (the tile loads brought them in).
+        rows = t0 + offs_t
+        rmask = rows < t_end
+        kt = tl.load(k_base + rows[:, None] * sk_t + offs_k[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        rk = tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)
+        if not COMMIT:
+            qt = tl.load(q_base + rows[:, None] * sq_t + offs_k[None, :], mask=rmask[:, None], other=0.0)
+            qt = qt.to(tl.float32)
+            rq = tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale
+        xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=rmask, other=0.0).to(tl.float32) + dtb
+        alpha = tl.exp(neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa))))
+        beta = 1.0 / (
+            1.0 + tl.exp(-tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0).to(tl.float32))
+        )
+        vt = tl.load(
+            v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
+        ).to(tl.float32)
+        for i in range(0, tl.minimum(BT, t_end - t0)):
+            t = t0 + i
+            sel = offs_t == i
+            alpha_i = tl.reduce(tl.where(sel, alpha, 0.0), 0, _add)
+            beta_i = tl.reduce(tl.where(sel, beta, 0.0), 0, _add)
+            kr = tl.load(k_base + t * sk_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rk, 0.0), 0, _add)
+            vr = tl.reduce(tl.where(sel[:, None], vt, 0.0), 0, _add)
+            # u and o are read from the previous state: S_t^T k = a S^T k and S_t^T q = a S^T q + (k.q) delta,
+            # so both reductions run over the same registers before the update
+            ks = tl.reduce(S * kr[:, None], 0, _add)
+            delta = beta_i * (vr - alpha_i * ks)
+            if not COMMIT:
+                qr = tl.load(q_base + t * sq_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rq, 0.0), 0, _add)
+                qs = tl.reduce(S * qr[:, None], 0, _add)
+                o = alpha_i * qs + tl.reduce(kr * qr, 0, _add) * delta
+                tl.store(o_ptr + ((b64 * T + t) * HV + h) * V + offs_v, o.to(o_ptr.dtype.element_ty))
+            S = S * alpha_i + kr[:, None] * delta[None, :]
+            if CAPTURE:  # noqa: SIM102 (a constexpr branch: pruned at compile time when nothing is captured)
+                if t < D:
+                    tl.store(states_ptr + ((b64 * D + t) * HV + h) * (K * V) + tile, S.to(states_ptr.dtype.element_ty))
+    if COMMIT:
+        # in place: every thread must have read its slice of the old state before any writes
+        tl.debug_barrier()
+        tl.store(state_ptr + head + tile, S, mask=(tile * 0 + last) >= 0)
+    elif STORE_FINAL:
+        tl.debug_barrier()
+        tl.store(final_ptr + head + tile, S)
+
+
+@triton.jit
+def _chunk_inverse_kernel(
+    k_ptr,
+    a_ptr,
+    b_ptr,
+    a_log_ptr,
+    dt_bias_ptr,
+    tinv_ptr,
+    T,
+    NC,
+    sk_b,
+    sk_t,
+    sk_h,
+    sa_b,
+    sa_t,
+    sa_h,
+    sb_b,
+    sb_t,
+    sb_h,
+    HV: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    SB: tl.constexpr,
+    LEVELS: tl.constexpr,
+):
+    """(I + A)^-1 per chunk, A the strictly lower (beta k k^T) * decay of the UT/WY form."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    b64 = bb.to(tl.int64)
+    offs_k = tl.arange(0, K)
+    ri = tl.arange(0, BT)
+    rows = c * BT + ri
+    rmask = rows < T
+    kt = tl.load(
+        k_ptr + b64 * sk_b + rows[:, None] * sk_t + (h // G) * sk_h + offs_k[None, :], mask=rmask[:, None], other=0.0
+    ).to(tl.float32)
+    kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
+    xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=rmask, other=0.0).to(tl.float32)
+    xa = xa + tl.load(dt_bias_ptr + h).to(tl.float32)
+    g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
+    g = tl.where(rmask, g, 0.0)
+    beta = 1.0 / (
+        1.0 + tl.exp(-tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0).to(tl.float32))
+    )
+    beta = tl.where(rmask, beta, 0.0)
+    cum = tl.associative_scan(g, 0, _add)
+    lower = ri[:, None] > ri[None, :]
+    decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
+    # the system is where conditioning matters: its products keep about fp32 accuracy (3 tf32 passes; a plain fp32
+    # FMA product of this size spills registers) whatever the scan's precision
+    a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
+    # Invert the 16x16 diagonal blocks by forward substitution, all blocks at once (row i of each block per step:
+    # inv[r, :] = e_r - sum_j A[r, j] inv[j, :]), then merge blocks pairwise: with D the block diagonal part and E
+    # the off-diagonal blocks of the next level, (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0.
+    row0 = (ri // SB) * SB
+    a_t = tl.trans(tl.where(row0[:, None] == row0[None, :], a_mat, 0.0))
+    inv = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)
+    for i in range(1, SB):
+        # a_row[j] = A[r, j] with r the step's row in j's block
+        a_row = tl.reduce(tl.where(ri[None, :] == row0[:, None] + i, a_t, 0.0), 1, _add)
+        upd = tl.reduce(a_row[:, None] * inv, 0, _add)
+        inv = tl.where(ri[:, None] == row0[None, :] + i, inv - upd[None, :], inv)
+    for lvl in tl.static_range(LEVELS):
+        s = SB << lvl
+        off = ((ri // (2 * s))[:, None] == (ri // (2 * s))[None, :]) & ((ri // s)[:, None] != (ri // s)[None, :])
+        e = tl.where(off, a_mat, 0.0)
+        inv = inv - tl.dot(tl.dot(inv, e, input_precision="tf32x3"), inv, input_precision="tf32x3")
+    tl.store(tinv_ptr + ((pid_bh.to(tl.int64) * NC + c) * BT + ri[:, None]) * BT + ri[None, :], inv)
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    b_ptr,
+    a_log_ptr,
+    dt_bias_ptr,
+    tinv_ptr,
+    state_ptr,
+    final_ptr,
+    o_ptr,
+    T,
+    NC,
+    scale,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sv_b,
+    sv_t,
+    sv_h,
+    sa_b,
+    sa_t,
+    sa_h,
+    sb_b,
+    sb_t,
+    sb_h,
+    HV: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The chunks in order for one (request, value head, V slice), carrying the [K, BV] state in registers."""
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    hq = h // G
+    b64 = bb.to(tl.int64)
+    offs_k = tl.arange(0, K)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    ri = tl.arange(0, BT)
+    tile = offs_k[:, None] * V + offs_v[None, :]
+    head = (b64 * HV + h) * (K * V)
+    S = tl.load(state_ptr + head + tile)
+    neg_a = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))
+    dtb = tl.load(dt_bias_ptr + h).to(tl.float32)
+    incl = ri[:, None] >= ri[None, :]
+    for c in range(0, NC):
+        rows = c * BT + ri
+        rmask = rows < T
+        kt = tl.load(
+            k_ptr + b64 * sk_b + rows[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=rmask[:, None], other=0.0
+        ).to(tl.float32)
+        kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
+        qt = tl.load(
+            q_ptr + b64 * sq_b + rows[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=rmask[:, None], other=0.0
+        ).to(tl.float32)
+        qt = qt * (tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale)[:, None]
+        vt = tl.load(
+            v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
+        ).to(tl.float32)
+        xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=rmask, other=0.0).to(tl.float32) + dtb
+        g = tl.where(rmask, neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa))), 0.0)
+        beta = 1.0 / (
+            1.0 + tl.exp(-tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0).to(tl.float32))
+        )
+        beta = tl.where(rmask, beta, 0.0)
+        cum = tl.associative_scan(g, 0, _add)
+        last = tl.reduce(g, 0, _add)
+        inv = tl.load(tinv_ptr + ((pid_bh.to(tl.int64) * NC + c) * BT + ri[:, None]) * BT + ri[None, :])
+        # v_new = inv (beta v) - inv (beta e^cum k) S, grouped as inv (beta v - (beta e^cum k) S) so that no
+        # [BT, K] product stays live
+        ks = tl.dot(kt * (beta * tl.exp(cum))[:, None], S, input_precision=PREC)
+        v_new = tl.dot(inv, vt * beta[:, None] - ks, input_precision=PREC)
+        decay = tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
+        attn = tl.dot(qt, tl.trans(kt), input_precision=PREC) * decay
+        o = tl.dot(qt * tl.exp(cum)[:, None], S, input_precision=PREC)
+        o += tl.dot(attn, v_new, input_precision=PREC)
+        tl.store(
+            o_ptr + ((b64 * T + rows[:, None]) * HV + h) * V + offs_v[None, :],
+            o.to(o_ptr.dtype.element_ty),
+            mask=rmask[:, None],
+        )
+        k_tail = kt * tl.exp(last - cum)[:, None]
+        S = S * tl.exp(last) + tl.dot(tl.trans(k_tail), v_new, input_precision=PREC)
+    tl.debug_barrier()
+    tl.store(final_ptr + head + tile, S)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """silu(depthwise causal conv1d) of x [B, T, C] continuing from window [B, C, W-1]; weight [C, W].
+
+    Returns y [B, T, C] in x's dtype. The window is not modified (see conv_window_commit).
+    """
+    _check(x.dim() == 3 and x.stride(2) == 1, "x", f"expected [B, T, C] with contiguous channels, got {tuple(x.shape)}")
+    bsz, seq, chans = x.shape
+    _check(weight.dim() == 2 and weight.shape[0] == chans and weight.is_contiguous(), "weight", "expected [C, W]")
+    width = weight.shape[1]
+    _check(width >= 2, "weight", f"conv width {width} < 2")
+    _check(
+        tuple(window.shape) == (bsz, chans, width - 1) and window.is_contiguous(),
+        "window",
+        f"expected contiguous {(bsz, chans, width - 1)}, got {tuple(window.shape)}",
+    )
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _check(tuple(out.shape) == tuple(x.shape) and out.stride(2) == 1, "out", "expected x's shape")
+    if seq == 0:
+        return out
+    bt = min(16, triton.next_power_of_2(seq))
+    bc = 128
+    grid = (triton.cdiv(chans, bc), triton.cdiv(seq, bt), bsz)
+    _conv_kernel[grid](
+        x,
+        window,
+        weight,
+        out,
+        seq,
+        chans,
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        W=width,
+        BT=bt,
+        BC=bc,
+    )
+    return out
+
+
+def conv_window_commit(window: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """In place: window[b] becomes the conv window after block position idx[b] of x [B, T, C] (-1 keeps it)."""
+    _check(x.dim() == 3 and x.stride(2) == 1, "x", f"expected [B, T, C] with contiguous channels, got {tuple(x.shape)}")
+    bsz, seq, chans = x.shape
+    _check(
+        window.dim() == 3 and window.shape[:2] == (bsz, chans) and window.is_contiguous(),
+        "window",
+        f"expected contiguous [{bsz}, {chans}, W-1], got {tuple(window.shape)}",
+    )
+    _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", "expected [B] integer indices")
+    w1 = window.shape[2]
+    bc = 128
+    _conv_commit_kernel[(triton.cdiv(chans, bc), bsz)](
+        x,
+        window,
+        idx.to(torch.int32),
+        seq,
+        chans,
+        x.stride(0),
+        x.stride(1),
+        W1=w1,
+        W1P=triton.next_power_of_2(w1),
+        BC=bc,
+    )
+    return window
+
+
+def _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state):
+    _check(k.dim() == 4 and k.stride(3) == 1, "k", f"expected [B, T, H, K] with contiguous K, got {tuple(k.shape)}")
+    bsz, seq, heads, dk = k.shape
+    if q is not None:
+        _check(tuple(q.shape) == tuple(k.shape) and q.stride(3) == 1, "q", f"expected k's shape {tuple(k.shape)}")
+    _check(v.dim() == 4 and v.shape[:2] == (bsz, seq) and v.stride(3) == 1, "v", f"expected [{bsz}, {seq}, HV, V]")
+    hv, dv = v.shape[2], v.shape[3]
+    _check(hv % heads == 0, "v", f"{hv} value heads are not a multiple of {heads} qk heads")
+    _check(_pow2(dk) and _pow2(dv), "k", f"head dims must be powers of two, got K={dk} V={dv}")
+    for name, t in (("a", a), ("b", b)):
+        _check(tuple(t.shape) == (bsz, seq, hv), name, f"expected {(bsz, seq, hv)}, got {tuple(t.shape)}")
+    for name, t in (("a_log", a_log), ("dt_bias", dt_bias)):
+        _check(tuple(t.shape) == (hv,) and t.is_contiguous(), name, f"expected contiguous [{hv}]")
+    _check(
+        tuple(state.shape) == (bsz, hv, dk, dv) and state.dtype == torch.float32 and state.is_contiguous(),
+        "state",
+        f"expected contiguous fp32 {(bsz, hv, dk, dv)}, got {tuple(state.shape)} {state.dtype}",
+    )
+    return bsz, seq, heads, hv, dk, dv
+
+
+def _recurrent_config(bsz: int, dv: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
+    bv = block_v or min(dv, 16 if bsz <= 4 else 32)
+    _check(_pow2(bv) and dv % bv == 0, "block_v", f"{bv} must be a power of two dividing V={dv}")
+    return bv, num_warps or (1 if bv <= 16 else 4)
+
+
+def gdn_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    states: torch.Tensor | None = None,
+    final_state: torch.Tensor | None = None,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """The gated delta rule over T positions with the gates, q/k l2norm and q scale fused.
+
+    q/k [B, T, H, K] (post-conv, any strides with contiguous K), v [B, T, HV, V], raw a/b [B, T, HV], a_log and
+    dt_bias [HV], state [B, HV, K, V] fp32 (read, left unchanged unless final_state is state).
+    Returns o [B, T, HV, V] in v's dtype. states [B, D, HV, K, V] (fp32, or bf16 to halve the bytes at the cost of
+    rounding the state), D <= T, receives the state after each of positions 0..D-1; final_state [B, HV, K, V] fp32
+    receives the state after position T-1 (decode passes state itself).
+    """
+    bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
+    if out is None:
+        out = torch.empty(bsz, seq, hv, dv, dtype=v.dtype, device=v.device)
+    _check(tuple(out.shape) == (bsz, seq, hv, dv) and out.is_contiguous(), "out", f"expected {(bsz, seq, hv, dv)}")
+    depth = 0
+    if states is not None:
+        depth = states.shape[1] if states.dim() == 5 else -1
+        _check(
+            states.dim() == 5
+            and depth <= seq
+            and tuple(states.shape[2:]) == (hv, dk, dv)
+            and states.shape[0] == bsz
+            and states.is_contiguous(),
+            "states",
+            f"expected contiguous [{bsz}, D<={seq}, {hv}, {dk}, {dv}], got {tuple(states.shape)}",
+        )
+    if final_state is not None:
+        _check(
+            final_state.shape == state.shape and final_state.dtype == torch.float32 and final_state.is_contiguous(),
+            "final_state",
+            f"expected contiguous fp32 {tuple(state.shape)}",
+        )
+    if seq == 0:
+        if final_state is not None and final_state.data_ptr() != state.data_ptr():
+            final_state.copy_(state)
+        return out
+    bv, warps = _recurrent_config(bsz, dv, block_v, num_warps)
+    _gdn_recurrent_kernel[(dv // bv, bsz * hv)](
+        q,
+        k,
+        v,
+        a,
+        b,
+        a_log,
+        dt_bias,
+        state,
+        states if states is not None else state,
+        final_state if final_state is not None else state,
+        out,
+        state,
+        seq,
+        depth,
+        dk**-0.5,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *a.stride(),
+        *b.stride(),
+        HV=hv,
+        G=hv // heads,
+        K=dk,
+        V=dv,
+        BV=bv,
+        BT=min(16, triton.next_power_of_2(seq)),
+        COMMIT=False,
+        CAPTURE=depth > 0,
+        STORE_FINAL=final_state is not None,
+        num_warps=warps,
+    )
+    return out
+
+
+def gdn_verify(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    capture: int | None = None,
+    capture_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    states: torch.Tensor | None = None,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A verify block: o, and the states after the first `capture` positions (DEFAULT_CAPTURE when None; 0 = replay).
+
+    Leaves state unchanged; gdn_commit then makes the state after the accepted position current. Returns
+    (o, states) with states [B, capture, HV, K, V] in capture_dtype (None when capture is 0).
+    """
+    seq = k.shape[1]
+    depth = DEFAULT_CAPTURE if capture is None else capture
+    _check(0 <= depth <= seq, "capture", f"{depth} not in 0..{seq}")
+    if depth > 0 and states is None:
+        hv, dk, dv = state.shape[1:]
+        states = torch.empty(state.shape[0], depth, hv, dk, dv, dtype=capture_dtype, device=state.device)
+    elif depth == 0:
+        states = None
+    o = gdn_recurrent(
+        q, k, v, a, b, a_log, dt_bias, state, out=out, states=states, block_v=block_v, num_warps=num_warps
+    )
+    return o, states
+
+
+def gdn_commit(
+    state: torch.Tensor,
+    idx: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    states: torch.Tensor | None = None,
+    window: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """In place: state[b] becomes the state after block position idx[b] (-1 keeps it), per request.
+
+    state is the block's initial state (gdn_verify left it unchanged); k/v/a/b are the verify block's inputs and
+    states its capture (or None). Positions past the capture are replayed. With window [B, C, W-1] and the block's
+    raw conv input x [B, T, C], the conv window is committed too.
+    """
+    bsz, seq, _, hv, dk, dv = _check_gdn_inputs(None, k, v, a, b, a_log, dt_bias, state)
+    _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", f"expected [{bsz}] integer indices")
+    depth = 0
+    if states is not None:
+        _check(
+            states.dim() == 5
+            and states.shape[0] == bsz
+            and states.shape[1] <= seq
+            and tuple(states.shape[2:]) == (hv, dk, dv)
+            and states.is_contiguous(),
+            "states",
+            f"expected contiguous [{bsz}, D<={seq}, {hv}, {dk}, {dv}], got {tuple(states.shape)}",
+        )
+        depth = states.shape[1]
+    _check((window is None) == (x is None), "x", "window and x go together")
+    idx32 = idx.to(torch.int32)
+    bv, warps = _recurrent_config(bsz, dv, block_v, num_warps)
+    _gdn_recurrent_kernel[(dv // bv, bsz * hv)](
+        k,
+        k,
+        v,
+        a,
+        b,
+        a_log,
+        dt_bias,
+        state,
+        states if states is not None else state,
+        state,
+        v,
+        idx32,
+        seq,
+        depth,
+        1.0,
+        *k.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *a.stride(),
+        *b.stride(),
+        HV=hv,
+        G=hv // k.shape[2],
+        K=dk,
+        V=dv,
+        BV=bv,
+        BT=min(16, triton.next_power_of_2(max(seq, 1))),
+        COMMIT=True,
+        CAPTURE=False,
+        STORE_FINAL=False,
+        num_warps=warps,
+    )
+    if window is not None:
+        conv_window_commit(window, x, idx32)
+    return state
+
+
+def gdn_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    final_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    block_v: int = 32,
+    precision: str = "tf32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked (UT/WY) gated delta rule for prefill: same inputs as gdn_recurrent.
+
+    Returns (o [B, T, HV, V] in v's dtype, the final state). final_state may be state itself (in place); by default
+    a new tensor. precision is the scan's tl.dot input precision: "tf32", "tf32x3" (about fp32 accuracy from three
+    tf32 products) or "ieee" (fp32 FMA products: exact, but they spill registers at K = 128).
+    """
+    bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
+    _check(dk >= 16, "k", f"head dim {dk} < 16 (tl.dot minimum)")
+    _check(chunk_size in (16, 32, 64, 128), "chunk_size", f"{chunk_size} not in 16/32/64/128")
+    bv = min(block_v, dv)
+    _check(_pow2(bv) and bv >= 16, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
+    _check(precision in ("tf32", "ieee", "tf32x3"), "precision", f"{precision!r} not in tf32/ieee/tf32x3")
+    if out is None:
+        out = torch.empty(bsz, seq, hv, dv, dtype=v.dtype, device=v.device)
+    _check(tuple(out.shape) == (bsz, seq, hv, dv) and out.is_contiguous(), "out", f"expected {(bsz, seq, hv, dv)}")
+    if final_state is None:
+        final_state = torch.empty_like(state)
+    _check(
+        final_state.shape == state.shape and final_state.dtype == torch.float32 and final_state.is_contiguous(),
+        "final_state",
+        f"expected contiguous fp32 {tuple(state.shape)}",
+    )
+    if seq == 0:
+        if final_state.data_ptr() != state.data_ptr():
+            final_state.copy_(state)
+        return out, final_state
+    nc = triton.cdiv(seq, chunk_size)
+    tinv = torch.empty(bsz * hv, nc, chunk_size, chunk_size, dtype=torch.float32, device=k.device)
+    sb = min(16, chunk_size)
+    _chunk_inverse_kernel[(nc, bsz * hv)](
+        k,
+        a,
+        b,
+        a_log,
+        dt_bias,
+        tinv,
+        seq,
+        nc,
+        *k.stride()[:3],
+        *a.stride(),
+        *b.stride(),
+        HV=hv,
+        G=hv // heads,
+        K=dk,
+        BT=chunk_size,
+        SB=sb,
+        LEVELS=(chunk_size // sb).bit_length() - 1,
+        num_warps=4,
+    )
+    _chunk_scan_kernel[(dv // bv, bsz * hv)](
+        q,
+        k,
+        v,
+        a,
+        b,
+        a_log,
+        dt_bias,
+        tinv,
+        state,
+        final_state,
+        out,
+        seq,
+        nc,
+        dk**-0.5,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *a.stride(),
+        *b.stride(),
+        HV=hv,
+        G=hv // heads,
+        K=dk,
+        V=dv,
+        BT=chunk_size,
+        PREC=precision,
+        BV=bv,
+        num_warps=8,
+    )
+    return out, final_state

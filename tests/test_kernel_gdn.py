@@ -1,0 +1,286 @@
+"""Gated DeltaNet kernels (codegen/triton/gdn.py) against the reference ops in models/ops.py.
+
+CPU: Triton's interpreter at small head dims (2 qk heads, 6 value heads, dims 16/32) in fp32/fp16. GPU (marked):
+the real Qwen3.5-27B dims in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dflash_compiler.codegen.triton import gdn
+from dflash_compiler.models import ops
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _nan(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+def _gdn_inputs(bsz, seq, heads, hv, dk, dv, dtype, gen):
+    """Post-conv q/k/v as views into one [B, T, C] conv output and a/b as views into one projection, as in the
+    model, with fresh random values."""
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(DEV)
+
+    y = rnd(bsz, seq, 2 * heads * dk + hv * dv).to(dtype)
+    q = y[..., : heads * dk].unflatten(-1, (heads, dk))
+    k = y[..., heads * dk : 2 * heads * dk].unflatten(-1, (heads, dk))
+    v = y[..., 2 * heads * dk :].unflatten(-1, (hv, dv))
+    ba = rnd(bsz, seq, 2 * hv).to(dtype)
+    b, a = ba[..., :hv], ba[..., hv:]
+    a_log = torch.rand(hv, generator=gen).mul(15).add(1).log().to(DEV)
+    dt_bias = rnd(hv) * 0.5
+    state = rnd(bsz, hv, dk, dv) * 0.3
+    return q, k, v, a, b, a_log, dt_bias, state
+
+
+def _reference(q, k, v, a, b, a_log, dt_bias, state):
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    return ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=True)
+
+
+def _close(name, got, want, tol):
+    assert got.shape == want.shape, name
+    assert torch.isfinite(got).all(), f"{name}: unwritten (NaN) elements"
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"{name}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def _accepted(bsz, seq, gen):
+    """Different accepted indices per request, one of them -1 (keep the state) when the batch has room."""
+    idx = torch.randint(0, seq, (bsz,), generator=gen)
+    if bsz > 2:
+        idx[1] = -1
+    return idx.to(DEV)
+
+
+def _ref_after(ref_states, state, idx):
+    return torch.stack([state[i] if j < 0 else ref_states[i, j] for i, j in enumerate(idx.tolist())])
+
+
+# ---------------------------------------------------------------------------------------------------- conv1d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("bsz", "seq"), [(1, 1), (3, 3), (2, 7), (3, 16), (1, 37)])
+def test_conv_update_and_commit(dtype, bsz, seq):
+    gen = torch.Generator().manual_seed(seq * 10 + bsz)
+    chans, width = 200, 4
+    x = torch.randn(bsz, seq, chans, generator=gen).to(DEV, dtype)
+    window = torch.randn(bsz, chans, width - 1, generator=gen).to(DEV, dtype)
+    weight = torch.randn(chans, width, generator=gen).to(DEV, dtype)
+    y = gdn.causal_conv1d_update(x, window, weight, out=_nan(bsz, seq, chans, dtype=dtype))
+    y_ref, extended = ops.causal_conv1d(x.transpose(1, 2), window, weight)
+    _close("y", y.float(), y_ref.transpose(1, 2).float(), 1e-5 if dtype == torch.float32 else 2e-3)
+
+    idx = _accepted(bsz, seq, gen)
+    committed = window.clone()
+    gdn.conv_window_commit(committed, x, idx)
+    assert torch.equal(committed, ops.conv_window_after(extended, idx, width))
+
+
+def test_conv_update_strided_input():
+    """x as a strided slice of a wider projection output."""
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(2, 5, 300, generator=gen).to(DEV)
+    x = wide[..., 50:250]
+    window = torch.randn(2, 200, 3, generator=gen).to(DEV)
+    weight = torch.randn(200, 4, generator=gen).to(DEV)
+    y = gdn.causal_conv1d_update(x, window, weight, out=_nan(2, 5, 200))
+    y_ref, _ = ops.causal_conv1d(x.transpose(1, 2), window, weight)
+    _close("y", y, y_ref.transpose(1, 2), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------ verify / commit
+
+SMALL = dict(heads=2, hv=6, dk=16, dv=16)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bsz", "seq"),
+    [
+        (torch.float32, 3, 1),
+        (torch.float32, 3, 3),
+        (torch.float32, 2, 7),
+        (torch.float32, 2, 16),
+        (torch.float16, 1, 7),
+        (torch.float16, 3, 16),
+    ],
+)
+def test_verify_capture_and_commit(dtype, bsz, seq):
+    gen = torch.Generator().manual_seed(100 + seq * 4 + bsz)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **SMALL, dtype=dtype, gen=gen)
+    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    hv, dk, dv = SMALL["hv"], SMALL["dk"], SMALL["dv"]
+    live = state.clone()
+    o, states = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, live, capture=seq, out=_nan(bsz, seq, hv, dv, dtype=dtype),
+        states=_nan(bsz, seq, hv, dk, dv),
+    )  # fmt: skip
+    _close("o", o.float(), o_ref.float(), 1e-5 if dtype == torch.float32 else 2e-3)
+    _close("states", states, states_ref, 1e-5)
+    assert torch.equal(live, state), "verify must leave the state unchanged"
+
+    idx = _accepted(bsz, seq, gen)
+    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states)
+    _close("committed state", live, _ref_after(states_ref, state, idx), 1e-5)
+
+
+@pytest.mark.parametrize("capture", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_commit_replay(capture, dtype):
+    """capture 0: replay every accepted step from the initial state; 3: from the last captured state at or before
+    the accepted position. Requests accept different positions, one keeps its state."""
+    bsz, seq = 3, 7
+    gen = torch.Generator().manual_seed(7 + capture)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)
+    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    live = state.clone()
+    o, states = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, live, capture=capture, block_v=16)
+    assert (states is None) == (capture == 0)
+    _close("o", o.float(), o_ref.float(), 1e-5 if dtype == torch.float32 else 2e-3)
+    idx = torch.tensor([5, -1, 1], device=DEV)
+    window = torch.randn(bsz, 40, 3, generator=gen).to(DEV, dtype)
+    x = torch.randn(bsz, seq, 40, generator=gen).to(DEV, dtype)
+    window_ref = ops.conv_window_after(torch.cat((window, x.transpose(1, 2)), -1), idx, 4)
+    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states, window=window, x=x, block_v=16)
+    _close("committed state", live, _ref_after(states_ref, state, idx), 1e-5)
+    assert torch.equal(window, window_ref)
+
+
+def test_verify_partial_capture():
+    """A capture shallower than the block writes only its first positions."""
+    bsz, seq, depth = 2, 7, 4
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **SMALL, dtype=torch.float32, gen=gen)
+    _, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    _, states = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=depth)
+    assert states.shape == (bsz, depth, 6, 16, 16)
+    _close("states", states, states_ref[:, :depth], 1e-5)
+
+
+@pytest.mark.parametrize("seq", [1, 5])
+def test_recurrent_final_state_in_place(seq):
+    """Decode (and any plain run): the state after the last position written over the state itself."""
+    bsz = 2
+    gen = torch.Generator().manual_seed(20 + seq)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **SMALL, dtype=torch.float32, gen=gen)
+    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    live = state.clone()
+    o = gdn.gdn_recurrent(q, k, v, a, b, a_log, dt_bias, live, out=_nan(bsz, seq, 6, 16), final_state=live)
+    _close("o", o, o_ref, 1e-5)
+    _close("final state", live, states_ref[:, -1], 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- chunked
+
+
+@pytest.mark.parametrize(("bsz", "seq"), [(2, 1), (1, 70), (2, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked(bsz, seq, dtype):
+    gen = torch.Generator().manual_seed(seq + bsz)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    o_ref, s_ref = ops.gated_delta_rule_chunked(q, k, v, g, beta, state)
+    _, s_rec = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state)
+    o, s = gdn.gdn_chunked(
+        q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 6, 32, dtype=dtype), final_state=_nan(*state.shape),
+        block_v=16, precision="ieee",
+    )  # fmt: skip
+    _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 2e-3)
+    _close("final state", s, s_ref, 1e-4)
+    _close("final state vs recurrent", s, s_rec, 1e-4)
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_name_the_parameter():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(1, 3, **SMALL, dtype=torch.float32, gen=gen)
+    with pytest.raises(ValueError, match="^state:"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state.double())
+    with pytest.raises(ValueError, match="^capture:"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=4)
+    with pytest.raises(ValueError, match="^a:"):
+        gdn.gdn_verify(q, k, v, a[:, :2], b, a_log, dt_bias, state)
+    with pytest.raises(ValueError, match="^idx:"):
+        gdn.gdn_commit(state, torch.zeros(2, dtype=torch.long, device=DEV), k, v, a, b, a_log, dt_bias)
+    with pytest.raises(ValueError, match="^window:"):
+        gdn.causal_conv1d_update(torch.randn(1, 3, 8, device=DEV), torch.randn(1, 8, 2, device=DEV), torch.randn(8, 4))
+    with pytest.raises(ValueError, match="^chunk_size:"):
+        gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, chunk_size=48)
+
+
+# ------------------------------------------------------------------------------------------ GPU, real dims
+
+REAL = dict(heads=16, hv=48, dk=128, dv=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capture_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_verify_commit_real_dims(capture_dtype):
+    bsz, seq = 3, 16
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
+    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    for capture in (0, 6, seq):
+        live = state.clone()
+        o, states = gdn.gdn_verify(
+            q, k, v, a, b, a_log, dt_bias, live, capture=capture, capture_dtype=capture_dtype,
+            out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
+        )  # fmt: skip
+        _close("o", o.float(), o_ref.float(), 1e-2)
+        if capture:
+            _close("states", states.float(), states_ref[:, :capture], 1e-2 if capture_dtype == torch.bfloat16 else 1e-4)
+        idx = torch.tensor([15, -1, 4], device=DEV)
+        gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states)
+        tol = 1e-2 if capture_dtype == torch.bfloat16 and capture else 1e-4
+        _close(f"committed state (capture {capture})", live, _ref_after(states_ref, state, idx), tol)
+
+
+@pytest.mark.gpu
+def test_gpu_conv_real_dims():
+    bsz, seq, chans = 3, 16, 10240
+    x = torch.randn(bsz, seq, chans, device=DEV, dtype=torch.bfloat16)
+    window = torch.randn(bsz, chans, 3, device=DEV, dtype=torch.bfloat16)
+    weight = torch.randn(chans, 4, device=DEV, dtype=torch.bfloat16) * 0.5
+    y = gdn.causal_conv1d_update(x, window, weight, out=_nan(bsz, seq, chans, dtype=torch.bfloat16))
+    y_ref, extended = ops.causal_conv1d(x.float().transpose(1, 2), window.float(), weight.float())
+    _close("y", y.float(), y_ref.transpose(1, 2), 1e-2)
+    idx = torch.tensor([0, 9, 15], device=DEV)
+    gdn.conv_window_commit(window, x, idx)
+    assert torch.equal(window.float(), ops.conv_window_after(extended, idx, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_gpu_chunked_real_dims(precision):
+    bsz, seq = 2, 300
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    o_ref, s_ref = ops.gated_delta_rule_chunked(q, k, v, g, beta, state)
+    o, s = gdn.gdn_chunked(
+        q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
+        final_state=_nan(*state.shape), precision=precision,
+    )  # fmt: skip
+    _close("o", o.float(), o_ref.float(), 1e-2)
+    _close("final state", s, s_ref, 1e-2 if precision == "tf32" else 1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_in_place_real_dims():
+    bsz = 16
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, 1, **REAL, dtype=torch.bfloat16, gen=gen)
+    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    live = state.clone()
+    o = gdn.gdn_recurrent(q, k, v, a, b, a_log, dt_bias, live, final_state=live)
+    _close("o", o.float(), o_ref.float(), 1e-2)
+    _close("state", live, states_ref[:, 0], 1e-4)
