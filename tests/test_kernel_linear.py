@@ -1,0 +1,293 @@
+"""Weight formats (quantizers, GPTQ/AWQ converters, dequant) and the Triton linear kernel against its references.
+
+CPU runs use Triton's interpreter with fp16/fp32 activations (FP8 weights take the bit-decode path there); bf16 and
+the FP8 dot path are checked by the gpu-marked tests at real-ish shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dflash_compiler.codegen import weight_formats as wf
+from dflash_compiler.codegen.triton.linear import LinearConfig, linear
+from dflash_compiler.errors import DFlashError
+from dflash_compiler.models import ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FORMATS = ("dense", "fp8_channel", "fp8_block", "int4_sym", "int4_asym")
+
+
+def make_weight(fmt: str, n: int, k: int, gen: torch.Generator, dtype=torch.float16, device=DEVICE):
+    w = torch.randn(n, k, generator=gen) * 0.05
+    if fmt == "dense":
+        return wf.DenseWeight(w.to(dtype)).to(device)
+    if fmt == "fp8_channel":
+        return wf.quantize_fp8_channel(w).to(device)
+    if fmt == "fp8_block":
+        return wf.quantize_fp8_block(w).to(device)
+    return wf.quantize_int4(w, symmetric=fmt == "int4_sym").to(device)
+
+
+def reference(x, weight, residual=None, swiglu=False, fp8_dot=False) -> torch.Tensor:
+    """Dequantized weight, fp32 matmul, then the epilogue (with x quantized as the FP8 dot path does, if asked)."""
+    xf = x.float()
+    if fp8_dot:
+        xf = wf.dequantize_fp8_activations(*wf.quantize_fp8_activations(x))
+    y = xf @ weight.dequantize().T
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = ops.swiglu(gate, up)
+    if residual is not None:
+        y = y + residual.float()
+    return y
+
+
+def run_and_check(x, weight, *, residual=None, swiglu=False, config=None, fp8_dot=None, tol=None) -> torch.Tensor:
+    n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    out = torch.full((x.shape[0], n_out), float("nan"), dtype=x.dtype, device=x.device)
+    y = linear(x, weight, residual=residual, swiglu=swiglu, out=out, config=config, fp8_dot=fp8_dot)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.isfinite(y).all(), "unwritten (NaN) outputs"
+    quant_x = bool(fp8_dot) and isinstance(weight, (wf.FP8ChannelWeight, wf.FP8BlockWeight))
+    ref = reference(x, weight, residual, swiglu, fp8_dot=quant_x)
+    if tol is None:
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[x.dtype]
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+    return y
+
+
+# ---- weight formats -------------------------------------------------------------------------------------------
+
+
+def _gptq_pack_loops(q_kn: torch.Tensor, zeros_gn: torch.Tensor, v1: bool):
+    """GPTQ packing written out word by word, as AutoGPTQ's pack() does (independent of weight_formats)."""
+    k, n = q_kn.shape
+    qweight = torch.zeros(k // 8, n, dtype=torch.int64)
+    for r in range(k // 8):
+        for j in range(8):
+            qweight[r] |= q_kn[8 * r + j] << (4 * j)
+    z = zeros_gn - (1 if v1 else 0)
+    qzeros = torch.zeros(z.shape[0], n // 8, dtype=torch.int64)
+    for c in range(n // 8):
+        for j in range(8):
+            qzeros[:, c] |= z[:, 8 * c + j] << (4 * j)
+    return wf._to_int32(qweight), wf._to_int32(qzeros)
+
+
+def _awq_pack_loops(values: torch.Tensor) -> torch.Tensor:
+    """AWQ packing with its order map [0, 2, 4, 6, 1, 3, 5, 7], as AutoAWQ's WQLinear_GEMM does."""
+    r, n = values.shape
+    out = torch.zeros(r, n // 8, dtype=torch.int64)
+    for c in range(n // 8):
+        for i, col in enumerate(wf.AWQ_ORDER):
+            out[:, c] |= values[:, 8 * c + col] << (4 * i)
+    return wf._to_int32(out)
+
+
+def test_int4_layout_bits():
+    q = torch.randint(0, 16, (3, 300))
+    w = wf.Int4Weight.from_unpacked(q, torch.ones(3, 3, dtype=torch.float16), None, 128)
+    assert w.qweight.shape == (3, 48)
+    words = w.qweight.to(torch.int64) & 0xFFFFFFFF
+    for n, run, c, j in [(0, 0, 0, 0), (1, 0, 5, 3), (2, 1, 15, 7), (0, 2, 2, 1)]:
+        k = 128 * run + 16 * j + c
+        want = int(q[n, k]) if k < 300 else 0
+        assert (int(words[n, 16 * run + c]) >> (4 * j)) & 0xF == want
+    assert torch.equal(w.unpack(), q)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_quantizer(symmetric):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 392, generator=gen)
+    q = wf.quantize_int4(w, symmetric=symmetric)
+    assert q.symmetric == symmetric and q.scales.shape == (4, 24) and q.scales.dtype == torch.float16
+    nib = q.unpack()
+    assert int(nib.min()) >= 0 and int(nib.max()) <= 15
+    deq = q.dequantize()
+    step = q.scales.float().repeat_interleave(128, 0)[:392].T
+    assert ((deq - w).abs() <= 0.5 * step + 1e-6).float().mean() > 0.99
+    assert ((deq - w).norm() / w.norm()) < 0.12
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("v1", [True, False])
+def test_gptq_round_trip(symmetric, v1):
+    gen = torch.Generator().manual_seed(2)
+    q = wf.quantize_int4(torch.randn(24, 256, generator=gen), symmetric=symmetric)
+    packed = q.to_gptq(v1=v1)
+    qweight, qzeros = _gptq_pack_loops(q.unpack().T, q.zeros(), v1)
+    assert torch.equal(packed["qweight"], qweight) and torch.equal(packed["qzeros"], qzeros)
+    back = wf.Int4Weight.from_gptq(qweight, qzeros, packed["scales"], None, v1=v1)
+    assert back.symmetric == symmetric
+    assert torch.equal(back.dequantize(), q.dequantize())
+    trivial = torch.arange(256, dtype=torch.int32) // 128
+    assert torch.equal(wf.Int4Weight.from_gptq(qweight, qzeros, packed["scales"], trivial, v1=v1).qweight, q.qweight)
+
+
+def test_gptq_refuses_act_order_and_bad_zero():
+    gen = torch.Generator().manual_seed(3)
+    q = wf.quantize_int4(torch.randn(16, 256, generator=gen), symmetric=False)
+    packed = q.to_gptq()
+    g_idx = torch.randperm(256, generator=gen) // 128
+    with pytest.raises(DFlashError, match="act-order"):
+        wf.Int4Weight.from_gptq(packed["qweight"], packed["qzeros"], packed["scales"], g_idx)
+    corrupt = packed["qzeros"].clone()
+    corrupt[0, 0] |= 0xF  # stored -1: a v1 zero of 0
+    with pytest.raises(DFlashError, match="qzeros"):
+        wf.Int4Weight.from_gptq(packed["qweight"], corrupt, packed["scales"])
+    with pytest.raises(DFlashError, match="scales"):
+        wf.Int4Weight.from_gptq(packed["qweight"], packed["qzeros"], packed["scales"][:1])
+
+
+def test_awq_round_trip():
+    gen = torch.Generator().manual_seed(4)
+    q = wf.quantize_int4(torch.randn(40, 384, generator=gen), symmetric=False)
+    packed = q.to_awq()
+    assert torch.equal(packed["qweight"], _awq_pack_loops(q.unpack().T.contiguous()))
+    assert torch.equal(packed["qzeros"], _awq_pack_loops(q.zeros()))
+    back = wf.Int4Weight.from_awq(packed["qweight"], packed["qzeros"], packed["scales"])
+    assert torch.equal(back.dequantize(), q.dequantize())
+    # The interleave matters: the same words read in natural nibble order are another matrix.
+    natural = wf._unpack_nibbles(packed["qweight"], 1).flatten(1)
+    assert not torch.equal(natural, q.unpack().T)
+
+
+def test_fp8_formats():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(200, 300, generator=gen)
+    ch = wf.quantize_fp8_channel(w)
+    assert ch.scale.shape == (200,) and ((ch.dequantize() - w).norm() / w.norm()) < 0.04
+    blk = wf.quantize_fp8_block(w)
+    assert blk.scale_inv.shape == (2, 3) and ((blk.dequantize() - w).norm() / w.norm()) < 0.04
+    # Block dequant is fp8 * scale_inv of the block.
+    assert blk.dequantize()[130, 260] == blk.qweight[130, 260].float() * blk.scale_inv[1, 2]
+    loaded = wf.FP8BlockWeight.from_checkpoint(blk.qweight, blk.scale_inv.to(torch.bfloat16))
+    assert loaded.scale_inv.dtype == torch.float32
+    with pytest.raises(DFlashError, match="weight_scale_inv"):
+        wf.FP8BlockWeight.from_checkpoint(blk.qweight, blk.scale_inv[:1])
+    xq, xs = wf.quantize_fp8_activations(torch.randn(3, 300, generator=gen))
+    assert xq.dtype == torch.float8_e4m3fn and xs.shape == (3, 3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS[1:])
+def test_quantizers_by_row_chunks_and_row_slices(fmt, monkeypatch):
+    """Large matrices are quantized in row chunks with the same result; rows() slices every format consistently."""
+    whole = make_weight(fmt, 300, 256, torch.Generator().manual_seed(6), device="cpu")
+    monkeypatch.setattr(wf, "ROW_CHUNK", 128)
+    chunked = make_weight(fmt, 300, 256, torch.Generator().manual_seed(6), device="cpu")
+    assert torch.equal(whole.dequantize(), chunked.dequantize())
+    assert torch.equal(whole.rows(128, 300).dequantize(), whole.dequantize()[128:])
+
+
+# ---- kernel (interpreter on CPU) -------------------------------------------------------------------------------
+
+
+def _config(fmt: str, split: bool, block_n: int = 16) -> LinearConfig:
+    # Dense chunks of 64 give several chunks per tile; quantized formats chunk by 128 (their group).
+    bk = 64 if fmt == "dense" else 128
+    return LinearConfig(
+        block_n=block_n, block_m=16, block_k=bk, num_warps=4, num_stages=2, programs=4 if split else None
+    )
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear(fmt, m, split):
+    gen = torch.Generator().manual_seed(10 + m)
+    weight = make_weight(fmt, 37, 328, gen)
+    x = torch.randn(m, 328, generator=gen).to(DEVICE, torch.float16)
+    run_and_check(x, weight, config=_config(fmt, split))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
+@pytest.mark.parametrize("epilogue", ["residual", "swiglu"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_epilogues(fmt, epilogue, split):
+    gen = torch.Generator().manual_seed(20)
+    n = 42 if epilogue == "swiglu" else 29
+    weight = make_weight(fmt, n, 200, gen)
+    x = torch.randn(3, 200, generator=gen).to(DEVICE, torch.float16)
+    residual = torch.randn(3, n, generator=gen).to(DEVICE, torch.float16) if epilogue == "residual" else None
+    run_and_check(x, weight, residual=residual, swiglu=epilogue == "swiglu", config=_config(fmt, split))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_fp32_activations(fmt):
+    gen = torch.Generator().manual_seed(30)
+    weight = make_weight(fmt, 21, 136, gen, dtype=torch.float32)
+    x = torch.randn(5, 136, generator=gen).to(DEVICE)
+    run_and_check(x, weight, config=_config(fmt, True))
+
+
+def test_linear_default_config_and_repeat():
+    """The heuristic config runs, and a split launch leaves its counters ready for the next (same result)."""
+    gen = torch.Generator().manual_seed(40)
+    weight = make_weight("int4_asym", 40, 512, gen)
+    x = torch.randn(2, 512, generator=gen).to(DEVICE, torch.float16)
+    run_and_check(x, weight)
+    cfg = LinearConfig(block_n=16, block_m=16, block_k=128, num_stages=2, programs=5)
+    first = run_and_check(x, weight, config=cfg)
+    assert torch.equal(first, run_and_check(x, weight, config=cfg))
+
+
+def test_linear_validation():
+    gen = torch.Generator().manual_seed(50)
+    weight = make_weight("int4_sym", 16, 256, gen)
+    x = torch.randn(2, 256, generator=gen).to(DEVICE, torch.float16)
+    with pytest.raises(ValueError, match="x:"):
+        linear(x[:, :128], weight)
+    with pytest.raises(ValueError, match="out:"):
+        linear(x, weight, out=torch.empty(2, 15, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="config:"):
+        linear(x, weight, config=LinearConfig(block_k=64))
+    with pytest.raises(ValueError, match="residual:"):
+        linear(x, weight, residual=torch.empty(2, 8, dtype=torch.float16, device=DEVICE))
+
+
+# ---- GPU: bf16 and FP8 numerics at real-ish shapes --------------------------------------------------------------
+
+GPU_SHAPES = [(1, 5120, 6144), (16, 2048, 17408), (64, 3072, 5120)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", GPU_SHAPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_bf16(fmt, m, n, k):
+    gen = torch.Generator().manual_seed(60)
+    weight = make_weight(fmt, n, k, gen, dtype=torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+    run_and_check(x, weight, fp8_dot=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", GPU_SHAPES)
+@pytest.mark.parametrize("fmt", ["fp8_channel", "fp8_block"])
+def test_gpu_fp8_dot(fmt, m, n, k):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 dot needs sm89+")
+    gen = torch.Generator().manual_seed(61)
+    weight = make_weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+    y = run_and_check(x, weight, fp8_dot=True, tol=5e-3)
+    # Against unquantized activations the error is that of e4m3 (3 mantissa bits).
+    ref = reference(x, weight)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_epilogues_and_determinism(fmt):
+    """Real MLP shapes with the default (stream-K) configs: fused epilogues, and bit-identical repeats."""
+    gen = torch.Generator().manual_seed(62)
+    gate_up = make_weight(fmt, 2 * 4352, 5120, gen, dtype=torch.bfloat16)
+    down = make_weight(fmt, 5120, 4352, gen, dtype=torch.bfloat16)
+    x = torch.randn(16, 5120, generator=gen).to(DEVICE, torch.bfloat16)
+    h = run_and_check(x, gate_up, swiglu=True)
+    residual = torch.randn(16, 5120, generator=gen).to(DEVICE, torch.bfloat16)
+    y = run_and_check(h, down, residual=residual)
+    for _ in range(20):
+        assert torch.equal(linear(h, down, residual=residual), y)
