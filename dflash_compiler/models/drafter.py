@@ -163,3 +163,6 @@ class DFlashDrafter(nn.Module):
         anchors = positions[:, :1].expand_as(positions)
         masks = self.layer_masks(positions, anchors, torch.zeros_like(positions), cache.k[0].shape[2])
         return self.run_blocks(block_embeds, positions, list(zip(cache.k, cache.v)), masks)
+
+
+torch.export.register_dataclass(DrafterCache)

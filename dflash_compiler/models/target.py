@@ -266,3 +266,8 @@ class TargetModel(nn.Module):
             rec = states.recurrent.gather(1, rec_index.view(-1, 1, 1, 1, 1).expand(-1, 1, *states.recurrent.shape[2:]))
             recurrent.append(rec[:, 0])
         return TargetCache(cache.k, cache.v, conv, recurrent)
+
+
+# Caches and step outputs cross torch.export and CUDA-graph boundaries as pytrees of tensors.
+for _cls in (TargetCache, GDNBlockStates, TargetOutput):
+    torch.export.register_dataclass(_cls)

@@ -142,3 +142,7 @@ def train_drafter(args: argparse.Namespace) -> dict:
     }
     (Path(args.output) / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(train_main())
