@@ -102,17 +102,20 @@ SMALL = dict(heads=2, hv=6, dk=16, dv=16)
 
 
 @pytest.mark.parametrize(
-    ("dtype", "bsz", "seq"),
+    ("dtype", "bsz", "seq", "unroll"),
     [
-        (torch.float32, 3, 1),
-        (torch.float32, 3, 3),
-        (torch.float32, 2, 7),
-        (torch.float32, 2, 16),
-        (torch.float16, 1, 7),
-        (torch.float16, 3, 16),
+        (torch.float32, 3, 1, True),
+        (torch.float32, 3, 3, False),
+        (torch.float32, 3, 3, True),
+        (torch.float32, 2, 7, False),
+        (torch.float32, 2, 16, True),
+        (torch.float32, 2, 16, False),
+        (torch.float16, 1, 7, True),
+        (torch.float16, 3, 16, True),
     ],
 )
-def test_verify_capture_and_commit(dtype, bsz, seq):
+def test_verify_capture_and_commit(dtype, bsz, seq, unroll):
+    """Both loop forms of the recurrent kernel (unroll), a state capture of every position, then a commit."""
     gen = torch.Generator().manual_seed(100 + seq * 4 + bsz)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **SMALL, dtype=dtype, gen=gen)
     o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
@@ -120,20 +123,23 @@ def test_verify_capture_and_commit(dtype, bsz, seq):
     live = state.clone()
     o, states = gdn.gdn_verify(
         q, k, v, a, b, a_log, dt_bias, live, capture=seq, out=_nan(bsz, seq, hv, dv, dtype=dtype),
-        states=_nan(bsz, seq, hv, dk, dv),
+        states=_nan(bsz, seq, hv, dk, dv), unroll=unroll,
     )  # fmt: skip
     _close("o", o.float(), o_ref.float(), 1e-5 if dtype == torch.float32 else 2e-3)
     _close("states", states, states_ref, 1e-5)
     assert torch.equal(live, state), "verify must leave the state unchanged"
 
     idx = _accepted(bsz, seq, gen)
-    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states)
+    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states, unroll=unroll)
     _close("committed state", live, _ref_after(states_ref, state, idx), 1e-5)
 
 
-@pytest.mark.parametrize("capture", [0, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_commit_replay(capture, dtype):
+@pytest.mark.parametrize(
+    ("capture", "dtype", "unroll"),
+    [(0, torch.float32, True), (0, torch.float32, False), (0, torch.float16, True), (3, torch.float32, True),
+     (3, torch.float16, False)],
+)  # fmt: skip
+def test_commit_replay(capture, dtype, unroll):
     """capture 0: replay every accepted step from the initial state; 3: from the last captured state at or before
     the accepted position. Requests accept different positions, one keeps its state."""
     bsz, seq = 3, 7
@@ -141,14 +147,14 @@ def test_commit_replay(capture, dtype):
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)
     o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
     live = state.clone()
-    o, states = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, live, capture=capture, block_v=16)
+    o, states = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, live, capture=capture, block_v=16, unroll=unroll)
     assert (states is None) == (capture == 0)
     _close("o", o.float(), o_ref.float(), 1e-5 if dtype == torch.float32 else 2e-3)
     idx = torch.tensor([5, -1, 1], device=DEV)
     window = torch.randn(bsz, 40, 3, generator=gen).to(DEV, dtype)
     x = torch.randn(bsz, seq, 40, generator=gen).to(DEV, dtype)
     window_ref = ops.conv_window_after(torch.cat((window, x.transpose(1, 2)), -1), idx, 4)
-    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states, window=window, x=x, block_v=16)
+    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states, window=window, x=x, block_v=16, unroll=unroll)
     _close("committed state", live, _ref_after(states_ref, state, idx), 1e-5)
     assert torch.equal(window, window_ref)
 
@@ -164,15 +170,17 @@ def test_verify_partial_capture():
     _close("states", states, states_ref[:, :depth], 1e-5)
 
 
-@pytest.mark.parametrize("seq", [1, 5])
-def test_recurrent_final_state_in_place(seq):
+@pytest.mark.parametrize(("seq", "unroll"), [(1, True), (5, True), (5, False)])
+def test_recurrent_final_state_in_place(seq, unroll):
     """Decode (and any plain run): the state after the last position written over the state itself."""
     bsz = 2
     gen = torch.Generator().manual_seed(20 + seq)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **SMALL, dtype=torch.float32, gen=gen)
     o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
     live = state.clone()
-    o = gdn.gdn_recurrent(q, k, v, a, b, a_log, dt_bias, live, out=_nan(bsz, seq, 6, 16), final_state=live)
+    o = gdn.gdn_recurrent(
+        q, k, v, a, b, a_log, dt_bias, live, out=_nan(bsz, seq, 6, 16), final_state=live, unroll=unroll
+    )
     _close("o", o, o_ref, 1e-5)
     _close("final state", live, states_ref[:, -1], 1e-5)
 
@@ -223,8 +231,10 @@ REAL = dict(heads=16, hv=48, dk=128, dv=128)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("capture_dtype", [torch.float32, torch.bfloat16])
-def test_gpu_verify_commit_real_dims(capture_dtype):
+@pytest.mark.parametrize(
+    ("capture_dtype", "unroll"), [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)]
+)
+def test_gpu_verify_commit_real_dims(capture_dtype, unroll):
     bsz, seq = 3, 16
     gen = torch.Generator().manual_seed(1)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
@@ -233,13 +243,13 @@ def test_gpu_verify_commit_real_dims(capture_dtype):
         live = state.clone()
         o, states = gdn.gdn_verify(
             q, k, v, a, b, a_log, dt_bias, live, capture=capture, capture_dtype=capture_dtype,
-            out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
+            out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16), unroll=unroll,
         )  # fmt: skip
         _close("o", o.float(), o_ref.float(), 1e-2)
         if capture:
             _close("states", states.float(), states_ref[:, :capture], 1e-2 if capture_dtype == torch.bfloat16 else 1e-4)
         idx = torch.tensor([15, -1, 4], device=DEV)
-        gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states)
+        gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states, unroll=unroll)
         tol = 1e-2 if capture_dtype == torch.bfloat16 and capture else 1e-4
         _close(f"committed state (capture {capture})", live, _ref_after(states_ref, state, idx), tol)
 

@@ -149,6 +149,7 @@ def _gdn_recurrent_kernel(
     COMMIT: tl.constexpr,
     CAPTURE: tl.constexpr,
     STORE_FINAL: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """One (request, value head, V slice) per program; the [K, BV] state slice stays in registers.
 
@@ -184,46 +185,87 @@ def _gdn_recurrent_kernel(
     dtb = tl.load(dt_bias_ptr + h).to(tl.float32)
     k_base = k_ptr + b64 * sk_b + hq * sk_h
     q_base = q_ptr + b64 * sq_b + hq * sq_h
-    for t0 in range(t_begin, t_end, BT):
-        # Everything that does not depend on the state is loaded for BT positions up front, so the sequential loop
-        # below waits on no device-memory latency: the norms and gates as vectors, v as a tile, and the k/q rows
-        # are re-read per step from L1 (the tile loads brought them in).
-        rows = t0 + offs_t
-        rmask = rows < t_end
-        kt = tl.load(k_base + rows[:, None] * sk_t + offs_k[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        rk = tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)
-        if not COMMIT:
-            qt = tl.load(q_base + rows[:, None] * sq_t + offs_k[None, :], mask=rmask[:, None], other=0.0)
-            qt = qt.to(tl.float32)
-            rq = tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale
-        xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=rmask, other=0.0).to(tl.float32) + dtb
-        alpha = tl.exp(neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa))))
-        beta = 1.0 / (
-            1.0 + tl.exp(-tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0).to(tl.float32))
-        )
-        vt = tl.load(
-            v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
-        ).to(tl.float32)
-        for i in range(0, tl.minimum(BT, t_end - t0)):
-            t = t0 + i
-            sel = offs_t == i
-            alpha_i = tl.reduce(tl.where(sel, alpha, 0.0), 0, _add)
-            beta_i = tl.reduce(tl.where(sel, beta, 0.0), 0, _add)
-            kr = tl.load(k_base + t * sk_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rk, 0.0), 0, _add)
-            vr = tl.reduce(tl.where(sel[:, None], vt, 0.0), 0, _add)
-            # u and o are read from the previous state: S_t^T k = a S^T k and S_t^T q = a S^T q + (k.q) delta,
-            # so both reductions run over the same registers before the update
-            ks = tl.reduce(S * kr[:, None], 0, _add)
-            delta = beta_i * (vr - alpha_i * ks)
+    a_base = a_ptr + b64 * sa_b + h * sa_h
+    b_base = b_ptr + b64 * sb_b + h * sb_h
+    v_base = v_ptr + b64 * sv_b + h * sv_h + offs_v
+    if UNROLL:
+        # BT steps unrolled with each step's own loads: none depends on the state, so the compiler can issue them
+        # ahead of the sequential chain (the state update, two reductions over K) instead of waiting per step.
+        # Steps past t_end re-read the last live row and leave the state unchanged (alpha 1, beta 0).
+        for t0 in range(t_begin, t_end, BT):
+            for i in tl.static_range(BT):
+                t = t0 + i
+                live = t < t_end
+                tc = tl.minimum(t, t_end - 1)
+                kr = tl.load(k_base + tc * sk_t + offs_k).to(tl.float32)
+                kr = kr * tl.rsqrt(tl.reduce(kr * kr, 0, _add) + 1e-6)
+                xa = tl.load(a_base + tc * sa_t).to(tl.float32) + dtb
+                alpha_i = tl.where(live, tl.exp(neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))), 1.0)
+                beta_i = tl.where(live, 1.0 / (1.0 + tl.exp(-tl.load(b_base + tc * sb_t).to(tl.float32))), 0.0)
+                vr = tl.load(v_base + tc * sv_t).to(tl.float32)
+                ks = tl.reduce(S * kr[:, None], 0, _add)
+                delta = beta_i * (vr - alpha_i * ks)
+                if not COMMIT:
+                    qr = tl.load(q_base + tc * sq_t + offs_k).to(tl.float32)
+                    qr = qr * (tl.rsqrt(tl.reduce(qr * qr, 0, _add) + 1e-6) * scale)
+                    qs = tl.reduce(S * qr[:, None], 0, _add)
+                    o = alpha_i * qs + tl.reduce(kr * qr, 0, _add) * delta
+                    tl.store(
+                        o_ptr + ((b64 * T + t) * HV + h) * V + offs_v,
+                        o.to(o_ptr.dtype.element_ty),
+                        mask=(offs_v * 0 + t) < t_end,
+                    )
+                S = S * alpha_i + kr[:, None] * delta[None, :]
+                if CAPTURE:
+                    tl.store(
+                        states_ptr + ((b64 * D + t) * HV + h) * (K * V) + tile,
+                        S.to(states_ptr.dtype.element_ty),
+                        mask=(tile * 0 + t) < D,
+                    )
+    else:
+        for t0 in range(t_begin, t_end, BT):
+            # Everything that does not depend on the state is loaded for BT positions up front, so the sequential loop
+            # below waits on no device-memory latency: the norms and gates as vectors, v as a tile, and the k/q rows
+            # are re-read per step from L1 (the tile loads brought them in).
+            rows = t0 + offs_t
+            rmask = rows < t_end
+            kt = tl.load(k_base + rows[:, None] * sk_t + offs_k[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            rk = tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)
             if not COMMIT:
-                qr = tl.load(q_base + t * sq_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rq, 0.0), 0, _add)
-                qs = tl.reduce(S * qr[:, None], 0, _add)
-                o = alpha_i * qs + tl.reduce(kr * qr, 0, _add) * delta
-                tl.store(o_ptr + ((b64 * T + t) * HV + h) * V + offs_v, o.to(o_ptr.dtype.element_ty))
-            S = S * alpha_i + kr[:, None] * delta[None, :]
-            if CAPTURE:  # noqa: SIM102 (a constexpr branch: pruned at compile time when nothing is captured)
-                if t < D:
-                    tl.store(states_ptr + ((b64 * D + t) * HV + h) * (K * V) + tile, S.to(states_ptr.dtype.element_ty))
+                qt = tl.load(q_base + rows[:, None] * sq_t + offs_k[None, :], mask=rmask[:, None], other=0.0)
+                qt = qt.to(tl.float32)
+                rq = tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale
+            xa = tl.load(a_base + rows * sa_t, mask=rmask, other=0.0).to(tl.float32) + dtb
+            alpha = tl.exp(neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa))))
+            beta = 1.0 / (
+                1.0
+                + tl.exp(-tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0).to(tl.float32))
+            )
+            vt = tl.load(
+                v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
+            ).to(tl.float32)
+            for i in range(0, tl.minimum(BT, t_end - t0)):
+                t = t0 + i
+                sel = offs_t == i
+                alpha_i = tl.reduce(tl.where(sel, alpha, 0.0), 0, _add)
+                beta_i = tl.reduce(tl.where(sel, beta, 0.0), 0, _add)
+                kr = tl.load(k_base + t * sk_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rk, 0.0), 0, _add)
+                vr = tl.reduce(tl.where(sel[:, None], vt, 0.0), 0, _add)
+                # u and o are read from the previous state: S_t^T k = a S^T k and S_t^T q = a S^T q + (k.q) delta,
+                # so both reductions run over the same registers before the update
+                ks = tl.reduce(S * kr[:, None], 0, _add)
+                delta = beta_i * (vr - alpha_i * ks)
+                if not COMMIT:
+                    qr = tl.load(q_base + t * sq_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rq, 0.0), 0, _add)
+                    qs = tl.reduce(S * qr[:, None], 0, _add)
+                    o = alpha_i * qs + tl.reduce(kr * qr, 0, _add) * delta
+                    tl.store(o_ptr + ((b64 * T + t) * HV + h) * V + offs_v, o.to(o_ptr.dtype.element_ty))
+                S = S * alpha_i + kr[:, None] * delta[None, :]
+                if CAPTURE:  # noqa: SIM102 (a constexpr branch: pruned at compile time when nothing is captured)
+                    if t < D:
+                        tl.store(
+                            states_ptr + ((b64 * D + t) * HV + h) * (K * V) + tile, S.to(states_ptr.dtype.element_ty)
+                        )
     if COMMIT:
         # in place: every thread must have read its slice of the old state before any writes
         tl.debug_barrier()
@@ -494,10 +536,16 @@ def _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state):
     return bsz, seq, heads, hv, dk, dv
 
 
-def _recurrent_config(bsz: int, dv: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
+def _recurrent_config(
+    bsz: int, seq: int, dv: int, commit: bool, block_v: int | None, num_warps: int | None, unroll: bool | None
+) -> dict:
+    """Launch parameters of the recurrent kernel; what the caller leaves as None comes from the measured table."""
     bv = block_v or min(dv, 16 if bsz <= 4 else 32)
     _check(_pow2(bv) and dv % bv == 0, "block_v", f"{bv} must be a power of two dividing V={dv}")
-    return bv, num_warps or (1 if bv <= 16 else 4)
+    unroll = True if unroll is None else unroll
+    # an unrolled commit runs whole blocks of BT steps, so a shorter block wastes fewer steps past idx[b]
+    bt = min(8 if commit and unroll else 16, triton.next_power_of_2(max(seq, 1)))
+    return dict(BV=bv, BT=bt, UNROLL=unroll, num_warps=num_warps or (1 if bv <= 16 else 4))
 
 
 def gdn_recurrent(
@@ -515,6 +563,7 @@ def gdn_recurrent(
     final_state: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
+    unroll: bool | None = None,
 ) -> torch.Tensor:
     """The gated delta rule over T positions with the gates, q/k l2norm and q scale fused.
 
@@ -523,6 +572,8 @@ def gdn_recurrent(
     Returns o [B, T, HV, V] in v's dtype. states [B, D, HV, K, V] (fp32, or bf16 to halve the bytes at the cost of
     rounding the state), D <= T, receives the state after each of positions 0..D-1; final_state [B, HV, K, V] fp32
     receives the state after position T-1 (decode passes state itself).
+    Tuning (None: the measured defaults): block_v, the V slice per program; num_warps; unroll, whether the steps
+    are unrolled with per-step loads (True) or run as a loop over inputs loaded a block at a time (False).
     """
     bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
     if out is None:
@@ -550,8 +601,8 @@ def gdn_recurrent(
         if final_state is not None and final_state.data_ptr() != state.data_ptr():
             final_state.copy_(state)
         return out
-    bv, warps = _recurrent_config(bsz, dv, block_v, num_warps)
-    _gdn_recurrent_kernel[(dv // bv, bsz * hv)](
+    cfg = _recurrent_config(bsz, seq, dv, False, block_v, num_warps, unroll)
+    _gdn_recurrent_kernel[(dv // cfg["BV"], bsz * hv)](
         q,
         k,
         v,
@@ -576,12 +627,10 @@ def gdn_recurrent(
         G=hv // heads,
         K=dk,
         V=dv,
-        BV=bv,
-        BT=min(16, triton.next_power_of_2(seq)),
         COMMIT=False,
         CAPTURE=depth > 0,
         STORE_FINAL=final_state is not None,
-        num_warps=warps,
+        **cfg,
     )
     return out
 
@@ -602,6 +651,7 @@ def gdn_verify(
     states: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
+    unroll: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A verify block: o, and the states after the first `capture` positions (DEFAULT_CAPTURE when None; 0 = replay).
 
@@ -617,7 +667,19 @@ def gdn_verify(
     elif depth == 0:
         states = None
     o = gdn_recurrent(
-        q, k, v, a, b, a_log, dt_bias, state, out=out, states=states, block_v=block_v, num_warps=num_warps
+        q,
+        k,
+        v,
+        a,
+        b,
+        a_log,
+        dt_bias,
+        state,
+        out=out,
+        states=states,
+        block_v=block_v,
+        num_warps=num_warps,
+        unroll=unroll,
     )
     return o, states
 
@@ -637,6 +699,7 @@ def gdn_commit(
     x: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
+    unroll: bool | None = None,
 ) -> torch.Tensor:
     """In place: state[b] becomes the state after block position idx[b] (-1 keeps it), per request.
 
@@ -660,8 +723,8 @@ def gdn_commit(
         depth = states.shape[1]
     _check((window is None) == (x is None), "x", "window and x go together")
     idx32 = idx.to(torch.int32)
-    bv, warps = _recurrent_config(bsz, dv, block_v, num_warps)
-    _gdn_recurrent_kernel[(dv // bv, bsz * hv)](
+    cfg = _recurrent_config(bsz, seq, dv, True, block_v, num_warps, unroll)
+    _gdn_recurrent_kernel[(dv // cfg["BV"], bsz * hv)](
         k,
         k,
         v,
@@ -686,12 +749,10 @@ def gdn_commit(
         G=hv // k.shape[2],
         K=dk,
         V=dv,
-        BV=bv,
-        BT=min(16, triton.next_power_of_2(max(seq, 1))),
         COMMIT=True,
         CAPTURE=False,
         STORE_FINAL=False,
-        num_warps=warps,
+        **cfg,
     )
     if window is not None:
         conv_window_commit(window, x, idx32)
@@ -791,5 +852,7 @@ def gdn_chunked(
         PREC=precision,
         BV=bv,
         num_warps=8,
+        # the loop's loads are not worth pipeline buffers: with them the tiles exceed the shared memory
+        num_stages=1,
     )
     return out, final_state
