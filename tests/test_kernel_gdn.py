@@ -136,8 +136,7 @@ def test_verify_capture_and_commit(dtype, bsz, seq, unroll):
 
 @pytest.mark.parametrize(
     ("capture", "dtype", "unroll"),
-    [(0, torch.float32, True), (0, torch.float32, False), (0, torch.float16, True), (3, torch.float32, True),
-     (3, torch.float16, False)],
+    [(0, torch.float32, True), (0, torch.float32, False), (3, torch.float32, True), (3, torch.float16, False)],
 )  # fmt: skip
 def test_commit_replay(capture, dtype, unroll):
     """capture 0: replay every accepted step from the initial state; 3: from the last captured state at or before
@@ -188,8 +187,10 @@ def test_recurrent_final_state_in_place(seq, unroll):
 # ---------------------------------------------------------------------------------------------------- chunked
 
 
-@pytest.mark.parametrize(("bsz", "seq"), [(2, 1), (1, 70), (2, 150)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("bsz", "seq", "dtype"),
+    [(2, 1, torch.float32), (1, 70, torch.float32), (2, 150, torch.float32), (2, 70, torch.float16)],
+)
 def test_chunked(bsz, seq, dtype):
     gen = torch.Generator().manual_seed(seq + bsz)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)

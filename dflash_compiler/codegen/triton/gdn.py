@@ -27,7 +27,10 @@ import triton.language as tl
 # which would make the CPU tests of the step-by-step loops below take minutes.
 _add = tl.standard._sum_combine
 
-# Verify-time capture depth when the caller names none: 0 is replay (see the module docstring).
+# Verify-time capture depth when the caller names none: 0 is replay (see the module docstring). Measured on the H100
+# at Qwen3.5-27B shapes, one layer, verify + commit of a 16-token block (bench/results/kernels-gdn-h100.json,
+# step_* rows): replay 23.8 us at batch 1 and 176 us at batch 16 for a typical accepted index (7), against 30.4 and
+# 364 us for capturing every state and 24.1 and 296 us for capturing 8.
 DEFAULT_CAPTURE = 0
 
 
@@ -537,15 +540,27 @@ def _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state):
 
 
 def _recurrent_config(
-    bsz: int, seq: int, dv: int, commit: bool, block_v: int | None, num_warps: int | None, unroll: bool | None
+    bsz: int,
+    seq: int,
+    dv: int,
+    commit: bool,
+    capture: bool,
+    block_v: int | None,
+    num_warps: int | None,
+    unroll: bool | None,
 ) -> dict:
-    """Launch parameters of the recurrent kernel; what the caller leaves as None comes from the measured table."""
-    bv = block_v or min(dv, 16 if bsz <= 4 else 32)
+    """Launch parameters of the recurrent kernel; what the caller leaves as None comes from the H100 sweep
+    (bench/results/kernels-gdn-h100.json, sweep_* rows): the block-prefetch loop beat the unrolled form in every
+    mode, by 1.3x to 3x, and one warp on a 16-wide V slice was fastest except when a large batch captures states,
+    where a 32-wide slice with 4 warps wrote them at 1.12x their floor (16-wide, 1 warp: 1.19x). Only batch 1 and
+    16 were measured: the switch sits between them."""
+    wide = capture and bsz > 4
+    bv = block_v or min(dv, 32 if wide else 16)
     _check(_pow2(bv) and dv % bv == 0, "block_v", f"{bv} must be a power of two dividing V={dv}")
-    unroll = True if unroll is None else unroll
+    unroll = bool(unroll)
     # an unrolled commit runs whole blocks of BT steps, so a shorter block wastes fewer steps past idx[b]
     bt = min(8 if commit and unroll else 16, triton.next_power_of_2(max(seq, 1)))
-    return dict(BV=bv, BT=bt, UNROLL=unroll, num_warps=num_warps or (1 if bv <= 16 else 4))
+    return dict(BV=bv, BT=bt, UNROLL=unroll, num_warps=num_warps or (4 if wide else 1))
 
 
 def gdn_recurrent(
@@ -601,7 +616,7 @@ def gdn_recurrent(
         if final_state is not None and final_state.data_ptr() != state.data_ptr():
             final_state.copy_(state)
         return out
-    cfg = _recurrent_config(bsz, seq, dv, False, block_v, num_warps, unroll)
+    cfg = _recurrent_config(bsz, seq, dv, False, depth > 0, block_v, num_warps, unroll)
     _gdn_recurrent_kernel[(dv // cfg["BV"], bsz * hv)](
         q,
         k,
@@ -723,7 +738,7 @@ def gdn_commit(
         depth = states.shape[1]
     _check((window is None) == (x is None), "x", "window and x go together")
     idx32 = idx.to(torch.int32)
-    cfg = _recurrent_config(bsz, seq, dv, True, block_v, num_warps, unroll)
+    cfg = _recurrent_config(bsz, seq, dv, True, False, block_v, num_warps, unroll)
     _gdn_recurrent_kernel[(dv // cfg["BV"], bsz * hv)](
         k,
         k,
