@@ -49,7 +49,9 @@ def run_and_check(x, weight, *, residual=None, swiglu=False, config=None, fp8_do
     y = linear(x, weight, residual=residual, swiglu=swiglu, out=out, config=config, fp8_dot=fp8_dot)
     assert y.data_ptr() == out.data_ptr()
     assert torch.isfinite(y).all(), "unwritten (NaN) outputs"
-    quant_x = bool(fp8_dot) and isinstance(weight, (wf.FP8ChannelWeight, wf.FP8BlockWeight))
+    if fp8_dot is None:  # the launcher's default: the FP8 dot on sm89+
+        fp8_dot = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    quant_x = fp8_dot and isinstance(weight, (wf.FP8ChannelWeight, wf.FP8BlockWeight))
     ref = reference(x, weight, residual, swiglu, fp8_dot=quant_x)
     if tol is None:
         tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[x.dtype]
@@ -91,10 +93,10 @@ def test_int4_layout_bits():
     w = wf.Int4Weight.from_unpacked(q, torch.ones(3, 3, dtype=torch.float16), None, 128)
     assert w.qweight.shape == (3, 48)
     words = w.qweight.to(torch.int64) & 0xFFFFFFFF
-    for n, run, c, j in [(0, 0, 0, 0), (1, 0, 5, 3), (2, 1, 15, 7), (0, 2, 2, 1)]:
-        k = 128 * run + 16 * j + c
+    for n, run, word, j, h in [(0, 0, 0, 0, 0), (1, 0, 5, 3, 1), (2, 1, 15, 2, 1), (0, 2, 2, 1, 0)]:
+        k = 128 * run + 32 * j + 2 * word + h
         want = int(q[n, k]) if k < 300 else 0
-        assert (int(words[n, 16 * run + c]) >> (4 * j)) & 0xF == want
+        assert (int(words[n, 16 * run + word]) >> (16 * h + 4 * j)) & 0xF == want
     assert torch.equal(w.unpack(), q)
 
 
@@ -213,6 +215,16 @@ def test_linear_epilogues(fmt, epilogue, split):
     x = torch.randn(3, 200, generator=gen).to(DEVICE, torch.float16)
     residual = torch.randn(3, n, generator=gen).to(DEVICE, torch.float16) if epilogue == "residual" else None
     run_and_check(x, weight, residual=residual, swiglu=epilogue == "swiglu", config=_config(fmt, split))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_whole_tiles(fmt):
+    """N and K multiples of the tile: the launcher drops the edge masks."""
+    gen = torch.Generator().manual_seed(25)
+    weight = make_weight(fmt, 64, 256, gen)
+    x = torch.randn(5, 256, generator=gen).to(DEVICE, torch.float16)
+    run_and_check(x, weight, config=LinearConfig(block_n=16, block_m=16, block_k=128, num_stages=2, programs=3))
+    run_and_check(x, weight, config=LinearConfig(block_n=32, block_m=16, block_k=128, num_stages=2))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

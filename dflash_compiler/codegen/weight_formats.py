@@ -11,14 +11,16 @@ codegen/triton/linear.py multiply by, so it is the reference those kernels are t
   asymmetric (a zero point per group and output); W[n, k] = (q[n, k] - zero[g, n]) * scales[g, n], g = k // group_size.
 
 INT4 packed layout (ours). K is cut into runs of 128 inputs, one run per 16 int32 words:
-    qweight int32 [N, 16 * ceil(K / 128)]; in run r of row n, word c (0..15) holds input k = 128 r + 16 j + c in
-    bits 4j..4j+3 (j = 0..7), as an unsigned nibble 0..15; inputs past K are 0.
+    qweight int32 [N, 16 * ceil(K / 128)]; in run r of row n, word w (0..15) holds the two adjacent inputs
+    k = 128 r + 32 j + 2 w + h (h = 0, 1) of plane j (0..3) in bits 16 h + 4 j .. +3, as unsigned nibbles 0..15;
+    inputs past K are 0.
     scales [G, N] (fp16, bf16 or fp32), G = ceil(K / group_size); contiguous over the outputs of one group.
     qzeros int32 [G, ceil(N / 8)] (asymmetric only): the zero of output n in group g is bits 4(n % 8).. of word
     [g, n // 8]. Symmetric weights store no zeros (zero 8).
-Why: a kernel tile of BN rows by one run is BN rows of 64 contiguous bytes (16-byte loads, every sector used), and
-nibble plane j of the 16 words is the 16 consecutive inputs 128 r + 16 j .. + 15: one k16 step of a tensor-core dot,
-so unpacking is a shift and a mask per plane with no register shuffles, against a contiguous slice of activations.
+Why: a kernel tile of BN rows by one run is BN rows of 64 contiguous bytes (16-byte loads, every sector used).
+Plane j of the 16 words is the 32 consecutive inputs 128 r + 32 j .. + 31 (two k16 steps of a tensor-core dot,
+against a contiguous slice of activations), and one shift and one mask-or of a word, (w >> 4j) & 0x000F000F |
+magic, yields the 16-bit float pair (k, k + 1) that a dot operand register holds: one 32-bit op per two weights.
 
 GPTQ (qweight [K/8, N], nibble j of word [r, n] = input 8r + j; qzeros [G, N/8] storing zero - 1 in v1
 checkpoints; scales [G, N]) and AWQ (qweight [K, N/8] with nibble i of word [k, c] = output 8c + [0,2,4,6,1,3,5,7][i];
@@ -245,8 +247,9 @@ class Int4Weight:
         """The nibbles q [N, K] (int64, 0..15)."""
         n = self.qweight.shape[0]
         runs = self.qweight.shape[1] // 16
-        nib = _unpack_nibbles(self.qweight.view(n, runs, 16), 2)  # [N, R, 16 (c), 8 (j)]
-        return nib.transpose(2, 3).reshape(n, runs * INT4_RUN)[:, : self.in_features]
+        nib = _unpack_nibbles(self.qweight.view(n, runs, 16), 2)  # [N, R, 16 (w), 8 (i = 4h + j)]
+        nib = nib.view(n, runs, 16, 2, 4).permute(0, 1, 4, 2, 3)  # [N, R, j, w, h]: input 32j + 2w + h
+        return nib.reshape(n, runs * INT4_RUN)[:, : self.in_features]
 
     def zeros(self) -> torch.Tensor:
         """Zero points [G, N] (int64); 8 everywhere for symmetric weights."""
@@ -270,7 +273,8 @@ class Int4Weight:
         runs = _cdiv(k, INT4_RUN)
         qp = torch.zeros(n, runs * INT4_RUN, dtype=torch.int64, device=q.device)
         qp[:, :k] = q
-        words = _pack_nibbles(qp.view(n, runs, 8, 16).transpose(2, 3), 2).reshape(n, runs * 16)
+        planes = qp.view(n, runs, 4, 16, 2).permute(0, 1, 3, 4, 2).reshape(n, runs, 16, 8)  # [N, R, w, 4h + j]
+        words = _pack_nibbles(planes, 2).reshape(n, runs * 16)
         qzeros = None
         if zeros is not None:
             zp = torch.zeros(zeros.shape[0], _cdiv(n, 8) * 8, dtype=torch.int64, device=q.device)

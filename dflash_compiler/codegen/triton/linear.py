@@ -2,17 +2,20 @@
 
 The product is computed transposed, acc[n, m] = sum_k W[n, k] x[m, k], so the many weight rows fill the tensor
 cores' M side and the few tokens their N side (16 and up). Work is cut into tiles of BLOCK_N outputs by BLOCK_M
-tokens and each tile's K into chunks of BLOCK_K; `programs` programs share all (tile, chunk) pairs in equal
-contiguous ranges (stream-K), so the grid can match the machine and split K where N alone gives too few tiles. A
-tile split between programs is finished by whichever of them arrives last: each writes its partial sum to a
-workspace and bumps the tile's counter; the last sums the partials in a fixed order (deterministic), applies the
-epilogue and resets the counter for the next launch.
+tokens and each tile's K into chunks of BLOCK_K. `programs` programs share all (tile, chunk) pairs in equal
+contiguous ranges (stream-K) and walk theirs in one flat loop that crosses tile boundaries, so the load pipeline
+never drains and the grid can match the machine, splitting K where N alone gives too few tiles. A tile split
+between programs is finished by whichever of them arrives last: each parks its partial sum in a workspace and bumps
+the tile's counter; the last sums the partials in slot order (deterministic), applies the epilogue and resets the
+counter for the next launch. With one program per tile (programs=None, split_k=1) this is a plain tiled GEMM.
 
 Formats: dense (bf16/fp16/fp32), FP8 e4m3 with per-channel or 128x128 block scales, INT4 groups of 128 (packed as
 in weight_formats.py). FP8 either quantizes the activations per token and 128-input group in registers and runs an
 FP8 dot (sm89+), or decodes the FP8 bits to fp16 with integer ops (sm80, the interpreter) for a weight-only dot.
-INT4 unpacks one nibble plane (16 inputs) at a time into exact fp16/bf16 values by the magic-exponent trick.
-Epilogues: residual add, and SwiGLU over weight rows [gate; up] (output width N / 2).
+INT4 turns one plane of a 128-input run (32 inputs, a pair per word) at a time into exact fp16/bf16 values q - 8 by
+the magic-exponent trick; asymmetric zeros are added back after the dot as (8 - zero) * sum(x).
+Scales are applied per chunk to the fp32 partial products. Epilogues: residual add, and SwiGLU over weight rows
+[gate; up] (output width N / 2).
 """
 
 from __future__ import annotations
@@ -31,110 +34,139 @@ EPI_NONE, EPI_RESIDUAL, EPI_SWIGLU = 0, 1, 2
 
 
 @triton.jit
-def _x_tile(x_ptr, stride_xm, stride_xk, offs_m, M, k0, K, BK: tl.constexpr):
-    """Activations as x^T [BK, BLOCK_M], zero outside [M, K]."""
-    ks = k0 + tl.arange(0, BK)
-    mask = (ks[:, None] < K) & (offs_m[None, :] < M)
-    return tl.load(x_ptr + ks[:, None] * stride_xk + offs_m[None, :] * stride_xm, mask=mask, other=0.0)
+def _x_tile(x_chunk, x_offs, m_ok, k_left, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activations x^T [BK, BLOCK_M] of one chunk: x_chunk points at x[m0, k0], x_offs holds k * sxk + m * sxm."""
+    if EVEN_K:
+        mask = m_ok[None, :]
+    else:
+        mask = (tl.arange(0, BK) < k_left)[:, None] & m_ok[None, :]
+    return tl.load(x_chunk + x_offs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _chunk_scale(
-    s_ptr, rows, row_ok, k0, stride_sg, FORMAT: tl.constexpr, FP8_DOT: tl.constexpr, GROUP_SIZE: tl.constexpr
+def _load_scales(
+    s_ptr,
+    z_ptr,
+    row0,
+    k0,
+    N_OUT,
+    stride_sg,
+    stride_zg,
+    FORMAT: tl.constexpr,
+    ASYM: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """The per-row factor of one chunk: the INT4 group scale, or the FP8 block scale (x256 when decoding to fp16)."""
+    """The raw per-row scale (and packed INT4 zeros) of one chunk, as stored; _scales decodes them where used."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N_OUT
+    zw = tl.zeros((BLOCK_N,), tl.int32)
     if FORMAT == 3:
-        sc = tl.load(s_ptr + (k0 // GROUP_SIZE) * stride_sg + rows, mask=row_ok, other=0.0).to(tl.float32)
+        g = k0 // GROUP_SIZE
+        sc = tl.load(s_ptr + g * stride_sg + rows, mask=row_ok, other=0.0)
+        if ASYM:
+            zw = tl.load(z_ptr + g * stride_zg + rows // 8, mask=row_ok, other=0)
     elif FORMAT == 2:
         sc = tl.load(s_ptr + (rows // 128) * stride_sg + k0 // 128, mask=row_ok, other=0.0)
-        if not FP8_DOT:
-            sc = sc * 256.0
+    elif FORMAT == 1:
+        sc = tl.load(s_ptr + rows, mask=row_ok, other=0.0)
     else:
-        sc = tl.zeros(rows.shape, tl.float32)
-    return sc
+        sc = tl.zeros((BLOCK_N,), tl.float32)
+    return sc, zw
+
+
+@triton.jit
+def _scales(sc, zw, row0, FORMAT: tl.constexpr, FP8_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per-row factors of a chunk: the scale (x256 when FP8 is decoded to fp16) and, for asymmetric INT4, 8 - zero
+    (the kernel subtracts 8 from every nibble and adds the zero back as (8 - zero) * sum(x))."""
+    sc = sc.to(tl.float32)
+    if (FORMAT == 1 or FORMAT == 2) and not FP8_DOT:
+        sc = sc * 256.0
+    corr = (8 - ((zw >> (((row0 + tl.arange(0, BLOCK_N)) % 8) * 4)) & 0xF)).to(tl.float32)
+    return sc, corr
 
 
 @triton.jit
 def _accumulate(
     acc,
-    rows,
+    w_chunk,
+    w_offs,
     row_ok,
-    k0,
+    k_left,
     scale,
+    corr,
     xt,
     xq,
     xs,
-    w_ptr,
-    z_ptr,
-    x_ptr,
-    offs_m,
-    M,
-    K,
-    stride_xm,
+    x_chunk,
+    x_offs32,
+    m_ok,
     stride_xk,
-    stride_wn,
-    stride_zg,
     FORMAT: tl.constexpr,
     FP8_DOT: tl.constexpr,
     ASYM: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """acc[BLOCK_N, BLOCK_M] += W[rows, k0 : k0 + BLOCK_K] @ x^T for one chunk, times `scale` (per row) if chunked."""
-    if FORMAT == 0:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(
-            w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0
-        )
-        acc = tl.dot(w.to(DOT_DTYPE), xt, acc, input_precision=INPUT_PRECISION)
-    elif FORMAT == 3:
-        g = k0 // GROUP_SIZE
-        words = tl.load(w_ptr + rows[:, None] * stride_wn + (k0 // 8 + tl.arange(0, 16))[None, :], mask=row_ok[:, None])
-        if ASYM:
-            zw = tl.load(z_ptr + g * stride_zg + rows // 8, mask=row_ok, other=0)
-            zero = (zw >> ((rows % 8) * 4)) & 0xF
-        else:
-            zero = tl.full(rows.shape, 8, tl.int32)
+    """acc[BLOCK_N, BLOCK_M] += W[rows, chunk] @ x^T[chunk] with the chunk's per-row scale. w_chunk points at the
+    chunk's first weight element (word for INT4) of the tile's first row, w_offs holds the in-tile offsets."""
+    if EVEN_N:
+        row_mask = tl.full((acc.shape[0], 1), 1, tl.int1)
+    else:
+        row_mask = row_ok[:, None]
+    if FORMAT == 3:
+        words = tl.load(w_chunk + w_offs, mask=row_mask)
         # Nibble q becomes the float MAGIC + q by OR-ing it under the exponent of MAGIC (1024 in fp16, 128 in bf16,
-        # 2^23 in fp32, where the last mantissa bit is 1); subtracting MAGIC + zero then gives q - zero exactly.
+        # where the last mantissa bit is 1), both halves of a word at once; subtracting MAGIC + 8 leaves q - 8
+        # exactly. An asymmetric zero z is added back after the dot as (8 - z) * sum(x), a dot with ones.
         if DOT_DTYPE == tl.float16:  # noqa: SIM300 - a constexpr compares on the left
-            magic_bits = 0x6400
-            magic = 1024.0
-        elif DOT_DTYPE == tl.bfloat16:  # noqa: SIM300
-            magic_bits = 0x4300
-            magic = 128.0
+            magic_bits = 0x64006400
+            offset = 1032.0
         else:
-            magic_bits = 0x4B000000
-            magic = 8388608.0
-        offset = (zero.to(tl.float32) + magic).to(DOT_DTYPE)
+            magic_bits = 0x43004300
+            offset = 136.0
         part = tl.zeros(acc.shape, tl.float32)
-        for j in tl.static_range(8):
-            bits = ((words >> (4 * j)) & 0xF) | magic_bits
+        xsum = tl.zeros(acc.shape, tl.float32)
+        for j in tl.static_range(4):
             if DOT_DTYPE == tl.float32:  # noqa: SIM300
-                wj = bits.to(tl.float32, bitcast=True)
+                lo = ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
+                hi = ((words >> (16 + 4 * j)) & 0xF).to(tl.float32) - 8.0
+                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
             else:
-                wj = bits.to(tl.uint16).to(DOT_DTYPE, bitcast=True)
-            wj = wj - offset[:, None]
-            xj = _x_tile(x_ptr, stride_xm, stride_xk, offs_m, M, k0 + 16 * j, K, 16).to(DOT_DTYPE)
+                pair = ((words >> (4 * j)) & 0x000F000F) | magic_bits
+                lo = pair.to(tl.uint16).to(DOT_DTYPE, bitcast=True)
+                hi = (pair >> 16).to(tl.uint16).to(DOT_DTYPE, bitcast=True)
+                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32)) - tl.full((1, 1), offset, DOT_DTYPE)
+            xj = _x_tile(x_chunk + 32 * j * stride_xk, x_offs32, m_ok, k_left - 32 * j, 32, EVEN_K).to(DOT_DTYPE)
             part = tl.dot(wj, xj, part, input_precision=INPUT_PRECISION)
+            if ASYM:
+                ones = tl.full((words.shape[0], 32), 1.0, DOT_DTYPE)
+                xsum = tl.dot(ones, xj, xsum, input_precision=INPUT_PRECISION)
+        if ASYM:
+            part += corr[:, None] * xsum
         acc += part * scale[:, None]
     else:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        wmask = row_ok[:, None] & (ks[None, :] < K)
-        wb = tl.load(w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=wmask, other=0.0)
-        if FP8_DOT:
-            part = tl.dot(wb, xq) * xs[None, :]
+        if EVEN_K:
+            wmask = row_mask
         else:
-            # e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the value / 256 (normals and subnormals
-            # alike), so the decode is two masks and shifts; the 256 goes into the scale.
-            b = wb.to(tl.int32)
-            half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
-            part = tl.dot(half.to(DOT_DTYPE), xt, input_precision=INPUT_PRECISION)
-        if FORMAT == 2:
-            part = part * scale[:, None]
-        acc += part
+            wmask = row_mask & (tl.arange(0, BLOCK_K) < k_left)[None, :]
+        if FORMAT == 0:
+            w = tl.load(w_chunk + w_offs, mask=wmask, other=0.0)
+            acc = tl.dot(w.to(DOT_DTYPE), xt, acc, input_precision=INPUT_PRECISION)
+        else:
+            wb = tl.load(w_chunk + w_offs, mask=wmask, other=0.0)
+            if FP8_DOT:
+                part = tl.dot(wb, xq) * xs[None, :]
+            else:
+                # e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the value / 256 (normals and
+                # subnormals alike), so the decode is two masks and shifts; the 256 goes into the scale.
+                b = wb.to(tl.int32)
+                half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+                part = tl.dot(half.to(DOT_DTYPE), xt, input_precision=INPUT_PRECISION)
+            acc += part * scale[:, None]
     return acc
 
 
@@ -147,6 +179,35 @@ def _store(acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride
     if EPILOGUE == 1:
         out += tl.load(r_ptr + offs_m[None, :] * stride_rm + offs_n[:, None], mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finish(
+    tile, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
+    M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Arrive at a shared tile; the last of its programs sums the parked partials in slot order and stores it."""
+    ROWS: tl.constexpr = 2 * BLOCK_N if EPILOGUE == 2 else BLOCK_N
+    # Programs holding chunks of the tile run from prog(first chunk) to prog(last chunk), prog(c) = ((c+1)P-1) // total.
+    first = ((tile.to(tl.int64) * chunks_per_tile + 1) * programs - 1) // total_chunks
+    last = ((tile.to(tl.int64) + 1) * chunks_per_tile * programs - 1) // total_chunks
+    # All threads' partial stores precede the release by the one thread that performs the atomic.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    if arrived == last - first:
+        r = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for s in range(0, last - first + 1):
+            src = ws_ptr + (tile.to(tl.int64) * slots + s) * (ROWS * BLOCK_M)
+            acc += tl.load(src + r, cache_modifier=".cg")
+            if EPILOGUE == 2:
+                acc_up += tl.load(src + BLOCK_N * BLOCK_M + r, cache_modifier=".cg")
+        pid_n = tile // num_m_tiles
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = (tile - pid_n * num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        _store(acc, acc_up, offs_n, offs_n < N_OUT, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE)
+        tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 # Only K and the weight/activation row strides keep Triton's divisibility specialization (it makes the row loads
@@ -188,96 +249,127 @@ def _linear_kernel(
     GROUP_SIZE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    programs = tl.num_programs(0).to(tl.int64)
-    c = pid * total_chunks // programs
-    end = (pid + 1) * total_chunks // programs
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    start = (pid.to(tl.int64) * total_chunks // programs).to(tl.int32)
+    end = ((pid + 1).to(tl.int64) * total_chunks // programs).to(tl.int32)
     ROWS: tl.constexpr = 2 * BLOCK_N if EPILOGUE == 2 else BLOCK_N
-    while c < end:
-        tile = c // chunks_per_tile
-        tile_start = tile * chunks_per_tile
-        seg_end = tl.minimum(end, tile_start + chunks_per_tile)
-        pid_n = tile // num_m_tiles
-        pid_m = tile % num_m_tiles
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N_OUT
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        lo = c - tile_start
-        hi = seg_end - tile_start
-        # Chunk scales are not operands of the dot, so the pipeliner leaves their loads in place: fetch each one
-        # a chunk ahead by hand (index clamped to the segment). Two ahead makes the pipeliner give up on the loop.
-        sc = _chunk_scale(s_ptr, offs_n, n_ok, lo * BLOCK_K, stride_sg, FORMAT, FP8_DOT, GROUP_SIZE)
-        up = sc
+    # In-tile offsets, the same for every chunk: the loop only moves scalar base pointers.
+    if FORMAT == 3:
+        w_offs = tl.arange(0, BLOCK_N)[:, None] * stride_wn + tl.arange(0, 16)[None, :]
+    else:
+        w_offs = tl.arange(0, BLOCK_N)[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+    x_offs = tl.arange(0, BLOCK_K)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
+    x_offs32 = tl.arange(0, 32)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
+    # One flat loop over this program's chunks, crossing tile boundaries, so the load pipeline never drains.
+    tile = start // chunks_per_tile
+    kc = start - tile * chunks_per_tile
+    pid_n = tile // num_m_tiles
+    pid_m = tile - pid_n * num_m_tiles
+    seg_first = kc
+    # Chunk scales are not operands of the dot, so the pipeliner leaves their loads in place: fetch each one a
+    # chunk ahead by hand. (Two ahead makes the pipeliner give up on the loop.)
+    # (Carried raw: decoding them at once would make the loop wait for the load.)
+    sc, zw = _load_scales(
+        s_ptr, z_ptr, pid_n * BLOCK_N, kc * BLOCK_K, N_OUT, stride_sg, stride_zg, FORMAT, ASYM, GROUP_SIZE, BLOCK_N
+    )
+    up_sc, up_zw = sc, zw
+    if EPILOGUE == 2:
+        up_sc, up_zw = _load_scales(
+            s_ptr, z_ptr, pid_n * BLOCK_N + UP_ROW, kc * BLOCK_K, N_OUT + UP_ROW, stride_sg, stride_zg,
+            FORMAT, ASYM, GROUP_SIZE, BLOCK_N,
+        )  # fmt: skip
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for c in range(start, end):
+        row0 = pid_n * BLOCK_N
+        n_ok = (row0 + tl.arange(0, BLOCK_N)) < N_OUT
+        m0 = pid_m * BLOCK_M
+        m_ok = (m0 + tl.arange(0, BLOCK_M)) < M
+        k0 = kc * BLOCK_K
+        k_left = K - k0
+        # The next chunk's tile coordinates (m varies fastest across tiles) and its scales.
+        tile_end = kc == chunks_per_tile - 1
+        m_wrap = tile_end & (pid_m == num_m_tiles - 1)
+        pid_n_nx = tl.where(m_wrap, pid_n + 1, pid_n)
+        pid_m_nx = tl.where(tile_end, tl.where(m_wrap, 0, pid_m + 1), pid_m)
+        kc_nx = tl.where(tile_end, 0, kc + 1)
+        sc_nx, zw_nx = _load_scales(
+            s_ptr, z_ptr, pid_n_nx * BLOCK_N, kc_nx * BLOCK_K, N_OUT, stride_sg, stride_zg,
+            FORMAT, ASYM, GROUP_SIZE, BLOCK_N,
+        )  # fmt: skip
+        up_sc_nx, up_zw_nx = up_sc, up_zw
         if EPILOGUE == 2:
-            up = _chunk_scale(s_ptr, offs_n + UP_ROW, n_ok, lo * BLOCK_K, stride_sg, FORMAT, FP8_DOT, GROUP_SIZE)
-        for kc in range(lo, hi):
-            k0 = kc * BLOCK_K
-            k1 = tl.minimum(kc + 1, hi - 1) * BLOCK_K
-            sc_next = _chunk_scale(s_ptr, offs_n, n_ok, k1, stride_sg, FORMAT, FP8_DOT, GROUP_SIZE)
-            up_next = up
-            if EPILOGUE == 2:
-                up_next = _chunk_scale(s_ptr, offs_n + UP_ROW, n_ok, k1, stride_sg, FORMAT, FP8_DOT, GROUP_SIZE)
-            xt = tl.zeros((BLOCK_K, BLOCK_M), DOT_DTYPE)
-            xq = xt
-            xs = tl.zeros((BLOCK_M,), tl.float32)
-            if FORMAT != 3:
-                xt = _x_tile(x_ptr, stride_xm, stride_xk, offs_m, M, k0, K, BLOCK_K).to(DOT_DTYPE)
-                if FP8_DOT:
-                    xf = xt.to(tl.float32)
-                    amax = tl.max(tl.abs(xf), axis=0)
-                    inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 0.0)
-                    xq = (xf * inv[None, :]).to(tl.float8e4nv)
-                    xs = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-            acc = _accumulate(
-                acc, offs_n, n_ok, k0, sc, xt, xq, xs, w_ptr, z_ptr, x_ptr, offs_m, M, K,
-                stride_xm, stride_xk, stride_wn, stride_zg,
-                FORMAT, FP8_DOT, ASYM, GROUP_SIZE, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+            up_sc_nx, up_zw_nx = _load_scales(
+                s_ptr, z_ptr, pid_n_nx * BLOCK_N + UP_ROW, kc_nx * BLOCK_K, N_OUT + UP_ROW, stride_sg, stride_zg,
+                FORMAT, ASYM, GROUP_SIZE, BLOCK_N,
             )  # fmt: skip
-            if EPILOGUE == 2:
-                acc_up = _accumulate(
-                    acc_up, offs_n + UP_ROW, n_ok, k0, up, xt, xq, xs, w_ptr, z_ptr, x_ptr, offs_m, M, K,
-                    stride_xm, stride_xk, stride_wn, stride_zg,
-                    FORMAT, FP8_DOT, ASYM, GROUP_SIZE, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
-                )  # fmt: skip
-            sc = sc_next
-            up = up_next
-        if FORMAT == 1:
-            # Per-channel scales are linear in the partial sums, so they apply once per segment.
-            factor = 1.0 if FP8_DOT else 256.0
-            acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None] * factor
-            if EPILOGUE == 2:
-                acc_up *= tl.load(s_ptr + offs_n + UP_ROW, mask=n_ok, other=0.0)[:, None] * factor
-        if (c == tile_start) & (seg_end == tile_start + chunks_per_tile):
-            _store(acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE)
-        else:
-            # The programs holding chunks of this tile are those from first to last; prog(c) = ((c+1)P-1) // total.
-            first = ((tile_start + 1) * programs - 1) // total_chunks
-            last = ((tile_start + chunks_per_tile) * programs - 1) // total_chunks
-            r = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-            base = ws_ptr + (tile * slots + (pid - first)) * (ROWS * BLOCK_M)
-            tl.store(base + r, acc)
-            if EPILOGUE == 2:
-                tl.store(base + BLOCK_N * BLOCK_M + r, acc_up)
-            # All threads' partial stores precede the release by the one thread that performs the atomic.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-            if arrived == last - first:
-                acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-                acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-                for s in range(0, last - first + 1):
-                    src = ws_ptr + (tile * slots + s) * (ROWS * BLOCK_M)
-                    acc += tl.load(src + r, cache_modifier=".cg")
-                    if EPILOGUE == 2:
-                        acc_up += tl.load(src + BLOCK_N * BLOCK_M + r, cache_modifier=".cg")
+        x_chunk = x_ptr + m0.to(tl.int64) * stride_xm + k0 * stride_xk
+        xt = tl.zeros((BLOCK_K, BLOCK_M), DOT_DTYPE)
+        xq = xt
+        xs = tl.zeros((BLOCK_M,), tl.float32)
+        if FORMAT != 3:
+            xt = _x_tile(x_chunk, x_offs, m_ok, k_left, BLOCK_K, EVEN_K).to(DOT_DTYPE)
+            if FP8_DOT:
+                xf = xt.to(tl.float32)
+                amax = tl.max(tl.abs(xf), axis=0)
+                inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 0.0)
+                xq = (xf * inv[None, :]).to(tl.float8e4nv)
+                xs = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+        w_k = k0 // 8 if FORMAT == 3 else k0
+        w_chunk = w_ptr + row0.to(tl.int64) * stride_wn + w_k
+        scale, corr = _scales(sc, zw, row0, FORMAT, FP8_DOT, BLOCK_N)
+        acc = _accumulate(
+            acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
+            FORMAT, FP8_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
+        if EPILOGUE == 2:
+            up_scale, up_corr = _scales(up_sc, up_zw, row0 + UP_ROW, FORMAT, FP8_DOT, BLOCK_N)
+            acc_up = _accumulate(
+                acc_up, w_chunk + UP_ROW.to(tl.int64) * stride_wn, w_offs, n_ok, k_left, up_scale, up_corr,
+                xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
+                FORMAT, FP8_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+            )  # fmt: skip
+        if tile_end | (c == end - 1):
+            offs_n = row0 + tl.arange(0, BLOCK_N)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            if tile_end & (seg_first == 0):
                 _store(acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
-        c = seg_end
+            else:
+                # A share of a tile: park it in this program's workspace slot; it is summed after the loop.
+                tile = pid_n * num_m_tiles + pid_m
+                first = ((tile.to(tl.int64) * chunks_per_tile + 1) * programs - 1) // total_chunks
+                r = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+                base = ws_ptr + (tile.to(tl.int64) * slots + (pid - first)) * (ROWS * BLOCK_M)
+                tl.store(base + r, acc)
+                if EPILOGUE == 2:
+                    tl.store(base + BLOCK_N * BLOCK_M + r, acc_up)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        seg_first = tl.where(tile_end, 0, seg_first)
+        pid_n = pid_n_nx
+        pid_m = pid_m_nx
+        kc = kc_nx
+        sc, zw, up_sc, up_zw = sc_nx, zw_nx, up_sc_nx, up_zw_nx
+    # A program shares at most two tiles with others: the one it starts in and the one it ends in.
+    tile_a = start // chunks_per_tile
+    if (start != tile_a * chunks_per_tile) | (end < (tile_a + 1) * chunks_per_tile):
+        _finish(
+            tile_a, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
+            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE, BLOCK_N, BLOCK_M,
+        )  # fmt: skip
+    tile_b = (end - 1) // chunks_per_tile
+    if (tile_b != tile_a) & (end < (tile_b + 1) * chunks_per_tile):
+        _finish(
+            tile_b, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
+            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE, BLOCK_N, BLOCK_M,
+        )  # fmt: skip
 
 
 # ---- launcher ----------------------------------------------------------------------------------------------------
@@ -313,24 +405,36 @@ def _sm_count(device: torch.device) -> int:
 def default_config(
     weight: Weight, m: int, n_out: int, k: int, device: torch.device, swiglu: bool = False
 ) -> LinearConfig:
-    """Heuristic table keyed on the format, the M bucket and the tile count (tuning DBs may override it)."""
+    """Heuristic table keyed on the format, the M bucket and the tile count; tuning databases may override it.
+
+    From a sweep on the H100 (bench/bench_linear.py --sweep): bf16 streams best as 64-row tiles, one program per
+    tile; FP8 and INT4 (whose loops do more per byte) as 128-row tiles shared by a fixed grid of programs
+    (stream-K), except where the tiles come in many waves anyway (lm_head).
+    """
     bm = _m_bucket(m)
     dense = isinstance(weight, DenseWeight)
     if bm >= 128:
         cfg = LinearConfig(block_n=128, block_m=bm, block_k=64 if dense else 128, num_warps=8, num_stages=3)
+    elif dense:
+        if bm <= 32:
+            cfg = LinearConfig(block_n=64, block_m=bm, block_k=128, num_warps=4, num_stages=4 if k <= 5120 else 6)
+        else:
+            cfg = LinearConfig(block_n=128, block_m=bm, block_k=128, num_warps=8, num_stages=4)
+    elif bm > 32:  # 8 warps: with 4, 64 tokens of FP8 or INT4 work spill registers
+        cfg = LinearConfig(block_n=128, block_m=bm, block_k=128, num_warps=8, num_stages=3)
     elif isinstance(weight, Int4Weight):
         cfg = LinearConfig(block_n=128, block_m=bm, block_k=128, num_warps=4, num_stages=4)
-    elif dense:
-        cfg = LinearConfig(block_n=64, block_m=bm, block_k=128, num_warps=4, num_stages=4)
     else:
-        cfg = LinearConfig(block_n=128, block_m=bm, block_k=128, num_warps=4, num_stages=5)
+        cfg = LinearConfig(block_n=128, block_m=bm, block_k=128, num_warps=8, num_stages=4)
+    # Programs that fit on an SM at once, from shared memory (stages of weight and activation tiles).
+    w_bytes = 2 if dense else 0.5 if isinstance(weight, Int4Weight) else 1
+    stage = cfg.block_n * cfg.block_k * w_bytes * (2 if swiglu else 1) + cfg.block_k * bm * 2
+    per_sm = max(1, min(3, int((228 << 10) // (cfg.num_stages * stage + (8 << 10)))))
+    slots = _sm_count(device) * per_sm
     tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, bm)
-    sms = _sm_count(device)
-    if bm < 128 and tiles < 8 * sms:
-        # Too few tiles for whole waves: share the chunks among a fixed grid instead (stream-K).
-        chunks = tiles * triton.cdiv(k, cfg.block_k)
-        cfg = LinearConfig(**{**cfg.__dict__, "programs": min(chunks, 2 * sms)})
-    return cfg
+    if bm >= 128 or tiles >= 4 * slots or (dense and tiles >= slots // 2):
+        return cfg
+    return LinearConfig(**{**cfg.__dict__, "programs": slots})
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -456,6 +560,7 @@ def linear(
         FORMAT=fmt, FP8_DOT=fp8, ASYM=asym,
         EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
         GROUP_SIZE=group, DOT_DTYPE=_DOT_DTYPES[x.dtype],
+        EVEN_N=n_out % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
