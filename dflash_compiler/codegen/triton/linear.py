@@ -409,7 +409,10 @@ def default_config(
 
     From a sweep on the H100 (bench/bench_linear.py --sweep): bf16 streams best as 64-row tiles, one program per
     tile; FP8 and INT4 (whose loops do more per byte) as 128-row tiles shared by a fixed grid of programs
-    (stream-K), except where the tiles come in many waves anyway (lm_head).
+    (stream-K), except where the tiles come in many waves anyway (lm_head). Measured since
+    (bench/results/kernels-linear-h100.json) and still to revisit: bf16 with the SwiGLU epilogue (two weight tiles
+    per program, one program per SM) leaves a second partial wave; M=64 bf16 with few tiles did better in the
+    sweep as one program per 128-row tile than stream-K.
     """
     bm = _m_bucket(m)
     dense = isinstance(weight, DenseWeight)
