@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+DEPENDENCY_SOURCES = ("numpy", "torch", "transformers")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -65,14 +66,23 @@ def held_out(rel: str) -> bool:
     return zlib.crc32(rel.encode()) % 20 == 0
 
 
-def stdlib_files() -> list[tuple[str, Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+def source_files() -> list[tuple[str, Path]]:
+    """Python sources on every machine that has this package: the standard library and the installed
+    dependencies (numpy, torch, transformers). Paths are keyed relative to their root."""
+    import importlib.util
+
+    roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
+    for name in DEPENDENCY_SOURCES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            roots.append((name, Path(list(spec.submodule_search_locations)[0])))
     files = []
-    for path in sorted(root.rglob("*.py")):
-        rel = str(path.relative_to(root))
-        if "site-packages" in rel or rel.startswith(("lib2to3/tests/data", "test/", "idlelib/")):
-            continue
-        files.append((rel, path))
+    for label, root in roots:
+        for path in sorted(root.rglob("*.py")):
+            rel = f"{label}/{path.relative_to(root)}"
+            if "site-packages" in rel or "/tests/" in rel or rel.startswith(("stdlib/test/", "stdlib/idlelib/")):
+                continue
+            files.append((rel, path))
     return files
 
 
@@ -83,9 +93,16 @@ def build_corpus(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_texts, held_texts = [], []
-    for rel, path in stdlib_files():
+    budget = args.max_chars
+    # a hash order, so a capped corpus still mixes every source
+    for rel, path in sorted(source_files(), key=lambda f: zlib.crc32(f[0].encode()) // 20):
         text = path.read_text(errors="replace")
-        (held_texts if held_out(rel) else train_texts).append(text)
+        if held_out(rel):
+            if rel.startswith("stdlib/"):
+                held_texts.append(text)
+        elif budget > 0:
+            train_texts.append(text)
+            budget -= len(text)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -125,7 +142,8 @@ def build_corpus(args: argparse.Namespace) -> None:
         "train_files": len(train_texts),
         "held_out_files": len(held_texts),
         "train_tokens": len(ids),
-        "held_out_rule": "crc32(path relative to the stdlib) % 20 == 0",
+        "sources": ["stdlib", *DEPENDENCY_SOURCES],
+        "held_out_rule": "crc32('<source>/<path in it>') % 20 == 0; held-out prompts come from such stdlib files",
     }
     (out / "corpus.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(json.dumps(meta))
@@ -291,7 +309,8 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("corpus")
     c.add_argument("--out", required=True)
-    c.add_argument("--drafter-prompts", type=int, default=20000)
+    c.add_argument("--drafter-prompts", type=int, default=40000)
+    c.add_argument("--max-chars", type=int, default=60_000_000, help="cap on training text")
     c.add_argument("--heldout-prompts", type=int, default=64)
     t = sub.add_parser("target")
     t.add_argument("--corpus", required=True)

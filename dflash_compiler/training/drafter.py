@@ -109,6 +109,14 @@ def block_loss(
     length (which equals the real greedy tau at those anchors when the sequences are the target's greedy output)."""
     n, length = tokens.shape
     device = tokens.device
+    # fp32 master weights for the drafter; matmuls run in the target's dtype
+    with torch.autocast(device.type, dtype=target.embed_tokens.weight.dtype):
+        return _block_loss(drafter, target, tokens, anchors, block_size, gamma)
+
+
+def _block_loss(drafter, target, tokens, anchors, block_size, gamma):
+    n, length = tokens.shape
+    device = tokens.device
     positions = torch.arange(length, device=device).expand(n, -1)
     with torch.no_grad():
         out = target(
