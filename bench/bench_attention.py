@@ -29,7 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import copy_bandwidth_tbps, floor_us, print_table, rotations_for, time_us, write_results  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth_tbps,
+    floor_us,
+    print_table,
+    rotations_for,
+    write_results,
+)
+from common import graph_time_us as _graph_time_us  # noqa: E402
 
 from dflash_compiler.codegen.triton import accept as acc_k  # noqa: E402
 from dflash_compiler.codegen.triton import attention as attn_k  # noqa: E402
@@ -44,25 +51,9 @@ BLOCK = 16
 EPS = 1e-6
 
 
-def graph_time_us(fn, rotations: int, warmup_ms: float = 25, rep_ms: float = 150) -> float:
-    """Per-call time of fn(i), i cycling over the rotations, from replays of one CUDA graph of many calls."""
-    calls = rotations * max(1, -(-16 // rotations))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(rotations):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in range(calls):
-            fn(c % rotations)
-    return time_us(lambda _: graph.replay(), warmup_ms=warmup_ms, rep_ms=rep_ms) / calls
-
-
 def safe_time(fn, rotations: int) -> tuple[float | None, str]:
     try:
-        return graph_time_us(fn, rotations), ""
+        return _graph_time_us(fn, rotations, rep_ms=150), ""
     except Exception as e:  # noqa: BLE001 - a baseline torch refuses is reported, not fatal
         torch.cuda.synchronize()
         return None, f"{type(e).__name__}: {str(e)[:80]}"

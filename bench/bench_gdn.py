@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import copy_bandwidth_tbps, floor_us, print_table, rotations_for, time_us, write_results  # noqa: E402
+from bench.common import copy_bandwidth_tbps, floor_us, graph_time_us, print_table, rotations_for, write_results  # noqa: E402
 from dflash_compiler.codegen.triton import gdn  # noqa: E402
 from dflash_compiler.models import ops  # noqa: E402
 
@@ -53,23 +53,8 @@ def _sets(batch: int, seq: int, n: int) -> list[dict]:
     return out
 
 
-def _graph_us(fn, n: int = 1) -> float:
-    """Median time per call of a CUDA-graph replay of fn(0), fn(1), .. fn(n-1) (n rotating input sets)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(n):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n):
-            fn(i)
-    return time_us(lambda _: graph.replay(), rep_ms=100) / n
-
-
 def _ref_us(fn) -> float:
-    return _graph_us(lambda _: fn())
+    return graph_time_us(lambda _: fn(), 1, min_calls=1, rep_ms=100)
 
 
 def _safe(fn) -> float | None:
@@ -133,7 +118,7 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
     )
 
     def timed(fn, *args, **kw):
-        return _safe(lambda: _graph_us(lambda i: fn(i, *args, **kw), n))
+        return _safe(lambda: graph_time_us(lambda i: fn(i, *args, **kw), n, min_calls=1, rep_ms=100))
 
     def verify(i, capture, states=None, **kw):
         s = sets[i]
@@ -299,7 +284,7 @@ def _bench_prefill(rows: _Rows, seq: int, params: dict) -> None:
             gdn.gdn_chunked(p["q"], p["k"], p["v"], p["a"], p["b"], a_log, dt_bias, p["state"], precision=precision)
 
         rows.add(
-            f"prefill_chunked_{precision}", 1, _safe(lambda f=prefill: _graph_us(f)), ref,
+            f"prefill_chunked_{precision}", 1, _safe(lambda f=prefill: _ref_us(lambda: f(0))), ref,
             _input_bytes(1, seq) + seq * HV * DV * 2 + 2 * STATE_BYTES, seq=seq,
         )  # fmt: skip
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from common import copy_bandwidth_tbps, floor_us, print_table, rotations_for, time_us, write_results  # noqa: E402
+from common import copy_bandwidth_tbps, floor_us, graph_time_us, print_table, rotations_for, write_results  # noqa: E402
 
 from dflash_compiler.codegen import weight_formats as wf  # noqa: E402
 from dflash_compiler.codegen.triton.linear import LinearConfig, default_config, linear  # noqa: E402
@@ -65,22 +65,6 @@ def clone(weight):
     )
 
 
-def graph_time_us(fn, rotations: int, warmup_ms: float = 25, rep_ms: float = 200) -> float:
-    """Per-call time of fn(i), i cycling over the rotations, from replays of one CUDA graph of many calls."""
-    calls = rotations * max(1, -(-16 // rotations))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(rotations):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in range(calls):
-            fn(c % rotations)
-    return time_us(lambda _: graph.replay(), warmup_ms=warmup_ms, rep_ms=rep_ms) / calls
-
-
 def cfg_str(cfg: LinearConfig) -> str:
     grid = f"P{cfg.programs}" if cfg.programs else f"s{cfg.split_k}"
     return f"n{cfg.block_n}m{cfg.block_m}k{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}{grid}"
@@ -116,7 +100,7 @@ class Case:
         def fn(i):
             linear(xs[i], ws[i], out=outs[i], config=config, swiglu=swiglu, residual=res[i] if res else None)
 
-        us = graph_time_us(fn, rot, warmup_ms, rep_ms)
+        us = graph_time_us(fn, rot, warmup_ms=warmup_ms, rep_ms=rep_ms)
         # Check the first CHECK_ROWS outputs (and their up rows) against torch on the dequantized weight.
         cols = min(CHECK_ROWS, n_out)
 
@@ -168,7 +152,7 @@ class Case:
                     return y + res[i]
                 return y
 
-        return graph_time_us(fn, rot, warmup_ms, rep_ms)
+        return graph_time_us(fn, rot, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
 def row(op, name, n, k, m, dtype, ours, torch_us, floor, config, err=None) -> dict:
