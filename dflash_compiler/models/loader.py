@@ -187,12 +187,16 @@ def load_drafter(
         return None if name in ("embed_tokens.weight", "lm_head.weight") else name
 
     want = len(cfg.target_layer_ids) * target.hidden_size
-    for name, tensor, path in iter_tensors(directory):
-        if rename(name) == "fc.weight" and tensor.ndim == 2 and tensor.shape[1] != want:
-            raise DFlashError(
-                f"{path}: tensor '{name}' has {tensor.shape[1]} input features, expected "
-                f"len(target_layer_ids) x hidden = {len(cfg.target_layer_ids)} x {target.hidden_size} = {want}"
-            )
+    for path in checkpoint_files(directory):
+        _check_safetensors_file(path)
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shape = fh.get_slice(name).get_shape() if rename(name) == "fc.weight" else None
+                if shape is not None and len(shape) == 2 and shape[1] != want:
+                    raise DFlashError(
+                        f"{path}: tensor '{name}' has {shape[1]} input features, expected "
+                        f"len(target_layer_ids) x hidden = {len(cfg.target_layer_ids)} x {target.hidden_size} = {want}"
+                    )
     load_weights(model, directory, rename, device, dtype)
     _finish(model, device)
     return model

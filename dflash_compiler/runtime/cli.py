@@ -38,8 +38,8 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ..runtime.engine import Engine
-    from ..runtime.speculative import GenerationStats
+    from .engine import Engine
+    from .speculative import GenerationStats
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     engine = Engine.from_pretrained(args.target, args.drafter, args.device, dtype, args.block_size)
@@ -86,12 +86,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _baseline(engine, prompt: str, kwargs: dict):
     """The same request through the same loop with block size 1: plain autoregressive decoding."""
-    from ..runtime.speculative import GenerationStats, SpeculativeDecoder
+    from .sampling import SamplingParams
+    from .speculative import GenerationStats, SpeculativeDecoder
 
     stats = GenerationStats()
     ids = engine.encode(prompt, kwargs["chat"])
-    from .sampling import SamplingParams
-
     params = SamplingParams(kwargs["temperature"], kwargs["top_k"], kwargs["top_p"])
     decoder = SpeculativeDecoder(engine.target)
     for _ in decoder.stream(ids, kwargs["max_new_tokens"], params, engine.stop_token_ids, kwargs["seed"], stats):
