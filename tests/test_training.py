@@ -66,7 +66,7 @@ def test_loss_decreases_when_training_longer(target_dir, tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
 
 

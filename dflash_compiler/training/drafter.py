@@ -109,8 +109,9 @@ def block_loss(
     length (which equals the real greedy tau at those anchors when the sequences are the target's greedy output)."""
     n, length = tokens.shape
     device = tokens.device
-    # fp32 master weights for the drafter; matmuls run in the target's dtype
-    with torch.autocast(device.type, dtype=target.embed_tokens.weight.dtype):
+    # fp32 master weights for the drafter; with a half-precision target, matmuls run in the target's dtype
+    dtype = target.embed_tokens.weight.dtype
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
         return _block_loss(drafter, target, tokens, anchors, block_size, gamma)
 
 
