@@ -60,6 +60,12 @@ class _Fields:
             raise self._fail(name, f"must be true or false, got {value!r}")
         return value
 
+    def kv_heads(self, heads: int) -> int:
+        kv = self.int("num_key_value_heads", heads)
+        if heads % kv:
+            raise self._fail("num_key_value_heads", f"must divide num_attention_heads ({heads})")
+        return kv
+
     def optional(self, name: str, default: Any = None) -> Any:
         return self.data.get(name, default)
 
@@ -227,9 +233,7 @@ class TargetConfig:
                 raise f._fail("linear_num_value_heads", "must be a multiple of linear_num_key_heads")
         elif model_type == "qwen3":
             kwargs = dict(qk_norm=True)
-        kv_heads = f.int("num_key_value_heads", heads)
-        if heads % kv_heads:
-            raise f._fail("num_key_value_heads", f"must divide num_attention_heads ({heads})")
+        kv_heads = f.kv_heads(heads)
         return cls(
             model_type=model_type,
             vocab_size=f.int("vocab_size"),
@@ -328,9 +332,7 @@ class DrafterConfig:
         if is_causal is not None and not isinstance(is_causal, bool):
             raise f._fail("is_causal", f"must be true or false, got {is_causal!r}")
         causal = tuple((t == "sliding_attention") if is_causal is None else is_causal for t in layer_types)
-        kv_heads = f.int("num_key_value_heads", heads)
-        if heads % kv_heads:
-            raise f._fail("num_key_value_heads", f"must divide num_attention_heads ({heads})")
+        kv_heads = f.kv_heads(heads)
         return cls(
             hidden_size=hidden,
             intermediate_size=f.int("intermediate_size"),
