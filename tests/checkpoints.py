@@ -63,61 +63,48 @@ def write_qwen35(directory: Path, seed: int = 0, multimodal: bool = True, **over
         model = Qwen3_5ForConditionalGeneration(cfg)
     else:
         model = Qwen3_5ForCausalLM(text)
+    return _save(model, directory, seed, max_shard_size="200KB")
+
+
+# Sizes every tiny dense target shares; each writer adds what its family needs.
+DENSE_SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=VOCAB - 1,
+)
+
+
+def _save(model: torch.nn.Module, directory: Path, seed: int, **save_kwargs) -> torch.nn.Module:
     _init_random(model, seed)
-    model.save_pretrained(directory, max_shard_size="200KB")
+    model.save_pretrained(directory, **save_kwargs)
     return model.eval()
 
 
 def write_qwen3(directory: Path, seed: int = 0, **overrides) -> torch.nn.Module:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rope_theta=1e6,
-        eos_token_id=VOCAB - 1,
-        tie_word_embeddings=False,
-    )
-    kw.update(overrides)
-    model = Qwen3ForCausalLM(Qwen3Config(**kw))
-    _init_random(model, seed)
-    model.save_pretrained(directory)
-    return model.eval()
+    kw = {**DENSE_SIZES, "head_dim": 16, "rope_theta": 1e6, "tie_word_embeddings": False, **overrides}
+    return _save(Qwen3ForCausalLM(Qwen3Config(**kw)), directory, seed)
 
 
 def write_llama(directory: Path, seed: int = 0, **overrides) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
-        eos_token_id=VOCAB - 1,
-        tie_word_embeddings=True,
-    )
-    kw.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**kw))
-    _init_random(model, seed)
-    model.save_pretrained(directory)
-    return model.eval()
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    kw = {**DENSE_SIZES, "rope_parameters": rope, "tie_word_embeddings": True, **overrides}
+    return _save(LlamaForCausalLM(LlamaConfig(**kw)), directory, seed)
 
 
 def write_drafter(

@@ -53,16 +53,11 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if args.json:
         result = engine.generate(args.prompt, **kwargs)
-        stats = result.stats
         doc = {
             "token_ids": result.token_ids,
             "text": result.text,
-            "acceptance_lengths": stats.acceptance_lengths,
-            "acceptance_length": stats.acceptance_length,
-            "per_position_acceptance": stats.per_position_acceptance,
-            "tokens_per_s": stats.tokens_per_s,
-            "time_to_first_token_s": stats.time_to_first_token_s,
             "finish_reason": result.finish_reason,
+            **result.stats.as_dict(),
         }
         if args.baseline:
             doc["baseline_tokens_per_s"] = _baseline(engine, args.prompt, kwargs).tokens_per_s
