@@ -1,0 +1,136 @@
+"""The end-to-end benchmark's plumbing on the CPU: floors, acceptance profiles, random models shared with
+transformers, and the measuring loop and result JSON against a stand-in runtime."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import e2e  # noqa: E402
+import e2e_models  # noqa: E402
+from common import write_results  # noqa: E402
+
+
+def test_weight_bytes_match_the_27b_figures():
+    sh = e2e.Shapes.of(e2e_models.spec("27b"))
+    gb = {q: sh.target_weight_bytes(q) / 1e9 for q in e2e.QUANTS}
+    assert gb["bf16"] == pytest.approx(51.25, abs=0.01)
+    assert gb["fp8"] == pytest.approx(26.9, abs=0.05)
+    assert gb["int4"] == pytest.approx(15.1, abs=0.05)
+    assert sh.drafter_weight_bytes("bf16") / 1e9 == pytest.approx(3.46, abs=0.01)
+    assert sh.gdn_state_bytes == 48 * 48 * 128 * 128 * 4
+
+
+def test_floors():
+    sh = e2e.Shapes.of(e2e_models.spec("27b"))
+    ms, bound = e2e.floor_ms(e2e.step_cost(sh, "bf16", "ar", 1, 512, 1.0), 3.0, 700.0)
+    assert bound == "memory" and 17.0 < ms < 17.6  # ~58 tokens/s autoregressive
+    pp, _ = e2e.profile_slots("humaneval_bf16_vllm", 15)
+    tau = e2e.expected_tokens_per_step(pp)
+    one = e2e.step_cost(sh, "bf16", "dflash", 1, 512, tau)
+    # a DFlash step reads the drafter, the lm_head again and the GDN state three times
+    assert one.bytes["draft_lm_head"] == 248320 * 5120 * 2
+    assert one.bytes["gdn_state"] == 3 * (sh.gdn_state_bytes + sh.gdn_conv_bytes)
+    big, bound = e2e.floor_ms(e2e.step_cost(sh, "bf16", "dflash", 32, 512, tau), 3.0, 700.0)
+    assert bound == "compute" and big > 2 * e2e.floor_ms(one, 3.0, 700.0)[0]
+    assert e2e.floor_ms(e2e.step_cost(sh, "int4", "ar", 1, 512, 1.0), 3.0, 700.0)[0] < ms / 3
+
+
+def test_profiles():
+    pp, note = e2e.profile_slots("gsm8k_fp8_h100_vllm", 15)
+    assert len(pp) == 15 and pp[0] == 0.933 and "first 15 of 16" in note
+    pp, note = e2e.profile_slots("humaneval_bf16_vllm", 15)
+    assert note is None and e2e.expected_tokens_per_step(pp) == pytest.approx(8.09, abs=0.01)
+    a = e2e.sample_accepted(pp, 200_000, torch.Generator().manual_seed(0))
+    for i in (0, 7, 14):
+        assert float((a >= i + 1).float().mean()) == pytest.approx(pp[i], abs=0.005)
+
+
+def test_random_models_share_weights_with_transformers():
+    ms = e2e_models.spec("tiny")
+    target = e2e_models.build_target(ms, "cpu", torch.float32)
+    drafter = e2e_models.build_drafter(ms, "cpu", torch.float32)
+    assert drafter.fc.weight.shape == (64, 2 * 64)
+    check = e2e_models.check_finite(target, prompt_len=8)
+    assert check["finite"]
+    hf = e2e_models.transformers_model(target, ms)
+    assert hf.model.layers[0].mlp.up_proj.weight.data_ptr() == target.layers[0].mlp.up_proj.weight.data_ptr()
+    cmp = e2e_models.compare_with_transformers(target, ms, check)
+    assert cmp["rel_err"] < 1e-4 and cmp["argmax_match"]
+
+
+@dataclass
+class Event:
+    request_id: int
+    tokens: list[int]
+    finished: bool
+
+
+class FakeRunner:
+    """Stands in for the batched runtime: one step prefills, then each step commits a+1 tokens per request."""
+
+    def __init__(self, per_position):
+        self.pp, self.reqs, self.gen = per_position, {}, torch.Generator().manual_seed(0)
+
+    def add_request(self, prompt_ids, max_new_tokens, params=None, stop_token_ids=()):
+        rid = len(self.reqs)
+        self.reqs[rid] = [max_new_tokens, False]
+        return rid
+
+    @property
+    def has_work(self):
+        return bool(self.reqs)
+
+    def step(self):
+        events = []
+        for rid, r in list(self.reqs.items()):
+            if not r[1]:
+                r[1] = True
+                n = 1
+            else:
+                n = 1 + (int(e2e.sample_accepted(self.pp, 1, self.gen)[0]) if self.pp else 0)
+            n = min(n, r[0])
+            r[0] -= n
+            events.append(Event(rid, [7] * n, r[0] == 0))
+            if r[0] == 0:
+                del self.reqs[rid]
+        return events
+
+    def phase_times_ms(self):
+        return {"verify": 1.0, "accept_commit": 0.5, "draft": 0.25, "step": 2.0}
+
+
+def test_measure_rows_and_json(tmp_path):
+    sh = e2e.Shapes.of(e2e_models.spec("tiny"))
+    pp, note = e2e.profile_slots("gsm8k_fp8_h100_vllm", sh.block_size - 1)
+    runner = FakeRunner(pp)
+    m = e2e.measure(runner, 4, sh.vocab, prompt_len=16, max_new=4000, warmup=2, steps=200, seed=0)
+    assert m.prefill_steps == 1 and not m.finished_early
+    assert m.tau == pytest.approx(e2e.expected_tokens_per_step(pp), rel=0.1)
+    e2e.drain(runner)
+    assert not runner.has_work
+    row = e2e.make_row(sh, "bf16", "dflash", "gsm8k_fp8_h100_vllm", 4, m, 3.0, 700.0, 0, pp, note)
+    for key in ("tokens_per_s", "floor_tokens_per_s", "ratio", "verify_ms", "draft_ms", "gaps_ms", "floor_bound"):
+        assert row[key] is not None
+    assert row["simulated"] and row["profile_note"]
+    m_ar = e2e.measure(FakeRunner(None), 4, sh.vocab, prompt_len=16, max_new=400, warmup=1, steps=10, seed=0)
+    ar = e2e.make_row(sh, "int4", "ar", None, 4, m_ar, 3.0, 700.0, 0, None)
+    assert ar["tau"] == 1.0 and not ar["simulated"]
+    out = tmp_path / "e2e.json"
+    write_results(out, [row, ar], copy_bandwidth_TBps=3.0)
+    doc = json.loads(out.read_text())
+    assert {"device", "date", "commit", "copy_bandwidth_TBps", "rows"} <= set(doc)
+    assert [r["mode"] for r in doc["rows"]] == ["dflash", "ar"]
+
+
+def test_floors_only_cli(capsys):
+    e2e.main(["--size", "tiny", "--floors-only", "--concurrency", "1,4", "--quant", "bf16,int4"])
+    out = capsys.readouterr().out
+    assert "gsm8k_fp8_h100_vllm" in out and "floor_tokens_per_s" in out
