@@ -7,12 +7,13 @@ step from a published per-position acceptance profile, P(a >= i+1) = per_positio
 real step still runs; those rows say `"simulated": true`. The gsm8k profile has 16 entries; block 16 has 15 draft
 slots, so its first 15 are used.
 
-Each row has its floor: the bytes one step must read (target weights at the format's size, scales included;
-the drafter's weights; the lm_head, read again by the draft; K/V of every request at the measured context
-length; every request's GDN state, read and written, and read once more by the replaying commit of a DFlash step)
-over the copy bandwidth measured in the same run, or, where larger, the step's matmul FLOPs over the bf16 matmul
-rate measured in the same run. ratio = tokens/s over the floor's tokens/s. A step-time breakdown (verify,
-accept+commit, draft, and the gaps between them) comes from the runtime replaying each phase alone.
+Each row has its floor: the bytes one step must read (target weights at the format's size, scales included, the
+lm_head in the row's format as the runtime converts it; the drafter's weights, and the lm_head again for the
+draft; K/V of every request at the measured context length; every request's GDN state, read and written, and
+read once more by the replaying commit of a DFlash step) over the copy bandwidth measured in the same run, or,
+where larger, the step's matmul FLOPs over the bf16 matmul rate measured in the same run. ratio = tokens/s over
+the floor's tokens/s. A step-time breakdown (verify, accept+commit, draft, and the gaps between them) comes from
+the runtime replaying each phase alone.
 transformers' own generate() on the same BF16 weights (its torch fallback for the GDN layers, as users without
 flash-linear-attention run it) is the baseline.
 
@@ -74,9 +75,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PROFILES = ("humaneval_bf16_vllm", "gsm8k_fp8_h100_vllm")
 QUANTS = ("bf16", "fp8", "int4")
-# The lm_head stays BF16 under fp8/int4 (the project's figures: FP8 step 26.9 GB, INT4 15.1 GB); the embedding is
-# only gathered (rows of the step's tokens). Set True if the runtime quantizes the lm_head too.
-QUANTIZE_LM_HEAD = False
+# The runtime converts the lm_head with the other linears (runtime/step_model.py kernel_weight), so the floor
+# counts it in the row's format; False gives the project's earlier figures (FP8 step 26.9 GB, INT4 15.1 GB, with
+# a BF16 head). The embedding is only gathered (the rows of the step's tokens).
+QUANTIZE_LM_HEAD = True
 INT4_GROUP = 128
 
 
@@ -173,10 +175,11 @@ class Shapes:
             block_size=dc.block_size,
         )
 
-    def target_weight_bytes(self, quant: str) -> int:
+    def target_weight_bytes(self, quant: str, quantize_lm_head: bool | None = None) -> int:
+        head_quant = quant if (QUANTIZE_LM_HEAD if quantize_lm_head is None else quantize_lm_head) else "bf16"
         total = self.target_other_bytes
         for name, n, k in self.target_linears:
-            total += linear_bytes(n, k, "bf16" if name == "lm_head" and not QUANTIZE_LM_HEAD else quant)
+            total += linear_bytes(n, k, head_quant if name == "lm_head" else quant)
         return total
 
     def drafter_weight_bytes(self, quant: str) -> int:
@@ -336,6 +339,14 @@ def make_runner(target, drafter, quant: str, max_batch: int, max_seq_len: int, c
     )
 
 
+def new_token_budget(per_position: list[float] | None, concurrency: int, prompt_len: int, steps: int, cap: int) -> int:
+    """max_new_tokens per request: enough that none finishes before the timed steps end (allowing two prefill
+    steps per request and 512 prompt tokens, and 1.5x the expected acceptance), few enough that draining is quick."""
+    per_step = 1.0 if per_position is None else 1.5 * expected_tokens_per_step(per_position)
+    prefill_steps = 2 * concurrency * -(-prompt_len // 512) + 8
+    return int(min(cap, per_step * (prefill_steps + steps + 4)))
+
+
 def drain(runner, limit: int = 100000) -> None:
     """Ends the running requests (abort if the runtime has it, else runs them to max_new_tokens)."""
     for name in ("abort_all", "cancel_all", "clear"):
@@ -471,12 +482,11 @@ def main(argv: list[str] | None = None) -> None:
         if name not in PROFILES:
             p.error(f"--profiles: unknown profile {name!r} (known: {', '.join(PROFILES)})")
     slots = sh.block_size - 1
-    modes: list[tuple[str, str | None]] = [] if args.no_ar else [("ar", None)]
-    modes += [] if args.no_dflash else [("dflash", name) for name in profiles]
     gen_ctx = args.prompt_len + args.warmup_steps + args.steps  # used only where nothing is measured
 
     if args.floors_only:
         rows = []
+        modes = ([] if args.no_ar else [("ar", None)]) + ([] if args.no_dflash else [("dflash", x) for x in profiles])
         for quant in quants:
             for mode, prof in modes:
                 pp, note = profile_slots(prof, slots) if prof else (None, None)
@@ -506,46 +516,42 @@ def main(argv: list[str] | None = None) -> None:
         all_rows = _merge(out, rows) if args.append else rows
         write_results(out, all_rows, **extra, partial=partial)
 
+    if not args.skip_transformers:
+        target = build_target(ms, "cuda")
+        hf = transformers_generate(target, ms, new_tokens=args.hf_new_tokens)
+        extra["transformers_generate"] = hf
+        print(f"transformers generate(): {hf}", flush=True)
+        del target
+        _free()
     max_batch = max(concs)
-    max_new = args.max_seq_len - args.prompt_len - 2 * sh.block_size
+    cap = args.max_seq_len - args.prompt_len - 2 * sh.block_size
+    groups: list[tuple[str, list[str | None]]] = [] if args.no_ar else [("ar", [None])]
+    groups += [] if args.no_dflash or not profiles else [("dflash", list(profiles))]
     for quant in quants:
-        target = drafter = None
-        for mode, prof in modes:
-            if target is None:  # a runner of another format may have converted the weights: rebuild
-                t0 = time.perf_counter()
-                target = build_target(ms, "cuda")
-                drafter = build_drafter(ms, "cuda")
-                torch.cuda.synchronize()
-                print(f"[{quant}] built random {ms.name} target + drafter in {time.perf_counter() - t0:.1f} s")
-            if quant == "bf16" and not args.skip_transformers and "transformers_generate" not in extra:
-                hf = transformers_generate(target, ms, new_tokens=args.hf_new_tokens)
-                extra["transformers_generate"] = hf
-                print(f"transformers generate(): {hf}", flush=True)
-                _free()
+        for mode, profs in groups:
+            # The runtime takes the weights over (converting them to its formats): fresh ones for every runner.
+            t0 = time.perf_counter()
+            target = build_target(ms, "cuda")
+            drafter = build_drafter(ms, "cuda") if mode == "dflash" else None
+            torch.cuda.synchronize()
+            print(f"[{quant} {mode}] built random {ms.name} weights in {time.perf_counter() - t0:.1f} s", flush=True)
             t0 = time.perf_counter()
             runner = make_runner(
-                target,
-                drafter if mode == "dflash" else None,
-                quant,
-                max_batch,
-                args.max_seq_len,
-                cuda_graphs=not args.no_cuda_graphs,
+                target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs
             )
             print(f"[{quant} {mode}] runner ready in {time.perf_counter() - t0:.1f} s", flush=True)
-            pp, note = profile_slots(prof, slots) if prof else (None, None)
-            runner.simulate_acceptance(pp)
-            for c in concs:
-                m = measure(runner, c, sh.vocab, args.prompt_len, max_new, args.warmup_steps, args.steps, seed=c)
-                drain(runner)
-                rows.append(make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note))
-                print("  ".join(f"{k}={rows[-1].get(k)}" for k in COLUMNS), flush=True)
-                save(partial=True)
-            del runner
-            if quant != "bf16":
-                target = drafter = None
+            for prof in profs:
+                pp, note = profile_slots(prof, slots) if prof else (None, None)
+                runner.simulate_acceptance(pp)
+                for c in concs:
+                    max_new = new_token_budget(pp, c, args.prompt_len, args.warmup_steps + args.steps, cap)
+                    m = measure(runner, c, sh.vocab, args.prompt_len, max_new, args.warmup_steps, args.steps, seed=c)
+                    drain(runner)
+                    rows.append(make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note))
+                    print("  ".join(f"{k}={rows[-1].get(k)}" for k in COLUMNS), flush=True)
+                    save(partial=True)
+            del runner, target, drafter
             _free()
-        del target, drafter
-        _free()
     hf = extra.get("transformers_generate")
     if hf:
         print(
