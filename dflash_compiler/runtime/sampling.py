@@ -6,6 +6,7 @@ the same tokens on CPU, GPU or inside a kernel.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,19 +35,31 @@ class SamplingParams:
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The sampling distribution [..., V]: temperature, then top-k, then top-p (nucleus), renormalised, fp32."""
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    full = functools.partial(torch.full, (1,), device=logits.device)
+    return row_probabilities(logits, full(params.temperature), full(params.top_k, dtype=torch.long), full(params.top_p))
+
+
+def row_probabilities(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """probabilities() with per-row settings: logits [N, ..., V], temperature/top_k/top_p [N] or [1] for every
+    row (top_k 0 = off).
+    Rows with temperature 0 (greedy) get their temperature-1 distribution. No host synchronisation."""
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    temp = torch.where(temperature > 0, temperature, 1.0).view(shape)
+    logits = logits.float() / temp
+    vocab = logits.shape[-1]
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).view(shape)
+    kth = sorted_logits.gather(-1, (k - 1).expand(*sorted_logits.shape[:-1], 1))
+    logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    drop_sorted = ((sorted_p.cumsum(-1) - sorted_p) >= top_p.view(shape)) & (top_p.view(shape) < 1.0)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
 
 
 def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,486 @@
+"""The batched runtime: requests come and go while every running one advances by one speculative step at a time.
+
+`BatchRunner.step()` is one scheduler iteration:
+  1. requests that finished or were cancelled leave: their pages return to the pool and the last running row
+     moves into the hole, so running requests always fill rows 0..n-1;
+  2. one chunk of the waiting request's prompt is prefilled in the reserved last row (chunked, so a long prompt
+     never stalls the others for long); when its prompt is done it drafts its first block and joins at row n;
+  3. the step for rows 0..n-1 is launched: a CUDA graph per (bucket, sampling, simulation) on CUDA, replayed,
+     followed by an asynchronous copy of the committed tokens to pinned memory;
+  4. the previous step's tokens are read (their copy is done by now, while this step runs on the GPU), stop
+     conditions are checked and events are returned.
+So the host never waits for the step it launched; results arrive one iteration later.
+
+Memory is reserved per request at admission (its pages up to prompt + max_new_tokens + two blocks, and a row), so
+a running batch never runs out of memory; a request that can never fit is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DFlashError
+from ..models.drafter import DFlashDrafter
+from ..models.target import TargetModel
+from .sampling import SamplingParams, probabilities, sample_from
+from .speculative import GenerationStats
+from .step_model import PAGE_SIZE, Pools, StepModel
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+
+
+@dataclass
+class StepEvent:
+    request_id: int
+    tokens: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    stops: frozenset[int]
+    stats: GenerationStats
+    pages: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    generated: int = 0
+    finished: bool = False
+    cancelled: bool = False
+    t_submit: float = 0.0
+    t_first: float = 0.0
+
+
+class PagePool:
+    """Free list of KV pages. Page 0 is the scratch page that free rows write to; it is never handed out."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self.free_pages = list(range(num_pages - 1, 0, -1))
+
+    @property
+    def available(self) -> int:
+        return len(self.free_pages)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free_pages):
+            raise DFlashError(f"KV cache: {n} pages requested, {len(self.free_pages)} free")
+        return [self.free_pages.pop() for _ in range(n)]
+
+    def release(self, pages: list[int]) -> None:
+        self.free_pages.extend(reversed(pages))
+
+
+class BatchRunner:
+    """Serves up to max_batch concurrent requests through the batched step.
+
+    target/drafter: loaded models (drafter None, or block_size 1, is autoregressive decoding). quant converts the
+    weights at construction ("bf16" keeps them; "fp8", "int4"); the runner then owns the converted weights and
+    the originals are released. max_seq_len bounds prompt + generated tokens per request. KV pages are sized from
+    free GPU memory after the weights (kv_memory_fraction of it) or, on CPU, for max_batch full-length requests.
+    """
+
+    def __init__(
+        self,
+        target: TargetModel,
+        drafter: DFlashDrafter | None = None,
+        *,
+        block_size: int | None = None,
+        max_batch: int = 32,
+        max_seq_len: int = 4096,
+        quant: str = "bf16",
+        ops: str | None = None,
+        cuda_graphs: bool | None = None,
+        prefill_chunk: int = 512,
+        kv_memory_fraction: float = 0.85,
+        num_pages: int | None = None,
+    ):
+        device = target.embed_tokens.weight.device
+        self.device = device
+        on_cuda = device.type == "cuda"
+        if block_size is None:
+            block_size = drafter.cfg.block_size if drafter is not None else 1
+        if drafter is None:
+            block_size = 1
+        if block_size < 1 or (drafter is not None and block_size > drafter.cfg.block_size):
+            raise DFlashError(f"parameter 'block_size' must be in 1..{drafter.cfg.block_size if drafter else 1}")
+        if not 1 <= max_batch <= BUCKETS[-1]:
+            raise DFlashError(f"parameter 'max_batch' must be in 1..{BUCKETS[-1]}, got {max_batch}")
+        if max_seq_len > target.cfg.max_position_embeddings:
+            max_seq_len = target.cfg.max_position_embeddings
+        self.block_size, self.max_batch, self.max_seq_len = block_size, max_batch, max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.model = StepModel(
+            target, drafter, block_size, quant, ops or ("triton" if on_cuda else "reference"), consume=quant != "bf16"
+        )
+        if on_cuda:
+            torch.cuda.empty_cache()
+        self.vocab_size = target.cfg.vocab_size
+        self.pages_per_row = -(-(max_seq_len + 2 * block_size) // PAGE_SIZE)
+        self.model.max_len = self.pages_per_row * PAGE_SIZE
+        rows = max_batch + 1  # the last row prefills
+        if num_pages is None:
+            wanted = max_batch * self.pages_per_row + 1
+            if on_cuda:
+                free, _ = torch.cuda.mem_get_info(device)
+                budget = int(free * kv_memory_fraction) - rows * self.model.row_bytes() - (2 << 30)
+                num_pages = min(wanted, max(budget // self.model.page_bytes(), 0))
+            else:
+                num_pages = wanted
+        if num_pages < 2:
+            raise DFlashError("KV cache: no GPU memory left for KV pages after the weights")
+        self.pools: Pools = self.model.new_pools(rows, num_pages, self.pages_per_row)
+        self.page_pool = PagePool(num_pages)
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.simulated = False
+        self._ids = itertools.count()
+        self.waiting: deque[_Request] = deque()
+        self.prefilling: _Request | None = None
+        self.running: list[_Request] = []  # index = pool row
+        self.requests: dict[int, _Request] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self._pending: tuple | None = None  # (rows snapshot, pinned tokens, pinned counts, event)
+        self._pinned = [self._pinned_buffers() for _ in range(2)]
+        self._parity = 0
+        self._events: list[StepEvent] = []
+        if self.cuda_graphs:
+            from ..codegen.triton import linear
+
+            # Graphs keep the split-K workspace's address: size it once, before any capture.
+            linear._workspace(device, 1 << 24, 1 << 16)
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        params: SamplingParams | None = None,
+        stop_token_ids: Sequence[int] = (),
+        stats: GenerationStats | None = None,
+    ) -> int:
+        """Queues a request; returns its id. Raises DFlashError for a request that can never fit."""
+        prompt = list(prompt_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise DFlashError(f"parameter 'max_new_tokens' must be an integer >= 1, got {max_new_tokens!r}")
+        if not prompt:
+            raise DFlashError("parameter 'prompt' is empty")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt):
+            raise DFlashError(f"parameter 'prompt' holds a token id outside the vocabulary 0..{self.vocab_size - 1}")
+        if len(prompt) >= self.max_seq_len:
+            raise DFlashError(
+                f"parameter 'prompt' is {len(prompt)} tokens; this runner serves at most {self.max_seq_len - 1}"
+            )
+        max_new_tokens = min(max_new_tokens, self.max_seq_len - len(prompt))
+        if self._pages_needed(len(prompt), max_new_tokens) > self.page_pool.num_pages - 1:
+            raise DFlashError(
+                f"parameter 'max_new_tokens': the request needs {len(prompt) + max_new_tokens} tokens of KV cache, "
+                f"more than the {(self.page_pool.num_pages - 1) * PAGE_SIZE} this GPU holds"
+            )
+        params = params or SamplingParams()
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens, stats.block_size = len(prompt), self.block_size
+        req = _Request(next(self._ids), prompt, max_new_tokens, params, frozenset(stop_token_ids), stats)
+        req.t_submit = time.perf_counter()
+        self.requests[req.id] = req
+        self.waiting.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stops a request; it leaves at the next step with a final event (finish_reason "cancelled")."""
+        req = self.requests.get(request_id)
+        if req is not None and not req.finished:
+            req.cancelled = True
+
+    def simulate_acceptance(self, per_position: Sequence[float] | None) -> None:
+        """Replaces the accept decision with a draw from a per-position acceptance profile, P(a >= i+1) =
+        per_position[i], while every kernel still runs (for benchmarks at real shapes with random weights).
+        None restores real acceptance. Entries past the block's draft slots are ignored."""
+        if per_position is None:
+            self.simulated = False
+            return
+        if self.block_size < 2:
+            raise DFlashError("simulate_acceptance needs a drafter and block_size >= 2")
+        prof = torch.zeros(self.block_size - 1)
+        values = torch.tensor(list(per_position)[: self.block_size - 1], dtype=torch.float32)
+        prof[: len(values)] = values
+        self.pools.profile.copy_(prof)
+        self.simulated = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running or self._pending)
+
+    def _pages_needed(self, prompt_len: int, max_new: int) -> int:
+        return -(-(prompt_len + max_new + 2 * self.block_size) // PAGE_SIZE)
+
+    # ---- the scheduler iteration -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """One iteration (see the module docstring). Returns the events that became known."""
+        self._release_finished()
+        self._admit_and_prefill()
+        launched = self._launch()
+        self._collect()
+        self._pending = launched
+        events, self._events = self._events, []
+        return events
+
+    def _release_finished(self) -> None:
+        for req in list(self.waiting):
+            if req.cancelled:
+                self.waiting.remove(req)
+                self._finish(req, [], "cancelled")
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self._finish(self.prefilling, [], "cancelled")
+            self.page_pool.release(self.prefilling.pages)
+            self.prefilling = None
+        row = 0
+        while row < len(self.running):
+            req = self.running[row]
+            if not (req.finished or req.cancelled):
+                row += 1
+                continue
+            if not req.finished:
+                self._finish(req, [], "cancelled")
+            self.page_pool.release(req.pages)
+            last = len(self.running) - 1
+            if row != last:
+                self.pools.move_row(last, row)
+                self.running[row] = self.running[last]
+            self.pools.active[last] = False
+            self.running.pop()
+
+    def _admit_and_prefill(self) -> None:
+        if self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            need = self._pages_needed(len(req.prompt), req.max_new_tokens)
+            if need <= self.page_pool.available:
+                self.waiting.popleft()
+                req.pages = self.page_pool.allocate(need)
+                row = self.max_batch
+                p = self.pools
+                table = torch.zeros(self.pages_per_row, dtype=torch.int32)
+                table[:need] = torch.tensor(req.pages, dtype=torch.int32)
+                p.block_table[row].copy_(table)
+                p.cache_lens[row] = 0
+                p.active[row] = False
+                p.gdn_state[:, row].zero_()
+                p.conv_window[:, row].zero_()
+                p.temperature[row] = req.params.temperature
+                p.top_k[row] = req.params.top_k
+                p.top_p[row] = req.params.top_p
+                if req.params.temperature > 0 and p.draft_probs is None and self.block_size > 1:
+                    p.draft_probs = torch.zeros(
+                        p.tokens.shape[0], self.block_size - 1, self.vocab_size, device=self.device
+                    )
+                    self._graphs.clear()  # captured graphs do not know the new buffer
+                self.prefilling = req
+        req = self.prefilling
+        if req is None:
+            return
+        row = self.max_batch
+        start = req.prefilled
+        chunk = req.prompt[start : start + self.prefill_chunk]
+        ids = torch.tensor(chunk, dtype=torch.long).to(self.device, non_blocking=True)
+        logits = self.model.prefill_chunk(self.pools, row, ids, start)
+        req.prefilled += len(chunk)
+        if req.prefilled < len(req.prompt):
+            return
+        # The prompt is in: the first token, then the first draft, then the request joins the batch.
+        if req.params.greedy:
+            first = logits.argmax(-1)
+        else:
+            first = sample_from(probabilities(logits.unsqueeze(0), req.params), torch.rand(1, device=self.device))[0]
+        first_token = int(first)  # the one host read of a request: its first token
+        req.t_first = time.perf_counter()
+        req.stats.time_to_first_token_s = req.t_first - req.t_submit
+        self.prefilling = None
+        p = self.pools
+        p.cache_lens[row] = len(req.prompt)
+        rows = slice(row, row + 1)
+        anchor = first.view(1).long()
+        ones = torch.ones(1, dtype=torch.bool, device=self.device)
+        self.model.draft(p, rows, ones, anchor, p.block_table[rows], not req.params.greedy)
+        req.generated = 1
+        done = first_token in req.stops or req.max_new_tokens <= 1
+        self._events.append(
+            StepEvent(req.id, [first_token], done, ("stop" if first_token in req.stops else "length") if done else None)
+        )
+        if done:
+            req.finished = True
+            req.stats.generated_tokens = 1
+            self.page_pool.release(req.pages)
+            return
+        dst = len(self.running)
+        p.move_row(row, dst)
+        p.active[dst] = True
+        self.running.append(req)
+
+    def _launch(self):
+        n = len(self.running)
+        if n == 0:
+            return None
+        bucket = next(b for b in BUCKETS if b >= n)
+        bucket = min(bucket, self.max_batch)
+        sampled = any(not r.params.greedy for r in self.running)
+        key = (bucket, sampled, self.simulated)
+        if self.cuda_graphs:
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._capture(*key)
+            graph.replay()
+        else:
+            self.model.step(self.pools, bucket, self.pools.active, sampled, self.simulated)
+        tokens, counts, event = self._pinned[self._parity]
+        self._parity ^= 1
+        tokens[:n].copy_(self.pools.out_tokens[:n], non_blocking=True)
+        counts[:n].copy_(self.pools.out_count[:n], non_blocking=True)
+        if event is not None:
+            event.record()
+        return (list(self.running), tokens, counts, event, time.perf_counter())
+
+    def _collect(self) -> None:
+        if self._pending is None:
+            return
+        rows, tokens, counts, event, _ = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        now = time.perf_counter()
+        counts_l = counts[: len(rows)].tolist()
+        tokens_l = tokens[: len(rows)].tolist()
+        for req, count, toks in zip(rows, counts_l, tokens_l):
+            if req.finished or req.cancelled or count == 0:
+                continue
+            new = toks[:count]
+            req.stats.acceptance_lengths.append(count)
+            reason = None
+            for i, tok in enumerate(new):
+                if tok in req.stops:
+                    new, reason = new[: i + 1], "stop"
+                    break
+            room = req.max_new_tokens - req.generated
+            if len(new) >= room:
+                new = new[:room]
+                reason = reason or "length"
+            req.generated += len(new)
+            req.stats.generated_tokens = req.generated
+            req.stats.decode_time_s = now - req.t_first
+            if reason is not None:
+                req.finished = True
+            self._events.append(StepEvent(req.id, new, reason is not None, reason))
+
+    def _finish(self, req: _Request, tokens: list[int], reason: str) -> None:
+        req.finished = True
+        self._events.append(StepEvent(req.id, tokens, True, reason))
+
+    def _pinned_buffers(self):
+        rows, b = self.pools.tokens.shape
+        if self.device.type != "cuda":
+            return torch.zeros(rows, b, dtype=torch.long), torch.zeros(rows, dtype=torch.int32), None
+        return (
+            torch.zeros(rows, b, dtype=torch.long).pin_memory(),
+            torch.zeros(rows, dtype=torch.int32).pin_memory(),
+            torch.cuda.Event(),
+        )
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------------
+
+    def _capture(self, bucket: int, sampled: bool, simulated: bool) -> torch.cuda.CUDAGraph:
+        """Captures the step for rows 0..bucket-1. A warm-up run first compiles every kernel, with all rows
+        switched off so that it changes nothing a live row reads."""
+        p = self.pools
+        off = torch.zeros_like(p.active)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        saved = (p.out_tokens.clone(), p.out_count.clone())
+        with torch.cuda.stream(stream):
+            self.model.step(p, bucket, off, sampled, simulated)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        p.out_tokens.copy_(saved[0])
+        p.out_count.copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self.model.step(p, bucket, p.active, sampled, simulated)
+        self._graphs[(bucket, sampled, simulated)] = graph
+        return graph
+
+    def capture_all(self, sampled: bool = False) -> None:
+        """Captures every bucket up to max_batch ahead of traffic (otherwise each is captured on first use)."""
+        if not self.cuda_graphs:
+            return
+        with torch.inference_mode():
+            for bucket in sorted({min(b, self.max_batch) for b in BUCKETS}, reverse=True):
+                key = (bucket, sampled, self.simulated)
+                if key not in self._graphs:
+                    self._capture(*key)
+
+    # ---- measurement ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def phase_times_ms(self, iters: int = 20) -> dict[str, float]:
+        """Mean GPU time of the step's phases for the current running batch, each captured and replayed alone:
+        verify (target forward), accept_commit (accept, GDN commit, outputs), draft (context K/V + drafter block),
+        step (the whole step graph), and gaps = step - the three phases. Advances the running requests (their
+        events are dropped), so call it between measurements, not while serving."""
+        if not self.cuda_graphs or not self.running:
+            raise DFlashError("phase_times_ms needs CUDA graphs and running requests")
+        self._collect()
+        self._events.clear()
+        n = len(self.running)
+        bucket = min(next(b for b in BUCKETS if b >= n), self.max_batch)
+        sampled = any(not r.params.greedy for r in self.running)
+        p, m, act = self.pools, self.model, self.pools.active
+        graphs, state = {}, {}
+
+        def verify():
+            state["v"] = m.verify(p, bucket, act)
+
+        def accept_commit():
+            state["bonus"] = m.accept_commit(p, bucket, act, state["v"], sampled, self.simulated)
+
+        def draft():
+            v = state["v"]
+            m.draft(p, slice(0, bucket), act[:bucket], state["bonus"], v.table, sampled, v.features, v.positions)
+
+        for name, fn in (("verify", verify), ("accept_commit", accept_commit), ("draft", draft)):
+            fn()  # warm-up (every kernel is compiled already; this also gives the next phase its inputs)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._graph_pool):
+                fn()
+            graphs[name] = g
+        graphs["step"] = self._graphs.get((bucket, sampled, self.simulated)) or self._capture(
+            bucket, sampled, self.simulated
+        )
+        # Each replay advances the batch; lengths and blocks are restored after each one (outside the timing),
+        # so every replay sees the same batch and nothing runs past the requests' pages.
+        lens, tokens = p.cache_lens.clone(), p.tokens.clone()
+        times = {}
+        for name, g in graphs.items():
+            pairs = []
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                g.replay()
+                end.record()
+                pairs.append((start, end))
+                p.cache_lens.copy_(lens)
+                p.tokens.copy_(tokens)
+            torch.cuda.synchronize(self.device)
+            times[name] = sum(s.elapsed_time(e) for s, e in pairs) / iters
+        times["gaps"] = times["step"] - times["verify"] - times["accept_commit"] - times["draft"]
+        return times

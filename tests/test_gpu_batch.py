@@ -1,0 +1,102 @@
+"""The batched runtime on CUDA: Triton kernels, CUDA-graph replay, the same tokens as the eager path."""
+
+import json
+
+import pytest
+import torch
+
+from dflash_compiler.models.loader import load_drafter, load_target
+from dflash_compiler.runtime.batch import BatchRunner
+from dflash_compiler.runtime.engine import DEFAULT_PAIR, load_tokenizer
+from dflash_compiler.runtime.proposer import DFlashProposer
+from dflash_compiler.runtime.sampling import SamplingParams
+from dflash_compiler.runtime.speculative import SpeculativeDecoder
+
+pytestmark = pytest.mark.gpu
+
+
+def _pair(dtype):
+    target = load_target(DEFAULT_PAIR / "target", device="cuda", dtype=dtype)
+    return target, load_drafter(DEFAULT_PAIR / "drafter", target.cfg, device="cuda", dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    tok = load_tokenizer(DEFAULT_PAIR / "target")
+    lines = (DEFAULT_PAIR / "heldout_prompts.jsonl").read_text().splitlines()
+    return [tok.encode(json.loads(line)["prompt"], add_special_tokens=False) for line in lines[:12]]
+
+
+def _serve(runner, requests):
+    """Runs (prompt, max_new_tokens, params) requests, adding half of them after the first steps."""
+    out, ids = {}, []
+    half = len(requests) // 2
+    for prompt, n, params in requests[:half]:
+        ids.append(runner.add_request(prompt, n, params))
+    steps = 0
+    while runner.has_work or len(ids) < len(requests):
+        if steps == 3:
+            for prompt, n, params in requests[half:]:
+                ids.append(runner.add_request(prompt, n, params))
+        for event in runner.step():
+            out.setdefault(event.request_id, []).extend(event.tokens)
+        steps += 1
+    return [out[i] for i in ids]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 5, 1])
+def test_graph_replay_equals_eager(prompts, dtype, block_size):
+    target, drafter = _pair(dtype)
+    eager = SpeculativeDecoder(target, DFlashProposer(drafter, target) if block_size > 1 else None, block_size)
+    lengths = [40, 17, 64, 3, 29, 50, 8, 33, 61, 12, 45, 21]
+    requests = [(p, n, SamplingParams()) for p, n in zip(prompts, lengths)]
+    expected = [eager.generate(p, n)[0] for p, n, _ in requests]
+    for max_batch in (1, 4, 16):
+        runner = BatchRunner(target, drafter if block_size > 1 else None, block_size=block_size, max_batch=max_batch,
+                             max_seq_len=512)
+        assert runner.cuda_graphs
+        got = _serve(runner, requests)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert g == e, f"request {i}, max_batch {max_batch}"
+
+
+def test_step_has_no_host_sync(prompts):
+    target, drafter = _pair(torch.bfloat16)
+    runner = BatchRunner(target, drafter, max_batch=4, max_seq_len=512, cuda_graphs=False)
+    for p in prompts[:3]:
+        runner.add_request(p, 64)
+    for _ in range(6):
+        runner.step()
+    assert len(runner.running) == 3
+    n = len(runner.running)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runner.model.step(runner.pools, n, runner.pools.active, False, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int4"])
+def test_quantized_dflash_is_lossless_against_the_quantized_target(prompts, quant):
+    outputs = []
+    for with_drafter in (True, False):
+        target, drafter = _pair(torch.bfloat16)
+        runner = BatchRunner(target, drafter if with_drafter else None, max_batch=8, max_seq_len=512, quant=quant)
+        outputs.append(_serve(runner, [(p, 48, SamplingParams()) for p in prompts[:8]]))
+    assert outputs[0] == outputs[1]
+    assert all(len(o) == 48 for o in outputs[0])
+
+
+def test_greedy_and_sampled_requests_share_a_batch(prompts):
+    target, drafter = _pair(torch.float32)
+    eager = SpeculativeDecoder(target, DFlashProposer(drafter, target))
+    runner = BatchRunner(target, drafter, max_batch=8, max_seq_len=512)
+    params = [SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.8, top_p=0.9) for i in range(8)]
+    got = _serve(runner, [(p, 40, sp) for p, sp in zip(prompts[:8], params)])
+    for i in range(0, 8, 2):
+        assert got[i] == eager.generate(prompts[i], 40)[0]
+    vocab = target.cfg.vocab_size
+    for i in range(1, 8, 2):
+        assert len(got[i]) == 40 and all(0 <= t < vocab for t in got[i])
