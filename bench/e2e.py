@@ -310,7 +310,13 @@ def measure(
     _sync()
     elapsed = time.perf_counter() - t0
     ctx_end = prompt_len + sum(produced.values()) / concurrency
-    phases = {} if finished else dict(runner.phase_times_ms())
+    phases = {}
+    if not finished:
+        try:
+            phases = dict(runner.phase_times_ms())
+        except Exception as e:  # noqa: BLE001 - no CUDA graphs (CPU, --no-cuda-graphs): no breakdown
+            print(f"  no phase breakdown: {type(e).__name__}: {e}", flush=True)
+    drain(runner, rids)
     return Measured(
         tokens_per_s=committed / elapsed,
         step_ms=1e3 * elapsed / steps,
@@ -347,12 +353,11 @@ def new_token_budget(per_position: list[float] | None, concurrency: int, prompt_
     return int(min(cap, per_step * (prefill_steps + steps + 4)))
 
 
-def drain(runner, limit: int = 100000) -> None:
-    """Ends the running requests (abort if the runtime has it, else runs them to max_new_tokens)."""
-    for name in ("abort_all", "cancel_all", "clear"):
-        if callable(getattr(runner, name, None)):
-            getattr(runner, name)()
-            return
+def drain(runner, request_ids=(), limit: int = 100000) -> None:
+    """Ends the requests: cancels them where the runtime can, then steps until it has no work left."""
+    if callable(getattr(runner, "cancel", None)):
+        for rid in request_ids:
+            runner.cancel(rid)
     n = 0
     while runner.has_work and n < limit:
         runner.step()
@@ -403,9 +408,10 @@ def make_row(
         ph = m.phases_ms
         parts = {k: ph.get(k) for k in ("verify", "accept_commit", "draft")}
         row.update({f"{k}_ms": round(v, 2) if v is not None else None for k, v in parts.items()})
+        # gaps: GPU time of the step graph outside the three phases; host: wall time per step beyond the graph
+        row["gaps_ms"] = round(ph["gaps"], 2) if "gaps" in ph else None
         row["graph_step_ms"] = round(ph["step"], 2) if "step" in ph else None
-        known = [v for v in parts.values() if v is not None]
-        row["gaps_ms"] = round(m.step_ms - sum(known), 2) if known else None
+        row["host_ms"] = round(m.step_ms - ph["step"], 2) if "step" in ph else None
         row.update(steps=m.steps, committed=m.committed, prefill_steps=m.prefill_steps)
         if m.finished_early:
             row["finished_early"] = m.finished_early
@@ -546,7 +552,6 @@ def main(argv: list[str] | None = None) -> None:
                 for c in concs:
                     max_new = new_token_budget(pp, c, args.prompt_len, args.warmup_steps + args.steps, cap)
                     m = measure(runner, c, sh.vocab, args.prompt_len, max_new, args.warmup_steps, args.steps, seed=c)
-                    drain(runner)
                     rows.append(make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note))
                     print("  ".join(f"{k}={rows[-1].get(k)}" for k in COLUMNS), flush=True)
                     save(partial=True)

@@ -105,8 +105,11 @@ class FakeRunner:
                 del self.reqs[rid]
         return events
 
+    def cancel(self, rid):
+        self.reqs.pop(rid, None)
+
     def phase_times_ms(self):
-        return {"verify": 1.0, "accept_commit": 0.5, "draft": 0.25, "step": 2.0}
+        return {"verify": 1.0, "accept_commit": 0.5, "draft": 0.25, "step": 2.0, "gaps": 0.25}
 
 
 def test_measure_rows_and_json(tmp_path):
@@ -116,10 +119,18 @@ def test_measure_rows_and_json(tmp_path):
     m = e2e.measure(runner, 4, sh.vocab, prompt_len=16, max_new=4000, warmup=2, steps=200, seed=0)
     assert m.prefill_steps == 1 and not m.finished_early
     assert m.tau == pytest.approx(e2e.expected_tokens_per_step(pp), rel=0.1)
-    e2e.drain(runner)
-    assert not runner.has_work
+    assert not runner.has_work  # measure cancels its requests when done
     row = e2e.make_row(sh, "bf16", "dflash", "gsm8k_fp8_h100_vllm", 4, m, 3.0, 700.0, 0, pp, note)
-    for key in ("tokens_per_s", "floor_tokens_per_s", "ratio", "verify_ms", "draft_ms", "gaps_ms", "floor_bound"):
+    for key in (
+        "tokens_per_s",
+        "floor_tokens_per_s",
+        "ratio",
+        "verify_ms",
+        "draft_ms",
+        "gaps_ms",
+        "host_ms",
+        "floor_bound",
+    ):
         assert row[key] is not None
     assert row["simulated"] and row["profile_note"]
     m_ar = e2e.measure(FakeRunner(None), 4, sh.vocab, prompt_len=16, max_new=400, warmup=1, steps=10, seed=0)
