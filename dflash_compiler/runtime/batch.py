@@ -83,10 +83,11 @@ class PagePool:
 class BatchRunner:
     """Serves up to max_batch concurrent requests through the batched step.
 
-    target/drafter: loaded models (drafter None, or block_size 1, is autoregressive decoding). quant converts the
-    weights at construction ("bf16" keeps them; "fp8", "int4"); the runner then owns the converted weights and
-    the originals are released. max_seq_len bounds prompt + generated tokens per request. KV pages are sized from
-    free GPU memory after the weights (kv_memory_fraction of it) or, on CPU, for max_batch full-length requests.
+    target/drafter: loaded models (drafter None, or block_size 1, is autoregressive decoding). The runner takes
+    their weights over: it converts them to its kernels' formats at construction ("bf16" keeps the precision;
+    "fp8", "int4" quantize) and releases the originals, so the modules cannot run afterwards. max_seq_len bounds
+    prompt + generated tokens per request. KV pages are sized from free GPU memory after the weights
+    (kv_memory_fraction of it) or, on CPU, for max_batch full-length requests.
     """
 
     def __init__(
@@ -120,7 +121,7 @@ class BatchRunner:
         self.block_size, self.max_batch, self.max_seq_len = block_size, max_batch, max_seq_len
         self.prefill_chunk = prefill_chunk
         self.model = StepModel(
-            target, drafter, block_size, quant, ops or ("triton" if on_cuda else "reference"), consume=quant != "bf16"
+            target, drafter, block_size, quant, ops or ("triton" if on_cuda else "reference"), consume=True
         )
         if on_cuda:
             torch.cuda.empty_cache()
@@ -184,8 +185,9 @@ class BatchRunner:
         max_new_tokens = min(max_new_tokens, self.max_seq_len - len(prompt))
         if self._pages_needed(len(prompt), max_new_tokens) > self.page_pool.num_pages - 1:
             raise DFlashError(
-                f"parameter 'max_new_tokens': the request needs {len(prompt) + max_new_tokens} tokens of KV cache, "
-                f"more than the {(self.page_pool.num_pages - 1) * PAGE_SIZE} this GPU holds"
+                f"parameter 'max_new_tokens': the request needs {len(prompt) + max_new_tokens + 2 * self.block_size} "
+                f"tokens of KV cache (prompt, new tokens, two blocks), more than the "
+                f"{(self.page_pool.num_pages - 1) * PAGE_SIZE} the cache holds"
             )
         params = params or SamplingParams()
         stats = stats if stats is not None else GenerationStats()

@@ -22,7 +22,19 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, else bf16)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (eager runtime)")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=("auto", "eager", "batched"),
+        help="batched: CUDA graphs and Triton kernels (the default on CUDA); eager: the reference loop",
+    )
+    p.add_argument(
+        "--quant",
+        default="bf16",
+        choices=("bf16", "fp8", "int4"),
+        help="weight format, converted at load (batched runtime)",
+    )
     p.add_argument("--baseline", action="store_true", help="also run the target alone and report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
@@ -42,7 +54,10 @@ def _generate(args: argparse.Namespace) -> int:
     from .speculative import GenerationStats
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    engine = Engine.from_pretrained(args.target, args.drafter, args.device, dtype, args.block_size)
+    engine = Engine.from_pretrained(
+        args.target, args.drafter, args.device, dtype, args.block_size, runtime=args.runtime, quant=args.quant
+    )
+    load = dict(device=args.device, dtype=dtype, runtime=args.runtime, quant=args.quant)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -60,7 +75,7 @@ def _generate(args: argparse.Namespace) -> int:
             **result.stats.as_dict(),
         }
         if args.baseline:
-            doc["baseline_tokens_per_s"] = _baseline(engine, args.prompt, kwargs).tokens_per_s
+            doc["baseline_tokens_per_s"] = _baseline(engine, args, load, kwargs).tokens_per_s
         print(json.dumps(doc))
         return 0
     stats = GenerationStats()
@@ -72,22 +87,27 @@ def _generate(args: argparse.Namespace) -> int:
         f"{stats.acceptance_length:.2f}, {stats.tokens_per_s:.1f} tokens/s"
     )
     if args.baseline and engine.drafter is not None:
-        base = _baseline(engine, args.prompt, kwargs)
+        base = _baseline(engine, args, load, kwargs)
         speedup = stats.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
         line += f"; autoregressive {base.tokens_per_s:.1f} tokens/s, speedup {speedup:.2f}x"
     print(line + "]", file=sys.stderr)
     return 0
 
 
-def _baseline(engine, prompt: str, kwargs: dict):
-    """The same request through the same loop with block size 1: plain autoregressive decoding."""
-    from .sampling import SamplingParams
-    from .speculative import GenerationStats, SpeculativeDecoder
+def _baseline(engine, args: argparse.Namespace, load: dict, kwargs: dict):
+    """The same request with block size 1: plain autoregressive decoding, through the same loop (eager) or the
+    same batched runtime on a fresh copy of the target (the batched engine owns its weights; it is closed first
+    so that both never hold GPU memory at once)."""
+    from .engine import DEFAULT_PAIR, Engine
+    from .speculative import GenerationStats
 
     stats = GenerationStats()
-    ids = engine.encode(prompt, kwargs["chat"])
-    params = SamplingParams(kwargs["temperature"], kwargs["top_k"], kwargs["top_p"])
-    decoder = SpeculativeDecoder(engine.target)
-    for _ in decoder.stream(ids, kwargs["max_new_tokens"], params, engine.stop_token_ids, kwargs["seed"], stats):
+    if engine.runtime == "eager":
+        alone = Engine(engine.target, None, engine.tokenizer, runtime="eager")
+    else:
+        engine.close()
+        alone = Engine.from_pretrained(args.target or DEFAULT_PAIR / "target", None, **load)
+    for _ in alone.stream_tokens(args.prompt, stats=stats, **kwargs):
         pass
+    alone.close()
     return stats

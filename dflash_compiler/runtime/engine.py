@@ -10,8 +10,10 @@ import torch
 
 from ..errors import DFlashError
 from ..models.loader import load_drafter, load_target, parse_dtype
+from .batch import BatchRunner
 from .proposer import DFlashProposer
 from .sampling import SamplingParams
+from .serving import RequestHandle, ServingLoop
 from .speculative import GenerationStats, SpeculativeDecoder
 
 DEFAULT_PAIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-pair"
@@ -41,10 +43,49 @@ def load_tokenizer(*directories: str | Path | None):
 
 
 class Engine:
-    def __init__(self, target, drafter=None, tokenizer=None, block_size: int | None = None):
-        self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
-        proposer = DFlashProposer(drafter, target) if drafter is not None else None
-        self.decoder = SpeculativeDecoder(target, proposer, block_size)
+    """Generation on a target (and optionally its DFlash drafter).
+
+    runtime "eager" runs one request at a time through the eager loop (any device; `seed` makes sampling
+    reproducible). runtime "batched" serves every submitted request together through the batched step (CUDA
+    graphs on CUDA; Triton kernels there, their PyTorch lowering elsewhere), with weights optionally quantized at
+    load (quant "fp8" or "int4"); it takes the models' weights over. "auto" is batched on CUDA, eager elsewhere.
+    """
+
+    def __init__(
+        self,
+        target,
+        drafter=None,
+        tokenizer=None,
+        block_size: int | None = None,
+        runtime: str = "eager",
+        quant: str = "bf16",
+        max_batch: int = 32,
+        max_seq_len: int | None = None,
+    ):
+        self.drafter, self.tokenizer = drafter, tokenizer
+        self.cfg = target.cfg
+        if runtime == "auto":
+            runtime = "batched" if target.embed_tokens.weight.device.type == "cuda" else "eager"
+        if runtime not in ("eager", "batched"):
+            raise DFlashError(f"parameter 'runtime' must be 'auto', 'eager' or 'batched', got {runtime!r}")
+        if runtime == "eager" and quant != "bf16":
+            raise DFlashError(f"parameter 'quant' {quant!r} needs runtime='batched'")
+        self.runtime = runtime
+        self.decoder = self.serving = None
+        self.target = target if runtime == "eager" else None  # the batched runtime takes the weights over
+        if runtime == "eager":
+            proposer = DFlashProposer(drafter, target) if drafter is not None else None
+            self.decoder = SpeculativeDecoder(target, proposer, block_size)
+        else:
+            runner = BatchRunner(
+                target,
+                drafter,
+                block_size=block_size,
+                max_batch=max_batch,
+                max_seq_len=max_seq_len or target.cfg.max_position_embeddings,
+                quant=quant,
+            )
+            self.serving = ServingLoop(runner)
         self.stop_token_ids = set(target.cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(tokenizer.eos_token_id)
@@ -57,6 +98,10 @@ class Engine:
         device: str = "cpu",
         dtype: str | torch.dtype = "float32",
         block_size: int | None = None,
+        runtime: str = "auto",
+        quant: str = "bf16",
+        max_batch: int = 32,
+        max_seq_len: int | None = None,
     ) -> Engine:
         """Loads a target checkpoint directory and, optionally, its DFlash drafter. With neither named, the
         tiny trained pair that ships with the package is used."""
@@ -70,7 +115,32 @@ class Engine:
         dtype = parse_dtype(dtype)
         target_model = load_target(target, device=device, dtype=dtype)
         drafter_model = load_drafter(drafter, target_model.cfg, device=device, dtype=dtype) if drafter else None
-        return cls(target_model, drafter_model, load_tokenizer(target, drafter), block_size)
+        tokenizer = load_tokenizer(target, drafter)
+        return cls(target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len)
+
+    def close(self) -> None:
+        """Stops the batched runtime's serving thread (unfinished requests fail)."""
+        if self.serving is not None:
+            self.serving.close()
+
+    def submit(
+        self,
+        prompt,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        chat: bool = False,
+        stop_token_ids: Sequence[int] = (),
+        stats: GenerationStats | None = None,
+    ) -> RequestHandle:
+        """Starts a request on the batched runtime and returns at once; safe from any thread. Iterate the handle
+        (or `async for` it) for token chunks, or call `result()`."""
+        if self.serving is None:
+            raise DFlashError("parameter 'runtime': submit needs the batched runtime (runtime='batched')")
+        params = SamplingParams(temperature, top_k, top_p)
+        stops = self.stop_token_ids | set(stop_token_ids)
+        return self.serving.submit(self.encode(prompt, chat), max_new_tokens, params, stops, stats)
 
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
         if isinstance(prompt, str) or chat:
@@ -100,6 +170,14 @@ class Engine:
         seed: int | None = None,
         stats: GenerationStats | None = None,
     ) -> Iterator[list[int]]:
+        if self.serving is not None:
+            handle = self.submit(prompt, max_new_tokens, temperature, top_p, top_k, chat, stop_token_ids, stats)
+            try:
+                yield from handle
+            finally:
+                if not handle.done:
+                    handle.cancel()
+            return
         params = SamplingParams(temperature, top_k, top_p)
         stops = self.stop_token_ids | set(stop_token_ids)
         yield from self.decoder.stream(self.encode(prompt, chat), max_new_tokens, params, stops, seed, stats)

@@ -139,9 +139,9 @@ class VerifyOut:
 class StepModel:
     """Weights in kernel formats and the step's phases over `Pools`.
 
-    quant converts the linear layers at construction (FP8 per channel or INT4 group-128, round-to-nearest); with
-    consume=True each converted layer's original weight is released at once, so a model barely larger than
-    memory can still be converted.
+    quant converts the linear layers at construction (FP8 per channel or INT4 group-128, round-to-nearest). With
+    consume=True each layer's original weight is released as soon as it is converted, so converting never holds
+    two copies of the model; the modules cannot run afterwards.
     """
 
     def __init__(
@@ -203,6 +203,8 @@ class StepModel:
         # lm_head stays in the checkpoint's precision unless quantized; a tied head shares the embedding.
         head = target.lm_head.weight.detach()
         self.lm_head = kernel_weight(head, quant)
+        if consume and quant != "bf16" and head.data_ptr() != self.embed.data_ptr():
+            target.lm_head.weight = None
         self.drafter = None
         if drafter is not None and block_size > 1:
             self.drafter = self._drafter_weights(drafter, convert)
@@ -211,6 +213,10 @@ class StepModel:
         dc = drafter.cfg
         if dc.attention_bias:
             raise DFlashError(f"{dc.source}: drafters with attention biases are not supported by the batched runtime")
+        # The context K/V projection of every layer at once, dense (context_kv_project multiplies in torch).
+        w_ctx = torch.cat(
+            [torch.cat((ly.self_attn.k_proj.weight, ly.self_attn.v_proj.weight)) for ly in drafter.layers]
+        )
         layers = []
         for layer in drafter.layers:
             a = layer.self_attn
@@ -226,10 +232,6 @@ class StepModel:
                     w_down=convert(layer.mlp.down_proj),
                 )
             )
-        # The context K/V projection of every layer at once, dense (context_kv_project multiplies in torch).
-        w_ctx = torch.cat(
-            [torch.cat((ly.self_attn.k_proj.weight, ly.self_attn.v_proj.weight)) for ly in drafter.layers]
-        )
         return SimpleNamespace(
             cfg=dc,
             fc=convert(drafter.fc),

@@ -20,12 +20,14 @@ Scales are applied per chunk to the fp32 partial products. Epilogues: residual a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from dflash_compiler.codegen.weight_formats import DenseWeight, FP8BlockWeight, FP8ChannelWeight, Int4Weight
 
@@ -416,7 +418,9 @@ def default_config(
     """
     bm = _m_bucket(m)
     dense = isinstance(weight, DenseWeight)
-    if bm >= 128:
+    if bm >= 128 and swiglu:  # two weight tiles and two accumulators: 128-row tiles overflow shared memory
+        cfg = LinearConfig(block_n=64, block_m=bm, block_k=64 if dense else 128, num_warps=8, num_stages=2)
+    elif bm >= 128:
         cfg = LinearConfig(block_n=128, block_m=bm, block_k=64 if dense else 128, num_warps=8, num_stages=3)
     elif dense:
         if bm <= 32:
@@ -438,6 +442,20 @@ def default_config(
     if bm >= 128 or tiles >= 4 * slots or (dense and tiles >= slots // 2):
         return cfg
     return LinearConfig(**{**cfg.__dict__, "programs": slots})
+
+
+_FITTED: dict[tuple, LinearConfig] = {}
+
+
+def _smaller(cfg: LinearConfig, dense: bool) -> LinearConfig:
+    """The next configuration down in shared memory: fewer stages, then narrower weight tiles, then shorter K."""
+    if cfg.num_stages > 2:
+        return dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_n > 32:
+        return dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+    if dense and cfg.block_k > 32:
+        return dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    raise ValueError(f"config: no configuration below {cfg} to fall back to")
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -505,7 +523,15 @@ def linear(
     if m == 0 or n_out == 0:
         return out
     if config is None:
-        config = default_config(weight, m, n_out, k, x.device, swiglu)
+        # The default's shared-memory use depends on dtypes the table does not model (fp32 activations and
+        # weights); a default that does not fit is shrunk until it does, once per shape class.
+        key = (type(weight).__name__, _m_bucket(m), n_out, k, swiglu, x.dtype, x.device)
+        config = _FITTED.get(key) or default_config(weight, m, n_out, k, x.device, swiglu)
+        while True:
+            try:
+                return linear(x, weight, residual=residual, swiglu=swiglu, out=out, fp8_dot=fp8_dot, config=config)
+            except OutOfResources:
+                config = _FITTED[key] = _smaller(config, isinstance(weight, DenseWeight))
 
     s = z = None
     asym = False

@@ -1,0 +1,208 @@
+"""The batched runtime on CPU (the kernels' PyTorch lowering): scheduling, paging, row moves, cancellation and the
+Engine's concurrent API all give the eager loop's tokens."""
+
+import asyncio
+import json
+import threading
+
+import pytest
+import torch
+from checkpoints import VOCAB, write_char_tokenizer, write_drafter, write_llama, write_qwen3, write_qwen35
+
+from dflash_compiler.errors import DFlashError
+from dflash_compiler.models.loader import load_drafter, load_target
+from dflash_compiler.runtime import Engine
+from dflash_compiler.runtime.batch import BatchRunner, PagePool
+from dflash_compiler.runtime.engine import DEFAULT_PAIR, load_tokenizer
+from dflash_compiler.runtime.proposer import DFlashProposer
+from dflash_compiler.runtime.sampling import SamplingParams, probabilities, row_probabilities
+from dflash_compiler.runtime.speculative import SpeculativeDecoder
+
+
+def _tiny_pair():
+    target = load_target(DEFAULT_PAIR / "target", dtype=torch.float32)
+    return target, load_drafter(DEFAULT_PAIR / "drafter", target.cfg, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    tok = load_tokenizer(DEFAULT_PAIR / "target")
+    lines = (DEFAULT_PAIR / "heldout_prompts.jsonl").read_text().splitlines()
+    return [tok.encode(json.loads(line)["prompt"], add_special_tokens=False)[:48] for line in lines[:6]]
+
+
+def _eager(target, drafter, block_size, requests):
+    decoder = SpeculativeDecoder(target, DFlashProposer(drafter, target) if drafter else None, block_size)
+    return [decoder.generate(p, n, stop_token_ids=stops)[0] for p, n, stops in requests]
+
+
+def _serve(runner, requests, late_from=None, cancel=None):
+    """Serves (prompt, max_new_tokens, stops) requests; those from index late_from join after 2 steps; cancel
+    (index, step) cancels one request at that step. Returns (tokens per request, finish reasons)."""
+    late_from = len(requests) if late_from is None else late_from
+    ids = [runner.add_request(p, n, stop_token_ids=s) for p, n, s in requests[:late_from]]
+    out, reasons, step = {}, {}, 0
+    while runner.has_work or len(ids) < len(requests):
+        if step == 2:
+            ids += [runner.add_request(p, n, stop_token_ids=s) for p, n, s in requests[late_from:]]
+        if cancel is not None and step == cancel[1]:
+            runner.cancel(ids[cancel[0]])
+        for event in runner.step():
+            out.setdefault(event.request_id, []).extend(event.tokens)
+            if event.finished:
+                reasons[event.request_id] = event.finish_reason
+        step += 1
+    return [out.get(i, []) for i in ids], [reasons[i] for i in ids]
+
+
+def test_page_pool_hands_out_and_takes_back_pages():
+    pool = PagePool(6)
+    a = pool.allocate(3)
+    assert 0 not in a and len(set(a)) == 3 and pool.available == 2
+    with pytest.raises(DFlashError, match="KV cache: 3 pages requested, 2 free"):
+        pool.allocate(3)
+    pool.release(a)
+    assert pool.available == 5 and sorted(pool.allocate(5)) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("block_size,max_batch", [(16, 3), (1, 2)])
+def test_batched_equals_eager_on_the_tiny_pair(prompts, block_size, max_batch):
+    """More requests than rows: requests queue, join mid-batch, finish at different steps and leave."""
+    lengths = [30, 9, 41, 17, 3, 25]
+    requests = [(p, n, ()) for p, n in zip(prompts, lengths)]
+    expected = _eager(*_tiny_pair(), block_size, requests)
+    target, drafter = _tiny_pair()
+    runner = BatchRunner(target, drafter if block_size > 1 else None, max_batch=max_batch, max_seq_len=160)
+    got, reasons = _serve(runner, requests, late_from=3)
+    assert got == expected
+    assert reasons == ["length"] * len(requests)
+    assert runner.page_pool.available == runner.page_pool.num_pages - 1
+    if block_size > 1:  # real acceptance: the pair's drafter is trained
+        steps = [a for req in runner.requests.values() for a in req.stats.acceptance_lengths]
+        assert max(steps) > 2
+
+
+def test_cancel_and_stop_tokens(prompts):
+    requests = [(p, 40, ()) for p in prompts[:4]]
+    expected = _eager(*_tiny_pair(), 16, requests)
+    stop = expected[2][10]
+    requests[2] = (prompts[2], 40, (stop,))
+    target, drafter = _tiny_pair()
+    runner = BatchRunner(target, drafter, max_batch=4, max_seq_len=160)
+    got, reasons = _serve(runner, requests, cancel=(1, 4))
+    assert got[0] == expected[0] and got[3] == expected[3]  # the others are untouched by the row moves
+    assert reasons[1] == "cancelled" and got[1] == expected[1][: len(got[1])] and len(got[1]) < 40
+    assert reasons[2] == "stop" and got[2] == expected[2][: expected[2].index(stop) + 1]
+    assert runner.page_pool.available == runner.page_pool.num_pages - 1 and not runner.running
+
+
+@pytest.mark.parametrize("family", ["qwen35", "qwen3", "llama"])
+def test_every_target_family(tmp_path, family):
+    writer = {"qwen35": write_qwen35, "qwen3": write_qwen3, "llama": write_llama}[family]
+    writer(tmp_path / "t", seed=3)
+    write_drafter(tmp_path / "d", layout="nested", sliding_window=5, block_size=6)
+
+    def load():
+        target = load_target(tmp_path / "t")
+        return target, load_drafter(tmp_path / "d", target.cfg)
+
+    gen = torch.Generator().manual_seed(1)
+    requests = [(torch.randint(0, VOCAB, (n,), generator=gen).tolist(), m, ()) for n, m in ((7, 12), (20, 9), (3, 15))]
+    expected = _eager(*load(), 6, requests)
+    got, _ = _serve(BatchRunner(*load(), max_batch=2, max_seq_len=96), requests, late_from=1)
+    assert got == expected
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int4"])
+def test_quantized_at_load_dflash_is_lossless(prompts, quant):
+    requests = [(p, 24, ()) for p in prompts[:3]]
+    target, drafter = _tiny_pair()
+    spec, _ = _serve(BatchRunner(target, drafter, max_batch=3, max_seq_len=128, quant=quant), requests)
+    alone, _ = _serve(BatchRunner(_tiny_pair()[0], None, max_batch=3, max_seq_len=128, quant=quant), requests)
+    assert spec == alone
+    assert spec != _eager(*_tiny_pair(), 16, requests)  # the quantized target is a different model
+
+
+def test_simulated_acceptance_draws_from_the_profile(prompts):
+    target, drafter = _tiny_pair()
+    runner = BatchRunner(target, drafter, max_batch=2, max_seq_len=200)
+    runner.simulate_acceptance([1.0] * 7 + [0.0] * 9)  # every step accepts exactly 7 drafts
+    _serve(runner, [(p, 57, ()) for p in prompts[:2]])
+    for req in runner.requests.values():
+        assert req.stats.acceptance_lengths == [8] * 7
+
+
+def test_requests_that_cannot_be_served(prompts):
+    target, drafter = _tiny_pair()
+    runner = BatchRunner(target, drafter, max_batch=2, max_seq_len=100, num_pages=3)
+    with pytest.raises(DFlashError, match="parameter 'prompt' is 120 tokens; this runner serves at most 99"):
+        runner.add_request(list(range(120)), 4)
+    with pytest.raises(DFlashError, match="parameter 'max_new_tokens': the request needs 132 tokens of KV cache"):
+        runner.add_request(prompts[0][:40], 60)
+    with pytest.raises(DFlashError, match="parameter 'max_new_tokens' must be an integer >= 1"):
+        runner.add_request(prompts[0], 0)
+    with pytest.raises(DFlashError, match="outside the vocabulary"):
+        runner.add_request([5, 1 << 20], 3)
+    with pytest.raises(DFlashError, match="parameter 'quant' must be one of bf16, fp8, int4"):
+        BatchRunner(*_tiny_pair(), quant="int3")
+
+
+def test_row_probabilities_match_per_row_settings():
+    logits = torch.randn(4, 3, 29, generator=torch.Generator().manual_seed(0))
+    settings = [SamplingParams(0.7, 5, 1.0), SamplingParams(1.3, 0, 0.8), SamplingParams(1.0, 3, 0.5), SamplingParams()]
+    rows = row_probabilities(
+        logits,
+        torch.tensor([s.temperature for s in settings]),
+        torch.tensor([s.top_k for s in settings]),
+        torch.tensor([s.top_p for s in settings]),
+    )
+    for i, s in enumerate(settings[:3]):
+        torch.testing.assert_close(rows[i], probabilities(logits[i], s))
+    torch.testing.assert_close(rows[3], torch.softmax(logits[3], -1))  # greedy rows: temperature 1
+
+
+@pytest.fixture(scope="module")
+def char_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    write_qwen35(root / "target", seed=5)
+    write_char_tokenizer(root / "target")
+    write_drafter(root / "drafter", block_size=5)
+    return root
+
+
+def test_engine_submit_from_threads_and_asyncio(char_pair):
+    texts = ["def f(x):", "import os", "class A:", "x = 1", "for i in", "while True:"]
+    eager = Engine.from_pretrained(char_pair / "target", char_pair / "drafter", runtime="eager")
+    expected = [eager.generate(t, 20).token_ids for t in texts]
+    engine = Engine.from_pretrained(char_pair / "target", char_pair / "drafter", runtime="batched", max_batch=4)
+    assert engine.generate(texts[0], 20).token_ids == expected[0]
+    assert "".join(engine.stream(texts[1], 20)) == eager.generate(texts[1], 20).text
+    results = {}
+
+    def worker(i):
+        results[i] = engine.submit(texts[i], 20).result(timeout=120)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+
+    async def agen(i):
+        return [tok async for chunk in engine.submit(texts[i], 20) for tok in chunk]
+
+    async def many():
+        return await asyncio.gather(*(agen(i) for i in range(3, 6)))
+
+    for i, tokens in zip(range(3, 6), asyncio.run(many())):
+        results[i] = tokens
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(6)] == expected
+    handle = engine.submit(texts[0], 200)
+    handle.cancel()
+    handle.result(timeout=60)
+    assert handle.finish_reason == "cancelled"
+    with pytest.raises(DFlashError, match="parameter 'prompt' is empty"):
+        engine.submit([], 5)
+    engine.close()
+    with pytest.raises(DFlashError, match="submit needs the batched runtime"):
+        eager.submit("x", 3)
