@@ -106,3 +106,27 @@ def test_greedy_and_sampled_requests_share_a_batch(prompts):
     vocab = runner.vocab_size
     for i in range(1, 8, 2):
         assert len(got[i]) == 40 and all(0 <= t < vocab for t in got[i])
+
+
+def test_engine_serves_concurrent_requests_on_cuda(prompts):
+    """engine.submit from several threads on the default (batched) runtime, against the eager loop."""
+    import threading
+
+    from dflash_compiler.runtime import Engine
+
+    eager = Engine.from_pretrained(device="cuda", dtype="float32", runtime="eager")
+    engine = Engine.from_pretrained(device="cuda", dtype="float32", max_batch=8)
+    assert engine.runtime == "batched"
+    expected = [eager.generate(p, 48).token_ids for p in prompts[:8]]
+    results = {}
+
+    def worker(i):
+        results[i] = engine.submit(prompts[i], 48).result(timeout=300)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()
+    assert [results[i] for i in range(8)] == expected
