@@ -2,7 +2,8 @@
 
     python scripts/tiny_pair.py corpus  --out .cache/tiny                  # stdlib sources -> tokenizer + tokens
     python scripts/tiny_pair.py target  --corpus .cache/tiny --out OUT/target --minutes 5
-    dflash-train-drafter --target OUT/target --prompts .cache/tiny/drafter_prompts.jsonl -o OUT/drafter ...
+    python scripts/tiny_pair.py prompts --corpus .cache/tiny --out .cache/tiny/prompts.npy --count 200000
+    dflash-train-drafter --target OUT/target --prompts .cache/tiny/prompts.npy -o OUT/drafter ...
     python scripts/tiny_pair.py evaluate --pair OUT --prompts dflash_compiler/assets/tiny-pair/heldout_prompts.jsonl
 
 The corpus is the Python standard library of the interpreter that runs `corpus`: no network needed. Files are
@@ -149,6 +150,19 @@ def build_corpus(args: argparse.Namespace) -> None:
     print(json.dumps(meta))
 
 
+def sample_prompts(args: argparse.Namespace) -> None:
+    """Drafter prompts as token ids ([count, tokens] uint16 .npy, read by dflash-train-drafter): random windows of
+    the corpus's training split, so any number of them come without re-tokenizing."""
+    ids = np.load(Path(args.corpus) / "train_tokens.npy")
+    rng = np.random.default_rng(args.seed)
+    starts = rng.integers(0, len(ids) - args.tokens, size=args.count)
+    rows = ids[starts[:, None] + np.arange(args.tokens)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, rows.astype(np.uint16))
+    print(json.dumps({"prompts": int(rows.shape[0]), "tokens": int(rows.shape[1]), "out": str(out)}))
+
+
 def init_target(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -264,9 +278,29 @@ def evaluate(args: argparse.Namespace) -> None:
     pair = Path(args.pair)
     device = args.device
     dtype = "float32"
-    engine = Engine.from_pretrained(pair / "target", pair / "drafter", device=device, dtype=dtype)
-    alone = Engine.from_pretrained(pair / "target", None, device=device, dtype=dtype)
+    drafter = Path(args.drafter) if args.drafter else pair / "drafter"
+    engine = Engine.from_pretrained(pair / "target", drafter, device=device, dtype=dtype, runtime="eager")
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if args.batched:
+        # acceptance only (no speed, no equality check): the runtime's steps on all prompts at once
+        from dflash_compiler.training.drafter import decode_acceptance
+
+        ids = [engine.encode(p) for p in prompts[: args.limit]]
+        got = decode_acceptance(engine.target, engine.drafter, ids, args.max_new_tokens)
+        summary = {
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "drafter": str(drafter),
+            "prompts": len(ids),
+            "tau_mean_over_prompts": got["tau"],
+            "tau_overall": got["tau_pooled"],
+            "per_position_acceptance": got["per_position"],
+            "per_prompt_tau": got["per_prompt"],
+        }
+        print(json.dumps(summary))
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+        return
+    alone = Engine.from_pretrained(pair / "target", None, device=device, dtype=dtype, runtime="eager")
     rows, identical = [], 0
     all_lengths: list[int] = []
     for prompt in prompts[: args.limit]:
@@ -312,6 +346,12 @@ def main() -> None:
     c.add_argument("--drafter-prompts", type=int, default=40000)
     c.add_argument("--max-chars", type=int, default=60_000_000, help="cap on training text")
     c.add_argument("--heldout-prompts", type=int, default=64)
+    r = sub.add_parser("prompts")
+    r.add_argument("--corpus", required=True)
+    r.add_argument("--out", required=True, help=".npy file of prompt token ids")
+    r.add_argument("--count", type=int, default=200_000)
+    r.add_argument("--tokens", type=int, default=64)
+    r.add_argument("--seed", type=int, default=1)
     t = sub.add_parser("target")
     t.add_argument("--corpus", required=True)
     t.add_argument("--out", required=True)
@@ -328,8 +368,10 @@ def main() -> None:
     e.add_argument("--limit", type=int, default=64)
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--json")
+    e.add_argument("--drafter", help="drafter directory (default: PAIR/drafter)")
+    e.add_argument("--batched", action="store_true", help="acceptance only, all prompts decoded at once")
     args = p.parse_args()
-    {"corpus": build_corpus, "target": train_target, "evaluate": evaluate}[args.cmd](args)
+    {"corpus": build_corpus, "prompts": sample_prompts, "target": train_target, "evaluate": evaluate}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_held_out_acceptance_and_lossless(engines):
             assert result.token_ids == alone.generate(prompt, max_new_tokens=128).token_ids
         taus.append(result.stats.acceptance_length)
     tau = sum(taus) / len(taus)
-    assert tau >= 3.0, f"held-out acceptance length {tau:.2f}"
+    assert tau >= 3.5, f"held-out acceptance length {tau:.2f}"
 
 
 def test_target_loads_in_transformers_with_the_same_logits(engines):

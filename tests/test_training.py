@@ -10,7 +10,13 @@ from checkpoints import VOCAB, write_char_tokenizer, write_qwen3, write_qwen35
 from dflash_compiler.models.loader import load_drafter, load_target
 from dflash_compiler.runtime import Engine
 from dflash_compiler.training.cli import train_main
-from dflash_compiler.training.drafter import block_loss, drafter_config_dict, new_drafter, sample_anchors
+from dflash_compiler.training.drafter import (
+    block_loss,
+    decode_acceptance,
+    drafter_config_dict,
+    new_drafter,
+    sample_anchors,
+)
 
 
 @pytest.fixture(scope="module", params=["qwen3_5", "qwen3"])
@@ -99,3 +105,71 @@ def test_blocks_see_only_their_context_and_themselves(target_dir):
     changed[0, 20] = (changed[0, 20] + 1) % (VOCAB - 2)  # the second block's anchor
     torch.testing.assert_close(hidden(changed)[0], base[0])
     assert not torch.allclose(hidden(changed)[1], base[1])
+
+
+def test_distill_and_real_decoding_estimate_and_sequence_cache(target_dir, tmp_path):
+    """--distill trains on the KL term, --eval-decode records the real acceptance length, --sequences reuses the
+    target's continuations, and .npy prompts are read as token ids."""
+    import numpy as np
+
+    prompts = tmp_path / "prompts.npy"
+    np.save(prompts, np.random.default_rng(0).integers(0, VOCAB - 2, (24, 12), dtype=np.uint16))
+    seqs = tmp_path / "seqs.pt"
+    out = tmp_path / "drafter"
+    args = [*_args(target_dir, out, "--distill", "0.5", "--eval-decode", "3", "--eval-decode-tokens", "9")]
+    args[args.index("--prompts") + 1] = str(prompts)
+    assert train_main([*args, "--sequences", str(seqs)]) == 0
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["sequences"] == 24 and summary["args"]["distill"] == 0.5
+    last = summary["history"][-1]
+    assert 1.0 <= last["decode_tau"] <= 4.0 and len(last["decode_per_position"]) == 3
+    assert summary["held_out_decode_tau"] == last["decode_tau"]
+    # the cached continuations are read back (same tokens), and other settings are refused
+    from dflash_compiler.training.data import SequenceSet
+
+    cached = SequenceSet.load(seqs).tokens
+    assert cached.shape == (24, 22)
+    assert train_main([*args, "--sequences", str(seqs), "--steps", "3"]) == 0
+    assert train_main([*args, "--sequences", str(seqs), "--response-len", "11"]) == 2
+
+
+def test_distill_loss_is_the_kl_to_the_target(target_dir):
+    """With distill=1 the loss is zero exactly when the drafter's distribution is the target's, and positive
+    otherwise; distill=0 is the hard-label loss."""
+    target = load_target(target_dir / "target")
+    cfg = drafter_config_dict(target.cfg, mask_token_id=VOCAB - 2, block_size=4, num_layers=1)
+    drafter = new_drafter(cfg, target, seed=0)
+    tokens = torch.randint(0, VOCAB - 2, (2, 20))
+    anchors = torch.tensor([[8, 12], [9, 14]])
+    hard, _ = block_loss(drafter, target, tokens, anchors, 4, 4.0, distill=0.0)
+    kl, metrics = block_loss(drafter, target, tokens, anchors, 4, 4.0, distill=1.0)
+    mixed, _ = block_loss(drafter, target, tokens, anchors, 4, 4.0, distill=0.25)
+    assert kl.item() > 0 and metrics["kl"] == pytest.approx(kl.item(), rel=1e-5)
+    torch.testing.assert_close(mixed, 0.75 * hard + 0.25 * kl)
+    kl.backward()
+    assert all(p.grad is not None for p in drafter.layers.parameters())
+
+
+def test_decode_acceptance_equals_the_runtime_loop(target_dir, tmp_path):
+    """The batched estimate reproduces SpeculativeDecoder's acceptance lengths prompt by prompt (greedy), with
+    prompts of different lengths and a token budget that cuts the last block."""
+    out = tmp_path / "drafter"
+    assert train_main(_args(target_dir, out, "--steps", "30", "--eval-every", "30")) == 0
+    engine = Engine.from_pretrained(target_dir / "target", out)
+    prompts = [engine.encode(f"def f{i}(x): return x * {i}") for i in range(5)] + [engine.encode("import os\n")]
+    got = decode_acceptance(engine.target, engine.drafter, prompts, 13, batch_size=2)
+    for prompt, tau in zip(prompts, got["per_prompt"]):
+        assert tau == pytest.approx(engine.generate(prompt, max_new_tokens=13).stats.acceptance_length)
+    assert got["tau"] == pytest.approx(sum(got["per_prompt"]) / len(prompts))
+
+
+def test_time_budget_sizes_the_step_count(target_dir, tmp_path):
+    """--minutes times the first steps and fixes the step count; --eval-prompts decodes the given prompts."""
+    out = tmp_path / "drafter"
+    extra = ["--minutes", "0.05", "--eval-every", "1000", "--eval-decode", "2", "--eval-decode-tokens", "6"]
+    extra += ["--eval-prompts", str(target_dir / "prompts.jsonl")]
+    assert train_main(_args(target_dir, out, *extra)) == 0
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["steps"] >= 13 and summary["steps"] != 6  # --minutes overrides --steps
+    assert summary["history"][0]["step"] == 13 and summary["history"][-1]["step"] == summary["steps"]
+    assert 1.0 <= summary["held_out_decode_tau"] <= 4.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,13 +29,31 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--held-out", type=float, default=0.05, help="fraction of sequences kept for the tau estimate")
     p.add_argument("--temperature", type=float, default=0.0, help="sample continuations instead of greedy")
+    p.add_argument("--sequences", help="file of generated training sequences: read if it exists, else written")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument(
+        "--minutes", type=float, default=None, help="size the step count to this training time (overrides --steps)"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--gen-batch-size", type=int, default=128)
     p.add_argument("--anchors", type=int, default=8, help="blocks per sequence per step")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--gamma", type=float, default=None, help="loss decay (default: 7 for B=16, 5 for 10, 4 for 8)")
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight of KL(target || drafter) against the target's logits, mixed with the hard-label loss (0..1)",
+    )
     p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument(
+        "--eval-decode",
+        type=int,
+        default=0,
+        help="at each evaluation, also decode this many held-out prompts for the real acceptance length",
+    )
+    p.add_argument("--eval-decode-tokens", type=int, default=None, help="tokens per decoded prompt (--response-len)")
+    p.add_argument("--eval-prompts", help="prompts to decode instead of held-out ones (.jsonl or .npy)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="target dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,15 +118,34 @@ def train_drafter(args: argparse.Namespace) -> dict:
     from ..models.loader import check_drafter_fits
 
     check_drafter_fits(DrafterConfig.from_dict(cfg_dict, Path("drafter config")), target.cfg, Path("drafter config"))
-    prompts = read_prompts(args.prompts, tokenizer, args.prompt_len, args.chat)[: args.max_prompts]
+    if not 0.0 <= args.distill <= 1.0:
+        raise DFlashError(f"parameter 'distill' must be in [0, 1], got {args.distill}")
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(prompts), desc="target continuations", unit="seq", disable=args.no_progress)
-    params = SamplingParams(args.temperature)
-    seqs = build_sequences(
-        target, prompts, args.prompt_len, args.response_len, args.gen_batch_size, params, args.seed, bar.update
-    )
-    bar.close()
+    t0 = time.perf_counter()
+    meta = {
+        "target": str(Path(args.target).resolve()),
+        "prompts": str(Path(args.prompts).resolve()),
+        "max_prompts": args.max_prompts,
+        "prompt_len": args.prompt_len,
+        "response_len": args.response_len,
+        "temperature": args.temperature,
+        "chat": args.chat,
+        "seed": args.seed,
+    }
+    if args.sequences and Path(args.sequences).is_file():
+        seqs = SequenceSet.load(args.sequences, meta)
+    else:
+        prompts = read_prompts(args.prompts, tokenizer, args.prompt_len, args.chat)[: args.max_prompts]
+        bar = tqdm(total=len(prompts), desc="target continuations", unit="seq", disable=args.no_progress)
+        params = SamplingParams(args.temperature)
+        seqs = build_sequences(
+            target, prompts, args.prompt_len, args.response_len, args.gen_batch_size, params, args.seed, bar.update
+        )
+        bar.close()
+        if args.sequences:
+            seqs.save(args.sequences, meta)
+    data_seconds = time.perf_counter() - t0
     n = seqs.tokens.shape[0]
     n_held = max(1, int(n * args.held_out)) if n > 1 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
@@ -125,21 +163,37 @@ def train_drafter(args: argparse.Namespace) -> dict:
         gamma=args.gamma or default_gamma(args.block_size),
         seed=args.seed,
         eval_every=args.eval_every,
+        distill=args.distill,
+        eval_decode=args.eval_decode,
+        eval_decode_tokens=args.eval_decode_tokens or args.response_len,
+        minutes=args.minutes,
     )
-    trainer = DrafterTrainer(target, cfg_dict, train, held, config, args.output)
+    eval_prompts = None
+    if args.eval_prompts and args.eval_decode > 0:
+        eval_prompts = read_prompts(args.eval_prompts, tokenizer, target.cfg.max_position_embeddings, args.chat)
+    trainer = DrafterTrainer(target, cfg_dict, train, held, config, args.output, eval_prompts)
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step}", file=sys.stderr)
     history = trainer.train(progress=not args.no_progress)
+    evaluated = [h for h in history if "held_out_tau" in h]
+    last = evaluated[-1] if evaluated else {}
     summary = {
         "target": str(args.target),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "drafter_params": sum(p.numel() for p in trainer.drafter.parameters()),
         "sequences": n,
         "held_out_sequences": n_held,
         "steps": trainer.step,
+        "data_seconds": round(data_seconds, 1),
+        "train_seconds": round(trainer.train_seconds, 1),
         "final_loss": history[-1]["loss"] if history else None,
-        "held_out_tau": next((h["held_out_tau"] for h in reversed(history) if "held_out_tau" in h), None),
-        "history": [h for h in history if "held_out_tau" in h],
+        "held_out_tau": last.get("held_out_tau"),
+        "held_out_decode_tau": last.get("decode_tau"),
+        "held_out_decode_tau_pooled": last.get("decode_tau_pooled"),
+        "history": evaluated,
         "args": {k: v for k, v in vars(args).items()},
     }
+    Path(args.output).mkdir(parents=True, exist_ok=True)
     (Path(args.output) / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

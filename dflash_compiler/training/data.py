@@ -21,9 +21,20 @@ TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".json", ".htm
 
 
 def read_prompts(source: str | Path, tokenizer, prompt_tokens: int, chat: bool = False) -> list[list[int]]:
-    """Prompts as token ids, from a .jsonl file (one {"prompt": str} or {"messages": [...]} per line) or a
-    directory of text files (each cut into prompts of `prompt_tokens` tokens)."""
+    """Prompts as token ids, from a .jsonl file (one {"prompt": str} or {"messages": [...]} per line), a .npy
+    file of token ids already tokenized ([N, P] integers, one prompt per row), or a directory of text files (each
+    cut into prompts of `prompt_tokens` tokens)."""
     source = Path(source)
+    if source.suffix == ".npy" and source.is_file():
+        import numpy as np
+
+        try:
+            rows = np.load(source, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DFlashError(f"{source}: cannot read token ids ({e})") from None
+        if rows.ndim != 2 or rows.dtype.kind not in "iu" or rows.shape[0] == 0:
+            raise DFlashError(f"{source}: expected a non-empty [N, P] integer array of token ids, got {rows.shape}")
+        return [row[-prompt_tokens:].tolist() for row in rows.astype(np.int64)]
     if source.is_dir():
         prompts = []
         for path in sorted(p for p in source.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()):
@@ -95,6 +106,26 @@ class SequenceSet:
 
     tokens: torch.Tensor
     prompt_len: int
+
+    def save(self, path: str | Path, meta: dict | None = None) -> None:
+        """Writes the sequences (and what made them) for later runs to reuse, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"tokens": self.tokens, "prompt_len": self.prompt_len, "meta": meta or {}}, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, meta: dict | None = None) -> SequenceSet:
+        """Reads sequences written by `save`; `meta`, when given, must equal what they were made with."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise DFlashError(f"{path}: cannot read training sequences ({e})") from None
+        if meta is not None and state.get("meta") != meta:
+            diff = sorted(k for k in set(meta) | set(state.get("meta", {})) if meta.get(k) != state["meta"].get(k))
+            raise DFlashError(f"{path}: the sequences were made with other settings ({', '.join(diff)}); delete it")
+        return cls(state["tokens"], int(state["prompt_len"]))
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
         while True:
