@@ -32,6 +32,10 @@ from ..models.target import TargetModel
 from .sampling import row_probabilities, sample_from
 
 PAGE_SIZE = 64
+# Rows from which a linear goes to the vendor GEMM instead of the Triton kernel (see codegen/vendor_gemm.py). Below
+# it the step reads weights (the Triton kernel streams them at up to the copy bandwidth); from about here on the
+# step is compute-bound. A default until the tuning database measures the crossover per shape.
+VENDOR_GEMM_MIN_ROWS = 64
 QUANTS = ("bf16", "fp8", "int4")
 
 
@@ -42,10 +46,20 @@ def kernel_ops(name: str) -> SimpleNamespace:
 
         return SimpleNamespace(**{k: getattr(reference, k) for k in _OP_NAMES})
     if name == "triton":
+        from ..codegen import vendor_gemm
         from ..codegen.triton import accept, attention, fused_ops, gdn, linear
 
         modules = (accept, attention, fused_ops, gdn, linear)
-        return SimpleNamespace(**{k: next(getattr(m, k) for m in modules if hasattr(m, k)) for k in _OP_NAMES})
+        ops = SimpleNamespace(**{k: next(getattr(m, k) for m in modules if hasattr(m, k)) for k in _OP_NAMES})
+        kernel_linear = ops.linear
+
+        def linear_by_rows(x, weight, **kwargs):
+            if x.shape[0] >= VENDOR_GEMM_MIN_ROWS and vendor_gemm.supports(x, weight):
+                return vendor_gemm.linear(x, weight, **kwargs)
+            return kernel_linear(x, weight, **kwargs)
+
+        ops.linear = linear_by_rows
+        return ops
     raise DFlashError(f"parameter 'ops' must be 'triton' or 'reference', got {name!r}")
 
 

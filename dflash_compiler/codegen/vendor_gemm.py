@@ -1,0 +1,61 @@
+"""Linear through the vendor GEMM: cuBLAS (torch.matmul) for dense weights and torch._scaled_mm for FP8
+per-channel weights with per-token FP8 activations. The same signature as codegen/triton/linear.linear.
+
+The Triton kernel streams weights at up to the copy bandwidth for the few rows of a decode or verify step; with
+many rows (a large batch of verify blocks) the step turns compute-bound and the vendor GEMM's tensor-core
+pipelines win (bench/results/e2e-h100.json: a verify of 256 rows ran at about a third of the bf16 matmul rate
+through the Triton kernel). `supports` says which calls this lowering takes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .weight_formats import FP8_MAX, DenseWeight, FP8ChannelWeight
+
+
+def supports(x: torch.Tensor, weight) -> bool:
+    """Half-precision activations with dense weights, or FP8 per-channel weights on an FP8 tensor-core GPU."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cuda":
+        return False
+    if isinstance(weight, DenseWeight):
+        return weight.weight.dtype == x.dtype
+    if isinstance(weight, FP8ChannelWeight):
+        n, k = weight.shape
+        return torch.cuda.get_device_capability(x.device) >= (8, 9) and n % 16 == 0 and k % 16 == 0
+    return False
+
+
+def _matmul(x: torch.Tensor, weight) -> torch.Tensor:
+    if isinstance(weight, DenseWeight):
+        return x @ weight.weight.t()
+    amax = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    scale_x = amax / FP8_MAX
+    xq = (x.float() / scale_x).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(
+        xq, weight.qweight.t(), scale_a=scale_x, scale_b=weight.scale.view(1, -1), out_dtype=x.dtype
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    weight,
+    *,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    out: torch.Tensor | None = None,
+    fp8_dot: bool | None = None,
+    config=None,
+) -> torch.Tensor:
+    """y = x @ W^T, then + residual or silu(gate) * up for W = [gate; up] (epilogue in fp32, one cast)."""
+    y = _matmul(x, weight)
+    if swiglu:
+        gate, up = y.float().chunk(2, dim=-1)
+        y = (F.silu(gate) * up).to(x.dtype)
+    elif residual is not None:
+        y = (y.float() + residual.float()).to(x.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
