@@ -150,6 +150,7 @@ class BatchRunner:
         self.requests: dict[int, _Request] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
+        self._phase_graphs: dict[tuple, tuple[dict, dict]] = {}
         self._pending: tuple | None = None  # (rows snapshot, pinned tokens, pinned counts, event)
         self._pinned = [self._pinned_buffers() for _ in range(2)]
         self._parity = 0
@@ -447,7 +448,10 @@ class BatchRunner:
         bucket = min(next(b for b in BUCKETS if b >= n), self.max_batch)
         sampled = any(not r.params.greedy for r in self.running)
         p, m, act = self.pools, self.model, self.pools.active
-        graphs, state = {}, {}
+        key = (bucket, sampled, self.simulated)
+        # Phase graphs are kept like step graphs: a destroyed graph can take cuBLAS workspace memory that the
+        # handle still caches with it, and later GEMMs then fault.
+        graphs, state = self._phase_graphs.setdefault(key, ({}, {}))
 
         def verify():
             state["v"] = m.verify(p, bucket, act)
@@ -460,19 +464,19 @@ class BatchRunner:
             m.draft(p, slice(0, bucket), act[:bucket], state["bonus"], v.table, sampled, v.features, v.positions)
 
         for name, fn in (("verify", verify), ("accept_commit", accept_commit), ("draft", draft)):
+            if name in graphs:
+                continue
             fn()  # warm-up (every kernel is compiled already; this also gives the next phase its inputs)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self._graph_pool):
                 fn()
             graphs[name] = g
-        graphs["step"] = self._graphs.get((bucket, sampled, self.simulated)) or self._capture(
-            bucket, sampled, self.simulated
-        )
+        step = self._graphs.get(key) or self._capture(*key)
         # Each replay advances the batch; lengths and blocks are restored after each one (outside the timing),
         # so every replay sees the same batch and nothing runs past the requests' pages.
         lens, tokens = p.cache_lens.clone(), p.tokens.clone()
         times = {}
-        for name, g in graphs.items():
+        for name, g in (*graphs.items(), ("step", step)):
             pairs = []
             for _ in range(iters):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
