@@ -449,8 +449,7 @@ class BatchRunner:
         sampled = any(not r.params.greedy for r in self.running)
         p, m, act = self.pools, self.model, self.pools.active
         key = (bucket, sampled, self.simulated)
-        # Phase graphs are kept like step graphs: a destroyed graph can take cuBLAS workspace memory that the
-        # handle still caches with it, and later GEMMs then fault.
+        # Phase graphs are kept like step graphs, captured once per key.
         graphs, state = self._phase_graphs.setdefault(key, ({}, {}))
 
         def verify():
@@ -463,18 +462,27 @@ class BatchRunner:
             v = state["v"]
             m.draft(p, slice(0, bucket), act[:bucket], state["bonus"], v.table, sampled, v.features, v.positions)
 
-        for name, fn in (("verify", verify), ("accept_commit", accept_commit), ("draft", draft)):
-            if name in graphs:
-                continue
-            fn()  # warm-up (every kernel is compiled already; this also gives the next phase its inputs)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._graph_pool):
-                fn()
-            graphs[name] = g
-        step = self._graphs.get(key) or self._capture(*key)
-        # Each replay advances the batch; lengths and blocks are restored after each one (outside the timing),
-        # so every replay sees the same batch and nothing runs past the requests' pages.
+        # Each run of a phase may advance the batch; lengths and blocks are restored after every one (outside the
+        # timing), so every replay sees the same batch and nothing runs past the requests' pages.
         lens, tokens = p.cache_lens.clone(), p.tokens.clone()
+
+        def restore():
+            p.cache_lens.copy_(lens)
+            p.tokens.copy_(tokens)
+
+        for name, fn in (("verify", verify), ("accept_commit", accept_commit), ("draft", draft)):
+            if name not in graphs:
+                fn()  # warm-up: every kernel is compiled already, this settles allocations before capture
+                restore()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self._graph_pool):
+                    fn()
+                graphs[name] = g
+            # A capture only records: its outputs (the next phase's inputs, e.g. the bonus tokens the draft embeds)
+            # hold whatever the pool held until the graph is replayed once.
+            graphs[name].replay()
+            restore()
+        step = self._graphs.get(key) or self._capture(*key)
         times = {}
         for name, g in (*graphs.items(), ("step", step)):
             pairs = []
@@ -484,8 +492,7 @@ class BatchRunner:
                 g.replay()
                 end.record()
                 pairs.append((start, end))
-                p.cache_lens.copy_(lens)
-                p.tokens.copy_(tokens)
+                restore()
             torch.cuda.synchronize(self.device)
             times[name] = sum(s.elapsed_time(e) for s, e in pairs) / iters
         times["gaps"] = times["step"] - times["verify"] - times["accept_commit"] - times["draft"]
