@@ -135,7 +135,9 @@ def test_simulated_acceptance_draws_from_the_profile(prompts):
 def test_requests_that_cannot_be_served(prompts):
     target, drafter = _tiny_pair()
     runner = BatchRunner(target, drafter, max_batch=2, max_seq_len=100, num_pages=3)
-    with pytest.raises(DFlashError, match="parameter 'prompt' is 120 tokens; this runner serves at most 99"):
+    with pytest.raises(
+        DFlashError, match=r"parameter 'prompt' is 120 tokens, longer than this runner's max_seq_len \(100 - 1\)"
+    ):
         runner.add_request(list(range(120)), 4)
     with pytest.raises(DFlashError, match="parameter 'max_new_tokens': the request needs 132 tokens of KV cache"):
         runner.add_request(prompts[0][:40], 60)

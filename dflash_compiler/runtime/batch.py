@@ -29,7 +29,7 @@ from ..errors import DFlashError
 from ..models.drafter import DFlashDrafter
 from ..models.target import TargetModel
 from .sampling import SamplingParams, probabilities, sample_from
-from .speculative import GenerationStats
+from .speculative import GenerationStats, check_request
 from .step_model import PAGE_SIZE, Pools, StepModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
@@ -172,17 +172,9 @@ class BatchRunner:
         stats: GenerationStats | None = None,
     ) -> int:
         """Queues a request; returns its id. Raises DFlashError for a request that can never fit."""
-        prompt = list(prompt_ids)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise DFlashError(f"parameter 'max_new_tokens' must be an integer >= 1, got {max_new_tokens!r}")
-        if not prompt:
-            raise DFlashError("parameter 'prompt' is empty")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt):
-            raise DFlashError(f"parameter 'prompt' holds a token id outside the vocabulary 0..{self.vocab_size - 1}")
-        if len(prompt) >= self.max_seq_len:
-            raise DFlashError(
-                f"parameter 'prompt' is {len(prompt)} tokens; this runner serves at most {self.max_seq_len - 1}"
-            )
+        prompt = check_request(
+            prompt_ids, max_new_tokens, self.vocab_size, self.max_seq_len, "this runner's max_seq_len"
+        )
         max_new_tokens = min(max_new_tokens, self.max_seq_len - len(prompt))
         if self._pages_needed(len(prompt), max_new_tokens) > self.page_pool.num_pages - 1:
             raise DFlashError(

@@ -58,6 +58,22 @@ class GenerationStats:
         }
 
 
+def check_request(
+    prompt_ids: Sequence[int], max_new_tokens: int, vocab_size: int, context: int, context_name: str
+) -> list[int]:
+    """The request checks both runtimes make; returns the prompt as a list."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise DFlashError(f"parameter 'max_new_tokens' must be an integer >= 1, got {max_new_tokens!r}")
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise DFlashError("parameter 'prompt' is empty")
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in prompt):
+        raise DFlashError(f"parameter 'prompt' holds a token id outside the vocabulary 0..{vocab_size - 1}")
+    if len(prompt) >= context:
+        raise DFlashError(f"parameter 'prompt' is {len(prompt)} tokens, longer than {context_name} ({context} - 1)")
+    return prompt
+
+
 class SpeculativeDecoder:
     def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None):
         self.target, self.proposer = target, proposer
@@ -80,18 +96,7 @@ class SpeculativeDecoder:
         """Yields the newly committed tokens of each step; ends after a stop token (included) or max_new_tokens."""
         target, device = self.target, self.target.embed_tokens.weight.device
         max_pos = target.cfg.max_position_embeddings
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise DFlashError(f"parameter 'max_new_tokens' must be an integer >= 1, got {max_new_tokens!r}")
-        prompt = list(prompt_ids)
-        if not prompt:
-            raise DFlashError("parameter 'prompt' is empty")
-        vocab = target.cfg.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt):
-            raise DFlashError(f"parameter 'prompt' holds a token id outside the vocabulary 0..{vocab - 1}")
-        if len(prompt) >= max_pos:
-            raise DFlashError(
-                f"parameter 'prompt' is {len(prompt)} tokens, longer than the model's context ({max_pos} - 1)"
-            )
+        prompt = check_request(prompt_ids, max_new_tokens, target.cfg.vocab_size, max_pos, "the model's context")
         params = params or SamplingParams()
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens, stats.block_size = len(prompt), self.block_size
