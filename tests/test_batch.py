@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from checkpoints import VOCAB, write_char_tokenizer, write_drafter, write_llama, write_qwen3, write_qwen35
+from test_lossless import _chi2_pvalue
 
 from dflash_compiler.errors import DFlashError
 from dflash_compiler.models.loader import load_drafter, load_target
@@ -208,3 +209,56 @@ def test_engine_submit_from_threads_and_asyncio(char_pair):
     engine.close()
     with pytest.raises(DFlashError, match="submit needs the batched runtime"):
         eager.submit("x", 3)
+
+
+@pytest.mark.slow
+def test_sampled_requests_follow_the_target_distribution_beside_greedy_ones(tmp_path):
+    """Sampled rows (rejection sampling against the drafter, on device) share batches with greedy rows: the first
+    two sampled tokens follow the target's exact joint distribution, and the greedy rows give the target's greedy
+    tokens."""
+    vocab, prompt = 6, [1, 4, 2]
+    write_qwen35(
+        tmp_path / "t",
+        seed=31,
+        multimodal=False,
+        vocab_size=vocab,
+        num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        eos_token_id=None,
+    )
+    write_drafter(
+        tmp_path / "d", layout="nested", target_layer_ids=[0, 1], block_size=4, mask_token_id=vocab - 1,
+        target_layers=2, vocab=vocab,
+    )  # fmt: skip
+    target = load_target(tmp_path / "t")
+    params = SamplingParams(0.8, top_k=4, top_p=0.9)
+    with torch.no_grad():
+        cache = target.new_cache(1, 8)
+        first = target(torch.tensor([prompt]), torch.arange(3).view(1, -1), cache, per_position_states=False)
+        p_first = probabilities(first.logits[0, -1], params)
+        joint = torch.zeros(vocab, vocab)
+        for x in range(vocab):
+            ids = torch.tensor([prompt + [x]])
+            logits = target(ids, torch.arange(4).view(1, -1), target.new_cache(1, 8), per_position_states=False).logits
+            joint[x] = p_first[x] * probabilities(logits[0, -1], params)
+    greedy_expected, _ = SpeculativeDecoder(target).generate(prompt, 4)
+    runner = BatchRunner(load_target(tmp_path / "t"), load_drafter(tmp_path / "d", target.cfg), max_batch=16)
+    torch.manual_seed(0)
+    kinds = {}
+    for i in range(800):
+        greedy = i % 8 == 0
+        rid = runner.add_request(prompt, 4, SamplingParams() if greedy else params)
+        kinds[rid] = greedy
+    out = {rid: [] for rid in kinds}
+    while runner.has_work:
+        for event in runner.step():
+            out[event.request_id].extend(event.tokens)
+    counts = torch.zeros(vocab * vocab)
+    for rid, tokens in out.items():
+        if kinds[rid]:
+            assert tokens == greedy_expected
+        else:
+            counts[tokens[0] * vocab + tokens[1]] += 1
+    accepted = sum(a > 1 for rid in kinds if not kinds[rid] for a in runner.requests[rid].stats.acceptance_lengths)
+    assert accepted > 50, "drafts must be accepted often enough for the test to exercise acceptance"
+    assert _chi2_pvalue(counts, joint.flatten()) > 1e-3
