@@ -56,3 +56,15 @@ def test_cli_reports_errors_in_one_line(pair, capsys):
     code = generate_main(["--target", str(pair / "target"), "--prompt", "abc", "--max-new-tokens", "0"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "max_new_tokens" in err
+
+
+def test_cli_on_the_batched_runtime_with_quantized_weights(pair, capsys):
+    argv = ["--target", str(pair / "target"), "--drafter", str(pair / "drafter"), "--prompt", "abc"]
+    assert generate_main([*argv, "--max-new-tokens", "12", "--json", "--runtime", "batched"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["token_ids"] == Engine.from_pretrained(pair / "target").generate("abc", max_new_tokens=12).token_ids
+    assert generate_main([*argv, "--max-new-tokens", "8", "--runtime", "batched", "--quant", "fp8", "--baseline"]) == 0
+    out = capsys.readouterr()
+    assert "acceptance length tau" in out.err and "autoregressive" in out.err
+    assert generate_main([*argv, "--runtime", "eager", "--quant", "int4"]) == 2
+    assert "parameter 'quant' 'int4' needs runtime='batched'" in capsys.readouterr().err
