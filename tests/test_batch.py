@@ -206,6 +206,8 @@ def test_engine_submit_from_threads_and_asyncio(char_pair):
     assert handle.finish_reason == "cancelled"
     with pytest.raises(DFlashError, match="parameter 'prompt' is empty"):
         engine.submit([], 5)
+    with pytest.raises(DFlashError, match="parameter 'seed' needs runtime='eager'"):
+        engine.generate("x", 3, temperature=0.5, seed=1)
     engine.close()
     with pytest.raises(DFlashError, match="submit needs the batched runtime"):
         eager.submit("x", 3)

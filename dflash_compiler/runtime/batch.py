@@ -414,16 +414,6 @@ class BatchRunner:
         self._graphs[(bucket, sampled, simulated)] = graph
         return graph
 
-    def capture_all(self, sampled: bool = False) -> None:
-        """Captures every bucket up to max_batch ahead of traffic (otherwise each is captured on first use)."""
-        if not self.cuda_graphs:
-            return
-        with torch.inference_mode():
-            for bucket in sorted({min(b, self.max_batch) for b in BUCKETS}, reverse=True):
-                key = (bucket, sampled, self.simulated)
-                if key not in self._graphs:
-                    self._capture(*key)
-
     # ---- measurement ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -171,6 +171,10 @@ class Engine:
         stats: GenerationStats | None = None,
     ) -> Iterator[list[int]]:
         if self.serving is not None:
+            if seed is not None:
+                raise DFlashError(
+                    "parameter 'seed' needs runtime='eager' (the batched runtime samples from the device's generator)"
+                )
             handle = self.submit(prompt, max_new_tokens, temperature, top_p, top_k, chat, stop_token_ids, stats)
             try:
                 yield from handle
