@@ -68,12 +68,17 @@ def test_page_pool_hands_out_and_takes_back_pages():
 
 @pytest.mark.parametrize("block_size,max_batch", [(16, 3), (1, 2)])
 def test_batched_equals_eager_on_the_tiny_pair(prompts, block_size, max_batch):
-    """More requests than rows: requests queue, join mid-batch, finish at different steps and leave."""
+    """More requests than rows: requests queue, are prefilled in chunks, join mid-batch, finish at different steps
+    and leave."""
     lengths = [30, 9, 41, 17, 3, 25]
     requests = [(p, n, ()) for p, n in zip(prompts, lengths)]
     expected = _eager(*_tiny_pair(), block_size, requests)
     target, drafter = _tiny_pair()
-    runner = BatchRunner(target, drafter if block_size > 1 else None, max_batch=max_batch, max_seq_len=160)
+    # 16-token chunks: prompts take several iterations while others decode; 512: several prompts join at once
+    chunk = 16 if block_size > 1 else 512
+    runner = BatchRunner(
+        target, drafter if block_size > 1 else None, max_batch=max_batch, max_seq_len=160, prefill_chunk=chunk
+    )
     got, reasons = _serve(runner, requests, late_from=3)
     assert got == expected
     assert reasons == ["length"] * len(requests)

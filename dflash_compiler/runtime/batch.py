@@ -3,8 +3,9 @@
 `BatchRunner.step()` is one scheduler iteration:
   1. requests that finished or were cancelled leave: their pages return to the pool and the last running row
      moves into the hole, so running requests always fill rows 0..n-1;
-  2. one chunk of the waiting request's prompt is prefilled in the reserved last row (chunked, so a long prompt
-     never stalls the others for long); when its prompt is done it drafts its first block and joins at row n;
+  2. up to prefill_chunk prompt tokens are prefilled in the reserved last row (a long prompt over several
+     iterations, so it never stalls the others for long; short ones several at a time); a request whose prompt is
+     done drafts its first block and joins at row n;
   3. the step for rows 0..n-1 is launched: a CUDA graph per (bucket, sampling, simulation) on CUDA, replayed,
      followed by an asynchronous copy of the committed tokens to pinned memory;
   4. the previous step's tokens are read (their copy is done by now, while this step runs on the GPU), stop
@@ -258,42 +259,52 @@ class BatchRunner:
             self.running.pop()
 
     def _admit_and_prefill(self) -> None:
-        if self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
-            req = self.waiting[0]
-            need = self._pages_needed(len(req.prompt), req.max_new_tokens)
-            if need <= self.page_pool.available:
-                self.waiting.popleft()
-                req.pages = self.page_pool.allocate(need)
-                row = self.max_batch
-                p = self.pools
-                table = torch.zeros(self.pages_per_row, dtype=torch.int32)
-                table[:need] = torch.tensor(req.pages, dtype=torch.int32)
-                p.block_table[row].copy_(table)
-                p.cache_lens[row] = 0
-                p.active[row] = False
-                p.gdn_state[:, row].zero_()
-                p.conv_window[:, row].zero_()
-                p.temperature[row] = req.params.temperature
-                p.top_k[row] = req.params.top_k
-                p.top_p[row] = req.params.top_p
-                if req.params.temperature > 0 and p.draft_probs is None and self.block_size > 1:
-                    p.draft_probs = torch.zeros(
-                        p.tokens.shape[0], self.block_size - 1, self.vocab_size, device=self.device
-                    )
-                    self._graphs.clear()  # captured graphs do not know the new buffer
-                self.prefilling = req
-        req = self.prefilling
-        if req is None:
-            return
-        row = self.max_batch
-        start = req.prefilled
-        chunk = req.prompt[start : start + self.prefill_chunk]
-        ids = torch.tensor(chunk, dtype=torch.long).to(self.device, non_blocking=True)
-        logits = self.model.prefill_chunk(self.pools, row, ids, start)
-        req.prefilled += len(chunk)
-        if req.prefilled < len(req.prompt):
-            return
-        # The prompt is in: the first token, then the first draft, then the request joins the batch.
+        """Prefills up to prefill_chunk prompt tokens: the rest of one prompt, or several short ones in turn."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self.prefilling is None and not self._admit():
+                return
+            req = self.prefilling
+            start = req.prefilled
+            chunk = req.prompt[start : start + budget]
+            ids = torch.tensor(chunk, dtype=torch.long).to(self.device, non_blocking=True)
+            logits = self.model.prefill_chunk(self.pools, self.max_batch, ids, start)
+            req.prefilled += len(chunk)
+            budget -= len(chunk)
+            if req.prefilled < len(req.prompt):
+                return
+            self.prefilling = None
+            self._join(req, logits)
+
+    def _admit(self) -> bool:
+        """Moves the first waiting request into the prefill row if a row and its pages are free."""
+        if not self.waiting or len(self.running) >= self.max_batch:
+            return False
+        req = self.waiting[0]
+        need = self._pages_needed(len(req.prompt), req.max_new_tokens)
+        if need > self.page_pool.available:
+            return False
+        self.waiting.popleft()
+        req.pages = self.page_pool.allocate(need)
+        row, p = self.max_batch, self.pools
+        table = torch.zeros(self.pages_per_row, dtype=torch.int32)
+        table[:need] = torch.tensor(req.pages, dtype=torch.int32)
+        p.block_table[row].copy_(table)
+        p.cache_lens[row] = 0
+        p.active[row] = False
+        p.gdn_state[:, row].zero_()
+        p.conv_window[:, row].zero_()
+        p.temperature[row] = req.params.temperature
+        p.top_k[row] = req.params.top_k
+        p.top_p[row] = req.params.top_p
+        if not req.params.greedy and p.draft_probs is None and self.block_size > 1:
+            # Allocated with the first sampled request; only sampled step graphs (captured after this) read it.
+            p.draft_probs = torch.zeros(p.tokens.shape[0], self.block_size - 1, self.vocab_size, device=self.device)
+        self.prefilling = req
+        return True
+
+    def _join(self, req: _Request, logits: torch.Tensor) -> None:
+        """A prompt is in: its first token, then its first draft, then the request joins the batch at row n."""
         if req.params.greedy:
             first = logits.argmax(-1)
         else:
@@ -301,18 +312,15 @@ class BatchRunner:
         first_token = int(first)  # the one host read of a request: its first token
         req.t_first = time.perf_counter()
         req.stats.time_to_first_token_s = req.t_first - req.t_submit
-        self.prefilling = None
-        p = self.pools
+        row, p = self.max_batch, self.pools
         p.cache_lens[row] = len(req.prompt)
         rows = slice(row, row + 1)
-        anchor = first.view(1).long()
         ones = torch.ones(1, dtype=torch.bool, device=self.device)
-        self.model.draft(p, rows, ones, anchor, p.block_table[rows], not req.params.greedy)
+        self.model.draft(p, rows, ones, first.view(1).long(), p.block_table[rows], not req.params.greedy)
         req.generated = 1
         done = first_token in req.stops or req.max_new_tokens <= 1
-        self._events.append(
-            StepEvent(req.id, [first_token], done, ("stop" if first_token in req.stops else "length") if done else None)
-        )
+        reason = ("stop" if first_token in req.stops else "length") if done else None
+        self._events.append(StepEvent(req.id, [first_token], done, reason))
         if done:
             req.finished = True
             req.stats.generated_tokens = 1
