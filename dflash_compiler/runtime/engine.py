@@ -82,7 +82,9 @@ class Engine:
                 drafter,
                 block_size=block_size,
                 max_batch=max_batch,
-                max_seq_len=max_seq_len or target.cfg.max_position_embeddings,
+                # the attention split counts are sized for this bound: a model's full context (262k for Qwen3.5)
+                # would split short contexts needlessly; pass max_seq_len for longer requests
+                max_seq_len=max_seq_len or min(target.cfg.max_position_embeddings, 32768),
                 quant=quant,
             )
             self.serving = ServingLoop(runner)
