@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 from checkpoints import VOCAB, write_char_tokenizer, write_drafter, write_llama, write_qwen3, write_qwen35
-from test_lossless import _chi2_pvalue
+from test_lossless import _chi2_pvalue, first_two_tokens_joint, write_tiny_vocab_pair
 
 from dflash_compiler.errors import DFlashError
 from dflash_compiler.models.loader import load_drafter, load_target
@@ -153,6 +153,14 @@ def test_requests_that_cannot_be_served(prompts):
         runner.add_request([5, 1 << 20], 3)
     with pytest.raises(DFlashError, match="parameter 'quant' must be one of bf16, fp8, int4"):
         BatchRunner(*_tiny_pair(), quant="int3")
+    with pytest.raises(DFlashError, match=r"parameter 'max_batch' must be in 1\.\.64, got 0"):
+        BatchRunner(*_tiny_pair(), max_batch=0)
+    with pytest.raises(DFlashError, match=r"parameter 'block_size' must be in 1\.\.16"):
+        BatchRunner(*_tiny_pair(), block_size=17)
+    with pytest.raises(DFlashError, match="parameter 'ops' must be 'triton' or 'reference'"):
+        BatchRunner(*_tiny_pair(), ops="cuda")
+    with pytest.raises(DFlashError, match="simulate_acceptance needs a drafter"):
+        BatchRunner(_tiny_pair()[0]).simulate_acceptance([0.5])
 
 
 def test_row_probabilities_match_per_row_settings():
@@ -214,8 +222,12 @@ def test_engine_submit_from_threads_and_asyncio(char_pair):
     with pytest.raises(DFlashError, match="parameter 'seed' needs runtime='eager'"):
         engine.generate("x", 3, temperature=0.5, seed=1)
     engine.close()
+    with pytest.raises(DFlashError, match="the engine is closed"):
+        engine.submit("x", 3)
     with pytest.raises(DFlashError, match="submit needs the batched runtime"):
         eager.submit("x", 3)
+    with pytest.raises(DFlashError, match="parameter 'runtime' must be 'auto', 'eager' or 'batched', got 'gpu'"):
+        Engine.from_pretrained(char_pair / "target", runtime="gpu")
 
 
 @pytest.mark.slow
@@ -224,30 +236,10 @@ def test_sampled_requests_follow_the_target_distribution_beside_greedy_ones(tmp_
     two sampled tokens follow the target's exact joint distribution, and the greedy rows give the target's greedy
     tokens."""
     vocab, prompt = 6, [1, 4, 2]
-    write_qwen35(
-        tmp_path / "t",
-        seed=31,
-        multimodal=False,
-        vocab_size=vocab,
-        num_hidden_layers=2,
-        layer_types=["linear_attention", "full_attention"],
-        eos_token_id=None,
-    )
-    write_drafter(
-        tmp_path / "d", layout="nested", target_layer_ids=[0, 1], block_size=4, mask_token_id=vocab - 1,
-        target_layers=2, vocab=vocab,
-    )  # fmt: skip
+    write_tiny_vocab_pair(tmp_path, vocab)
     target = load_target(tmp_path / "t")
     params = SamplingParams(0.8, top_k=4, top_p=0.9)
-    with torch.no_grad():
-        cache = target.new_cache(1, 8)
-        first = target(torch.tensor([prompt]), torch.arange(3).view(1, -1), cache, per_position_states=False)
-        p_first = probabilities(first.logits[0, -1], params)
-        joint = torch.zeros(vocab, vocab)
-        for x in range(vocab):
-            ids = torch.tensor([prompt + [x]])
-            logits = target(ids, torch.arange(4).view(1, -1), target.new_cache(1, 8), per_position_states=False).logits
-            joint[x] = p_first[x] * probabilities(logits[0, -1], params)
+    joint = first_two_tokens_joint(target, prompt, params)
     greedy_expected, _ = SpeculativeDecoder(target).generate(prompt, 4)
     runner = BatchRunner(load_target(tmp_path / "t"), load_drafter(tmp_path / "d", target.cfg), max_batch=16)
     torch.manual_seed(0)

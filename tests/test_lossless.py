@@ -143,12 +143,11 @@ def test_rejection_rule_preserves_the_target_distribution():
     assert abs(ok.float().mean().item() - torch.minimum(p0, q0).sum().item()) < 0.01
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=4, top_p=0.9)])
-def test_sampled_dflash_follows_the_target_distribution(tmp_path, params):
-    vocab = 6
+def write_tiny_vocab_pair(directory, vocab: int = 6) -> None:
+    """A 2-layer Qwen3.5 target over a vocabulary of `vocab` tokens and a drafter for it (block 4): small enough
+    that the exact distribution of two generated tokens is a vocab x vocab table."""
     write_qwen35(
-        tmp_path / "t",
+        directory / "t",
         seed=31,
         multimodal=False,
         vocab_size=vocab,
@@ -156,9 +155,8 @@ def test_sampled_dflash_follows_the_target_distribution(tmp_path, params):
         layer_types=["linear_attention", "full_attention"],
         eos_token_id=None,
     )
-    target = load_target(tmp_path / "t")
     write_drafter(
-        tmp_path / "d",
+        directory / "d",
         layout="nested",
         target_layer_ids=[0, 1],
         block_size=4,
@@ -166,21 +164,35 @@ def test_sampled_dflash_follows_the_target_distribution(tmp_path, params):
         target_layers=2,
         vocab=vocab,
     )
-    drafter = load_drafter(tmp_path / "d", target.cfg)
-    prompt = [1, 4, 2]
-    # exact joint distribution of the first two generated tokens under the target alone
+
+
+def first_two_tokens_joint(target, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """The exact joint distribution [V, V] of the first two tokens the target alone samples after prompt."""
+    vocab, n = target.cfg.vocab_size, len(prompt)
     with torch.no_grad():
-        p_first = probabilities(
-            target(
-                torch.tensor([prompt]), torch.arange(3).view(1, -1), target.new_cache(1, 8), per_position_states=False
-            ).logits[0, -1],
-            params,
+        first = target(
+            torch.tensor([prompt]), torch.arange(n).view(1, -1), target.new_cache(1, n + 5), per_position_states=False
         )
+        p_first = probabilities(first.logits[0, -1], params)
         joint = torch.zeros(vocab, vocab)
         for x in range(vocab):
             ids = torch.tensor([prompt + [x]])
-            logits = target(ids, torch.arange(4).view(1, -1), target.new_cache(1, 8), per_position_states=False).logits
+            logits = target(
+                ids, torch.arange(n + 1).view(1, -1), target.new_cache(1, n + 5), per_position_states=False
+            ).logits
             joint[x] = p_first[x] * probabilities(logits[0, -1], params)
+    return joint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=4, top_p=0.9)])
+def test_sampled_dflash_follows_the_target_distribution(tmp_path, params):
+    vocab = 6
+    write_tiny_vocab_pair(tmp_path, vocab)
+    target = load_target(tmp_path / "t")
+    drafter = load_drafter(tmp_path / "d", target.cfg)
+    prompt = [1, 4, 2]
+    joint = first_two_tokens_joint(target, prompt, params)
     decoder = SpeculativeDecoder(target, DFlashProposer(drafter, target))
     counts = torch.zeros(vocab * vocab)
     accepted_any = 0

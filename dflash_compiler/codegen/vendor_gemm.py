@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .weight_formats import FP8_MAX, DenseWeight, FP8ChannelWeight
+from .weight_formats import DenseWeight, FP8ChannelWeight, quantize_fp8_activations
 
 
 def supports(x: torch.Tensor, weight) -> bool:
@@ -30,9 +30,7 @@ def supports(x: torch.Tensor, weight) -> bool:
 def _matmul(x: torch.Tensor, weight) -> torch.Tensor:
     if isinstance(weight, DenseWeight):
         return x @ weight.weight.t()
-    amax = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-    scale_x = amax / FP8_MAX
-    xq = (x.float() / scale_x).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    xq, scale_x = quantize_fp8_activations(x, group=x.shape[1])  # one scale per token: [M, 1]
     return torch._scaled_mm(
         xq, weight.qweight.t(), scale_a=scale_x, scale_b=weight.scale.view(1, -1), out_dtype=x.dtype
     )

@@ -146,8 +146,8 @@ class VerifyOut:
     features: torch.Tensor | None  # [N*T, taps*H]
     positions: torch.Tensor  # [N, T]
     saved: list  # per GDN layer: (k, v, a, b, x) for the replay commit
-    table: torch.Tensor | None = None  # [N, P] the block table the block was written through
-    lens: torch.Tensor | None = None  # [N] cache lengths before the block
+    table: torch.Tensor  # [N, P] the block table the block was written through
+    lens: torch.Tensor  # [N] cache lengths before the block
 
 
 class StepModel:
@@ -168,8 +168,6 @@ class StepModel:
         consume: bool = False,
     ):
         cfg = target.cfg
-        if quant not in QUANTS:
-            raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANTS)}, got {quant!r}")
         self.cfg, self.block_size, self.quant = cfg, block_size, quant
         self.max_len: int | None = None  # host bound on cache length + block; sizes attention splits
         self.ops = kernel_ops(ops)
@@ -366,7 +364,7 @@ class StepModel:
         if last_only:
             h = h.view(n, t, -1)[:, -1]
         logits = ops.linear(ops.rms_norm(h, self.norm, eps, zero_centered=zc), self.lm_head)
-        return VerifyOut(logits.view(n, -1, logits.shape[-1]), features, positions, saved)
+        return VerifyOut(logits.view(n, -1, logits.shape[-1]), features, positions, saved, block_table, lens)
 
     def _gdn(self, layer, x, h, pools, rows, j, n, t, mode, saved):
         cfg, ops = self.cfg, self.ops
@@ -444,9 +442,7 @@ class StepModel:
         act = active[:n]
         lens = torch.where(act, pools.cache_lens[:n], 0)
         table = pools.block_table[:n] * act.unsqueeze(1).to(torch.int32)  # free rows write to scratch page 0
-        out = self.target_forward(pools, slice(0, n), pools.tokens[:n], lens, table, "verify")
-        out.table, out.lens = table, lens
-        return out
+        return self.target_forward(pools, slice(0, n), pools.tokens[:n], lens, table, "verify")
 
     def accept_commit(
         self, pools: Pools, n: int, active: torch.Tensor, vout: VerifyOut, sampled: bool, simulated: bool

@@ -418,9 +418,7 @@ def default_config(
     """
     bm = _m_bucket(m)
     dense = isinstance(weight, DenseWeight)
-    if bm >= 128 and swiglu:  # two weight tiles and two accumulators: 128-row tiles overflow shared memory
-        cfg = LinearConfig(block_n=64, block_m=bm, block_k=64 if dense else 128, num_warps=8, num_stages=2)
-    elif bm >= 128:
+    if bm >= 128:
         cfg = LinearConfig(block_n=128, block_m=bm, block_k=64 if dense else 128, num_warps=8, num_stages=3)
     elif dense:
         if bm <= 32:
