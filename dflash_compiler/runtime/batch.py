@@ -237,9 +237,9 @@ class BatchRunner:
         for req in list(self.waiting):
             if req.cancelled:
                 self.waiting.remove(req)
-                self._finish(req, [], "cancelled")
+                self._finish(req, "cancelled")
         if self.prefilling is not None and self.prefilling.cancelled:
-            self._finish(self.prefilling, [], "cancelled")
+            self._finish(self.prefilling, "cancelled")
             self.page_pool.release(self.prefilling.pages)
             self.prefilling = None
         row = 0
@@ -249,7 +249,7 @@ class BatchRunner:
                 row += 1
                 continue
             if not req.finished:
-                self._finish(req, [], "cancelled")
+                self._finish(req, "cancelled")
             self.page_pool.release(req.pages)
             last = len(self.running) - 1
             if row != last:
@@ -352,12 +352,12 @@ class BatchRunner:
         counts[:n].copy_(self.pools.out_count[:n], non_blocking=True)
         if event is not None:
             event.record()
-        return (list(self.running), tokens, counts, event, time.perf_counter())
+        return (list(self.running), tokens, counts, event)
 
     def _collect(self) -> None:
         if self._pending is None:
             return
-        rows, tokens, counts, event, _ = self._pending
+        rows, tokens, counts, event = self._pending
         self._pending = None
         if event is not None:
             event.synchronize()
@@ -385,9 +385,9 @@ class BatchRunner:
                 req.finished = True
             self._events.append(StepEvent(req.id, new, reason is not None, reason))
 
-    def _finish(self, req: _Request, tokens: list[int], reason: str) -> None:
+    def _finish(self, req: _Request, reason: str) -> None:
         req.finished = True
-        self._events.append(StepEvent(req.id, tokens, True, reason))
+        self._events.append(StepEvent(req.id, [], True, reason))
 
     def _pinned_buffers(self):
         rows, b = self.pools.tokens.shape

@@ -454,7 +454,7 @@ class StepModel:
         if b == 1:
             bonus = logits[:, 0].argmax(-1)
             if sampled:
-                probs = self._probs(pools, n, logits[:, 0])
+                probs = self._probs(pools, slice(0, n), logits[:, 0])
                 drawn = sample_from(probs, torch.rand(n, device=logits.device))
                 bonus = torch.where(pools.temperature[:n] > 0, drawn, bonus)
             accepted = torch.zeros_like(bonus)
@@ -462,7 +462,7 @@ class StepModel:
             res = self.ops.greedy_accept(drafts, logits)
             accepted, bonus = res.num_accepted, res.bonus
             if sampled:
-                p = self._probs(pools, n, logits)
+                p = self._probs(pools, slice(0, n), logits)
                 u_accept = torch.rand(n, b - 1, device=logits.device)
                 u_sample = torch.rand(n, device=logits.device)
                 rs = self.ops.rejection_accept(drafts, p, pools.draft_probs[:n], u_accept, u_sample)
@@ -587,14 +587,13 @@ class StepModel:
         logits = ops.linear(h, self.lm_head).view(n, b - 1, -1)
         drafts = logits.argmax(-1)
         if sampled:
-            q = self._probs(pools, n, logits, rows)
+            q = self._probs(pools, rows, logits)
             drawn = sample_from(q, torch.rand(n, b - 1, device=logits.device))
             drafts = torch.where(pools.temperature[rows].unsqueeze(1) > 0, drawn, drafts)
             pools.draft_probs[rows].copy_(torch.where(act.view(-1, 1, 1), q, pools.draft_probs[rows]))
         return drafts
 
-    def _probs(self, pools: Pools, n: int, logits: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        rows = rows if rows is not None else slice(0, n)
+    def _probs(self, pools: Pools, rows: slice, logits: torch.Tensor) -> torch.Tensor:
         return row_probabilities(logits, pools.temperature[rows], pools.top_k[rows], pools.top_p[rows])
 
     def step(self, pools: Pools, n: int, active: torch.Tensor, sampled: bool, simulated: bool) -> None:
