@@ -151,7 +151,7 @@ def test_requests_that_cannot_be_served(prompts):
         runner.add_request(prompts[0], 0)
     with pytest.raises(DFlashError, match="outside the vocabulary"):
         runner.add_request([5, 1 << 20], 3)
-    with pytest.raises(DFlashError, match="parameter 'quant' must be one of bf16, fp8, int4"):
+    with pytest.raises(DFlashError, match="parameter 'quant' must be one of bf16, fp8, fp8_block, int4"):
         BatchRunner(*_tiny_pair(), quant="int3")
     with pytest.raises(DFlashError, match=r"parameter 'max_batch' must be in 1\.\.64, got 0"):
         BatchRunner(*_tiny_pair(), max_batch=0)

@@ -121,14 +121,19 @@ class BatchRunner:
             max_seq_len = target.cfg.max_position_embeddings
         self.block_size, self.max_batch, self.max_seq_len = block_size, max_batch, max_seq_len
         self.prefill_chunk = prefill_chunk
+        self.vocab_size = target.cfg.vocab_size
+        self.pages_per_row = -(-(max_seq_len + 2 * block_size) // PAGE_SIZE)
         self.model = StepModel(
-            target, drafter, block_size, quant, ops or ("triton" if on_cuda else "reference"), consume=True
+            target,
+            drafter,
+            block_size,
+            quant,
+            ops or ("triton" if on_cuda else "reference"),
+            consume=True,
+            max_len=self.pages_per_row * PAGE_SIZE,
         )
         if on_cuda:
             torch.cuda.empty_cache()
-        self.vocab_size = target.cfg.vocab_size
-        self.pages_per_row = -(-(max_seq_len + 2 * block_size) // PAGE_SIZE)
-        self.model.max_len = self.pages_per_row * PAGE_SIZE
         rows = max_batch + 1  # the last row prefills
         if num_pages is None:
             wanted = max_batch * self.pages_per_row + 1
@@ -151,7 +156,6 @@ class BatchRunner:
         self.requests: dict[int, _Request] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
-        self._phase_graphs: dict[tuple, tuple[dict, dict]] = {}
         self._pending: tuple | None = None  # (rows snapshot, pinned tokens, pinned counts, event)
         self._pinned = [self._pinned_buffers() for _ in range(2)]
         self._parity = 0
@@ -426,10 +430,9 @@ class BatchRunner:
 
     @torch.inference_mode()
     def phase_times_ms(self, iters: int = 20) -> dict[str, float]:
-        """Mean GPU time of the step's phases for the current running batch, each captured and replayed alone:
-        verify (target forward), accept_commit (accept, GDN commit, outputs), draft (context K/V + drafter block),
-        step (the whole step graph), and gaps = step - the three phases. Advances the running requests (their
-        events are dropped), so call it between measurements, not while serving."""
+        """Mean GPU time of the compiled step graph for the current running batch ("step"), replayed alone.
+        Advances the running requests (their events are dropped), so call it between measurements, not while
+        serving."""
         if not self.cuda_graphs or not self.running:
             raise DFlashError("phase_times_ms needs CUDA graphs and running requests")
         self._collect()
@@ -437,53 +440,20 @@ class BatchRunner:
         n = len(self.running)
         bucket = min(next(b for b in BUCKETS if b >= n), self.max_batch)
         sampled = any(not r.params.greedy for r in self.running)
-        p, m, act = self.pools, self.model, self.pools.active
+        p = self.pools
         key = (bucket, sampled, self.simulated)
-        # Phase graphs are kept like step graphs, captured once per key.
-        graphs, state = self._phase_graphs.setdefault(key, ({}, {}))
-
-        def verify():
-            state["v"] = m.verify(p, bucket, act)
-
-        def accept_commit():
-            state["bonus"] = m.accept_commit(p, bucket, act, state["v"], sampled, self.simulated)
-
-        def draft():
-            v = state["v"]
-            m.draft(p, slice(0, bucket), act[:bucket], state["bonus"], v.table, sampled, v.features, v.positions)
-
-        # Each run of a phase may advance the batch; lengths and blocks are restored after every one (outside the
-        # timing), so every replay sees the same batch and nothing runs past the requests' pages.
+        # Replays advance the batch; lengths and blocks are restored after every one (outside the timing), so
+        # every replay sees the same batch and nothing runs past the requests' pages.
         lens, tokens = p.cache_lens.clone(), p.tokens.clone()
-
-        def restore():
+        step = self._graphs.get(key) or self._capture(*key)
+        pairs = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step.replay()
+            end.record()
+            pairs.append((start, end))
             p.cache_lens.copy_(lens)
             p.tokens.copy_(tokens)
-
-        for name, fn in (("verify", verify), ("accept_commit", accept_commit), ("draft", draft)):
-            if name not in graphs:
-                fn()  # warm-up: every kernel is compiled already, this settles allocations before capture
-                restore()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self._graph_pool):
-                    fn()
-                graphs[name] = g
-            # A capture only records: its outputs (the next phase's inputs, e.g. the bonus tokens the draft embeds)
-            # hold whatever the pool held until the graph is replayed once.
-            graphs[name].replay()
-            restore()
-        step = self._graphs.get(key) or self._capture(*key)
-        times = {}
-        for name, g in (*graphs.items(), ("step", step)):
-            pairs = []
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                g.replay()
-                end.record()
-                pairs.append((start, end))
-                restore()
-            torch.cuda.synchronize(self.device)
-            times[name] = sum(s.elapsed_time(e) for s, e in pairs) / iters
-        times["gaps"] = times["step"] - times["verify"] - times["accept_commit"] - times["draft"]
-        return times
+        torch.cuda.synchronize(self.device)
+        return {"step": sum(s.elapsed_time(e) for s, e in pairs) / iters}
