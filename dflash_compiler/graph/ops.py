@@ -375,6 +375,10 @@ def _(draft_tokens, target_probs, draft_probs, u_accept, u_sample):
 # ---- CUDA kernels -----------------------------------------------------------------------------------------------
 
 
+# The Python functions behind the ops' CUDA kernels, by op name (what the lowering pass puts in a graph).
+TRITON_IMPLEMENTATIONS: dict = {}
+
+
 def _register_cuda_kernels() -> None:
     """The Triton kernels (and the vendor GEMM from VENDOR_GEMM_MIN_ROWS rows) as the ops' CUDA implementations."""
     from ..codegen import vendor_gemm
@@ -384,72 +388,80 @@ def _register_cuda_kernels() -> None:
     from ..codegen.triton import gdn as t_gdn
     from ..codegen.triton import linear as t_linear
 
+    def kernel(op):
+        def register(fn):
+            op.register_kernel("cuda", fn)
+            TRITON_IMPLEMENTATIONS[op._name] = fn
+            return fn
+
+        return register
+
     def linear_by_rows(x, w, **kwargs):
         if x.shape[0] >= VENDOR_GEMM_MIN_ROWS and vendor_gemm.supports(x, w):
             return vendor_gemm.linear(x, w, **kwargs)
         return t_linear.linear(x, w, **kwargs)
 
-    @linear.register_kernel("cuda")
+    @kernel(linear)
     def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False):
         return _run_linear(linear_by_rows, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu)
 
-    @rms_norm.register_kernel("cuda")
+    @kernel(rms_norm)
     def _(x, weight, eps, zero_centered):
         return t_fused.rms_norm(x, weight, eps, zero_centered=zero_centered)
 
-    @qk_norm_rope_write.register_kernel("cuda")
+    @kernel(qk_norm_rope_write)
     def _(q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, block_table,
           num_q_heads, num_kv_heads, eps, gated, zero_centered):  # fmt: skip
         return _qk_norm_rope_write(t_fused.qk_norm_rope, q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, k_cache,
                                    v_cache, seq_idx, positions, block_table, num_q_heads, num_kv_heads, eps, gated,
                                    zero_centered)  # fmt: skip
 
-    @qk_norm_rope.register_kernel("cuda")
+    @kernel(qk_norm_rope)
     def _(q_proj, k_proj, q_norm, k_norm, cos, sin, num_q_heads, num_kv_heads, eps):
         return _qk_norm_rope(t_fused.qk_norm_rope, q_proj, k_proj, q_norm, k_norm, cos, sin, num_q_heads,
                              num_kv_heads, eps)  # fmt: skip
 
-    @context_kv_write.register_kernel("cuda")
+    @kernel(context_kv_write)
     def _(kv, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, block_table, eps):
         t_fused.context_kv_write(kv, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, eps=eps,
                                  block_table=block_table)  # fmt: skip
 
-    @verify_attention.register_kernel("cuda")
+    @kernel(verify_attention)
     def _(q, k_cache, v_cache, cache_lens, block_table, max_len):
         return t_attention.verify_attention(q, k_cache, v_cache, cache_lens, block_table=block_table, max_len=max_len)
 
-    @draft_attention.register_kernel("cuda")
+    @kernel(draft_attention)
     def _(q, k_block, v_block, k_cache, v_cache, ctx_lens, block_table, causal, window, max_len):
         return t_attention.draft_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, block_table=block_table,
                                            causal=causal, window=window, max_len=max_len)  # fmt: skip
 
-    @causal_conv1d_update.register_kernel("cuda")
+    @kernel(causal_conv1d_update)
     def _(x, window, weight):
         return t_gdn.causal_conv1d_update(x, window, weight)
 
-    @conv_window_commit.register_kernel("cuda")
+    @kernel(conv_window_commit)
     def _(window, x, idx):
         t_gdn.conv_window_commit(window, x, idx)
 
-    @gdn_verify.register_kernel("cuda")
+    @kernel(gdn_verify)
     def _(q, k, v, a, b, a_log, dt_bias, state):
         o, _ = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0)
         return o
 
-    @gdn_commit.register_kernel("cuda")
+    @kernel(gdn_commit)
     def _(state, idx, k, v, a, b, a_log, dt_bias, window, x):
         t_gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, window=window, x=x)
 
-    @gdn_prefill.register_kernel("cuda")
+    @kernel(gdn_prefill)
     def _(q, k, v, a, b, a_log, dt_bias, state, window, x):
         return _gdn_prefill(t_gdn, q, k, v, a, b, a_log, dt_bias, state, window, x)
 
-    @greedy_accept.register_kernel("cuda")
+    @kernel(greedy_accept)
     def _(draft_tokens, logits):
         res = t_accept.greedy_accept(draft_tokens, logits)
         return res.num_accepted.clone(), res.bonus.clone()
 
-    @rejection_accept.register_kernel("cuda")
+    @kernel(rejection_accept)
     def _(draft_tokens, target_probs, draft_probs, u_accept, u_sample):
         res = t_accept.rejection_accept(draft_tokens, target_probs, draft_probs, u_accept, u_sample)
         return res.num_accepted.clone(), res.bonus.clone()
@@ -477,5 +489,5 @@ def implementation(op: str, backend: str):
     if backend == "reference":
         return custom._init_fn
     if backend == "triton":
-        return custom._backend_fns.get("cuda", custom._init_fn)
+        return TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
     raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")

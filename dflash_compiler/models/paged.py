@@ -103,5 +103,5 @@ def project(x: torch.Tensor, module: nn.Linear, residual: torch.Tensor | None = 
 def token_rows(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(request index, position) of every token of positions [N, T], flattened."""
     n, t = positions.shape
-    seq_idx = torch.arange(n, device=positions.device).unsqueeze(1).expand(n, t).reshape(-1)
+    seq_idx = torch.arange(n * t, device=positions.device) // t  # contiguous: kernels index it per token
     return seq_idx, positions.reshape(-1)
