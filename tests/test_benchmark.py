@@ -140,6 +140,7 @@ def test_bench_in_process_matches_the_engine(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "acceptance per draft position" in printed
     doc = json.loads(out.read_text())
+    assert doc["model"] == f"{DEFAULT_PAIR / 'target'} + {DEFAULT_PAIR / 'drafter'}"
     assert doc["concurrency"] == [1, 2] and doc["sampling"]["temperature"] == 0.0 and doc["num_prompts"] == 3
     rows = {(r["mode"], r["concurrency"]): r for r in doc["rows"]}
     assert list(rows) == [("ar", 1), ("ar", 2), ("dflash", 1), ("dflash", 2)]
@@ -428,3 +429,42 @@ def test_vllm_client_reads_the_spec_decode_counters(tmp_path):
         assert all(r["acceptance_lengths"] is None for r in row["results"])
         assert not math.isnan(row["tokens_per_s"])
     assert (tmp_path / "vllm-acceptance.png").is_file() and (tmp_path / "vllm-throughput.png").is_file()
+
+
+def broken_app():
+    """A server that answers /generate with an overload error and streams completions without usage."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "me"}]}
+
+    @app.post("/generate")
+    def generate():
+        return PlainTextResponse("queue full", status_code=503)
+
+    @app.post("/v1/completions")
+    def completions():
+        choice = {"index": 0, "text": "a", "finish_reason": "length", "logprobs": None}
+        return sse([{"id": "r", "object": "text_completion", "created": 0, "model": "m", "choices": [choice]}])
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "backend, message",
+    [
+        ("sglang", "/generate: HTTP 503 (gsm8k-0): queue full"),
+        ("dflash", ": the streamed response to gsm8k-0 carried no usage"),
+        ("vllm", "/metrics: HTTP 404"),
+    ],
+)
+def test_server_failures_are_one_line(backend, message, capsys, tmp_path):
+    with serve(broken_app()) as url:
+        argv = ["--backend", backend, "--base-url", url, "--prompts", "gsm8k", "--num-prompts", "1", "--no-warmup"]
+        assert bench_main([*argv, "--max-tokens", "4", "-o", str(tmp_path / "r.json"), "--no-progress"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    if backend == "sglang":  # no /flush_cache there: a warning, and the run goes on
+        assert lines.pop(0) == f"dflash-bench: warning: {url}/flush_cache: HTTP 404"
+    assert lines == [f"dflash-bench: error: {url}{message}"]
+    assert not (tmp_path / "r.json").exists()

@@ -124,7 +124,7 @@ def _bench(args: argparse.Namespace) -> int:
         "benchmark": "dflash-bench",
         "version": __version__,
         "backend": args.backend,
-        "target": args.artifact or args.target or args.base_url,
+        "model": _model_name(args),
         "prompts": args.prompts,
         "chat": args.chat,
         "num_prompts": len(prompts),
@@ -142,8 +142,25 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The in-process target and drafter: with no --target, the bundled tiny pair (its drafter unless named)."""
+    from ..runtime.engine import DEFAULT_PAIR
+
+    if args.target:
+        return Path(args.target), Path(args.drafter) if args.drafter else None
+    return DEFAULT_PAIR / "target", Path(args.drafter) if args.drafter else DEFAULT_PAIR / "drafter"
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    if args.backend != "inprocess":
+        return args.model or args.base_url
+    if args.artifact:
+        return args.artifact
+    return " + ".join(str(p) for p in _pair(args) if p is not None)
+
+
 def _in_process_modes(args: argparse.Namespace, concurrencies: list[int]):
-    from ..runtime.engine import DEFAULT_PAIR, Engine
+    from ..runtime.engine import Engine
     from .clients import InProcessBackend
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -167,8 +184,7 @@ def _in_process_modes(args: argparse.Namespace, concurrencies: list[int]):
         # the autoregressive baseline is the target alone, named with --target
         modes = [("ar", lambda: backend(Engine.from_pretrained(args.target, None, **load)))] if args.target else []
         return [*modes, ("dflash", lambda: backend(from_artifact(args.artifact)))]
-    target = args.target or DEFAULT_PAIR / "target"
-    drafter = args.drafter or (None if args.target else DEFAULT_PAIR / "drafter")
+    target, drafter = _pair(args)
     if drafter is None and args.no_ar:
         raise DFlashError("parameter '--no-ar' leaves nothing to run: name a --drafter")
     modes = [] if args.no_ar else [("ar", lambda: backend(Engine.from_pretrained(target, None, **load)))]

@@ -128,8 +128,15 @@ class InProcessBackend(Backend):
         return RequestResult.from_stats(prompt.id, result.stats, finish_reason=result.finish_reason, text=result.text)
 
     def close(self) -> None:
+        import gc
+
+        import torch
+
         self.engine.close()
         self.engine = None
+        gc.collect()  # the next mode's engine sizes its KV pool from the memory left free
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class OpenAIBackend(Backend):
@@ -241,6 +248,8 @@ class OpenAIBackend(Backend):
             raise DFlashError(f"{self.base_url}: the streamed response to {prompt.id} carried no usage")
         stats = None
         if extension is not None:
+            if not isinstance(extension.get("acceptance_lengths"), list) or "block_size" not in extension:
+                raise DFlashError(f"{self.base_url}: the 'dflash' extension lacks 'acceptance_lengths' or 'block_size'")
             stats = GenerationStats(
                 prompt_tokens=usage.prompt_tokens,
                 generated_tokens=usage.completion_tokens,
@@ -286,15 +295,20 @@ class SGLangBackend(Backend):
         if chat:
             check_chat_template(tokenizer)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
+        # no pool limit: the benchmark's concurrency is the limit
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers, limits=limits)
 
     def begin_run(self) -> None:
         import httpx
 
         try:
-            self.http.get("/flush_cache").raise_for_status()
+            status = self.http.get("/flush_cache").status_code
+            problem = None if status == 200 else f"HTTP {status}"
         except httpx.HTTPError as e:
-            print(f"dflash-bench: warning: {self.base_url}/flush_cache failed ({_one_line(e)})", file=sys.stderr)
+            problem = _one_line(e)
+        if problem is not None:  # as upstream: the run goes on, its prompts may hit a warm prefix cache
+            print(f"dflash-bench: warning: {self.base_url}/flush_cache: {problem}", file=sys.stderr)
 
     def send(self, prompt: Prompt, sampling: Sampling) -> RequestResult:
         import httpx
