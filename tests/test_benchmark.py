@@ -460,6 +460,11 @@ def broken_app():
     ],
 )
 def test_server_failures_are_one_line(backend, message, capsys, tmp_path):
+    # nothing listening
+    assert bench_main(["--backend", backend, "--base-url", "http://127.0.0.1:9", "--num-prompts", "1"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dflash-bench: error: http://127.0.0.1:9")
+
     with serve(broken_app()) as url:
         argv = ["--backend", backend, "--base-url", url, "--prompts", "gsm8k", "--num-prompts", "1", "--no-warmup"]
         assert bench_main([*argv, "--max-tokens", "4", "-o", str(tmp_path / "r.json"), "--no-progress"]) == 2

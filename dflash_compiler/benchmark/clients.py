@@ -44,6 +44,10 @@ class RequestResult:
     verify_steps: int | None = None
     acceptance_length: float | None = None  # tau of this request, as reported
 
+    def __post_init__(self):
+        if self.stats is not None:
+            self.verify_steps, self.acceptance_length = len(self.stats.acceptance_lengths), self.stats.acceptance_length
+
     @property
     def tpot_s(self) -> float | None:
         """Time per output token after the first."""
@@ -58,8 +62,6 @@ class RequestResult:
             stats.time_to_first_token_s,
             stats.time_to_first_token_s + stats.decode_time_s,
             stats=stats,
-            verify_steps=len(stats.acceptance_lengths),
-            acceptance_length=stats.acceptance_length,
             **kwargs,
         )
 
@@ -163,9 +165,8 @@ class OpenAIBackend(Backend):
         self.client = openai.OpenAI(
             base_url=f"{self.base_url}/v1", api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=0
         )
-        self.http = httpx.Client(
-            base_url=self.base_url, timeout=timeout_s, headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
-        )
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers) if vllm_metrics else None
         self._counters: dict | None = None
         try:
             self.model = model or self.client.models.list().data[0].id
@@ -192,9 +193,13 @@ class OpenAIBackend(Backend):
 
     def _vllm_counters(self) -> dict:
         """The speculative-decoding counters of /metrics: totals by name, per-position totals by (name, position)."""
+        import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
-        response = self.http.get("/metrics")
+        try:
+            response = self.http.get("/metrics")
+        except httpx.HTTPError as e:
+            raise DFlashError(f"{self.base_url}/metrics: {_one_line(e)}") from None
         if response.status_code != 200:
             raise DFlashError(f"{self.base_url}/metrics: HTTP {response.status_code}")
         counters: dict = {}
@@ -256,21 +261,15 @@ class OpenAIBackend(Backend):
                 block_size=int(extension["block_size"]),
                 acceptance_lengths=[int(a) for a in extension["acceptance_lengths"]],
             )
+        ttft = (first if first is not None else end) - t0
         return RequestResult(
-            prompt.id,
-            usage.completion_tokens,
-            (first if first is not None else end) - t0,
-            end - t0,
-            finish_reason,
-            "".join(pieces),
-            stats,
-            len(stats.acceptance_lengths) if stats is not None else None,
-            stats.acceptance_length if stats is not None else None,
+            prompt.id, usage.completion_tokens, ttft, end - t0, finish_reason, "".join(pieces), stats=stats
         )
 
     def close(self) -> None:
         self.client.close()
-        self.http.close()
+        if self.http is not None:
+            self.http.close()
 
 
 class SGLangBackend(Backend):
@@ -356,10 +355,10 @@ class SGLangBackend(Backend):
         return RequestResult(
             prompt.id,
             tokens,
-            (first if first is not None else end) - t0,
-            end - t0,
-            reason.get("type") if isinstance(reason, dict) else reason,
-            last.get("text", "") if last else "",
+            ttft_s=(first if first is not None else end) - t0,
+            latency_s=end - t0,
+            finish_reason=reason.get("type") if isinstance(reason, dict) else reason,
+            text=last.get("text", "") if last else "",
             verify_steps=verify_ct,
             acceptance_length=float(tau) if verify_ct is not None else None,
         )
