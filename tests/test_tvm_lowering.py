@@ -174,6 +174,7 @@ def test_bad_input_gets_a_one_line_error(tmp_path):
 
 CUDA_KERNELS = {
     "dense_gemv": lambda t: cached_linear("dense", 1, 512, 768, torch.bfloat16, t, "residual"),
+    "int4_sym_gemv": lambda t: cached_linear("int4_sym", 1, 512, 700, torch.bfloat16, t, "none"),
     "fp8_block_matmul": lambda t: cached_linear("fp8_block", 16, 512, 768, torch.bfloat16, t, "swiglu"),
     "int4_asym_matmul": lambda t: cached_linear("int4_asym", 64, 512, 768, torch.float16, t, "none"),
     "rms_norm": lambda t: build_rms_norm(16, 640, torch.bfloat16, t, eps=1e-6, zero_centered=True, residual=True),
@@ -185,7 +186,7 @@ def test_cuda_builds_for_every_arch(arch, tmp_path):
     target = f"cuda -arch={arch}"
     kernels = {name: build(target) for name, build in CUDA_KERNELS.items()}
     schedules = {name: [s.schedule for s in k.spec.stages] for name, k in kernels.items()}
-    assert schedules["dense_gemv"] == ["GEMV"]
+    assert schedules["dense_gemv"] == schedules["int4_sym_gemv"] == ["GEMV"]
     assert schedules["fp8_block_matmul"] == ["Matmul", "Fallback"]
     assert schedules["int4_asym_matmul"] == ["Matmul"]
     assert schedules["rms_norm"] == ["Fallback", "GeneralReduction"]

@@ -14,6 +14,9 @@ the workspace costs M * N * 8 bytes of traffic against the weight's N * K.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 from dflash_compiler.codegen import weight_formats as wf
@@ -70,10 +73,22 @@ def _e4m3_to_f32(byte, native: bool):
     return tirx.Select((b & tirx.const(0x80, "uint32")) != tirx.const(0, "uint32"), -magnitude, magnitude)
 
 
+class _WeightStage(NamedTuple):
+    specs: list  # TensorSpecs of the format's tensors, in call order
+    placeholders: list
+    dequant: object  # the fp32 weight [N, reduction] as a compute stage
+    reduction: int  # extent of the reduction axis
+    input_of: Callable | None = None  # reduction index -> input index (None: the same)
+    col_scale: object = None  # a per-output scale applied after the reduction, or None
+
+
 def _weight_stage(fmt: str, n: int, k: int, native_fp8: bool, weight_dtype: str, scale_dtype: str, group_size: int):
-    """(TensorSpecs, placeholders, the dequantized fp32 weight [N, K] as a compute stage, and the per-output scale
-    the product is multiplied by afterwards, or None). FP8 per-channel scales go after the reduction: dlight's GEMV
-    rule does not take a dequant stage that reads them (measured), and it saves a multiply per weight."""
+    """The format's tensors and its dequantized weight. FP8 per-channel scales go after the reduction: dlight's GEMV
+    rule does not take a dequant stage that reads them (measured), and it saves a multiply per weight.
+
+    INT4 reduces in the order the nibbles are stored (word t // 8, nibble t % 8), gathering the activations to match:
+    indexed by input instead, the word index 16 (k // 128) + (k % 32) // 2 is not an affine split of k and dlight
+    falls back from GEMV to GeneralReduction at M=1 (measured)."""
     from tvm import te
 
     if fmt == "dense":
@@ -98,35 +113,34 @@ def _weight_stage(fmt: str, n: int, k: int, native_fp8: bool, weight_dtype: str,
 
     if fmt == "dense":
         (w,) = ph
-        return specs, ph, te.compute((n, k), lambda i, j: w[i, j].astype("float32"), name="dequant"), None
+        return _WeightStage(specs, ph, te.compute((n, k), lambda i, j: w[i, j].astype("float32"), name="dequant"), k)
     if fmt == "fp8_channel":
         q, s = ph
-        return specs, ph, te.compute((n, k), lambda i, j: _e4m3_to_f32(q[i, j], native_fp8), name="dequant"), s
+        deq = te.compute((n, k), lambda i, j: _e4m3_to_f32(q[i, j], native_fp8), name="dequant")
+        return _WeightStage(specs, ph, deq, k, col_scale=s)
     if fmt == "fp8_block":
         q, s = ph
         b = wf.FP8_BLOCK
-        return (
-            specs,
-            ph,
-            te.compute((n, k), lambda i, j: _e4m3_to_f32(q[i, j], native_fp8) * s[i // b, j // b], name="dequant"),
-            None,
-        )
+        deq = te.compute((n, k), lambda i, j: _e4m3_to_f32(q[i, j], native_fp8) * s[i // b, j // b], name="dequant")
+        return _WeightStage(specs, ph, deq, k)
 
     qweight, scales = ph[0], ph[1]
-    run = wf.INT4_RUN
+    padded = wf.INT4_RUN * _cdiv(k, wf.INT4_RUN)
 
-    def dequant(i, j):
-        # input j sits in run j // 128, word (j % 32) // 2 of it, bits 16 (j % 2) + 4 ((j % 128) // 32)
-        rem = j % run
-        word = qweight[i, 16 * (j // run) + (rem % 32) // 2]
-        nibble = (word >> (16 * (rem % 2) + 4 * (rem // 32))) & 0xF
+    def dequant(i, t):
+        # nibble t % 8 of word t // 8 is input 128 r + 32 j + 2 w + h (the weight_formats layout); groups are whole
+        # runs of 128, so its group is t // group_size
+        nibble = (qweight[i, t // 8] >> (4 * (t % 8))) & 0xF
         if fmt == "int4_sym":
             zero = 8
         else:
-            zero = (ph[2][j // group_size, i // 8] >> (4 * (i % 8))) & 0xF
-        return (nibble - zero).astype("float32") * scales[j // group_size, i].astype("float32")
+            zero = (ph[2][t // group_size, i // 8] >> (4 * (i % 8))) & 0xF
+        return (nibble - zero).astype("float32") * scales[t // group_size, i].astype("float32")
 
-    return specs, ph, te.compute((n, k), dequant, name="dequant"), None
+    def input_of(t):
+        return 128 * (t // 128) + 32 * (t % 4) + 2 * ((t // 8) % 16) + (t % 8) // 4
+
+    return _WeightStage(specs, ph, te.compute((n, padded), dequant, name="dequant"), padded, input_of)
 
 
 def build_linear(
@@ -166,14 +180,25 @@ def build_linear(
     native_fp8 = target.startswith("cuda")
 
     x_spec = TensorSpec("x", (m, k), act)
-    w_specs, w_ph, w_deq, col_scale = _weight_stage(fmt, n, k, native_fp8, wdt, sdt, group_size)
+    stage = _weight_stage(fmt, n, k, native_fp8, wdt, sdt, group_size)
+    w_specs, w_ph, w_deq = stage.specs, stage.placeholders, stage.dequant
     x = te.placeholder(x_spec.shape, act, name="x")
-    r = te.reduce_axis((0, k), name="k")
-    product = te.compute((m, n), lambda i, j: te.sum(x[i, r].astype("float32") * w_deq[j, r], axis=r), name="matmul")
-    if col_scale is None:
+    r = te.reduce_axis((0, stage.reduction), name="k")
+
+    def x_at(i, t):
+        if stage.input_of is None:
+            return x[i, t].astype("float32")
+        j = stage.input_of(t)
+        if stage.reduction == k:
+            return x[i, j].astype("float32")
+        # the padding of the last INT4 run: its nibbles are 0, the activations past K do not exist
+        return tirx.if_then_else(j < k, x[i, tirx.min(j, k - 1)].astype("float32"), tirx.const(0, "float32"))
+
+    product = te.compute((m, n), lambda i, j: te.sum(x_at(i, r) * w_deq[j, r], axis=r), name="matmul")
+    if stage.col_scale is None:
         acc = product
     else:
-        acc = te.compute((m, n), lambda i, j: product[i, j] * col_scale[j], name="scaled")
+        acc = te.compute((m, n), lambda i, j: product[i, j] * stage.col_scale[j], name="scaled")
     inputs = [x_spec, *w_specs]
     names = ["x", *(s.name for s in w_specs)]
     attrs = {"format": fmt, "epilogue": epilogue, "m": m, "n": n, "k": k}
@@ -192,7 +217,7 @@ def build_linear(
 
         out = te.compute((m, h), swiglu, name="out")
         # an explicit store stage: without an epilogue block, dlight's GeneralReduction does not apply (measured)
-        acc_out = acc if col_scale is not None else te.compute((m, n), lambda i, j: acc[i, j], name="acc")
+        acc_out = acc if stage.col_scale is not None else te.compute((m, n), lambda i, j: acc[i, j], name="acc")
         funcs = {"linear": te.create_prim_func([x, *w_ph, acc_out]), "swiglu": te.create_prim_func([acc_in, out])}
         args = {"linear": (*names, "acc"), "swiglu": ("acc", "out")}
         return compile_kernel("linear", target, funcs, args, tuple(inputs), (out_spec,), (ws_spec,), attrs)
