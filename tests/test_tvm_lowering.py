@@ -200,6 +200,9 @@ def test_cuda_builds_for_every_arch(arch, tmp_path):
     path = tmp_path / f"fp8_block_{arch}.so"
     kernels["fp8_block_matmul"].export_library(path)
     assert TVMKernel.spec_path(path).is_file() and path.stat().st_size > 0
+    if not torch.cuda.is_available():  # the CUDA loader registers only where the CUDA runtime loads
+        with pytest.raises(DFlashError, match=f"cannot load the TVM module built for cuda -arch={arch} here"):
+            TVMKernel.load(path)
 
 
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
@@ -235,3 +238,22 @@ def test_cuda_linear_matches_reference(fmt, epilogue, m):
     ref = reference.linear(x, weight, residual=residual, swiglu=epilogue == "swiglu").float()
     assert torch.isfinite(y).all()
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True])
+def test_cuda_rms_norm_matches_reference(residual):
+    major, minor = torch.cuda.get_device_capability()
+    rows, hidden, eps = 16, 5120, 1e-6
+    kernel = build_rms_norm(
+        rows, hidden, torch.bfloat16, f"cuda -arch=sm_{major}{minor}", eps=eps, zero_centered=True, residual=residual
+    )
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16) * 0.1
+    r = torch.randn_like(x) if residual else None
+    got = rms_norm(kernel, x, w, eps, residual=r)
+    want = reference.rms_norm(x, w, eps, zero_centered=True, residual=r)
+    if residual:
+        assert torch.equal(got[1], want[1])
+        got, want = got[0], want[0]
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)

@@ -165,6 +165,7 @@ class TVMKernel:
         self.spec = spec
         self._functions = {s.function: module[s.function] for s in spec.stages}
         self._workspaces: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._checked_devices: set[torch.device] = set()
 
     @property
     def arch(self) -> str | None:
@@ -194,10 +195,11 @@ class TVMKernel:
         want_cuda = self.arch is not None
         if (device.type == "cuda") != want_cuda:
             raise DFlashError(f"target: this kernel is built for {self.spec.target}, the tensors are on {device}")
-        if want_cuda:
+        if want_cuda and device not in self._checked_devices:
             major, minor = torch.cuda.get_device_capability(device)
             if f"sm_{major}{minor}" != self.arch:
                 raise DFlashError(f"target: this kernel is built for {self.arch}, the GPU is sm_{major}{minor}")
+            self._checked_devices.add(device)
 
     def __call__(self, *inputs: torch.Tensor, out: torch.Tensor | tuple[torch.Tensor, ...] | None = None):
         spec = self.spec
@@ -271,4 +273,9 @@ class TVMKernel:
             spec = KernelSpec.from_json(cls.spec_path(path).read_text())
         except (ValueError, KeyError, TypeError) as e:
             raise DFlashError(f"{cls.spec_path(path)}: not a TVM kernel spec ({type(e).__name__}: {e})") from None
-        return cls(tvm.runtime.load_module(str(path)), spec)
+        try:
+            module = tvm.runtime.load_module(str(path))
+        except Exception as e:  # noqa: BLE001 - TVM raises plain RuntimeErrors; report the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DFlashError(f"{path}: cannot load the TVM module built for {spec.target} here ({first})") from None
+        return cls(module, spec)
