@@ -1,5 +1,6 @@
 """The TVM linear (codegen/tvm/, dlight schedules, one static build per M) against our Triton linear and torch, at
-Qwen3.5-27B shapes, M in {1, 16, 64}, every weight format; and the gate_up SwiGLU at M=16.
+Qwen3.5-27B shapes, M in {1, 16, 64}, every weight format; the gate_up SwiGLU at M=16; and at M=16 the formats
+LowBatchGEMV schedules once more through dlight's Matmul rule instead (low_batch=False), to choose between them.
 
 Timing, torch baselines, rotating weights and the floor (weight + activation + output bytes over the copy bandwidth
 measured in the same run) are bench_linear.py's, so the rows compare with its table. The TVM kernels are built on
@@ -25,7 +26,7 @@ from bench_linear import FORMATS, MS, SHAPES, Case  # noqa: E402
 from common import copy_bandwidth_tbps, floor_us, print_table, write_results  # noqa: E402
 
 from dflash_compiler.codegen.tvm.build import TVMKernel  # noqa: E402
-from dflash_compiler.codegen.tvm.linear import build_linear  # noqa: E402
+from dflash_compiler.codegen.tvm.linear import LOW_BATCH_FORMATS, build_linear  # noqa: E402
 from dflash_compiler.codegen.tvm.linear import linear as tvm_linear  # noqa: E402
 
 TVM_FORMAT = {"bf16": "dense", "fp8_channel": "fp8_channel", "fp8_block": "fp8_block"}
@@ -44,18 +45,24 @@ COLUMNS = (
 )
 
 
-def build(fmt: str, m: int, n: int, k: int, arch: str, epilogue: str = "none") -> TVMKernel:
+def build(fmt: str, m: int, n: int, k: int, arch: str, epilogue: str = "none", low_batch: bool = True) -> TVMKernel:
     """The TVM kernel for a bench format (bf16 activations; the weights bench_linear.make_format makes)."""
     kw = {"weight_dtype": torch.bfloat16} if fmt == "bf16" else {}
     if fmt.startswith("int4"):
         kw["scale_dtype"] = torch.float16  # quantize_int4's default
-    return build_linear(TVM_FORMAT.get(fmt, fmt), m, n, k, torch.bfloat16, f"cuda -arch={arch}", epilogue, **kw)
+    fmt = TVM_FORMAT.get(fmt, fmt)
+    return build_linear(fmt, m, n, k, torch.bfloat16, f"cuda -arch={arch}", epilogue, low_batch=low_batch, **kw)
 
 
-def tasks(formats: tuple[str, ...] = FORMATS) -> list[tuple[str, str, int, str]]:
-    """(shape name, format, M, epilogue) of every row, in table order."""
-    out = [(name, fmt, m, "none") for name in SHAPES for m in MS for fmt in formats]
-    out += [("gate_up", fmt, 16, "swiglu") for fmt in SWIGLU_FORMATS if fmt in formats]
+def tasks(formats: tuple[str, ...] = FORMATS) -> list[tuple[str, str, int, str, bool]]:
+    """(shape name, format, M, epilogue, low_batch) of every row, in table order."""
+    out = []
+    for name in SHAPES:
+        for m in MS:
+            out += [(name, fmt, m, "none", True) for fmt in formats]
+            if m == 16:
+                out += [(name, fmt, m, "none", False) for fmt in formats if TVM_FORMAT.get(fmt) in LOW_BATCH_FORMATS]
+    out += [("gate_up", fmt, 16, "swiglu", True) for fmt in SWIGLU_FORMATS if fmt in formats]
     return out
 
 
@@ -80,10 +87,10 @@ def make_row(name, fmt, m, epilogue, n, k, tvm, triton_us, torch_us, floor, kern
 
 def build_only(arch: str) -> None:
     rows = []
-    for name, fmt, m, epilogue in tasks():
+    for name, fmt, m, epilogue, low_batch in tasks():
         n, k = SHAPES[name]
         t0 = time.perf_counter()
-        kernel = build(fmt, m, n, k, arch, epilogue)
+        kernel = build(fmt, m, n, k, arch, epilogue, low_batch)
         rows.append(
             {
                 "op": f"linear_{fmt}+{epilogue}",
@@ -104,15 +111,15 @@ def run(bw_tbps: float, arch: str) -> list[dict]:
     for name, shape_tasks in by_shape.items():
         n, k = SHAPES[name]
         case = Case(n, k, FORMATS)
-        torch_us = {}
+        torch_us, triton_us = {}, {}
         for m in MS:
             torch_us[("bf16", m, "none")] = case.time_torch("bf16", m)
             torch_us[("fp8", m, "none")] = case.time_torch("fp8", m)
         if name == "gate_up":
             torch_us[("bf16", 16, "swiglu")] = case.time_torch("bf16", 16, swiglu=True)
-        for _, fmt, m, epilogue in shape_tasks:
+        for _, fmt, m, epilogue, low_batch in shape_tasks:
             t0 = time.perf_counter()
-            kernel = build(fmt, m, n, k, arch, epilogue)
+            kernel = build(fmt, m, n, k, arch, epilogue, low_batch)
             build_s = time.perf_counter() - t0
 
             def launch(x, weight, out, residual, kernel=kernel):
@@ -126,12 +133,27 @@ def run(bw_tbps: float, arch: str) -> list[dict]:
             load_s = time.perf_counter() - t0
             swiglu = epilogue == "swiglu"
             tvm_us, err, nbytes = case.time_ours(fmt, m, swiglu=swiglu, launch=launch)
-            triton_us, _, _ = case.time_ours(fmt, m, swiglu=swiglu)
+            if (fmt, m, epilogue) not in triton_us:
+                triton_us[(fmt, m, epilogue)] = case.time_ours(fmt, m, swiglu=swiglu)[0]
             family = "fp8" if fmt.startswith("fp8") and epilogue == "none" else "bf16"
             ref = torch_us[(family, m, epilogue)]
             floor = floor_us(nbytes, bw_tbps)
             rows.append(
-                make_row(name, fmt, m, epilogue, n, k, (tvm_us, err), triton_us, ref, floor, kernel, build_s, load_s)
+                make_row(
+                    name,
+                    fmt,
+                    m,
+                    epilogue,
+                    n,
+                    k,
+                    (tvm_us, err),
+                    triton_us[(fmt, m, epilogue)],
+                    ref,
+                    floor,
+                    kernel,
+                    build_s,
+                    load_s,
+                )
             )
             print("  ".join(str(rows[-1][c]) for c in COLUMNS), flush=True)
         del case

@@ -37,8 +37,10 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator, dense_dtype=torc
 
 
 @functools.cache
-def cached_linear(fmt, m, n, k, dtype, target, epilogue, weight_dtype=None, group_size=128):
-    return build_linear(fmt, m, n, k, dtype, target, epilogue, weight_dtype=weight_dtype, group_size=group_size)
+def cached_linear(fmt, m, n, k, dtype, target, epilogue, weight_dtype=None, group_size=128, low_batch=True):
+    return build_linear(
+        fmt, m, n, k, dtype, target, epilogue, weight_dtype=weight_dtype, group_size=group_size, low_batch=low_batch
+    )
 
 
 def nan_out(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -175,6 +177,9 @@ def test_bad_input_gets_a_one_line_error(tmp_path):
 CUDA_KERNELS = {
     "dense_gemv": lambda t: cached_linear("dense", 1, 512, 768, torch.bfloat16, t, "residual"),
     "int4_sym_gemv": lambda t: cached_linear("int4_sym", 1, 512, 700, torch.bfloat16, t, "none"),
+    "dense_low_batch": lambda t: cached_linear("dense", 16, 512, 768, torch.bfloat16, t, "swiglu"),
+    "fp8_channel_low_batch": lambda t: cached_linear("fp8_channel", 3, 512, 768, torch.float16, t, "residual"),
+    "dense_matmul": lambda t: cached_linear("dense", 16, 512, 768, torch.bfloat16, t, "none", low_batch=False),
     "fp8_block_matmul": lambda t: cached_linear("fp8_block", 16, 512, 768, torch.bfloat16, t, "swiglu"),
     "int4_asym_matmul": lambda t: cached_linear("int4_asym", 64, 512, 768, torch.float16, t, "none"),
     "rms_norm": lambda t: build_rms_norm(16, 640, torch.bfloat16, t, eps=1e-6, zero_centered=True, residual=True),
@@ -187,6 +192,9 @@ def test_cuda_builds_for_every_arch(arch, tmp_path):
     kernels = {name: build(target) for name, build in CUDA_KERNELS.items()}
     schedules = {name: [s.schedule for s in k.spec.stages] for name, k in kernels.items()}
     assert schedules["dense_gemv"] == schedules["int4_sym_gemv"] == ["GEMV"]
+    assert schedules["dense_low_batch"] == ["LowBatchGEMV", "Fallback"]
+    assert schedules["fp8_channel_low_batch"] == ["LowBatchGEMV"]
+    assert schedules["dense_matmul"] == ["Matmul"]
     assert schedules["fp8_block_matmul"] == ["Matmul", "Fallback"]
     assert schedules["int4_asym_matmul"] == ["Matmul"]
     assert schedules["rms_norm"] == ["Fallback", "GeneralReduction"]
@@ -224,12 +232,12 @@ def test_cuda_source_compiles_for_the_named_arch(arch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 16, 64])
-def test_cuda_linear_matches_reference(fmt, epilogue, m):
+@pytest.mark.parametrize("m,low_batch", [(1, True), (3, True), (16, True), (16, False), (64, True)])
+def test_cuda_linear_matches_reference(fmt, epilogue, m, low_batch):
     major, minor = torch.cuda.get_device_capability()
     gen = torch.Generator().manual_seed(11)
     weight = make_weight(fmt, 1024, 768, gen, dense_dtype=torch.bfloat16).to("cuda")
-    kernel = build_linear_for(weight, m, torch.bfloat16, f"cuda -arch=sm_{major}{minor}", epilogue)
+    kernel = build_linear_for(weight, m, torch.bfloat16, f"cuda -arch=sm_{major}{minor}", epilogue, low_batch)
     x = torch.randn(m, 768, generator=gen).to("cuda", torch.bfloat16)
     n_out = 512 if epilogue == "swiglu" else 1024
     residual = torch.randn(m, n_out, device="cuda", dtype=torch.bfloat16) if epilogue == "residual" else None

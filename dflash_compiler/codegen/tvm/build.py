@@ -2,9 +2,9 @@
 
 Every kernel is built for static shapes (one build per batch bucket). A kernel is a list of stages, each a PrimFunc
 of the module called on named tensors (inputs, outputs, and for two-stage kernels a fp32 workspace). On CUDA each
-PrimFunc is scheduled by the first dlight GPU rule that applies (GEMV, Matmul, RMSNorm, GeneralReduction,
-Fallback, in that order); the rule used is recorded in the kernel's spec. On LLVM the dlight CPU rules (GEMV,
-Reduction) are tried and a function neither matches compiles as plain loops.
+PrimFunc is scheduled by the first dlight GPU rule that applies (GEMV, LowBatchGEMV, Matmul, RMSNorm,
+GeneralReduction, Fallback, in that order); the rule used is recorded in the kernel's spec. On LLVM the dlight CPU
+rules (GEMV, Reduction) are tried and a function neither matches compiles as plain loops.
 
 CUDA builds need no GPU: on a host without a CUDA driver TVM keeps the generated CUDA C++ source in the module and
 NVRTC compiles it when the module is loaded on the GPU host. That source is the same for every architecture from
@@ -111,7 +111,14 @@ def _schedule(func, target_obj, is_cuda: bool):
     import tvm.s_tir.dlight as dl
 
     if is_cuda:
-        rules = [dl.gpu.GEMV(), dl.gpu.Matmul(), dl.gpu.RMSNorm(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        rules = [
+            dl.gpu.GEMV(),
+            dl.gpu.LowBatchGEMV(),  # only for a PrimFunc with one symbolic extent (the batch)
+            dl.gpu.Matmul(),
+            dl.gpu.RMSNorm(),
+            dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback(),
+        ]
     else:
         rules = [dl.cpu.GEMV(), dl.cpu.Reduction()]
     with target_obj:

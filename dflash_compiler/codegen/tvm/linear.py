@@ -25,6 +25,9 @@ from dflash_compiler.errors import DFlashError
 
 FORMATS = ("dense", "fp8_channel", "fp8_block", "int4_sym", "int4_asym")
 EPILOGUES = ("none", "residual", "swiglu")
+# dlight's LowBatchGEMV rule schedules these with a symbolic M; it returns None for FP8 block and INT4 (measured)
+LOW_BATCH_FORMATS = ("dense", "fp8_channel")
+LOW_BATCH_MAX_M = 16
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -155,12 +158,17 @@ def build_linear(
     weight_dtype: torch.dtype | None = None,
     scale_dtype: torch.dtype = torch.float16,
     group_size: int = 128,
+    low_batch: bool = True,
 ) -> TVMKernel:
     """A TVM linear for static M, N (weight rows; 2 * the output width with SwiGLU), K.
 
     dtype: the activation (and output, residual) dtype; weight_dtype: the dense weight's dtype (default dtype);
     scale_dtype / group_size: the INT4 scales. target: "llvm" or "cuda -arch=sm_XX". Call it with
-    linear(kernel, x, weight, residual=...)."""
+    linear(kernel, x, weight, residual=...).
+
+    On CUDA, M=1 takes dlight's GEMV rule and larger M its Matmul rule, except that with low_batch, 2 <= M <= 16
+    and a format in LOW_BATCH_FORMATS the PrimFunc is written with a symbolic M, the form dlight's LowBatchGEMV rule
+    needs (the kernel still checks that it gets the M it was built for)."""
     from tvm import te, tirx
 
     if fmt not in FORMATS:
@@ -178,11 +186,13 @@ def build_linear(
     wdt = dtype_name(weight_dtype or dtype, "weight_dtype", ACTIVATION_DTYPES)
     sdt = dtype_name(scale_dtype, "scale_dtype", ACTIVATION_DTYPES)
     native_fp8 = target.startswith("cuda")
+    use_low_batch = low_batch and native_fp8 and 1 < m <= LOW_BATCH_MAX_M and fmt in LOW_BATCH_FORMATS
+    mm = tirx.Var("m", "int64") if use_low_batch else m  # the batch extent of the PrimFuncs
 
     x_spec = TensorSpec("x", (m, k), act)
     stage = _weight_stage(fmt, n, k, native_fp8, wdt, sdt, group_size)
     w_specs, w_ph, w_deq = stage.specs, stage.placeholders, stage.dequant
-    x = te.placeholder(x_spec.shape, act, name="x")
+    x = te.placeholder((mm, k), act, name="x")
     r = te.reduce_axis((0, stage.reduction), name="k")
 
     def x_at(i, t):
@@ -194,14 +204,14 @@ def build_linear(
         # the padding of the last INT4 run: its nibbles are 0, the activations past K do not exist
         return tirx.if_then_else(j < k, x[i, tirx.min(j, k - 1)].astype("float32"), tirx.const(0, "float32"))
 
-    product = te.compute((m, n), lambda i, j: te.sum(x_at(i, r) * w_deq[j, r], axis=r), name="matmul")
+    product = te.compute((mm, n), lambda i, j: te.sum(x_at(i, r) * w_deq[j, r], axis=r), name="matmul")
     if stage.col_scale is None:
         acc = product
     else:
-        acc = te.compute((m, n), lambda i, j: product[i, j] * stage.col_scale[j], name="scaled")
+        acc = te.compute((mm, n), lambda i, j: product[i, j] * stage.col_scale[j], name="scaled")
     inputs = [x_spec, *w_specs]
     names = ["x", *(s.name for s in w_specs)]
-    attrs = {"format": fmt, "epilogue": epilogue, "m": m, "n": n, "k": k}
+    attrs = {"format": fmt, "epilogue": epilogue, "m": m, "n": n, "k": k, "symbolic_m": use_low_batch}
     if fmt.startswith("int4"):
         attrs["group_size"] = group_size
 
@@ -209,15 +219,15 @@ def build_linear(
         h = n // 2
         out_spec = TensorSpec("out", (m, h), act)
         ws_spec = TensorSpec("acc", (m, n), "float32")
-        acc_in = te.placeholder((m, n), "float32", name="acc")
+        acc_in = te.placeholder((mm, n), "float32", name="acc")
 
         def swiglu(i, j):
             gate = acc_in[i, j]
             return (gate * tirx.sigmoid(gate) * acc_in[i, j + h]).astype(act)
 
-        out = te.compute((m, h), swiglu, name="out")
+        out = te.compute((mm, h), swiglu, name="out")
         # an explicit store stage: without an epilogue block, dlight's GeneralReduction does not apply (measured)
-        acc_out = acc if stage.col_scale is not None else te.compute((m, n), lambda i, j: acc[i, j], name="acc")
+        acc_out = acc if stage.col_scale is not None else te.compute((mm, n), lambda i, j: acc[i, j], name="acc")
         funcs = {"linear": te.create_prim_func([x, *w_ph, acc_out]), "swiglu": te.create_prim_func([acc_in, out])}
         args = {"linear": (*names, "acc"), "swiglu": ("acc", "out")}
         return compile_kernel("linear", target, funcs, args, tuple(inputs), (out_spec,), (ws_spec,), attrs)
@@ -225,19 +235,21 @@ def build_linear(
     out_spec = TensorSpec("out", (m, n), act)
     if epilogue == "residual":
         inputs.append(TensorSpec("residual", (m, n), act))
-        res = te.placeholder((m, n), act, name="residual")
-        out = te.compute((m, n), lambda i, j: (acc[i, j] + res[i, j].astype("float32")).astype(act), name="out")
+        res = te.placeholder((mm, n), act, name="residual")
+        out = te.compute((mm, n), lambda i, j: (acc[i, j] + res[i, j].astype("float32")).astype(act), name="out")
         params = [x, *w_ph, res, out]
         names.append("residual")
     else:
-        out = te.compute((m, n), lambda i, j: acc[i, j].astype(act), name="out")
+        out = te.compute((mm, n), lambda i, j: acc[i, j].astype(act), name="out")
         params = [x, *w_ph, out]
     funcs = {"linear": te.create_prim_func(params)}
     args = {"linear": (*names, "out")}
     return compile_kernel("linear", target, funcs, args, tuple(inputs), (out_spec,), (), attrs)
 
 
-def build_linear_for(weight, m: int, dtype: torch.dtype, target: str, epilogue: str = "none") -> TVMKernel:
+def build_linear_for(
+    weight, m: int, dtype: torch.dtype, target: str, epilogue: str = "none", low_batch: bool = True
+) -> TVMKernel:
     """build_linear with the format, N, K and tensor dtypes read from a weight-format object."""
     fmt = weight_format(weight)
     n, k = weight.shape
@@ -246,7 +258,7 @@ def build_linear_for(weight, m: int, dtype: torch.dtype, target: str, epilogue: 
         kw["weight_dtype"] = weight.weight.dtype
     elif fmt.startswith("int4"):
         kw.update(scale_dtype=weight.scales.dtype, group_size=weight.group_size)
-    return build_linear(fmt, m, n, k, dtype, target, epilogue, **kw)
+    return build_linear(fmt, m, n, k, dtype, target, epilogue, low_batch=low_batch, **kw)
 
 
 def linear(kernel: TVMKernel, x: torch.Tensor, weight, *, residual=None, out=None) -> torch.Tensor:
