@@ -4,8 +4,9 @@ reference.linear computes it.
 
 The kernel reads the format's own tensors as stored (FP8 weights as their uint8 bits, a view). The weight is
 written as a dequantizing compute stage feeding an fp32 reduction, so dlight inlines the decode into the GEMV or
-matmul schedule. FP8 decodes natively on CUDA (cuda_fp8.h); LLVM's float8_e4m3fn conversion decodes zero and the
-subnormals wrongly (0x00 gives 2^-7), so on LLVM the bits are decoded arithmetically, exactly.
+matmul schedule. FP8 decodes natively from sm_89 on (cuda_fp8.h). Elsewhere TVM legalizes float8_e4m3fn into
+integer code that decodes zero and the subnormals wrongly (on LLVM, 0x00 gives 2^-7; sm_80 gets the same kind of
+shift-and-mask code), so on LLVM and sm_80 the bits are decoded arithmetically, exactly.
 
 SwiGLU runs as two stages: the fp32 product into a static workspace [M, N], then the elementwise silu(gate) * up.
 No dlight rule schedules a reduction whose epilogue reads two of its outputs (GEMV and Matmul both refuse it), and
@@ -20,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from dflash_compiler.codegen import weight_formats as wf
-from dflash_compiler.codegen.tvm.build import TensorSpec, TVMKernel, compile_kernel, dtype_name
+from dflash_compiler.codegen.tvm.build import TensorSpec, TVMKernel, compile_kernel, dtype_name, parse_target
 from dflash_compiler.errors import DFlashError
 
 FORMATS = ("dense", "fp8_channel", "fp8_block", "int4_sym", "int4_asym")
@@ -185,8 +186,9 @@ def build_linear(
     act = dtype_name(dtype, "dtype", ACTIVATION_DTYPES)
     wdt = dtype_name(weight_dtype or dtype, "weight_dtype", ACTIVATION_DTYPES)
     sdt = dtype_name(scale_dtype, "scale_dtype", ACTIVATION_DTYPES)
-    native_fp8 = target.startswith("cuda")
-    use_low_batch = low_batch and native_fp8 and 1 < m <= LOW_BATCH_MAX_M and fmt in LOW_BATCH_FORMATS
+    arch = parse_target(target).get("arch")
+    native_fp8 = arch is not None and arch != "sm_80"
+    use_low_batch = low_batch and arch is not None and 1 < m <= LOW_BATCH_MAX_M and fmt in LOW_BATCH_FORMATS
     mm = tirx.Var("m", "int64") if use_low_batch else m  # the batch extent of the PrimFuncs
 
     x_spec = TensorSpec("x", (m, k), act)
