@@ -66,8 +66,8 @@ def tasks(formats: tuple[str, ...] = FORMATS) -> list[tuple[str, str, int, str, 
     return out
 
 
-def make_row(name, fmt, m, epilogue, n, k, tvm, triton_us, torch_us, floor, kernel, build_s, load_s) -> dict:
-    tvm_us, err = tvm
+def make_row(name, fmt, m, epilogue, kernel, *, tvm_us, err, triton_us, torch_us, floor, build_s, load_s) -> dict:
+    n, k = SHAPES[name]
     return {
         "op": f"linear_{fmt}" + ("" if epilogue == "none" else f"+{epilogue}"),
         "shape": f"{name} M={m} N={n} K={k}",
@@ -128,7 +128,7 @@ def run(bw_tbps: float, arch: str) -> list[dict]:
             w0 = case.weights[fmt][0]
             x0 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t0 = time.perf_counter()
-            launch(x0, w0, None, None)  # the first call loads the CUDA module (NVRTC) and allocates the workspace
+            launch(x0, w0, None, None)  # the first call allocates the workspace (and JIT-loads a source module)
             torch.cuda.synchronize()
             load_s = time.perf_counter() - t0
             swiglu = epilogue == "swiglu"
@@ -136,25 +136,21 @@ def run(bw_tbps: float, arch: str) -> list[dict]:
             if (fmt, m, epilogue) not in triton_us:
                 triton_us[(fmt, m, epilogue)] = case.time_ours(fmt, m, swiglu=swiglu)[0]
             family = "fp8" if fmt.startswith("fp8") and epilogue == "none" else "bf16"
-            ref = torch_us[(family, m, epilogue)]
-            floor = floor_us(nbytes, bw_tbps)
-            rows.append(
-                make_row(
-                    name,
-                    fmt,
-                    m,
-                    epilogue,
-                    n,
-                    k,
-                    (tvm_us, err),
-                    triton_us[(fmt, m, epilogue)],
-                    ref,
-                    floor,
-                    kernel,
-                    build_s,
-                    load_s,
-                )
+            row = make_row(
+                name,
+                fmt,
+                m,
+                epilogue,
+                kernel,
+                tvm_us=tvm_us,
+                err=err,
+                triton_us=triton_us[(fmt, m, epilogue)],
+                torch_us=torch_us[(family, m, epilogue)],
+                floor=floor_us(nbytes, bw_tbps),
+                build_s=build_s,
+                load_s=load_s,
             )
+            rows.append(row)
             print("  ".join(str(rows[-1][c]) for c in COLUMNS), flush=True)
         del case
         torch.cuda.empty_cache()
