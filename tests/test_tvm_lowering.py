@@ -268,3 +268,15 @@ def test_cuda_rms_norm_matches_reference(residual):
         assert torch.equal(got[1], want[1])
         got, want = got[0], want[0]
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_export_load_round_trip(tmp_path):
+    major, minor = torch.cuda.get_device_capability()
+    gen = torch.Generator().manual_seed(13)
+    weight = make_weight("fp8_block", 512, 768, gen).to("cuda")
+    kernel = build_linear_for(weight, 16, torch.bfloat16, f"cuda -arch=sm_{major}{minor}", "swiglu")
+    kernel.export_library(tmp_path / "k.so")
+    loaded = TVMKernel.load(tmp_path / "k.so")
+    x = torch.randn(16, 768, generator=gen).to("cuda", torch.bfloat16)
+    torch.testing.assert_close(linear(loaded, x, weight), linear(kernel, x, weight), rtol=0, atol=0)
