@@ -42,7 +42,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import OutOfResources
-from triton.runtime.cache import get_cache_key, get_cache_manager
+from triton.runtime.cache import get_cache_key
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
@@ -140,7 +140,7 @@ def stand_in_gpu(arch: int, *, private_caches: bool = True, after_compile=None):
 def _portable_spec(specialization_data: str) -> str:
     spec = json.loads(specialization_data)
     spec["options"].pop("extern_libs", None)
-    return json.dumps(spec, sort_keys=True)
+    return json.dumps(spec)  # key order kept: the signature's is the parameters'
 
 
 def cross_compile(
@@ -260,12 +260,12 @@ def record_versions(arch: int = 90) -> dict:
     torch (its release, without the build's local tag), and the cache-invalidating TRITON_* settings."""
     import torch
     from triton._C.libtriton import get_cache_invalidating_env_vars
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas_version
 
     return {
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "triton": triton.__version__,
-        "ptxas": get_ptxas(arch).version,
+        "ptxas": re.search(r"V(\d+(?:\.\d+)+)", get_ptxas_version(arch)).group(1),
         "torch": torch.__version__.split("+")[0],
         "triton_env": dict(sorted(get_cache_invalidating_env_vars().items())),
     }
@@ -328,8 +328,13 @@ def _would_compile(jit_function: JITFunction, compile: dict) -> bool:
     src = ASTSource(jit_function, compile["signature"], compile["constants"], compile["configs"][0])
     options = backend.parse_options(dict(options, **src.parse_options()))
     key = get_cache_key(src, backend, options, env_vars=get_cache_invalidating_env_vars())
-    group = get_cache_manager(hashlib.sha256(key.encode()).hexdigest()).get_group(f"{src.name[:150]}.json") or {}
-    return f"{src.name[:150]}.json" not in group
+    # FileCacheManager.get_group's test, without creating the entry's directory as a cache manager would
+    folder = Path(knobs.cache.dir) / _cache_entry(hashlib.sha256(key.encode()).hexdigest())
+    group_file = folder / f"__grp__{src.name[:150]}.json"
+    if not group_file.is_file():
+        return True
+    metadata = json.loads(group_file.read_text()).get("child_paths", {}).get(f"{src.name[:150]}.json")
+    return metadata is None or not os.path.exists(metadata)
 
 
 class CompileWatch:
@@ -357,8 +362,8 @@ class CompileWatch:
     def _before_compile(self, *, fn, compile, **kwargs):
         if self.strict and _would_compile(fn.jit_function, compile):
             raise DFlashError(
-                f"{fn.module}.{fn.name}: not among the precompiled kernels, it would be compiled "
-                f"(signature {compile['signature']}); strict mode forbids compiling"
+                f"{fn.module}.{fn.name}: this specialization is not among the precompiled kernels and would be "
+                "compiled (strict mode)"
             )
         if self._previous[1] is not None:
             return self._previous[1](fn=fn, compile=compile, **kwargs)
