@@ -46,11 +46,16 @@ def built(tmp_path_factory) -> Path:
         f"'--cache-dir', r'{out / str(arch)}', '--records', r'{out / f'{arch}.json'}'])"
         for arch, (sms, _) in PROFILES.items()
     )
+    # and sm120 on a GPU with less shared memory than the default INT4 configuration needs
+    calls += (
+        f"\naot.main(['--launch', 'aot_launches:sm120', '--arch', '120', '--sm-count', '188', "
+        f"'--max-shared-memory', '40000', '--cache-dir', r'{out / 'small'}', '--records', r'{out / 'small.json'}'])"
+    )
     _run_compiler(f"from dflash_compiler.codegen.triton import aot\n{calls}\n")
     return out
 
 
-def _records(built: Path, arch: int) -> list[aot.KernelRecord]:
+def _records(built: Path, arch: int | str) -> list[aot.KernelRecord]:
     return aot.load_records(built / f"{arch}.json")[0]
 
 
@@ -102,6 +107,17 @@ def test_launchers_see_the_profiles_gpu(built):
         (100, 2, False, 0): True,
         (120, 3, False, 0): False,
     }
+
+
+def test_a_kernel_over_the_shared_memory_limit_takes_the_launchers_fallback(built):
+    """As on the GPU, where the launch of a kernel needing more shared memory than the device has raises
+    OutOfResources and the linear launcher retries with fewer pipeline stages."""
+    full = [r for r in _records(built, 120) if r.name.endswith("_linear_kernel")]
+    small = [r for r in _records(built, "small") if r.name.endswith("_linear_kernel")]
+    assert [r.shared for r in full] == [small[0].shared] and small[0].shared > 40000
+    assert len(small) == 2 and small[1].shared <= 40000
+    stages = [json.loads(r.spec)["options"]["num_stages"] for r in small]
+    assert stages == [4, 3]
 
 
 def test_records_round_trip(built, tmp_path):
@@ -159,15 +175,15 @@ def test_load_compiles_nothing_and_strict_refuses_a_new_specialization(built, tm
 @pytest.mark.parametrize("library", ["python", "triton", "ptxas", "torch"])
 def test_version_mismatch_names_the_library(library):
     recorded = aot.record_versions(90)
-    aot.check_versions(recorded, 90)
+    aot.check_versions(recorded)
     with pytest.raises(DFlashError, match=f"^{library}: the kernels were compiled with {library} '0.0'"):
-        aot.check_versions({**recorded, library: "0.0"}, 90)
+        aot.check_versions({**recorded, library: "0.0"})
 
 
 def test_triton_settings_mismatch_is_named():
     recorded = {**aot.record_versions(90), "triton_env": {"TRITON_DEFAULT_FP_FUSION": "0"}}
     with pytest.raises(DFlashError, match="^triton_env: "):
-        aot.check_versions(recorded, 90)
+        aot.check_versions(recorded)
 
 
 def test_load_refuses_another_gpu_and_missing_files(built, tmp_path):

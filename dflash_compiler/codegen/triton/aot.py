@@ -189,7 +189,11 @@ def cross_compile(
     with contextlib.ExitStack() as stack:
         stack.enter_context(knobs.cache.scope())
         stack.enter_context(knobs.runtime.scope())
+        stack.enter_context(knobs.compilation.scope())
         knobs.cache.dir = str(cache_dir)
+        # an installed CompileWatch (a loaded artifact) is not told of these compilations, nor can it refuse them
+        knobs.runtime.jit_cache_hook = None
+        knobs.compilation.listener = None
         knobs.runtime.jit_post_compile_hook = record_spec
         stack.enter_context(stand_in_gpu(arch, after_compile=after_compile))
         stack.enter_context(compiling_for(GpuFacts((arch // 10, arch % 10), sm_count)))
@@ -256,8 +260,8 @@ def load_records(path: str | os.PathLike) -> tuple[list[KernelRecord], dict]:
 
 
 def record_versions(arch: int = 90) -> dict:
-    """What Triton's cache key depends on, and torch: Python minor version, Triton, the ptxas used for `arch`,
-    torch (its release, without the build's local tag), and the cache-invalidating TRITON_* settings."""
+    """What Triton's cache key depends on, and torch: Python minor version, Triton, the ptxas Triton uses for `arch`
+    (ptxas_arch), torch (its release, without the build's local tag), and the cache-invalidating TRITON_* settings."""
     import torch
     from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.backends.nvidia.compiler import get_ptxas_version
@@ -266,14 +270,15 @@ def record_versions(arch: int = 90) -> dict:
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "triton": triton.__version__,
         "ptxas": re.search(r"V(\d+(?:\.\d+)+)", get_ptxas_version(arch)).group(1),
+        "ptxas_arch": arch,
         "torch": torch.__version__.split("+")[0],
         "triton_env": dict(sorted(get_cache_invalidating_env_vars().items())),
     }
 
 
-def check_versions(recorded: dict, arch: int = 90) -> None:
+def check_versions(recorded: dict) -> None:
     """Raise a one-line DFlashError naming the first library whose version differs from the recorded one."""
-    current = record_versions(arch)
+    current = record_versions(recorded.get("ptxas_arch", 90))
     for name in ("python", "triton", "ptxas", "torch", "triton_env"):
         if recorded.get(name) != current[name]:
             raise DFlashError(
@@ -293,15 +298,21 @@ def _relocate(cache_dir: Path, records: list[KernelRecord]) -> None:
         if not groups:
             raise DFlashError(f"{folder}: missing, or holds no Triton cache entry")
         for group_file in groups:
-            group = json.loads(group_file.read_text())
+            try:
+                group = json.loads(group_file.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise DFlashError(f"{group_file}: unreadable Triton cache group ({e})") from None
             children = {name: str(folder / name) for name in group["child_paths"]}
             for child in children.values():
                 if not os.path.exists(child):
                     raise DFlashError(f"{child}: missing from the precompiled kernels")
             if children != group["child_paths"]:
                 tmp = group_file.with_name(group_file.name + ".tmp")
-                tmp.write_text(json.dumps({"child_paths": children}))
-                os.replace(tmp, group_file)
+                try:
+                    tmp.write_text(json.dumps({"child_paths": children}))
+                    os.replace(tmp, group_file)
+                except OSError as e:
+                    raise DFlashError(f"{group_file}: cannot point it at {folder} ({e.strerror})") from None
 
 
 def _jit_function(name: str) -> JITFunction:
@@ -394,7 +405,7 @@ def load_precompiled(
     if built_for != {arch}:
         raise DFlashError(f"kernels: compiled for sm_{'/'.join(map(str, sorted(built_for)))}, this GPU is sm_{arch}")
     if versions is not None:
-        check_versions(versions, arch)
+        check_versions(versions)
     _relocate(cache_dir, specs)
     knobs.cache.dir = str(cache_dir)
     watch = CompileWatch(strict)
