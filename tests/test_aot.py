@@ -225,3 +225,10 @@ def test_cross_compile_refuses_bad_requests(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(DFlashError, match="^launch: it launched no Triton kernel"):
         aot.cross_compile(lambda: None, 90, tmp_path, sm_count=132)
+
+
+def test_cubin_arch_refuses_a_file_that_is_no_cubin(tmp_path):
+    junk = tmp_path / "k.cubin"
+    junk.write_bytes(b"\x7fELF not really")
+    with pytest.raises(DFlashError, match=f"^{junk}: cuobjdump cannot read it"):
+        aot.cubin_arch(junk)
