@@ -51,7 +51,13 @@ def built(tmp_path_factory) -> Path:
         f"\naot.main(['--launch', 'aot_launches:sm120', '--arch', '120', '--sm-count', '188', "
         f"'--max-shared-memory', '40000', '--cache-dir', r'{out / 'small'}', '--records', r'{out / 'small.json'}'])"
     )
-    _run_compiler(f"from dflash_compiler.codegen.triton import aot\n{calls}\n")
+    # the process is left as it was: Triton's launch path, driver and cache directory
+    _run_compiler(
+        "import os\nfrom triton.runtime.driver import driver\nfrom triton.runtime.jit import JITFunction\n"
+        "from dflash_compiler.codegen.triton import aot\n"
+        "before = (JITFunction.run, driver._active, os.environ.get('TRITON_CACHE_DIR'))\n"
+        f"{calls}\nassert (JITFunction.run, driver._active, os.environ.get('TRITON_CACHE_DIR')) == before\n"
+    )
     return out
 
 
