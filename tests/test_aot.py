@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -43,13 +44,15 @@ def built(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("aot")
     calls = "\n".join(
         f"aot.main(['--launch', 'aot_launches:sm{arch}', '--arch', '{arch}', '--sm-count', '{sms}', "
-        f"'--cache-dir', r'{out / str(arch)}', '--records', r'{out / f'{arch}.json'}'])"
+        f"'--cache-dir', r'{out / str(arch)}', '--records', r'{out / f'{arch}.json'}'{host_modules}])"
         for arch, (sms, _) in PROFILES.items()
+        for host_modules in [", '--no-host-modules'" if arch != 90 else ""]
     )
     # and sm120 on a GPU with less shared memory than the default INT4 configuration needs
     calls += (
         f"\naot.main(['--launch', 'aot_launches:sm120', '--arch', '120', '--sm-count', '188', "
-        f"'--max-shared-memory', '40000', '--cache-dir', r'{out / 'small'}', '--records', r'{out / 'small.json'}'])"
+        f"'--max-shared-memory', '40000', '--cache-dir', r'{out / 'small'}', '--records', r'{out / 'small.json'}', "
+        "'--no-host-modules'])"
     )
     # the process is left as it was: Triton's launch path, driver and cache directory
     _run_compiler(
@@ -124,6 +127,28 @@ def test_a_kernel_over_the_shared_memory_limit_takes_the_launchers_fallback(buil
     assert len(small) == 2 and small[1].shared <= 40000
     stages = [json.loads(r.spec)["options"]["num_stages"] for r in small]
     assert stages == [4, 3]
+
+
+def test_host_modules_are_built_against_libcuda(built):
+    """Triton's C modules for the GPU host: the CUDA utilities and, where Triton builds one per kernel signature
+    (3.6), the launchers; each needs libcuda.so.1 (the real one on the GPU host). Only sm90 was built with them."""
+    from triton.backends.nvidia import driver as nvidia
+
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    modules = sorted(built.glob(f"90/*/*{suffix}"))
+    names = sorted(p.name.removesuffix(suffix) for p in modules)
+    assert names[-1] == "cuda_utils"
+    # a launcher per kind of signature (kernels whose arguments pass alike share one)
+    launchers = names[:-1]
+    assert set(launchers) <= {"__triton_launcher"}
+    if hasattr(nvidia, "make_launcher"):
+        assert 1 <= len(launchers) <= len(_records(built, 90))
+    else:
+        assert not launchers
+    for module in modules:
+        dynamic = subprocess.run(["readelf", "-d", module], capture_output=True, text=True, check=True).stdout
+        assert "Shared library: [libcuda.so.1]" in dynamic
+    assert not list(built.glob(f"80/*/*{suffix}"))
 
 
 def test_records_round_trip(built, tmp_path):

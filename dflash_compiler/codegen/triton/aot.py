@@ -15,8 +15,10 @@ hash-identical to the GPU's only when built with the GPU's Python minor version 
 (record_versions/check_versions). load_precompiled points Triton at the cache, preloads every record and watches
 compilations from then on; in strict mode a kernel that would be compiled raises instead.
 
-Triton still builds its small C launcher per kernel signature with the host's C compiler at first use (stored in
-the same cache dir); only kernel compilations are counted here.
+Triton also needs host code it builds with the C compiler at first use and keeps in the cache dir: its CUDA
+utilities module and (Triton 3.6) a launcher per kernel signature. cross_compile builds them too (host_modules),
+linked against a stand-in libcuda.so.1 that only names the library, so the GPU host can load without a C compiler;
+the watch counts any that are built after all (CompileWatch.host_builds).
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ import importlib
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -150,12 +155,14 @@ def cross_compile(
     *,
     sm_count: int,
     max_shared_memory: int | None = None,
+    host_modules: bool = True,
 ) -> list[KernelRecord]:
     """Compile, for GPUTarget("cuda", arch, 32), every kernel specialization that `launch` would launch.
 
     launch calls the project's launchers on CPU tensors; no kernel runs. sm_count (and the capability from arch)
     is what the launchers see as the device's. max_shared_memory (bytes per block, opt-in), if given, makes a
     kernel that needs more raise OutOfResources as its launch would on the GPU, so a launcher's fallback runs.
+    host_modules: also build Triton's host modules for these kernels into the cache (needs a C compiler here).
     Returns one record per distinct specialization, in launch order.
     """
     if arch not in ARCHS:
@@ -166,6 +173,7 @@ def cross_compile(
     cache_dir.mkdir(parents=True, exist_ok=True)
     records: list[KernelRecord] = []
     specs: list[str] = []
+    compiled = []
 
     def record_spec(*, compile, **_):
         specs.append(compile["specialization_data"])
@@ -173,6 +181,7 @@ def cross_compile(
 
     def after_compile(fn, kernel):
         if len(specs) > len(records):  # compiled just now (a repeated specialization is already in memory)
+            compiled.append(kernel)
             records.append(
                 KernelRecord(
                     name=f"{fn.fn.__module__}.{fn.fn.__qualname__}",
@@ -198,9 +207,51 @@ def cross_compile(
         stack.enter_context(stand_in_gpu(arch, after_compile=after_compile))
         stack.enter_context(compiling_for(GpuFacts((arch // 10, arch % 10), sm_count)))
         launch()
-    if not records:
-        raise DFlashError("launch: it launched no Triton kernel")
+        if not records:
+            raise DFlashError("launch: it launched no Triton kernel")
+        if host_modules:
+            _build_host_modules(compiled)
     return records
+
+
+def _build_host_modules(kernels: list) -> None:
+    """Triton's CUDA utilities and per-signature launchers for `kernels`, built by Triton's own code into the
+    current cache dir. The build links against a stand-in libcuda.so.1, so the import Triton then tries fails
+    here (no CUDA symbols) after the module is stored; on the GPU host the same key finds it and loads it."""
+    from triton.backends.nvidia import driver as nvidia
+
+    cc = knobs.build.cc or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise DFlashError("host_modules: no C compiler here (set CC, or build without host modules)")
+    with tempfile.TemporaryDirectory() as stub_dir, knobs.nvidia.scope(), knobs.build.scope():
+        stub = Path(stub_dir)
+        (stub / "empty.c").write_text("")
+        subprocess.run(
+            [
+                cc,
+                str(stub / "empty.c"),
+                "-shared",
+                "-fPIC",
+                "-Wl,-soname,libcuda.so.1",
+                "-o",
+                str(stub / "libcuda.so.1"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        knobs.nvidia.libcuda_path = stub_dir
+        # The stand-in defines no symbol, so a linker that drops unused libraries (--as-needed, some distributions'
+        # default) would leave libcuda.so.1 out of the modules' dependencies: keep it.
+        wrapper = stub / "cc"
+        wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(cc)} -Wl,--no-as-needed "$@"\n')
+        wrapper.chmod(0o755)
+        knobs.build.cc = str(wrapper)
+        builds = [lambda: nvidia.CudaUtils.__init__(object.__new__(nvidia.CudaUtils))]
+        if hasattr(nvidia, "make_launcher"):  # Triton <= 3.6: a launcher module per kernel signature
+            builds += [lambda k=k: nvidia.CudaLauncher(k.src, k.metadata) for k in kernels]
+        for build in builds:
+            with contextlib.suppress(ImportError):  # stored; it cannot be imported against the stand-in libcuda
+                build()
 
 
 # ---- the architecture in a cubin ---------------------------------------------------------------------------------
@@ -350,12 +401,15 @@ def _would_compile(jit_function: JITFunction, compile: dict) -> bool:
 
 class CompileWatch:
     """Counts Triton's kernel compilations (cache misses) and cache loads while installed; strict: a kernel that
-    would be compiled raises a DFlashError instead."""
+    would be compiled raises a DFlashError instead. host_builds lists the host modules Triton has built into the
+    cache dir since (C-compiled, not kernels: not refused, only counted)."""
 
-    def __init__(self, strict: bool):
+    def __init__(self, strict: bool, cache_dir: Path):
         self.strict = strict
         self.compiled: list[str] = []
         self.cache_loads = 0
+        self._cache_dir = cache_dir
+        self._modules_at_start = self._host_modules()
         self._previous = (knobs.compilation.listener, knobs.runtime.jit_cache_hook)
         knobs.compilation.listener = self._listen
         knobs.runtime.jit_cache_hook = self._before_compile
@@ -379,6 +433,13 @@ class CompileWatch:
         if self._previous[1] is not None:
             return self._previous[1](fn=fn, compile=compile, **kwargs)
         return None
+
+    def _host_modules(self) -> set[str]:
+        return {str(p.relative_to(self._cache_dir)) for p in self._cache_dir.glob("*/*.so")}
+
+    @property
+    def host_builds(self) -> list[str]:
+        return sorted(Path(p).name for p in self._host_modules() - self._modules_at_start)
 
     def close(self) -> None:
         knobs.compilation.listener, knobs.runtime.jit_cache_hook = self._previous
@@ -408,7 +469,7 @@ def load_precompiled(
         check_versions(versions)
     _relocate(cache_dir, specs)
     knobs.cache.dir = str(cache_dir)
-    watch = CompileWatch(strict)
+    watch = CompileWatch(strict, cache_dir)
     try:
         for record in specs:
             _jit_function(record.name).preload(record.spec)
@@ -436,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-shared-memory", type=int)
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--records", required=True, help="where the kernel records JSON goes")
+    parser.add_argument("--no-host-modules", action="store_true", help="leave Triton's C modules to the GPU host")
     args = parser.parse_args(argv)
     records = cross_compile(
         _resolve(args.launch),
@@ -443,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         args.cache_dir,
         sm_count=args.sm_count,
         max_shared_memory=args.max_shared_memory,
+        host_modules=not args.no_host_modules,
     )
     save_records(args.records, records, record_versions(args.arch))
     print(f"{len(records)} kernels compiled for sm_{args.arch} into {args.cache_dir}")
