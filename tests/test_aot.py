@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from triton import knobs
 
 from dflash_compiler.codegen.triton import aot
 from dflash_compiler.errors import DFlashError
@@ -219,17 +220,18 @@ def test_triton_settings_mismatch_is_named():
 
 def test_load_refuses_another_gpu_and_missing_files(built, tmp_path):
     records = _records(built, 90)
-    with aot.stand_in_gpu(100), pytest.raises(DFlashError, match="compiled for sm_90, this GPU is sm_100"):
-        aot.load_precompiled(built / "90", records)
     broken = tmp_path / "broken"
     shutil.copytree(built / "90", broken)
-    victim = broken / records[0].binary
-    victim.unlink()
-    with aot.stand_in_gpu(90), pytest.raises(DFlashError, match=f"^{victim}: missing from the precompiled kernels"):
-        aot.load_precompiled(broken, records)
-    shutil.rmtree(broken / records[1].entry)
-    with aot.stand_in_gpu(90), pytest.raises(DFlashError, match=f"{records[1].entry}: missing"):
-        aot.load_precompiled(broken, records[1:2])
+    with knobs.cache.scope():  # load_precompiled points this process's Triton at the cache
+        with aot.stand_in_gpu(100), pytest.raises(DFlashError, match="compiled for sm_90, this GPU is sm_100"):
+            aot.load_precompiled(broken, records)
+        victim = broken / records[0].binary
+        victim.unlink()
+        with aot.stand_in_gpu(90), pytest.raises(DFlashError, match=f"^{victim}: missing from the precompiled"):
+            aot.load_precompiled(broken, records)
+        shutil.rmtree(broken / records[1].entry)
+        with aot.stand_in_gpu(90), pytest.raises(DFlashError, match=f"{records[1].entry}: missing"):
+            aot.load_precompiled(broken, records[1:2])
 
 
 def test_bad_records_file(tmp_path, built):

@@ -461,14 +461,15 @@ def load_precompiled(
     must match them. Strict: a kernel that would be compiled, now or in any later launch, raises.
     """
     cache_dir = Path(cache_dir).resolve()
+    if versions is not None:
+        check_versions(versions)
+    _relocate(cache_dir, specs)
+    # before the driver starts: it builds (or here, finds) Triton's CUDA utilities module in the cache dir
+    knobs.cache.dir = str(cache_dir)
     arch = driver.active.get_current_target().arch
     built_for = {r.arch for r in specs}
     if built_for != {arch}:
         raise DFlashError(f"kernels: compiled for sm_{'/'.join(map(str, sorted(built_for)))}, this GPU is sm_{arch}")
-    if versions is not None:
-        check_versions(versions)
-    _relocate(cache_dir, specs)
-    knobs.cache.dir = str(cache_dir)
     watch = CompileWatch(strict, cache_dir)
     try:
         for record in specs:
