@@ -458,7 +458,8 @@ def load_precompiled(
     preloaded into its kernel's in-memory cache (a disk-cache hit each). Returns the installed CompileWatch.
 
     The GPU must be of the records' architecture; with versions (record_versions() of the build), the libraries
-    must match them. Strict: a kernel that would be compiled, now or in any later launch, raises.
+    must match them. Strict: a kernel that would be compiled, now or in any later launch, raises. Call it before
+    anything starts Triton's driver, so that the driver's own host module also comes from the cache.
     """
     cache_dir = Path(cache_dir).resolve()
     if versions is not None:
