@@ -3,7 +3,8 @@
 The build runs in a subprocess that cannot see the GPU (CUDA_VISIBLE_DEVICES empty), with this machine's own
 Python and Triton (as an artifact for this GPU must be built); the cache is then moved to another directory, and a
 fresh process loads it in strict mode, runs every kernel family at the same tiny shapes, checks the outputs against
-their references, and counts Triton's compilations.
+their references, and counts Triton's compilations. DFLASH_AOT_PREBUILT=DIR loads what another host built instead
+(aot.py's command line with --cache-dir DIR/cache --records DIR/records.json, same Python minor and Triton).
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ print(json.dumps(result))
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> tuple[Path, Path]:
-    """Every kernel family cross-compiled for this GPU by a process that cannot see it."""
+    """Every kernel family cross-compiled for this GPU by a process that cannot see it; or, with
+    DFLASH_AOT_PREBUILT=DIR, the DIR/cache and DIR/records.json that another host built."""
     from dflash_compiler.codegen.triton import aot
+
+    if prebuilt := os.environ.get("DFLASH_AOT_PREBUILT"):
+        return Path(prebuilt, "cache"), Path(prebuilt, "records.json")
 
     major, minor = torch.cuda.get_device_capability()
     arch = major * 10 + minor
