@@ -172,6 +172,7 @@ def test_load_compiles_nothing_and_strict_refuses_a_new_specialization(built, tm
     entries_before = sorted(p.name for p in moved.iterdir())
     out = _run_compiler(
         f"""
+        import dataclasses
         import json
         import aot_launches
         from dflash_compiler.codegen.triton import aot
@@ -190,6 +191,15 @@ def test_load_compiles_nothing_and_strict_refuses_a_new_specialization(built, tm
             except DFlashError as e:
                 result["refused"] = str(e)
             result["after"] = [list(watch.compiled), watch.cache_loads]
+            watch.close()
+            # a record whose options differ from the compiled kernel's: its key finds no cache entry
+            spec = json.loads(records[0].spec)
+            spec["options"]["num_warps"] *= 2
+            tampered = dataclasses.replace(records[0], spec=json.dumps(spec))
+            try:
+                aot.load_precompiled(r"{moved}", [tampered], strict=True)
+            except DFlashError as e:
+                result["tampered"] = str(e)
         print(json.dumps(result))
         """
     )
@@ -199,6 +209,7 @@ def test_load_compiles_nothing_and_strict_refuses_a_new_specialization(built, tm
     assert result["run"] == [[], n]
     assert result["refused"].startswith(f"{KERNELS}linear._linear_kernel: this specialization is not among")
     assert result["after"] == [[], n]
+    assert result["tampered"].startswith(f"{_records(built, 90)[0].name}: this specialization is not among")
     assert sorted(p.name for p in moved.iterdir()) == entries_before  # nothing was compiled into the cache
     for group in moved.glob("*/__grp__*.json"):
         assert all(p.startswith(str(moved)) for p in json.loads(group.read_text())["child_paths"].values())
