@@ -378,8 +378,8 @@ class AttentionSpace(Space):
             return None
         if params["num_splits"] > 1 and s.context / params["num_splits"] < params["block_n"]:
             return f"{params['num_splits']} splits of {s.context} keys are shorter than block_n {params['block_n']}"
-        elem = DTYPES[s.fmt].itemsize
-        smem = (params["block_m"] * s.d + 2 * params["num_stages"] * params["block_n"] * s.d) * elem
+        # the pipelined K and V tiles alone (a lower bound: a launch that still runs out fails as a trial)
+        smem = 2 * params["num_stages"] * params["block_n"] * s.d * DTYPES[s.fmt].itemsize
         return _accumulator_check(params["block_m"] * s.d, params["num_warps"], p, "the output tile") or _smem_check(
             smem, p
         )
