@@ -410,9 +410,9 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
 
     tok = load_tokenizer(DEFAULT_PAIR / "target")
     lines = (DEFAULT_PAIR / "heldout_prompts.jsonl").read_text().splitlines()[:2]
-    prompts = [tok.encode(json.loads(line)["prompt"], add_special_tokens=False)[:12] for line in lines]
+    prompts = [tok.encode(json.loads(line)["prompt"], add_special_tokens=False)[:8] for line in lines]
     throughput = pair_throughput(
-        DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter", prompts, max_new_tokens=4, max_seq_len=128
+        DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter", prompts, max_new_tokens=3, max_seq_len=128
     )
     space = RuntimeSpace([1, 2], 16)
     study = runtime_study(space, throughput, storage=open_storage(tmp_path / "rt.journal"), study_name="rt",
@@ -451,11 +451,15 @@ def test_dflash_tune_end_to_end_on_the_tiny_pair(tmp_path, capsys):
 
     args = ["--gpu", "cpu", "--shapes", "tiny", "--ops", "target.mlp.down", "--batches", "1", "--trials", "2",
             "--storage", str(tmp_path / "tune.journal"), "--db", str(tmp_path / "db")]  # fmt: skip
-    assert main(args) == 0
+    runtime = ["--runtime", "--runtime-trials", "1", "--concurrency", "1", "--max-new-tokens", "2"]
+    assert main(args + runtime) == 0
     out = capsys.readouterr().out
     assert "target.mlp.down" in out and "m16_n256_k768_residual_xfp32" in out
+    assert "concurrency 1: width 16 chosen; tokens/s width 16:" in out
     db = TuningDB.load("cpu", tmp_path / "db")
-    (entry,) = db.entries()
+    (run,) = db.entries("runtime")
+    assert run.shape_key == "tiny_c1" and run.config["widths"] == {"1": 16} and run.metrics["tokens_per_s"] > 0
+    (entry,) = db.entries("linear")
     assert (entry.op, entry.shape_key, entry.fmt, entry.platform) == (
         "linear",
         "m16_n256_k768_residual_xfp32",
@@ -464,14 +468,15 @@ def test_dflash_tune_end_to_end_on_the_tiny_pair(tmp_path, capsys):
     )
     assert entry.tuned and entry.trials == 2 and entry.time_us <= entry.default_time_us
     assert entry.torch_time_us > 0 and entry.versions["triton"]
-    pngs = sorted(p.name for p in (tmp_path / "tune-plots").glob("*.png"))
+    pngs = sorted(p.name for p in (tmp_path / "tune-plots").glob("cpu_linear*.png"))
     assert pngs == [f"cpu_linear_m16_n256_k768_residual_xfp32_fp32-{kind}.png" for kind in ("history", "importance")]
+    assert (tmp_path / "tune-plots" / "cpu_runtime_tiny_bf16-tokens-per-s.png").is_file()
     # a second run resumes the finished study: nothing new is measured
     assert main(args) == 0
     study = optuna.load_study(study_name="cpu:linear:m16_n256_k768_residual_xfp32:fp32",
                               storage=open_storage(tmp_path / "tune.journal"))  # fmt: skip
     assert len(measured_points(study)) == 2
-    assert TuningDB.load("cpu", tmp_path / "db").entries()[0].time_us == entry.time_us
+    assert TuningDB.load("cpu", tmp_path / "db").entries("linear")[0].time_us == entry.time_us
 
 
 def test_dflash_tune_refuses_a_profile_without_its_gpu(tmp_path, capsys):
@@ -483,3 +488,34 @@ def test_dflash_tune_refuses_a_profile_without_its_gpu(tmp_path, capsys):
     )
     assert main(["--gpu", "cpu", "--ops", "nothing", "--storage", str(tmp_path / "s.journal")]) == 2
     assert "parameter 'ops': 'nothing' names no op or call" in capsys.readouterr().err
+
+
+# ---- on the GPU --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_tuning_linears_on_the_gpu(tmp_path):
+    from dflash_compiler.tuning.kernels import tune_call
+
+    profile = load_profile("auto")
+    storage = open_storage(tmp_path / "gpu.journal")
+    formats = ["bf16", "int4_sym"] + (["fp8_channel"] if profile.fp8_tensor_cores else [])
+    for fmt in formats:
+        shape = LinearShape(16, 4096, 4096, fmt, "residual")
+        entry, study = tune_call(shape, profile, storage, 6, torch.device("cuda"))
+        assert entry.platform == "cuda" and entry.device == torch.cuda.get_device_name()
+        assert entry.tuned and entry.trials == 6 and entry.time_us <= entry.default_time_us
+        assert entry.torch_time_us > 0 and entry.versions["cuda"]
+
+
+@pytest.mark.gpu
+def test_dflash_tune_on_the_gpu(tmp_path):
+    from dflash_compiler.tuning.cli import main
+
+    args = ["--gpu", "auto", "--shapes", "tiny", "--quant", "fp8", "--ops", "linear", "verify_attention",
+            "--batches", "1,4", "--trials", "4", "--storage", str(tmp_path / "t.journal"), "--db", str(tmp_path),
+            "--runtime", "--runtime-trials", "3", "--concurrency", "1,4"]  # fmt: skip
+    assert main(args) == 0
+    db = TuningDB.load(load_profile("auto"), tmp_path)
+    assert {e.platform for e in db.entries()} == {"cuda"} and db.entries("runtime")
+    assert all(e.time_us <= e.default_time_us for e in db.entries("linear") if e.default_time_us)

@@ -171,7 +171,9 @@ def load_profile(name: str | HardwareProfile, device: str | None = None) -> Hard
         name = "cpu"
     path = PROFILE_DIR / f"{name}.toml"
     if not path.is_file():
-        raise DFlashError(f"parameter 'gpu': unknown hardware profile {name!r} (profiles: {', '.join(list_profiles())})")
+        raise DFlashError(
+            f"parameter 'gpu': unknown hardware profile {name!r} (profiles: {', '.join(list_profiles())})"
+        )
     profile = _parse(path)
     if profile.name != name:
         raise DFlashError(f"{path}: field 'name' is {profile.name!r}, expected {name!r}")

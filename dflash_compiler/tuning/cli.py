@@ -210,7 +210,8 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
         dtype="bfloat16" if profile.is_cuda else "float32", quant=args.quant,
     )  # fmt: skip
     space = RuntimeSpace(args.concurrency, drafter_cfg.block_size)
-    name = f"{profile.name}:runtime:{Path(target_dir).name}:{args.quant}"
+    model = args.shapes or Path(target_dir).name
+    name = f"{profile.name}:runtime:{model}:{args.quant}"
     study = runtime_study(
         space, throughput, storage=storage, study_name=name, n_trials=args.runtime_trials, seed=args.seed
     )
@@ -220,7 +221,7 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
     db.record(
         Entry(
             op="runtime",
-            shape_key=f"{Path(target_dir).name}_c{'-'.join(map(str, space.concurrencies))}",
+            shape_key=f"{model}_c{'-'.join(map(str, space.concurrencies))}",
             fmt=args.quant,
             lowering="triton" if profile.is_cuda else "reference",
             config=space.config(best.params).as_dict(),

@@ -116,5 +116,7 @@ def select(calls: Sequence[Call], ops: Sequence[str] | None) -> list[Call]:
     known = {c.op for c in calls} | {c.name for c in calls}
     for item in ops:
         if item not in known:
-            raise DFlashError(f"parameter 'ops': {item!r} names no op or call of this model ({', '.join(sorted(known))})")
+            raise DFlashError(
+                f"parameter 'ops': {item!r} names no op or call of this model ({', '.join(sorted(known))})"
+            )
     return [c for c in calls if c.op in ops or c.name in ops]

@@ -307,9 +307,7 @@ class LinearSpace(Space):
         if grid.startswith("split") and int(grid[5:]) > triton.cdiv(s.k, params["block_k"]):
             return f"{grid} over the {triton.cdiv(s.k, params['block_k'])} K chunks"
         acc = params["block_n"] * params["block_m"] * (2 if s.epilogue == "swiglu" else 1)
-        return _accumulator_check(acc, params["num_warps"], p, "the accumulator") or _smem_check(
-            self._smem(params), p
-        )
+        return _accumulator_check(acc, params["num_warps"], p, "the accumulator") or _smem_check(self._smem(params), p)
 
 
 # ---- attention -------------------------------------------------------------------------------------------------
