@@ -21,10 +21,11 @@ from dflash_compiler.hw_profiles import list_profiles, load_profile, profile_for
 from dflash_compiler.hw_profiles.database import Entry, TuningDB
 from dflash_compiler.tuning import choose, untuned_fallbacks
 from dflash_compiler.tuning.kernels import Chooser, default_choice
-from dflash_compiler.tuning.measure import ConfigFailed, LinearCase
+from dflash_compiler.tuning.measure import ConfigFailed, LinearCase, make_case
 from dflash_compiler.tuning.spaces import (
     AcceptShape,
     AttentionShape,
+    GDNCommitShape,
     GDNShape,
     LinearShape,
     Space,
@@ -99,6 +100,7 @@ SHAPES_27B = [
     AttentionShape(1, 16, 24, 4, 256, 4096),
     AttentionShape(16, 16, 24, 4, 256, 4096),
     GDNShape(16, 16, 16, 48, 128, 128),
+    GDNCommitShape(1, 16, 16, 48, 128, 128),
     AcceptShape(4, 16, 248320),
 ]
 
@@ -181,6 +183,29 @@ def test_shape_keys_parse_back():
         assert parse_shape(shape.op, shape.key, shape.fmt) == shape
     with pytest.raises(DFlashError, match="'m16_n8' is not a linear shape key"):
         parse_shape("linear", "m16_n8", "bf16")
+
+
+def test_the_calls_of_the_27b_pair():
+    from dflash_compiler.models.config import DrafterConfig, TargetConfig
+    from dflash_compiler.tuning.shapes import model_calls, preset_dirs, select
+
+    target_dir, drafter_dir = preset_dirs("qwen3.5-27b")
+    target, drafter = TargetConfig.from_dir(target_dir), DrafterConfig.from_dir(drafter_dir)
+    calls = model_calls(target, drafter, "int4", "bf16", [1, 16], 4096)
+    by_name = {(c.name, c.shape.key): c.shape for c in calls}
+    assert by_name[("target.mlp.gate_up", "m16_n34816_k5120_swiglu_xbf16")].fmt == "int4_sym"
+    assert ("target.gdn.in_proj", "m256_n16480_k5120_none_xbf16") in by_name  # qkv 10240 + z 6144 + b, a 48 each
+    assert ("target.attn.qkv", "m16_n14336_k5120_none_xbf16") in by_name  # gated q 2 x 6144 + k, v 1024 each
+    assert ("drafter.fc", "m16_n5120_k25600_none_xbf16") in by_name  # 5 tapped layers
+    assert ("target.attn.verify", "b16_t16_hq24_hkv4_d256_ctx4096") in by_name
+    assert ("target.gdn.commit", "b1_t16_h16_hv48_k128_v128") in by_name
+    # the drafter's lm_head (15 rows a request) shares the target's bucket at batch 1, not at batch 16 (240 rows)
+    heads = sorted(c.shape.key for c in calls if c.name.endswith("lm_head"))
+    assert heads == ["m16_n248320_k5120_none_xbf16", "m256_n248320_k5120_none_xbf16"]
+    assert len({c.id for c in calls}) == len(calls)
+    assert {c.op for c in select(calls, ["gdn_verify", "target.mlp.down"])} == {"gdn_verify", "linear"}
+    with pytest.raises(DFlashError, match="parameter 'quant' must be one of bf16, fp8, int4"):
+        model_calls(target, drafter, "fp4", "bf16", [1], 4096)
 
 
 # ---- the database ---------------------------------------------------------------------------------------------
@@ -399,6 +424,10 @@ def test_measurement_checks_every_config_against_the_reference():
     with pytest.raises(ConfigFailed, match="wrong result: relative error inf"):
         case.measure("triton", {**config, "block_n": 16})
     assert case.measure("triton", {**config, "block_n": 32}) > 0
+
+    commit = make_case(GDNCommitShape(3, 4, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
+    for unroll in (False, True):  # both loop forms commit the reference's states
+        assert commit.measure("triton", {"block_v": 16, "num_warps": 1, "unroll": unroll}) > 0
 
 
 # ---- the runtime study on the tiny pair --------------------------------------------------------------------------

@@ -77,6 +77,10 @@ class Entry:
             raise DFlashError(f"{where}: field 'tuned' must be true or false, got {self.tuned!r}")
         if self.platform not in PLATFORMS:
             raise DFlashError(f"{where}: field 'platform' must be one of {', '.join(PLATFORMS)}, got {self.platform!r}")
+        for name, kind in (("versions", dict), ("metrics", dict), ("trials", int), ("date", str), ("device", str)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise DFlashError(f"{where}: field '{name}' must be {kind.__name__}, got {value!r}")
         for name in ("time_us", "default_time_us", "torch_time_us"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):

@@ -17,7 +17,7 @@ import torch
 from ..codegen import reference, vendor_gemm
 from ..codegen import weight_formats as wf
 from ..hw_profiles import HardwareProfile
-from .spaces import DTYPES, AcceptShape, AttentionShape, GDNShape, LinearShape
+from .spaces import DTYPES, AcceptShape, AttentionShape, GDNCommitShape, GDNShape, LinearShape
 
 
 class ConfigFailed(Exception):
@@ -78,11 +78,11 @@ class Case:
 
     def __init__(self, shape, profile: HardwareProfile, device: torch.device, seed: int = 0):
         self.shape, self.profile, self.device = shape, profile, torch.device(device)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(self.device).manual_seed(seed)  # inputs made where they are used
         self._want = None  # the PyTorch lowering's output on input set 0
 
     def rand(self, *shape, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=self.gen) * scale).to(self.device, dtype)
+        return (torch.randn(*shape, generator=self.gen, device=self.device) * scale).to(dtype)
 
     def run(self, lowering: str, config: dict, i: int):
         raise NotImplementedError
@@ -210,8 +210,8 @@ class AttentionCase(Case):
             pages = s.batch * pages_per_req
             k = self.rand(pages + 1, s.hkv, self.PAGE, s.d, dtype=dtype)
             v = self.rand(pages + 1, s.hkv, self.PAGE, s.d, dtype=dtype)
-            perm = torch.randperm(pages, generator=self.gen) + 1  # page 0 stays unused, as in the runtime
-            table = perm.view(s.batch, pages_per_req).to(torch.int32).to(self.device)
+            perm = torch.randperm(pages, generator=self.gen, device=self.device) + 1  # page 0 unused, as in the runtime
+            table = perm.view(s.batch, pages_per_req).to(torch.int32)
             lens = torch.full((s.batch,), s.context - s.t, dtype=torch.int32, device=self.device)
             q = self.rand(s.batch, s.t, s.hq, s.d, dtype=dtype)
             self.sets.append((q, k, v, lens, table, torch.empty_like(q)))
@@ -251,7 +251,7 @@ class GDNCase(Case):
             k = y[..., s.heads * s.dk : 2 * s.heads * s.dk].unflatten(-1, (s.heads, s.dk))
             v = y[..., 2 * s.heads * s.dk :].unflatten(-1, (s.hv, s.dv))
             ba = self.rand(s.batch, s.t, 2 * s.hv, dtype=dtype)
-            a_log = (torch.rand(s.hv, generator=self.gen) * 15 + 1).log().to(self.device)
+            a_log = (torch.rand(s.hv, generator=self.gen, device=self.device) * 15 + 1).log()
             dt_bias = self.rand(s.hv, scale=0.5)
             state = self.rand(s.batch, s.hv, s.dk, s.dv, scale=0.3)
             out = torch.empty(s.batch, s.t, s.hv, s.dv, dtype=dtype, device=self.device)
@@ -277,6 +277,34 @@ class GDNCase(Case):
         return None if err <= tol else f"relative error {err:.3g} over {tol:g}"
 
 
+class GDNCommitCase(GDNCase):
+    """Each set commits a different accepted index per request into its own state (left as it was for -1); the
+    checked run starts from the set's initial state, the timed ones from whatever the previous commit left."""
+
+    def __init__(self, shape: GDNCommitShape, profile: HardwareProfile, device, seed: int = 0):
+        super().__init__(shape, profile, device, seed)
+        s = shape
+        self.initial = [inputs[7].clone() for inputs in self.sets]
+        self.idx = []
+        for _ in self.sets:
+            idx = torch.randint(0, s.t, (s.batch,), generator=self.gen, device=self.device)
+            self.idx.append(torch.where(torch.arange(s.batch, device=self.device) == 1, -1, idx))
+
+    def poison(self, i: int) -> None:
+        self.sets[i][7].copy_(self.initial[i])
+
+    def run(self, lowering: str, config: dict, i: int):
+        q, k, v, a, b, a_log, dt_bias, state, _ = self.sets[i]
+        if lowering == "reference":
+            return reference.gdn_commit(self.initial[i].clone(), self.idx[i], k, v, a, b, a_log, dt_bias)
+        from ..codegen.triton.gdn import gdn_commit
+
+        return gdn_commit(
+            state, self.idx[i], k, v, a, b, a_log, dt_bias, block_v=config["block_v"], num_warps=config["num_warps"],
+            unroll=config["unroll"],
+        )  # fmt: skip
+
+
 class AcceptCase(Case):
     def __init__(self, shape: AcceptShape, profile: HardwareProfile, device, seed: int = 0):
         super().__init__(shape, profile, device, seed)
@@ -287,7 +315,7 @@ class AcceptCase(Case):
             logits = self.rand(s.batch, s.bs, s.vocab, dtype=DTYPES[s.fmt])
             # drafts that match the target's argmax for a random prefix, so acceptance lengths vary
             draft = logits.argmax(-1)[:, : s.bs - 1].clone()
-            cut = torch.randint(0, s.bs, (s.batch,), generator=self.gen).to(self.device)
+            cut = torch.randint(0, s.bs, (s.batch,), generator=self.gen, device=self.device)
             wrong = torch.arange(s.bs - 1, device=self.device)[None, :] >= cut[:, None]
             draft = torch.where(wrong, (draft + 1) % s.vocab, draft)
             self.sets.append((draft, logits))
@@ -307,7 +335,13 @@ class AcceptCase(Case):
         return None
 
 
-CASES = {"linear": LinearCase, "verify_attention": AttentionCase, "gdn_verify": GDNCase, "greedy_accept": AcceptCase}
+CASES = {
+    "linear": LinearCase,
+    "verify_attention": AttentionCase,
+    "gdn_verify": GDNCase,
+    "gdn_commit": GDNCommitCase,
+    "greedy_accept": AcceptCase,
+}
 
 
 def make_case(shape, profile: HardwareProfile, device, seed: int = 0) -> Case:

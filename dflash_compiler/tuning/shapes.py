@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import DFlashError
 from ..models.config import DrafterConfig, TargetConfig
-from .spaces import AcceptShape, AttentionShape, GDNShape, LinearShape, m_bucket
+from .spaces import AcceptShape, AttentionShape, GDNCommitShape, GDNShape, LinearShape, m_bucket
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 PRESETS = ("qwen3.5-27b", "tiny")
@@ -26,7 +26,7 @@ class Call:
     """One tunable call: a name (where in the model it runs) and its shape."""
 
     name: str
-    shape: LinearShape | AttentionShape | GDNShape | AcceptShape
+    shape: LinearShape | AttentionShape | GDNShape | GDNCommitShape | AcceptShape
 
     @property
     def op(self) -> str:
@@ -81,10 +81,9 @@ def model_calls(
             hv = t.linear_num_value_heads
             linear("target.gdn.in_proj", rows, t.gdn_conv_dim + t.gdn_value_dim + 2 * hv, h)
             linear("target.gdn.out_proj", rows, h, t.gdn_value_dim, "residual")
-            shape = GDNShape(
-                batch, block, t.linear_num_key_heads, hv, t.linear_key_head_dim, t.linear_value_head_dim, act
-            )
-            calls.setdefault(("gdn", shape.key), Call("target.gdn.verify", shape))
+            dims = (batch, block, t.linear_num_key_heads, hv, t.linear_key_head_dim, t.linear_value_head_dim, act)
+            calls.setdefault(("gdn", dims), Call("target.gdn.verify", GDNShape(*dims)))
+            calls.setdefault(("gdn_commit", dims), Call("target.gdn.commit", GDNCommitShape(*dims)))
         if t.attention_layers:
             qw = t.num_heads * t.head_dim * (2 if t.attn_output_gate else 1)
             linear("target.attn.qkv", rows, qw + 2 * t.num_kv_heads * t.head_dim, h)
@@ -109,8 +108,8 @@ def model_calls(
 
 
 def select(calls: Sequence[Call], ops: Sequence[str] | None) -> list[Call]:
-    """The calls named by `ops`: an op family (linear, verify_attention, gdn_verify, greedy_accept) or a call name
-    (target.mlp.down), each matching every batch size."""
+    """The calls named by `ops`: an op family (linear, verify_attention, gdn_verify, gdn_commit, greedy_accept) or a
+    call name (target.mlp.down), each matching every batch size."""
     if not ops:
         return list(calls)
     known = {c.op for c in calls} | {c.name for c in calls}

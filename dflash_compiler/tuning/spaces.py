@@ -404,8 +404,16 @@ class GDNShape:
         return f"b{self.batch}_t{self.t}_h{self.heads}_hv{self.hv}_k{self.dk}_v{self.dv}"
 
 
+@dataclass(frozen=True)
+class GDNCommitShape(GDNShape):
+    """The commit of an accepted position: the block's steps replayed from its initial state (capture 0)."""
+
+    op = "gdn_commit"
+
+
 class GDNSpace(Space):
-    """codegen/triton/gdn.py's recurrent-kernel launch: the V slice per program, warps, unrolled or block loop."""
+    """codegen/triton/gdn.py's recurrent-kernel launch (verify or commit): the V slice per program, warps, unrolled
+    steps or the block-prefetch loop."""
 
     op = "gdn_verify"
 
@@ -421,7 +429,8 @@ class GDNSpace(Space):
 
     def launcher_default(self) -> Params:
         s = self.shape
-        cfg = gdn_kernels._recurrent_config(s.batch, s.t, s.dv, False, False, None, None, None)
+        commit = s.op == "gdn_commit"
+        cfg = gdn_kernels._recurrent_config(s.batch, s.t, s.dv, commit, False, None, None, None)
         return {"lowering": "triton", "block_v": cfg["BV"], "num_warps": cfg["num_warps"], "unroll": cfg["UNROLL"]}
 
     def limits(self, params: Params) -> str | None:
@@ -495,15 +504,18 @@ SPACES: dict[str, type[Space]] = {
     "linear": LinearSpace,
     "verify_attention": AttentionSpace,
     "gdn_verify": GDNSpace,
+    "gdn_commit": GDNSpace,
     "greedy_accept": AcceptSpace,
 }
+_GDN_KEY = r"b(?P<batch>\d+)_t(?P<t>\d+)_h(?P<heads>\d+)_hv(?P<hv>\d+)_k(?P<dk>\d+)_v(?P<dv>\d+)"
 _KEYS = {
     "linear": (LinearShape, r"m(?P<m>\d+)_n(?P<n>\d+)_k(?P<k>\d+)_(?P<epilogue>[a-z]+)_x(?P<act>[a-z0-9]+)"),
     "verify_attention": (
         AttentionShape,
         r"b(?P<batch>\d+)_t(?P<t>\d+)_hq(?P<hq>\d+)_hkv(?P<hkv>\d+)_d(?P<d>\d+)_ctx(?P<context>\d+)",
     ),
-    "gdn_verify": (GDNShape, r"b(?P<batch>\d+)_t(?P<t>\d+)_h(?P<heads>\d+)_hv(?P<hv>\d+)_k(?P<dk>\d+)_v(?P<dv>\d+)"),
+    "gdn_verify": (GDNShape, _GDN_KEY),
+    "gdn_commit": (GDNCommitShape, _GDN_KEY),
     "greedy_accept": (AcceptShape, r"b(?P<batch>\d+)_bs(?P<bs>\d+)_v(?P<vocab>\d+)"),
 }
 
