@@ -163,6 +163,8 @@ def _run(args) -> int:
     if args.target is not None and args.shapes is not None:
         raise DFlashError("parameter 'shapes': give either --shapes or --target/--drafter, not both")
     target_dir, drafter_dir = (args.target, args.drafter) if args.target else preset_dirs(args.shapes or "tiny")
+    if args.runtime and (drafter_dir is None or not any(Path(target_dir).glob("*.safetensors"))):
+        raise DFlashError("parameter 'runtime': the runtime study needs checkpoint weights (--target/--drafter)")
     target_cfg = TargetConfig.from_dir(target_dir)
     drafter_cfg = DrafterConfig.from_dir(drafter_dir) if drafter_dir else None
     act = "bf16" if profile.is_cuda else "fp32"
@@ -195,13 +197,10 @@ def _run(args) -> int:
 def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storage, plots, db, environment) -> None:
     import json
 
-    from ..errors import DFlashError
     from ..hw_profiles.database import Entry
     from ..runtime.engine import DEFAULT_PAIR, load_tokenizer
     from .runtime import RuntimeSpace, pair_throughput, runtime_study, widths_table
 
-    if drafter_dir is None or not any(Path(target_dir).glob("*.safetensors")):
-        raise DFlashError("parameter 'runtime': the runtime study needs checkpoint weights (--target/--drafter)")
     tok = load_tokenizer(target_dir)
     lines = (DEFAULT_PAIR / "heldout_prompts.jsonl").read_text().splitlines()
     prompts = [tok.encode(json.loads(line)["prompt"], add_special_tokens=False)[:64] for line in lines[:8]]

@@ -1,12 +1,14 @@
 """Search spaces per kernel family, built from the launchers' own configs, with the configs that cannot run on a
 profile pruned before they launch.
 
-A shape (LinearShape, AttentionShape, GDNShape, AcceptShape) is one tunable call: its `key` is the database's shape
-key and parses back (`parse_shape`). A space is discrete: `choices` lists every parameter's values (always
-including the launcher's default), `suggest` draws a point from an Optuna trial (the lowering first: only the
-Triton lowering has further parameters), `check` says why a point cannot run on the profile (None if it can),
-`default` is the point the launcher would run with no config given, and `config` turns a point into the
-(lowering, config) that the database stores and the launchers take.
+A shape (LinearShape, AttentionShape, GDNShape, GDNCommitShape, AcceptShape) is one tunable call: its `key` is the
+database's shape key and parses back (`parse_shape`). A space is discrete: `choices` lists every parameter's values
+(always including the launcher's default), `suggest` draws a point from an Optuna trial (the lowering first: only
+the Triton lowering has further parameters), `check` says why a point is pruned (it cannot run on the profile, or
+its tiles overhang the dimension they cover; None if it is kept), `default` is the point the launcher runs when
+given no config, and `config` turns a point into the (lowering, config) that the database stores and the
+launchers take. The vendor GEMM is a lowering of the linear space at every row count, so the crossover
+(runtime/step_model.py's VENDOR_GEMM_MIN_ROWS, the default) is measured per shape.
 """
 
 from __future__ import annotations
@@ -181,8 +183,12 @@ class LinearShape:
         return DTYPES[self.fmt].itemsize if self.dense else 0.5 if self.fmt.startswith("int4") else 1
 
 
-_WEIGHT_TYPES = {"fp8_channel": FP8ChannelWeight, "fp8_block": FP8BlockWeight, "int4_sym": Int4Weight}
-_WEIGHT_TYPES["int4_asym"] = Int4Weight
+_WEIGHT_TYPES = {
+    "fp8_channel": FP8ChannelWeight,
+    "fp8_block": FP8BlockWeight,
+    "int4_sym": Int4Weight,
+    "int4_asym": Int4Weight,
+}
 
 
 def vendor_supported(shape: LinearShape, profile: HardwareProfile) -> bool:
