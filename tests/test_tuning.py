@@ -401,6 +401,24 @@ def test_resuming_an_interrupted_study(tmp_path):
     assert len({json.dumps(t.params, sort_keys=True) for t in study.trials if t.state.name == "COMPLETE"}) == 10
 
 
+def test_a_shared_study_leaves_live_workers_trials_alone(tmp_path):
+    from dflash_compiler.tuning.study import WORKER, fail_dead_trials
+
+    storage = open_storage(tmp_path / "shared.journal")
+    study = optuna.create_study(study_name="toy", storage=storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    workers = {"live here": WORKER, "dead here": f"{WORKER.rpartition(':')[0]}:{dead.pid}", "elsewhere": "gpu-7:1"}
+    trials = {}
+    for name, worker in workers.items():
+        trials[name] = study.ask({"x": optuna.distributions.CategoricalDistribution([1, 2])})
+        trials[name].set_user_attr("worker", worker)
+    assert fail_dead_trials(study, storage) == 1
+    states = {name: study.trials[t.number].state.name for name, t in trials.items()}
+    assert states == {"live here": "RUNNING", "dead here": "FAIL", "elsewhere": "RUNNING"}
+    assert [t.state.name for t in study.trials[3:]] == ["WAITING"]  # the dead worker's point, queued again
+
+
 # ---- measurement on the real kernels (Triton interpreter) --------------------------------------------------------
 
 

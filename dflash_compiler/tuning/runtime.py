@@ -20,6 +20,7 @@ import torch
 
 from ..errors import DFlashError
 from ..runtime.batch import BUCKETS
+from ..runtime.step_model import PAGE_SIZE
 from .study import fail_dead_trials
 
 GRAPH_BUCKET_SETS = {
@@ -94,7 +95,8 @@ def pair_throughput(
     max_seq_len: int = 1024,
 ) -> Callable[[RuntimeConfig, Sequence[int]], dict[int, float]]:
     """An objective over a model pair on the batched runtime: for each concurrency c, c requests (the prompts in
-    turn) served to completion by a runner of that bucket's width; tokens/s = generated tokens over wall time."""
+    turn) served to completion by a runner of that bucket's width; tokens/s = generated tokens over wall time. With
+    CUDA graphs the same requests are served once untimed first, so that graph capture is not counted."""
     from ..models.loader import load_drafter, load_target, parse_dtype
     from ..runtime.batch import BatchRunner
 
@@ -104,21 +106,33 @@ def pair_throughput(
         target = load_target(target_dir, device=device, dtype=torch_dtype)
         width = config.width(concurrency)
         drafter = load_drafter(drafter_dir, target.cfg, device=device, dtype=torch_dtype) if width > 1 else None
+        pages = concurrency * -(-(max_seq_len + 2 * width) // PAGE_SIZE) + 1  # the pool these requests need
         runner = BatchRunner(
             target, drafter, block_size=width, max_batch=concurrency, max_seq_len=max_seq_len, quant=quant,
-            prefill_chunk=config.prefill_chunk, buckets=GRAPH_BUCKET_SETS[config.graph_buckets],
+            prefill_chunk=config.prefill_chunk, buckets=GRAPH_BUCKET_SETS[config.graph_buckets], num_pages=pages,
         )  # fmt: skip
         if acceptance_profile is not None and width > 1:
             runner.simulate_acceptance(acceptance_profile)
-        for i in range(concurrency):
-            runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens)
-        generated = 0
+
+        def run(runner: BatchRunner) -> int:
+            for i in range(concurrency):
+                runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens)
+            generated = 0
+            while runner.has_work:
+                generated += sum(len(e.tokens) for e in runner.step())
+            return generated
+
+        if runner.cuda_graphs:
+            run(runner)
         start = time.perf_counter()
-        while runner.has_work:
-            generated += sum(len(e.tokens) for e in runner.step())
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return generated / (time.perf_counter() - start)
+        generated = run(runner)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        elapsed = time.perf_counter() - start
+        del runner, target, drafter
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return generated / elapsed
 
     def measure(config: RuntimeConfig, concurrencies: Sequence[int]) -> dict[int, float]:
         return {c: serve(config, c) for c in concurrencies}
