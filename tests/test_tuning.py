@@ -25,6 +25,7 @@ from dflash_compiler.tuning.measure import ConfigFailed, LinearCase, make_case
 from dflash_compiler.tuning.spaces import (
     AcceptShape,
     AttentionShape,
+    GDNChunkedShape,
     GDNCommitShape,
     GDNShape,
     LinearShape,
@@ -101,6 +102,7 @@ SHAPES_27B = [
     AttentionShape(16, 16, 24, 4, 256, 4096),
     GDNShape(16, 16, 16, 48, 128, 128),
     GDNCommitShape(1, 16, 16, 48, 128, 128),
+    GDNChunkedShape(1, 512, 16, 48, 128, 128),
     AcceptShape(4, 16, 248320),
 ]
 
@@ -191,7 +193,7 @@ def test_the_calls_of_the_27b_pair():
 
     target_dir, drafter_dir = preset_dirs("qwen3.5-27b")
     target, drafter = TargetConfig.from_dir(target_dir), DrafterConfig.from_dir(drafter_dir)
-    calls = model_calls(target, drafter, "int4", "bf16", [1, 16], 4096)
+    calls = model_calls(target, drafter, "int4", "bf16", [1, 16], 4096, prefill_chunk=512)
     by_name = {(c.name, c.shape.key): c.shape for c in calls}
     assert by_name[("target.mlp.gate_up", "m16_n34816_k5120_swiglu_xbf16")].fmt == "int4_sym"
     assert ("target.gdn.in_proj", "m256_n16480_k5120_none_xbf16") in by_name  # qkv 10240 + z 6144 + b, a 48 each
@@ -199,9 +201,12 @@ def test_the_calls_of_the_27b_pair():
     assert ("drafter.fc", "m16_n5120_k25600_none_xbf16") in by_name  # 5 tapped layers
     assert ("target.attn.verify", "b16_t16_hq24_hkv4_d256_ctx4096") in by_name
     assert ("target.gdn.commit", "b1_t16_h16_hv48_k128_v128") in by_name
+    assert ("prefill.gdn.chunked", "b1_t512_h16_hv48_k128_v128") in by_name
+    assert ("prefill.mlp.gate_up", "m512_n34816_k5120_swiglu_xbf16") in by_name
+    assert ("prefill.attn", "b1_t512_hq24_hkv4_d256_ctx4096") in by_name
     # the drafter's lm_head (15 rows a request) shares the target's bucket at batch 1, not at batch 16 (240 rows)
     heads = sorted(c.shape.key for c in calls if c.name.endswith("lm_head"))
-    assert heads == ["m16_n248320_k5120_none_xbf16", "m256_n248320_k5120_none_xbf16"]
+    assert heads == ["m16_n248320_k5120_none_xbf16", "m256_n248320_k5120_none_xbf16"]  # prefill: the last row only
     assert len({c.id for c in calls}) == len(calls)
     assert {c.op for c in select(calls, ["gdn_verify", "target.mlp.down"])} == {"gdn_verify", "linear"}
     with pytest.raises(DFlashError, match="parameter 'quant' must be one of bf16, fp8, int4"):
@@ -446,6 +451,10 @@ def test_measurement_checks_every_config_against_the_reference():
     commit = make_case(GDNCommitShape(3, 4, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
     for unroll in (False, True):  # both loop forms commit the reference's states
         assert commit.measure("triton", {"block_v": 16, "num_warps": 1, "unroll": unroll}) > 0
+    chunked = make_case(GDNChunkedShape(1, 40, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
+    assert chunked.measure("triton", {"chunk_size": 16, "block_v": 32, "precision": "ieee"}) > 0
+    with pytest.raises(ConfigFailed, match="launch failed: ValueError: chunk_size: 8 not in 16/32/64/128"):
+        chunked.measure("triton", {"chunk_size": 8, "block_v": 32, "precision": "ieee"})
 
 
 # ---- the runtime study on the tiny pair --------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="*", help="op families or call names to tune (default: all)")
     p.add_argument("--batches", type=_int_list, default=[1, 16], help="batch sizes of the kernel calls (1,16)")
     p.add_argument("--context", type=int, default=4096, help="context length of the attention calls (4096)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk of the prefill calls (0: none)")
     p.add_argument("--runtime", action="store_true", help="also run the runtime study (needs checkpoint weights)")
     p.add_argument("--runtime-trials", type=int, default=10)
     p.add_argument("--concurrency", type=_int_list, default=[1, 2], help="runtime study levels (1,2)")
@@ -168,7 +169,10 @@ def _run(args) -> int:
     target_cfg = TargetConfig.from_dir(target_dir)
     drafter_cfg = DrafterConfig.from_dir(drafter_dir) if drafter_dir else None
     act = "bf16" if profile.is_cuda else "fp32"
-    calls = select(model_calls(target_cfg, drafter_cfg, args.quant, act, args.batches, args.context), args.ops)
+    calls = model_calls(
+        target_cfg, drafter_cfg, args.quant, act, args.batches, args.context, prefill_chunk=args.prefill_chunk
+    )
+    calls = select(calls, args.ops)
     storage = open_storage(args.storage)
     plots = Path(args.plots) if args.plots else Path(args.storage).with_name(Path(args.storage).stem + "-plots")
     plots.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import torch
 from ..codegen import reference, vendor_gemm
 from ..codegen import weight_formats as wf
 from ..hw_profiles import HardwareProfile
-from .spaces import DTYPES, AcceptShape, AttentionShape, GDNCommitShape, GDNShape, LinearShape
+from .spaces import DTYPES, AcceptShape, AttentionShape, GDNChunkedShape, GDNCommitShape, GDNShape, LinearShape
 
 
 class ConfigFailed(Exception):
@@ -305,6 +305,36 @@ class GDNCommitCase(GDNCase):
         )  # fmt: skip
 
 
+class GDNChunkedCase(GDNCase):
+    """The chunked prefill: its output and final state, both checked."""
+
+    def __init__(self, shape: GDNChunkedShape, profile: HardwareProfile, device, seed: int = 0):
+        super().__init__(shape, profile, device, seed)
+        self.finals = [torch.empty_like(inputs[7]) for inputs in self.sets]
+
+    def poison(self, i: int) -> None:
+        super().poison(i)
+        self.finals[i].fill_(float("nan"))
+
+    def run(self, lowering: str, config: dict, i: int):
+        *inputs, out = self.sets[i]
+        if lowering == "reference":
+            return reference.gdn_chunked(*inputs)
+        from ..codegen.triton.gdn import gdn_chunked
+
+        return gdn_chunked(
+            *inputs, out=out, final_state=self.finals[i], chunk_size=config["chunk_size"], block_v=config["block_v"],
+            precision=config["precision"],
+        )  # fmt: skip
+
+    def compare(self, got, want) -> str | None:
+        for name, g, w in (("output", got[0], want[0]), ("final state", got[1], want[1])):
+            wrong = super().compare(g, w)
+            if wrong is not None:
+                return f"{name}: {wrong}"
+        return None
+
+
 class AcceptCase(Case):
     def __init__(self, shape: AcceptShape, profile: HardwareProfile, device, seed: int = 0):
         super().__init__(shape, profile, device, seed)
@@ -340,6 +370,7 @@ CASES = {
     "verify_attention": AttentionCase,
     "gdn_verify": GDNCase,
     "gdn_commit": GDNCommitCase,
+    "gdn_chunked": GDNChunkedCase,
     "greedy_accept": AcceptCase,
 }
 

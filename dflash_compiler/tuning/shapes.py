@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import DFlashError
 from ..models.config import DrafterConfig, TargetConfig
-from .spaces import AcceptShape, AttentionShape, GDNCommitShape, GDNShape, LinearShape, m_bucket
+from .spaces import AcceptShape, AttentionShape, GDNChunkedShape, GDNCommitShape, GDNShape, LinearShape, m_bucket
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 PRESETS = ("qwen3.5-27b", "tiny")
@@ -26,7 +26,7 @@ class Call:
     """One tunable call: a name (where in the model it runs) and its shape."""
 
     name: str
-    shape: LinearShape | AttentionShape | GDNShape | GDNCommitShape | AcceptShape
+    shape: LinearShape | AttentionShape | GDNShape | GDNCommitShape | GDNChunkedShape | AcceptShape
 
     @property
     def op(self) -> str:
@@ -56,8 +56,10 @@ def model_calls(
     batches: Sequence[int],
     context: int,
     block_size: int | None = None,
+    prefill_chunk: int = 0,
 ) -> list[Call]:
-    """The distinct calls of the batched step at each batch size (the first name of a shape is kept)."""
+    """The distinct calls of the batched step at each batch size (the first name of a shape is kept), and with
+    prefill_chunk those of a prefill chunk of that many tokens (one request, its last position's logits)."""
     if quant not in QUANT_FORMATS:
         raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANT_FORMATS)}, got {quant!r}")
     block = block_size or (drafter.block_size if drafter is not None else 1)
@@ -74,9 +76,27 @@ def model_calls(
         shape = LinearShape(m_bucket(rows), n, k, fmt_for(k), epilogue, act)
         calls.setdefault(("linear", shape.key, shape.fmt), Call(name, shape))
 
+    h = t.hidden_size
+    if prefill_chunk:
+        rows = prefill_chunk
+        if t.gdn_layers:
+            hv = t.linear_num_value_heads
+            linear("prefill.gdn.in_proj", rows, t.gdn_conv_dim + t.gdn_value_dim + 2 * hv, h)
+            linear("prefill.gdn.out_proj", rows, h, t.gdn_value_dim, "residual")
+            dims = (1, rows, t.linear_num_key_heads, hv, t.linear_key_head_dim, t.linear_value_head_dim, act)
+            calls.setdefault(("gdn_chunked", dims), Call("prefill.gdn.chunked", GDNChunkedShape(*dims)))
+        if t.attention_layers:
+            qw = t.num_heads * t.head_dim * (2 if t.attn_output_gate else 1)
+            linear("prefill.attn.qkv", rows, qw + 2 * t.num_kv_heads * t.head_dim, h)
+            linear("prefill.attn.o_proj", rows, h, t.num_heads * t.head_dim, "residual")
+            shape = AttentionShape(1, rows, t.num_heads, t.num_kv_heads, t.head_dim, context, act)
+            calls.setdefault(("attn", shape.key), Call("prefill.attn", shape))
+        linear("prefill.mlp.gate_up", rows, 2 * t.intermediate_size, h, "swiglu")
+        linear("prefill.mlp.down", rows, h, t.intermediate_size, "residual")
+        if drafter is not None and block > 1:
+            linear("prefill.drafter.fc", rows, h, len(drafter.target_layer_ids) * h)
     for batch in batches:
         rows = batch * block
-        h = t.hidden_size
         if t.gdn_layers:
             hv = t.linear_num_value_heads
             linear("target.gdn.in_proj", rows, t.gdn_conv_dim + t.gdn_value_dim + 2 * hv, h)
@@ -108,8 +128,8 @@ def model_calls(
 
 
 def select(calls: Sequence[Call], ops: Sequence[str] | None) -> list[Call]:
-    """The calls named by `ops`: an op family (linear, verify_attention, gdn_verify, gdn_commit, greedy_accept) or a
-    call name (target.mlp.down), each matching every batch size."""
+    """The calls named by `ops`: an op family (linear, verify_attention, gdn_verify, gdn_commit, gdn_chunked,
+    greedy_accept) or a call name (target.mlp.down), each matching every batch size."""
     if not ops:
         return list(calls)
     known = {c.op for c in calls} | {c.name for c in calls}

@@ -1,13 +1,13 @@
 """Search spaces per kernel family, built from the launchers' own configs, with the configs that cannot run on a
 profile pruned before they launch.
 
-A shape (LinearShape, AttentionShape, GDNShape, GDNCommitShape, AcceptShape) is one tunable call: its `key` is the
-database's shape key and parses back (`parse_shape`). A space is discrete: `choices` lists every parameter's values
-(always including the launcher's default), `suggest` draws a point from an Optuna trial (the lowering first: only
-the Triton lowering has further parameters), `check` says why a point is pruned (it cannot run on the profile, or
-its tiles overhang the dimension they cover; None if it is kept), `default` is the point the launcher runs when
-given no config, and `config` turns a point into the (lowering, config) that the database stores and the
-launchers take. The vendor GEMM is a lowering of the linear space at every row count, so the crossover
+A shape (LinearShape, AttentionShape, GDNShape, GDNCommitShape, GDNChunkedShape, AcceptShape) is one tunable call:
+its `key` is the database's shape key and parses back (`parse_shape`). A space is discrete: `choices` lists every
+parameter's values (always including the launcher's default), `suggest` draws a point from an Optuna trial (the
+lowering first: only the Triton lowering has further parameters), `check` says why a point is pruned (it cannot
+run on the profile, or its tiles overhang the dimension they cover; None if it is kept), `default` is the point the
+launcher runs when given no config, and `config` turns a point into the (lowering, config) that the database stores
+and the launchers take. The vendor GEMM is a lowering of the linear space at every row count, so the crossover
 (runtime/step_model.py's VENDOR_GEMM_MIN_ROWS, the default) is measured per shape.
 """
 
@@ -411,6 +411,13 @@ class GDNShape:
 
 
 @dataclass(frozen=True)
+class GDNChunkedShape(GDNShape):
+    """The chunked (UT/WY) gated delta rule of a prefill chunk of t tokens."""
+
+    op = "gdn_chunked"
+
+
+@dataclass(frozen=True)
 class GDNCommitShape(GDNShape):
     """The commit of an accepted position: the block's steps replayed from its initial state (capture 0)."""
 
@@ -446,6 +453,40 @@ class GDNSpace(Space):
         if params["block_v"] > s.dv or s.dv % params["block_v"]:
             return f"block_v {params['block_v']} does not divide V={s.dv}"
         return _accumulator_check(s.dk * params["block_v"], params["num_warps"], self.profile, "the state slice")
+
+
+class GDNChunkedSpace(Space):
+    """codegen/triton/gdn.py's gdn_chunked: the chunk length, the V slice of the scan and its dot precision (the
+    accuracy of each is checked against the reference like any result)."""
+
+    op = "gdn_chunked"
+
+    def choices(self) -> dict[str, list]:
+        return self._with_default(
+            {
+                "lowering": _lowerings(self.profile),
+                "chunk_size": [16, 32, 64, 128],
+                "block_v": _upto([16, 32, 64, 128], self.shape.dv),
+                "precision": ["tf32", "tf32x3", "ieee"],
+            }
+        )
+
+    def launcher_default(self) -> Params:
+        return {"lowering": "triton", "chunk_size": 64, "block_v": min(32, self.shape.dv), "precision": "tf32"}
+
+    def waste(self, params: Params) -> str | None:
+        if params["lowering"] == "triton" and params["chunk_size"] > max(16, _p2(self.shape.t)):
+            return f"chunk_size {params['chunk_size']} over the {self.shape.t} tokens"
+        return None
+
+    def limits(self, params: Params) -> str | None:
+        s = self.shape
+        if params["lowering"] != "triton":
+            return None
+        if params["block_v"] > s.dv or s.dv % params["block_v"]:
+            return f"block_v {params['block_v']} does not divide V={s.dv}"
+        # the scan's state slice and one chunk's keys stay in registers (8 warps)
+        return _accumulator_check(s.dk * params["block_v"] + params["chunk_size"] * s.dk, 8, self.profile, "the scan")
 
 
 # ---- greedy acceptance ---------------------------------------------------------------------------------------
@@ -511,6 +552,7 @@ SPACES: dict[str, type[Space]] = {
     "verify_attention": AttentionSpace,
     "gdn_verify": GDNSpace,
     "gdn_commit": GDNSpace,
+    "gdn_chunked": GDNChunkedSpace,
     "greedy_accept": AcceptSpace,
 }
 _GDN_KEY = r"b(?P<batch>\d+)_t(?P<t>\d+)_h(?P<heads>\d+)_hv(?P<hv>\d+)_k(?P<dk>\d+)_v(?P<dv>\d+)"
@@ -522,6 +564,7 @@ _KEYS = {
     ),
     "gdn_verify": (GDNShape, _GDN_KEY),
     "gdn_commit": (GDNCommitShape, _GDN_KEY),
+    "gdn_chunked": (GDNChunkedShape, _GDN_KEY),
     "greedy_accept": (AcceptShape, r"b(?P<batch>\d+)_bs(?P<bs>\d+)_v(?P<vocab>\d+)"),
 }
 
