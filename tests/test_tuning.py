@@ -25,6 +25,7 @@ from dflash_compiler.tuning.measure import ConfigFailed, LinearCase, make_case
 from dflash_compiler.tuning.spaces import (
     AcceptShape,
     AttentionShape,
+    DraftAttentionShape,
     GDNChunkedShape,
     GDNCommitShape,
     GDNShape,
@@ -100,6 +101,7 @@ SHAPES_27B = [
     LinearShape(256, 248320, 5120, "fp8_channel"),
     AttentionShape(1, 16, 24, 4, 256, 4096),
     AttentionShape(16, 16, 24, 4, 256, 4096),
+    DraftAttentionShape(4, 16, 32, 8, 128, 4096),
     GDNShape(16, 16, 16, 48, 128, 128),
     GDNCommitShape(1, 16, 16, 48, 128, 128),
     GDNChunkedShape(1, 512, 16, 48, 128, 128),
@@ -204,6 +206,7 @@ def test_the_calls_of_the_27b_pair():
     assert ("prefill.gdn.chunked", "b1_t512_h16_hv48_k128_v128") in by_name
     assert ("prefill.mlp.gate_up", "m512_n34816_k5120_swiglu_xbf16") in by_name
     assert ("prefill.attn", "b1_t512_hq24_hkv4_d256_ctx4096") in by_name
+    assert by_name[("drafter.attn", "b16_t16_hq32_hkv8_d128_ctx4096")].op == "draft_attention"
     # the drafter's lm_head (15 rows a request) shares the target's bucket at batch 1, not at batch 16 (240 rows)
     heads = sorted(c.shape.key for c in calls if c.name.endswith("lm_head"))
     assert heads == ["m16_n248320_k5120_none_xbf16", "m256_n248320_k5120_none_xbf16"]  # prefill: the last row only
@@ -451,6 +454,9 @@ def test_measurement_checks_every_config_against_the_reference():
     commit = make_case(GDNCommitShape(3, 4, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
     for unroll in (False, True):  # both loop forms commit the reference's states
         assert commit.measure("triton", {"block_v": 16, "num_warps": 1, "unroll": unroll}) > 0
+    draft = make_case(DraftAttentionShape(2, 4, 4, 2, 16, 70, "fp16"), load_profile("cpu"), "cpu")
+    space = space_for(draft.shape, draft.profile)
+    assert draft.measure(*space.config({**space.default(), "num_splits": 2})) > 0
     chunked = make_case(GDNChunkedShape(1, 40, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
     assert chunked.measure("triton", {"chunk_size": 16, "block_v": 32, "precision": "ieee"}) > 0
     with pytest.raises(ConfigFailed, match="launch failed: ValueError: chunk_size: 8 not in 16/32/64/128"):

@@ -17,7 +17,16 @@ import torch
 from ..codegen import reference, vendor_gemm
 from ..codegen import weight_formats as wf
 from ..hw_profiles import HardwareProfile
-from .spaces import DTYPES, AcceptShape, AttentionShape, GDNChunkedShape, GDNCommitShape, GDNShape, LinearShape
+from .spaces import (
+    DTYPES,
+    AcceptShape,
+    AttentionShape,
+    DraftAttentionShape,
+    GDNChunkedShape,
+    GDNCommitShape,
+    GDNShape,
+    LinearShape,
+)
 
 
 class ConfigFailed(Exception):
@@ -237,6 +246,29 @@ class AttentionCase(Case):
         return None if err <= tol else f"relative error {err:.3g} over {tol:g}"
 
 
+class DraftAttentionCase(AttentionCase):
+    """The block's own keys and values beside the cached context (context - t keys, so that t + cached = context)."""
+
+    def __init__(self, shape: DraftAttentionShape, profile: HardwareProfile, device, seed: int = 0):
+        super().__init__(shape, profile, device, seed)
+        dtype = DTYPES[shape.fmt]
+        block = (shape.batch, shape.t, shape.hkv, shape.d)
+        self.blocks = [(self.rand(*block, dtype=dtype), self.rand(*block, dtype=dtype)) for _ in self.sets]
+
+    def run(self, lowering: str, config: dict, i: int):
+        q, k, v, lens, table, out = self.sets[i]
+        kb, vb = self.blocks[i]
+        if lowering == "reference":
+            return reference.draft_attention(q, kb, vb, k, v, lens, block_table=table)
+        from ..codegen.triton.attention import AttentionConfig, draft_attention
+
+        cfg = AttentionConfig(config["block_m"], config["block_n"], config["num_warps"], config["num_stages"])
+        return draft_attention(
+            q, kb, vb, k, v, lens, block_table=table, out=out, num_splits=config["num_splits"],
+            max_len=self.shape.context, config=cfg,
+        )  # fmt: skip
+
+
 class GDNCase(Case):
     def __init__(self, shape: GDNShape, profile: HardwareProfile, device, seed: int = 0):
         super().__init__(shape, profile, device, seed)
@@ -368,6 +400,7 @@ class AcceptCase(Case):
 CASES = {
     "linear": LinearCase,
     "verify_attention": AttentionCase,
+    "draft_attention": DraftAttentionCase,
     "gdn_verify": GDNCase,
     "gdn_commit": GDNCommitCase,
     "gdn_chunked": GDNChunkedCase,

@@ -14,7 +14,16 @@ from pathlib import Path
 
 from ..errors import DFlashError
 from ..models.config import DrafterConfig, TargetConfig
-from .spaces import AcceptShape, AttentionShape, GDNChunkedShape, GDNCommitShape, GDNShape, LinearShape, m_bucket
+from .spaces import (
+    AcceptShape,
+    AttentionShape,
+    DraftAttentionShape,
+    GDNChunkedShape,
+    GDNCommitShape,
+    GDNShape,
+    LinearShape,
+    m_bucket,
+)
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 PRESETS = ("qwen3.5-27b", "tiny")
@@ -26,7 +35,9 @@ class Call:
     """One tunable call: a name (where in the model it runs) and its shape."""
 
     name: str
-    shape: LinearShape | AttentionShape | GDNShape | GDNCommitShape | GDNChunkedShape | AcceptShape
+    shape: (
+        LinearShape | AttentionShape | DraftAttentionShape | GDNShape | GDNCommitShape | GDNChunkedShape | AcceptShape
+    )
 
     @property
     def op(self) -> str:
@@ -121,6 +132,9 @@ def model_calls(
             linear("drafter.fc", rows, h, len(d.target_layer_ids) * h)
             linear("drafter.attn.qkv", rows, (d.num_heads + 2 * d.num_kv_heads) * d.head_dim, h)
             linear("drafter.attn.o_proj", rows, h, d.num_heads * d.head_dim, "residual")
+            if not any(d.causal_layers):  # sliding (causal, windowed) drafter layers are not in the space yet
+                shape = DraftAttentionShape(batch, block, d.num_heads, d.num_kv_heads, d.head_dim, context, act)
+                calls.setdefault(("draft_attn", shape.key), Call("drafter.attn", shape))
             linear("drafter.mlp.gate_up", rows, 2 * d.intermediate_size, h, "swiglu")
             linear("drafter.mlp.down", rows, h, d.intermediate_size, "residual")
             linear("drafter.lm_head", batch * (block - 1), t.vocab_size, h)
@@ -128,8 +142,8 @@ def model_calls(
 
 
 def select(calls: Sequence[Call], ops: Sequence[str] | None) -> list[Call]:
-    """The calls named by `ops`: an op family (linear, verify_attention, gdn_verify, gdn_commit, gdn_chunked,
-    greedy_accept) or a call name (target.mlp.down), each matching every batch size."""
+    """The calls named by `ops`: an op family (linear, verify_attention, draft_attention, gdn_verify, gdn_commit,
+    gdn_chunked, greedy_accept) or a call name (target.mlp.down), each matching every batch size."""
     if not ops:
         return list(calls)
     known = {c.op for c in calls} | {c.name for c in calls}

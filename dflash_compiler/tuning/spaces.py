@@ -1,14 +1,14 @@
 """Search spaces per kernel family, built from the launchers' own configs, with the configs that cannot run on a
 profile pruned before they launch.
 
-A shape (LinearShape, AttentionShape, GDNShape, GDNCommitShape, GDNChunkedShape, AcceptShape) is one tunable call:
-its `key` is the database's shape key and parses back (`parse_shape`). A space is discrete: `choices` lists every
-parameter's values (always including the launcher's default), `suggest` draws a point from an Optuna trial (the
-lowering first: only the Triton lowering has further parameters), `check` says why a point is pruned (it cannot
-run on the profile, or its tiles overhang the dimension they cover; None if it is kept), `default` is the point the
-launcher runs when given no config, and `config` turns a point into the (lowering, config) that the database stores
-and the launchers take. The vendor GEMM is a lowering of the linear space at every row count, so the crossover
-(runtime/step_model.py's VENDOR_GEMM_MIN_ROWS, the default) is measured per shape.
+A shape (LinearShape, AttentionShape, DraftAttentionShape, GDNShape, GDNCommitShape, GDNChunkedShape, AcceptShape)
+is one tunable call: its `key` is the database's shape key and parses back (`parse_shape`). A space is discrete:
+`choices` lists every parameter's values (always including the launcher's default), `suggest` draws a point from an
+Optuna trial (the lowering first: only the Triton lowering has further parameters), `check` says why a point is
+pruned (it cannot run on the profile, or its tiles overhang the dimension they cover; None if it is kept),
+`default` is the point the launcher runs when given no config, and `config` turns a point into the (lowering,
+config) that the database stores and the launchers take. The vendor GEMM is a lowering of the linear space at every
+row count, so the crossover (runtime/step_model.py's VENDOR_GEMM_MIN_ROWS, the default) is measured per shape.
 """
 
 from __future__ import annotations
@@ -341,8 +341,16 @@ class AttentionShape:
         return self.t * (self.hq // self.hkv)
 
 
+@dataclass(frozen=True)
+class DraftAttentionShape(AttentionShape):
+    """The drafter's attention (full layers): t block queries over `context` cached context keys and the block's own
+    keys."""
+
+    op = "draft_attention"
+
+
 class AttentionSpace(Space):
-    """codegen/triton/attention.py's AttentionConfig and the split-KV count."""
+    """codegen/triton/attention.py's AttentionConfig and the split-KV count (verify and draft attention)."""
 
     op = "verify_attention"
 
@@ -550,18 +558,18 @@ class AcceptSpace(Space):
 SPACES: dict[str, type[Space]] = {
     "linear": LinearSpace,
     "verify_attention": AttentionSpace,
+    "draft_attention": AttentionSpace,
     "gdn_verify": GDNSpace,
     "gdn_commit": GDNSpace,
     "gdn_chunked": GDNChunkedSpace,
     "greedy_accept": AcceptSpace,
 }
+_ATTENTION_KEY = r"b(?P<batch>\d+)_t(?P<t>\d+)_hq(?P<hq>\d+)_hkv(?P<hkv>\d+)_d(?P<d>\d+)_ctx(?P<context>\d+)"
 _GDN_KEY = r"b(?P<batch>\d+)_t(?P<t>\d+)_h(?P<heads>\d+)_hv(?P<hv>\d+)_k(?P<dk>\d+)_v(?P<dv>\d+)"
 _KEYS = {
     "linear": (LinearShape, r"m(?P<m>\d+)_n(?P<n>\d+)_k(?P<k>\d+)_(?P<epilogue>[a-z]+)_x(?P<act>[a-z0-9]+)"),
-    "verify_attention": (
-        AttentionShape,
-        r"b(?P<batch>\d+)_t(?P<t>\d+)_hq(?P<hq>\d+)_hkv(?P<hkv>\d+)_d(?P<d>\d+)_ctx(?P<context>\d+)",
-    ),
+    "verify_attention": (AttentionShape, _ATTENTION_KEY),
+    "draft_attention": (DraftAttentionShape, _ATTENTION_KEY),
     "gdn_verify": (GDNShape, _GDN_KEY),
     "gdn_commit": (GDNCommitShape, _GDN_KEY),
     "gdn_chunked": (GDNChunkedShape, _GDN_KEY),
