@@ -88,7 +88,8 @@ class BatchRunner:
     their weights over: it converts them to its kernels' formats at construction ("bf16" keeps the precision;
     "fp8", "int4" quantize) and releases the originals, so the modules cannot run afterwards. max_seq_len bounds
     prompt + generated tokens per request. KV pages are sized from free GPU memory after the weights
-    (kv_memory_fraction of it) or, on CPU, for max_batch full-length requests.
+    (kv_memory_fraction of it) or, on CPU, for max_batch full-length requests. buckets: the batch sizes a step runs
+    at (padded up to the next one; one CUDA graph each), max_batch always among them.
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class BatchRunner:
         prefill_chunk: int = 512,
         kv_memory_fraction: float = 0.85,
         num_pages: int | None = None,
+        buckets: Sequence[int] = BUCKETS,
     ):
         device = target.embed_tokens.weight.device
         self.device = device
@@ -119,6 +121,10 @@ class BatchRunner:
             raise DFlashError(f"parameter 'max_batch' must be in 1..{BUCKETS[-1]}, got {max_batch}")
         if max_seq_len > target.cfg.max_position_embeddings:
             max_seq_len = target.cfg.max_position_embeddings
+        if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
+            raise DFlashError(f"parameter 'buckets' must be positive batch sizes, got {tuple(buckets)}")
+        # the step runs at the smallest bucket holding the running requests; max_batch is always the last one
+        self.buckets = tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
         self.block_size, self.max_batch, self.max_seq_len = block_size, max_batch, max_seq_len
         self.prefill_chunk = prefill_chunk
         self.vocab_size = target.cfg.vocab_size
@@ -339,8 +345,7 @@ class BatchRunner:
         n = len(self.running)
         if n == 0:
             return None
-        bucket = next(b for b in BUCKETS if b >= n)
-        bucket = min(bucket, self.max_batch)
+        bucket = next(b for b in self.buckets if b >= n)
         sampled = any(not r.params.greedy for r in self.running)
         key = (bucket, sampled, self.simulated)
         if self.cuda_graphs:
@@ -438,7 +443,7 @@ class BatchRunner:
         self._collect()
         self._events.clear()
         n = len(self.running)
-        bucket = min(next(b for b in BUCKETS if b >= n), self.max_batch)
+        bucket = next(b for b in self.buckets if b >= n)
         sampled = any(not r.params.greedy for r in self.running)
         p = self.pools
         key = (bucket, sampled, self.simulated)

@@ -1,0 +1,189 @@
+"""The runtime study: the verify width (draft length) per batch bucket, the CUDA-graph bucket set and the prefill
+chunk, against end-to-end tokens/s.
+
+The objective is a callable from a RuntimeConfig to tokens/s per concurrency level; `pair_throughput` builds one
+from a real model pair on the batched runtime (`BatchRunner`), with the pair's own acceptance or a simulated
+acceptance profile (for random weights at real shapes). The study maximises the mean tokens/s over the
+concurrency levels; each level's figure is kept in its trial (`tokens_per_s`), so the width chosen per bucket and
+the figures of the alternatives can be read back (and plotted) from the study.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from ..errors import DFlashError
+from ..runtime.batch import BUCKETS
+from ..runtime.step_model import PAGE_SIZE
+from .study import fail_dead_trials
+
+GRAPH_BUCKET_SETS = {
+    "default": BUCKETS,
+    "pow2": (1, 2, 4, 8, 16, 32, 64),
+    "fine": (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64),
+}
+PREFILL_CHUNKS = (128, 256, 512, 1024)
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    widths: tuple[tuple[int, int], ...]  # (concurrency bucket, verify width), buckets ascending
+    graph_buckets: str  # a name in GRAPH_BUCKET_SETS
+    prefill_chunk: int
+
+    def width(self, concurrency: int) -> int:
+        """The width of the smallest bucket holding `concurrency` requests (the largest bucket's beyond)."""
+        return next((w for b, w in self.widths if b >= concurrency), self.widths[-1][1])
+
+    def as_dict(self) -> dict:
+        return {
+            "widths": {str(b): w for b, w in self.widths},
+            "graph_buckets": list(GRAPH_BUCKET_SETS[self.graph_buckets]),
+            "graph_bucket_set": self.graph_buckets,
+            "prefill_chunk": self.prefill_chunk,
+        }
+
+
+class RuntimeSpace:
+    """Widths 1 (autoregressive) up to the drafter's block per concurrency bucket; the graph bucket sets; the
+    prefill chunks. The default: the drafter's full block everywhere, the runtime's buckets, 512-token chunks."""
+
+    def __init__(self, concurrencies: Sequence[int], max_width: int):
+        if not concurrencies or any(c < 1 for c in concurrencies):
+            raise DFlashError(f"parameter 'concurrency' must list batch sizes >= 1, got {list(concurrencies)}")
+        self.concurrencies = tuple(sorted(set(concurrencies)))
+        self.max_width = max_width
+        self.widths = sorted({w for w in (1, 2, 4, 8, 12, 16) if w <= max_width} | {max_width})
+
+    def default(self) -> dict:
+        return {
+            **{f"width_c{c}": self.max_width for c in self.concurrencies},
+            "graph_buckets": "default",
+            "prefill_chunk": DEFAULT_PREFILL_CHUNK,
+        }
+
+    def suggest(self, trial: optuna.Trial) -> RuntimeConfig:
+        widths = tuple((c, trial.suggest_categorical(f"width_c{c}", self.widths)) for c in self.concurrencies)
+        return RuntimeConfig(
+            widths,
+            trial.suggest_categorical("graph_buckets", list(GRAPH_BUCKET_SETS)),
+            trial.suggest_categorical("prefill_chunk", list(PREFILL_CHUNKS)),
+        )
+
+    def config(self, params: dict) -> RuntimeConfig:
+        widths = tuple((c, params[f"width_c{c}"]) for c in self.concurrencies)
+        return RuntimeConfig(widths, params["graph_buckets"], params["prefill_chunk"])
+
+
+def pair_throughput(
+    target_dir: str | Path,
+    drafter_dir: str | Path,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quant: str = "bf16",
+    acceptance_profile: Sequence[float] | None = None,
+    max_seq_len: int = 1024,
+) -> Callable[[RuntimeConfig, Sequence[int]], dict[int, float]]:
+    """An objective over a model pair on the batched runtime: for each concurrency c, c requests (the prompts in
+    turn) served to completion by a runner of that bucket's width; tokens/s = generated tokens over wall time. With
+    CUDA graphs the same requests are served once untimed first, so that graph capture is not counted."""
+    from ..models.loader import load_drafter, load_target, parse_dtype
+    from ..runtime.batch import BatchRunner
+
+    torch_dtype = parse_dtype(dtype)
+
+    def serve(config: RuntimeConfig, concurrency: int) -> float:
+        target = load_target(target_dir, device=device, dtype=torch_dtype)
+        width = config.width(concurrency)
+        drafter = load_drafter(drafter_dir, target.cfg, device=device, dtype=torch_dtype) if width > 1 else None
+        pages = concurrency * -(-(max_seq_len + 2 * width) // PAGE_SIZE) + 1  # the pool these requests need
+        runner = BatchRunner(
+            target, drafter, block_size=width, max_batch=concurrency, max_seq_len=max_seq_len, quant=quant,
+            prefill_chunk=config.prefill_chunk, buckets=GRAPH_BUCKET_SETS[config.graph_buckets], num_pages=pages,
+        )  # fmt: skip
+        if acceptance_profile is not None and width > 1:
+            runner.simulate_acceptance(acceptance_profile)
+
+        def run(runner: BatchRunner) -> int:
+            for i in range(concurrency):
+                runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens)
+            generated = 0
+            while runner.has_work:
+                generated += sum(len(e.tokens) for e in runner.step())
+            return generated
+
+        if runner.cuda_graphs:
+            run(runner)
+        start = time.perf_counter()
+        generated = run(runner)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        elapsed = time.perf_counter() - start
+        del runner, target, drafter
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return generated / elapsed
+
+    def measure(config: RuntimeConfig, concurrencies: Sequence[int]) -> dict[int, float]:
+        return {c: serve(config, c) for c in concurrencies}
+
+    return measure
+
+
+def runtime_study(
+    space: RuntimeSpace,
+    throughput: Callable[[RuntimeConfig, Sequence[int]], dict[int, float]],
+    *,
+    storage,
+    study_name: str,
+    n_trials: int,
+    seed: int = 0,
+    progress: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.Study:
+    """Runs (or resumes) the study to n_trials finished trials, the default first."""
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        load_if_exists=True,
+    )
+    fail_dead_trials(study, storage)
+    study.enqueue_trial(space.default(), user_attrs={"default": True}, skip_if_exists=True)
+    from .study import WORKER
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", WORKER)
+        config = space.suggest(trial)
+        per_level = throughput(config, space.concurrencies)
+        trial.set_user_attr("tokens_per_s", {str(c): v for c, v in per_level.items()})
+        return sum(per_level.values()) / len(per_level)
+
+    finished = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    done = len([t for t in study.get_trials(states=finished) if not t.user_attrs.get("interrupted")])
+    callbacks = [lambda s, t: progress(t)] if progress is not None else []
+    if done < n_trials:
+        study.optimize(objective, n_trials=n_trials - done, callbacks=callbacks)
+    return study
+
+
+def widths_table(study: optuna.Study, space: RuntimeSpace) -> dict[int, dict[int, float]]:
+    """Per concurrency level, the best tokens/s measured at each width (the alternatives the choice beat)."""
+    table: dict[int, dict[int, float]] = {c: {} for c in space.concurrencies}
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        for c in space.concurrencies:
+            value = t.user_attrs.get("tokens_per_s", {}).get(str(c))
+            width = t.params.get(f"width_c{c}")
+            if value is not None and width is not None:
+                table[c][width] = max(value, table[c].get(width, 0.0))
+    return table

@@ -1,0 +1,587 @@
+"""Hardware profiles, the tuning database, search spaces and pruning, Optuna studies (resume, failures, a toy
+optimum), the runtime study on the tiny pair, `choose` and `dflash-tune` end to end, all on the CPU (Triton's
+interpreter in fp16/fp32)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+
+from dflash_compiler import hw_profiles
+from dflash_compiler.errors import DFlashError
+from dflash_compiler.hw_profiles import list_profiles, load_profile, profile_for_device
+from dflash_compiler.hw_profiles.database import Entry, TuningDB
+from dflash_compiler.tuning import choose, untuned_fallbacks
+from dflash_compiler.tuning.kernels import Chooser, default_choice
+from dflash_compiler.tuning.measure import ConfigFailed, LinearCase, make_case
+from dflash_compiler.tuning.spaces import (
+    AcceptShape,
+    AttentionShape,
+    DraftAttentionShape,
+    GDNChunkedShape,
+    GDNCommitShape,
+    GDNShape,
+    LinearShape,
+    Space,
+    parse_shape,
+    space_for,
+)
+from dflash_compiler.tuning.study import best_trial, measured_points, open_storage, optimize
+
+GPU_PROFILES = ("sm80", "sm90", "sm100", "sm120")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- profiles ------------------------------------------------------------------------------------------------
+
+
+def test_every_profile_loads_with_its_facts():
+    assert set(list_profiles()) == {"cpu", *GPU_PROFILES}
+    h200, h100 = load_profile("sm90"), load_profile("sm90", "H100")
+    assert (h200.device.name, h200.memory_bandwidth_tbps, h200.sm_count) == ("NVIDIA H200", 4.25, 132)
+    assert h100.memory_bandwidth_tbps == 3.0 and h100.device.bandwidth_source.startswith("measured")
+    assert h200.smem_per_block == 232448 and h200.smem_per_sm == 233472
+    assert load_profile("sm120").smem_per_block == 101376
+    assert load_profile("sm120", "5090").sm_count == 170
+    assert load_profile("sm100").memory_bandwidth_tbps == 8.0
+    assert load_profile("sm100").device.bandwidth_source.startswith("spec")
+    fp8 = {name: load_profile(name).fp8_tensor_cores for name in list_profiles()}
+    fp4 = {name: load_profile(name).fp4_tensor_cores for name in list_profiles()}
+    assert fp8 == {"cpu": False, "sm80": False, "sm90": True, "sm100": True, "sm120": True}
+    assert fp4 == {"cpu": False, "sm80": False, "sm90": False, "sm100": True, "sm120": True}
+    assert load_profile("cpu").activation_dtypes == ("fp32", "fp16")
+
+
+def test_profile_errors_are_one_line():
+    with pytest.raises(DFlashError, match=r"unknown hardware profile 'sm75' \(profiles: cpu, sm100"):
+        load_profile("sm75")
+    with pytest.raises(DFlashError, match="no device 'A10G' in profile sm80"):
+        load_profile("sm80", "A10G")
+
+
+def test_a_broken_profile_file_names_the_field(tmp_path, monkeypatch):
+    text = (ROOT / "dflash_compiler/hw_profiles/sm90.toml").read_text()
+    (tmp_path / "sm90.toml").write_text(text.replace("smem_per_block = 232448", "smem_per_block = 'big'"))
+    (tmp_path / "cpu.toml").write_text(text.replace('name = "sm90"', 'name = "cpu"').replace("sm_count = 132", ""))
+    monkeypatch.setattr(hw_profiles, "PROFILE_DIR", tmp_path)
+    with pytest.raises(DFlashError, match=r"sm90.toml: field 'smem_per_block' must be int"):
+        load_profile("sm90")
+    with pytest.raises(DFlashError, match=r"cpu.toml: devices\[0\]: field 'sm_count' is missing"):
+        load_profile("cpu")
+
+
+def test_profile_for_device_reads_the_device_limits():
+    props = SimpleNamespace(
+        major=9, minor=0, name="NVIDIA H100 80GB HBM3", multi_processor_count=114,
+        shared_memory_per_block_optin=232448, shared_memory_per_multiprocessor=233472, L2_cache_size=50 << 20,
+    )  # fmt: skip
+    p = profile_for_device(props)
+    assert (p.name, p.sm_count, p.memory_bandwidth_tbps, p.l2_bytes) == ("sm90", 114, 3.0, 50 << 20)
+    unlisted = profile_for_device(SimpleNamespace(major=12, minor=0, name="NVIDIA RTX 5080", multi_processor_count=84))
+    assert (unlisted.name, unlisted.sm_count, unlisted.memory_bandwidth_tbps) == ("sm120", 84, None)
+    with pytest.raises(DFlashError, match="Tesla T4: no hardware profile for compute capability 7.5"):
+        profile_for_device(SimpleNamespace(major=7, minor=5, name="Tesla T4", multi_processor_count=40))
+    assert load_profile("auto").name == "cpu"
+
+
+# ---- search spaces and pruning ---------------------------------------------------------------------------------
+
+# Qwen3.5-27B shapes: gate_up (SwiGLU), down (K 17408), lm_head, verify attention, GDN verify, greedy acceptance.
+SHAPES_27B = [
+    *(LinearShape(m, 34816, 5120, f, "swiglu") for m in (1, 16, 64) for f in ("bf16", "fp8_channel", "int4_sym")),
+    *(LinearShape(16, 5120, 17408, f, "residual") for f in ("bf16", "fp8_block", "int4_asym")),
+    LinearShape(256, 248320, 5120, "fp8_channel"),
+    AttentionShape(1, 16, 24, 4, 256, 4096),
+    AttentionShape(16, 16, 24, 4, 256, 4096),
+    DraftAttentionShape(4, 16, 32, 8, 128, 4096),
+    GDNShape(16, 16, 16, 48, 128, 128),
+    GDNCommitShape(1, 16, 16, 48, 128, 128),
+    GDNChunkedShape(1, 512, 16, 48, 128, 128),
+    AcceptShape(4, 16, 248320),
+]
+
+
+@pytest.mark.parametrize("profile", GPU_PROFILES)
+def test_the_default_runs_and_every_feasible_point_fits_the_profile(profile):
+    prof = load_profile(profile)
+    for shape in SHAPES_27B:
+        space = space_for(shape, prof)
+        default, choices = space.default(), space.choices()
+        assert space.check(default) is None, (shape, default, space.check(default))
+        assert all(v in choices[k] for k, v in default.items()), (shape, default)
+        feasible = space.feasible()
+        assert default in feasible
+        if isinstance(shape, LinearShape):
+            assert max(space._smem(p) for p in feasible if p["lowering"] == "triton") <= prof.smem_per_block
+
+
+def test_pruning_follows_each_profiles_limits():
+    shape = LinearShape(16, 5120, 17408, "bf16", "residual")
+    big = {"lowering": "triton", "block_n": 128, "block_m": 16, "block_k": 128, "num_warps": 4, "num_stages": 4,
+           "grid": "tile", "fp8_dot": False}  # fmt: skip
+    # 4 stages of 128x128 bf16 weights + 128x16 activations: 147456 B
+    assert space_for(shape, load_profile("sm90")).check(big) is None
+    assert "shared memory 147456 B over the 101376 B" in space_for(shape, load_profile("sm120")).check(big)
+    # the sm120 default (6 stages on sm90 for K > 5120) is shrunk to fit 99 KB
+    sm90_default = space_for(shape, load_profile("sm90")).default()
+    sm120 = space_for(shape, load_profile("sm120"))
+    assert sm90_default["num_stages"] == 6 and sm120.default()["num_stages"] < 6
+    assert sm120._smem(sm120.default()) <= 101376
+    # FP8 dot only with FP8 tensor cores; quantized weights only with block_k 128
+    fp8 = LinearShape(16, 5120, 6144, "fp8_channel", "residual")
+    fp8_dot = {**big, "fp8_dot": True, "num_stages": 2}
+    assert load_profile("sm90").fp8_tensor_cores and space_for(fp8, load_profile("sm90")).check(fp8_dot) is None
+    assert "FP8 tensor cores" in space_for(fp8, load_profile("sm80")).check(fp8_dot)
+    assert space_for(fp8, load_profile("sm80")).choices()["fp8_dot"] == [False]
+    assert "block_k 128" in space_for(fp8, load_profile("sm90")).check({**fp8_dot, "block_k": 64})
+    # tiles past the dimension, registers, split-K past the K chunks
+    small = LinearShape(1, 96, 64, "fp16", act="fp16")
+    sp = space_for(small, load_profile("cpu"))
+    assert sp.check({**big, "block_k": 256, "num_stages": 2}) == "block_k 256 over K=64"
+    assert sp.check({**big, "block_m": 64}) == "block_m 64 over M=1"
+    assert sp.default()["block_k"] == 128 and sp.check(sp.default()) is None  # the default is never waste
+    wide = LinearShape(256, 8192, 8192, "bf16")
+    assert "registers per thread" in space_for(wide, load_profile("sm90")).check(
+        {**big, "block_n": 256, "block_m": 128, "num_warps": 2, "num_stages": 2}
+    )
+    assert "over the 1 K chunks" in sp.check({**big, "block_k": 64, "grid": "split2"})
+
+
+def test_lowerings_and_the_vendor_crossover():
+    sm90, sm80, cpu = load_profile("sm90"), load_profile("sm80"), load_profile("cpu")
+    assert space_for(LinearShape(64, 5120, 6144, "bf16"), sm90).default() == {"lowering": "vendor"}
+    assert space_for(LinearShape(32, 5120, 6144, "bf16"), sm90).default()["lowering"] == "triton"
+    assert space_for(LinearShape(64, 5120, 6144, "fp8_channel"), sm90).default() == {"lowering": "vendor"}
+    assert space_for(LinearShape(64, 5120, 6144, "fp8_channel"), sm80).default()["lowering"] == "triton"
+    assert space_for(LinearShape(64, 5120, 6144, "int4_sym"), sm90).choices()["lowering"] == ["triton"]
+    assert space_for(LinearShape(64, 5120, 6144, "bf16"), sm90).choices()["lowering"] == ["triton", "vendor"]
+    assert space_for(LinearShape(64, 512, 256, "fp32", act="fp32"), cpu).choices()["lowering"] == [
+        "triton",
+        "reference",
+    ]
+
+
+def test_other_families_prune_what_cannot_run():
+    cpu = load_profile("cpu")
+    attn = space_for(AttentionShape(1, 16, 24, 4, 256, 512), cpu)
+    ok = {**attn.default(), "num_splits": 4, "block_n": 32}
+    assert attn.check(ok) is None
+    assert "shorter than block_n 128" in attn.check({**ok, "num_splits": 8, "block_n": 128})
+    gdn = space_for(GDNShape(1, 16, 16, 48, 128, 128), cpu)
+    assert gdn.choices()["block_v"] == [16, 32, 64, 128]
+    assert "registers per thread" in gdn.check({"lowering": "triton", "block_v": 128, "num_warps": 1, "unroll": False})
+    acc = space_for(AcceptShape(2, 16, 4096), cpu)
+    assert "not a multiple of block_v" in acc.check({"lowering": "triton", "block_v": 4096, "chunk": 2048})
+
+
+def test_shape_keys_parse_back():
+    for shape in [*SHAPES_27B, LinearShape(1, 96, 64, "fp32", act="fp32")]:
+        assert parse_shape(shape.op, shape.key, shape.fmt) == shape
+    with pytest.raises(DFlashError, match="'m16_n8' is not a linear shape key"):
+        parse_shape("linear", "m16_n8", "bf16")
+
+
+def test_the_calls_of_the_27b_pair():
+    from dflash_compiler.models.config import DrafterConfig, TargetConfig
+    from dflash_compiler.tuning.shapes import model_calls, preset_dirs, select
+
+    target_dir, drafter_dir = preset_dirs("qwen3.5-27b")
+    target, drafter = TargetConfig.from_dir(target_dir), DrafterConfig.from_dir(drafter_dir)
+    calls = model_calls(target, drafter, "int4", "bf16", [1, 16], 4096, prefill_chunk=512)
+    by_name = {(c.name, c.shape.key): c.shape for c in calls}
+    assert by_name[("target.mlp.gate_up", "m16_n34816_k5120_swiglu_xbf16")].fmt == "int4_sym"
+    assert ("target.gdn.in_proj", "m256_n16480_k5120_none_xbf16") in by_name  # qkv 10240 + z 6144 + b, a 48 each
+    assert ("target.attn.qkv", "m16_n14336_k5120_none_xbf16") in by_name  # gated q 2 x 6144 + k, v 1024 each
+    assert ("drafter.fc", "m16_n5120_k25600_none_xbf16") in by_name  # 5 tapped layers
+    assert ("target.attn.verify", "b16_t16_hq24_hkv4_d256_ctx4096") in by_name
+    assert ("target.gdn.commit", "b1_t16_h16_hv48_k128_v128") in by_name
+    assert ("prefill.gdn.chunked", "b1_t512_h16_hv48_k128_v128") in by_name
+    assert ("prefill.mlp.gate_up", "m512_n34816_k5120_swiglu_xbf16") in by_name
+    assert ("prefill.attn", "b1_t512_hq24_hkv4_d256_ctx4096") in by_name
+    assert by_name[("drafter.attn", "b16_t16_hq32_hkv8_d128_ctx4096")].op == "draft_attention"
+    # the drafter's lm_head (15 rows a request) shares the target's bucket at batch 1, not at batch 16 (240 rows)
+    heads = sorted(c.shape.key for c in calls if c.name.endswith("lm_head"))
+    assert heads == ["m16_n248320_k5120_none_xbf16", "m256_n248320_k5120_none_xbf16"]  # prefill: the last row only
+    assert len({c.id for c in calls}) == len(calls)
+    assert {c.op for c in select(calls, ["gdn_verify", "target.mlp.down"])} == {"gdn_verify", "linear"}
+    with pytest.raises(DFlashError, match="parameter 'quant' must be one of bf16, fp8, int4"):
+        model_calls(target, drafter, "fp4", "bf16", [1], 4096)
+
+
+# ---- the database ---------------------------------------------------------------------------------------------
+
+
+def _entry(op="linear", key="m16_n96_k64_none_xfp32", fmt="fp32", **kw):
+    fields = dict(
+        lowering="triton", config={"block_n": 32, "num_stages": 2}, tuned=True, time_us=12.5,
+        default_time_us=20.0, torch_time_us=15.0, device="cpu (x86_64)", platform="cpu", trials=4,
+        versions={"torch": torch.__version__}, date="2026-12-01",
+    )  # fmt: skip
+    fields.update(kw)
+    return Entry(op=op, shape_key=key, fmt=fmt, **fields)
+
+
+def test_database_round_trip(tmp_path):
+    db = TuningDB.load("cpu", tmp_path)
+    assert len(db) == 0
+    entries = [
+        _entry(key="m16_n96_k64_none_xfp32"),
+        _entry(key="m1_n96_k64_none_xfp32", lowering="reference", config={}),
+        _entry(op="greedy_accept", key="b1_bs16_v4096", tuned=False, time_us=None),
+    ]
+    for e in entries:
+        db.record(e)
+    db.record(_entry(key="m16_n96_k64_none_xfp32", time_us=11.0))  # replaces the first
+    written = db.save()
+    assert sorted(p.name for p in written) == ["greedy_accept.jsonl", "linear.jsonl"]
+    lines = (tmp_path / "cpu" / "linear.jsonl").read_text().splitlines()
+    assert [json.loads(line)["shape_key"] for line in lines] == ["m16_n96_k64_none_xfp32", "m1_n96_k64_none_xfp32"]
+    assert all(list(json.loads(line)) == sorted(json.loads(line)) for line in lines)
+    assert not list((tmp_path / "cpu").glob(".*tmp"))
+    back = TuningDB.load("cpu", tmp_path)
+    assert back.entries() == db.entries()
+    assert back.lookup("linear", "m16_n96_k64_none_xfp32", "fp32").time_us == 11.0
+    assert back.lookup("linear", "m16_n96_k64_none_xfp32", "fp16") is None
+    assert [e.op for e in back.untuned()] == ["greedy_accept"]
+
+
+def test_database_save_is_atomic(tmp_path, monkeypatch):
+    db = TuningDB.load("cpu", tmp_path)
+    db.record(_entry())
+    db.save()
+    before = (tmp_path / "cpu" / "linear.jsonl").read_text()
+    db.record(_entry(time_us=1.0))
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dflash_compiler.hw_profiles.database.os.replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        db.save()
+    assert (tmp_path / "cpu" / "linear.jsonl").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "cpu").iterdir()) == ["linear.jsonl"]
+
+
+def test_database_errors_name_the_line(tmp_path):
+    d = tmp_path / "cpu"
+    d.mkdir()
+    good = _entry().to_line()
+    (d / "linear.jsonl").write_text(good + "\n" + good.replace('"triton"', '"cuda-magic"') + "\n")
+    with pytest.raises(DFlashError, match=r"linear.jsonl:2: field 'lowering' must be one of triton, vendor"):
+        TuningDB.load("cpu", tmp_path)
+    (d / "linear.jsonl").write_text(good + "\n" + good + "\n")
+    with pytest.raises(DFlashError, match=r"linear.jsonl:2: a second entry"):
+        TuningDB.load("cpu", tmp_path)
+    (d / "linear.jsonl").write_text("{not json\n")
+    with pytest.raises(DFlashError, match=r"linear.jsonl:1: not valid JSON"):
+        TuningDB.load("cpu", tmp_path)
+
+
+# ---- choose: what the lowering pass reads -------------------------------------------------------------------
+
+
+def test_choose_returns_the_database_entry_or_the_marked_default(tmp_path):
+    db = TuningDB.load("sm90", tmp_path)
+    tuned_key = LinearShape(16, 34816, 5120, "fp8_channel", "swiglu").key
+    db.record(_entry(key=tuned_key, fmt="fp8_channel", platform="cuda", config={"block_n": 64}))
+    marked = LinearShape(1, 5120, 6144, "bf16", "residual").key
+    db.record(_entry(key=marked, fmt="bf16", platform="cuda", tuned=False, config={"block_n": 32}))
+    db.save()
+    assert choose("linear", tuned_key, "fp8_channel", "sm90", root=tmp_path) == ("triton", {"block_n": 64}, True)
+    lowering, config, tuned = choose("linear", tuned_key, "bf16", "sm90", root=tmp_path)
+    space = space_for(parse_shape("linear", tuned_key, "bf16"), load_profile("sm90"))
+    assert (lowering, config, tuned) == (*space.config(space.default()), False)
+    assert config["block_k"] == 128 and config["fp8_dot"] is False
+    assert choose("linear", marked, "bf16", "sm90", root=tmp_path) == ("triton", {"block_n": 32}, False)
+    assert default_choice("rms_norm", "t16_h5120", "bf16", load_profile("cpu")) == ("reference", {}, False)
+    calls = [("linear", tuned_key, "fp8_channel"), ("linear", tuned_key, "bf16"), ("linear", marked, "bf16")]
+    assert untuned_fallbacks(calls, "sm90", root=tmp_path) == calls[1:]
+    chooser = Chooser("sm90", tmp_path)
+    chooser.choose(*calls[0])
+    assert chooser.fallbacks == []
+
+
+# ---- studies ---------------------------------------------------------------------------------------------------
+
+
+class ToySpace(Space):
+    """x, y in 0..4; the default (0, 0); (4, 4) cannot run."""
+
+    op = "toy"
+
+    def __init__(self):
+        super().__init__(None, load_profile("cpu"))
+
+    def choices(self):
+        return {"lowering": ["triton"], "x": list(range(5)), "y": list(range(5))}
+
+    def launcher_default(self):
+        return {"lowering": "triton", "x": 0, "y": 0}
+
+    def limits(self, params):
+        return "too big" if (params["x"], params["y"]) == (4, 4) else None
+
+
+def toy_time(params):
+    return 1.0 + (params["x"] - 3) ** 2 + (params["y"] - 1) ** 2
+
+
+def test_a_short_study_finds_the_known_best(tmp_path):
+    storage = open_storage(tmp_path / "toy.journal")
+    study = optimize(ToySpace(), toy_time, storage=storage, study_name="toy", n_trials=16, seed=0)
+    best = best_trial(study)
+    assert (best.params["x"], best.params["y"], best.value) == (3, 1, 1.0)
+    assert len(measured_points(study)) == 16
+    default = study.trials[0]
+    assert default.params == {"lowering": "triton", "x": 0, "y": 0} and default.user_attrs["default"]
+    assert all(t.params != {"lowering": "triton", "x": 4, "y": 4} for t in study.trials if t.value is not None)
+
+
+def test_a_sqlite_study_resumes(tmp_path):
+    storage = open_storage(tmp_path / "toy.db")  # SQLite through RDBStorage
+    first = optimize(ToySpace(), toy_time, storage=storage, study_name="toy", n_trials=2)
+    assert len(measured_points(first)) == 2
+    again = optimize(ToySpace(), toy_time, storage=open_storage(tmp_path / "toy.db"), study_name="toy", n_trials=4)
+    assert len(measured_points(again)) == 4 and again.trials[0].params == first.trials[0].params
+
+
+def test_failing_and_wrong_configs_are_never_chosen(tmp_path):
+    def measure(params):
+        point = (params["x"], params["y"])
+        if point == (3, 1):
+            raise ConfigFailed("launch failed: OutOfResources")
+        if point == (3, 2):
+            raise ConfigFailed("wrong result: relative error 0.5 over 0.01")
+        return toy_time(params)
+
+    study = optimize(ToySpace(), measure, storage=open_storage(tmp_path / "toy.journal"), study_name="toy",
+                     n_trials=30, seed=1)  # fmt: skip
+    assert len(measured_points(study)) == 24  # the whole feasible space: 25 points less (4, 4)
+    failed = {(t.params["x"], t.params["y"]): t.user_attrs["error"] for t in study.trials if t.state.name == "FAIL"}
+    assert failed[(3, 1)].startswith("launch failed") and failed[(3, 2)].startswith("wrong result")
+    best = best_trial(study)
+    assert (best.params["x"], best.params["y"]) in ((2, 1), (4, 1), (3, 0)) and best.value == 2.0
+
+
+def test_resuming_an_interrupted_study(tmp_path):
+    """A worker killed in the middle of its fourth trial; the next run fails that trial, measures its point again
+    and stops at N measured points in all."""
+    journal = tmp_path / "study.journal"
+    script = tmp_path / "worker.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, sys
+            sys.path[:0] = [{str(ROOT)!r}, {str(Path(__file__).parent)!r}]
+            from test_tuning import ToySpace, toy_time
+            from dflash_compiler.tuning.study import open_storage, optimize
+            calls = []
+            def measure(params):
+                calls.append(params)
+                if len(calls) == 4:
+                    os._exit(9)  # killed mid-trial: the trial stays RUNNING in the storage
+                return toy_time(params)
+            optimize(ToySpace(), measure, storage=open_storage({str(journal)!r}), study_name="toy", n_trials=10)
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    storage = open_storage(journal)
+    killed = optuna.load_study(study_name="toy", storage=storage)
+    assert len(measured_points(killed)) == 3 and killed.trials[-1].state.name == "RUNNING"
+    interrupted = killed.trials[-1]
+
+    study = optimize(ToySpace(), toy_time, storage=storage, study_name="toy", n_trials=10)
+    assert len(measured_points(study)) == 10
+    trial = study.trials[interrupted.number]
+    assert trial.state.name == "FAIL" and trial.user_attrs["interrupted"]
+    (again,) = [t for t in study.trials if t.user_attrs.get("requeued_from") == interrupted.number]
+    assert again.params == interrupted.params and again.state.name == "COMPLETE"
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials if t.state.name == "COMPLETE"}) == 10
+
+
+def test_a_shared_study_leaves_live_workers_trials_alone(tmp_path):
+    from dflash_compiler.tuning.study import WORKER, fail_dead_trials
+
+    storage = open_storage(tmp_path / "shared.journal")
+    study = optuna.create_study(study_name="toy", storage=storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    workers = {"live here": WORKER, "dead here": f"{WORKER.rpartition(':')[0]}:{dead.pid}", "elsewhere": "gpu-7:1"}
+    trials = {}
+    for name, worker in workers.items():
+        trials[name] = study.ask({"x": optuna.distributions.CategoricalDistribution([1, 2])})
+        trials[name].set_user_attr("worker", worker)
+    assert fail_dead_trials(study, storage) == 1
+    states = {name: study.trials[t.number].state.name for name, t in trials.items()}
+    assert states == {"live here": "RUNNING", "dead here": "FAIL", "elsewhere": "RUNNING"}
+    assert [t.state.name for t in study.trials[3:]] == ["WAITING"]  # the dead worker's point, queued again
+
+
+# ---- measurement on the real kernels (Triton interpreter) --------------------------------------------------------
+
+
+def test_measurement_checks_every_config_against_the_reference():
+    case = LinearCase(LinearShape(5, 48, 256, "int4_sym", "residual", "fp16"), load_profile("cpu"), "cpu")
+    space = space_for(case.shape, case.profile)
+    lowering, config = space.config(space.default())
+    assert case.measure(lowering, config) > 0
+    with pytest.raises(ConfigFailed, match="launch failed: ValueError: config: block_k must be 128"):
+        case.measure("triton", {**config, "block_k": 64})
+
+    run = case.run
+
+    def drops_a_row(lowering, config, i):  # a kernel that leaves its last output row unwritten
+        out = run(lowering, config, i)
+        if lowering == "triton" and config["block_n"] == 16:
+            out[-1] = float("nan")
+        return out
+
+    case.run = drops_a_row
+    with pytest.raises(ConfigFailed, match="wrong result: relative error inf"):
+        case.measure("triton", {**config, "block_n": 16})
+    assert case.measure("triton", {**config, "block_n": 32}) > 0
+
+    commit = make_case(GDNCommitShape(3, 4, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
+    for unroll in (False, True):  # both loop forms commit the reference's states
+        assert commit.measure("triton", {"block_v": 16, "num_warps": 1, "unroll": unroll}) > 0
+    draft = make_case(DraftAttentionShape(2, 4, 4, 2, 16, 70, "fp16"), load_profile("cpu"), "cpu")
+    space = space_for(draft.shape, draft.profile)
+    assert draft.measure(*space.config({**space.default(), "num_splits": 2})) > 0
+    chunked = make_case(GDNChunkedShape(1, 40, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
+    assert chunked.measure("triton", {"chunk_size": 16, "block_v": 32, "precision": "ieee"}) > 0
+    with pytest.raises(ConfigFailed, match="launch failed: ValueError: chunk_size: 8 not in 16/32/64/128"):
+        chunked.measure("triton", {"chunk_size": 8, "block_v": 32, "precision": "ieee"})
+
+
+# ---- the runtime study on the tiny pair --------------------------------------------------------------------------
+
+
+def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
+    from dflash_compiler.runtime.engine import DEFAULT_PAIR, load_tokenizer
+    from dflash_compiler.tuning.runtime import RuntimeSpace, pair_throughput, runtime_study, widths_table
+
+    tok = load_tokenizer(DEFAULT_PAIR / "target")
+    lines = (DEFAULT_PAIR / "heldout_prompts.jsonl").read_text().splitlines()[:2]
+    prompts = [tok.encode(json.loads(line)["prompt"], add_special_tokens=False)[:8] for line in lines]
+    throughput = pair_throughput(
+        DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter", prompts, max_new_tokens=3, max_seq_len=128
+    )
+    space = RuntimeSpace([1, 2], 16)
+    study = runtime_study(space, throughput, storage=open_storage(tmp_path / "rt.journal"), study_name="rt",
+                          n_trials=3)  # fmt: skip
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    default = study.trials[0]
+    assert default.params == {"width_c1": 16, "width_c2": 16, "graph_buckets": "default", "prefill_chunk": 512}
+    for t in study.trials:
+        per_level = t.user_attrs["tokens_per_s"]
+        assert set(per_level) == {"1", "2"} and min(per_level.values()) > 0
+        assert t.value == pytest.approx(sum(per_level.values()) / 2)
+    assert study.best_trial.value >= default.value
+    table = widths_table(study, space)
+    assert table[1][16] >= default.user_attrs["tokens_per_s"]["1"]
+    config = space.config(study.best_params)
+    assert config.width(1) == study.best_params["width_c1"] and config.width(9) == study.best_params["width_c2"]
+
+
+def test_batch_runner_runs_at_its_bucket_set():
+    from dflash_compiler.models.loader import load_target
+    from dflash_compiler.runtime.batch import BatchRunner
+    from dflash_compiler.runtime.engine import DEFAULT_PAIR
+
+    target = load_target(DEFAULT_PAIR / "target", dtype=torch.float32)
+    runner = BatchRunner(target, None, max_batch=6, max_seq_len=64, buckets=(1, 4, 8))
+    assert runner.buckets == (1, 4, 6)
+    with pytest.raises(DFlashError, match="parameter 'buckets' must be positive batch sizes"):
+        BatchRunner(load_target(DEFAULT_PAIR / "target", dtype=torch.float32), None, max_seq_len=64, buckets=(0,))
+
+
+# ---- dflash-tune end to end --------------------------------------------------------------------------------------
+
+
+def test_dflash_tune_end_to_end_on_the_tiny_pair(tmp_path, capsys):
+    from dflash_compiler.tuning.cli import main
+
+    args = ["--gpu", "cpu", "--shapes", "tiny", "--ops", "target.mlp.down", "--batches", "1", "--trials", "2",
+            "--storage", str(tmp_path / "tune.journal"), "--db", str(tmp_path / "db")]  # fmt: skip
+    runtime = ["--runtime", "--runtime-trials", "1", "--concurrency", "1", "--max-new-tokens", "2"]
+    assert main(args + runtime) == 0
+    out = capsys.readouterr().out
+    assert "target.mlp.down" in out and "m16_n256_k768_residual_xfp32" in out
+    assert "concurrency 1: width 16 chosen; tokens/s width 16:" in out
+    db = TuningDB.load("cpu", tmp_path / "db")
+    (run,) = db.entries("runtime")
+    assert run.shape_key == "tiny_c1" and run.config["widths"] == {"1": 16} and run.metrics["tokens_per_s"] > 0
+    (entry,) = db.entries("linear")
+    assert (entry.op, entry.shape_key, entry.fmt, entry.platform) == (
+        "linear",
+        "m16_n256_k768_residual_xfp32",
+        "fp32",
+        "cpu",
+    )
+    assert entry.tuned and entry.trials == 2 and entry.time_us <= entry.default_time_us
+    assert entry.torch_time_us > 0 and entry.versions["triton"]
+    pngs = sorted(p.name for p in (tmp_path / "tune-plots").glob("cpu_linear*.png"))
+    assert pngs == [f"cpu_linear_m16_n256_k768_residual_xfp32_fp32-{kind}.png" for kind in ("history", "importance")]
+    assert (tmp_path / "tune-plots" / "cpu_runtime_tiny_bf16-tokens-per-s.png").is_file()
+    # a second run resumes the finished study: nothing new is measured
+    assert main(args) == 0
+    study = optuna.load_study(study_name="cpu:linear:m16_n256_k768_residual_xfp32:fp32",
+                              storage=open_storage(tmp_path / "tune.journal"))  # fmt: skip
+    assert len(measured_points(study)) == 2
+    assert TuningDB.load("cpu", tmp_path / "db").entries("linear")[0].time_us == entry.time_us
+
+
+def test_dflash_tune_refuses_a_profile_without_its_gpu(tmp_path, capsys):
+    from dflash_compiler.tuning.cli import main
+
+    assert main(["--gpu", "sm90", "--storage", str(tmp_path / "s.journal")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dflash-tune: parameter 'gpu': profile sm90 needs its GPU, and CUDA is not available"
+    )
+    assert main(["--gpu", "cpu", "--ops", "nothing", "--storage", str(tmp_path / "s.journal")]) == 2
+    assert "parameter 'ops': 'nothing' names no op or call" in capsys.readouterr().err
+    args = ["--gpu", "cpu", "--shapes", "qwen3.5-27b", "--runtime", "--storage", str(tmp_path / "s.journal")]
+    assert main(args) == 2
+    assert "the runtime study needs checkpoint weights" in capsys.readouterr().err
+    assert not (tmp_path / "s.journal").exists()  # refused before anything ran
+
+
+# ---- on the GPU --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_tuning_linears_on_the_gpu(tmp_path):
+    from dflash_compiler.tuning.kernels import tune_call
+
+    profile = load_profile("auto")
+    storage = open_storage(tmp_path / "gpu.journal")
+    formats = ["bf16", "int4_sym"] + (["fp8_channel"] if profile.fp8_tensor_cores else [])
+    for fmt in formats:
+        shape = LinearShape(16, 4096, 4096, fmt, "residual")
+        entry, study = tune_call(shape, profile, storage, 6, torch.device("cuda"))
+        assert entry.platform == "cuda" and entry.device == torch.cuda.get_device_name()
+        assert entry.tuned and entry.trials == 6 and entry.time_us <= entry.default_time_us
+        assert entry.torch_time_us > 0 and entry.versions["cuda"]
+
+
+@pytest.mark.gpu
+def test_dflash_tune_on_the_gpu(tmp_path):
+    from dflash_compiler.tuning.cli import main
+
+    args = ["--gpu", "auto", "--shapes", "tiny", "--quant", "fp8", "--ops", "linear", "verify_attention",
+            "--batches", "1,4", "--trials", "4", "--storage", str(tmp_path / "t.journal"), "--db", str(tmp_path),
+            "--runtime", "--runtime-trials", "3", "--concurrency", "1,4"]  # fmt: skip
+    assert main(args) == 0
+    db = TuningDB.load(load_profile("auto"), tmp_path)
+    assert {e.platform for e in db.entries()} == {"cuda"} and db.entries("runtime")
+    assert all(e.time_us <= e.default_time_us for e in db.entries("linear") if e.default_time_us)
