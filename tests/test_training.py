@@ -173,3 +173,35 @@ def test_time_budget_sizes_the_step_count(target_dir, tmp_path):
     assert summary["steps"] >= 13 and summary["steps"] != 6  # --minutes overrides --steps
     assert summary["history"][0]["step"] == 13 and summary["history"][-1]["step"] == summary["steps"]
     assert 1.0 <= summary["held_out_decode_tau"] <= 4.0
+
+
+def test_prompts_of_varied_lengths_start_at_position_zero(target_dir, tmp_path):
+    """--min-prompt-len keeps short prompts as they are: each sequence is the prompt then the target's greedy
+    continuation filling it to prompt-len + response-len, and training anchors lie in each row's response."""
+    from dflash_compiler.runtime.sampling import SamplingParams
+    from dflash_compiler.training.data import SequenceSet, build_sequences, continue_batch
+
+    target = load_target(target_dir / "target")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB - 2, (n,), generator=gen).tolist() for n in (3, 5, 12, 20, 5, 2)]
+    seqs = build_sequences(target, prompts, 12, 10, 2, SamplingParams(), seed=0, min_prompt_len=3)
+    kept = [p[-12:] for p in prompts if len(p) >= 3]
+    assert seqs.tokens.shape == (5, 22) and seqs.lens().tolist() == [len(p) for p in kept]
+    for row, prompt in zip(seqs.tokens, kept):
+        alone = continue_batch(target, torch.tensor([prompt]), 22 - len(prompt), SamplingParams(), gen)
+        assert row[: len(prompt)].tolist() == prompt and row[len(prompt) :].tolist() == alone[0].tolist()
+    assert seqs.prompts(2) == kept[:2]
+    path = tmp_path / "seqs.pt"
+    seqs.save(path)
+    again = SequenceSet.load(path)
+    assert torch.equal(again.tokens, seqs.tokens) and torch.equal(again.lens(), seqs.lens())
+    # anchors: distinct, inside each row's own response
+    lens = seqs.lens()
+    anchors = sample_anchors(5, 6, lens, 20, torch.Generator().manual_seed(1))
+    assert anchors.shape == (5, 6) and bool((anchors >= lens[:, None]).all()) and bool((anchors <= 20).all())
+    assert all(len(set(a)) == 6 for a in anchors.tolist())
+    out = tmp_path / "drafter"
+    assert train_main(_args(target_dir, out, "--min-prompt-len", "4")) == 0
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["sequences"] == 40 and summary["args"]["min_prompt_len"] == 4
+    assert train_main(_args(target_dir, out, "--min-prompt-len", "0")) == 2

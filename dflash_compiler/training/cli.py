@@ -25,6 +25,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-token-id", type=int, default=None, help="default: the tokenizer's <|mask|> or mask token")
     p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per training sequence")
+    p.add_argument(
+        "--min-prompt-len",
+        type=int,
+        default=None,
+        help="also keep prompts of this many tokens up to --prompt-len as they are, continued for longer so every "
+        "sequence has prompt-len + response-len tokens (default: only prompts of --prompt-len tokens)",
+    )
     p.add_argument("--response-len", type=int, default=96, help="target-generated tokens per training sequence")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--held-out", type=float, default=0.05, help="fraction of sequences kept for the tau estimate")
@@ -118,6 +125,8 @@ def train_drafter(args: argparse.Namespace) -> dict:
     from ..models.loader import check_drafter_fits
 
     check_drafter_fits(DrafterConfig.from_dict(cfg_dict, Path("drafter config")), target.cfg, Path("drafter config"))
+    if args.min_prompt_len is not None and args.min_prompt_len < 1:
+        raise DFlashError(f"parameter 'min_prompt_len' must be >= 1, got {args.min_prompt_len}")
     if not 0.0 <= args.distill <= 1.0:
         raise DFlashError(f"parameter 'distill' must be in [0, 1], got {args.distill}")
     from tqdm.auto import tqdm
@@ -133,6 +142,8 @@ def train_drafter(args: argparse.Namespace) -> dict:
         "chat": args.chat,
         "seed": args.seed,
     }
+    if args.min_prompt_len is not None:
+        meta["min_prompt_len"] = args.min_prompt_len
     if args.sequences and Path(args.sequences).is_file():
         seqs = SequenceSet.load(args.sequences, meta)
     else:
@@ -140,7 +151,15 @@ def train_drafter(args: argparse.Namespace) -> dict:
         bar = tqdm(total=len(prompts), desc="target continuations", unit="seq", disable=args.no_progress)
         params = SamplingParams(args.temperature)
         seqs = build_sequences(
-            target, prompts, args.prompt_len, args.response_len, args.gen_batch_size, params, args.seed, bar.update
+            target,
+            prompts,
+            args.prompt_len,
+            args.response_len,
+            args.gen_batch_size,
+            params,
+            args.seed,
+            bar.update,
+            args.min_prompt_len,
         )
         bar.close()
         if args.sequences:
@@ -149,8 +168,7 @@ def train_drafter(args: argparse.Namespace) -> dict:
     n = seqs.tokens.shape[0]
     n_held = max(1, int(n * args.held_out)) if n > 1 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
-    held = SequenceSet(seqs.tokens[order[:n_held]], seqs.prompt_len)
-    train = SequenceSet(seqs.tokens[order[n_held:]], seqs.prompt_len)
+    held, train = seqs.rows(order[:n_held]), seqs.rows(order[n_held:])
     if train.tokens.shape[0] < args.batch_size:
         raise DFlashError(
             f"parameter 'batch_size' is {args.batch_size} but only {train.tokens.shape[0]} training sequences exist"

@@ -101,11 +101,16 @@ def new_drafter(cfg_dict: dict, target: TargetModel, seed: int) -> DFlashDrafter
     return drafter
 
 
-def sample_anchors(n: int, count: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` distinct anchor positions per sequence, uniformly in [low, high]."""
-    span = high - low + 1
-    count = min(count, span)
-    return torch.rand(n, span, generator=generator).argsort(-1)[:, :count] + low
+def sample_anchors(n: int, count: int, low: int | torch.Tensor, high: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct anchor positions per sequence, uniformly in [low, high] (low: one for all, or one per
+    sequence [n])."""
+    low = torch.as_tensor(low, dtype=torch.long).expand(n)
+    first = int(low.min())
+    span = high - first + 1
+    count = min(count, high - int(low.max()) + 1)
+    keys = torch.rand(n, span, generator=generator)
+    keys[first + torch.arange(span) < low.unsqueeze(1)] = 2.0  # positions before a row's own low sort last
+    return keys.argsort(-1)[:, :count] + first
 
 
 def block_loss(
@@ -286,7 +291,7 @@ class DrafterTrainer:
         self.target, self.cfg_dict, self.train_set, self.held_out = target, cfg_dict, train, held_out
         self.config, self.output = config, Path(output)
         if eval_prompts is None and config.eval_decode > 0:
-            eval_prompts = held_out.tokens[: config.eval_decode, : held_out.prompt_len].tolist()
+            eval_prompts = held_out.prompts(config.eval_decode)
         self.eval_prompts = [list(p) for p in eval_prompts or []][: config.eval_decode or None]
         self.drafter = new_drafter(cfg_dict, target, config.seed)
         self.block_size = self.drafter.cfg.block_size
@@ -333,25 +338,24 @@ class DrafterTrainer:
         self.step, self.history = state["step"], state["history"]
         return True
 
-    def _anchors(self, tokens: torch.Tensor) -> torch.Tensor:
-        n, length = tokens.shape
-        anchors = sample_anchors(
-            n, self.config.anchors_per_sequence, self.train_set.prompt_len, length - 2, self.generator
-        )
-        return anchors.to(tokens.device)
+    def _anchors(self, batch: SequenceSet) -> torch.Tensor:
+        n, length = batch.tokens.shape
+        return sample_anchors(n, self.config.anchors_per_sequence, batch.lens(), length - 2, self.generator)
 
     @torch.no_grad()
     def evaluate(self, max_sequences: int = 256) -> dict:
         """Held-out teacher-forced acceptance over every anchor position of the response region."""
         self.drafter.eval()
-        tokens = self.held_out.tokens[:max_sequences].to(self.target.embed_tokens.weight.device)
-        # whole blocks only, so every slot has a label
-        low = self.held_out.prompt_len
-        high = max(low, tokens.shape[1] - self.block_size)
+        device = self.target.embed_tokens.weight.device
+        tokens = self.held_out.tokens[:max_sequences].to(device)
+        lens = self.held_out.lens()[:max_sequences].to(device)
+        # every fourth position from each row's response start, whole blocks only, so every slot has a label
+        high = max(int(lens.max()), tokens.shape[1] - self.block_size)
+        steps = torch.arange(0, high - int(lens.max()) + 1, 4, device=device)
         taus, per_pos = [], []
         for i in range(0, tokens.shape[0], 16):
             chunk = tokens[i : i + 16]
-            anchors = torch.arange(low, high + 1, 4, device=chunk.device).expand(chunk.shape[0], -1)
+            anchors = lens[i : i + 16, None] + steps
             _, metrics = block_loss(self.drafter, self.target, chunk, anchors, self.block_size, self.config.gamma)
             taus.append(metrics["tau"])
             per_pos.append(metrics["per_position"])
@@ -395,14 +399,15 @@ class DrafterTrainer:
         while self.step < self.config.steps:
             if self.step == first + 3:
                 t_timed = time.perf_counter()
-            tokens = next(batches).to(device)
+            batch = next(batches)
+            tokens = batch.tokens.to(device)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step)
             loss, _ = block_loss(
                 self.drafter,
                 self.target,
                 tokens,
-                self._anchors(tokens),
+                self._anchors(batch).to(device),
                 self.block_size,
                 self.config.gamma,
                 self.config.distill,
