@@ -171,7 +171,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    results = []
+    results = []  # GenerationResult per prompt (--json), else the streamed request's stats
     for prompt, chat in prompts:
         if args.json:
             results.append(engine.generate(prompt, chat=chat, **kwargs))
@@ -185,21 +185,16 @@ def _generate(args: argparse.Namespace) -> int:
     for i, result in enumerate(results):
         base = baselines[i] if baselines else None
         if args.json:
-            doc = {
-                "prompt": prompts[i][0],
-                "token_ids": result.token_ids,
-                "text": result.text,
-                "finish_reason": result.finish_reason,
-                **result.stats.as_dict(),
-            }
+            doc = {"prompt": prompts[i][0], "token_ids": result.token_ids, "text": result.text}
+            doc.update(finish_reason=result.finish_reason, **result.stats.as_dict())
             if base is not None:
                 doc["baseline_tokens_per_s"] = base.tokens_per_s
             print(json.dumps(doc))
-        else:
-            label = f"prompt {i + 1}: " if len(prompts) > 1 else ""
-            print(_stats_line(label, result, base), file=sys.stderr)
-            if result.limit_note:
-                print(f"note: {label}{result.limit_note}", file=sys.stderr)
+            continue
+        label = f"prompt {i + 1}: " if len(prompts) > 1 else ""
+        print(_stats_line(label, result, base), file=sys.stderr)
+        if result.limit_note:
+            print(f"note: {label}{result.limit_note}", file=sys.stderr)
     engine.close()
     return 0
 
