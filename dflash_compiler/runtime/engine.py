@@ -85,10 +85,12 @@ def load_tokenizer(*directories: str | Path | None):
 class Engine:
     """Generation on a target (and optionally its DFlash drafter).
 
-    runtime "eager" runs one request at a time through the eager loop (any device; `seed` makes sampling
-    reproducible). runtime "batched" serves every submitted request together through the batched step (CUDA
-    graphs on CUDA; Triton kernels there, their PyTorch lowering elsewhere), with weights optionally quantized at
-    load (quant "fp8" or "int4"); it takes the models' weights over. "auto" is batched on CUDA, eager elsewhere.
+    runtime "eager" runs each request through the eager loop (any device; `seed` makes sampling reproducible;
+    streams may be interleaved, each holding its own caches). runtime "batched" serves every submitted request
+    together through the batched step (CUDA graphs on CUDA; Triton kernels there, their PyTorch lowering
+    elsewhere), with weights optionally quantized at load (quant "fp8" or "int4"; "none", or "bf16", keeps them as
+    loaded); it takes the models' weights over. "auto" is batched on CUDA, eager elsewhere. `stream` and
+    `generate` stop at stop strings (`stop=`) on either runtime.
     """
 
     def __init__(
@@ -271,7 +273,7 @@ class Engine:
     ) -> Iterator[str]:
         """Decodes the committed tokens as they come, yields the new text and fills result. Text that may be the
         start of a stop string is held back until it is known not to be one."""
-        tokens, emitted = result.token_ids, 0
+        tokens, emitted, stop_free = result.token_ids, 0, 0
         stop_ids = self.stop_token_ids | set(kwargs.get("stop_token_ids", ()))
         longest = max((len(s) for s in stops), default=0)
         chunks = self.stream_tokens(prompt, max_new_tokens, stats=result.stats, **kwargs)
@@ -287,7 +289,7 @@ class Engine:
                     # keep the tokens through the one that completed the stop string
                     n = next(
                         n
-                        for n in range(1, len(tokens) + 1)
+                        for n in range(stop_free + 1, len(tokens) + 1)
                         if _find_stop(self._decode(tokens[:n]), stops, 0) is not None
                     )
                     del tokens[n:]
@@ -295,6 +297,7 @@ class Engine:
                     if cut > emitted:
                         yield text[emitted:cut]
                     return
+                stop_free = len(tokens)  # these tokens' text holds no stop string
                 safe = len(text) - (_partial_stop(text, stops) if chunk is not None else 0)
                 if safe > emitted:
                     yield text[emitted:safe]
