@@ -132,8 +132,6 @@ def _set_threads(requested: int | None, directories: list[Path]) -> None:
 
     from ..models.loader import checkpoint_files
 
-    if requested is not None and requested < 1:
-        raise DFlashError(f"parameter 'threads' must be >= 1, got {requested}")
     if requested is None:
         size = sum(f.stat().st_size for d in directories for f in checkpoint_files(d))
         requested = default_threads(size, _available_cores())
@@ -144,6 +142,8 @@ def _generate(args: argparse.Namespace) -> int:
     from .engine import DEFAULT_PAIR, Engine, check_device
     from .speculative import GenerationStats
 
+    if args.threads is not None and args.threads < 1:
+        raise DFlashError(f"parameter 'threads' must be >= 1, got {args.threads}")
     if args.system is not None and not args.chat:
         raise DFlashError("parameter 'system' needs --chat (a system prompt goes into the chat template)")
     if args.prompts_file is not None:
@@ -161,7 +161,7 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     load = dict(device=args.device, dtype=dtype, runtime=args.runtime, quant=args.quant)
     engine = Engine.from_pretrained(target, drafter, block_size=args.block_size, **load)
-    if device.type == "cpu":
+    if device.type == "cpu" or args.threads is not None:
         _set_threads(args.threads, [target] + ([drafter] if drafter is not None else []))
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
