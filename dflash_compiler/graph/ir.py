@@ -92,6 +92,7 @@ class Weights:
 
         return {name: build(name) for name in names}
 
+
 def _attr_name(qualified: str) -> str:
     return "p_" + qualified.replace(".", "_")
 

@@ -475,9 +475,24 @@ if torch.cuda.is_available():
 
 OPS = {
     op._name: op
-    for op in (linear, swiglu, rms_norm, gated_rms_norm, qk_norm_rope_write, qk_norm_rope, context_kv_write,
-               verify_attention, draft_attention, causal_conv1d_update, conv_window_commit, gdn_verify, gdn_commit,
-               gdn_prefill, greedy_accept, rejection_accept)  # fmt: skip
+    for op in (
+        linear,
+        swiglu,
+        rms_norm,
+        gated_rms_norm,
+        qk_norm_rope_write,
+        qk_norm_rope,
+        context_kv_write,
+        verify_attention,
+        draft_attention,
+        causal_conv1d_update,
+        conv_window_commit,
+        gdn_verify,
+        gdn_commit,
+        gdn_prefill,
+        greedy_accept,
+        rejection_accept,
+    )  # fmt: skip
 }
 BACKENDS = ("reference", "triton")
 

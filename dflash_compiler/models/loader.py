@@ -18,15 +18,45 @@ from .drafter import DFlashDrafter
 from .quantized import LoadedTensor, QuantizedLinear, QuantSpec, quantized_format
 from .target import TargetModel
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype.lower() not in _DTYPES:
         raise DFlashError(f"parameter 'dtype': {dtype!r} is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return _DTYPES[dtype.lower()]
+
+
+def _is_drafter_config(data: dict) -> bool:
+    """What marks an upstream DFlash drafter's config.json (every layout has at least one of these)."""
+    names = data.get("architectures") or []
+    dflash_keys = ("dflash_config", "target_layer_ids", "mask_token_id", "num_target_layers")
+    return any("DFlash" in str(n) for n in names) or any(k in data for k in dflash_keys)
+
+
+def _checkpoint_config(directory: str | Path, kind: str) -> tuple[Path, dict]:
+    """config.json of a target (kind "target") or drafter checkpoint, refusing a missing path or the other kind."""
+    if not Path(directory).exists():
+        raise DFlashError(f"{directory}: does not exist (expected a {kind} checkpoint directory)")
+    path, data = read_config_json(directory)
+    if kind == "target" and _is_drafter_config(data):
+        raise DFlashError(f"{path}: looks like a DFlash drafter, not a target (pass this directory as the drafter)")
+    if kind == "drafter" and not _is_drafter_config(data):
+        raise DFlashError(
+            f"{path}: looks like a target model, not a DFlash drafter (pass this directory as the target)"
+        )
+    return path, data
 
 
 def _check_safetensors_file(path: Path) -> None:
@@ -194,7 +224,7 @@ def _target_rename(cfg: TargetConfig) -> Callable[[str], str | None]:
 
 
 def load_target(directory: str | Path, device: str | torch.device = "cpu", dtype="float32") -> TargetModel:
-    path, data = read_config_json(directory)
+    path, data = _checkpoint_config(directory, "target")
     cfg = TargetConfig.from_dict(data, path)
     quant = QuantSpec.from_config(data, path)
     device, dtype = torch.device(device), parse_dtype(dtype)
@@ -249,7 +279,7 @@ def check_drafter_fits(cfg: DrafterConfig, target: TargetConfig, path: Path) -> 
 def load_drafter(
     directory: str | Path, target: TargetConfig, device: str | torch.device = "cpu", dtype="float32"
 ) -> DFlashDrafter:
-    path, data = read_config_json(directory)
+    path, data = _checkpoint_config(directory, "drafter")
     cfg = DrafterConfig.from_dict(data, path)
     quant = QuantSpec.from_config(data, path)
     check_drafter_fits(cfg, target, path)

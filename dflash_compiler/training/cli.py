@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__
 from ..errors import DFlashError
 
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dflash-train-drafter", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--target", required=True, help="target checkpoint directory (with its tokenizer)")
     p.add_argument("--prompts", required=True, help=".jsonl of {'prompt'} / {'messages'} lines, or a directory of text")
     p.add_argument("-o", "--output", required=True, help="output directory for the drafter (and checkpoint.pt)")
@@ -34,7 +36,9 @@ def train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--response-len", type=int, default=96, help="target-generated tokens per training sequence")
     p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--held-out", type=float, default=0.05, help="fraction of sequences kept for the tau estimate")
+    p.add_argument(
+        "--held-out", type=float, default=0.05, help="fraction of sequences kept for the tau estimate, in [0, 1)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="sample continuations instead of greedy")
     p.add_argument("--sequences", help="file of generated training sequences: read if it exists, else written")
     p.add_argument("--steps", type=int, default=2000)
@@ -96,11 +100,14 @@ def mask_token_from(tokenizer, given: int | None, target_path: str) -> int:
 
 def train_drafter(args: argparse.Namespace) -> dict:
     from ..models.loader import load_target
-    from ..runtime.engine import load_tokenizer
+    from ..runtime.engine import check_device, load_tokenizer
     from ..runtime.sampling import SamplingParams
     from .data import SequenceSet, build_sequences, read_prompts
     from .drafter import DrafterTrainer, TrainConfig, drafter_config_dict
 
+    if not 0.0 <= args.held_out < 1.0:
+        raise DFlashError(f"parameter 'held_out' must be a fraction in [0, 1), got {args.held_out}")
+    check_device(args.device)
     torch.manual_seed(args.seed)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     target = load_target(args.target, device=args.device, dtype=dtype)

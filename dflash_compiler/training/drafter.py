@@ -229,8 +229,7 @@ def _decode_batch(target, drafter, prompts, budget, block_size, stops) -> list[l
     cache = target.new_cache(n, cache_len)
     out = target(ids, positions, cache, taps=taps, per_position_states=False, last_logits_only=True)
     cache = target.commit(cache, out, positions, torch.full((n,), plen - 1, device=device))
-    proposer.reset(n, cache_len)
-    proposer.add_context(out.features, positions)
+    draft_state = proposer.add_context(proposer.new_state(n, cache_len), out.features, positions)
     anchor = out.logits[:, -1].argmax(-1)
     generated = [1] * n
     done = [int(t) in stops or budget <= 1 for t in anchor.tolist()]
@@ -238,7 +237,7 @@ def _decode_batch(target, drafter, prompts, budget, block_size, stops) -> list[l
     lengths: list[list[int]] = [[] for _ in range(n)]
     offsets = torch.arange(block_size, device=device)
     while not all(done):
-        drafts, _ = proposer.propose(anchor, start, SamplingParams(), None)
+        drafts, _ = proposer.propose(draft_state, anchor, start, SamplingParams(), None)
         block = torch.cat((anchor.view(n, 1), drafts), dim=1)
         block_pos = start.view(n, 1) + offsets
         out = target(block, block_pos, cache, taps=taps, per_position_states=True)
@@ -248,7 +247,7 @@ def _decode_batch(target, drafter, prompts, budget, block_size, stops) -> list[l
         room = torch.tensor([0 if d else budget - g - 1 for d, g in zip(done, generated)], device=device)
         accepted = torch.minimum(accepted, room)
         cache = target.commit(cache, out, block_pos, accepted)
-        proposer.add_context(out.features, block_pos)
+        draft_state = proposer.add_context(draft_state, out.features, block_pos)
         choice = out.logits.argmax(-1)  # the committed tokens: accepted drafts equal the target's choices
         live = torch.tensor([not d for d in done], device=device)
         for i, (a, row) in enumerate(zip(accepted.tolist(), choice.tolist())):

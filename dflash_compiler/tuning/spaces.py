@@ -28,8 +28,8 @@ from ..codegen.triton import linear as linear_kernels
 from ..codegen.triton.accept import _chunking
 from ..codegen.weight_formats import DenseWeight, FP8BlockWeight, FP8ChannelWeight, Int4Weight
 from ..errors import DFlashError
-from ..hw_profiles import HardwareProfile
 from ..graph.ops import VENDOR_GEMM_MIN_ROWS
+from ..hw_profiles import HardwareProfile
 
 Params = dict[str, Any]
 
