@@ -13,7 +13,7 @@ from ..models.loader import load_drafter, load_target, parse_dtype
 from .batch import BatchRunner
 from .proposer import DFlashProposer
 from .sampling import SamplingParams
-from .serving import RequestHandle, ServingLoop
+from .serving import EagerLoop, RequestHandle, ServingLoop
 from .speculative import GenerationStats, SpeculativeDecoder
 
 DEFAULT_PAIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-pair"
@@ -61,6 +61,7 @@ class Engine:
         quant: str = "bf16",
         max_batch: int = 32,
         max_seq_len: int | None = None,
+        max_queue: int | None = None,
     ):
         self.drafter, self.tokenizer = drafter, tokenizer
         self.cfg = target.cfg
@@ -76,6 +77,7 @@ class Engine:
         if runtime == "eager":
             proposer = DFlashProposer(drafter, target) if drafter is not None else None
             self.decoder = SpeculativeDecoder(target, proposer, block_size)
+            self.loop = EagerLoop(self.decoder, max_queue)
         else:
             runner = BatchRunner(
                 target,
@@ -87,7 +89,7 @@ class Engine:
                 max_seq_len=max_seq_len or min(target.cfg.max_position_embeddings, 32768),
                 quant=quant,
             )
-            self.serving = ServingLoop(runner)
+            self.serving = self.loop = ServingLoop(runner, max_queue)
         self.stop_token_ids = set(target.cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(tokenizer.eos_token_id)
@@ -104,6 +106,7 @@ class Engine:
         quant: str = "bf16",
         max_batch: int = 32,
         max_seq_len: int | None = None,
+        max_queue: int | None = None,
     ) -> Engine:
         """Loads a target checkpoint directory and, optionally, its DFlash drafter. With neither named, the
         tiny trained pair that ships with the package is used."""
@@ -118,12 +121,13 @@ class Engine:
         target_model = load_target(target, device=device, dtype=dtype)
         drafter_model = load_drafter(drafter, target_model.cfg, device=device, dtype=dtype) if drafter else None
         tokenizer = load_tokenizer(target, drafter)
-        return cls(target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len)
+        return cls(
+            target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue
+        )
 
     def close(self) -> None:
-        """Stops the batched runtime's serving thread (unfinished requests fail)."""
-        if self.serving is not None:
-            self.serving.close()
+        """Stops the serving thread behind `submit` (unfinished requests fail)."""
+        self.loop.close()
 
     def submit(
         self,
@@ -135,14 +139,22 @@ class Engine:
         chat: bool = False,
         stop_token_ids: Sequence[int] = (),
         stats: GenerationStats | None = None,
+        seed: int | None = None,
     ) -> RequestHandle:
-        """Starts a request on the batched runtime and returns at once; safe from any thread. Iterate the handle
-        (or `async for` it) for token chunks, or call `result()`."""
-        if self.serving is None:
-            raise DFlashError("parameter 'runtime': submit needs the batched runtime (runtime='batched')")
+        """Queues a request and returns at once; safe from any thread. Iterate the handle (or `async for` it) for
+        token chunks, or call `result()`. The batched runtime serves every submitted request together; the eager
+        one serves them one at a time, in order. With max_queue set, a request beyond max_queue waiting ones
+        raises QueueFullError."""
         params = SamplingParams(temperature, top_k, top_p)
         stops = self.stop_token_ids | set(stop_token_ids)
-        return self.serving.submit(self.encode(prompt, chat), max_new_tokens, params, stops, stats)
+        prompt_ids = self.encode(prompt, chat)
+        if self.serving is None:
+            return self.loop.submit(prompt_ids, max_new_tokens, params, stops, stats, seed)
+        if seed is not None and not params.greedy:
+            raise DFlashError(
+                "parameter 'seed' needs runtime='eager' (the batched runtime samples from the device's generator)"
+            )
+        return self.serving.submit(prompt_ids, max_new_tokens, params, stops, stats)
 
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
         if isinstance(prompt, str) or chat:
@@ -173,11 +185,7 @@ class Engine:
         stats: GenerationStats | None = None,
     ) -> Iterator[list[int]]:
         if self.serving is not None:
-            if seed is not None:
-                raise DFlashError(
-                    "parameter 'seed' needs runtime='eager' (the batched runtime samples from the device's generator)"
-                )
-            handle = self.submit(prompt, max_new_tokens, temperature, top_p, top_k, chat, stop_token_ids, stats)
+            handle = self.submit(prompt, max_new_tokens, temperature, top_p, top_k, chat, stop_token_ids, stats, seed)
             try:
                 yield from handle
             finally:
