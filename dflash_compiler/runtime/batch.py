@@ -156,6 +156,7 @@ class BatchRunner:
         self.simulated = False
         self._ids = itertools.count()
         self.waiting: deque[_Request] = deque()
+        self.left_waiting = 0  # requests that left `waiting` (admitted or cancelled) since start
         self.prefilling: _Request | None = None
         self.running: list[_Request] = []  # index = pool row
         self.requests: dict[int, _Request] = {}  # unfinished requests only
@@ -322,6 +323,7 @@ class BatchRunner:
         for req in list(self.waiting):
             if req.cancelled:
                 self.waiting.remove(req)
+                self.left_waiting += 1
                 self._finish(req, "cancelled")
         if self.prefilling is not None and self.prefilling.cancelled:
             self._finish(self.prefilling, "cancelled")
@@ -370,6 +372,7 @@ class BatchRunner:
         if need > self.page_pool.available:
             return False
         self.waiting.popleft()
+        self.left_waiting += 1
         req.pages = self.page_pool.allocate(need)
         row, p = self.max_batch, self.pools
         table = torch.zeros(self.pages_per_row, dtype=torch.int32)

@@ -156,7 +156,11 @@ class Engine:
             )
         return self.serving.submit(prompt_ids, max_new_tokens, params, stops, stats)
 
-    def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
+    def encode(
+        self, prompt: str | Sequence[int] | list[dict], chat: bool = False, chat_template_kwargs: dict | None = None
+    ) -> list[int]:
+        """Token ids of a prompt: text, token ids, or (chat=True) a message or a list of messages put through the
+        tokenizer's chat template (chat_template_kwargs, e.g. enable_thinking, go to the template)."""
         if isinstance(prompt, str) or chat:
             if self.tokenizer is None:
                 raise DFlashError("parameter 'prompt' is text but the engine has no tokenizer; pass token ids")
@@ -164,7 +168,9 @@ class Engine:
                 messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise DFlashError("parameter 'chat' needs a chat template, and the tokenizer has none")
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
+                )
                 return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
             return self.tokenizer.encode(prompt, add_special_tokens=False)
         return list(prompt)

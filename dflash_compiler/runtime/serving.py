@@ -9,6 +9,7 @@ handles raise) and the loop goes on serving the others and later ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -42,11 +43,13 @@ class RequestHandle:
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # `async for` consumers
 
     def _push(self, event: StepEvent) -> None:
         self.token_ids.extend(event.tokens)
         if event.tokens:
             self._chunks.put(list(event.tokens))
+            self._wake()
         if event.finished:
             self.finish_reason = event.finish_reason
             self._close()
@@ -58,6 +61,12 @@ class RequestHandle:
     def _close(self) -> None:
         self._done.set()
         self._chunks.put(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        for loop, event in list(self._wakers):
+            with contextlib.suppress(RuntimeError):  # that event loop is closed
+                loop.call_soon_threadsafe(event.set)
 
     @property
     def done(self) -> bool:
@@ -87,8 +96,23 @@ class RequestHandle:
             raise self._error
 
     async def __aiter__(self) -> AsyncIterator[list[int]]:
-        while (chunk := await asyncio.to_thread(self._chunks.get)) is not None:
-            yield chunk
+        # The serving thread wakes this task through its event loop: no thread waits per chunk.
+        waker = (asyncio.get_running_loop(), asyncio.Event())
+        self._wakers.append(waker)
+        try:
+            while True:
+                try:
+                    chunk = self._chunks.get_nowait()
+                except queue.Empty:
+                    waker[1].clear()
+                    if self._chunks.empty():  # checked after clear: a chunk put since is never missed
+                        await waker[1].wait()
+                    continue
+                if chunk is None:
+                    break
+                yield chunk
+        finally:
+            self._wakers.remove(waker)
         if self._error is not None:
             raise self._error
 
@@ -104,7 +128,7 @@ class _Loop:
         self.failed_steps = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[int, RequestHandle] = {}  # the serving thread's only
-        self._queued = 0  # submitted, not yet given a row
+        self._submitted = 0
         self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -114,7 +138,11 @@ class _Loop:
     @property
     def queued(self) -> int:
         """Requests submitted that wait for a row."""
-        return self._queued
+        return self._submitted - self._left_waiting()
+
+    def _left_waiting(self) -> int:
+        """Requests that stopped waiting (given a row, or cancelled first) since start."""
+        raise NotImplementedError
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -124,9 +152,9 @@ class _Loop:
 
     def _post(self, request_id: int, item, handle: RequestHandle) -> RequestHandle:
         with self._count_lock:
-            if self.max_queue is not None and self._queued >= self.max_queue:
+            if self.max_queue is not None and self.queued >= self.max_queue:
                 raise QueueFullError(f"the engine's queue is full ({self.max_queue} requests wait for a row)")
-            self._queued += 1
+            self._submitted += 1
         handle.request_id = request_id
         with self._start_lock:
             if self._thread is None:
@@ -134,11 +162,6 @@ class _Loop:
                 self._thread.start()
         self._inbox.put(("submit", item, handle))
         return handle
-
-    def _dequeued(self, n: int) -> None:
-        if n:
-            with self._count_lock:
-                self._queued -= n
 
     def cancel(self, handle: RequestHandle) -> None:
         if handle.request_id is not None:
@@ -208,6 +231,9 @@ class ServingLoop(_Loop):
         """Requests holding a row (decoding or prefilling)."""
         return len(self.runner.running) + (self.runner.prefilling is not None)
 
+    def _left_waiting(self) -> int:
+        return self.runner.left_waiting
+
     def submit(
         self,
         prompt_ids: Sequence[int],
@@ -240,14 +266,12 @@ class ServingLoop(_Loop):
                     return
             if not runner.has_work:
                 continue
-            waiting = len(runner.waiting)
             start = time.perf_counter()
             try:
                 events = runner.step()
             except Exception as error:
                 failed, events = runner.abort_active()
                 self._fail_requests(failed, error)
-            self._dequeued(waiting - len(runner.waiting))
             self._deliver(events)
             if self.on_step is not None:
                 self.on_step(time.perf_counter() - start)
@@ -264,10 +288,14 @@ class EagerLoop(_Loop):
         self._id_lock = threading.Lock()
         self._cancelled: set[int] = set()
         self._current: int | None = None
+        self._started = 0
 
     @property
     def running(self) -> int:
         return int(self._current is not None)
+
+    def _left_waiting(self) -> int:
+        return self._started
 
     def submit(
         self,
@@ -308,7 +336,7 @@ class EagerLoop(_Loop):
             if waiting:
                 item, handle = waiting.pop(0)
                 self._handles[handle.request_id] = handle
-                self._dequeued(1)
+                self._started += 1
                 self._serve_one(handle.request_id, item)
 
     def _serve_one(self, rid: int, item: tuple) -> None:
