@@ -189,18 +189,15 @@ class ServerMetrics:
             lambda: runner.page_pool.num_pages - 1 if runner is not None else 0
         )
         self._positions = max(block - 1, 0)
+        self._steps, self._accepted = 0, [0] * self._positions  # what the per-position gauges divide
         for i in range(1, self._positions + 1):
             self.accepted_at.labels(str(i))
             self.per_position.labels(str(i)).set_function(self._position_rate(i))
         self._recent: deque[tuple[float, int]] = deque()
-        loop.on_step = self.step_seconds.observe
+        loop.step_observers.append(self.step_seconds.observe)
 
     def _position_rate(self, i: int):
-        def rate() -> float:
-            steps = self.verify_steps._value.get()
-            return self.accepted_at.labels(str(i))._value.get() / steps if steps else 0.0
-
-        return rate
+        return lambda: self._accepted[i - 1] / self._steps if self._steps else 0.0
 
     def tokens(self, n: int) -> None:
         if n:
@@ -218,12 +215,14 @@ class ServerMetrics:
         self.prompt_tokens.inc(len(gen.prompt_ids))
         steps = gen.stats.acceptance_lengths
         self.verify_steps.inc(len(steps))
+        self._steps += len(steps)
         for a in steps:
             self.acceptance.observe(a)
         for i in range(1, self._positions + 1):
             accepted = sum(a - 1 >= i for a in steps)
             if accepted:
                 self.accepted_at.labels(str(i)).inc(accepted)
+                self._accepted[i - 1] += accepted
         if gen.token_ids:
             self.ttft.observe(gen.stats.time_to_first_token_s)
 
@@ -252,7 +251,9 @@ class Generation:
     sent: int = 0  # characters of text handed out so far
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"; None while running or after an error
     matched: str | int | None = None
+    failed: bool = False
     created: float = field(default_factory=time.time)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def start(
@@ -325,10 +326,13 @@ class Generation:
             if piece := self._ready_text():
                 yield piece
         except Exception as e:
+            self.failed = True
             raise APIError(500, f"generation failed: {e}", code="step_failed") from None
         finally:
             if not self.handle.done:
                 self.handle.cancel()
+            if self.finish_reason is None and not self.failed:  # the consumer went away
+                self.finish_reason = "cancelled"
             self.metrics.finished(self)
 
     async def run(self, request: Request) -> None:
@@ -443,7 +447,9 @@ def create_app(
             message = f"the request body is not valid JSON: {err.get('msg')}"
             return APIError(400, message, code="invalid_json").response()
         param = ".".join(loc) or None
-        where = f"parameter '{param}'" if param else "the request body"
+        if param is None:
+            return APIError(400, "the request body must be a JSON object", code="invalid_json").response()
+        where = f"parameter '{param}'"
         return APIError(400, f"{where}: {err.get('msg')}", param=param, code="invalid_value").response()
 
     def authenticate(request: Request) -> None:
@@ -530,7 +536,7 @@ def create_app(
         return await respond(gen, request, body, chat=True)
 
     async def respond(gen: Generation, request: Request, body: _Sampling, chat: bool):
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{gen.request_id}"
         obj = "chat.completion" if chat else "text_completion"
         head = {"id": rid, "created": int(gen.created), "model": body.model or names[0]}
         if not body.stream:
@@ -647,7 +653,7 @@ def create_app(
         elif gen.finish_reason == "cancelled":
             reason = {"type": "abort", "message": "cancelled"}
         meta = {
-            "id": f"{id(gen):x}",
+            "id": gen.request_id,
             "prompt_tokens": len(gen.prompt_ids),
             "completion_tokens": n,
             "finish_reason": reason,
@@ -666,7 +672,7 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        failure = engine.loop._failure
+        failure = engine.loop.failure
         if failure is not None:
             return JSONResponse({"status": "error", "message": str(failure)}, status_code=503)
         return {"status": "ok"}
@@ -716,7 +722,8 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
             raise DFlashError(f"{args.artifact}: artifacts are not supported by this version; use --target/--drafter")
         engine = Engine.from_artifact(args.artifact)
         engine.loop.max_queue = args.max_queue
-        return engine, [args.served_model_name or Path(args.artifact).name, args.artifact]
+        names = [args.served_model_name or Path(args.artifact).name, args.artifact]
+        return engine, list(dict.fromkeys(names))
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -735,7 +742,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
     )
     target = args.target or str(DEFAULT_PAIR)
     names = [args.served_model_name] if args.served_model_name else []
-    return engine, [*names, Path(target).name, target]
+    return engine, list(dict.fromkeys([*names, Path(target).name, target]))
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,7 @@ class _Loop:
         if max_queue is not None and max_queue < 1:
             raise DFlashError(f"parameter 'max_queue' must be >= 1, got {max_queue}")
         self.max_queue = max_queue
-        self.on_step: Callable[[float], None] | None = None  # called on the serving thread with each step's time
+        self.step_observers: list[Callable[[float], None]] = []  # called on the serving thread with each step's time
         self.failed_steps = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[int, RequestHandle] = {}  # the serving thread's only
@@ -143,6 +143,11 @@ class _Loop:
     def _left_waiting(self) -> int:
         """Requests that stopped waiting (given a row, or cancelled first) since start."""
         raise NotImplementedError
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The fault that stopped the serving thread, if one did (a failed step does not)."""
+        return self._failure
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -204,6 +209,10 @@ class _Loop:
             handle._push(event)
             if event.finished:
                 del self._handles[event.request_id]
+
+    def _observe(self, step_s: float) -> None:
+        for observe in self.step_observers:
+            observe(step_s)
 
     def _fail_requests(self, request_ids: Sequence[int], error: BaseException) -> None:
         self.failed_steps += 1
@@ -273,8 +282,7 @@ class ServingLoop(_Loop):
                 failed, events = runner.abort_active()
                 self._fail_requests(failed, error)
             self._deliver(events)
-            if self.on_step is not None:
-                self.on_step(time.perf_counter() - start)
+            self._observe(time.perf_counter() - start)
 
 
 class EagerLoop(_Loop):
@@ -350,8 +358,7 @@ class EagerLoop(_Loop):
                 for chunk in stream:
                     tokens.extend(chunk)
                     self._deliver([StepEvent(rid, chunk)])
-                    if self.on_step is not None:
-                        self.on_step(time.perf_counter() - start)
+                    self._observe(time.perf_counter() - start)
                     if rid in self._cancelled or self._closed:
                         stream.close()
                         break
