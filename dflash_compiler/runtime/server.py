@@ -384,8 +384,6 @@ def _watch_disconnect(request: Request, handle: RequestHandle) -> asyncio.Future
 class _State:
     engine: Engine
     metrics: ServerMetrics
-    model_names: tuple[str, ...]
-    api_key: str | None
     retry_after_s: int
     started: int = field(default_factory=lambda: int(time.time()))
 
@@ -430,7 +428,7 @@ def create_app(
     """The server's app over an engine. model_name: the name(s) clients may ask for (the first is listed by
     /v1/models). With api_key, every endpoint but /health and /metrics needs `Authorization: Bearer <api_key>`."""
     names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
-    state = _State(engine, ServerMetrics(engine), names, api_key, retry_after_s)
+    state = _State(engine, ServerMetrics(engine), retry_after_s)
     context = engine.serving.runner.max_seq_len if engine.serving is not None else engine.cfg.max_position_embeddings
     app = FastAPI(title="dflash-serve", description=__doc__)
     app.state.dflash = state
