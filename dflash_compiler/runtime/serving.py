@@ -166,6 +166,8 @@ class _Loop:
                 self._thread = threading.Thread(target=self._guarded_run, name="dflash-serving", daemon=True)
                 self._thread.start()
         self._inbox.put(("submit", item, handle))
+        if self._closed:  # close() ran meanwhile and may have drained the inbox before this request arrived
+            self._fail_all(DFlashError("the engine was closed before the request finished"))
         return handle
 
     def cancel(self, handle: RequestHandle) -> None:
