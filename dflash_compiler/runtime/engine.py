@@ -14,7 +14,7 @@ from ..models.loader import load_drafter, load_target, parse_dtype
 from .batch import BatchRunner
 from .proposer import DFlashProposer
 from .sampling import SamplingParams
-from .serving import RequestHandle, ServingLoop
+from .serving import EagerLoop, RequestHandle, ServingLoop
 from .speculative import GenerationStats, SpeculativeDecoder, resolve_block_size
 
 DEFAULT_PAIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-pair"
@@ -103,6 +103,7 @@ class Engine:
         quant: str = "none",
         max_batch: int = 32,
         max_seq_len: int | None = None,
+        max_queue: int | None = None,
     ):
         self.drafter, self.tokenizer = drafter, tokenizer
         self.cfg = target.cfg
@@ -121,6 +122,7 @@ class Engine:
         if runtime == "eager":
             proposer = DFlashProposer(drafter, target) if drafter is not None else None
             self.decoder = SpeculativeDecoder(target, proposer, block_size)
+            self.loop = EagerLoop(self.decoder, max_queue)
         else:
             runner = BatchRunner(
                 target,
@@ -132,7 +134,7 @@ class Engine:
                 max_seq_len=max_seq_len or min(target.cfg.max_position_embeddings, 32768),
                 quant="bf16" if quant == "none" else quant,  # the runner's name for the weights as loaded
             )
-            self.serving = ServingLoop(runner)
+            self.serving = self.loop = ServingLoop(runner, max_queue)
         self.stop_token_ids = set(target.cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(tokenizer.eos_token_id)
@@ -149,6 +151,7 @@ class Engine:
         quant: str = "none",
         max_batch: int = 32,
         max_seq_len: int | None = None,
+        max_queue: int | None = None,
     ) -> Engine:
         """Loads a target checkpoint directory and, optionally, its DFlash drafter. With neither named, the
         tiny trained pair that ships with the package is used."""
@@ -162,12 +165,13 @@ class Engine:
         target_model = load_target(target, device=device, dtype=dtype)
         drafter_model = load_drafter(drafter, target_model.cfg, device=device, dtype=dtype) if drafter else None
         tokenizer = load_tokenizer(target, drafter)
-        return cls(target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len)
+        return cls(
+            target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue
+        )
 
     def close(self) -> None:
-        """Stops the batched runtime's serving thread (unfinished requests fail)."""
-        if self.serving is not None:
-            self.serving.close()
+        """Stops the serving thread behind `submit` (unfinished requests fail)."""
+        self.loop.close()
 
     def submit(
         self,
@@ -179,16 +183,28 @@ class Engine:
         chat: bool = False,
         stop_token_ids: Sequence[int] = (),
         stats: GenerationStats | None = None,
+        seed: int | None = None,
     ) -> RequestHandle:
-        """Starts a request on the batched runtime and returns at once; safe from any thread. Iterate the handle
-        (or `async for` it) for token chunks, or call `result()`."""
-        if self.serving is None:
-            raise DFlashError("parameter 'runtime': submit needs the batched runtime (runtime='batched')")
+        """Queues a request and returns at once; safe from any thread. Iterate the handle (or `async for` it) for
+        token chunks, or call `result()`. The batched runtime serves every submitted request together; the eager
+        one serves them one at a time, in order. With max_queue set, a request beyond max_queue waiting ones
+        raises QueueFullError."""
         params = SamplingParams(temperature, top_k, top_p)
         stops = self.stop_token_ids | set(stop_token_ids)
-        return self.serving.submit(self.encode(prompt, chat), max_new_tokens, params, stops, stats)
+        prompt_ids = self.encode(prompt, chat)
+        if self.serving is None:
+            return self.loop.submit(prompt_ids, max_new_tokens, params, stops, stats, seed)
+        if seed is not None and not params.greedy:
+            raise DFlashError(
+                "parameter 'seed' needs runtime='eager' (the batched runtime samples from the device's generator)"
+            )
+        return self.serving.submit(prompt_ids, max_new_tokens, params, stops, stats)
 
-    def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
+    def encode(
+        self, prompt: str | Sequence[int] | list[dict], chat: bool = False, chat_template_kwargs: dict | None = None
+    ) -> list[int]:
+        """Token ids of a prompt: text, token ids, or (chat=True) a message or a list of messages put through the
+        tokenizer's chat template (chat_template_kwargs, e.g. enable_thinking, go to the template)."""
         if isinstance(prompt, str) and not prompt:
             raise DFlashError("parameter 'prompt' is empty")
         if isinstance(prompt, str) or chat:
@@ -200,7 +216,9 @@ class Engine:
                     raise DFlashError("parameter 'prompt' is an empty list of chat messages")
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise DFlashError("parameter 'chat' needs a chat template, and the tokenizer has none")
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
+                )
                 return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
             return self.tokenizer.encode(prompt, add_special_tokens=False)
         return list(prompt)
@@ -226,11 +244,7 @@ class Engine:
         ids = self.encode(prompt, chat)
         self._note_context_limit(len(ids), max_new_tokens, stats)
         if self.serving is not None:
-            if seed is not None:
-                raise DFlashError(
-                    "parameter 'seed' needs runtime='eager' (the batched runtime samples from the device's generator)"
-                )
-            handle = self.submit(ids, max_new_tokens, temperature, top_p, top_k, False, stop_token_ids, stats)
+            handle = self.submit(ids, max_new_tokens, temperature, top_p, top_k, False, stop_token_ids, stats, seed)
             try:
                 yield from handle
             finally:
