@@ -90,25 +90,43 @@ class CompiledGraph:
 
 
 class StepGraphs:
-    """The weight-free graphs of one step configuration after the passes, traced on demand, and the recipes of
-    the weights they read. Shared by every compile of the same models' configuration in a process."""
+    """The weight-free graphs of one step configuration, traced on demand once, and after the passes; with the
+    recipes of the weights they read. Shared by every compile of the same models' configuration in a process
+    (`with_passes` derives another pass pipeline from the same traces)."""
 
-    def __init__(self, real_step: SpeculativeStep, quant: str):
+    def __init__(self, real_step: SpeculativeStep, quant: str = "bf16", passes=None):
         self.quant = quant
+        self.passes = default_passes(quant) if passes is None else list(passes)
         self.step = _meta_copy(real_step)
-        self.weights = Weights(sources=weight_sources(self.step))
+        self.traced_weights = Weights(sources=weight_sources(self.step))  # the traces' own sources, shared
+        self.weights = Weights(self.traced_weights.sources)
+        self.traced: dict[str, fx.GraphModule] = {}  # before any pass, shared with derived pipelines
         self.templates: dict[str, CompiledGraph] = {}
-        self.trace_seconds = 0.0
+        self.derived: dict[tuple, StepGraphs] = {}
+
+    def with_passes(self, quant: str, passes=None) -> StepGraphs:
+        """The same traces under another pass pipeline (the default one of quant when passes is None)."""
+        key = (quant, None if passes is None else tuple(p.__name__ for p in passes))
+        if key not in self.derived:
+            other = copy.copy(self)
+            other.quant = quant
+            other.passes = default_passes(quant) if passes is None else list(passes)
+            other.weights = Weights(self.traced_weights.sources)
+            other.templates, other.derived = {}, {}
+            self.derived[key] = other
+        return self.derived[key]
 
     def template(self, name: str) -> CompiledGraph:
         if name not in self.templates:
-            t0 = time.perf_counter()
-            fn, args, dynamic = self._phase(name)
-            gm = trace(self.step, fn, args, self.weights, dynamic)
+            if name not in self.traced:
+                fn, args, dynamic = self._phase(name)
+                self.traced[name] = trace(self.step, fn, args, self.traced_weights, dynamic)
+            for recipe_name, recipe in self.traced_weights.recipes.items():
+                self.weights.recipes.setdefault(recipe_name, recipe)
+            gm = copy.deepcopy(self.traced[name])
             before, launches = dict(op_counts(gm)), kernel_launches(gm)
-            counts = run_passes(gm, self.weights, default_passes(self.quant))
+            counts = run_passes(gm, self.weights, self.passes)
             self.templates[name] = CompiledGraph(name, gm, counts, before, launches)
-            self.trace_seconds += time.perf_counter() - t0
         return self.templates[name]
 
     def _phase(self, name: str):
@@ -231,11 +249,12 @@ def compile_step(
     device = target.embed_tokens.weight.device
     real_step = SpeculativeStep(target, drafter, block_size, max_len)
     sources = weight_sources(real_step)
-    key = (repr(target.cfg), repr(drafter.cfg) if drafter is not None else None, block_size, quant, max_len,
+    key = (repr(target.cfg), repr(drafter.cfg) if drafter is not None else None, block_size, max_len,
            tuple((n, t.dtype, tuple(t.shape)) for n, t in sources.items()))  # fmt: skip
-    graphs = _STEP_GRAPHS.get(key)
-    if graphs is None:
-        graphs = _STEP_GRAPHS[key] = StepGraphs(real_step, quant)
+    traced = _STEP_GRAPHS.get(key)
+    if traced is None:
+        traced = _STEP_GRAPHS[key] = StepGraphs(real_step)
+    graphs = traced.with_passes(quant)
     if release_sources:
         _release_parameters(target, drafter)
     return CompiledStep(graphs, sources, backend, device)

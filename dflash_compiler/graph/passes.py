@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from ..codegen import weight_formats as wf
+from . import ops as _ops  # noqa: F401  (registers torch.ops.dflash)
 from .ir import Recipe, Weights, is_dflash
 
 aten = torch.ops.aten
