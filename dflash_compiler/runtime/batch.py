@@ -180,11 +180,6 @@ class BatchRunner:
         if self.cuda_graphs:
             self._capture_all(simulated=False)
 
-    @property
-    def buckets(self) -> tuple[int, ...]:
-        """The batch sizes a step runs at (a graph each on CUDA): BUCKETS up to max_batch, and max_batch."""
-        return tuple(sorted({min(b, self.max_batch) for b in BUCKETS}))
-
     def _draft_probs_bytes(self) -> int:
         return (self.block_size - 1) * self.vocab_size * 4 if self.block_size > 1 else 0
 
