@@ -251,6 +251,11 @@ def test_bad_records_file(tmp_path, built):
     bad.write_text(json.dumps(doc))
     with pytest.raises(DFlashError, match=r"bad.json: kernels\[1\] lacks 'spec'"):
         aot.load_records(bad)
+    doc["kernels"][1]["spec"] = "{}"
+    doc["kernels"][0]["arch"] = "90"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(DFlashError, match=r"bad.json: kernels\[0\].arch is not of type int"):
+        aot.load_records(bad)
     bad.write_text(json.dumps({**doc, "spec_version": 99}))
     with pytest.raises(DFlashError, match="spec_version 99 is not 1"):
         aot.load_records(bad)

@@ -292,15 +292,19 @@ def load_records(path: str | os.PathLike) -> tuple[list[KernelRecord], dict]:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DFlashError(f"{path}: cannot read kernel records ({e})") from None
-    if not isinstance(doc, dict) or doc.get("spec_version") != SPEC_VERSION:
+    if not isinstance(doc, dict):
+        raise DFlashError(f"{path}: expected a JSON object of kernel records")
+    if doc.get("spec_version") != SPEC_VERSION:
         raise DFlashError(f"{path}: spec_version {doc.get('spec_version')!r} is not {SPEC_VERSION}")
-    fields = {f.name: f.type for f in dataclasses.fields(KernelRecord)}
+    types = {f.name: {"str": str, "int": int}[f.type] for f in dataclasses.fields(KernelRecord)}
     records = []
     for i, item in enumerate(doc.get("kernels") or []):
-        missing = [name for name in fields if name not in item]
-        if missing:
-            raise DFlashError(f"{path}: kernels[{i}] lacks {missing[0]!r}")
-        records.append(KernelRecord(**{name: item[name] for name in fields}))
+        for name, kind in types.items():
+            if not isinstance(item, dict) or name not in item:
+                raise DFlashError(f"{path}: kernels[{i}] lacks {name!r}")
+            if not isinstance(item[name], kind):
+                raise DFlashError(f"{path}: kernels[{i}].{name} is not of type {kind.__name__}")
+        records.append(KernelRecord(**{name: item[name] for name in types}))
     if not records:
         raise DFlashError(f"{path}: kernels is empty")
     if not isinstance(doc.get("versions"), dict):
