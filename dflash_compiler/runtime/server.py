@@ -249,6 +249,8 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text handed out so far
+    _prefix: int = 0  # token offsets of the incremental decoding: context start, end of what text holds
+    _read: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"; None while running or after an error
     matched: str | int | None = None
     failed: bool = False
@@ -275,34 +277,52 @@ class Generation:
         tok = self.engine.tokenizer
         return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
 
+    def _extend(self, ids: list[int], final: bool = False) -> tuple[str, int, int]:
+        """The text that tokens past the read offset add, decoded with a few tokens before them for context (so
+        a token's leading space or a multi-byte character split across tokens comes out right) rather than from
+        the start: (new text, new prefix offset, new read offset). An incomplete character waits for more tokens
+        unless final."""
+        prefix_text = self._decode(ids[self._prefix : self._read])
+        text = self._decode(ids[self._prefix :])
+        if len(text) > len(prefix_text) and (final or not text.endswith("\ufffd")):
+            return text[len(prefix_text) :], self._read, len(ids)
+        return "", self._prefix, self._read
+
     def _add(self, chunk: list[int]) -> None:
         """Takes a chunk of tokens; on a stop string keeps the tokens up to the one that completed it."""
-        text = self._decode(self.token_ids + chunk)
+        ids = self.token_ids + chunk
         if self.stop:
-            # a stop string may straddle chunks: search from where the longest one could start
+            # a stop string may straddle chunks: search from where the longest one could start, in every
+            # character decoded so far (a trailing incomplete one cannot be part of a stop string)
             start = max(0, len(self.text) - max(map(len, self.stop)) + 1)
+            text = self.text + self._extend(ids, final=True)[0]
             hits = [(i, s) for s in self.stop if (i := text.find(s, start)) >= 0]
             if hits:
                 at, stop = min(hits)
-                for j in range(1, len(chunk) + 1):
-                    if stop in self._decode(self.token_ids + chunk[:j]):
+                for j in range(1, len(chunk) + 1):  # the shortest prefix of the chunk that completes the stop
+                    if stop in self.text + self._extend(self.token_ids + chunk[:j], final=True)[0]:
                         chunk = chunk[:j]
                         break
                 self.token_ids += chunk
                 self.text, self.finish_reason, self.matched = text[:at], "stop", stop
                 self.handle.cancel()
                 return
-        self.token_ids += chunk
-        self.text = text
+        new, prefix, read = self._extend(ids)
+        self.token_ids = ids
+        self.text += new
+        self._prefix, self._read = prefix, read
+
+    def _flush(self) -> None:
+        """At the end: whatever the last tokens decode to, an incomplete character included."""
+        if self._read < len(self.token_ids):
+            new, self._prefix, self._read = self._extend(self.token_ids, final=True)
+            self.text += new
 
     def _ready_text(self) -> str:
-        """Text that can be handed out: whole characters, and nothing a stop string could still claim."""
+        """Text that can be handed out: nothing a stop string could still claim."""
         end = len(self.text)
-        if self.finish_reason is None:
-            if self.text.endswith("\ufffd"):  # a multi-byte character is still incomplete
-                end = len(self.text.rstrip("\ufffd"))
-            if self.stop:
-                end = min(end, len(self.text) - max(map(len, self.stop)) + 1)
+        if self.finish_reason is None and self.stop:
+            end -= max(map(len, self.stop)) - 1
         piece = self.text[self.sent : max(end, self.sent)]
         self.sent += len(piece)
         return piece
@@ -320,6 +340,7 @@ class Generation:
                 if self.finish_reason is not None:
                     break
             if self.finish_reason is None:
+                self._flush()
                 self.finish_reason = self.handle.finish_reason
                 if self.finish_reason == "stop" and self.token_ids:
                     self.matched = self.token_ids[-1]
