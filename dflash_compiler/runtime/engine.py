@@ -49,6 +49,8 @@ class Engine:
     reproducible). runtime "batched" serves every submitted request together through the batched step (CUDA
     graphs on CUDA; Triton kernels there, their PyTorch lowering elsewhere), with weights optionally quantized at
     load (quant "fp8" or "int4"); it takes the models' weights over. "auto" is batched on CUDA, eager elsewhere.
+    `submit` works on both (the eager runtime serves submitted requests one at a time); max_queue bounds the
+    requests that may wait for a row (QueueFullError beyond it), None leaves the queue unbounded.
     """
 
     def __init__(
