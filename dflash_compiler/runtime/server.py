@@ -259,9 +259,9 @@ class Generation:
 
     @classmethod
     def start(
-        cls, app_state: _State, prompt_ids: list[int], params: dict, stop: list[str], names: dict[str, str]
+        cls, app_state: _State, prompt_ids: list[int], params: dict, stop: list[str], fields: dict[str, str]
     ) -> Generation:
-        """Submits the request; names maps the engine's parameter names to the request's fields for errors."""
+        """Submits the request; fields maps the engine's parameter names to the request's fields for errors."""
         stats = GenerationStats()
         try:
             handle = app_state.engine.submit(prompt_ids, stats=stats, **params)
@@ -270,7 +270,7 @@ class Generation:
             raise APIError(503, str(e), code="queue_full", retry_after=app_state.retry_after_s) from None
         except DFlashError as e:
             app_state.metrics.rejected.labels("400").inc()
-            raise _bad_request(e, names) from None
+            raise _bad_request(e, fields) from None
         return cls(app_state.engine, app_state.metrics, prompt_ids, handle, stop, stats)
 
     def _decode(self, ids: list[int]) -> str:
@@ -409,17 +409,17 @@ class _State:
     started: int = field(default_factory=lambda: int(time.time()))
 
 
-OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+OPENAI_FIELDS = {"max_new_tokens": "max_tokens"}  # the engine's parameter names as OpenAI request fields
 
 
-def _bad_request(error: DFlashError, names: dict[str, str] | None = None) -> APIError:
+def _bad_request(error: DFlashError, fields: dict[str, str] | None = None) -> APIError:
     """A DFlashError ("parameter 'x' ...") as a 400 naming the request field."""
     message = str(error)
     m = re.search(r"parameter '(\w+)'", message)
     param = m.group(1) if m else None
-    if param is not None and names and param in names:
-        message = message.replace(f"parameter '{param}'", f"parameter '{names[param]}'")
-        param = names[param]
+    if param is not None and fields and param in fields:
+        message = message.replace(f"parameter '{param}'", f"parameter '{fields[param]}'")
+        param = fields[param]
     return APIError(400, message, param=param, code="invalid_value")
 
 
@@ -502,8 +502,8 @@ def create_app(
             seed=body.seed,
         )
 
-    def start(prompt_ids: list[int], params: dict, stop: list[str], names: dict[str, str]) -> Generation:
-        return Generation.start(state, prompt_ids, params, stop, names)
+    def start(prompt_ids: list[int], params: dict, stop: list[str], fields: dict[str, str]) -> Generation:
+        return Generation.start(state, prompt_ids, params, stop, fields)
 
     def encode(fn, *args, param: str):
         try:
@@ -517,12 +517,8 @@ def create_app(
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():
-        data = [
-            {"id": n, "object": "model", "created": state.started, "owned_by": "dflash-compiler"}
-            | {"max_model_len": context}
-            for n in names[:1]
-        ]
-        return {"object": "list", "data": data}
+        model = {"id": names[0], "object": "model", "created": state.started, "owned_by": "dflash-compiler"}
+        return {"object": "list", "data": [{**model, "max_model_len": context}]}
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionBody, request: Request):
@@ -536,7 +532,7 @@ def create_app(
                 raise APIError(400, message, param="prompt")
             prompt = prompt[0]
         ids = encode(engine.encode, prompt, param="prompt")
-        gen = start(ids, sampling(body, body.max_tokens), _stop_strings(body.stop), OPENAI_NAMES)
+        gen = start(ids, sampling(body, body.max_tokens), _stop_strings(body.stop), OPENAI_FIELDS)
         return await respond(gen, request, body, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
@@ -550,8 +546,8 @@ def create_app(
             messages.append({**(m.model_extra or {}), "role": m.role, "content": content or ""})
         ids = encode(engine.encode, messages, True, body.chat_template_kwargs, param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        names = {**OPENAI_NAMES, "prompt": "messages"}
-        gen = start(ids, sampling(body, max_tokens), _stop_strings(body.stop), names)
+        fields = {**OPENAI_FIELDS, "prompt": "messages"}
+        gen = start(ids, sampling(body, max_tokens), _stop_strings(body.stop), fields)
         return await respond(gen, request, body, chat=True)
 
     async def respond(gen: Generation, request: Request, body: _Sampling, chat: bool):
@@ -630,7 +626,7 @@ def create_app(
             stop_token_ids=tuple(sp.stop_token_ids or ()),
         )
         stop = _stop_strings(sp.stop, "sampling_params.stop")
-        names = {
+        fields = {
             "max_new_tokens": "sampling_params.max_new_tokens",
             "seed": "sampling_params.sampling_seed",
             "prompt": "input_ids" if body.text is None else "text",
@@ -638,7 +634,7 @@ def create_app(
         gens = []
         try:
             for ids in prompts:
-                gens.append(start(ids, params, stop, names))
+                gens.append(start(ids, params, stop, fields))
         except APIError:
             for g in gens:
                 g.handle.cancel()
