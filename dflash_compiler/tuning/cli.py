@@ -249,3 +249,7 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
 
 def tune_main() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":  # python -m dflash_compiler.tuning.cli, where the console script is not installed
+    tune_main()
