@@ -427,6 +427,25 @@ def test_a_shared_study_leaves_live_workers_trials_alone(tmp_path):
     assert [t.state.name for t in study.trials[3:]] == ["WAITING"]  # the dead worker's point, queued again
 
 
+def test_a_winner_by_noise_is_not_chosen():
+    from dflash_compiler.tuning.kernels import _confirm
+
+    space = ToySpace()
+    best, default = {"lowering": "triton", "x": 3, "y": 1}, space.default()
+    again = {"best": [9.0, 8.0, 30.0], "default": [5.0, 6.0, 4.0]}  # the study's winner, timed again, is slower
+    case = SimpleNamespace(measure=lambda lowering, config: again["best" if config["x"] == 3 else "default"].pop(0))
+    assert _confirm(case, space, best, default, "cuda") == (default, 5.0, 5.0)
+    again = {"best": [2.0], "default": [5.0]}
+    assert _confirm(case, space, best, default, "cpu") == (best, 2.0, 5.0)
+
+    def fails(lowering, config):
+        if config["x"] == 3:
+            raise ConfigFailed("launch failed: flaky")
+        return 5.0
+
+    assert _confirm(SimpleNamespace(measure=fails), space, best, default, "cpu") == (default, 5.0, 5.0)
+
+
 # ---- measurement on the real kernels (Triton interpreter) --------------------------------------------------------
 
 

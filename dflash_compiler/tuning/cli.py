@@ -183,8 +183,9 @@ def _run(args) -> int:
     for call in calls:
         bar.set_postfix_str(f"{call.name} {call.shape.key} {call.shape.fmt}")
         entry, study = tune_call(
-            call.shape, profile, storage, args.trials, device, seed=args.seed, progress=lambda t: bar.update(1)
-        )
+            call.shape, profile, storage, args.trials, device, seed=args.seed, progress=lambda t: bar.update(1),
+            previous=db.lookup(*call.id),
+        )  # fmt: skip
         db.record(entry)
         db.save()  # after every call: an interrupted run keeps the winners so far
         _save_study_plots(study, plots)
@@ -249,3 +250,7 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
 
 def tune_main() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":  # python -m dflash_compiler.tuning.cli, where the console script is not installed
+    tune_main()
