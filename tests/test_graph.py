@@ -101,12 +101,11 @@ def test_quantize_equals_the_step_on_dequantized_weights(pair, quant):
     target, drafter = (copy.deepcopy(m) for m in pair)
     quantized = _compile(target, drafter, passes=[P.quantize(quant)])
     n_quantized = quantized.graphs_def.template("step").passes[f"quantize_{quant}"]
-    fmt = P.QUANT_FORMATS[quant]
-    quantizer = P._quantizer(fmt)
     rounded = 0
     for module in (*target.modules(), *drafter.modules()):
-        if isinstance(module, torch.nn.Linear) and not (fmt == "int4" and module.in_features % 128):
-            module.weight.data = quantizer(module.weight.data).dequantize().to(module.weight.dtype)
+        converted = P.quantize_weight(module.weight.data, quant) if isinstance(module, torch.nn.Linear) else None
+        if converted is not None:
+            module.weight.data = converted.dequantize().to(module.weight.dtype)
             rounded += 1
     assert n_quantized > 0 and rounded > 0
     for got, want in zip(_run(quantized), _run(_compile(target, drafter, passes=[]))):

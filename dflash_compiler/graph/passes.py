@@ -266,6 +266,15 @@ def _quantizer(fmt: str) -> Callable[[torch.Tensor], object]:
             "int4": lambda w: wf.quantize_int4(w, group_size=128)}[fmt]  # fmt: skip
 
 
+def quantize_weight(w: torch.Tensor, quant: str):
+    """A dense weight [N, K] as the quantization pass converts it ("fp8", "fp8_block", "int4"), or None where the
+    pass keeps it dense (INT4 without whole groups of 128 inputs)."""
+    fmt = QUANT_FORMATS[quant]
+    if fmt == "int4" and w.shape[1] % 128:
+        return None
+    return _quantizer(fmt)(w)
+
+
 _COMPONENTS = {
     "fp8_channel": ("qweight", "scale", None),
     "fp8_block": ("qweight", "scale_inv", None),
