@@ -89,7 +89,8 @@ class Case:
         xs = [torch.randn(m, self.k, device="cuda", dtype=torch.bfloat16) for _ in range(rotations)]
         return xs
 
-    def time_ours(self, fmt, m, config=None, swiglu=False, residual=False, rep_ms=200.0, warmup_ms=25.0):
+    def time_ours(self, fmt, m, config=None, swiglu=False, residual=False, rep_ms=200.0, warmup_ms=25.0, launch=None):
+        """(us, rel_err, bytes) of launch(x, weight, out, residual), by default our Triton linear with `config`."""
         ws = self.weights[fmt]
         rot = len(ws)
         xs = self.activations(m, rot)
@@ -97,8 +98,13 @@ class Case:
         outs = [torch.empty(m, n_out, device="cuda", dtype=torch.bfloat16) for _ in range(rot)]
         res = [torch.randn(m, n_out, device="cuda", dtype=torch.bfloat16) for _ in range(rot)] if residual else None
 
+        if launch is None:
+
+            def launch(x, weight, out, residual):
+                linear(x, weight, out=out, config=config, swiglu=swiglu, residual=residual)
+
         def fn(i):
-            linear(xs[i], ws[i], out=outs[i], config=config, swiglu=swiglu, residual=res[i] if res else None)
+            launch(xs[i], ws[i], outs[i], res[i] if res else None)
 
         us = graph_time_us(fn, rot, warmup_ms=warmup_ms, rep_ms=rep_ms)
         # Check the first CHECK_ROWS outputs (and their up rows) against torch on the dequantized weight.

@@ -56,7 +56,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PROFILES = ("humaneval_bf16_vllm", "gsm8k_fp8_h100_vllm")
 QUANTS = ("bf16", "fp8", "int4")
-# The runtime converts the lm_head with the other linears (runtime/step_model.py kernel_weight), so the floor
+# The compiler's quantization pass (graph/passes.py) converts the lm_head with the other linears, so the floor
 # counts it in the row's format; False gives the project's earlier figures (FP8 step 26.9 GB, INT4 15.1 GB, with
 # a BF16 head). The embedding is only gathered (the rows of the step's tokens).
 QUANTIZE_LM_HEAD = True

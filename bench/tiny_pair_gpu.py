@@ -24,10 +24,12 @@ from common import copy_bandwidth_tbps, print_table, write_results  # noqa: E402
 from dflash_compiler.models.loader import load_drafter, load_target  # noqa: E402
 from dflash_compiler.runtime.batch import BatchRunner  # noqa: E402
 from dflash_compiler.runtime.engine import DEFAULT_PAIR, load_tokenizer  # noqa: E402
+from dflash_compiler.runtime.speculative import GenerationStats  # noqa: E402
 
 
 def serve(runner: BatchRunner, prompts: list[list[int]], max_new: int) -> tuple[dict, float]:
-    ids = [runner.add_request(p, max_new) for p in prompts]
+    stats = [GenerationStats() for _ in prompts]
+    ids = [runner.add_request(p, max_new, stats=s) for p, s in zip(prompts, stats)]
     out = {i: [] for i in ids}
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -35,7 +37,7 @@ def serve(runner: BatchRunner, prompts: list[list[int]], max_new: int) -> tuple[
         for event in runner.step():
             out[event.request_id].extend(event.tokens)
     torch.cuda.synchronize()
-    return {i: (out[i], runner.requests[i].stats) for i in ids}, time.perf_counter() - t0
+    return {i: (out[i], s) for i, s in zip(ids, stats)}, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:

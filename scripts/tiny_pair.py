@@ -3,6 +3,7 @@
     python scripts/tiny_pair.py corpus  --out .cache/tiny                  # stdlib sources -> tokenizer + tokens
     python scripts/tiny_pair.py target  --corpus .cache/tiny --out OUT/target --minutes 5
     python scripts/tiny_pair.py prompts --corpus .cache/tiny --out .cache/tiny/prompts.npy --count 200000
+    python scripts/tiny_pair.py varied  --out .cache/varied.jsonl --count 200000   # openings, snippets, windows
     dflash-train-drafter --target OUT/target --prompts .cache/tiny/prompts.npy -o OUT/drafter ...
     python scripts/tiny_pair.py evaluate --pair OUT --prompts dflash_compiler/assets/tiny-pair/heldout_prompts.jsonl
 
@@ -16,10 +17,13 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import sysconfig
+import textwrap
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +167,130 @@ def sample_prompts(args: argparse.Namespace) -> None:
     print(json.dumps({"prompts": int(rows.shape[0]), "tokens": int(rows.shape[1]), "out": str(out)}))
 
 
+HEADER = re.compile(r"^\s*(?:async\s+def|def|class)\s+\w+")
+IMPORT = re.compile(r"^(?:import|from)\s+[\w.]+")
+VARIED_MIX = {"window": 0.4, "opening": 0.25, "docstring": 0.08, "snippet": 0.12, "header": 0.1, "imports": 0.05}
+
+
+@dataclass
+class SourceLines:
+    lines: list[str]
+    headers: list[int]  # indices of def/class lines
+    imports: list[int]  # indices of top-level import lines
+
+
+def _signature_end(lines: list[str], start: int) -> int:
+    """Index of the line that closes the def/class header starting at `start` (its colon), at most 8 lines on."""
+    for i in range(start, min(len(lines), start + 8)):
+        if lines[i].split("#")[0].rstrip().endswith(":"):
+            return i
+    return start
+
+
+def _docstring_end(lines: list[str], start: int) -> int | None:
+    """Index of the line closing the docstring that opens at `start`, if there is one of at most 8 lines."""
+    if start >= len(lines):
+        return None
+    first = lines[start].strip()
+    quote = first[:3] if first[:3] in ('"""', "'''") else None
+    if quote is None:
+        return None
+    if first.count(quote) >= 2:
+        return start
+    for i in range(start + 1, min(len(lines), start + 8)):
+        if quote in lines[i]:
+            return i
+    return None
+
+
+def varied_prompt(kind: str, src: SourceLines, rng: random.Random) -> str | None:
+    """One prompt of a kind: `opening` (a def/class header, at times with its decorators or first body line),
+    `docstring` (a header and its whole short docstring), `snippet` (1-8 lines), `header` (a file's first lines),
+    `imports` (a run of imports, at times with what follows), `window` (250-450 characters from a line start, the
+    kind the pair was first trained on; the trainer keeps its last --prompt-len tokens). Openings and snippets are
+    dedented, so they start at column 0 as a fresh prompt does."""
+    lines = src.lines
+    if kind in ("opening", "docstring"):
+        if not src.headers:
+            return None
+        start = rng.choice(src.headers)
+        end = _signature_end(lines, start)
+        if kind == "docstring":
+            end = _docstring_end(lines, end + 1)
+            if end is None:
+                return None
+        elif rng.random() < 0.4 and end + 1 < len(lines) and lines[end + 1].strip():
+            end += 1
+        while rng.random() < 0.5 and start > 0 and lines[start - 1].strip().startswith("@"):
+            start -= 1
+        return textwrap.dedent("\n".join(lines[start : end + 1])) + ("\n" if rng.random() < 0.5 else "")
+    if kind == "imports":
+        if not src.imports:
+            return None
+        start = rng.choice(src.imports)
+        end = start
+        while end + 1 < len(lines) and IMPORT.match(lines[end + 1]) and end - start < 6:
+            end += 1
+        end = min(len(lines) - 1, end + rng.choice((0, 0, 2, 4)))
+        return "\n".join(lines[start : end + 1]) + "\n"
+    if kind == "header":
+        return "\n".join(lines[: rng.randint(1, 12)]) + "\n"
+    start = rng.randrange(len(lines))
+    if kind == "snippet":
+        block = textwrap.dedent("\n".join(lines[start : start + rng.randint(1, 8)]))
+        return block if block.strip() else None
+    text = "\n".join(lines[start:])[: rng.randint(250, 450)]
+    if rng.random() < 0.5:  # end at a word boundary half the time, mid-word otherwise
+        text = text[: max(text.rfind(" "), text.rfind("\n")) + 1] or text
+    return text if len(text) >= 200 else None
+
+
+def read_sources(split: str, stdlib_only: bool) -> list[SourceLines]:
+    sources = []
+    for rel, path in source_files():
+        if held_out(rel) != (split == "held-out") or (stdlib_only and not rel.startswith("stdlib/")):
+            continue
+        lines = path.read_text(errors="replace").splitlines()
+        if len(lines) < 8:
+            continue
+        headers = [i for i, line in enumerate(lines) if HEADER.match(line)]
+        imports = [i for i, line in enumerate(lines) if IMPORT.match(line)]
+        sources.append(SourceLines(lines, headers, imports))
+    return sources
+
+
+def varied_prompts(args: argparse.Namespace) -> None:
+    """Drafter prompts of many shapes (.jsonl) from the Python sources: short function and class openings,
+    docstrings, imports, file headers and snippets, and mid-file windows, for the drafter to meet prompts that
+    start a file as well as ones deep inside it. --split held-out draws from the held-out standard-library files."""
+    rng = random.Random(args.seed)
+    sources = read_sources(args.split, stdlib_only=args.split == "held-out")
+    mix = {k: v for k, v in VARIED_MIX.items() if k in args.kinds}
+    kinds, weights = list(mix), list(mix.values())
+    seen: set[str] = set()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w") as fh:
+        written, tries = 0, 0
+        while written < args.count:
+            tries += 1
+            if tries > 50 * args.count:
+                raise SystemExit(f"only {written} distinct prompts of kinds {kinds} in the {args.split} sources")
+            prompt = varied_prompt(rng.choices(kinds, weights)[0], rng.choice(sources), rng)
+            if not prompt or not prompt.strip():
+                continue
+            # distinct: by the first line that is not a decorator (one prompt per def or class at most)
+            key = next(line for line in prompt.splitlines() if line.strip() and not line.startswith("@"))
+            if args.distinct and key in seen:
+                continue
+            seen.add(key)
+            fh.write(json.dumps({"prompt": prompt}) + "\n")
+            written += 1
+    tmp.replace(out)
+    print(json.dumps({"prompts": args.count, "files": len(sources), "split": args.split, "out": str(out)}))
+
+
 def init_target(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -272,38 +400,51 @@ def train_target(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    """Greedy DFlash against the target alone on held-out prompts: equality, tau and its spread, speed."""
+    """Greedy DFlash against the target alone on held-out prompts: equality, tau and its spread, speed; one summary
+    per prompts file."""
     from dflash_compiler.runtime import Engine
 
     pair = Path(args.pair)
-    device = args.device
-    dtype = "float32"
     drafter = Path(args.drafter) if args.drafter else pair / "drafter"
-    engine = Engine.from_pretrained(pair / "target", drafter, device=device, dtype=dtype, runtime="eager")
-    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    if args.batched:
-        # acceptance only (no speed, no equality check): the runtime's steps on all prompts at once
-        from dflash_compiler.training.drafter import decode_acceptance
-
-        ids = [engine.encode(p) for p in prompts[: args.limit]]
-        got = decode_acceptance(engine.target, engine.drafter, ids, args.max_new_tokens)
+    engine = Engine.from_pretrained(pair / "target", drafter, device=args.device, dtype="float32", runtime="eager")
+    alone = None
+    if not args.batched:
+        alone = Engine.from_pretrained(pair / "target", None, device=args.device, dtype="float32", runtime="eager")
+    summaries = []
+    for source in args.prompts:
+        lines = Path(source).read_text().splitlines()
+        prompts = [json.loads(line)["prompt"] for line in lines if line.strip()][: args.limit]
         summary = {
-            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "drafter": str(drafter),
-            "prompts": len(ids),
-            "tau_mean_over_prompts": got["tau"],
-            "tau_overall": got["tau_pooled"],
-            "per_position_acceptance": got["per_position"],
-            "per_prompt_tau": got["per_prompt"],
+            "prompts_file": str(source),
+            **(_acceptance(engine, prompts, args) if alone is None else _comparison(engine, alone, prompts, args)),
         }
-        print(json.dumps(summary))
-        if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
-        return
-    alone = Engine.from_pretrained(pair / "target", None, device=device, dtype=dtype, runtime="eager")
+        print(json.dumps(summary, indent=1))
+        summaries.append(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summaries, indent=1) + "\n")
+
+
+def _acceptance(engine, prompts: list[str], args: argparse.Namespace) -> dict:
+    """Acceptance only (no speed, no equality check): the runtime's steps on all prompts at once."""
+    from dflash_compiler.training.drafter import decode_acceptance
+
+    ids = [engine.encode(p) for p in prompts]
+    got = decode_acceptance(engine.target, engine.drafter, ids, args.max_new_tokens)
+    return {
+        "prompts": len(ids),
+        "tau_mean_over_prompts": got["tau"],
+        "tau_overall": got["tau_pooled"],
+        "per_position_acceptance": got["per_position"],
+        "per_prompt_tau": got["per_prompt"],
+    }
+
+
+def _comparison(engine, alone, prompts: list[str], args: argparse.Namespace) -> dict:
     rows, identical = [], 0
     all_lengths: list[int] = []
-    for prompt in prompts[: args.limit]:
+    for prompt in prompts:
         spec = engine.generate(prompt, max_new_tokens=args.max_new_tokens)
         base = alone.generate(prompt, max_new_tokens=args.max_new_tokens)
         identical += spec.token_ids == base.token_ids
@@ -318,8 +459,7 @@ def evaluate(args: argparse.Namespace) -> None:
     taus = torch.tensor([r["tau"] for r in rows])
     block = engine.decoder.block_size
     steps = len(all_lengths)
-    summary = {
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    return {
         "prompts": len(rows),
         "max_new_tokens": args.max_new_tokens,
         "block_size": block,
@@ -333,9 +473,6 @@ def evaluate(args: argparse.Namespace) -> None:
         "dflash_tokens_per_s": float(np.median([r["dflash_tokens_per_s"] for r in rows])),
         "ar_tokens_per_s": float(np.median([r["ar_tokens_per_s"] for r in rows])),
     }
-    print(json.dumps(summary, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def main() -> None:
@@ -352,6 +489,13 @@ def main() -> None:
     r.add_argument("--count", type=int, default=200_000)
     r.add_argument("--tokens", type=int, default=64)
     r.add_argument("--seed", type=int, default=1)
+    v = sub.add_parser("varied", help="drafter prompts of many shapes (.jsonl)")
+    v.add_argument("--out", required=True)
+    v.add_argument("--count", type=int, default=200_000)
+    v.add_argument("--split", choices=("train", "held-out"), default="train")
+    v.add_argument("--kinds", type=lambda s: s.split(","), default=list(VARIED_MIX), help="comma-separated kinds")
+    v.add_argument("--distinct", action="store_true", help="no two prompts from the same line")
+    v.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("target")
     t.add_argument("--corpus", required=True)
     t.add_argument("--out", required=True)
@@ -363,7 +507,7 @@ def main() -> None:
     t.add_argument("--shard-mb", type=int, default=12)
     e = sub.add_parser("evaluate")
     e.add_argument("--pair", required=True)
-    e.add_argument("--prompts", required=True)
+    e.add_argument("--prompts", required=True, nargs="+", help="one or more .jsonl prompt files")
     e.add_argument("--device", default="cpu")
     e.add_argument("--limit", type=int, default=64)
     e.add_argument("--max-new-tokens", type=int, default=128)
@@ -371,7 +515,14 @@ def main() -> None:
     e.add_argument("--drafter", help="drafter directory (default: PAIR/drafter)")
     e.add_argument("--batched", action="store_true", help="acceptance only, all prompts decoded at once")
     args = p.parse_args()
-    {"corpus": build_corpus, "prompts": sample_prompts, "target": train_target, "evaluate": evaluate}[args.cmd](args)
+    commands = {
+        "corpus": build_corpus,
+        "prompts": sample_prompts,
+        "varied": varied_prompts,
+        "target": train_target,
+        "evaluate": evaluate,
+    }
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -212,3 +212,77 @@ def write_char_tokenizer(directory: Path, vocab_size: int = VOCAB) -> None:
     fast.add_special_tokens({"additional_special_tokens": ["<|mask|>"]})
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
+
+
+def rewrite_tensors(directory: Path, edit) -> None:
+    """Applies edit(dict of tensors) to a single-file checkpoint in place."""
+    from safetensors.torch import load_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def write_quantized(
+    dense: Path,
+    directory: Path,
+    method: str,
+    keep_dense: tuple[str, ...] = ("lm_head", "in_proj_a", "in_proj_b"),
+    symmetric: bool = True,
+    gptq_format: str = "gptq",
+    zero_bias: bool = False,
+) -> dict:
+    """The dense checkpoint in `dense` re-written pre-quantized, as the upstream exporters lay it out: fp8 (128x128
+    block scales, Qwen's FP8 releases), gptq or awq (INT4 group 128). Every 2-D linear weight is quantized except
+    the embedding, the vision tower and modules whose name ends with one of `keep_dense`. zero_bias adds the all-zero
+    biases GPTQ exporters save. Returns {checkpoint module name: the weight format written}."""
+    from safetensors.torch import load_file
+
+    from dflash_compiler.codegen.weight_formats import quantize_fp8_block, quantize_int4
+
+    tensors = {}
+    for f in sorted(dense.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    out, formats = {}, {}
+    for name, t in tensors.items():
+        module = name.removesuffix(".weight")
+        linear = name.endswith(".weight") and t.dim() == 2 and "embed_tokens" not in name
+        if not linear or "visual." in name or module.endswith(keep_dense):
+            out[name] = t
+            continue
+        if method == "fp8":
+            fmt = quantize_fp8_block(t)
+            out.update({name: fmt.qweight, module + ".weight_scale_inv": fmt.scale_inv})
+        else:
+            fmt = quantize_int4(t, group_size=128, symmetric=symmetric and method == "gptq")
+            packed = fmt.to_awq() if method == "awq" else fmt.to_gptq(v1=gptq_format == "gptq")
+            out.update({f"{module}.{k}": v for k, v in packed.items()})
+            if method == "gptq":
+                out[module + ".g_idx"] = torch.arange(t.shape[1], dtype=torch.int32) // 128
+            if zero_bias:
+                out[module + ".bias"] = torch.zeros(t.shape[0], dtype=torch.float16)
+        formats[module] = fmt
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(directory / "model.safetensors"))
+    cfg = json.loads((dense / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "fp8": {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+            "modules_to_not_convert": list(keep_dense),
+        },
+        "gptq": {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": 128,
+            "desc_act": False,
+            "sym": symmetric,
+            "checkpoint_format": gptq_format,
+        },
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    }[method]
+    (directory / "config.json").write_text(json.dumps(cfg, indent=1))
+    return formats

@@ -17,7 +17,7 @@ from dflash_compiler.runtime.batch import BatchRunner, PagePool
 from dflash_compiler.runtime.engine import DEFAULT_PAIR, load_tokenizer
 from dflash_compiler.runtime.proposer import DFlashProposer
 from dflash_compiler.runtime.sampling import SamplingParams, probabilities, row_probabilities
-from dflash_compiler.runtime.speculative import SpeculativeDecoder
+from dflash_compiler.runtime.speculative import GenerationStats, SpeculativeDecoder
 
 
 def _tiny_pair():
@@ -37,15 +37,22 @@ def _eager(target, drafter, block_size, requests):
     return [decoder.generate(p, n, stop_token_ids=stops)[0] for p, n, stops in requests]
 
 
-def _serve(runner, requests, late_from=None, cancel=None):
+def _serve(runner, requests, late_from=None, cancel=None, stats=None):
     """Serves (prompt, max_new_tokens, stops) requests; those from index late_from join after 2 steps; cancel
-    (index, step) cancels one request at that step. Returns (tokens per request, finish reasons)."""
+    (index, step) cancels one request at that step; stats, a list, receives each request's GenerationStats.
+    Returns (tokens per request, finish reasons)."""
     late_from = len(requests) if late_from is None else late_from
-    ids = [runner.add_request(p, n, stop_token_ids=s) for p, n, s in requests[:late_from]]
+    stats = stats if stats is not None else []
+
+    def add(p, n, s):
+        stats.append(GenerationStats())
+        return runner.add_request(p, n, stop_token_ids=s, stats=stats[-1])
+
+    ids = [add(*r) for r in requests[:late_from]]
     out, reasons, step = {}, {}, 0
     while runner.has_work or len(ids) < len(requests):
         if step == 2:
-            ids += [runner.add_request(p, n, stop_token_ids=s) for p, n, s in requests[late_from:]]
+            ids += [add(*r) for r in requests[late_from:]]
         if cancel is not None and step == cancel[1]:
             runner.cancel(ids[cancel[0]])
         for event in runner.step():
@@ -79,13 +86,15 @@ def test_batched_equals_eager_on_the_tiny_pair(prompts, block_size, max_batch):
     runner = BatchRunner(
         target, drafter if block_size > 1 else None, max_batch=max_batch, max_seq_len=160, prefill_chunk=chunk
     )
-    got, reasons = _serve(runner, requests, late_from=3)
+    stats = []
+    got, reasons = _serve(runner, requests, late_from=3, stats=stats)
     assert got == expected
     assert reasons == ["length"] * len(requests)
     assert runner.page_pool.available == runner.page_pool.num_pages - 1
+    assert not runner.requests and not runner.running and not runner.waiting  # finished requests leave every table
+    assert [s.generated_tokens for s in stats] == lengths
     if block_size > 1:  # real acceptance: the pair's drafter is trained
-        steps = [a for req in runner.requests.values() for a in req.stats.acceptance_lengths]
-        assert max(steps) > 2
+        assert max(a for s in stats for a in s.acceptance_lengths) > 2
 
 
 def test_cancel_and_stop_tokens(prompts):
@@ -126,16 +135,30 @@ def test_quantized_at_load_dflash_is_lossless(prompts, quant):
     spec, _ = _serve(BatchRunner(target, drafter, max_batch=3, max_seq_len=128, quant=quant), requests)
     alone, _ = _serve(BatchRunner(_tiny_pair()[0], None, max_batch=3, max_seq_len=128, quant=quant), requests)
     assert spec == alone
-    assert spec != _eager(*_tiny_pair(), 16, requests)  # the quantized target is a different model
+    # the reference: the eager loop on the target whose linear weights are their dequantized conversions
+    assert spec == _eager(_dequantized_target(quant), None, 1, requests)
+
+
+def _dequantized_target(quant: str):
+    """The tiny target with every weight the batched runtime converts (each nn.Linear, lm_head included) replaced
+    by the dequantized result of that conversion."""
+    from dflash_compiler.runtime.step_model import kernel_weight
+
+    target, _ = _tiny_pair()
+    with torch.no_grad():
+        for module in target.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(kernel_weight(module.weight, quant).dequantize().to(module.weight.dtype))
+    return target
 
 
 def test_simulated_acceptance_draws_from_the_profile(prompts):
     target, drafter = _tiny_pair()
     runner = BatchRunner(target, drafter, max_batch=2, max_seq_len=200)
     runner.simulate_acceptance([1.0] * 7 + [0.0] * 9)  # every step accepts exactly 7 drafts
-    _serve(runner, [(p, 57, ()) for p in prompts[:2]])
-    for req in runner.requests.values():
-        assert req.stats.acceptance_lengths == [8] * 7
+    stats = []
+    _serve(runner, [(p, 57, ()) for p in prompts[:2]], stats=stats)
+    assert [s.acceptance_lengths for s in stats] == [[8] * 7] * 2
 
 
 def test_requests_that_cannot_be_served(prompts):
@@ -151,7 +174,7 @@ def test_requests_that_cannot_be_served(prompts):
         runner.add_request(prompts[0], 0)
     with pytest.raises(DFlashError, match="outside the vocabulary"):
         runner.add_request([5, 1 << 20], 3)
-    with pytest.raises(DFlashError, match="parameter 'quant' must be one of bf16, fp8, int4"):
+    with pytest.raises(DFlashError, match="parameter 'quant' must be one of bf16, fp8, fp8_block, int4"):
         BatchRunner(*_tiny_pair(), quant="int3")
     with pytest.raises(DFlashError, match=r"parameter 'max_batch' must be in 1\.\.64, got 0"):
         BatchRunner(*_tiny_pair(), max_batch=0)
@@ -224,8 +247,8 @@ def test_engine_submit_from_threads_and_asyncio(char_pair):
     engine.close()
     with pytest.raises(DFlashError, match="the engine is closed"):
         engine.submit("x", 3)
-    with pytest.raises(DFlashError, match="submit needs the batched runtime"):
-        eager.submit("x", 3)
+    assert eager.submit(texts[2], 20).result(timeout=60) == expected[2]  # the eager loop serves in order
+    eager.close()
     with pytest.raises(DFlashError, match="parameter 'runtime' must be 'auto', 'eager' or 'batched', got 'gpu'"):
         Engine.from_pretrained(char_pair / "target", runtime="gpu")
 
@@ -243,11 +266,12 @@ def test_sampled_requests_follow_the_target_distribution_beside_greedy_ones(tmp_
     greedy_expected, _ = SpeculativeDecoder(target).generate(prompt, 4)
     runner = BatchRunner(load_target(tmp_path / "t"), load_drafter(tmp_path / "d", target.cfg), max_batch=16)
     torch.manual_seed(0)
-    kinds = {}
+    kinds, stats = {}, {}
     for i in range(800):
         greedy = i % 8 == 0
-        rid = runner.add_request(prompt, 4, SamplingParams() if greedy else params)
-        kinds[rid] = greedy
+        request_stats = GenerationStats()
+        rid = runner.add_request(prompt, 4, SamplingParams() if greedy else params, stats=request_stats)
+        kinds[rid], stats[rid] = greedy, request_stats
     out = {rid: [] for rid in kinds}
     while runner.has_work:
         for event in runner.step():
@@ -258,6 +282,6 @@ def test_sampled_requests_follow_the_target_distribution_beside_greedy_ones(tmp_
             assert tokens == greedy_expected
         else:
             counts[tokens[0] * vocab + tokens[1]] += 1
-    accepted = sum(a > 1 for rid in kinds if not kinds[rid] for a in runner.requests[rid].stats.acceptance_lengths)
+    accepted = sum(a > 1 for rid in kinds if not kinds[rid] for a in stats[rid].acceptance_lengths)
     assert accepted > 50, "drafts must be accepted often enough for the test to exercise acceptance"
     assert _chi2_pvalue(counts, joint.flatten()) > 1e-3

@@ -121,18 +121,18 @@ def test_measure_rows_and_json(tmp_path):
     assert m.tau == pytest.approx(e2e.expected_tokens_per_step(pp), rel=0.1)
     assert not runner.has_work  # measure cancels its requests when done
     row = e2e.make_row(sh, "bf16", "dflash", "gsm8k_fp8_h100_vllm", 4, m, 3.0, 700.0, 0, pp, note)
-    for key in (
-        "tokens_per_s",
-        "floor_tokens_per_s",
-        "ratio",
-        "verify_ms",
-        "draft_ms",
-        "gaps_ms",
-        "host_ms",
-        "floor_bound",
-    ):
-        assert row[key] is not None
-    assert row["simulated"] and row["profile_note"]
+    # the row against its inputs: the measured figures, the fake runner's phase times, the floor at the profile's tau
+    fl_ms, bound = e2e.floor_ms(
+        e2e.step_cost(sh, "bf16", "dflash", 4, m.context, e2e.expected_tokens_per_step(pp)), 3.0, 700.0
+    )
+    floor_tps = 4 * e2e.expected_tokens_per_step(pp) / (fl_ms * 1e-3)
+    assert row["tokens_per_s"] == round(m.tokens_per_s, 1) and m.tokens_per_s > 0
+    assert row["floor_tokens_per_s"] == round(floor_tps, 1) and row["floor_bound"] == bound == "memory"
+    assert row["ratio"] == round(m.tokens_per_s / floor_tps, 3)
+    assert (row["verify_ms"], row["accept_commit_ms"], row["draft_ms"], row["gaps_ms"]) == (1.0, 0.5, 0.25, 0.25)
+    assert row["host_ms"] == round(m.step_ms - 2.0, 2) and row["graph_step_ms"] == 2.0
+    assert (row["steps"], row["prefill_steps"]) == (200, 1) and row["committed"] == m.committed
+    assert row["profile_note"] == note and "first 15 of 16" in note
     m_ar = e2e.measure(FakeRunner(None), 4, sh.vocab, prompt_len=16, max_new=400, warmup=1, steps=10, seed=0)
     ar = e2e.make_row(sh, "int4", "ar", None, 4, m_ar, 3.0, 700.0, 0, None)
     assert ar["tau"] == 1.0 and not ar["simulated"]

@@ -8,8 +8,9 @@ from checkpoints import write_char_tokenizer, write_drafter, write_qwen3, write_
 from safetensors.torch import load_file, save_file
 
 from dflash_compiler.errors import DFlashError
-from dflash_compiler.models.loader import load_drafter, load_target
+from dflash_compiler.models.loader import load_drafter, load_target, parse_dtype
 from dflash_compiler.runtime import Engine
+from dflash_compiler.runtime.engine import check_device
 from dflash_compiler.runtime.speculative import SpeculativeDecoder
 
 
@@ -98,7 +99,58 @@ def test_unknown_model_type_and_bad_fields(dirs, tmp_path):
     _raises(r"config.json: field 'hidden_size' must be an integer", load_target, d)
     (d / "config.json").write_text("{not json")
     _raises(r"config.json: not valid JSON", load_target, d)
-    _raises(r"not a checkpoint directory", load_target, tmp_path / "nowhere")
+    _raises(r"nowhere: does not exist \(expected a target checkpoint directory\)", load_target, tmp_path / "nowhere")
+    _raises(
+        r"nowhere: does not exist \(expected a drafter",
+        load_drafter,
+        tmp_path / "nowhere",
+        load_target(dirs / "target").cfg,
+    )
+    (tmp_path / "a-file").write_text("")
+    _raises(r"a-file: not a checkpoint directory", load_target, tmp_path / "a-file")
+
+
+def test_swapped_target_and_drafter(dirs):
+    _raises(r"drafter.config.json: looks like a DFlash drafter, not a target", load_target, dirs / "drafter")
+    target = load_target(dirs / "target")
+    _raises(
+        r"target.config.json: looks like a target model, not a DFlash drafter",
+        load_drafter,
+        dirs / "target",
+        target.cfg,
+    )
+    _raises(r"looks like a DFlash drafter, not a target", Engine.from_pretrained, dirs / "drafter", dirs / "target")
+
+
+@pytest.mark.parametrize(
+    "alias,dtype",
+    [("bf16", torch.bfloat16), ("BFloat16", torch.bfloat16), ("fp16", torch.float16), ("half", torch.float16)]
+    + [("float16", torch.float16), ("fp32", torch.float32), ("float", torch.float32), ("float32", torch.float32)],
+)
+def test_dtype_aliases(alias, dtype):
+    assert parse_dtype(alias) is dtype
+
+
+@pytest.mark.parametrize(
+    "device,message",
+    [
+        ("gpu", r"parameter 'device': 'gpu' is not a torch device"),
+        ("cuda:x", r"parameter 'device': 'cuda:x' is not a torch device"),
+        pytest.param(
+            "mps",
+            r"parameter 'device' is 'mps' but MPS is not available here",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this host has MPS"),
+        ),
+        pytest.param(
+            "xpu",
+            r"parameter 'device' is 'xpu' but XPU is not available here",
+            marks=pytest.mark.skipif(hasattr(torch, "xpu") and torch.xpu.is_available(), reason="this host has XPU"),
+        ),
+    ],
+)
+def test_unavailable_devices(dirs, device, message):
+    _raises(message, check_device, device)
+    _raises(message, Engine.from_pretrained, dirs / "target", device=device)
 
 
 def test_fc_width_must_match_taps(dirs, tmp_path):

@@ -106,12 +106,25 @@ def test_int4_quantizer(symmetric):
     w = torch.randn(24, 392, generator=gen)
     q = wf.quantize_int4(w, symmetric=symmetric)
     assert q.symmetric == symmetric and q.scales.shape == (4, 24) and q.scales.dtype == torch.float16
-    nib = q.unpack()
-    assert int(nib.min()) >= 0 and int(nib.max()) <= 15
-    deq = q.dequantize()
-    step = q.scales.float().repeat_interleave(128, 0)[:392].T
-    assert ((deq - w).abs() <= 0.5 * step + 1e-6).float().mean() > 0.99
-    assert ((deq - w).norm() / w.norm()) < 0.12
+    # reference, group by group: the range [min(w, 0), max(w, 0)] in 15 steps of an fp16 scale, zero 8 when
+    # symmetric (the step then covers [-amax, amax]), nearest level
+    for g in range(4):
+        chunk = w[:, 128 * g : 128 * (g + 1)]
+        low, high = chunk.amin(1).clamp_max(0), chunk.amax(1).clamp_min(0)
+        if symmetric:
+            scale = (2 * torch.maximum(-low, high) / 15).half().float()
+            zero = torch.full_like(scale, 8.0)
+        else:
+            scale = ((high - low) / 15).half().float()
+            zero = torch.round(-low / scale).clamp(0, 15)
+        levels = torch.round(chunk / scale[:, None] + zero[:, None]).clamp(0, 15)
+        assert torch.equal(q.scales[g].float(), scale)
+        assert torch.equal(q.unpack()[:, 128 * g : 128 * (g + 1)].float(), levels)
+        deq = q.dequantize()[:, 128 * g : 128 * (g + 1)]
+        torch.testing.assert_close(deq, (levels - zero[:, None]) * scale[:, None], rtol=1e-6, atol=1e-7)
+        # round to nearest: within half a step, give or take the fp16 rounding of the scale (7.5 steps x 2^-11)
+        err = (deq - chunk).abs() / scale[:, None]
+        assert float(err.max()) <= 0.5 + 7.5 * 2**-11
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -21,22 +21,39 @@ class OracleProposer:
     def __init__(self, continuation: list[int], prompt_len: int, block_size: int, error_rate: float, seed: int):
         self.continuation, self.prompt_len, self.block_size = continuation, prompt_len, block_size
         self.rng, self.error_rate = random.Random(seed), error_rate
+        self.proposals: list[tuple[int, list[int]]] = []  # (continuation index of the first draft, drafts)
 
-    def reset(self, batch, max_len):
-        pass
+    def new_state(self, batch, max_len):
+        return 0  # the number of context positions seen
 
-    def add_context(self, features, positions):
+    def add_context(self, state, features, positions):
         assert features.shape[1] == positions.shape[1] > 0
+        assert int(positions[0, 0]) == state, "context arrives in order, without gaps"
+        return state + positions.shape[1]
 
-    def propose(self, anchor, start, params, uniforms):
+    def propose(self, state, anchor, start, params, uniforms):
         first = int(start.item()) - self.prompt_len + 1  # index in the continuation of the first draft
+        assert state == int(start.item()), "the context covers every position before the anchor"
         drafts = []
         for i in range(first, first + self.block_size - 1):
             tok = self.continuation[i] if i < len(self.continuation) else 0
             if self.rng.random() < self.error_rate:
                 tok = (tok + 1 + self.rng.randrange(VOCAB - 1)) % VOCAB
             drafts.append(tok)
+        self.proposals.append((first, drafts))
         return torch.tensor([drafts]), None
+
+    def expected_acceptance(self, block_size: int, max_new_tokens: int) -> list[int]:
+        """Each step's acceptance length as the greedy rule must give it for the drafts proposed: the drafts that
+        match the continuation up to the first mismatch, within the verified block, plus the bonus token."""
+        lengths, generated = [], 1
+        for first, drafts in self.proposals:
+            verified = drafts[: min(block_size, max_new_tokens - generated) - 1]
+            matched = next((i for i, t in enumerate(verified) if t != self.continuation[first + i]), len(verified))
+            lengths.append(matched + 1)
+            generated += matched + 1
+        # one token left: verified alone, with no drafts asked for
+        return lengths + [1] * (max_new_tokens - generated)
 
 
 TARGETS = {
@@ -63,8 +80,10 @@ def test_greedy_output_is_the_targets_for_every_block_size(target):
         oracle = OracleProposer(expected, len(prompt), 16, error_rate=rng.choice([0.05, 0.2, 0.5]), seed=block_size)
         tokens, stats = SpeculativeDecoder(target, oracle, block_size).generate(prompt, 24)
         assert tokens == expected, f"block size {block_size}"
-        assert sum(stats.acceptance_lengths) >= len(tokens) - 1
-        assert all(1 <= a <= block_size for a in stats.acceptance_lengths)
+        if block_size > 1:
+            assert stats.acceptance_lengths == oracle.expected_acceptance(block_size, 24)
+        else:
+            assert stats.acceptance_lengths == [1] * 23 and not oracle.proposals
         lengths_seen.update(stats.acceptance_lengths)
     assert max(lengths_seen) >= 8, "the oracle should produce long accepted runs"
 

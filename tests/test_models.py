@@ -118,3 +118,38 @@ def test_gated_delta_rule_matches_transformers_reference():
     o, s = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state)
     torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("head", ["equal", "different", "head_only"])
+def test_tied_checkpoints_that_ship_lm_head_load_as_transformers_loads_them(tmp_path, head):
+    """tie_word_embeddings with an lm_head.weight in the file: one tensor serves both when they are equal (or only
+    the head ships); a differing head is used as the head."""
+    import warnings
+
+    from checkpoints import rewrite_tensors
+    from transformers import LlamaForCausalLM
+
+    write_llama(tmp_path, seed=6)
+    gen = torch.Generator().manual_seed(0)
+
+    def edit(tensors):
+        embed = tensors["model.embed_tokens.weight"]
+        if head == "equal":
+            tensors["lm_head.weight"] = embed.clone()
+        elif head == "different":
+            tensors["lm_head.weight"] = torch.randn(embed.shape, generator=gen) * 0.1
+        else:
+            tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+
+    rewrite_tensors(tmp_path, edit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_target(tmp_path)
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == (head != "different")
+    assert any("differs from the embedding" in str(w.message) for w in caught) == (head == "different")
+    ref = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, VOCAB, (1, 17))
+    out = ours(ids, torch.arange(17).unsqueeze(0), ours.new_cache(1, 32), per_position_states=False)
+    _close(out.logits, ref(input_ids=ids).logits)
+    torch.testing.assert_close(ours.lm_head.weight, ref.lm_head.weight, rtol=0, atol=0)

@@ -9,7 +9,11 @@ from checkpoints import VOCAB, write_char_tokenizer, write_qwen3, write_qwen35
 
 from dflash_compiler.models.loader import load_drafter, load_target
 from dflash_compiler.runtime import Engine
+from dflash_compiler.runtime.proposer import DFlashProposer
+from dflash_compiler.runtime.sampling import SamplingParams
+from dflash_compiler.runtime.speculative import SpeculativeDecoder
 from dflash_compiler.training.cli import train_main
+from dflash_compiler.training.data import SequenceSet, read_prompts
 from dflash_compiler.training.drafter import (
     block_loss,
     decode_acceptance,
@@ -38,16 +42,57 @@ def _args(root, out, *extra):
     ]  # fmt: skip
 
 
+def _trained_drafter(out, target):
+    """The drafter at its last checkpoint in full precision: the weights its last evaluation used."""
+    drafter = new_drafter(json.loads((out / "config.json").read_text()), target, seed=0)
+    drafter.load_state_dict(torch.load(out / "checkpoint.pt")["drafter"])
+    return drafter.eval()
+
+
+def _held_out(seqs_path, seed: int, count: int) -> SequenceSet:
+    """The held-out sequences as dflash-train-drafter splits them off."""
+    seqs = SequenceSet.load(seqs_path)
+    order = torch.randperm(seqs.tokens.shape[0], generator=torch.Generator().manual_seed(seed))
+    return SequenceSet(seqs.tokens[order[:count]], seqs.prompt_len)
+
+
+@torch.inference_mode()
+def _teacher_forced_tau(target, drafter, held: SequenceSet, block_size: int) -> float:
+    """1 + the drafts that match the sequence, averaged over anchors every 4th response position (a whole block
+    after each), each block drafted by the runtime's proposer from the target's features of the tokens before
+    the anchor: the reference for the trainer's held-out estimate."""
+    proposer, taps, lengths = DFlashProposer(drafter, target), drafter.cfg.target_layer_ids, []
+    for seq in held.tokens.tolist():
+        for a in range(held.prompt_len, max(held.prompt_len, len(seq) - block_size) + 1, 4):
+            positions = torch.arange(a).view(1, -1)
+            out = target(torch.tensor([seq[:a]]), positions, target.new_cache(1, a), taps=taps)
+            state = proposer.add_context(proposer.new_state(1, a + block_size), out.features, positions)
+            drafts, _ = proposer.propose(state, torch.tensor([seq[a]]), torch.tensor([a]), SamplingParams(), None)
+            truth = seq[a + 1 : a + block_size]
+            lengths.append(1 + next((i for i, t in enumerate(truth) if drafts[0, i] != t), len(truth)))
+    return sum(lengths) / len(lengths)
+
+
+def _decode_tau(target, drafter, prompts, max_new_tokens: int) -> float:
+    """Mean over prompts of the eager loop's acceptance length: the reference for the real-decoding estimate."""
+    decoder = SpeculativeDecoder(target, DFlashProposer(drafter, target))
+    taus = [decoder.generate(p, max_new_tokens, stop_token_ids=target.cfg.eos_token_ids)[1] for p in prompts]
+    return sum(s.acceptance_length for s in taus) / len(taus)
+
+
 def test_train_save_reload_and_resume(target_dir, tmp_path):
     out = tmp_path / "drafter"
-    assert train_main(_args(target_dir, out)) == 0
+    assert train_main(_args(target_dir, out, "--sequences", str(tmp_path / "seqs.pt"))) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["dflash_config"]["block_size"] == 4
     assert cfg["dflash_config"]["mask_token_id"] == VOCAB - 2  # the tokenizer's <|mask|>
     summary = json.loads((out / "training.json").read_text())
-    assert summary["steps"] == 6 and summary["held_out_tau"] >= 1.0
-    assert [h["step"] for h in summary["history"]] == [3, 6]
+    assert [h["step"] for h in summary["history"]] == [3, 6] and summary["steps"] == 6
     target = load_target(target_dir / "target")
+    held = _held_out(tmp_path / "seqs.pt", 0, summary["held_out_sequences"])
+    assert summary["held_out_sequences"] == 2  # 5% of 40, the default --held-out
+    reference = _teacher_forced_tau(target, _trained_drafter(out, target), held, 4)
+    assert summary["held_out_tau"] == pytest.approx(reference)
     drafter = load_drafter(out, target.cfg)
     assert drafter.cfg.target_layer_ids == (1, 1)  # the upstream default rule for a 4-layer target
     engine = Engine.from_pretrained(target_dir / "target", out)
@@ -122,7 +167,10 @@ def test_distill_and_real_decoding_estimate_and_sequence_cache(target_dir, tmp_p
     summary = json.loads((out / "training.json").read_text())
     assert summary["sequences"] == 24 and summary["args"]["distill"] == 0.5
     last = summary["history"][-1]
-    assert 1.0 <= last["decode_tau"] <= 4.0 and len(last["decode_per_position"]) == 3
+    target = load_target(target_dir / "target")
+    held = _held_out(seqs, 0, summary["held_out_sequences"])
+    reference = _decode_tau(target, _trained_drafter(out, target), held.tokens[:3, :12].tolist(), 9)
+    assert last["decode_tau"] == pytest.approx(reference) and len(last["decode_per_position"]) == 3
     assert summary["held_out_decode_tau"] == last["decode_tau"]
     # the cached continuations are read back (same tokens), and other settings are refused
     from dflash_compiler.training.data import SequenceSet
@@ -170,6 +218,52 @@ def test_time_budget_sizes_the_step_count(target_dir, tmp_path):
     extra += ["--eval-prompts", str(target_dir / "prompts.jsonl")]
     assert train_main(_args(target_dir, out, *extra)) == 0
     summary = json.loads((out / "training.json").read_text())
-    assert summary["steps"] >= 13 and summary["steps"] != 6  # --minutes overrides --steps
+    # --minutes overrides --steps: the step count is sized at step 13 so that training takes about 3 s
     assert summary["history"][0]["step"] == 13 and summary["history"][-1]["step"] == summary["steps"]
-    assert 1.0 <= summary["held_out_decode_tau"] <= 4.0
+    assert torch.load(out / "checkpoint.pt")["step"] == summary["steps"]
+    assert 1.5 <= summary["train_seconds"] <= 6.0, summary["train_seconds"]
+    target = load_target(target_dir / "target")
+    tokenizer = Engine.from_pretrained(target_dir / "target").tokenizer
+    prompts = read_prompts(target_dir / "prompts.jsonl", tokenizer, target.cfg.max_position_embeddings)[:2]
+    reference = _decode_tau(target, _trained_drafter(out, target), prompts, 6)
+    assert summary["held_out_decode_tau"] == pytest.approx(reference)
+
+
+def test_prompts_of_varied_lengths_start_at_position_zero(target_dir, tmp_path):
+    """--min-prompt-len keeps short prompts as they are: each sequence is the prompt then the target's greedy
+    continuation filling it to prompt-len + response-len, and training anchors lie in each row's response."""
+    from dflash_compiler.runtime.sampling import SamplingParams
+    from dflash_compiler.training.data import SequenceSet, build_sequences, continue_batch
+
+    target = load_target(target_dir / "target")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB - 2, (n,), generator=gen).tolist() for n in (3, 5, 12, 20, 5, 2)]
+    seqs = build_sequences(target, prompts, 12, 10, 2, SamplingParams(), seed=0, min_prompt_len=3)
+    kept = [p[-12:] for p in prompts if len(p) >= 3]
+    assert seqs.tokens.shape == (5, 22) and seqs.lens().tolist() == [len(p) for p in kept]
+    for row, prompt in zip(seqs.tokens, kept):
+        alone = continue_batch(target, torch.tensor([prompt]), 22 - len(prompt), SamplingParams(), gen)
+        assert row[: len(prompt)].tolist() == prompt and row[len(prompt) :].tolist() == alone[0].tolist()
+    assert seqs.prompts(2) == kept[:2]
+    path = tmp_path / "seqs.pt"
+    seqs.save(path)
+    again = SequenceSet.load(path)
+    assert torch.equal(again.tokens, seqs.tokens) and torch.equal(again.lens(), seqs.lens())
+    # anchors: distinct, inside each row's own response
+    lens = seqs.lens()
+    anchors = sample_anchors(5, 6, lens, 20, torch.Generator().manual_seed(1))
+    assert anchors.shape == (5, 6) and bool((anchors >= lens[:, None]).all()) and bool((anchors <= 20).all())
+    assert all(len(set(a)) == 6 for a in anchors.tolist())
+    out = tmp_path / "drafter"
+    assert train_main(_args(target_dir, out, "--min-prompt-len", "4")) == 0
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["sequences"] == 40 and summary["args"]["min_prompt_len"] == 4
+    assert train_main(_args(target_dir, out, "--min-prompt-len", "0")) == 2
+
+
+def test_held_out_must_be_a_fraction(target_dir, tmp_path, capsys):
+    for bad in ("4", "1", "-0.1"):
+        assert train_main(_args(target_dir, tmp_path / "d", "--held-out", bad)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "parameter 'held_out' must be a fraction in [0, 1)" in err, err
+    assert not (tmp_path / "d").exists()

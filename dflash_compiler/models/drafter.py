@@ -15,6 +15,7 @@ from torch import nn
 
 from . import ops
 from .config import DrafterConfig
+from .paged import Pools, dflash, project, token_rows
 from .target import MLP, RMSNorm
 
 
@@ -163,6 +164,57 @@ class DFlashDrafter(nn.Module):
         anchors = positions[:, :1].expand_as(positions)
         masks = self.layer_masks(positions, anchors, torch.zeros_like(positions), cache.k[0].shape[2])
         return self.run_blocks(block_embeds, positions, list(zip(cache.k, cache.v)), masks)
+
+    # ---- over pooled state (the batched step) ---------------------------------------------------------------
+
+    def paged_context(self, pools: Pools, features: torch.Tensor, positions: torch.Tensor, table: torch.Tensor):
+        """Writes the context K/V of target features [N*T, taps*H] at positions [N, T] into the pools' paged
+        drafter context, through table, for every layer at once."""
+        cfg = self.cfg
+        c = dflash.rms_norm(project(features, self.fc), self.hidden_norm.weight, cfg.rms_norm_eps, False)
+        seq_idx, pos_flat = token_rows(positions)
+        cos, sin = self.rope(pos_flat, c.dtype)
+        kv = torch.cat(
+            [torch.cat((project(c, ly.self_attn.k_proj), project(c, ly.self_attn.v_proj)), -1) for ly in self.layers],
+            dim=-1,
+        )
+        k_norm = torch.stack([ly.self_attn.k_norm.weight for ly in self.layers])
+        dflash.context_kv_write(kv, k_norm, cos, sin, pools.ctx_k, pools.ctx_v, seq_idx, pos_flat, table,
+                                cfg.rms_norm_eps)  # fmt: skip
+
+    def paged_draft(
+        self, pools: Pools, block_embeds: torch.Tensor, lens: torch.Tensor, table: torch.Tensor, max_len: int
+    ) -> torch.Tensor:
+        """Runs blocks [N, B, H] (each request's embedded [anchor, MASK x (B-1)] at positions lens[n] + t) over
+        the paged context. Returns the final-normed hidden states of slots 1..B-1, [N*(B-1), H]."""
+        cfg = self.cfg
+        n, b = block_embeds.shape[:2]
+        hq, hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        positions = lens.long().unsqueeze(1) + torch.arange(b, device=lens.device)
+        cos, sin = self.rope(positions.reshape(-1), block_embeds.dtype)
+        h = block_embeds.reshape(n * b, -1)
+        for li, layer in enumerate(self.layers):
+            a = layer.self_attn
+            x = dflash.rms_norm(h, layer.input_layernorm.weight, eps, False)
+            q, k = dflash.qk_norm_rope(
+                project(x, a.q_proj), project(x, a.k_proj), a.q_norm.weight, a.k_norm.weight, cos, sin, hq, hkv, eps
+            )
+            o = dflash.draft_attention(
+                q.view(n, b, hq, d),
+                k.view(n, b, hkv, d),
+                project(x, a.v_proj).view(n, b, hkv, d),
+                pools.ctx_k[li],
+                pools.ctx_v[li],
+                lens,
+                table,
+                bool(cfg.causal_layers[li]),
+                cfg.sliding_window if cfg.layer_types[li] == "sliding_attention" else 0,
+                max_len,
+            )
+            h = h + project(o.reshape(n * b, hq * d), a.o_proj)
+            h = h + layer.mlp.paged(dflash.rms_norm(h, layer.post_attention_layernorm.weight, eps, False))
+        h = h.view(n, b, -1)[:, 1:].reshape(n * (b - 1), -1)
+        return dflash.rms_norm(h, self.norm.weight, eps, False)
 
 
 torch.export.register_dataclass(DrafterCache)

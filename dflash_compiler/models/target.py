@@ -15,6 +15,7 @@ from torch import nn
 
 from . import ops
 from .config import TargetConfig
+from .paged import Pools, VerifyOut, dflash, project, token_rows
 
 
 @dataclass
@@ -66,6 +67,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    def paged(self, x: torch.Tensor) -> torch.Tensor:
+        """The same over token rows [M, H] in the IR's ops."""
+        return project(dflash.swiglu(project(x, self.gate_proj), project(x, self.up_proj)), self.down_proj)
 
 
 def block_mask(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
@@ -124,6 +129,37 @@ class Attention(nn.Module):
             out = out * torch.sigmoid(gate)
         return self.o_proj(out), k, v
 
+    def paged(self, x, cos, sin, k_cache, v_cache, lens, table, seq_idx, pos_flat, max_len) -> torch.Tensor:
+        """Token rows x [N*T, H] of N requests' blocks at positions lens[n] + t: the block's K/V written into the
+        paged caches, then attention over them. Returns the layer's output rows (before the residual)."""
+        cfg = self.cfg
+        n = lens.shape[0]
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, gate = dflash.qk_norm_rope_write(
+            project(x, self.q_proj),
+            project(x, self.k_proj),
+            project(x, self.v_proj),
+            self.q_norm.weight if cfg.qk_norm else None,
+            self.k_norm.weight if cfg.qk_norm else None,
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            seq_idx,
+            pos_flat,
+            table,
+            hq,
+            hkv,
+            cfg.rms_norm_eps,
+            cfg.attn_output_gate,
+            cfg.zero_centered_norm,
+        )
+        o = dflash.verify_attention(q.view(n, -1, hq, d), k_cache, v_cache, lens, table, max_len)
+        o = o.reshape(-1, hq * d)
+        if cfg.attn_output_gate:
+            o = o * torch.sigmoid(gate)
+        return project(o, self.o_proj)
+
 
 class GatedDeltaNet(nn.Module):
     """Qwen3.5 linear-attention mixer: causal conv1d, gated delta rule, gated RMSNorm, out projection."""
@@ -164,6 +200,30 @@ class GatedDeltaNet(nn.Module):
         z = self.in_proj_z(x).view(bsz, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
         o = ops.gated_rms_norm(o, z, self.norm.weight, cfg.rms_norm_eps)
         return self.out_proj(o.reshape(bsz, t, -1)), GDNBlockStates(extended, states)
+
+    def paged(self, x, state, window, n: int, mode: str, saved: list) -> torch.Tensor:
+        """Token rows x [N*T, H] of N requests' blocks over their state rows (state [N, HV, K, V], window
+        [N, C, W-1]). mode "verify" leaves both as they are and appends what the replay commit needs to saved;
+        "prefill" advances them in place. Returns the mixer's output rows (before the residual)."""
+        cfg = self.cfg
+        hv, kd = cfg.linear_num_value_heads, cfg.gdn_key_dim
+        mixed = project(x, self.in_proj_qkv).view(n, -1, cfg.gdn_conv_dim)
+        t = mixed.shape[1]
+        z = project(x, self.in_proj_z)
+        b = project(x, self.in_proj_b).view(n, t, hv)
+        a = project(x, self.in_proj_a).view(n, t, hv)
+        y = dflash.causal_conv1d_update(mixed, window, self.conv1d.weight[:, 0].contiguous())
+        q = y[..., :kd].view(n, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
+        k = y[..., kd : 2 * kd].view(n, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
+        v = y[..., 2 * kd :].view(n, t, hv, cfg.linear_value_head_dim)
+        a_log, dt_bias = self.A_log.float(), self.dt_bias.float()
+        if mode == "verify":
+            o = dflash.gdn_verify(q, k, v, a, b, a_log, dt_bias, state)
+            saved.append((k, v, a, b, mixed))
+        else:
+            o = dflash.gdn_prefill(q, k, v, a, b, a_log, dt_bias, state, window, mixed)
+        o = dflash.gated_rms_norm(o.reshape(n * t, hv, -1), z.view(n * t, hv, -1), self.norm.weight, cfg.rms_norm_eps)
+        return project(o.view(n * t, cfg.gdn_value_dim), self.out_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -245,6 +305,51 @@ class TargetModel(nn.Module):
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))
         return TargetOutput(logits, features, block_k, block_v, gdn)
+
+    def paged_forward(
+        self,
+        pools: Pools,
+        tokens: torch.Tensor,
+        lens: torch.Tensor,
+        table: torch.Tensor,
+        mode: str,
+        taps: tuple[int, ...] = (),
+        max_len: int = 0,
+        last_only: bool = False,
+    ) -> VerifyOut:
+        """Runs blocks tokens [N, T] of the requests in `pools` (a row view, Pools.rows) at positions lens[n] + t
+        over their pages through `table`, in the IR's ops. Attention K/V of every block position is written.
+
+        mode "verify" leaves the GDN states as they are and returns what the replay commit needs (autoregressive
+        decoding is a verify of one token); "prefill" advances them in place. max_len bounds cache length + block.
+        """
+        cfg = self.cfg
+        n, t = tokens.shape
+        positions = lens.long().unsqueeze(1) + torch.arange(t, device=tokens.device)
+        seq_idx, pos_flat = token_rows(positions)
+        h = torch.nn.functional.embedding(tokens.reshape(-1), self.embed_tokens.weight)
+        cos, sin = ops.rope_cos_sin(self.inv_freq, pos_flat, self.rope_scale, h.dtype)
+        eps, zc = cfg.rms_norm_eps, cfg.zero_centered_norm
+        tapped, saved = {}, []
+        i_attn = i_gdn = 0
+        for i, layer in enumerate(self.layers):
+            x = dflash.rms_norm(h, layer.input_layernorm.weight, eps, zc)
+            if layer.is_gdn:
+                state, window = pools.gdn_state[i_gdn], pools.conv_window[i_gdn]
+                h = h + layer.linear_attn.paged(x, state, window, n, mode, saved)
+                i_gdn += 1
+            else:
+                kc, vc = pools.k_cache[i_attn], pools.v_cache[i_attn]
+                h = h + layer.self_attn.paged(x, cos, sin, kc, vc, lens, table, seq_idx, pos_flat, max_len)
+                i_attn += 1
+            h = h + layer.mlp.paged(dflash.rms_norm(h, layer.post_attention_layernorm.weight, eps, zc))
+            if i in taps:
+                tapped[i] = h
+        features = torch.cat([tapped[i] for i in taps], dim=-1) if taps else None
+        if last_only:
+            h = h.view(n, t, -1)[:, -1]
+        logits = project(dflash.rms_norm(h, self.norm.weight, eps, zc), self.lm_head)
+        return VerifyOut(logits.view(n, -1, logits.shape[-1]), features, positions, saved, table, lens)
 
     def commit(
         self, cache: TargetCache, out: TargetOutput, positions: torch.Tensor, index: torch.Tensor

@@ -13,7 +13,11 @@
 So the host never waits for the step it launched; results arrive one iteration later.
 
 Memory is reserved per request at admission (its pages up to prompt + max_new_tokens + two blocks, and a row), so
-a running batch never runs out of memory; a request that can never fit is refused with a clear error.
+a running batch never runs out of memory; a request that can never fit is refused with a clear error. Everything
+else a step can need is fixed at start-up: the sampling buffers (draft probabilities of every row) are allocated
+then, the step's workspace at the largest batch (full-vocabulary sorts of sampled rows included) is measured and
+kept out of the KV budget, and on CUDA the graph of every (bucket, sampling) pair is captured then, not while
+serving. Finished and cancelled requests leave every table.
 """
 
 from __future__ import annotations
@@ -124,49 +128,92 @@ class BatchRunner:
         if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
             raise DFlashError(f"parameter 'buckets' must be positive batch sizes, got {tuple(buckets)}")
         # the step runs at the smallest bucket holding the running requests; max_batch is always the last one
-        self.buckets = tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
+        self._buckets = tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
         self.block_size, self.max_batch, self.max_seq_len = block_size, max_batch, max_seq_len
         self.prefill_chunk = prefill_chunk
+        self.vocab_size = target.cfg.vocab_size
+        self.pages_per_row = -(-(max_seq_len + 2 * block_size) // PAGE_SIZE)
         self.model = StepModel(
-            target, drafter, block_size, quant, ops or ("triton" if on_cuda else "reference"), consume=True
+            target,
+            drafter,
+            block_size,
+            quant,
+            ops or ("triton" if on_cuda else "reference"),
+            consume=True,
+            max_len=self.pages_per_row * PAGE_SIZE,
         )
         if on_cuda:
             torch.cuda.empty_cache()
-        self.vocab_size = target.cfg.vocab_size
-        self.pages_per_row = -(-(max_seq_len + 2 * block_size) // PAGE_SIZE)
-        self.model.max_len = self.pages_per_row * PAGE_SIZE
         rows = max_batch + 1  # the last row prefills
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs:
+            from ..codegen.triton import linear
+
+            # Graphs keep the split-K workspace's address: size it once, before any step runs.
+            linear._workspace(device, 1 << 24, 1 << 16)
         if num_pages is None:
             wanted = max_batch * self.pages_per_row + 1
             if on_cuda:
+                reserved = rows * (self.model.row_bytes() + self._draft_probs_bytes()) + self._step_workspace_bytes()
                 free, _ = torch.cuda.mem_get_info(device)
-                budget = int(free * kv_memory_fraction) - rows * self.model.row_bytes() - (2 << 30)
+                budget = int(free * kv_memory_fraction) - reserved - (2 << 30)
                 num_pages = min(wanted, max(budget // self.model.page_bytes(), 0))
             else:
                 num_pages = wanted
         if num_pages < 2:
-            raise DFlashError("KV cache: no GPU memory left for KV pages after the weights")
-        self.pools: Pools = self.model.new_pools(rows, num_pages, self.pages_per_row)
+            raise DFlashError("KV cache: no GPU memory left for KV pages after the weights and the step's workspace")
+        self.pools: Pools = self._new_pools(rows, num_pages)
         self.page_pool = PagePool(num_pages)
-        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.simulated = False
         self._ids = itertools.count()
         self.waiting: deque[_Request] = deque()
+        self.left_waiting = 0  # requests that left `waiting` (admitted or cancelled) since start
         self.prefilling: _Request | None = None
         self.running: list[_Request] = []  # index = pool row
-        self.requests: dict[int, _Request] = {}
+        self.requests: dict[int, _Request] = {}  # unfinished requests only
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
-        self._phase_graphs: dict[tuple, tuple[dict, dict]] = {}
         self._pending: tuple | None = None  # (rows snapshot, pinned tokens, pinned counts, event)
         self._pinned = [self._pinned_buffers() for _ in range(2)]
         self._parity = 0
         self._events: list[StepEvent] = []
         if self.cuda_graphs:
-            from ..codegen.triton import linear
+            self._capture_all(simulated=False)
 
-            # Graphs keep the split-K workspace's address: size it once, before any capture.
-            linear._workspace(device, 1 << 24, 1 << 16)
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The batch sizes a step runs at (a graph each on CUDA): the given buckets below max_batch, and max_batch."""
+        return self._buckets
+
+    def _draft_probs_bytes(self) -> int:
+        return (self.block_size - 1) * self.vocab_size * 4 if self.block_size > 1 else 0
+
+    def _new_pools(self, rows: int, num_pages: int) -> Pools:
+        pools = self.model.new_pools(rows, num_pages, self.pages_per_row)
+        if self.block_size > 1:  # sampled rows' draft distributions, allocated up front like every other buffer
+            pools.draft_probs = torch.zeros(rows, self.block_size - 1, self.vocab_size, device=self.device)
+        return pools
+
+    @torch.inference_mode()
+    def _step_workspace_bytes(self) -> int:
+        """Peak memory of one sampled step at the largest bucket beyond its inputs (logits, full-vocabulary sorts
+        of sampling, kernel workspaces), measured on pools of two pages with every row off."""
+        probe = self._new_pools(self.max_batch + 1, 2)
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.model.step(probe, self.max_batch, probe.active, True, False)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del probe
+        torch.cuda.empty_cache()
+        return peak
+
+    def _capture_all(self, simulated: bool) -> None:
+        for bucket in self.buckets:
+            for sampled in (False, True):
+                if (bucket, sampled, simulated) not in self._graphs:
+                    self._capture(bucket, sampled, simulated)
 
     # ---- requests ----------------------------------------------------------------------------------------
 
@@ -179,6 +226,20 @@ class BatchRunner:
         stats: GenerationStats | None = None,
     ) -> int:
         """Queues a request; returns its id. Raises DFlashError for a request that can never fit."""
+        req = self.prepare_request(prompt_ids, max_new_tokens, params, stop_token_ids, stats)
+        self.enqueue(req)
+        return req.id
+
+    def prepare_request(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        params: SamplingParams | None = None,
+        stop_token_ids: Sequence[int] = (),
+        stats: GenerationStats | None = None,
+    ) -> _Request:
+        """Checks a request and gives it an id without touching the runner's tables, so any thread may call it
+        while another steps the runner; `enqueue` (on the stepping thread) then queues it."""
         prompt = check_request(
             prompt_ids, max_new_tokens, self.vocab_size, self.max_seq_len, "this runner's max_seq_len"
         )
@@ -194,9 +255,11 @@ class BatchRunner:
         stats.prompt_tokens, stats.block_size = len(prompt), self.block_size
         req = _Request(next(self._ids), prompt, max_new_tokens, params, frozenset(stop_token_ids), stats)
         req.t_submit = time.perf_counter()
+        return req
+
+    def enqueue(self, req: _Request) -> None:
         self.requests[req.id] = req
         self.waiting.append(req)
-        return req.id
 
     def cancel(self, request_id: int) -> None:
         """Stops a request; it leaves at the next step with a final event (finish_reason "cancelled")."""
@@ -218,6 +281,33 @@ class BatchRunner:
         prof[: len(values)] = values
         self.pools.profile.copy_(prof)
         self.simulated = True
+        if self.cuda_graphs:
+            self._capture_all(simulated=True)
+
+    def abort_active(self) -> tuple[list[int], list[StepEvent]]:
+        """After a step raised: every request in it (prefilling or running) leaves with its pages, the rows are
+        cleared, and waiting requests stay queued. Returns the ids of the unfinished requests that were dropped
+        and the events of the other requests that the failed iteration had already produced."""
+        held = {r.id: r for r in self._pending[0]} if self._pending is not None else {}
+        held.update((r.id, r) for r in self.running)
+        if self.prefilling is not None:
+            held[self.prefilling.id] = self.prefilling
+        failed = []
+        for req in held.values():
+            self._release_pages(req)
+            if not req.finished:
+                failed.append(req.id)
+                req.finished = True
+            self.requests.pop(req.id, None)
+        self.running, self.prefilling, self._pending = [], None, None
+        self.pools.active.zero_()
+        events = [e for e in self._events if e.request_id not in failed]
+        self._events = []
+        return failed, events
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.page_pool.num_pages - 1 - self.page_pool.available
 
     @property
     def has_work(self) -> bool:
@@ -243,10 +333,11 @@ class BatchRunner:
         for req in list(self.waiting):
             if req.cancelled:
                 self.waiting.remove(req)
+                self.left_waiting += 1
                 self._finish(req, "cancelled")
         if self.prefilling is not None and self.prefilling.cancelled:
             self._finish(self.prefilling, "cancelled")
-            self.page_pool.release(self.prefilling.pages)
+            self._release_pages(self.prefilling)
             self.prefilling = None
         row = 0
         while row < len(self.running):
@@ -256,7 +347,7 @@ class BatchRunner:
                 continue
             if not req.finished:
                 self._finish(req, "cancelled")
-            self.page_pool.release(req.pages)
+            self._release_pages(req)
             last = len(self.running) - 1
             if row != last:
                 self.pools.move_row(last, row)
@@ -291,6 +382,7 @@ class BatchRunner:
         if need > self.page_pool.available:
             return False
         self.waiting.popleft()
+        self.left_waiting += 1
         req.pages = self.page_pool.allocate(need)
         row, p = self.max_batch, self.pools
         table = torch.zeros(self.pages_per_row, dtype=torch.int32)
@@ -303,9 +395,6 @@ class BatchRunner:
         p.temperature[row] = req.params.temperature
         p.top_k[row] = req.params.top_k
         p.top_p[row] = req.params.top_p
-        if not req.params.greedy and p.draft_probs is None and self.block_size > 1:
-            # Allocated with the first sampled request; only sampled step graphs (captured after this) read it.
-            p.draft_probs = torch.zeros(p.tokens.shape[0], self.block_size - 1, self.vocab_size, device=self.device)
         self.prefilling = req
         return True
 
@@ -328,9 +417,9 @@ class BatchRunner:
         reason = ("stop" if first_token in req.stops else "length") if done else None
         self._events.append(StepEvent(req.id, [first_token], done, reason))
         if done:
-            req.finished = True
             req.stats.generated_tokens = 1
-            self.page_pool.release(req.pages)
+            self._retire(req)
+            self._release_pages(req)
             return
         dst = len(self.running)
         p.move_row(row, dst)
@@ -345,10 +434,7 @@ class BatchRunner:
         sampled = any(not r.params.greedy for r in self.running)
         key = (bucket, sampled, self.simulated)
         if self.cuda_graphs:
-            graph = self._graphs.get(key)
-            if graph is None:
-                graph = self._capture(*key)
-            graph.replay()
+            self._graphs[key].replay()
         else:
             self.model.step(self.pools, bucket, self.pools.active, sampled, self.simulated)
         tokens, counts, event = self._pinned[self._parity]
@@ -387,12 +473,20 @@ class BatchRunner:
             req.stats.generated_tokens = req.generated
             req.stats.decode_time_s = now - req.t_first
             if reason is not None:
-                req.finished = True
+                self._retire(req)  # its row and pages go at the next iteration's release
             self._events.append(StepEvent(req.id, new, reason is not None, reason))
 
     def _finish(self, req: _Request, reason: str) -> None:
-        req.finished = True
+        self._retire(req)
         self._events.append(StepEvent(req.id, [], True, reason))
+
+    def _retire(self, req: _Request) -> None:
+        req.finished = True
+        self.requests.pop(req.id, None)
+
+    def _release_pages(self, req: _Request) -> None:
+        self.page_pool.release(req.pages)
+        req.pages = []
 
     def _pinned_buffers(self):
         rows, b = self.pools.tokens.shape
@@ -431,10 +525,9 @@ class BatchRunner:
 
     @torch.inference_mode()
     def phase_times_ms(self, iters: int = 20) -> dict[str, float]:
-        """Mean GPU time of the step's phases for the current running batch, each captured and replayed alone:
-        verify (target forward), accept_commit (accept, GDN commit, outputs), draft (context K/V + drafter block),
-        step (the whole step graph), and gaps = step - the three phases. Advances the running requests (their
-        events are dropped), so call it between measurements, not while serving."""
+        """Mean GPU time of the compiled step graph for the current running batch ("step"), replayed alone.
+        Advances the running requests (their events are dropped), so call it between measurements, not while
+        serving."""
         if not self.cuda_graphs or not self.running:
             raise DFlashError("phase_times_ms needs CUDA graphs and running requests")
         self._collect()
@@ -442,53 +535,20 @@ class BatchRunner:
         n = len(self.running)
         bucket = next(b for b in self.buckets if b >= n)
         sampled = any(not r.params.greedy for r in self.running)
-        p, m, act = self.pools, self.model, self.pools.active
+        p = self.pools
         key = (bucket, sampled, self.simulated)
-        # Phase graphs are kept like step graphs, captured once per key.
-        graphs, state = self._phase_graphs.setdefault(key, ({}, {}))
-
-        def verify():
-            state["v"] = m.verify(p, bucket, act)
-
-        def accept_commit():
-            state["bonus"] = m.accept_commit(p, bucket, act, state["v"], sampled, self.simulated)
-
-        def draft():
-            v = state["v"]
-            m.draft(p, slice(0, bucket), act[:bucket], state["bonus"], v.table, sampled, v.features, v.positions)
-
-        # Each run of a phase may advance the batch; lengths and blocks are restored after every one (outside the
-        # timing), so every replay sees the same batch and nothing runs past the requests' pages.
+        # Replays advance the batch; lengths and blocks are restored after every one (outside the timing), so
+        # every replay sees the same batch and nothing runs past the requests' pages.
         lens, tokens = p.cache_lens.clone(), p.tokens.clone()
-
-        def restore():
+        step = self._graphs.get(key) or self._capture(*key)
+        pairs = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step.replay()
+            end.record()
+            pairs.append((start, end))
             p.cache_lens.copy_(lens)
             p.tokens.copy_(tokens)
-
-        for name, fn in (("verify", verify), ("accept_commit", accept_commit), ("draft", draft)):
-            if name not in graphs:
-                fn()  # warm-up: every kernel is compiled already, this settles allocations before capture
-                restore()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self._graph_pool):
-                    fn()
-                graphs[name] = g
-            # A capture only records: its outputs (the next phase's inputs, e.g. the bonus tokens the draft embeds)
-            # hold whatever the pool held until the graph is replayed once.
-            graphs[name].replay()
-            restore()
-        step = self._graphs.get(key) or self._capture(*key)
-        times = {}
-        for name, g in (*graphs.items(), ("step", step)):
-            pairs = []
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                g.replay()
-                end.record()
-                pairs.append((start, end))
-                restore()
-            torch.cuda.synchronize(self.device)
-            times[name] = sum(s.elapsed_time(e) for s, e in pairs) / iters
-        times["gaps"] = times["step"] - times["verify"] - times["accept_commit"] - times["draft"]
-        return times
+        torch.cuda.synchronize(self.device)
+        return {"step": sum(s.elapsed_time(e) for s, e in pairs) / iters}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +14,57 @@ from ..models.loader import load_drafter, load_target, parse_dtype
 from .batch import BatchRunner
 from .proposer import DFlashProposer
 from .sampling import SamplingParams
-from .serving import RequestHandle, ServingLoop
-from .speculative import GenerationStats, SpeculativeDecoder
+from .serving import EagerLoop, RequestHandle, ServingLoop
+from .speculative import GenerationStats, SpeculativeDecoder, resolve_block_size
 
 DEFAULT_PAIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-pair"
 
 
+QUANTS = ("none", "bf16", "fp8", "int4")  # "bf16" is accepted as "none": the weights as loaded
+
+
 @dataclass
 class GenerationResult:
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-    finish_reason: str  # "stop" | "length"
+    text: str  # ends before a stop string, if one was met
+    token_ids: list[int]  # through the token that completed a stop string or was a stop token
+    stats: GenerationStats  # stats.limit_note says why, when the context left room for fewer than max_new_tokens
+    finish_reason: str  # "stop" (a stop token or stop string) | "length"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device, or a one-line error naming what is wrong with it (unknown name, backend not available,
+    no such GPU index)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DFlashError(f"parameter 'device': {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise DFlashError(f"parameter 'device' is {str(device)!r} but {dev.type.upper()} is not available here")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise DFlashError(f"parameter 'device' is {str(device)!r} but only {count} {dev.type} device(s) exist")
+    return dev
+
+
+def _stop_strings(stop: str | Sequence[str]) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise DFlashError(f"parameter 'stop' must hold non-empty strings, got {stop!r}")
+    return stops
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    """Where the earliest stop string begins in text[start:], or None."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of text that begins a stop string: held back until it is known not to be one."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def load_tokenizer(*directories: str | Path | None):
@@ -45,10 +85,12 @@ def load_tokenizer(*directories: str | Path | None):
 class Engine:
     """Generation on a target (and optionally its DFlash drafter).
 
-    runtime "eager" runs one request at a time through the eager loop (any device; `seed` makes sampling
-    reproducible). runtime "batched" serves every submitted request together through the batched step (CUDA
-    graphs on CUDA; Triton kernels there, their PyTorch lowering elsewhere), with weights optionally quantized at
-    load (quant "fp8" or "int4"); it takes the models' weights over. "auto" is batched on CUDA, eager elsewhere.
+    runtime "eager" runs each request through the eager loop (any device; `seed` makes sampling reproducible;
+    streams may be interleaved, each holding its own caches). runtime "batched" serves every submitted request
+    together through the batched step (CUDA graphs on CUDA; Triton kernels there, their PyTorch lowering
+    elsewhere), with weights optionally quantized at load (quant "fp8" or "int4"; "none", or "bf16", keeps them as
+    loaded); it takes the models' weights over. "auto" is batched on CUDA, eager elsewhere. `stream` and
+    `generate` stop at stop strings (`stop=`) on either runtime.
     """
 
     def __init__(
@@ -58,9 +100,10 @@ class Engine:
         tokenizer=None,
         block_size: int | None = None,
         runtime: str = "eager",
-        quant: str = "bf16",
+        quant: str = "none",
         max_batch: int = 32,
         max_seq_len: int | None = None,
+        max_queue: int | None = None,
     ):
         self.drafter, self.tokenizer = drafter, tokenizer
         self.cfg = target.cfg
@@ -68,14 +111,18 @@ class Engine:
             runtime = "batched" if target.embed_tokens.weight.device.type == "cuda" else "eager"
         if runtime not in ("eager", "batched"):
             raise DFlashError(f"parameter 'runtime' must be 'auto', 'eager' or 'batched', got {runtime!r}")
-        if runtime == "eager" and quant != "bf16":
+        if quant not in QUANTS:
+            raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANTS)}, got {quant!r}")
+        if runtime == "eager" and quant not in ("none", "bf16"):
             raise DFlashError(f"parameter 'quant' {quant!r} needs runtime='batched'")
+        block_size = resolve_block_size(block_size, drafter.cfg.block_size if drafter is not None else None)
         self.runtime = runtime
         self.decoder = self.serving = None
         self.target = target if runtime == "eager" else None  # the batched runtime takes the weights over
         if runtime == "eager":
             proposer = DFlashProposer(drafter, target) if drafter is not None else None
             self.decoder = SpeculativeDecoder(target, proposer, block_size)
+            self.loop = EagerLoop(self.decoder, max_queue)
         else:
             runner = BatchRunner(
                 target,
@@ -85,9 +132,9 @@ class Engine:
                 # the attention split counts are sized for this bound: a model's full context (262k for Qwen3.5)
                 # would split short contexts needlessly; pass max_seq_len for longer requests
                 max_seq_len=max_seq_len or min(target.cfg.max_position_embeddings, 32768),
-                quant=quant,
+                quant="bf16" if quant == "none" else quant,  # the runner's name for the weights as loaded
             )
-            self.serving = ServingLoop(runner)
+            self.serving = self.loop = ServingLoop(runner, max_queue)
         self.stop_token_ids = set(target.cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(tokenizer.eos_token_id)
@@ -101,9 +148,10 @@ class Engine:
         dtype: str | torch.dtype = "float32",
         block_size: int | None = None,
         runtime: str = "auto",
-        quant: str = "bf16",
+        quant: str = "none",
         max_batch: int = 32,
         max_seq_len: int | None = None,
+        max_queue: int | None = None,
     ) -> Engine:
         """Loads a target checkpoint directory and, optionally, its DFlash drafter. With neither named, the
         tiny trained pair that ships with the package is used."""
@@ -112,18 +160,18 @@ class Engine:
                 raise DFlashError("parameter 'target' is required (no default model pair is installed)")
             target = DEFAULT_PAIR / "target"
             drafter = drafter if drafter is not None else DEFAULT_PAIR / "drafter"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise DFlashError(f"parameter 'device' is {device!r} but CUDA is not available")
+        device = check_device(device)
         dtype = parse_dtype(dtype)
         target_model = load_target(target, device=device, dtype=dtype)
         drafter_model = load_drafter(drafter, target_model.cfg, device=device, dtype=dtype) if drafter else None
         tokenizer = load_tokenizer(target, drafter)
-        return cls(target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len)
+        return cls(
+            target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue
+        )
 
     def close(self) -> None:
-        """Stops the batched runtime's serving thread (unfinished requests fail)."""
-        if self.serving is not None:
-            self.serving.close()
+        """Stops the serving thread behind `submit` (unfinished requests fail)."""
+        self.loop.close()
 
     def submit(
         self,
@@ -135,24 +183,42 @@ class Engine:
         chat: bool = False,
         stop_token_ids: Sequence[int] = (),
         stats: GenerationStats | None = None,
+        seed: int | None = None,
     ) -> RequestHandle:
-        """Starts a request on the batched runtime and returns at once; safe from any thread. Iterate the handle
-        (or `async for` it) for token chunks, or call `result()`."""
-        if self.serving is None:
-            raise DFlashError("parameter 'runtime': submit needs the batched runtime (runtime='batched')")
+        """Queues a request and returns at once; safe from any thread. Iterate the handle (or `async for` it) for
+        token chunks, or call `result()`. The batched runtime serves every submitted request together; the eager
+        one serves them one at a time, in order. With max_queue set, a request beyond max_queue waiting ones
+        raises QueueFullError."""
         params = SamplingParams(temperature, top_k, top_p)
         stops = self.stop_token_ids | set(stop_token_ids)
-        return self.serving.submit(self.encode(prompt, chat), max_new_tokens, params, stops, stats)
+        prompt_ids = self.encode(prompt, chat)
+        if self.serving is None:
+            return self.loop.submit(prompt_ids, max_new_tokens, params, stops, stats, seed)
+        if seed is not None and not params.greedy:
+            raise DFlashError(
+                "parameter 'seed' needs runtime='eager' (the batched runtime samples from the device's generator)"
+            )
+        return self.serving.submit(prompt_ids, max_new_tokens, params, stops, stats)
 
-    def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
+    def encode(
+        self, prompt: str | Sequence[int] | list[dict], chat: bool = False, chat_template_kwargs: dict | None = None
+    ) -> list[int]:
+        """Token ids of a prompt: text, token ids, or (chat=True) a message or a list of messages put through the
+        tokenizer's chat template (chat_template_kwargs, e.g. enable_thinking, go to the template)."""
+        if isinstance(prompt, str) and not prompt:
+            raise DFlashError("parameter 'prompt' is empty")
         if isinstance(prompt, str) or chat:
             if self.tokenizer is None:
                 raise DFlashError("parameter 'prompt' is text but the engine has no tokenizer; pass token ids")
             if chat:
                 messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+                if not messages:
+                    raise DFlashError("parameter 'prompt' is an empty list of chat messages")
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise DFlashError("parameter 'chat' needs a chat template, and the tokenizer has none")
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
+                )
                 return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
             return self.tokenizer.encode(prompt, add_special_tokens=False)
         return list(prompt)
@@ -172,12 +238,13 @@ class Engine:
         seed: int | None = None,
         stats: GenerationStats | None = None,
     ) -> Iterator[list[int]]:
+        """Yields the tokens each step commits; ends after a stop token (included) or max_new_tokens. Where the
+        context leaves room for fewer than max_new_tokens, stats.limit_note says so."""
+        stats = stats if stats is not None else GenerationStats()
+        ids = self.encode(prompt, chat)
+        self._note_context_limit(len(ids), max_new_tokens, stats)
         if self.serving is not None:
-            if seed is not None:
-                raise DFlashError(
-                    "parameter 'seed' needs runtime='eager' (the batched runtime samples from the device's generator)"
-                )
-            handle = self.submit(prompt, max_new_tokens, temperature, top_p, top_k, chat, stop_token_ids, stats)
+            handle = self.submit(ids, max_new_tokens, temperature, top_p, top_k, False, stop_token_ids, stats, seed)
             try:
                 yield from handle
             finally:
@@ -186,27 +253,70 @@ class Engine:
             return
         params = SamplingParams(temperature, top_k, top_p)
         stops = self.stop_token_ids | set(stop_token_ids)
-        yield from self.decoder.stream(self.encode(prompt, chat), max_new_tokens, params, stops, seed, stats)
+        yield from self.decoder.stream(ids, max_new_tokens, params, stops, seed, stats)
 
-    def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
-        """Yields text pieces as tokens are committed (whole characters only)."""
-        tokens: list[int] = []
-        emitted = ""
-        for chunk in self.stream_tokens(prompt, max_new_tokens, **kwargs):
-            tokens.extend(chunk)
-            text = self._decode(tokens)
-            if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
-                continue
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
-        text = self._decode(tokens)
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
+    def _note_context_limit(self, prompt_len: int, max_new_tokens: int, stats: GenerationStats) -> None:
+        if self.serving is not None:
+            limit, name = self.serving.runner.max_seq_len, "the engine's max_seq_len"
+        else:
+            limit, name = self.cfg.max_position_embeddings, "the model's context"
+        room = limit - prompt_len
+        stats.limit_note = None
+        if isinstance(max_new_tokens, int) and 0 < room < max_new_tokens:
+            stats.limit_note = (
+                f"the prompt is {prompt_len} tokens and {name} is {limit}, so at most {room} of the "
+                f"{max_new_tokens} new tokens asked for fit"
+            )
 
-    def generate(self, prompt, max_new_tokens: int = 128, **kwargs) -> GenerationResult:
-        stats = GenerationStats()
-        tokens = [t for chunk in self.stream_tokens(prompt, max_new_tokens, stats=stats, **kwargs) for t in chunk]
-        stops = self.stop_token_ids | set(kwargs.get("stop_token_ids", ()))
-        reason = "stop" if tokens and tokens[-1] in stops else "length"
-        return GenerationResult(self._decode(tokens), tokens, stats, reason)
+    def stream(self, prompt, max_new_tokens: int = 128, stop: str | Sequence[str] = (), **kwargs) -> Iterator[str]:
+        """Yields text pieces as tokens are committed (whole characters only). Generation ends at the first stop
+        string, which is not yielded."""
+        stats = kwargs.pop("stats", None)
+        result = GenerationResult("", [], stats if stats is not None else GenerationStats(), "length")
+        yield from self._stream_text(prompt, max_new_tokens, _stop_strings(stop), result, **kwargs)
+
+    def generate(self, prompt, max_new_tokens: int = 128, stop: str | Sequence[str] = (), **kwargs) -> GenerationResult:
+        stats = kwargs.pop("stats", None)
+        result = GenerationResult("", [], stats if stats is not None else GenerationStats(), "length")
+        for _ in self._stream_text(prompt, max_new_tokens, _stop_strings(stop), result, **kwargs):
+            pass
+        return result
+
+    def _stream_text(
+        self, prompt, max_new_tokens: int, stops: tuple[str, ...], result: GenerationResult, **kwargs
+    ) -> Iterator[str]:
+        """Decodes the committed tokens as they come, yields the new text and fills result. Text that may be the
+        start of a stop string is held back until it is known not to be one."""
+        tokens, emitted, stop_free = result.token_ids, 0, 0
+        stop_ids = self.stop_token_ids | set(kwargs.get("stop_token_ids", ()))
+        longest = max((len(s) for s in stops), default=0)
+        chunks = self.stream_tokens(prompt, max_new_tokens, stats=result.stats, **kwargs)
+        try:
+            for chunk in itertools.chain(chunks, [None]):  # None: the request has ended
+                if chunk is not None:
+                    tokens.extend(chunk)
+                text = self._decode(tokens)
+                if chunk is not None and text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+                    continue
+                cut = _find_stop(text, stops, max(0, emitted - longest))
+                if cut is not None:
+                    # keep the tokens through the one that completed the stop string
+                    n = next(
+                        n
+                        for n in range(stop_free + 1, len(tokens) + 1)
+                        if _find_stop(self._decode(tokens[:n]), stops, 0) is not None
+                    )
+                    del tokens[n:]
+                    result.text, result.finish_reason = text[:cut], "stop"
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    return
+                stop_free = len(tokens)  # these tokens' text holds no stop string
+                safe = len(text) - (_partial_stop(text, stops) if chunk is not None else 0)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+        finally:
+            chunks.close()  # a stop string ends the request early (the batched runtime cancels it)
+        result.text = text
+        result.finish_reason = "stop" if tokens and tokens[-1] in stop_ids else "length"

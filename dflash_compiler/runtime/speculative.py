@@ -6,6 +6,7 @@ speedup is measured against.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class GenerationStats:
     acceptance_lengths: list[int] = field(default_factory=list)  # committed tokens per verify step, bonus included
     time_to_first_token_s: float = 0.0
     decode_time_s: float = 0.0
+    limit_note: str | None = None  # why, when the context leaves room for fewer tokens than were asked for
 
     @property
     def acceptance_length(self) -> float:
@@ -55,6 +57,7 @@ class GenerationStats:
             "per_position_acceptance": self.per_position_acceptance,
             "time_to_first_token_s": self.time_to_first_token_s,
             "tokens_per_s": self.tokens_per_s,
+            "limit_note": self.limit_note,
         }
 
 
@@ -74,13 +77,21 @@ def check_request(
     return prompt
 
 
+def resolve_block_size(block_size: int | None, drafter_block_size: int | None) -> int:
+    """The verify block size both runtimes use: the drafter's unless given; 1 without a drafter."""
+    limit = drafter_block_size or 1
+    if block_size is None:
+        return limit
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= limit:
+        why = " (no drafter: the target alone decodes one token per step)" if drafter_block_size is None else ""
+        raise DFlashError(f"parameter 'block_size' must be in 1..{limit}{why}, got {block_size!r}")
+    return block_size
+
+
 class SpeculativeDecoder:
     def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None):
         self.target, self.proposer = target, proposer
-        self.block_size = 1 if proposer is None else (block_size or proposer.block_size)
-        if self.block_size < 1 or (proposer is not None and self.block_size > proposer.block_size):
-            limit = 1 if proposer is None else proposer.block_size
-            raise DFlashError(f"parameter 'block_size' must be in 1..{limit}, got {self.block_size}")
+        self.block_size = resolve_block_size(block_size, proposer.block_size if proposer is not None else None)
         self.taps = proposer.target_layer_ids if proposer is not None and self.block_size > 1 else ()
 
     @torch.inference_mode()
@@ -100,7 +111,8 @@ class SpeculativeDecoder:
         params = params or SamplingParams()
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens, stats.block_size = len(prompt), self.block_size
-        gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % (1 << 62))
+        # a seedless request draws its seed from the OS, leaving torch's global generator to the caller
+        gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else secrets.randbits(63))
         stops = set(stop_token_ids)
         budget = min(max_new_tokens, max_pos - len(prompt))
         cache_len = len(prompt) + budget + self.block_size
@@ -118,9 +130,9 @@ class SpeculativeDecoder:
         cache = target.commit(cache, out, positions, torch.tensor([n - 1], device=device))
         last = out.logits[:, -1]
         anchor = last.argmax(-1) if params.greedy else sample_from(probabilities(last, params), uniforms(1))
+        draft_state = None  # this request's drafter context
         if self.taps:
-            self.proposer.reset(1, cache_len)
-            self.proposer.add_context(out.features, positions)
+            draft_state = self.proposer.add_context(self.proposer.new_state(1, cache_len), out.features, positions)
         first = int(anchor.item())
         stats.time_to_first_token_s = time.perf_counter() - t0
         stats.generated_tokens = 1
@@ -134,7 +146,7 @@ class SpeculativeDecoder:
             drafts = torch.empty(1, 0, dtype=torch.long, device=device)
             q = None
             if verify_len > 1:
-                drafts, q = self.proposer.propose(anchor, start_t, params, uniforms(1, bs - 1))
+                drafts, q = self.proposer.propose(draft_state, anchor, start_t, params, uniforms(1, bs - 1))
                 drafts = drafts[:, : verify_len - 1]
                 q = q[:, : verify_len - 1] if q is not None else None
             block = torch.cat((anchor.view(1, 1), drafts), dim=1)
@@ -149,7 +161,7 @@ class SpeculativeDecoder:
             cache = target.commit(cache, out, positions, accepted)
             a = int(accepted.item())
             if self.taps:
-                self.proposer.add_context(out.features[:, : a + 1], positions[:, : a + 1])
+                draft_state = self.proposer.add_context(draft_state, out.features[:, : a + 1], positions[:, : a + 1])
             new = drafts[0, :a].tolist() + [int(bonus.item())]
             stats.acceptance_lengths.append(a + 1)
             for i, tok in enumerate(new):
@@ -158,10 +170,10 @@ class SpeculativeDecoder:
                     break
             new = new[: budget - stats.generated_tokens]
             stats.generated_tokens += len(new)
+            stats.decode_time_s = time.perf_counter() - t1  # kept current: a consumer may stop at any chunk
             yield new
             start += a + 1
             anchor = bonus
-        stats.decode_time_s = time.perf_counter() - t1
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs) -> tuple[list[int], GenerationStats]:
         stats = kwargs.pop("stats", None) or GenerationStats()

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__
 from ..errors import DFlashError
 
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dflash-train-drafter", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--target", required=True, help="target checkpoint directory (with its tokenizer)")
     p.add_argument("--prompts", required=True, help=".jsonl of {'prompt'} / {'messages'} lines, or a directory of text")
     p.add_argument("-o", "--output", required=True, help="output directory for the drafter (and checkpoint.pt)")
@@ -25,9 +27,18 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-token-id", type=int, default=None, help="default: the tokenizer's <|mask|> or mask token")
     p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per training sequence")
+    p.add_argument(
+        "--min-prompt-len",
+        type=int,
+        default=None,
+        help="also keep prompts of this many tokens up to --prompt-len as they are, continued for longer so every "
+        "sequence has prompt-len + response-len tokens (default: only prompts of --prompt-len tokens)",
+    )
     p.add_argument("--response-len", type=int, default=96, help="target-generated tokens per training sequence")
     p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--held-out", type=float, default=0.05, help="fraction of sequences kept for the tau estimate")
+    p.add_argument(
+        "--held-out", type=float, default=0.05, help="fraction of sequences kept for the tau estimate, in [0, 1)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="sample continuations instead of greedy")
     p.add_argument("--sequences", help="file of generated training sequences: read if it exists, else written")
     p.add_argument("--steps", type=int, default=2000)
@@ -89,11 +100,14 @@ def mask_token_from(tokenizer, given: int | None, target_path: str) -> int:
 
 def train_drafter(args: argparse.Namespace) -> dict:
     from ..models.loader import load_target
-    from ..runtime.engine import load_tokenizer
+    from ..runtime.engine import check_device, load_tokenizer
     from ..runtime.sampling import SamplingParams
     from .data import SequenceSet, build_sequences, read_prompts
     from .drafter import DrafterTrainer, TrainConfig, drafter_config_dict
 
+    if not 0.0 <= args.held_out < 1.0:
+        raise DFlashError(f"parameter 'held_out' must be a fraction in [0, 1), got {args.held_out}")
+    check_device(args.device)
     torch.manual_seed(args.seed)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     target = load_target(args.target, device=args.device, dtype=dtype)
@@ -118,6 +132,8 @@ def train_drafter(args: argparse.Namespace) -> dict:
     from ..models.loader import check_drafter_fits
 
     check_drafter_fits(DrafterConfig.from_dict(cfg_dict, Path("drafter config")), target.cfg, Path("drafter config"))
+    if args.min_prompt_len is not None and args.min_prompt_len < 1:
+        raise DFlashError(f"parameter 'min_prompt_len' must be >= 1, got {args.min_prompt_len}")
     if not 0.0 <= args.distill <= 1.0:
         raise DFlashError(f"parameter 'distill' must be in [0, 1], got {args.distill}")
     from tqdm.auto import tqdm
@@ -133,6 +149,8 @@ def train_drafter(args: argparse.Namespace) -> dict:
         "chat": args.chat,
         "seed": args.seed,
     }
+    if args.min_prompt_len is not None:
+        meta["min_prompt_len"] = args.min_prompt_len
     if args.sequences and Path(args.sequences).is_file():
         seqs = SequenceSet.load(args.sequences, meta)
     else:
@@ -140,7 +158,15 @@ def train_drafter(args: argparse.Namespace) -> dict:
         bar = tqdm(total=len(prompts), desc="target continuations", unit="seq", disable=args.no_progress)
         params = SamplingParams(args.temperature)
         seqs = build_sequences(
-            target, prompts, args.prompt_len, args.response_len, args.gen_batch_size, params, args.seed, bar.update
+            target,
+            prompts,
+            args.prompt_len,
+            args.response_len,
+            args.gen_batch_size,
+            params,
+            args.seed,
+            bar.update,
+            args.min_prompt_len,
         )
         bar.close()
         if args.sequences:
@@ -149,8 +175,7 @@ def train_drafter(args: argparse.Namespace) -> dict:
     n = seqs.tokens.shape[0]
     n_held = max(1, int(n * args.held_out)) if n > 1 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
-    held = SequenceSet(seqs.tokens[order[:n_held]], seqs.prompt_len)
-    train = SequenceSet(seqs.tokens[order[n_held:]], seqs.prompt_len)
+    held, train = seqs.rows(order[:n_held]), seqs.rows(order[n_held:])
     if train.tokens.shape[0] < args.batch_size:
         raise DFlashError(
             f"parameter 'batch_size' is {args.batch_size} but only {train.tokens.shape[0]} training sequences exist"

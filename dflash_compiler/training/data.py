@@ -102,17 +102,38 @@ def continue_batch(
 
 @dataclass
 class SequenceSet:
-    """Training sequences [N, P + R]: prompt then the target's continuation; loss only on the response."""
+    """Training sequences [N, L]: a prompt then the target's continuation; loss only on the response.
+
+    Every prompt is `prompt_len` tokens, or, with `prompt_lens` [N], row n's prompt is its first prompt_lens[n]
+    tokens (at most prompt_len): shorter prompts got longer continuations, so all rows are L long."""
 
     tokens: torch.Tensor
     prompt_len: int
+    prompt_lens: torch.Tensor | None = None
+
+    def lens(self) -> torch.Tensor:
+        """Each row's prompt length [N]."""
+        if self.prompt_lens is not None:
+            return self.prompt_lens
+        return torch.full((self.tokens.shape[0],), self.prompt_len, dtype=torch.long)
+
+    def rows(self, index: torch.Tensor) -> SequenceSet:
+        lens = None if self.prompt_lens is None else self.prompt_lens[index]
+        return SequenceSet(self.tokens[index], self.prompt_len, lens)
+
+    def prompts(self, count: int) -> list[list[int]]:
+        """The prompts of the first `count` rows."""
+        return [row[:n].tolist() for row, n in zip(self.tokens[:count], self.lens()[:count].tolist())]
 
     def save(self, path: str | Path, meta: dict | None = None) -> None:
         """Writes the sequences (and what made them) for later runs to reuse, atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"tokens": self.tokens, "prompt_len": self.prompt_len, "meta": meta or {}}, tmp)
+        state = {"tokens": self.tokens, "prompt_len": self.prompt_len, "meta": meta or {}}
+        if self.prompt_lens is not None:
+            state["prompt_lens"] = self.prompt_lens
+        torch.save(state, tmp)
         tmp.replace(path)
 
     @classmethod
@@ -125,13 +146,13 @@ class SequenceSet:
         if meta is not None and state.get("meta") != meta:
             diff = sorted(k for k in set(meta) | set(state.get("meta", {})) if meta.get(k) != state["meta"].get(k))
             raise DFlashError(f"{path}: the sequences were made with other settings ({', '.join(diff)}); delete it")
-        return cls(state["tokens"], int(state["prompt_len"]))
+        return cls(state["tokens"], int(state["prompt_len"]), state.get("prompt_lens"))
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[SequenceSet]:
         while True:
             order = torch.randperm(self.tokens.shape[0], generator=generator)
             for i in range(0, len(order) - batch_size + 1, batch_size):
-                yield self.tokens[order[i : i + batch_size]]
+                yield self.rows(order[i : i + batch_size])
 
 
 def build_sequences(
@@ -143,17 +164,31 @@ def build_sequences(
     params: SamplingParams,
     seed: int,
     progress=None,
+    min_prompt_len: int | None = None,
 ) -> SequenceSet:
-    """Generates the target's continuations of every prompt (left-truncated or skipped to `prompt_len`)."""
+    """Generates the target's continuations of every prompt, left-truncated to `prompt_len` tokens. Prompts
+    shorter than that are skipped, or, with `min_prompt_len`, kept when at least that long and continued for
+    longer, so every sequence is prompt_len + response_len tokens."""
     device = target.embed_tokens.weight.device
-    usable = [p[-prompt_len:] for p in prompts if len(p) >= prompt_len]
+    shortest = prompt_len if min_prompt_len is None else min(min_prompt_len, prompt_len)
+    usable = [p[-prompt_len:] for p in prompts if len(p) >= shortest]
     if not usable:
-        raise DFlashError(f"parameter 'prompts': no prompt has at least {prompt_len} tokens")
+        raise DFlashError(f"parameter 'prompts': no prompt has at least {shortest} tokens")
     generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(0, len(usable), batch_size):
-        chunk = torch.tensor(usable[i : i + batch_size], device=device)
-        rows.append(torch.cat((chunk, continue_batch(target, chunk, response_len, params, generator)), dim=1).cpu())
-        if progress is not None:
-            progress(len(chunk))
-    return SequenceSet(torch.cat(rows), prompt_len)
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(usable):
+        by_length.setdefault(len(p), []).append(i)
+    total = prompt_len + response_len
+    rows: list[torch.Tensor | None] = [None] * len(usable)
+    for length in sorted(by_length):
+        group = by_length[length]
+        for i in range(0, len(group), batch_size):
+            index = group[i : i + batch_size]
+            chunk = torch.tensor([usable[j] for j in index], device=device)
+            done = torch.cat((chunk, continue_batch(target, chunk, total - length, params, generator)), dim=1).cpu()
+            for j, row in zip(index, done):
+                rows[j] = row
+            if progress is not None:
+                progress(len(index))
+    lens = None if min_prompt_len is None else torch.tensor([len(p) for p in usable], dtype=torch.long)
+    return SequenceSet(torch.stack(rows), prompt_len, lens)

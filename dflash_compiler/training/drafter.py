@@ -101,11 +101,16 @@ def new_drafter(cfg_dict: dict, target: TargetModel, seed: int) -> DFlashDrafter
     return drafter
 
 
-def sample_anchors(n: int, count: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` distinct anchor positions per sequence, uniformly in [low, high]."""
-    span = high - low + 1
-    count = min(count, span)
-    return torch.rand(n, span, generator=generator).argsort(-1)[:, :count] + low
+def sample_anchors(n: int, count: int, low: int | torch.Tensor, high: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct anchor positions per sequence, uniformly in [low, high] (low: one for all, or one per
+    sequence [n])."""
+    low = torch.as_tensor(low, dtype=torch.long).expand(n)
+    first = int(low.min())
+    span = high - first + 1
+    count = min(count, high - int(low.max()) + 1)
+    keys = torch.rand(n, span, generator=generator)
+    keys[first + torch.arange(span) < low.unsqueeze(1)] = 2.0  # positions before a row's own low sort last
+    return keys.argsort(-1)[:, :count] + first
 
 
 def block_loss(
@@ -224,8 +229,7 @@ def _decode_batch(target, drafter, prompts, budget, block_size, stops) -> list[l
     cache = target.new_cache(n, cache_len)
     out = target(ids, positions, cache, taps=taps, per_position_states=False, last_logits_only=True)
     cache = target.commit(cache, out, positions, torch.full((n,), plen - 1, device=device))
-    proposer.reset(n, cache_len)
-    proposer.add_context(out.features, positions)
+    draft_state = proposer.add_context(proposer.new_state(n, cache_len), out.features, positions)
     anchor = out.logits[:, -1].argmax(-1)
     generated = [1] * n
     done = [int(t) in stops or budget <= 1 for t in anchor.tolist()]
@@ -233,7 +237,7 @@ def _decode_batch(target, drafter, prompts, budget, block_size, stops) -> list[l
     lengths: list[list[int]] = [[] for _ in range(n)]
     offsets = torch.arange(block_size, device=device)
     while not all(done):
-        drafts, _ = proposer.propose(anchor, start, SamplingParams(), None)
+        drafts, _ = proposer.propose(draft_state, anchor, start, SamplingParams(), None)
         block = torch.cat((anchor.view(n, 1), drafts), dim=1)
         block_pos = start.view(n, 1) + offsets
         out = target(block, block_pos, cache, taps=taps, per_position_states=True)
@@ -243,7 +247,7 @@ def _decode_batch(target, drafter, prompts, budget, block_size, stops) -> list[l
         room = torch.tensor([0 if d else budget - g - 1 for d, g in zip(done, generated)], device=device)
         accepted = torch.minimum(accepted, room)
         cache = target.commit(cache, out, block_pos, accepted)
-        proposer.add_context(out.features, block_pos)
+        draft_state = proposer.add_context(draft_state, out.features, block_pos)
         choice = out.logits.argmax(-1)  # the committed tokens: accepted drafts equal the target's choices
         live = torch.tensor([not d for d in done], device=device)
         for i, (a, row) in enumerate(zip(accepted.tolist(), choice.tolist())):
@@ -286,7 +290,7 @@ class DrafterTrainer:
         self.target, self.cfg_dict, self.train_set, self.held_out = target, cfg_dict, train, held_out
         self.config, self.output = config, Path(output)
         if eval_prompts is None and config.eval_decode > 0:
-            eval_prompts = held_out.tokens[: config.eval_decode, : held_out.prompt_len].tolist()
+            eval_prompts = held_out.prompts(config.eval_decode)
         self.eval_prompts = [list(p) for p in eval_prompts or []][: config.eval_decode or None]
         self.drafter = new_drafter(cfg_dict, target, config.seed)
         self.block_size = self.drafter.cfg.block_size
@@ -333,25 +337,24 @@ class DrafterTrainer:
         self.step, self.history = state["step"], state["history"]
         return True
 
-    def _anchors(self, tokens: torch.Tensor) -> torch.Tensor:
-        n, length = tokens.shape
-        anchors = sample_anchors(
-            n, self.config.anchors_per_sequence, self.train_set.prompt_len, length - 2, self.generator
-        )
-        return anchors.to(tokens.device)
+    def _anchors(self, batch: SequenceSet) -> torch.Tensor:
+        n, length = batch.tokens.shape
+        return sample_anchors(n, self.config.anchors_per_sequence, batch.lens(), length - 2, self.generator)
 
     @torch.no_grad()
     def evaluate(self, max_sequences: int = 256) -> dict:
         """Held-out teacher-forced acceptance over every anchor position of the response region."""
         self.drafter.eval()
-        tokens = self.held_out.tokens[:max_sequences].to(self.target.embed_tokens.weight.device)
-        # whole blocks only, so every slot has a label
-        low = self.held_out.prompt_len
-        high = max(low, tokens.shape[1] - self.block_size)
+        device = self.target.embed_tokens.weight.device
+        tokens = self.held_out.tokens[:max_sequences].to(device)
+        lens = self.held_out.lens()[:max_sequences].to(device)
+        # every fourth position from each row's response start, whole blocks only, so every slot has a label
+        high = max(int(lens.max()), tokens.shape[1] - self.block_size)
+        steps = torch.arange(0, high - int(lens.max()) + 1, 4, device=device)
         taus, per_pos = [], []
         for i in range(0, tokens.shape[0], 16):
             chunk = tokens[i : i + 16]
-            anchors = torch.arange(low, high + 1, 4, device=chunk.device).expand(chunk.shape[0], -1)
+            anchors = lens[i : i + 16, None] + steps
             _, metrics = block_loss(self.drafter, self.target, chunk, anchors, self.block_size, self.config.gamma)
             taus.append(metrics["tau"])
             per_pos.append(metrics["per_position"])
@@ -395,14 +398,15 @@ class DrafterTrainer:
         while self.step < self.config.steps:
             if self.step == first + 3:
                 t_timed = time.perf_counter()
-            tokens = next(batches).to(device)
+            batch = next(batches)
+            tokens = batch.tokens.to(device)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step)
             loss, _ = block_loss(
                 self.drafter,
                 self.target,
                 tokens,
-                self._anchors(tokens),
+                self._anchors(batch).to(device),
                 self.block_size,
                 self.config.gamma,
                 self.config.distill,

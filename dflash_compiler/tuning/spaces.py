@@ -8,7 +8,7 @@ Optuna trial (the lowering first: only the Triton lowering has further parameter
 pruned (it cannot run on the profile, or its tiles overhang the dimension they cover; None if it is kept),
 `default` is the point the launcher runs when given no config, and `config` turns a point into the (lowering,
 config) that the database stores and the launchers take. The vendor GEMM is a lowering of the linear space at every
-row count, so the crossover (runtime/step_model.py's VENDOR_GEMM_MIN_ROWS, the default) is measured per shape.
+row count, so the crossover (graph/ops.py's VENDOR_GEMM_MIN_ROWS, the default) is measured per shape.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from ..codegen.triton import linear as linear_kernels
 from ..codegen.triton.accept import _chunking
 from ..codegen.weight_formats import DenseWeight, FP8BlockWeight, FP8ChannelWeight, Int4Weight
 from ..errors import DFlashError
+from ..graph.ops import VENDOR_GEMM_MIN_ROWS
 from ..hw_profiles import HardwareProfile
-from ..runtime.step_model import VENDOR_GEMM_MIN_ROWS
 
 Params = dict[str, Any]
 

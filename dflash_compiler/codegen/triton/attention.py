@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dflash_compiler.codegen.triton.device import gpu_facts
+
 _LOG2E = 1.4426950408889634
 
 
@@ -303,9 +305,8 @@ def _combine_kernel(
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
+    facts = gpu_facts(device)
+    return 132 if facts is None else facts.sm_count
 
 
 def default_config(rows: int, head_dim: int) -> AttentionConfig:

@@ -21,7 +21,6 @@ Scales are applied per chunk to the fp32 partial products. Epilogues: residual a
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +28,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from dflash_compiler.codegen.triton.device import gpu_facts
 from dflash_compiler.codegen.weight_formats import DenseWeight, FP8BlockWeight, FP8ChannelWeight, Int4Weight
 
 DENSE, FP8_CHANNEL, FP8_BLOCK, INT4 = 0, 1, 2, 3
@@ -397,11 +397,9 @@ def _m_bucket(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
 
 
-@functools.cache
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    facts = gpu_facts(device)
+    return 4 if facts is None else facts.sm_count
 
 
 def default_config(
@@ -480,9 +478,9 @@ def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Ten
     return ws, cnt
 
 
-@functools.cache
 def _fp8_dot_default(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    facts = gpu_facts(device)
+    return facts is not None and facts.capability >= (8, 9)
 
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -530,7 +528,7 @@ def linear(
     if config is None:
         # The default's shared-memory use depends on dtypes the table does not model (fp32 activations and
         # weights); a default that does not fit is shrunk until it does, once per shape class.
-        key = (type(weight).__name__, _m_bucket(m), n_out, k, swiglu, x.dtype, x.device)
+        key = (type(weight).__name__, _m_bucket(m), n_out, k, swiglu, x.dtype, x.device, gpu_facts(x.device))
         config = _FITTED.get(key) or default_config(weight, m, n_out, k, x.device, swiglu)
         while True:
             try:

@@ -1,0 +1,299 @@
+"""The compile pipeline for one speculative step: trace the models' step phases, run the passes, lower every op
+node to an implementation, build the weights.
+
+One graph per phase: the whole step (verify -> accept -> commit -> draft) per (sampled, simulated) with a dynamic
+row count (one graph for every batch bucket), the first draft of a request joining (one row), and a prefill
+chunk (dynamic length). Graphs are traced on the meta device, so compiling needs no weights; the weights are
+built from the model's tensors by the recipes the passes left, shared by every graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..errors import DFlashError
+from ..models.drafter import DFlashDrafter
+from ..models.paged import PAGE_SIZE, Pools
+from ..models.step import SpeculativeStep
+from ..models.target import TargetModel
+from . import ops as dflash_ops
+from .ir import Weights, is_dflash, kernel_launches, op_counts
+from .passes import default_passes, run_passes
+from .trace import bind_weights, trace, weight_names, weight_sources
+
+QUANTS = ("bf16", "fp8", "fp8_block", "int4")
+MAX_ROWS = 65
+
+
+def new_pools(
+    step: SpeculativeStep, rows: int, pages: int, pages_per_row: int, device, dtype, sampled: bool = False
+) -> Pools:
+    """Zeroed pools for a step's models: `rows` request rows, `pages` KV pages of PAGE_SIZE tokens."""
+    cfg, b = step.target.cfg, step.block_size
+    n_gdn = len(cfg.gdn_layers)
+    kv = (pages, cfg.num_kv_heads, PAGE_SIZE, cfg.head_dim)
+    ctx_k = ctx_v = None
+    if step.drafter is not None:
+        dc = step.drafter.cfg
+        shape = (dc.num_layers, pages, dc.num_kv_heads, PAGE_SIZE, dc.head_dim)
+        ctx_k, ctx_v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+    state = (n_gdn, rows, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+    draft_probs = None
+    if sampled and b > 1:
+        draft_probs = torch.zeros(rows, b - 1, cfg.vocab_size, device=device)
+    return Pools(
+        tokens=torch.zeros(rows, b, dtype=torch.long, device=device),
+        cache_lens=torch.zeros(rows, dtype=torch.int32, device=device),
+        active=torch.zeros(rows, dtype=torch.bool, device=device),
+        block_table=torch.zeros(rows, pages_per_row, dtype=torch.int32, device=device),
+        temperature=torch.zeros(rows, device=device),
+        top_k=torch.zeros(rows, dtype=torch.long, device=device),
+        top_p=torch.ones(rows, device=device),
+        out_tokens=torch.zeros(rows, b, dtype=torch.long, device=device),
+        out_count=torch.zeros(rows, dtype=torch.int32, device=device),
+        gdn_state=torch.zeros(state, device=device),
+        conv_window=torch.zeros(
+            n_gdn, rows, cfg.gdn_conv_dim, max(cfg.linear_conv_kernel_dim - 1, 0), device=device, dtype=dtype
+        ),
+        k_cache=[torch.zeros(kv, device=device, dtype=dtype) for _ in cfg.attention_layers],
+        v_cache=[torch.zeros(kv, device=device, dtype=dtype) for _ in cfg.attention_layers],
+        ctx_k=ctx_k,
+        ctx_v=ctx_v,
+        profile=torch.zeros(max(b - 1, 0), device=device),
+        draft_probs=draft_probs,
+    )
+
+
+@dataclass
+class CompiledGraph:
+    name: str
+    gm: fx.GraphModule
+    passes: dict[str, int]
+    ops_before: dict[str, int]
+    launches_before: int
+
+    @property
+    def ops(self) -> dict[str, int]:
+        return dict(op_counts(self.gm))
+
+    @property
+    def launches(self) -> int:
+        return kernel_launches(self.gm)
+
+    def __call__(self, *args):
+        return self.gm(*args)
+
+
+class StepGraphs:
+    """The weight-free graphs of one step configuration, traced on demand once, and after the passes; with the
+    recipes of the weights they read. Shared by every compile of the same models' configuration in a process
+    (`with_passes` derives another pass pipeline from the same traces)."""
+
+    def __init__(self, real_step: SpeculativeStep, quant: str = "bf16", passes=None):
+        self.quant = quant
+        self.passes = default_passes(quant) if passes is None else list(passes)
+        self.step = _meta_copy(real_step)
+        self.traced_weights = Weights(sources=weight_sources(self.step))  # the traces' own sources, shared
+        self.weights = Weights(self.traced_weights.sources)
+        self.traced: dict[str, fx.GraphModule] = {}  # before any pass, shared with derived pipelines
+        self.templates: dict[str, CompiledGraph] = {}
+        self.derived: dict[tuple, StepGraphs] = {}
+
+    def with_passes(self, quant: str, passes=None) -> StepGraphs:
+        """The same traces under another pass pipeline (the default one of quant when passes is None)."""
+        key = (quant, None if passes is None else tuple(p.__name__ for p in passes))
+        if key not in self.derived:
+            other = copy.copy(self)
+            other.quant = quant
+            other.passes = default_passes(quant) if passes is None else list(passes)
+            other.weights = Weights(self.traced_weights.sources)
+            other.templates, other.derived = {}, {}
+            self.derived[key] = other
+        return self.derived[key]
+
+    def template(self, name: str) -> CompiledGraph:
+        if name not in self.templates:
+            if name not in self.traced:
+                fn, args, dynamic = self._phase(name)
+                self.traced[name] = trace(self.step, fn, args, self.traced_weights, dynamic)
+            for recipe_name, recipe in self.traced_weights.recipes.items():
+                self.weights.recipes.setdefault(recipe_name, recipe)
+            gm = copy.deepcopy(self.traced[name])
+            before, launches = dict(op_counts(gm)), kernel_launches(gm)
+            counts = run_passes(gm, self.weights, self.passes)
+            self.templates[name] = CompiledGraph(name, gm, counts, before, launches)
+        return self.templates[name]
+
+    def _phase(self, name: str):
+        step, dtype = self.step, self.step.target.embed_tokens.weight.dtype
+        sampled, simulated = "sampled" in name, "simulated" in name
+        if simulated and step.drafter is None:
+            raise DFlashError("simulated acceptance needs a drafter (block size > 1)")
+        pages_per_row = -(-step.max_len // PAGE_SIZE)
+        pages = torch.export.Dim("pages", min=2, max=1 << 24)
+        # more pool rows than any graph sees, so no row count equals the pools' (their strides differ from a view's)
+        pools = new_pools(step, MAX_ROWS + 1, 4, pages_per_row, "meta", dtype, sampled=sampled)
+        one = pools.rows(slice(MAX_ROWS, MAX_ROWS + 1))
+        if name.startswith("step"):
+
+            def step_fn(p):
+                vout = step.verify(p)
+                bonus = step.accept_commit(p, vout, sampled, simulated)
+                step.draft(p, bonus, vout.table, sampled, vout.features, vout.positions)
+
+            view = pools.rows(slice(0, 2))
+            return step_fn, (view,), (view.dynamic_shapes(torch.export.Dim("rows", min=1, max=MAX_ROWS), pages),)
+        if name.startswith("join"):
+            anchor = torch.zeros(1, dtype=torch.long, device="meta")
+            spec = (one.dynamic_shapes(None, pages), None)
+            return (lambda p, a: step.draft(p, a, p.block_table, sampled)), (one, anchor), spec
+        if name == "prefill":
+            one.draft_probs = None
+            ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
+            start = torch.zeros(1, dtype=torch.int32, device="meta")
+            tokens = torch.export.Dim("tokens", min=1, max=max(step.max_len, 2))
+            return step.prefill, (one, ids, start), (one.dynamic_shapes(None, pages), {1: tokens}, None)
+        raise KeyError(name)
+
+
+def graph_name(phase: str, sampled: bool = False, simulated: bool = False) -> str:
+    """The graph of a phase: "step", "step_sampled", "step_simulated", "step_sampled_simulated", "join",
+    "join_sampled" or "prefill"."""
+    return phase + ("_sampled" if sampled else "") + ("_simulated" if simulated else "")
+
+
+class CompiledStep:
+    """The compiled graphs of one step on a device, and their weights. Graphs are lowered on first use; the
+    weights are built once, for the graphs every runtime needs, and shared by all."""
+
+    EAGER = ("step", "join", "prefill")
+
+    def __init__(self, graphs: StepGraphs, sources: dict[str, torch.Tensor], backend: str, device: torch.device):
+        t0 = time.perf_counter()
+        self.graphs_def, self.backend, self.device = graphs, backend, device
+        self.step = graphs.step  # the models on the meta device: configuration and shapes only
+        self.quant = graphs.quant
+        self.graphs: dict[str, CompiledGraph] = {}
+        names = [n for g in self.EAGER for n in weight_names(graphs.template(g).gm)]
+        self.weights = Weights(sources, dict(graphs.weights.recipes)).materialize(names, device)
+        for name in self.EAGER:
+            self.graph(name)
+        self.compile_seconds = time.perf_counter() - t0
+
+    def graph(self, name: str) -> CompiledGraph:
+        if name not in self.graphs:
+            template = self.graphs_def.template(name)
+            gm = copy.deepcopy(template.gm)
+            missing = [n for n in weight_names(gm) if n not in self.weights]
+            if missing:
+                raise DFlashError(f"graph {name}: weights {missing[:3]} were not built with the step")
+            lower(gm, self.backend, self.device)
+            bind_weights(gm, self.weights)
+            self.graphs[name] = CompiledGraph(name, gm, template.passes, template.ops_before, template.launches_before)
+        return self.graphs[name]
+
+    def plan(self) -> list[dict]:
+        """Every op node of every lowered graph with its implementation."""
+        return [
+            {"graph": g.name, "node": node.name, **node.meta["lowering"]}
+            for g in self.graphs.values()
+            for node in g.gm.graph.nodes
+            if "lowering" in node.meta
+        ]
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.weights.values())
+
+
+def lower(gm: fx.GraphModule, backend: str, device: torch.device) -> int:
+    """Gives every dflash op node its implementation (the node calls that function from now on), and places the
+    tensors the graph creates (traced on meta) on device."""
+    count = 0
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device):
+            node.update_kwarg("device", device)
+        if not is_dflash(node):
+            continue
+        op = node.target._opname
+        node.meta["lowering"] = {"op": op, "impl": backend}
+        node.target = dflash_ops.implementation(op, backend)
+        count += 1
+    gm.recompile()
+    return count
+
+
+def compile_step(
+    target: TargetModel,
+    drafter: DFlashDrafter | None,
+    block_size: int,
+    *,
+    quant: str = "bf16",
+    backend: str = "reference",
+    max_len: int,
+    release_sources: bool = False,
+) -> CompiledStep:
+    """Compiles the step of (target, drafter) at block_size for caches of up to max_len positions per row.
+
+    The graphs are traced on meta copies of the models; the weights are built from the given models' tensors on
+    their device. With release_sources, the given models' parameters are dropped as they are converted (the
+    modules cannot run afterwards)."""
+    if quant not in QUANTS:
+        raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if backend not in dflash_ops.BACKENDS:
+        raise DFlashError(f"parameter 'backend' must be one of {', '.join(dflash_ops.BACKENDS)}, got {backend!r}")
+    device = target.embed_tokens.weight.device
+    real_step = SpeculativeStep(target, drafter, block_size, max_len)
+    sources = weight_sources(real_step)
+    key = (repr(target.cfg), repr(drafter.cfg) if drafter is not None else None, block_size, max_len,
+           tuple((n, t.dtype, tuple(t.shape)) for n, t in sources.items()))  # fmt: skip
+    traced = _STEP_GRAPHS.get(key)
+    if traced is None:
+        traced = _STEP_GRAPHS[key] = StepGraphs(real_step)
+    graphs = traced.with_passes(quant)
+    if release_sources:
+        _release_parameters(target, drafter)
+    return CompiledStep(graphs, sources, backend, device)
+
+
+# Traced graphs by model configuration: a second engine of the same shapes in a process skips tracing.
+_STEP_GRAPHS: dict[tuple, StepGraphs] = {}
+
+
+def _meta_copy(step: SpeculativeStep) -> SpeculativeStep:
+    """The same step on meta models (configuration and shapes, no weights)."""
+    target = step.target
+    with torch.device("meta"):
+        meta_target = TargetModel(target.cfg).to(target.embed_tokens.weight.dtype)
+        meta_drafter = None
+        if step.drafter is not None:
+            meta_drafter = DFlashDrafter(step.drafter.cfg, target.cfg.hidden_size).to(step.drafter.fc.weight.dtype)
+    _copy_float_buffers(target, meta_target)
+    if step.drafter is not None:
+        _copy_float_buffers(step.drafter, meta_drafter)
+    return SpeculativeStep(meta_target, meta_drafter, step.block_size, step.max_len)
+
+
+def _copy_float_buffers(src, dst) -> None:
+    # buffers (inv_freq) keep their dtype as the real module has it
+    for name, buf in src.named_buffers():
+        module = dst.get_submodule(name.rsplit(".", 1)[0]) if "." in name else dst
+        module._buffers[name.rsplit(".", 1)[-1]] = torch.empty_like(buf, device="meta")
+    for name, p in src.named_parameters():
+        module = dst.get_submodule(name.rsplit(".", 1)[0]) if "." in name else dst
+        leaf = name.rsplit(".", 1)[-1]
+        if module._parameters.get(leaf) is not None and module._parameters[leaf].dtype != p.dtype:
+            module._parameters[leaf] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _release_parameters(*modules) -> None:
+    for m in modules:
+        if m is None:
+            continue
+        for sub in m.modules():
+            for name in list(sub._parameters):
+                sub._parameters[name] = None

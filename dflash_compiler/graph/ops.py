@@ -1,0 +1,508 @@
+"""The IR's vocabulary: the project's ops as `torch.ops.dflash.*` custom ops.
+
+Each op is one node in an exported graph. Its default implementation is the PyTorch lowering in
+`codegen/reference.py` (any device), and its fake implementation gives shapes on the meta device, so the step
+functions of `models/` trace weight-free. On CUDA the Triton kernels are registered as the op's CUDA kernel; the
+lowering pass (graph/lower.py) may pick another implementation per node.
+
+Ops never return an input or a view of one; the ones that write caches or states in place declare it
+(`mutates_args`) and return nothing. Weight formats travel as their tensors plus a format name (`fmt`):
+"dense" (weight), "fp8_channel" (qweight, scale), "fp8_block" (qweight, scale_inv) and "int4" (qweight, scales,
+qzeros or None, group_size).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..codegen import reference
+from ..codegen.weight_formats import DenseWeight, FP8BlockWeight, FP8ChannelWeight, Int4Weight
+
+LINEAR_FORMATS = ("dense", "fp8_channel", "fp8_block", "int4")
+# Rows from which a CUDA linear goes to the vendor GEMM instead of the Triton kernel (codegen/vendor_gemm.py): below
+# it a step reads weights, from about here on it is compute-bound. A default until the tuning database measures
+# the crossover per shape.
+VENDOR_GEMM_MIN_ROWS = 64
+
+
+def weight_format(fmt: str, weight: Tensor, scale: Tensor | None, zeros: Tensor | None, in_features: int, group: int):
+    """The codegen weight object of a linear node's tensors."""
+    if fmt == "dense":
+        return DenseWeight(weight)
+    if fmt == "fp8_channel":
+        return FP8ChannelWeight(weight, scale)
+    if fmt == "fp8_block":
+        return FP8BlockWeight(weight, scale)
+    if fmt == "int4":
+        return Int4Weight(weight, scale, zeros, in_features, group)
+    raise ValueError(f"fmt: expected one of {', '.join(LINEAR_FORMATS)}, got {fmt!r}")
+
+
+def _linear_out(x: Tensor, weight: Tensor, fmt: str, swiglu: bool) -> Tensor:
+    n = weight.shape[0]
+    return x.new_empty(x.shape[0], n // 2 if swiglu else n)
+
+
+def _linear_epilogue(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
+    if bias is not None:
+        y = y + bias
+    return y if residual is None else y + residual
+
+
+def _run_linear(impl, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu) -> Tensor:
+    w = weight_format(fmt, weight, scale, zeros, x.shape[1], group_size)
+    if bias is None:
+        return impl(x, w, residual=residual, swiglu=swiglu)
+    return _linear_epilogue(impl(x, w, swiglu=swiglu), bias, residual)
+
+
+@torch.library.custom_op("dflash::linear", mutates_args=())
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None = None,
+    zeros: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    fmt: str = "dense",
+    group_size: int = 128,
+    swiglu: bool = False,
+) -> Tensor:
+    """y = x [M, K] @ W^T in any weight format, then silu(gate) * up (W = [gate; up]) or + bias + residual."""
+    return _run_linear(reference.linear, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu)
+
+
+@linear.register_fake
+def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False):
+    return _linear_out(x, weight, fmt, swiglu)
+
+
+@torch.library.custom_op("dflash::swiglu", mutates_args=())
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up in fp32, rounded once (the linear epilogue's rounding)."""
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+@swiglu.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("dflash::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float, zero_centered: bool) -> Tensor:
+    return reference.rms_norm(x, weight, eps, zero_centered=zero_centered)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, zero_centered):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dflash::gated_rms_norm", mutates_args=())
+def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The Gated DeltaNet output norm over the last dim of x [T, HV, V], gated by silu(gate)."""
+    from ..models import ops as model_ops
+
+    return model_ops.gated_rms_norm(x, gate, weight, eps).contiguous()
+
+
+@gated_rms_norm.register_fake
+def _(x, gate, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dflash::qk_norm_rope_write", mutates_args=("k_cache", "v_cache"))
+def qk_norm_rope_write(
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    q_norm: Tensor | None,
+    k_norm: Tensor | None,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seq_idx: Tensor,
+    positions: Tensor,
+    block_table: Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    gated: bool,
+    zero_centered: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per-head q/k RMSNorm (when the norm weights are given), RoPE, and the roped k and v written into the paged
+    caches at (seq_idx, positions). Returns q [T, Hq, D] and the output gate [T, Hq*D] (empty when not gated)."""
+    return _qk_norm_rope_write(reference.qk_norm_rope, q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, k_cache,
+                               v_cache, seq_idx, positions, block_table, num_q_heads, num_kv_heads, eps, gated,
+                               zero_centered)  # fmt: skip
+
+
+def _qk_norm_rope_write(impl, q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, k_cache, v_cache, seq_idx,
+                        positions, block_table, num_q_heads, num_kv_heads, eps, gated, zero_centered):  # fmt: skip
+    tokens, d = q_proj.shape[0], k_cache.shape[-1]
+    if q_norm is None:  # no q/k norm (Llama): RoPE and the paged write in PyTorch
+        from ..models import ops as model_ops
+
+        heads = q_proj.view(tokens, num_q_heads, 1, d).transpose(0, 2)  # apply_rope's [B, H, T, D], B = 1
+        q = model_ops.apply_rope(heads, cos[None], sin[None]).transpose(0, 2).reshape(tokens, num_q_heads, d)
+        heads = k_proj.view(tokens, num_kv_heads, 1, d).transpose(0, 2)
+        k = model_ops.apply_rope(heads, cos[None], sin[None]).transpose(0, 2).reshape(tokens, num_kv_heads, d)
+        page = k_cache.shape[2]
+        rows = block_table[seq_idx.long(), positions.long() // page].long()
+        slots = positions.long() % page
+        k_cache[rows, :, slots] = k.to(k_cache.dtype)
+        v_cache[rows, :, slots] = v_proj.view(tokens, num_kv_heads, d).to(v_cache.dtype)
+        return q.contiguous(), q_proj.new_empty(0)
+    q, _, gate = impl(
+        q_proj,
+        k_proj,
+        q_norm,
+        k_norm,
+        cos,
+        sin,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        eps=eps,
+        gated=gated,
+        zero_centered=zero_centered,
+        v_proj=v_proj,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        seq_idx=seq_idx,
+        positions=positions,
+        block_table=block_table,
+    )
+    return q, (gate if gate is not None else q_proj.new_empty(0))
+
+
+@qk_norm_rope_write.register_fake
+def _(q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, block_table,
+      num_q_heads, num_kv_heads, eps, gated, zero_centered):  # fmt: skip
+    d = k_cache.shape[-1]
+    gate = q_proj.new_empty(q_proj.shape[0], num_q_heads * d) if gated else q_proj.new_empty(0)
+    return q_proj.new_empty(q_proj.shape[0], num_q_heads, d), gate
+
+
+@torch.library.custom_op("dflash::qk_norm_rope", mutates_args=())
+def qk_norm_rope(
+    q_proj: Tensor,
+    k_proj: Tensor,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-head plain q/k RMSNorm then RoPE (the drafter's block queries and keys): q [T, Hq, D], k [T, Hkv, D]."""
+    return _qk_norm_rope(reference.qk_norm_rope, q_proj, k_proj, q_norm, k_norm, cos, sin, num_q_heads,
+                         num_kv_heads, eps)  # fmt: skip
+
+
+def _qk_norm_rope(impl, q_proj, k_proj, q_norm, k_norm, cos, sin, num_q_heads, num_kv_heads, eps):
+    q, k, _ = impl(q_proj, k_proj, q_norm, k_norm, cos, sin, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                   eps=eps, gated=False, zero_centered=False)  # fmt: skip
+    return q, k
+
+
+@qk_norm_rope.register_fake
+def _(q_proj, k_proj, q_norm, k_norm, cos, sin, num_q_heads, num_kv_heads, eps):
+    d = q_norm.shape[0]
+    return q_proj.new_empty(q_proj.shape[0], num_q_heads, d), k_proj.new_empty(k_proj.shape[0], num_kv_heads, d)
+
+
+@torch.library.custom_op("dflash::context_kv_write", mutates_args=("k_cache", "v_cache"))
+def context_kv_write(
+    kv: Tensor,
+    k_norm: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seq_idx: Tensor,
+    positions: Tensor,
+    block_table: Tensor,
+    eps: float,
+) -> None:
+    """The drafter's context K/V of every layer: kv [T, layers*2*Hkv*D] (per layer [k | v]), k normed per layer
+    (k_norm [layers, D]) and roped, both written through the block table into [layers, pages, Hkv, PAGE, D]."""
+    reference.context_kv_write(
+        kv, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, eps=eps, block_table=block_table
+    )
+
+
+@context_kv_write.register_fake
+def _(kv, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, block_table, eps):
+    return None
+
+
+@torch.library.custom_op("dflash::verify_attention", mutates_args=())
+def verify_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, block_table: Tensor, max_len: int
+) -> Tensor:
+    """Causal attention of a verify block q [N, T, Hq, D] over paged keys (its own already written)."""
+    return reference.verify_attention(q, k_cache, v_cache, cache_lens, block_table=block_table, max_len=max_len)
+
+
+@verify_attention.register_fake
+def _(q, k_cache, v_cache, cache_lens, block_table, max_len):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dflash::draft_attention", mutates_args=())
+def draft_attention(
+    q: Tensor,
+    k_block: Tensor,
+    v_block: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    ctx_lens: Tensor,
+    block_table: Tensor,
+    causal: bool,
+    window: int,
+    max_len: int,
+) -> Tensor:
+    """Draft-block queries over the paged context and the block's own keys (full, or causal and windowed)."""
+    return reference.draft_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, block_table=block_table,
+                                     causal=causal, window=window, max_len=max_len)  # fmt: skip
+
+
+@draft_attention.register_fake
+def _(q, k_block, v_block, k_cache, v_cache, ctx_lens, block_table, causal, window, max_len):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dflash::causal_conv1d_update", mutates_args=())
+def causal_conv1d_update(x: Tensor, window: Tensor, weight: Tensor) -> Tensor:
+    """silu(depthwise causal conv1d) of x [N, T, C] continuing from window [N, C, W-1]; the window is unchanged."""
+    return reference.causal_conv1d_update(x, window, weight)
+
+
+@causal_conv1d_update.register_fake
+def _(x, window, weight):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dflash::conv_window_commit", mutates_args=("window",))
+def conv_window_commit(window: Tensor, x: Tensor, idx: Tensor) -> None:
+    """window[n] becomes the conv window after block position idx[n] of x [N, T, C] (-1 keeps it)."""
+    reference.conv_window_commit(window, x, idx)
+
+
+@conv_window_commit.register_fake
+def _(window, x, idx):
+    return None
+
+
+@torch.library.custom_op("dflash::gdn_verify", mutates_args=())
+def gdn_verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor,
+               state: Tensor) -> Tensor:  # fmt: skip
+    """The gated delta rule over a verify block from state (left unchanged): o [N, T, HV, V]."""
+    o, _ = reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0)
+    return o
+
+
+@gdn_verify.register_fake
+def _(q, k, v, a, b, a_log, dt_bias, state):
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dflash::gdn_commit", mutates_args=("state", "window"))
+def gdn_commit(state: Tensor, idx: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Tensor,
+               dt_bias: Tensor, window: Tensor, x: Tensor) -> None:  # fmt: skip
+    """state[n] and window[n] become those after block position idx[n] (-1 keeps them), by replaying the block's
+    saved k/v/a/b and conv input x."""
+    reference.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, window=window, x=x)
+
+
+@gdn_commit.register_fake
+def _(state, idx, k, v, a, b, a_log, dt_bias, window, x):
+    return None
+
+
+@torch.library.custom_op("dflash::gdn_prefill", mutates_args=("state", "window"))
+def gdn_prefill(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor,
+                state: Tensor, window: Tensor, x: Tensor) -> Tensor:  # fmt: skip
+    """The chunked gated delta rule over a prefill chunk: returns o; state and the conv window advance in place to
+    the chunk's last position."""
+    return _gdn_prefill(reference, q, k, v, a, b, a_log, dt_bias, state, window, x)
+
+
+def _gdn_prefill(impl, q, k, v, a, b, a_log, dt_bias, state, window, x) -> Tensor:
+    o, _ = impl.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, final_state=state)
+    last = torch.full((x.shape[0],), x.shape[1] - 1, dtype=torch.int32, device=x.device)
+    impl.conv_window_commit(window, x, last)
+    return o
+
+
+@gdn_prefill.register_fake
+def _(q, k, v, a, b, a_log, dt_bias, state, window, x):
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dflash::greedy_accept", mutates_args=())
+def greedy_accept(draft_tokens: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(accepted [N], bonus [N]): the longest prefix of the drafts equal to the target's argmax, and the argmax
+    after it."""
+    res = reference.greedy_accept(draft_tokens, logits)
+    return res.num_accepted.clone(), res.bonus.clone()
+
+
+@greedy_accept.register_fake
+def _(draft_tokens, logits):
+    n = draft_tokens.shape[0]
+    return draft_tokens.new_empty(n, dtype=torch.long), draft_tokens.new_empty(n, dtype=torch.long)
+
+
+@torch.library.custom_op("dflash::rejection_accept", mutates_args=())
+def rejection_accept(
+    draft_tokens: Tensor, target_probs: Tensor, draft_probs: Tensor, u_accept: Tensor, u_sample: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(accepted [N], bonus [N]) of speculative rejection sampling over probabilities."""
+    res = reference.rejection_accept(draft_tokens, target_probs, draft_probs, u_accept, u_sample)
+    return res.num_accepted.clone(), res.bonus.clone()
+
+
+@rejection_accept.register_fake
+def _(draft_tokens, target_probs, draft_probs, u_accept, u_sample):
+    n = draft_tokens.shape[0]
+    return draft_tokens.new_empty(n, dtype=torch.long), draft_tokens.new_empty(n, dtype=torch.long)
+
+
+# ---- CUDA kernels -----------------------------------------------------------------------------------------------
+
+
+# The Python functions behind the ops' CUDA kernels, by op name (what the lowering pass puts in a graph).
+TRITON_IMPLEMENTATIONS: dict = {}
+
+
+def _register_cuda_kernels() -> None:
+    """The Triton kernels (and the vendor GEMM from VENDOR_GEMM_MIN_ROWS rows) as the ops' CUDA implementations."""
+    from ..codegen import vendor_gemm
+    from ..codegen.triton import accept as t_accept
+    from ..codegen.triton import attention as t_attention
+    from ..codegen.triton import fused_ops as t_fused
+    from ..codegen.triton import gdn as t_gdn
+    from ..codegen.triton import linear as t_linear
+
+    def kernel(op):
+        def register(fn):
+            op.register_kernel("cuda", fn)
+            TRITON_IMPLEMENTATIONS[op._name] = fn
+            return fn
+
+        return register
+
+    def linear_by_rows(x, w, **kwargs):
+        if x.shape[0] >= VENDOR_GEMM_MIN_ROWS and vendor_gemm.supports(x, w):
+            return vendor_gemm.linear(x, w, **kwargs)
+        return t_linear.linear(x, w, **kwargs)
+
+    @kernel(linear)
+    def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False):
+        return _run_linear(linear_by_rows, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu)
+
+    @kernel(rms_norm)
+    def _(x, weight, eps, zero_centered):
+        return t_fused.rms_norm(x, weight, eps, zero_centered=zero_centered)
+
+    @kernel(qk_norm_rope_write)
+    def _(q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, block_table,
+          num_q_heads, num_kv_heads, eps, gated, zero_centered):  # fmt: skip
+        return _qk_norm_rope_write(t_fused.qk_norm_rope, q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, k_cache,
+                                   v_cache, seq_idx, positions, block_table, num_q_heads, num_kv_heads, eps, gated,
+                                   zero_centered)  # fmt: skip
+
+    @kernel(qk_norm_rope)
+    def _(q_proj, k_proj, q_norm, k_norm, cos, sin, num_q_heads, num_kv_heads, eps):
+        return _qk_norm_rope(t_fused.qk_norm_rope, q_proj, k_proj, q_norm, k_norm, cos, sin, num_q_heads,
+                             num_kv_heads, eps)  # fmt: skip
+
+    @kernel(context_kv_write)
+    def _(kv, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, block_table, eps):
+        t_fused.context_kv_write(kv, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, eps=eps,
+                                 block_table=block_table)  # fmt: skip
+
+    @kernel(verify_attention)
+    def _(q, k_cache, v_cache, cache_lens, block_table, max_len):
+        return t_attention.verify_attention(q, k_cache, v_cache, cache_lens, block_table=block_table, max_len=max_len)
+
+    @kernel(draft_attention)
+    def _(q, k_block, v_block, k_cache, v_cache, ctx_lens, block_table, causal, window, max_len):
+        return t_attention.draft_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, block_table=block_table,
+                                           causal=causal, window=window, max_len=max_len)  # fmt: skip
+
+    @kernel(causal_conv1d_update)
+    def _(x, window, weight):
+        return t_gdn.causal_conv1d_update(x, window, weight)
+
+    @kernel(conv_window_commit)
+    def _(window, x, idx):
+        t_gdn.conv_window_commit(window, x, idx)
+
+    @kernel(gdn_verify)
+    def _(q, k, v, a, b, a_log, dt_bias, state):
+        o, _ = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0)
+        return o
+
+    @kernel(gdn_commit)
+    def _(state, idx, k, v, a, b, a_log, dt_bias, window, x):
+        t_gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, window=window, x=x)
+
+    @kernel(gdn_prefill)
+    def _(q, k, v, a, b, a_log, dt_bias, state, window, x):
+        return _gdn_prefill(t_gdn, q, k, v, a, b, a_log, dt_bias, state, window, x)
+
+    @kernel(greedy_accept)
+    def _(draft_tokens, logits):
+        res = t_accept.greedy_accept(draft_tokens, logits)
+        return res.num_accepted.clone(), res.bonus.clone()
+
+    @kernel(rejection_accept)
+    def _(draft_tokens, target_probs, draft_probs, u_accept, u_sample):
+        res = t_accept.rejection_accept(draft_tokens, target_probs, draft_probs, u_accept, u_sample)
+        return res.num_accepted.clone(), res.bonus.clone()
+
+
+if torch.cuda.is_available():
+    _register_cuda_kernels()
+
+
+# ---- implementations by name ------------------------------------------------------------------------------------
+
+OPS = {
+    op._name: op
+    for op in (
+        linear,
+        swiglu,
+        rms_norm,
+        gated_rms_norm,
+        qk_norm_rope_write,
+        qk_norm_rope,
+        context_kv_write,
+        verify_attention,
+        draft_attention,
+        causal_conv1d_update,
+        conv_window_commit,
+        gdn_verify,
+        gdn_commit,
+        gdn_prefill,
+        greedy_accept,
+        rejection_accept,
+    )  # fmt: skip
+}
+BACKENDS = ("reference", "triton")
+
+
+def implementation(op: str, backend: str):
+    """The Python function implementing dflash op `op` with `backend`: "reference" (PyTorch, any device) or
+    "triton" (the kernels; ops without a kernel use their reference)."""
+    custom = OPS[op]
+    if backend == "reference":
+        return custom._init_fn
+    if backend == "triton":
+        return TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
+    raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")

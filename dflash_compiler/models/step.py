@@ -1,0 +1,133 @@
+"""One speculative step over pooled state, for every running request at once, defined on the models.
+
+verify each row's block `[anchor, d1..d(B-1)]` on the target -> accept on device -> commit (KV length; the GDN
+state of the accepted position, replayed from the block's saved inputs) -> write the verified tokens' tapped
+features into the drafter's context K/V -> draft the next block. Every input and output lives in `Pools` and
+nothing reads a value back to the host, so the compiler traces each phase (graph/) and the runtime captures the
+compiled step as a CUDA graph per batch bucket.
+
+Rows whose `active` flag is off (free rows inside a bucket) compute on the scratch page 0 and change nothing that
+a live row reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .drafter import DFlashDrafter
+from .paged import Pools, VerifyOut, dflash, project
+from .target import TargetModel
+
+
+def _sampling():
+    from ..runtime import sampling  # the acceptance and sampling rules (lazy: the runtime imports the models)
+
+    return sampling
+
+
+class SpeculativeStep(nn.Module):
+    """The step's phases over `Pools` row views. block_size 1 (or no drafter) is autoregressive decoding."""
+
+    def __init__(self, target: TargetModel, drafter: DFlashDrafter | None, block_size: int, max_len: int = 0):
+        super().__init__()
+        self.target = target
+        self.drafter = drafter if block_size > 1 else None
+        self.block_size = block_size
+        self.max_len = max_len  # host bound on cache length + block (sizes attention splits)
+        self.taps = tuple(drafter.cfg.target_layer_ids) if self.drafter is not None else ()
+
+    def verify(self, pools: Pools) -> VerifyOut:
+        act = pools.active
+        lens = torch.where(act, pools.cache_lens, 0)
+        table = pools.block_table * act.unsqueeze(1).to(torch.int32)  # free rows write to scratch page 0
+        return self.target.paged_forward(pools, pools.tokens, lens, table, "verify", self.taps, self.max_len)
+
+    def accept_commit(self, pools: Pools, vout: VerifyOut, sampled: bool, simulated: bool) -> torch.Tensor:
+        """Accepts on device, writes the committed tokens to out_tokens/out_count, commits the GDN states and
+        the cache lengths. Returns the bonus tokens [N] (the next anchors)."""
+        sampling = _sampling()
+        b, act, logits = self.block_size, pools.active, vout.logits
+        n = act.shape[0]
+        drafts = pools.tokens[:, 1:]
+        if b == 1:
+            bonus = logits[:, 0].argmax(-1)
+            if sampled:
+                probs = self._probs(pools, logits[:, 0])
+                drawn = sampling.sample_from(probs, torch.rand(n, device=logits.device))
+                bonus = torch.where(pools.temperature > 0, drawn, bonus)
+            accepted = torch.zeros_like(bonus)
+        else:
+            accepted, bonus = dflash.greedy_accept(drafts, logits)
+            if sampled:
+                p = self._probs(pools, logits)
+                u_accept = torch.rand(n, b - 1, device=logits.device)
+                u_sample = torch.rand(n, device=logits.device)
+                rs_accepted, rs_bonus = dflash.rejection_accept(drafts, p, pools.draft_probs, u_accept, u_sample)
+                greedy_row = pools.temperature == 0
+                accepted = torch.where(greedy_row, accepted, rs_accepted)
+                bonus = torch.where(greedy_row, bonus, rs_bonus)
+            if simulated:
+                u = torch.rand(n, 1, device=logits.device)
+                accepted = (u < pools.profile).sum(-1)
+                bonus = logits.argmax(-1).gather(1, accepted.unsqueeze(1)).squeeze(1)
+        idx = torch.where(act, accepted, -1).to(torch.int32)
+        cfg = self.target.cfg
+        for j, (k, v, a, bb, x) in enumerate(vout.saved):
+            gdn = self.target.layers[cfg.gdn_layers[j]].linear_attn
+            dflash.gdn_commit(
+                pools.gdn_state[j], idx, k, v, a, bb, gdn.A_log.float(), gdn.dt_bias.float(), pools.conv_window[j], x
+            )
+        out = torch.cat((drafts, drafts[:, :1]), dim=1) if b > 1 else bonus.unsqueeze(1).clone()
+        out = out.scatter(1, accepted.unsqueeze(1), bonus.unsqueeze(1))
+        pools.out_tokens.copy_(out)
+        pools.out_count.copy_(torch.where(act, accepted + 1, 0).to(torch.int32))
+        pools.cache_lens.copy_(torch.where(act, vout.lens + accepted.to(torch.int32) + 1, pools.cache_lens))
+        return bonus
+
+    def draft(
+        self,
+        pools: Pools,
+        anchor: torch.Tensor,
+        table: torch.Tensor,
+        sampled: bool,
+        features: torch.Tensor | None = None,
+        feature_positions: torch.Tensor | None = None,
+    ) -> None:
+        """Writes context K/V for verified features (if given), drafts the block after each row's anchor and
+        stores [anchor, drafts] as the rows' next verify block (rows whose active flag is off keep theirs)."""
+        act = pools.active
+        if self.drafter is None:
+            pools.tokens.copy_(torch.where(act.unsqueeze(1), anchor.unsqueeze(1), pools.tokens))
+            return
+        if features is not None:
+            self.drafter.paged_context(pools, features, feature_positions, table)
+        sampling = _sampling()
+        n, b = anchor.shape[0], self.block_size
+        lens = torch.where(act, pools.cache_lens, 0)
+        block = torch.cat(
+            (anchor.unsqueeze(1), torch.full((n, b - 1), self.drafter.cfg.mask_token_id, device=anchor.device)), dim=1
+        )
+        embeds = torch.nn.functional.embedding(block, self.target.embed_tokens.weight)
+        hidden = self.drafter.paged_draft(pools, embeds, lens, table, self.max_len)
+        logits = project(hidden, self.target.lm_head).view(n, b - 1, -1)
+        drafts = logits.argmax(-1)
+        if sampled:
+            q = self._probs(pools, logits)
+            drawn = sampling.sample_from(q, torch.rand(n, b - 1, device=logits.device))
+            drafts = torch.where(pools.temperature.unsqueeze(1) > 0, drawn, drafts)
+            pools.draft_probs.copy_(torch.where(act.view(-1, 1, 1), q, pools.draft_probs))
+        block = torch.cat((anchor.unsqueeze(1), drafts), dim=1)
+        pools.tokens.copy_(torch.where(act.unsqueeze(1), block, pools.tokens))
+
+    def prefill(self, pools: Pools, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Prefills tokens ids [1, T] at positions start[0].. of the one row in `pools` (GDN state and conv window
+        advance in place; K/V and drafter context written). Returns the last position's logits [1, V]."""
+        table = pools.block_table
+        out = self.target.paged_forward(pools, ids, start, table, "prefill", self.taps, self.max_len, last_only=True)
+        if self.drafter is not None:
+            self.drafter.paged_context(pools, out.features, out.positions, table)
+        return out.logits[:, -1]
+
+    def _probs(self, pools: Pools, logits: torch.Tensor) -> torch.Tensor:
+        return _sampling().row_probabilities(logits, pools.temperature, pools.top_k, pools.top_p)

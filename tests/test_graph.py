@@ -1,0 +1,143 @@
+"""The compiler on CPU: the IR of a step, each pass alone preserving the step's result, quantization against the
+dequantized weights, and the lowering of every op node."""
+
+import copy
+
+import pytest
+import torch
+from checkpoints import VOCAB, write_drafter, write_qwen35
+
+from dflash_compiler.graph import passes as P
+from dflash_compiler.graph.compiler import CompiledStep, StepGraphs, compile_step, new_pools
+from dflash_compiler.graph.ir import op_counts
+from dflash_compiler.graph.trace import weight_sources
+from dflash_compiler.models.loader import load_drafter, load_target
+from dflash_compiler.models.paged import PAGE_SIZE
+from dflash_compiler.models.step import SpeculativeStep
+from dflash_compiler.runtime.engine import DEFAULT_PAIR
+
+BLOCK, MAX_LEN = 8, 128
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    write_qwen35(d / "t", seed=3, multimodal=False)
+    write_drafter(d / "d", layout="nested", sliding_window=4, target_layer_ids=[1, 2])
+    target = load_target(d / "t")
+    return target, load_drafter(d / "d", target.cfg)
+
+
+def _run(compiled: CompiledStep, seed: int = 0) -> list[torch.Tensor]:
+    """Two requests prefilled, then two steps; returns every pool buffer the step writes."""
+    step = compiled.step
+    gen = torch.Generator().manual_seed(seed)
+    pools = new_pools(step, 3, 2 * MAX_LEN // PAGE_SIZE + 1, MAX_LEN // PAGE_SIZE, "cpu", torch.float32)
+    for row in range(2):
+        pools.block_table[row] = torch.arange(MAX_LEN // PAGE_SIZE, dtype=torch.int32) + 1 + row * 2
+        ids = torch.randint(0, VOCAB - 2, (1, 9 + 4 * row), generator=gen)
+        view = pools.rows(slice(row, row + 1))
+        view.draft_probs = None
+        logits = compiled.graph("prefill")(view, ids, torch.zeros(1, dtype=torch.int32))
+        pools.cache_lens[row] = ids.shape[1]
+        compiled.graph("join")(view, logits.argmax(-1))
+        pools.active[row] = True
+    for _ in range(2):
+        view = pools.rows(slice(0, 2))
+        view.draft_probs = None
+        compiled.graph("step")(view)
+    return [pools.tokens, pools.out_tokens, pools.out_count, pools.cache_lens, pools.gdn_state, pools.conv_window,
+            *pools.k_cache, pools.ctx_k]  # fmt: skip
+
+
+def _compile(target, drafter, passes) -> CompiledStep:
+    real = SpeculativeStep(target, drafter, BLOCK, MAX_LEN)
+    key = (repr(target.cfg), repr(drafter.cfg))
+    if key not in _TRACED:  # one trace per pair; each pipeline derives from it
+        _TRACED[key] = StepGraphs(real)
+    graphs = _TRACED[key].with_passes("bf16", passes)
+    return CompiledStep(graphs, weight_sources(real), "reference", torch.device("cpu"))
+
+
+_TRACED = {}
+
+
+@pytest.fixture(scope="module")
+def unpassed(pair):
+    return _run(_compile(*pair, passes=[]))
+
+
+@pytest.mark.parametrize("p", [P.fold_weights, P.fuse_parallel, P.eliminate_dead], ids=lambda p: p.__name__)
+def test_each_pass_alone_preserves_the_step(pair, unpassed, p):
+    compiled = _compile(*pair, passes=[p])
+    assert compiled.graphs_def.template("step").passes[p.__name__] > 0 or p is P.eliminate_dead
+    for got, want in zip(_run(compiled), unpassed):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [P.merge_slices, P.fuse_swiglu, P.fuse_residual], ids=lambda p: p.__name__)
+def test_each_epilogue_pass_preserves_the_step(pair, unpassed, p):
+    """These rewrite what fuse_parallel leaves (slices of one GEMM) or a linear's neighbours: measured after it."""
+    base = _run(_compile(*pair, passes=[P.fuse_parallel]))
+    compiled = _compile(*pair, passes=[P.fuse_parallel, p])
+    assert compiled.graphs_def.template("step").passes[p.__name__] > 0
+    for got, want, ref in zip(_run(compiled), base, unpassed):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_full_pipeline_preserves_the_step_and_removes_launches(pair, unpassed):
+    compiled = _compile(*pair, passes=None)
+    for got, want in zip(_run(compiled), unpassed):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    g = compiled.graph("step")
+    assert g.launches < g.launches_before
+
+
+@pytest.mark.parametrize("quant", ["fp8", "fp8_block", "int4"])
+def test_quantize_equals_the_step_on_dequantized_weights(pair, quant):
+    """The quantized step computes what the unquantized step computes with each linear's weight replaced by its
+    quantize -> dequantize round trip."""
+    target, drafter = (copy.deepcopy(m) for m in pair)
+    quantized = _compile(target, drafter, passes=[P.quantize(quant)])
+    n_quantized = quantized.graphs_def.template("step").passes[f"quantize_{quant}"]
+    fmt = P.QUANT_FORMATS[quant]
+    quantizer = P._quantizer(fmt)
+    rounded = 0
+    for module in (*target.modules(), *drafter.modules()):
+        if isinstance(module, torch.nn.Linear) and not (fmt == "int4" and module.in_features % 128):
+            module.weight.data = quantizer(module.weight.data).dequantize().to(module.weight.dtype)
+            rounded += 1
+    assert n_quantized > 0 and rounded > 0
+    for got, want in zip(_run(quantized), _run(_compile(target, drafter, passes=[]))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ir_of_the_tiny_pair():
+    """The step graph of the shipped pair: its op nodes counted before and after the passes, from the configs."""
+    target = load_target(DEFAULT_PAIR / "target")
+    drafter = load_drafter(DEFAULT_PAIR / "drafter", target.cfg)
+    cfg, dc = target.cfg, drafter.cfg
+    compiled = compile_step(target, drafter, 16, max_len=256)
+    step = compiled.graph("step")
+    n_gdn, n_attn, n_dr = len(cfg.gdn_layers), len(cfg.attention_layers), dc.num_layers
+    before = step.ops_before
+    # per GDN layer 4 input projections + out; per attention layer q, k, v, o; 3 MLP linears everywhere; the head
+    # twice (verify and draft); the drafter's fc, 2 context projections and q, k, v, o per layer
+    assert before["linear"] == 5 * n_gdn + 4 * n_attn + 3 * (n_gdn + n_attn) + 2 + 1 + 2 * n_dr + 4 * n_dr + 3 * n_dr
+    after = step.ops
+    # fused: one input GEMM + out per GDN layer, qkv + o per attention layer, gate_up + down per MLP; the drafter's
+    # context projections of every layer in one GEMM
+    assert after["linear"] == 2 * n_gdn + 2 * n_attn + 2 * (n_gdn + n_attn) + 2 + 1 + 1 + 2 * n_dr + 2 * n_dr
+    assert after["gdn_verify"] == after["gdn_commit"] == n_gdn
+    assert after["verify_attention"] == after["qk_norm_rope_write"] == n_attn
+    assert after["draft_attention"] == after["qk_norm_rope"] == n_dr
+    assert after["context_kv_write"] == 1 and after["greedy_accept"] == 1
+    assert (
+        "swiglu" not in after
+        and "aten.add" not in op_counts(step.gm)
+        or after.get("aten.add", 0) < before.get("aten.add", 0)
+    )
+    plan = compiled.plan()
+    assert plan and all(e["impl"] == "reference" for e in plan)
+    assert {e["op"] for e in plan if e["graph"] == "step"} >= {"linear", "gdn_verify", "verify_attention"}
