@@ -495,7 +495,7 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
     throughput = pair_throughput(
         DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter", prompts, max_new_tokens=3, max_seq_len=128
     )
-    space = RuntimeSpace([1, 2], 16)
+    space = RuntimeSpace([1, 2], 16, widths=[4])  # each width is a step compiled apart: two of them here
     study = runtime_study(space, throughput, storage=open_storage(tmp_path / "rt.journal"), study_name="rt",
                           n_trials=3)  # fmt: skip
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
@@ -510,6 +510,9 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
     assert table[1][16] >= default.user_attrs["tokens_per_s"]["1"]
     config = space.config(study.best_params)
     assert config.width(1) == study.best_params["width_c1"] and config.width(9) == study.best_params["width_c2"]
+    assert space.widths == [4, 16]
+    with pytest.raises(DFlashError, match=r"parameter 'widths' must lie in 1..16 \(the drafter's block\), got \[32\]"):
+        RuntimeSpace([1], 16, widths=[32])
 
 
 def test_batch_runner_runs_at_its_bucket_set():

@@ -409,10 +409,8 @@ def default_config(
     k: int,
     device: torch.device,
     swiglu: bool = False,
-    sm_count: int | None = None,
 ) -> LinearConfig:
     """Heuristic table keyed on the format, the M bucket and the tile count; tuning databases may override it.
-    sm_count (default: the device's) sizes the stream-K grid, so the default for another GPU can be computed here.
 
     From a sweep on the H100 (bench/bench_linear.py --sweep): bf16 streams best as 64-row tiles, one program per
     tile; FP8 and INT4 (whose loops do more per byte) as 128-row tiles shared by a fixed grid of programs
@@ -440,7 +438,7 @@ def default_config(
     w_bytes = 2 if dense else 0.5 if isinstance(weight, Int4Weight) else 1
     stage = cfg.block_n * cfg.block_k * w_bytes * (2 if swiglu else 1) + cfg.block_k * bm * 2
     per_sm = max(1, min(3, int((228 << 10) // (cfg.num_stages * stage + (8 << 10)))))
-    slots = (sm_count or _sm_count(device)) * per_sm
+    slots = _sm_count(device) * per_sm
     tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, bm)
     if bm >= 128 or tiles >= 4 * slots or (dense and tiles >= slots // 2):
         return cfg
