@@ -299,15 +299,17 @@ def quantize(quant: str) -> Callable[[fx.GraphModule, Weights], int]:
             src = weights.recipes[w.target]
             if fmt == "int4" and src.shape[1] % 128:
                 continue  # no whole groups: kept dense
-            example = quantizer(torch.zeros(src.shape, dtype=torch.float32))
+            example = quantizer(torch.zeros(src.shape, dtype=torch.float32, device="meta"))
+            # the converted weight once, as an intermediate its tensors are read from
+            whole = weights.add(Recipe((w.target,), quantizer, tuple(src.shape), src.dtype, fmt))
             parts = {}
             for field_name in _COMPONENTS[fmt]:
                 if field_name is None or getattr(example, field_name) is None:
                     parts[field_name] = None
                     continue
                 t = getattr(example, field_name)
-                recipe = Recipe((w.target,), lambda x, _f=field_name: getattr(quantizer(x), _f).contiguous(),
-                                tuple(t.shape), t.dtype, f"{fmt}.{field_name}")  # fmt: skip
+                recipe = Recipe((whole,), lambda q, _f=field_name: getattr(q, _f).contiguous(), tuple(t.shape),
+                                t.dtype, f"{fmt}.{field_name}")  # fmt: skip
                 parts[field_name] = _set_weight(gm, weights, recipe, node)
             qweight, scale, zeros = (parts[f] if f else None for f in _COMPONENTS[fmt])
             _set_linear(node, weight=qweight, scale=scale, zeros=zeros, fmt=fmt, group_size=128)
