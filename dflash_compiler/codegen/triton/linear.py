@@ -459,6 +459,7 @@ def _smaller(cfg: LinearConfig, dense: bool) -> LinearConfig:
     raise ValueError(f"config: no configuration below {cfg} to fall back to")
 
 
+_RETIRED: list[torch.Tensor] = []  # outgrown workspaces that captured graphs may still use
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -466,11 +467,23 @@ def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Ten
     """Per-device partial-sum buffer and tile counters (zero between launches: the last program resets them).
 
     Shared by every launch on the device, so launches that split tiles must not run concurrently on two streams.
+    A buffer that is outgrown stays allocated (`_RETIRED`): CUDA graphs captured with it keep writing to it. Growing
+    during a capture is refused: size the workspace with a warm-up run first.
     """
     ws, cnt = _WORKSPACES.get(device, (None, None))
-    if ws is None or ws.numel() < floats:
+    grow_ws, grow_cnt = ws is None or ws.numel() < floats, cnt is None or cnt.numel() < tiles
+    if (grow_ws or grow_cnt) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"linear workspace: a launch needs {floats} floats / {tiles} counters during a CUDA-graph capture; "
+            "run the step once before capturing"
+        )
+    if grow_ws:
+        if ws is not None:
+            _RETIRED.append(ws)
         ws = torch.empty(max(floats, 1 << 16), dtype=torch.float32, device=device)
-    if cnt is None or cnt.numel() < tiles:
+    if grow_cnt:
+        if cnt is not None:
+            _RETIRED.append(cnt)
         cnt = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
     _WORKSPACES[device] = (ws, cnt)
     return ws, cnt
