@@ -50,6 +50,18 @@ def _run(compiled: CompiledStep, seed: int = 0) -> list[torch.Tensor]:
             *pools.k_cache, pools.ctx_k]  # fmt: skip
 
 
+class EagerStep:
+    """The step's phases run eagerly on the real models, as graphs are called: what the traced graphs compute."""
+
+    def __init__(self, target, drafter):
+        self.step = SpeculativeStep(target, drafter, BLOCK, MAX_LEN)
+
+    def graph(self, name):
+        step = self.step
+        phases = {"prefill": step.prefill, "join": lambda p, a: step.draft(p, a, p.block_table, False), "step": step}
+        return phases[name]
+
+
 def _compile(target, drafter, passes) -> CompiledStep:
     real = SpeculativeStep(target, drafter, BLOCK, MAX_LEN)
     key = (repr(target.cfg), repr(drafter.cfg))
@@ -65,6 +77,13 @@ _TRACED = {}
 @pytest.fixture(scope="module")
 def unpassed(pair):
     return _run(_compile(*pair, passes=[]))
+
+
+def test_the_traced_step_computes_what_the_eager_step_does(pair, unpassed):
+    """torch.export traces the models' step functions as they are (no data-dependent control flow lost): before
+    any pass the graphs write exactly what the eager phases write, cache and state writes included."""
+    for got, want in zip(unpassed, _run(EagerStep(*pair))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("p", [P.fold_weights, P.fuse_parallel, P.eliminate_dead], ids=lambda p: p.__name__)
