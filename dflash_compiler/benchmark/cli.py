@@ -4,8 +4,12 @@ TTFT/TPOT percentiles on prompt sets, in process or against a running server, at
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from .. import __version__
 from ..errors import DFlashError
@@ -106,6 +110,15 @@ def _check(args: argparse.Namespace) -> None:
         raise DFlashError(f"parameter '--base-url' is required with --backend {args.backend}")
 
 
+def _device_name(args) -> str:
+    """The device the numbers come from: the GPU in process on CUDA, else the host's CPU count (or the server)."""
+    if args.backend != "inprocess":
+        return f"server at {args.base_url}"
+    if str(args.device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores)"
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .clients import Sampling
     from .prompts import load_prompts
@@ -123,6 +136,8 @@ def _bench(args: argparse.Namespace) -> int:
     doc = {
         "benchmark": "dflash-bench",
         "version": __version__,
+        "date": datetime.date.today().isoformat(),
+        "device": _device_name(args),
         "backend": args.backend,
         "model": _model_name(args),
         "prompts": args.prompts,
