@@ -60,7 +60,7 @@ class StepModel:
         self.compiled: CompiledStep = compiled
         self.cfg, self.block_size, self.quant, self.max_len = target.cfg, block_size, quant, max_len
         self.device = compiled.device
-        self.dtype = target.embed_tokens.weight.dtype
+        self.dtype = compiled.step.target.embed_tokens.weight.dtype  # the meta models' (the given ones may be released)
         self.step_def = self.compiled.step
         self.has_drafter = self.step_def.drafter is not None
 

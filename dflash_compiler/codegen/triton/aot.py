@@ -219,6 +219,7 @@ def _build_host_modules(kernels: list) -> None:
     current cache dir. The build links against a stand-in libcuda.so.1, so the import Triton then tries fails
     here (no CUDA symbols) after the module is stored; on the GPU host the same key finds it and loads it."""
     from triton.backends.nvidia import driver as nvidia
+    from triton.runtime import build as triton_build
 
     cc = knobs.build.cc or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
@@ -249,9 +250,21 @@ def _build_host_modules(kernels: list) -> None:
         builds = [lambda: nvidia.CudaUtils.__init__(object.__new__(nvidia.CudaUtils))]
         if hasattr(nvidia, "make_launcher"):  # Triton <= 3.6: a launcher module per kernel signature
             builds += [lambda k=k: nvidia.CudaLauncher(k.src, k.metadata) for k in kernels]
-        for build in builds:
-            with contextlib.suppress(ImportError):  # stored; it cannot be imported against the stand-in libcuda
-                build()
+        # Triton remembers the compiler and the libcuda directories it found: forget this call's stand-ins
+        # (deleted on return) before and after, so a later build finds its own
+        remembered = [getattr(triton_build, "_find_compiler", None), nvidia.libcuda_dirs, nvidia.library_dirs]
+
+        def forget():
+            for fn in remembered:
+                getattr(fn, "cache_clear", lambda: None)()
+
+        forget()
+        try:
+            for build in builds:
+                with contextlib.suppress(ImportError):  # stored; it cannot be imported against the stand-in libcuda
+                    build()
+        finally:
+            forget()
 
 
 # ---- the architecture in a cubin ---------------------------------------------------------------------------------
