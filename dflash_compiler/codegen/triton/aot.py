@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -258,6 +259,10 @@ def _build_host_modules(kernels: list) -> None:
             for fn in remembered:
                 getattr(fn, "cache_clear", lambda: None)()
 
+        # Triton logs a warning for each module it stored but could not import: expected here
+        build_log = logging.getLogger(triton_build.__name__)
+        level = build_log.level
+        build_log.setLevel(logging.ERROR)
         forget()
         try:
             for build in builds:
@@ -265,6 +270,7 @@ def _build_host_modules(kernels: list) -> None:
                     build()
         finally:
             forget()
+            build_log.setLevel(level)
 
 
 # ---- the architecture in a cubin ---------------------------------------------------------------------------------
