@@ -184,6 +184,8 @@ def test_cross_compiled_kernels_carry_the_profiles_architecture(gpu_artifacts, g
     assert {"_linear_kernel", "_attention_kernel", "_rms_norm_kernel"} <= families
     cubins = {root / "kernels" / "cache" / r.binary for r in records}
     assert {aot.cubin_arch(c) for c in cubins} == {ARCHS[gpu]}
+    kept = {p.suffix for p in (root / "kernels" / "cache").rglob("*") if p.is_file()}
+    assert {".cubin", ".json"} <= kept and not kept & {".ptx", ".llir", ".ttir", ".ttgir"}  # what a load reads
     doc = json.loads((root / MANIFEST).read_text())
     assert {row["impl"] for row in doc["plan"]} == {"triton"} and doc["kernels"]["count"] == len(records)
 

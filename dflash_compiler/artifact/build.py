@@ -348,6 +348,7 @@ def compile_kernels(
         records = aot.cross_compile(
             launch, arch, folder / "cache", sm_count=profile.device.sm_count, max_shared_memory=profile.smem_per_block
         )
+    aot.strip_cache(folder / "cache")  # the artifact carries what a load reads: metadata and cubins
     aot.save_records(folder / "records.json", records, aot.record_versions(arch))
     return {
         "cache": "kernels/cache",

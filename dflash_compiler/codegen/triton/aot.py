@@ -273,6 +273,24 @@ def _build_host_modules(kernels: list) -> None:
             build_log.setLevel(level)
 
 
+def strip_cache(cache_dir: str | os.PathLike) -> int:
+    """Removes from each kernel entry of a cache what a cache hit does not read (the intermediate IRs and the
+    source: Triton loads the metadata JSON and the cubin), rewriting its group file. Returns the bytes removed."""
+    removed = 0
+    for group_file in Path(cache_dir).glob("*/__grp__*.json"):
+        children = json.loads(group_file.read_text())["child_paths"]
+        if not any(name.endswith(".cubin") for name in children):
+            continue  # a host module's entry
+        kept = {name: path for name, path in children.items() if name.endswith((".json", ".cubin"))}
+        for name in set(children) - set(kept):
+            child = group_file.parent / name
+            if child.is_file():
+                removed += child.stat().st_size
+                child.unlink()
+        group_file.write_text(json.dumps({"child_paths": kept}))
+    return removed
+
+
 # ---- the architecture in a cubin ---------------------------------------------------------------------------------
 
 
