@@ -190,6 +190,28 @@ def test_cross_compiled_kernels_carry_the_profiles_architecture(gpu_artifacts, g
     assert {row["impl"] for row in doc["plan"]} == {"triton"} and doc["kernels"]["count"] == len(records)
 
 
+STAND_IN_LOAD = """
+import json, shutil, sys, tempfile
+from pathlib import Path
+from dflash_compiler.codegen.triton import aot
+from dflash_compiler.codegen.triton.device import GpuFacts, compiling_for
+root = Path(sys.argv[1])
+records, versions = aot.load_records(root / "kernels" / "records.json")
+cache = Path(tempfile.mkdtemp()) / "cache"
+shutil.copytree(root / "kernels" / "cache", cache)
+with aot.stand_in_gpu(90, private_caches=False), compiling_for(GpuFacts((9, 0), 132)):
+    watch = aot.load_precompiled(cache, records, strict=True, versions=versions)
+print(json.dumps({"compiled": watch.compiled, "cache_loads": watch.cache_loads, "records": len(records)}))
+"""
+
+
+def test_stripped_kernel_cache_preloads_with_no_compilation(gpu_artifacts, cache):
+    """On a stand-in for the GPU (Triton's driver answers for sm_90): every kernel of the sm90 artifact, its cache
+    entries stripped to metadata and cubin, is a disk-cache hit."""
+    loaded = json.loads(_python(STAND_IN_LOAD, cache, str(gpu_artifacts[0]["sm90"])))
+    assert loaded["compiled"] == [] and loaded["cache_loads"] == loaded["records"] > 0
+
+
 # ---- corruption and mismatch: each refused with one line naming what is wrong --------------------------------------
 
 
