@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dflash_compiler.models import eager
 from dflash_compiler.models.config import DrafterConfig, TargetConfig
 from dflash_compiler.models.drafter import DFlashDrafter
 from dflash_compiler.models.target import TargetModel
@@ -204,13 +205,12 @@ def param_bytes(module: nn.Module) -> int:
 
 @torch.inference_mode()
 def check_finite(target: TargetModel, prompt_len: int = 32, seed: int = 0) -> dict[str, Any]:
-    """One prefill through our eager reference; the last logits must be finite (random weights, 64 layers)."""
+    """One prefill through the models' paged forward, run eagerly; the last logits must be finite (random weights,
+    64 layers)."""
     device = target.embed_tokens.weight.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, target.cfg.vocab_size, (1, prompt_len), generator=gen).to(device)
-    cache = target.new_cache(1, prompt_len)
-    pos = torch.arange(prompt_len, device=device).view(1, -1)
-    out = target(ids, pos, cache, per_position_states=False, last_logits_only=True)
+    out = eager.prefill(target, eager.request_pools(target, 1, prompt_len), ids, last_only=True)
     logits = out.logits[0, -1].float()
     return {
         "finite": bool(torch.isfinite(logits).all()),

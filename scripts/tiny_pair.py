@@ -326,20 +326,20 @@ def save_sharded(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> N
 
 
 def train_target(args: argparse.Namespace) -> None:
-    from dflash_compiler.models.config import TargetConfig
-    from dflash_compiler.models.target import TargetModel
+    # trained through transformers' implementation of the architecture (the project's forward is for inference:
+    # its ops have no autograd); the checkpoint is the upstream layout either way, and tests/test_tiny_pair.py
+    # checks that both give the same logits
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     corpus = Path(args.corpus)
     tokens = torch.from_numpy(np.load(corpus / "train_tokens.npy").astype(np.int64))
-    cfg = TargetConfig.from_dict(TARGET_CONFIG, Path("tiny target config"))
-    model = TargetModel(cfg).to(device)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig.from_dict(TARGET_CONFIG)).to(device)
     init_target(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(args.seed)
     seq, bsz = args.seq_len, args.batch_size
-    positions = torch.arange(seq, device=device).expand(bsz, -1)
 
     def step(lr: float) -> float:
         starts = torch.randint(0, len(tokens) - seq - 1, (bsz,), generator=gen)
@@ -347,8 +347,8 @@ def train_target(args: argparse.Namespace) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            out = model(batch[:, :-1], positions, model.new_cache(bsz, 0), per_position_states=False)
-            loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -374,10 +374,7 @@ def train_target(args: argparse.Namespace) -> None:
             print(json.dumps(history[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {
-        (k if k == "lm_head.weight" else "model." + k): v.detach().to(torch.bfloat16).cpu().contiguous()
-        for k, v in model.state_dict().items()
-    }
+    state = {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.state_dict().items()}
     save_sharded(state, out, args.shard_mb * 2**20)
     (out / "config.json").write_text(json.dumps(TARGET_CONFIG, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "pad_token_id": 0}) + "\n")

@@ -24,8 +24,8 @@ from dflash_compiler.codegen.triton import aot
 from dflash_compiler.errors import DFlashError
 
 ROOT = Path(__file__).resolve().parents[1]
-# arch: (SM count of the profile's GPU, the cubin's architecture)
-PROFILES = {80: (108, "sm_80"), 90: (132, "sm_90a"), 100: (148, "sm_100a"), 120: (188, "sm_120a")}
+# arch: (hardware profile, the cubin's architecture)
+PROFILES = {80: ("sm80", "sm_80"), 90: ("sm90", "sm_90a"), 100: ("sm100", "sm_100a"), 120: ("sm120", "sm_120a")}
 KERNELS = "dflash_compiler.codegen.triton."
 
 
@@ -44,16 +44,15 @@ def built(tmp_path_factory) -> Path:
     """aot_launches.sm80 .. sm120 cross-compiled through the command line, one cache dir and records file each."""
     out = tmp_path_factory.mktemp("aot")
     calls = "\n".join(
-        f"aot.main(['--launch', 'aot_launches:sm{arch}', '--arch', '{arch}', '--sm-count', '{sms}', "
+        f"aot.main(['--launch', 'aot_launches:sm{arch}', '--gpu', '{gpu}', "
         f"'--cache-dir', r'{out / str(arch)}', '--records', r'{out / f'{arch}.json'}'{host_modules}])"
-        for arch, (sms, _) in PROFILES.items()
+        for arch, (gpu, _) in PROFILES.items()
         for host_modules in [", '--no-host-modules'" if arch != 90 else ""]
     )
     # and sm120 on a GPU with less shared memory than the default INT4 configuration needs
     calls += (
-        f"\naot.main(['--launch', 'aot_launches:sm120', '--arch', '120', '--sm-count', '188', "
-        f"'--max-shared-memory', '40000', '--cache-dir', r'{out / 'small'}', '--records', r'{out / 'small.json'}', "
-        "'--no-host-modules'])"
+        f"\nimport aot_launches\nsmall = aot.cross_compile(aot_launches.sm120, 120, r'{out / 'small'}', sm_count=188, "
+        f"max_shared_memory=40000, host_modules=False)\naot.save_records(r'{out / 'small.json'}', small, {{}})"
     )
     # the process is left as it was: Triton's launch path, driver and cache directory
     _run_compiler(
@@ -252,6 +251,11 @@ def test_bad_records_file(tmp_path, built):
     bad.write_text(json.dumps(doc))
     with pytest.raises(DFlashError, match=r"bad.json: kernels\[1\] lacks 'spec'"):
         aot.load_records(bad)
+    doc["kernels"][1]["spec"] = "{}"
+    doc["kernels"][0]["arch"] = "90"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(DFlashError, match=r"bad.json: kernels\[0\].arch is not of type int"):
+        aot.load_records(bad)
     bad.write_text(json.dumps({**doc, "spec_version": 99}))
     with pytest.raises(DFlashError, match="spec_version 99 is not 1"):
         aot.load_records(bad)
@@ -261,6 +265,11 @@ def test_bad_records_file(tmp_path, built):
 
 
 def test_cross_compile_refuses_bad_requests(tmp_path, monkeypatch):
+    common = ["--launch", "aot_launches:sm90", "--cache-dir", str(tmp_path), "--records", str(tmp_path / "r.json")]
+    with pytest.raises(DFlashError, match="^--gpu: profile cpu is not a GPU"):
+        aot.main(["--gpu", "cpu", *common])
+    with pytest.raises(DFlashError, match="no device 'V100' in profile sm90"):
+        aot.main(["--gpu", "sm90", "--device", "V100", *common])
     with pytest.raises(DFlashError, match="^arch: 75 is not one of 80, 90, 100, 120"):
         aot.cross_compile(lambda: None, 75, tmp_path, sm_count=40)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -142,13 +142,14 @@ def test_quantized_at_load_dflash_is_lossless(prompts, quant):
 def _dequantized_target(quant: str):
     """The tiny target with every weight the batched runtime converts (each nn.Linear, lm_head included) replaced
     by the dequantized result of that conversion."""
-    from dflash_compiler.runtime.step_model import kernel_weight
+    from dflash_compiler.graph.passes import quantize_weight
 
     target, _ = _tiny_pair()
     with torch.no_grad():
         for module in target.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(kernel_weight(module.weight, quant).dequantize().to(module.weight.dtype))
+            converted = quantize_weight(module.weight, quant) if isinstance(module, torch.nn.Linear) else None
+            if converted is not None:
+                module.weight.copy_(converted.dequantize().to(module.weight.dtype))
     return target
 
 

@@ -128,7 +128,9 @@ def test_measure_rows_and_json(tmp_path):
     floor_tps = 4 * e2e.expected_tokens_per_step(pp) / (fl_ms * 1e-3)
     assert row["tokens_per_s"] == round(m.tokens_per_s, 1) and m.tokens_per_s > 0
     assert row["floor_tokens_per_s"] == round(floor_tps, 1) and row["floor_bound"] == bound == "memory"
-    assert row["ratio"] == round(m.tokens_per_s / floor_tps, 3)
+    assert row["ratio"] == round(fl_ms / m.step_ms, 3)
+    tps_at_tau = 4 * e2e.expected_tokens_per_step(pp) / (m.step_ms * 1e-3)
+    assert row["tokens_per_s_at_profile_tau"] == round(tps_at_tau, 1)
     assert (row["verify_ms"], row["accept_commit_ms"], row["draft_ms"], row["gaps_ms"]) == (1.0, 0.5, 0.25, 0.25)
     assert row["host_ms"] == round(m.step_ms - 2.0, 2) and row["graph_step_ms"] == 2.0
     assert (row["steps"], row["prefill_steps"]) == (200, 1) and row["committed"] == m.committed

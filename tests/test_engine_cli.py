@@ -310,3 +310,10 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         generate_main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"dflash-generate {__version__}\n"
+
+
+def test_cli_request_that_ends_at_its_first_token(one_pair, capsys):
+    argv = ["--target", str(one_pair / "target"), "--prompt", "abc", "--max-new-tokens", "1"]
+    assert generate_main(argv) == 0
+    err = capsys.readouterr().err
+    assert err == "[1 token: generation ended at the first token, no verify step ran]\n"

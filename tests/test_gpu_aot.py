@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dflash_compiler.codegen.triton import aot
+from dflash_compiler.hw_profiles import profile_for_device
+
 pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,16 +73,12 @@ print(json.dumps(result))
 def build(tmp_path_factory) -> tuple[Path, Path]:
     """Every kernel family cross-compiled for this GPU by a process that cannot see it; or, with
     DFLASH_AOT_PREBUILT=DIR, the DIR/cache and DIR/records.json that another host built."""
-    from dflash_compiler.codegen.triton import aot
-
     if prebuilt := os.environ.get("DFLASH_AOT_PREBUILT"):
         return Path(prebuilt, "cache"), Path(prebuilt, "records.json")
-
-    major, minor = torch.cuda.get_device_capability()
-    arch = major * 10 + minor
-    if arch not in aot.ARCHS:
-        pytest.skip(f"sm_{arch} is not one of the compiler's profiles")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    props = torch.cuda.get_device_properties(0)
+    profile = profile_for_device(props)
+    if profile.triton_target not in aot.ARCHS:
+        pytest.skip(f"{profile.name} is not one of the profiles Triton kernels are compiled for")
     out = tmp_path_factory.mktemp("aot")
     cache, records = out / "build", out / "records.json"
     _python(
@@ -87,7 +86,7 @@ def build(tmp_path_factory) -> tuple[Path, Path]:
         import torch
         from dflash_compiler.codegen.triton import aot
         assert not torch.cuda.is_available()
-        aot.main(['--launch', 'aot_launches:every_family', '--arch', '{arch}', '--sm-count', '{sms}',
+        aot.main(['--launch', 'aot_launches:every_family', '--gpu', '{profile.name}', '--device', {props.name!r},
                   '--cache-dir', r'{cache}', '--records', r'{records}'])
         """,
         CUDA_VISIBLE_DEVICES="",

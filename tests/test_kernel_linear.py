@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dflash_compiler.codegen import weight_formats as wf
+from dflash_compiler.codegen.triton import linear as linear_mod
 from dflash_compiler.codegen.triton.linear import LinearConfig, linear
 from dflash_compiler.errors import DFlashError
 from dflash_compiler.models import ops
@@ -316,3 +317,15 @@ def test_gpu_epilogues_and_determinism(fmt):
     y = run_and_check(h, down, residual=residual)
     for _ in range(20):
         assert torch.equal(linear(h, down, residual=residual), y)
+
+
+def test_an_outgrown_workspace_stays_allocated():
+    """Graphs captured with a split-K workspace keep writing to it: growing it keeps the old buffer alive."""
+    dev = torch.device("cpu")
+    linear_mod._WORKSPACES.pop(dev, None)
+    small, _ = linear_mod._workspace(dev, 1 << 16, 1 << 12)
+    again, _ = linear_mod._workspace(dev, 100, 10)
+    assert again.data_ptr() == small.data_ptr()
+    large, _ = linear_mod._workspace(dev, (1 << 16) + 1, 1 << 12)
+    assert large.numel() == (1 << 16) + 1 and any(t is small for t in linear_mod._RETIRED)
+    linear_mod._WORKSPACES.pop(dev, None)

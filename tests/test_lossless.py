@@ -6,10 +6,11 @@ import pytest
 import torch
 from checkpoints import VOCAB, write_drafter, write_llama, write_qwen3, write_qwen35
 
+from dflash_compiler.models import eager
 from dflash_compiler.models.loader import load_drafter, load_target
 from dflash_compiler.runtime.proposer import DFlashProposer
 from dflash_compiler.runtime.sampling import SamplingParams, probabilities, rejection_accept
-from dflash_compiler.runtime.speculative import SpeculativeDecoder
+from dflash_compiler.runtime.speculative import PREFILL_CHUNK, SpeculativeDecoder
 
 
 class OracleProposer:
@@ -113,6 +114,19 @@ def test_max_new_tokens_is_exact(target):
         assert tokens == oracle_src[:max_new]
 
 
+def test_a_prompt_longer_than_a_prefill_chunk(tmp_path):
+    """The eager loop prefills in chunks of PREFILL_CHUNK tokens; the state they leave is the one-pass prefill's:
+    each greedy token is the argmax after the whole sequence so far, run from empty state in one call."""
+    write_qwen35(tmp_path, seed=14, multimodal=False, max_position_embeddings=1024)
+    target = load_target(tmp_path)
+    prompt = random.Random(3).choices(range(VOCAB), k=PREFILL_CHUNK + 77)
+    tokens, _ = SpeculativeDecoder(target).generate(prompt, 3)
+    with torch.no_grad():
+        for i, token in enumerate(tokens):
+            logits = eager.forward_rows(target, torch.tensor([prompt + tokens[:i]])).logits[0, -1]
+            assert token == int(logits.argmax())
+
+
 @pytest.mark.parametrize("layout,window", [("legacy", None), ("nested", 3)])
 def test_dflash_drafter_is_lossless_on_hybrid_and_dense_targets(tmp_path, layout, window):
     for name, writer in (("hybrid", lambda d: write_qwen35(d, seed=21)), ("dense", lambda d: write_qwen3(d))):
@@ -187,18 +201,12 @@ def write_tiny_vocab_pair(directory, vocab: int = 6) -> None:
 
 def first_two_tokens_joint(target, prompt: list[int], params: SamplingParams) -> torch.Tensor:
     """The exact joint distribution [V, V] of the first two tokens the target alone samples after prompt."""
-    vocab, n = target.cfg.vocab_size, len(prompt)
+    vocab = target.cfg.vocab_size
     with torch.no_grad():
-        first = target(
-            torch.tensor([prompt]), torch.arange(n).view(1, -1), target.new_cache(1, n + 5), per_position_states=False
-        )
-        p_first = probabilities(first.logits[0, -1], params)
+        p_first = probabilities(eager.forward_rows(target, torch.tensor([prompt])).logits[0, -1], params)
         joint = torch.zeros(vocab, vocab)
         for x in range(vocab):
-            ids = torch.tensor([prompt + [x]])
-            logits = target(
-                ids, torch.arange(n + 1).view(1, -1), target.new_cache(1, n + 5), per_position_states=False
-            ).logits
+            logits = eager.forward_rows(target, torch.tensor([prompt + [x]])).logits
             joint[x] = p_first[x] * probabilities(logits[0, -1], params)
     return joint
 

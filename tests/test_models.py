@@ -4,7 +4,7 @@ import pytest
 import torch
 from checkpoints import VOCAB, write_llama, write_qwen3, write_qwen35
 
-from dflash_compiler.models import ops
+from dflash_compiler.models import eager, ops
 from dflash_compiler.models.loader import load_target
 
 FAMILIES = {
@@ -32,9 +32,9 @@ def test_prefill_logits_and_taps_match_transformers(pair):
     ids = torch.randint(0, VOCAB, (2, 41))
     expected = ref(input_ids=ids, output_hidden_states=True)
     taps = (0, 2)  # layer k's output is hidden_states[k+1]: the residual stream before the final norm
-    out = ours(ids, torch.arange(41).expand(2, -1), ours.new_cache(2, 64), taps=taps, per_position_states=False)
+    out = eager.forward_rows(ours, ids, taps)
     _close(out.logits, expected.logits)
-    _close(out.features, torch.cat([expected.hidden_states[k + 1] for k in taps], dim=-1))
+    _close(out.features.view(2, 41, -1), torch.cat([expected.hidden_states[k + 1] for k in taps], dim=-1))
 
 
 @torch.no_grad()
@@ -46,13 +46,18 @@ def test_decode_and_verify_on_a_cache_match_transformers(pair, new_tokens):
     first = ref(input_ids=ids[:, :prompt_len], use_cache=True)
     expected = ref(input_ids=ids[:, prompt_len:], past_key_values=first.past_key_values, use_cache=True).logits
 
-    cache = ours.new_cache(1, 48)
-    pos = torch.arange(prompt_len).unsqueeze(0)
-    out = ours(ids[:, :prompt_len], pos, cache, per_position_states=False)
-    cache = ours.commit(cache, out, pos, torch.tensor([prompt_len - 1]))
-    pos = torch.arange(prompt_len, prompt_len + new_tokens).unsqueeze(0)
-    verify = ours(ids[:, prompt_len:], pos, cache, per_position_states=True)
+    pools = eager.request_pools(ours, 1, 48)
+    eager.prefill(ours, pools, ids[:, :prompt_len])
+    verify = eager.verify(ours, pools, ids[:, prompt_len:])
     _close(verify.logits, expected)
+    # decoding the same tokens one at a time (a verify of one token, committed) gives the same logits
+    pools = eager.request_pools(ours, 1, 48)
+    eager.prefill(ours, pools, ids[:, :prompt_len])
+    for t in range(new_tokens):
+        step = eager.verify(ours, pools, ids[:, prompt_len + t : prompt_len + t + 1])
+        eager.commit(ours, pools, step, torch.zeros(1, dtype=torch.long))
+        _close(step.logits[:, 0], expected[:, t])
+    assert pools.cache_lens.tolist() == [prompt_len + new_tokens]
 
 
 @torch.no_grad()
@@ -63,33 +68,34 @@ def test_verify_states_equal_token_by_token_decoding(tmp_path):
     ids = torch.randint(0, VOCAB, (batch, prompt_len + block))
 
     def prefill():
-        cache = model.new_cache(batch, 32)
-        pos = torch.arange(prompt_len).expand(batch, -1)
-        out = model(ids[:, :prompt_len], pos, cache, per_position_states=False)
-        return model.commit(cache, out, pos, torch.full((batch,), prompt_len - 1))
+        pools = eager.request_pools(model, batch, 32)
+        eager.prefill(model, pools, ids[:, :prompt_len])
+        return pools
 
-    pos = torch.arange(prompt_len, prompt_len + block).expand(batch, -1)
-    verify_cache = prefill()
-    verify = model(ids[:, prompt_len:], pos, verify_cache, per_position_states=True)
+    def committed(index):
+        pools = prefill()
+        eager.commit(model, pools, eager.verify(model, pools, ids[:, prompt_len:]), index)
+        return pools
+
+    verify = eager.verify(model, prefill(), ids[:, prompt_len:])
     stepwise = prefill()
     for t in range(block):
-        # commit a different accepted index per request, all equal to t here, and compare with stepping
-        committed = model.commit(verify_cache, verify, pos, torch.full((batch,), t))
-        p = pos[:, t : t + 1]
-        step = model(ids[:, prompt_len + t : prompt_len + t + 1], p, stepwise, per_position_states=True)
+        # commit the same accepted index for every request and compare with stepping
+        after_verify = committed(torch.full((batch,), t))
+        step = eager.verify(model, stepwise, ids[:, prompt_len + t : prompt_len + t + 1])
         _close(step.logits[:, 0], verify.logits[:, t])
-        stepwise = model.commit(stepwise, step, p, torch.zeros(batch, dtype=torch.long))
-        for a, b in zip(committed.recurrent, stepwise.recurrent):
-            _close(a, b)
-        for a, b in zip(committed.conv, stepwise.conv):
-            _close(a, b)
-    # ragged acceptance: each request selects its own position
-    index = torch.tensor([0, 3, 6])
-    ragged = model.commit(prefill(), verify, pos, index)
+        eager.commit(model, stepwise, step, torch.zeros(batch, dtype=torch.long))
+        _close(after_verify.gdn_state, stepwise.gdn_state)
+        _close(after_verify.conv_window, stepwise.conv_window)
+        assert torch.equal(after_verify.cache_lens, stepwise.cache_lens)
+    # ragged acceptance: each request selects its own position; -1 leaves a request as it was
+    index = torch.tensor([0, 3, -1])
+    ragged = committed(index)
     for b, i in enumerate(index.tolist()):
-        single = model.commit(prefill(), verify, pos, torch.full((batch,), i))
-        _close(ragged.recurrent[0][b], single.recurrent[0][b])
-        _close(ragged.conv[0][b], single.conv[0][b])
+        single = committed(torch.full((batch,), i)) if i >= 0 else prefill()
+        _close(ragged.gdn_state[:, b], single.gdn_state[:, b])
+        _close(ragged.conv_window[:, b], single.conv_window[:, b])
+        assert ragged.cache_lens[b] == single.cache_lens[b] == prompt_len + i + 1
 
 
 @pytest.mark.parametrize("seq_len,chunk", [(1, 64), (37, 16), (64, 64), (131, 64)])
@@ -150,6 +156,6 @@ def test_tied_checkpoints_that_ship_lm_head_load_as_transformers_loads_them(tmp_
     assert any("differs from the embedding" in str(w.message) for w in caught) == (head == "different")
     ref = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, VOCAB, (1, 17))
-    out = ours(ids, torch.arange(17).unsqueeze(0), ours.new_cache(1, 32), per_position_states=False)
+    out = eager.forward_rows(ours, ids)
     _close(out.logits, ref(input_ids=ids).logits)
     torch.testing.assert_close(ours.lm_head.weight, ref.lm_head.weight, rtol=0, atol=0)

@@ -10,6 +10,7 @@ from torch import nn
 
 from dflash_compiler.codegen.weight_formats import FP8BlockWeight
 from dflash_compiler.errors import DFlashError
+from dflash_compiler.models import eager
 from dflash_compiler.models.config import TargetConfig
 from dflash_compiler.models.loader import load_drafter, load_target
 from dflash_compiler.models.quantized import QuantizedLinear
@@ -78,9 +79,8 @@ def test_logits_and_taps_equal_the_dense_model_of_the_dequantized_weights(quanti
     model = load_target(d)
     reference, original = _dequantized_dense(dense, written)
     ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(3))
-    pos = torch.arange(19).expand(2, -1)
     taps = (1, 2)
-    outs = [m(ids, pos, m.new_cache(2, 32), taps=taps, per_position_states=False) for m in (model, reference, original)]
+    outs = [eager.forward_rows(m, ids, taps) for m in (model, reference, original)]
     torch.testing.assert_close(outs[0].logits, outs[1].logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[0].features, outs[1].features, rtol=1e-5, atol=1e-5)
     # the weights really were quantized: the original dense model gives other logits
@@ -225,8 +225,7 @@ def test_tied_checkpoint_with_a_quantized_head_keeps_the_dense_embedding(tmp_pat
     for name, fmt in written.items():
         reference.get_submodule(_module_name(name).removeprefix("model.")).weight.data = fmt.dequantize()
     ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(11).unsqueeze(0)
-    got, want = (m(ids, pos, m.new_cache(1, 16), per_position_states=False).logits for m in (model, reference))
+    got, want = (eager.forward_rows(m, ids).logits for m in (model, reference))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     _edit_tensors(tmp_path / "gptq", lambda t: t.pop("model.embed_tokens.weight"))
     _fails(tmp_path / "gptq", r"missing tensor 'embed_tokens.weight' \(the lm_head is stored quantized\)")

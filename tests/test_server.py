@@ -248,6 +248,43 @@ def test_stop_strings_end_the_request_and_are_trimmed(engine, server):
     _assert_tables_empty(engine)
 
 
+class _Handle:
+    """What Generation needs of a request handle when the tokens are fed in by hand."""
+
+    cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_incremental_text_equals_whole_decoding(engine):
+    """Text is decoded a chunk at a time with a few tokens of context: characters split across byte-level tokens
+    come out whole, and a stop string found across chunks ends the text before it."""
+    from dflash_compiler.runtime.server import Generation, ServerMetrics
+
+    text = "def naïve(x):  # ünïcödé ✓ 日本語\n    return x  # done"
+    ids = engine.encode(text)
+    for stop, want in (([], text), (["✓ 日", "zzz"], text[: text.index("✓ 日")])):
+        for size in (1, 2, 3, 7):
+            gen = Generation(engine, ServerMetrics(engine), [1], _Handle(), stop, None)
+            pieces = []
+            for i in range(0, len(ids), size):
+                gen._add(ids[i : i + size])
+                pieces.append(gen._ready_text())
+                if gen.finish_reason is not None:
+                    break
+            else:
+                gen._flush()
+            pieces.append(gen._ready_text())
+            assert "".join(pieces) == gen.text == want
+            assert all("\ufffd" not in p for p in pieces)
+            if stop:
+                assert (
+                    gen.handle.cancelled and gen.matched == "✓ 日" and stop[0] in engine.tokenizer.decode(gen.token_ids)
+                )
+                assert stop[0] not in engine.tokenizer.decode(gen.token_ids[:-1])
+
+
 def test_a_client_that_disconnects_frees_its_pages(engine, server):
     runner = _idle(engine)
     before = _metrics(server.url).get('dflash_requests_total{finish_reason="cancelled"}', 0.0)

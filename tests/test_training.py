@@ -5,8 +5,9 @@ import json
 
 import pytest
 import torch
-from checkpoints import VOCAB, write_char_tokenizer, write_qwen3, write_qwen35
+from checkpoints import VOCAB, write_char_tokenizer, write_drafter, write_qwen3, write_qwen35
 
+from dflash_compiler.models import eager
 from dflash_compiler.models.loader import load_drafter, load_target
 from dflash_compiler.runtime import Engine
 from dflash_compiler.runtime.proposer import DFlashProposer
@@ -64,9 +65,8 @@ def _teacher_forced_tau(target, drafter, held: SequenceSet, block_size: int) -> 
     proposer, taps, lengths = DFlashProposer(drafter, target), drafter.cfg.target_layer_ids, []
     for seq in held.tokens.tolist():
         for a in range(held.prompt_len, max(held.prompt_len, len(seq) - block_size) + 1, 4):
-            positions = torch.arange(a).view(1, -1)
-            out = target(torch.tensor([seq[:a]]), positions, target.new_cache(1, a), taps=taps)
-            state = proposer.add_context(proposer.new_state(1, a + block_size), out.features, positions)
+            out = eager.forward_rows(target, torch.tensor([seq[:a]]), taps)
+            state = proposer.add_context(proposer.new_state(1, a + block_size), out.features[None], out.positions)
             drafts, _ = proposer.propose(state, torch.tensor([seq[a]]), torch.tensor([a]), SamplingParams(), None)
             truth = seq[a + 1 : a + block_size]
             lengths.append(1 + next((i for i, t in enumerate(truth) if drafts[0, i] != t), len(truth)))
@@ -121,6 +121,29 @@ def test_loss_decreases_when_training_longer(target_dir, tmp_path):
     assert losses[-1] < 0.7 * losses[0]
 
 
+@torch.no_grad()
+def test_the_training_forward_equals_the_paged_draft(tmp_path):
+    """run_blocks over one block per row, masked by layer_masks, computes what the inference path (context K/V
+    written into the paged cache, paged_draft) computes, with a causal sliding layer and rows of other lengths."""
+    write_qwen35(tmp_path / "t", seed=7, multimodal=False)
+    write_drafter(tmp_path / "d", layout="nested", sliding_window=3, target_layer_ids=[0, 2], block_size=6)
+    target = load_target(tmp_path / "t")
+    drafter = load_drafter(tmp_path / "d", target.cfg)
+    assert drafter.cfg.causal_layers[0] and drafter.cfg.layer_types[0] == "sliding_attention"
+    n, ctx, b = 2, 13, 6
+    features = torch.randn(n, ctx, 2 * target.cfg.hidden_size)
+    positions = torch.arange(ctx).expand(n, -1)
+    embeds = target.embed_tokens(torch.randint(0, VOCAB, (n, b)))
+    lens = torch.tensor([ctx, ctx - 4])  # each row's anchor position: the context before it counts
+    proposer = DFlashProposer(drafter, target, b)
+    state = proposer.add_context(proposer.new_state(n, ctx + b), features, positions)
+    paged = drafter.paged_draft(state.k, state.v, embeds, lens.int(), state.table, ctx + b).view(n, b - 1, -1)
+    q_pos = lens[:, None] + torch.arange(b)
+    masks = drafter.layer_masks(q_pos, lens[:, None].expand(-1, b), torch.zeros_like(q_pos), ctx)
+    dense = drafter.run_blocks(embeds, q_pos, drafter.context_kv(features, positions), masks)
+    torch.testing.assert_close(paged, dense[:, 1:], rtol=1e-5, atol=1e-5)
+
+
 def test_blocks_see_only_their_context_and_themselves(target_dir):
     """Changing a token after an anchor must not change that block's drafts except through the block itself;
     changing another block's anchor must not change this block."""
@@ -131,10 +154,8 @@ def test_blocks_see_only_their_context_and_themselves(target_dir):
     anchors = torch.tensor([[10, 20]])
     n, length = tokens.shape
     positions = torch.arange(length).expand(n, -1)
-    out = target(
-        tokens, positions, target.new_cache(1, 0), taps=drafter.cfg.target_layer_ids, per_position_states=False
-    )
-    context = drafter.context_kv(out.features, positions)
+    out = eager.forward_rows(target, tokens, drafter.cfg.target_layer_ids)
+    context = drafter.context_kv(out.features.view(n, length, -1), positions)
 
     def hidden(toks):
         q_pos = (anchors.unsqueeze(-1) + torch.arange(4)).view(1, -1)

@@ -427,6 +427,25 @@ def test_a_shared_study_leaves_live_workers_trials_alone(tmp_path):
     assert [t.state.name for t in study.trials[3:]] == ["WAITING"]  # the dead worker's point, queued again
 
 
+def test_a_winner_by_noise_is_not_chosen():
+    from dflash_compiler.tuning.kernels import _confirm
+
+    space = ToySpace()
+    best, default = {"lowering": "triton", "x": 3, "y": 1}, space.default()
+    again = {"best": [9.0, 8.0, 30.0], "default": [5.0, 6.0, 4.0]}  # the study's winner, timed again, is slower
+    case = SimpleNamespace(measure=lambda lowering, config: again["best" if config["x"] == 3 else "default"].pop(0))
+    assert _confirm(case, space, best, default, "cuda") == (default, 5.0, 5.0)
+    again = {"best": [2.0], "default": [5.0]}
+    assert _confirm(case, space, best, default, "cpu") == (best, 2.0, 5.0)
+
+    def fails(lowering, config):
+        if config["x"] == 3:
+            raise ConfigFailed("launch failed: flaky")
+        return 5.0
+
+    assert _confirm(SimpleNamespace(measure=fails), space, best, default, "cpu") == (default, 5.0, 5.0)
+
+
 # ---- measurement on the real kernels (Triton interpreter) --------------------------------------------------------
 
 
@@ -476,7 +495,7 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
     throughput = pair_throughput(
         DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter", prompts, max_new_tokens=3, max_seq_len=128
     )
-    space = RuntimeSpace([1, 2], 16)
+    space = RuntimeSpace([1, 2], 16, widths=[4])  # each width is a step compiled apart: two of them here
     study = runtime_study(space, throughput, storage=open_storage(tmp_path / "rt.journal"), study_name="rt",
                           n_trials=3)  # fmt: skip
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
@@ -491,6 +510,9 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
     assert table[1][16] >= default.user_attrs["tokens_per_s"]["1"]
     config = space.config(study.best_params)
     assert config.width(1) == study.best_params["width_c1"] and config.width(9) == study.best_params["width_c2"]
+    assert space.widths == [4, 16]
+    with pytest.raises(DFlashError, match=r"parameter 'widths' must lie in 1..16 \(the drafter's block\), got \[32\]"):
+        RuntimeSpace([1], 16, widths=[32])
 
 
 def test_batch_runner_runs_at_its_bucket_set():

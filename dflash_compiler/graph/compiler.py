@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from ..errors import DFlashError
+from ..models.config import DrafterConfig
 from ..models.drafter import DFlashDrafter
 from ..models.paged import PAGE_SIZE, Pools
 from ..models.step import SpeculativeStep
@@ -34,6 +35,12 @@ MAX_ROWS = 65
 PHASES = ("step", "step_sampled", "step_simulated", "step_sampled_simulated", "join", "join_sampled", "prefill")
 
 
+def new_context(drafter_cfg: DrafterConfig, pages: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A drafter's zeroed paged context K/V, [layers, pages, Hkv, PAGE_SIZE, D] each."""
+    shape = (drafter_cfg.num_layers, pages, drafter_cfg.num_kv_heads, PAGE_SIZE, drafter_cfg.head_dim)
+    return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+
+
 def new_pools(
     step: SpeculativeStep, rows: int, pages: int, pages_per_row: int, device, dtype, sampled: bool = False
 ) -> Pools:
@@ -41,11 +48,7 @@ def new_pools(
     cfg, b = step.target.cfg, step.block_size
     n_gdn = len(cfg.gdn_layers)
     kv = (pages, cfg.num_kv_heads, PAGE_SIZE, cfg.head_dim)
-    ctx_k = ctx_v = None
-    if step.drafter is not None:
-        dc = step.drafter.cfg
-        shape = (dc.num_layers, pages, dc.num_kv_heads, PAGE_SIZE, dc.head_dim)
-        ctx_k, ctx_v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+    ctx_k, ctx_v = new_context(step.drafter.cfg, pages, device, dtype) if step.drafter is not None else (None, None)
     state = (n_gdn, rows, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
     draft_probs = None
     if sampled and b > 1:
@@ -161,9 +164,7 @@ class StepGraphs:
         if name.startswith("step"):
 
             def step_fn(p):
-                vout = step.verify(p)
-                bonus = step.accept_commit(p, vout, sampled, simulated)
-                step.draft(p, bonus, vout.table, sampled, vout.features, vout.positions)
+                step(p, sampled, simulated)
 
             view = pools.rows(slice(0, 2))
             return step_fn, (view,), (view.dynamic_shapes(torch.export.Dim("rows", min=1, max=MAX_ROWS), pages),)

@@ -114,7 +114,9 @@ def op_counts(gm: fx.GraphModule) -> Counter:
         if node.op != "call_function":
             continue
         t = node.target
-        if isinstance(t, torch._ops.OpOverload):
+        if "lowering" in node.meta:  # lowered: the node calls its implementation of a dflash op
+            counts[node.meta["lowering"]["op"]] += 1
+        elif isinstance(t, torch._ops.OpOverload):
             counts[t._opname if t.namespace == DFLASH_NAMESPACE else f"{t.namespace}.{t._opname}"] += 1
         else:
             counts[getattr(t, "__name__", str(t))] += 1
@@ -122,13 +124,15 @@ def op_counts(gm: fx.GraphModule) -> Counter:
 
 
 def kernel_launches(gm: fx.GraphModule) -> int:
-    """dflash op calls plus ATen compute calls (views and getitems launch nothing)."""
+    """dflash op calls (lowered or not) plus ATen compute calls (views and getitems launch nothing)."""
     launches = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        if node.op != "call_function":
             continue
-        if node.target.namespace == DFLASH_NAMESPACE or not _is_view(node.target):
+        if "lowering" in node.meta:
             launches += 1
+        elif isinstance(node.target, torch._ops.OpOverload):
+            launches += node.target.namespace == DFLASH_NAMESPACE or not _is_view(node.target)
     return launches
 
 

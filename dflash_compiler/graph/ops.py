@@ -39,6 +39,19 @@ def weight_format(fmt: str, weight: Tensor, scale: Tensor | None, zeros: Tensor 
     raise ValueError(f"fmt: expected one of {', '.join(LINEAR_FORMATS)}, got {fmt!r}")
 
 
+def linear_args(w) -> dict:
+    """The linear op's weight arguments of a codegen weight object (the inverse of weight_format)."""
+    if isinstance(w, DenseWeight):
+        return {"weight": w.weight, "fmt": "dense"}
+    if isinstance(w, FP8ChannelWeight):
+        return {"weight": w.qweight, "scale": w.scale, "fmt": "fp8_channel"}
+    if isinstance(w, FP8BlockWeight):
+        return {"weight": w.qweight, "scale": w.scale_inv, "fmt": "fp8_block"}
+    if isinstance(w, Int4Weight):
+        return {"weight": w.qweight, "scale": w.scales, "zeros": w.qzeros, "fmt": "int4", "group_size": w.group_size}
+    raise TypeError(f"no linear format for {type(w).__name__}")
+
+
 def _linear_out(x: Tensor, weight: Tensor, fmt: str, swiglu: bool) -> Tensor:
     n = weight.shape[0]
     return x.new_empty(x.shape[0], n // 2 if swiglu else n)

@@ -266,6 +266,15 @@ def _quantizer(fmt: str) -> Callable[[torch.Tensor], object]:
             "int4": lambda w: wf.quantize_int4(w, group_size=128)}[fmt]  # fmt: skip
 
 
+def quantize_weight(w: torch.Tensor, quant: str):
+    """A dense weight [N, K] as the quantization pass converts it ("fp8", "fp8_block", "int4"), or None where the
+    pass keeps it dense (INT4 without whole groups of 128 inputs)."""
+    fmt = QUANT_FORMATS[quant]
+    if fmt == "int4" and w.shape[1] % 128:
+        return None
+    return _quantizer(fmt)(w)
+
+
 _COMPONENTS = {
     "fp8_channel": ("qweight", "scale", None),
     "fp8_block": ("qweight", "scale_inv", None),
@@ -290,15 +299,17 @@ def quantize(quant: str) -> Callable[[fx.GraphModule, Weights], int]:
             src = weights.recipes[w.target]
             if fmt == "int4" and src.shape[1] % 128:
                 continue  # no whole groups: kept dense
-            example = quantizer(torch.zeros(src.shape, dtype=torch.float32))
+            example = quantizer(torch.zeros(src.shape, dtype=torch.float32, device="meta"))
+            # the converted weight once, as an intermediate its tensors are read from
+            whole = weights.add(Recipe((w.target,), quantizer, tuple(src.shape), src.dtype, fmt))
             parts = {}
             for field_name in _COMPONENTS[fmt]:
                 if field_name is None or getattr(example, field_name) is None:
                     parts[field_name] = None
                     continue
                 t = getattr(example, field_name)
-                recipe = Recipe((w.target,), lambda x, _f=field_name: getattr(quantizer(x), _f).contiguous(),
-                                tuple(t.shape), t.dtype, f"{fmt}.{field_name}")  # fmt: skip
+                recipe = Recipe((whole,), lambda q, _f=field_name: getattr(q, _f).contiguous(), tuple(t.shape),
+                                t.dtype, f"{fmt}.{field_name}")  # fmt: skip
                 parts[field_name] = _set_weight(gm, weights, recipe, node)
             qweight, scale, zeros = (parts[f] if f else None for f in _COMPONENTS[fmt])
             _set_linear(node, weight=qweight, scale=scale, zeros=zeros, fmt=fmt, group_size=128)

@@ -4,27 +4,21 @@ target by KV injection.
 The target's tapped features go through `fc` and `hidden_norm` once; every layer projects the result with its
 own k/v projections into context K/V, kept in a cache. A draft block `[anchor, MASK x (B-1)]` (embedded with the
 target's embedding) attends to that context and to itself; the target's lm_head reads slots 1..B-1.
+
+Inference is `paged_context` (context K/V written into a paged cache) and `paged_draft`, in the IR's ops. Training
+runs the same layers over many blocks packed into one sequence (`context_kv`, `layer_masks`, `run_blocks`) in
+PyTorch ops, which autograd differentiates.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import ops
 from .config import DrafterConfig
-from .paged import Pools, dflash, project, token_rows
+from .paged import dflash, project, token_rows
 from .target import MLP, RMSNorm
-
-
-@dataclass
-class DrafterCache:
-    """Context K/V per drafter layer, [B, Hkv, S, D], written at the absolute positions of committed tokens."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
 
 
 class DrafterAttention(nn.Module):
@@ -88,16 +82,6 @@ class DFlashDrafter(nn.Module):
         inv_freq, self.rope_scale = cfg.rope.inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> DrafterCache:
-        device = device or self.fc.weight.device
-        dtype = dtype or self.fc.weight.dtype
-        shape = (batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim)
-        n = self.cfg.num_layers
-        return DrafterCache(
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-        )
-
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.rope_cos_sin(self.inv_freq, positions, self.rope_scale, dtype)
 
@@ -107,14 +91,6 @@ class DFlashDrafter(nn.Module):
         cos, sin = self.rope(positions, c.dtype)
         return [layer.self_attn.kv(c, cos, sin) for layer in self.layers]
 
-    def append_context(self, cache: DrafterCache, features: torch.Tensor, positions: torch.Tensor) -> DrafterCache:
-        """Writes the context K/V of newly committed tokens into the cache at their positions."""
-        slots = positions.view(positions.shape[0], 1, -1, 1).expand(-1, self.cfg.num_kv_heads, -1, self.cfg.head_dim)
-        for kc, vc, (k, v) in zip(cache.k, cache.v, self.context_kv(features, positions)):
-            kc.scatter_(2, slots, k.to(kc.dtype))
-            vc.scatter_(2, slots, v.to(vc.dtype))
-        return cache
-
     def layer_masks(
         self, positions: torch.Tensor, anchors: torch.Tensor, blocks: torch.Tensor, ctx_len: int
     ) -> list[torch.Tensor]:
@@ -122,8 +98,8 @@ class DFlashDrafter(nn.Module):
 
         A query sees context positions before its block's anchor (anchors [B, T]) and the queries of its own
         block (blocks [B, T]: block index of each query): both ways in full layers, only earlier ones in causal
-        layers; sliding layers also drop keys `sliding_window` or more positions back. Training packs many blocks
-        into one call; inference has a single block.
+        layers; sliding layers also drop keys `sliding_window` or more positions back (what draft_attention
+        computes for a single block over the paged context).
         """
         device = positions.device
         bsz, t = positions.shape
@@ -158,18 +134,11 @@ class DFlashDrafter(nn.Module):
             h = layer(h, cos, sin, k, v, mask)
         return self.norm(h)
 
-    def forward(self, block_embeds: torch.Tensor, positions: torch.Tensor, cache: DrafterCache) -> torch.Tensor:
-        """Runs one block [B, T, H] of embedded tokens at contiguous positions [B, T] over the context cache.
-        Returns the final-normed hidden states [B, T, H]; the target's lm_head turns them into logits."""
-        anchors = positions[:, :1].expand_as(positions)
-        masks = self.layer_masks(positions, anchors, torch.zeros_like(positions), cache.k[0].shape[2])
-        return self.run_blocks(block_embeds, positions, list(zip(cache.k, cache.v)), masks)
+    # ---- inference: over paged state (the step and the eager runtime) ------------------------------------------
 
-    # ---- over pooled state (the batched step) ---------------------------------------------------------------
-
-    def paged_context(self, pools: Pools, features: torch.Tensor, positions: torch.Tensor, table: torch.Tensor):
-        """Writes the context K/V of target features [N*T, taps*H] at positions [N, T] into the pools' paged
-        drafter context, through table, for every layer at once."""
+    def paged_context(self, ctx_k, ctx_v, features: torch.Tensor, positions: torch.Tensor, table: torch.Tensor):
+        """Writes the context K/V of target features [N*T, taps*H] at positions [N, T] into the paged drafter
+        context ctx_k/ctx_v [layers, pages, Hkv, PAGE, D], through table, for every layer at once."""
         cfg = self.cfg
         c = dflash.rms_norm(project(features, self.fc), self.hidden_norm.weight, cfg.rms_norm_eps, False)
         seq_idx, pos_flat = token_rows(positions)
@@ -179,14 +148,15 @@ class DFlashDrafter(nn.Module):
             dim=-1,
         )
         k_norm = torch.stack([ly.self_attn.k_norm.weight for ly in self.layers])
-        dflash.context_kv_write(kv, k_norm, cos, sin, pools.ctx_k, pools.ctx_v, seq_idx, pos_flat, table,
+        dflash.context_kv_write(kv, k_norm, cos, sin, ctx_k, ctx_v, seq_idx, pos_flat, table,
                                 cfg.rms_norm_eps)  # fmt: skip
 
     def paged_draft(
-        self, pools: Pools, block_embeds: torch.Tensor, lens: torch.Tensor, table: torch.Tensor, max_len: int
+        self, ctx_k, ctx_v, block_embeds: torch.Tensor, lens: torch.Tensor, table: torch.Tensor, max_len: int
     ) -> torch.Tensor:
         """Runs blocks [N, B, H] (each request's embedded [anchor, MASK x (B-1)] at positions lens[n] + t) over
-        the paged context. Returns the final-normed hidden states of slots 1..B-1, [N*(B-1), H]."""
+        the paged context (positions < lens[n]). Returns the final-normed hidden states of slots 1..B-1,
+        [N*(B-1), H]."""
         cfg = self.cfg
         n, b = block_embeds.shape[:2]
         hq, hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
@@ -203,8 +173,8 @@ class DFlashDrafter(nn.Module):
                 q.view(n, b, hq, d),
                 k.view(n, b, hkv, d),
                 project(x, a.v_proj).view(n, b, hkv, d),
-                pools.ctx_k[li],
-                pools.ctx_v[li],
+                ctx_k[li],
+                ctx_v[li],
                 lens,
                 table,
                 bool(cfg.causal_layers[li]),
@@ -215,6 +185,3 @@ class DFlashDrafter(nn.Module):
             h = h + layer.mlp.paged(dflash.rms_norm(h, layer.post_attention_layernorm.weight, eps, False))
         h = h.view(n, b, -1)[:, 1:].reshape(n * (b - 1), -1)
         return dflash.rms_norm(h, self.norm.weight, eps, False)
-
-
-torch.export.register_dataclass(DrafterCache)

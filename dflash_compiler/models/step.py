@@ -37,6 +37,12 @@ class SpeculativeStep(nn.Module):
         self.max_len = max_len  # host bound on cache length + block (sizes attention splits)
         self.taps = tuple(drafter.cfg.target_layer_ids) if self.drafter is not None else ()
 
+    def forward(self, pools: Pools, sampled: bool = False, simulated: bool = False) -> None:
+        """The whole step: verify -> accept -> commit -> context K/V of the verified tokens -> draft."""
+        vout = self.verify(pools)
+        bonus = self.accept_commit(pools, vout, sampled, simulated)
+        self.draft(pools, bonus, vout.table, sampled, vout.features, vout.positions)
+
     def verify(self, pools: Pools) -> VerifyOut:
         act = pools.active
         lens = torch.where(act, pools.cache_lens, 0)
@@ -72,12 +78,7 @@ class SpeculativeStep(nn.Module):
                 accepted = (u < pools.profile).sum(-1)
                 bonus = logits.argmax(-1).gather(1, accepted.unsqueeze(1)).squeeze(1)
         idx = torch.where(act, accepted, -1).to(torch.int32)
-        cfg = self.target.cfg
-        for j, (k, v, a, bb, x) in enumerate(vout.saved):
-            gdn = self.target.layers[cfg.gdn_layers[j]].linear_attn
-            dflash.gdn_commit(
-                pools.gdn_state[j], idx, k, v, a, bb, gdn.A_log.float(), gdn.dt_bias.float(), pools.conv_window[j], x
-            )
+        self.target.paged_commit(pools, vout, idx)
         out = torch.cat((drafts, drafts[:, :1]), dim=1) if b > 1 else bonus.unsqueeze(1).clone()
         out = out.scatter(1, accepted.unsqueeze(1), bonus.unsqueeze(1))
         pools.out_tokens.copy_(out)
@@ -101,7 +102,7 @@ class SpeculativeStep(nn.Module):
             pools.tokens.copy_(torch.where(act.unsqueeze(1), anchor.unsqueeze(1), pools.tokens))
             return
         if features is not None:
-            self.drafter.paged_context(pools, features, feature_positions, table)
+            self.drafter.paged_context(pools.ctx_k, pools.ctx_v, features, feature_positions, table)
         sampling = _sampling()
         n, b = anchor.shape[0], self.block_size
         lens = torch.where(act, pools.cache_lens, 0)
@@ -109,7 +110,7 @@ class SpeculativeStep(nn.Module):
             (anchor.unsqueeze(1), torch.full((n, b - 1), self.drafter.cfg.mask_token_id, device=anchor.device)), dim=1
         )
         embeds = torch.nn.functional.embedding(block, self.target.embed_tokens.weight)
-        hidden = self.drafter.paged_draft(pools, embeds, lens, table, self.max_len)
+        hidden = self.drafter.paged_draft(pools.ctx_k, pools.ctx_v, embeds, lens, table, self.max_len)
         logits = project(hidden, self.target.lm_head).view(n, b - 1, -1)
         drafts = logits.argmax(-1)
         if sampled:
@@ -126,7 +127,7 @@ class SpeculativeStep(nn.Module):
         table = pools.block_table
         out = self.target.paged_forward(pools, ids, start, table, "prefill", self.taps, self.max_len, last_only=True)
         if self.drafter is not None:
-            self.drafter.paged_context(pools, out.features, out.positions, table)
+            self.drafter.paged_context(pools.ctx_k, pools.ctx_v, out.features, out.positions, table)
         return out.logits[:, -1]
 
     def _probs(self, pools: Pools, logits: torch.Tensor) -> torch.Tensor:

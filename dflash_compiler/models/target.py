@@ -1,14 +1,12 @@
 """The target model: Qwen3.5 hybrid (Gated DeltaNet + gated attention), Qwen3 and Llama decoders, in one definition.
 
-Step functions are functional. `TargetModel.forward` reads the cache and writes nothing: it returns the block's
-logits, the tapped features, the block's K/V and, for every GDN layer, what rebuilds its state after each block
-position. `TargetModel.commit` then makes the accepted position current (KV written, GDN state selected), so
-rejected drafts never need a re-run.
+The forward is `TargetModel.paged_forward`, written in the IR's ops (`torch.ops.dflash.*`) over pooled state
+(`Pools`: a paged KV cache and GDN state rows). It runs eagerly on any device and is what the compiler traces:
+prefill advances the state in place; verify writes the block's K/V and leaves the GDN states as they are,
+returning what `paged_commit` replays to make any block position current, so rejected drafts never need a re-run.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,36 +14,6 @@ from torch import nn
 from . import ops
 from .config import TargetConfig
 from .paged import Pools, VerifyOut, dflash, project, token_rows
-
-
-@dataclass
-class TargetCache:
-    """Per-request decoding state. KV: [B, Hkv, S, D] per attention layer; conv windows [B, C, W-1] and
-    recurrent states [B, HV, Dk, Dv] (fp32) per GDN layer. Entries at positions >= a request's length are
-    never read."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    conv: list[torch.Tensor]
-    recurrent: list[torch.Tensor]
-
-
-@dataclass
-class GDNBlockStates:
-    """What rebuilds a GDN layer's state after any block position: the block's conv input with the window in
-    front ([B, C, W-1+T]) and the recurrent state after every position ([B, T, ...]) or after the last ([B, 1, ...])."""
-
-    conv_extended: torch.Tensor
-    recurrent: torch.Tensor
-
-
-@dataclass
-class TargetOutput:
-    logits: torch.Tensor  # [B, T, V] (or [B, 1, V] with last_logits_only)
-    features: torch.Tensor | None  # [B, T, len(taps) * H]: outputs of the tapped layers
-    block_k: list[torch.Tensor]  # per attention layer [B, Hkv, T, D]
-    block_v: list[torch.Tensor]
-    gdn: list[GDNBlockStates]
 
 
 class RMSNorm(nn.Module):
@@ -66,20 +34,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Over [..., H] in PyTorch ops (the drafter's training forward, which needs autograd)."""
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
     def paged(self, x: torch.Tensor) -> torch.Tensor:
         """The same over token rows [M, H] in the IR's ops."""
         return project(dflash.swiglu(project(x, self.gate_proj), project(x, self.up_proj)), self.down_proj)
-
-
-def block_mask(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
-    """Causal mask [B, T, S+T] for a block at contiguous positions over a cache holding positions < positions[:, 0]."""
-    start = positions[:, :1]
-    cached = torch.arange(cache_len, device=positions.device).view(1, 1, -1) < start.unsqueeze(-1)
-    t = positions.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
-    return torch.cat((cached.expand(-1, t, -1), causal.expand(positions.shape[0], -1, -1)), dim=-1)
 
 
 class Attention(nn.Module):
@@ -97,37 +57,6 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.zero_centered_norm)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.zero_centered_norm)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        bsz, t, _ = x.shape
-        d = cfg.head_dim
-        qg = self.q_proj(x)
-        if cfg.attn_output_gate:
-            q, gate = qg.view(bsz, t, cfg.num_heads, 2 * d).chunk(2, dim=-1)
-            gate = gate.reshape(bsz, t, -1)
-        else:
-            q, gate = qg.view(bsz, t, cfg.num_heads, d), None
-        k = self.k_proj(x).view(bsz, t, cfg.num_kv_heads, d)
-        v = self.v_proj(x).view(bsz, t, cfg.num_kv_heads, d).transpose(1, 2)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = ops.apply_rope(q.transpose(1, 2), cos, sin)
-        k = ops.apply_rope(k.transpose(1, 2), cos, sin)
-        keys = torch.cat((k_cache, k), dim=2)
-        values = torch.cat((v_cache, v), dim=2)
-        out = ops.attention(q, keys, values, mask, d**-0.5).transpose(1, 2).reshape(bsz, t, -1)
-        if gate is not None:
-            out = out * torch.sigmoid(gate)
-        return self.o_proj(out), k, v
 
     def paged(self, x, cos, sin, k_cache, v_cache, lens, table, seq_idx, pos_flat, max_len) -> torch.Tensor:
         """Token rows x [N*T, H] of N requests' blocks at positions lens[n] + t: the block's K/V written into the
@@ -181,26 +110,6 @@ class GatedDeltaNet(nn.Module):
         self.norm.weight = nn.Parameter(torch.ones(cfg.linear_value_head_dim))
         self.out_proj = nn.Linear(cfg.gdn_value_dim, h, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, conv_window: torch.Tensor, state: torch.Tensor, per_position: bool
-    ) -> tuple[torch.Tensor, GDNBlockStates]:
-        cfg = self.cfg
-        bsz, t, _ = x.shape
-        mixed, extended = ops.causal_conv1d(self.in_proj_qkv(x).transpose(1, 2), conv_window, self.conv1d.weight[:, 0])
-        q, k, v = mixed.transpose(1, 2).split([cfg.gdn_key_dim, cfg.gdn_key_dim, cfg.gdn_value_dim], dim=-1)
-        q = q.reshape(bsz, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
-        k = k.reshape(bsz, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
-        v = v.reshape(bsz, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
-        g, beta = ops.gdn_gates(self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias)
-        if per_position:
-            o, states = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=True)
-        else:
-            o, final = ops.gated_delta_rule_chunked(q, k, v, g, beta, state)
-            states = final.unsqueeze(1)
-        z = self.in_proj_z(x).view(bsz, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
-        o = ops.gated_rms_norm(o, z, self.norm.weight, cfg.rms_norm_eps)
-        return self.out_proj(o.reshape(bsz, t, -1)), GDNBlockStates(extended, states)
-
     def paged(self, x, state, window, n: int, mode: str, saved: list) -> torch.Tensor:
         """Token rows x [N*T, H] of N requests' blocks over their state rows (state [N, HV, K, V], window
         [N, C, W-1]). mode "verify" leaves both as they are and appends what the replay commit needs to saved;
@@ -252,60 +161,6 @@ class TargetModel(nn.Module):
         inv_freq, self.rope_scale = cfg.rope.inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> TargetCache:
-        cfg = self.cfg
-        device = device or self.embed_tokens.weight.device
-        dtype = dtype or self.embed_tokens.weight.dtype
-        n_attn, n_gdn = len(cfg.attention_layers), len(cfg.gdn_layers)
-        kv_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        state_shape = (batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
-        conv_shape = (batch, cfg.gdn_conv_dim, max(cfg.linear_conv_kernel_dim - 1, 0))
-        return TargetCache(
-            k=[torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(n_attn)],
-            v=[torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(n_attn)],
-            conv=[torch.zeros(conv_shape, device=device, dtype=dtype) for _ in range(n_gdn)],
-            recurrent=[torch.zeros(state_shape, device=device, dtype=torch.float32) for _ in range(n_gdn)],
-        )
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: TargetCache,
-        taps: tuple[int, ...] = (),
-        per_position_states: bool = True,
-        last_logits_only: bool = False,
-    ) -> TargetOutput:
-        """Runs a block of T tokens at contiguous positions [B, T] on top of the cache, without changing it.
-
-        per_position_states: keep every GDN state of the block (verify) instead of the last only (prefill).
-        """
-        h = self.embed_tokens(input_ids)
-        cos, sin = ops.rope_cos_sin(self.inv_freq, positions, self.rope_scale, h.dtype)
-        mask = block_mask(positions, cache.k[0].shape[2]) if cache.k else None
-        tapped = []
-        block_k, block_v, gdn = [], [], []
-        for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            if layer.is_gdn:
-                j = len(gdn)
-                x, states = layer.linear_attn(x, cache.conv[j], cache.recurrent[j], per_position_states)
-                gdn.append(states)
-            else:
-                j = len(block_k)
-                x, k, v = layer.self_attn(x, cos, sin, cache.k[j], cache.v[j], mask)
-                block_k.append(k)
-                block_v.append(v)
-            h = h + x
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-            if i in taps:
-                tapped.append(h)
-        features = torch.cat([tapped[sorted(taps).index(i)] for i in taps], dim=-1) if taps else None
-        if last_logits_only:
-            h = h[:, -1:]
-        logits = self.lm_head(self.norm(h))
-        return TargetOutput(logits, features, block_k, block_v, gdn)
-
     def paged_forward(
         self,
         pools: Pools,
@@ -351,28 +206,12 @@ class TargetModel(nn.Module):
         logits = project(dflash.rms_norm(h, self.norm.weight, eps, zc), self.lm_head)
         return VerifyOut(logits.view(n, -1, logits.shape[-1]), features, positions, saved, table, lens)
 
-    def commit(
-        self, cache: TargetCache, out: TargetOutput, positions: torch.Tensor, index: torch.Tensor
-    ) -> TargetCache:
-        """Makes block position index[b] (per request) the last committed one: writes the block's K/V and
-        selects the GDN state after that position. KV past it is written too but is never read."""
-        if cache.k:
-            slots = positions.view(positions.shape[0], 1, -1, 1).expand(
-                -1, self.cfg.num_kv_heads, -1, self.cfg.head_dim
+    def paged_commit(self, pools: Pools, vout: VerifyOut, idx: torch.Tensor) -> None:
+        """Makes block position idx[n] (int32, -1 keeps the row as it is) current in the GDN state rows and conv
+        windows of the requests verified in vout, replaying the block's saved inputs. KV needs nothing: the verify
+        wrote it, and positions past the cache length are never read."""
+        for j, (k, v, a, b, x) in enumerate(vout.saved):
+            gdn = self.layers[self.cfg.gdn_layers[j]].linear_attn
+            dflash.gdn_commit(
+                pools.gdn_state[j], idx, k, v, a, b, gdn.A_log.float(), gdn.dt_bias.float(), pools.conv_window[j], x
             )
-            for kc, vc, k, v in zip(cache.k, cache.v, out.block_k, out.block_v):
-                kc.scatter_(2, slots, k.to(kc.dtype))
-                vc.scatter_(2, slots, v.to(vc.dtype))
-        width = self.cfg.linear_conv_kernel_dim
-        conv, recurrent = [], []
-        for states in out.gdn:
-            conv.append(ops.conv_window_after(states.conv_extended, index, width))
-            rec_index = index if states.recurrent.shape[1] > 1 else torch.zeros_like(index)
-            rec = states.recurrent.gather(1, rec_index.view(-1, 1, 1, 1, 1).expand(-1, 1, *states.recurrent.shape[2:]))
-            recurrent.append(rec[:, 0])
-        return TargetCache(cache.k, cache.v, conv, recurrent)
-
-
-# Caches and step outputs cross torch.export and CUDA-graph boundaries as pytrees of tensors.
-for _cls in (TargetCache, GDNBlockStates, TargetOutput):
-    torch.export.register_dataclass(_cls)

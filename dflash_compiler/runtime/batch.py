@@ -152,7 +152,7 @@ class BatchRunner:
         if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
             raise DFlashError(f"parameter 'buckets' must be positive batch sizes, got {tuple(buckets)}")
         # the step runs at the smallest bucket holding the running requests; max_batch is always the last one
-        self.buckets = runner_buckets(max_batch, buckets)
+        self._buckets = runner_buckets(max_batch, buckets)
         self.block_size, self.max_batch, self.max_seq_len = block_size, max_batch, max_seq_len
         self.prefill_chunk = prefill_chunk
         self.vocab_size = target.cfg.vocab_size
@@ -205,6 +205,11 @@ class BatchRunner:
         self._events: list[StepEvent] = []
         if self.cuda_graphs:
             self._capture_all(simulated=False)
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The batch sizes a step runs at (a graph each on CUDA): the given buckets below max_batch, and max_batch."""
+        return self._buckets
 
     def _draft_probs_bytes(self) -> int:
         return (self.block_size - 1) * self.vocab_size * 4 if self.block_size > 1 else 0

@@ -91,7 +91,9 @@ class Engine:
     together through the batched step (CUDA graphs on CUDA; Triton kernels there, their PyTorch lowering
     elsewhere), with weights optionally quantized at load (quant "fp8" or "int4"; "none", or "bf16", keeps them as
     loaded); it takes the models' weights over. "auto" is batched on CUDA, eager elsewhere. `stream` and
-    `generate` stop at stop strings (`stop=`) on either runtime.
+    `generate` stop at stop strings (`stop=`) on either runtime. `submit` works on both (the eager runtime serves
+    submitted requests one at a time); max_queue bounds the requests that may wait for a row (QueueFullError
+    beyond it), None leaves the queue unbounded.
     """
 
     def __init__(

@@ -249,6 +249,8 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text handed out so far
+    _prefix: int = 0  # token offsets of the incremental decoding: context start, end of what text holds
+    _read: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"; None while running or after an error
     matched: str | int | None = None
     failed: bool = False
@@ -257,9 +259,9 @@ class Generation:
 
     @classmethod
     def start(
-        cls, app_state: _State, prompt_ids: list[int], params: dict, stop: list[str], names: dict[str, str]
+        cls, app_state: _State, prompt_ids: list[int], params: dict, stop: list[str], fields: dict[str, str]
     ) -> Generation:
-        """Submits the request; names maps the engine's parameter names to the request's fields for errors."""
+        """Submits the request; fields maps the engine's parameter names to the request's fields for errors."""
         stats = GenerationStats()
         try:
             handle = app_state.engine.submit(prompt_ids, stats=stats, **params)
@@ -268,41 +270,59 @@ class Generation:
             raise APIError(503, str(e), code="queue_full", retry_after=app_state.retry_after_s) from None
         except DFlashError as e:
             app_state.metrics.rejected.labels("400").inc()
-            raise _bad_request(e, names) from None
+            raise _bad_request(e, fields) from None
         return cls(app_state.engine, app_state.metrics, prompt_ids, handle, stop, stats)
 
     def _decode(self, ids: list[int]) -> str:
         tok = self.engine.tokenizer
         return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
 
+    def _extend(self, ids: list[int], final: bool = False) -> tuple[str, int, int]:
+        """The text that tokens past the read offset add, decoded with a few tokens before them for context (so
+        a token's leading space or a multi-byte character split across tokens comes out right) rather than from
+        the start: (new text, new prefix offset, new read offset). An incomplete character waits for more tokens
+        unless final."""
+        prefix_text = self._decode(ids[self._prefix : self._read])
+        text = self._decode(ids[self._prefix :])
+        if len(text) > len(prefix_text) and (final or not text.endswith("\ufffd")):
+            return text[len(prefix_text) :], self._read, len(ids)
+        return "", self._prefix, self._read
+
     def _add(self, chunk: list[int]) -> None:
         """Takes a chunk of tokens; on a stop string keeps the tokens up to the one that completed it."""
-        text = self._decode(self.token_ids + chunk)
+        ids = self.token_ids + chunk
         if self.stop:
-            # a stop string may straddle chunks: search from where the longest one could start
+            # a stop string may straddle chunks: search from where the longest one could start, in every
+            # character decoded so far (a trailing incomplete one cannot be part of a stop string)
             start = max(0, len(self.text) - max(map(len, self.stop)) + 1)
+            text = self.text + self._extend(ids, final=True)[0]
             hits = [(i, s) for s in self.stop if (i := text.find(s, start)) >= 0]
             if hits:
                 at, stop = min(hits)
-                for j in range(1, len(chunk) + 1):
-                    if stop in self._decode(self.token_ids + chunk[:j]):
+                for j in range(1, len(chunk) + 1):  # the shortest prefix of the chunk that completes the stop
+                    if stop in self.text + self._extend(self.token_ids + chunk[:j], final=True)[0]:
                         chunk = chunk[:j]
                         break
                 self.token_ids += chunk
                 self.text, self.finish_reason, self.matched = text[:at], "stop", stop
                 self.handle.cancel()
                 return
-        self.token_ids += chunk
-        self.text = text
+        new, prefix, read = self._extend(ids)
+        self.token_ids = ids
+        self.text += new
+        self._prefix, self._read = prefix, read
+
+    def _flush(self) -> None:
+        """At the end: whatever the last tokens decode to, an incomplete character included."""
+        if self._read < len(self.token_ids):
+            new, self._prefix, self._read = self._extend(self.token_ids, final=True)
+            self.text += new
 
     def _ready_text(self) -> str:
-        """Text that can be handed out: whole characters, and nothing a stop string could still claim."""
+        """Text that can be handed out: nothing a stop string could still claim."""
         end = len(self.text)
-        if self.finish_reason is None:
-            if self.text.endswith("\ufffd"):  # a multi-byte character is still incomplete
-                end = len(self.text.rstrip("\ufffd"))
-            if self.stop:
-                end = min(end, len(self.text) - max(map(len, self.stop)) + 1)
+        if self.finish_reason is None and self.stop:
+            end -= max(map(len, self.stop)) - 1
         piece = self.text[self.sent : max(end, self.sent)]
         self.sent += len(piece)
         return piece
@@ -320,6 +340,7 @@ class Generation:
                 if self.finish_reason is not None:
                     break
             if self.finish_reason is None:
+                self._flush()
                 self.finish_reason = self.handle.finish_reason
                 if self.finish_reason == "stop" and self.token_ids:
                     self.matched = self.token_ids[-1]
@@ -388,17 +409,17 @@ class _State:
     started: int = field(default_factory=lambda: int(time.time()))
 
 
-OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+OPENAI_FIELDS = {"max_new_tokens": "max_tokens"}  # the engine's parameter names as OpenAI request fields
 
 
-def _bad_request(error: DFlashError, names: dict[str, str] | None = None) -> APIError:
+def _bad_request(error: DFlashError, fields: dict[str, str] | None = None) -> APIError:
     """A DFlashError ("parameter 'x' ...") as a 400 naming the request field."""
     message = str(error)
     m = re.search(r"parameter '(\w+)'", message)
     param = m.group(1) if m else None
-    if param is not None and names and param in names:
-        message = message.replace(f"parameter '{param}'", f"parameter '{names[param]}'")
-        param = names[param]
+    if param is not None and fields and param in fields:
+        message = message.replace(f"parameter '{param}'", f"parameter '{fields[param]}'")
+        param = fields[param]
     return APIError(400, message, param=param, code="invalid_value")
 
 
@@ -481,8 +502,8 @@ def create_app(
             seed=body.seed,
         )
 
-    def start(prompt_ids: list[int], params: dict, stop: list[str], names: dict[str, str]) -> Generation:
-        return Generation.start(state, prompt_ids, params, stop, names)
+    def start(prompt_ids: list[int], params: dict, stop: list[str], fields: dict[str, str]) -> Generation:
+        return Generation.start(state, prompt_ids, params, stop, fields)
 
     def encode(fn, *args, param: str):
         try:
@@ -496,12 +517,8 @@ def create_app(
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():
-        data = [
-            {"id": n, "object": "model", "created": state.started, "owned_by": "dflash-compiler"}
-            | {"max_model_len": context}
-            for n in names[:1]
-        ]
-        return {"object": "list", "data": data}
+        model = {"id": names[0], "object": "model", "created": state.started, "owned_by": "dflash-compiler"}
+        return {"object": "list", "data": [{**model, "max_model_len": context}]}
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionBody, request: Request):
@@ -515,7 +532,7 @@ def create_app(
                 raise APIError(400, message, param="prompt")
             prompt = prompt[0]
         ids = encode(engine.encode, prompt, param="prompt")
-        gen = start(ids, sampling(body, body.max_tokens), _stop_strings(body.stop), OPENAI_NAMES)
+        gen = start(ids, sampling(body, body.max_tokens), _stop_strings(body.stop), OPENAI_FIELDS)
         return await respond(gen, request, body, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
@@ -529,8 +546,8 @@ def create_app(
             messages.append({**(m.model_extra or {}), "role": m.role, "content": content or ""})
         ids = encode(engine.encode, messages, True, body.chat_template_kwargs, param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        names = {**OPENAI_NAMES, "prompt": "messages"}
-        gen = start(ids, sampling(body, max_tokens), _stop_strings(body.stop), names)
+        fields = {**OPENAI_FIELDS, "prompt": "messages"}
+        gen = start(ids, sampling(body, max_tokens), _stop_strings(body.stop), fields)
         return await respond(gen, request, body, chat=True)
 
     async def respond(gen: Generation, request: Request, body: _Sampling, chat: bool):
@@ -609,7 +626,7 @@ def create_app(
             stop_token_ids=tuple(sp.stop_token_ids or ()),
         )
         stop = _stop_strings(sp.stop, "sampling_params.stop")
-        names = {
+        fields = {
             "max_new_tokens": "sampling_params.max_new_tokens",
             "seed": "sampling_params.sampling_seed",
             "prompt": "input_ids" if body.text is None else "text",
@@ -617,7 +634,7 @@ def create_app(
         gens = []
         try:
             for ids in prompts:
-                gens.append(start(ids, params, stop, names))
+                gens.append(start(ids, params, stop, fields))
         except APIError:
             for g in gens:
                 g.handle.cancel()

@@ -1,5 +1,8 @@
 """The eager speculative decoding loop: prefill, then draft -> verify -> accept -> commit until done.
 
+Each request runs over its own small pools (models/eager.py) through the models' paged forward, the one the
+compiler traces; acceptance runs on the host with the rules of sampling.py, from the request's own generator.
+
 Block size 1 (or no proposer) is plain autoregressive decoding through the same path, the baseline every
 speedup is measured against.
 """
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DFlashError
+from ..models import eager
 from ..models.target import TargetModel
 from .proposer import Proposer
 from .sampling import SamplingParams, greedy_accept, probabilities, rejection_accept, sample_from
@@ -88,6 +92,9 @@ def resolve_block_size(block_size: int | None, drafter_block_size: int | None) -
     return block_size
 
 
+PREFILL_CHUNK = 512  # prompt tokens per prefill call
+
+
 class SpeculativeDecoder:
     def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None):
         self.target, self.proposer = target, proposer
@@ -123,16 +130,16 @@ class SpeculativeDecoder:
 
         t0 = time.perf_counter()
         n = len(prompt)
+        pools = eager.request_pools(target, 1, cache_len)  # this request's KV pages and GDN state row
+        draft_state = self.proposer.new_state(1, cache_len) if self.taps else None  # this request's drafter context
         ids = torch.tensor([prompt], device=device)
-        positions = torch.arange(n, device=device).unsqueeze(0)
-        cache = target.new_cache(1, cache_len)
-        out = target(ids, positions, cache, taps=self.taps, per_position_states=False, last_logits_only=True)
-        cache = target.commit(cache, out, positions, torch.tensor([n - 1], device=device))
+        for i in range(0, n, PREFILL_CHUNK):  # in chunks, as the batched runtime prefills
+            out = eager.prefill(target, pools, ids[:, i : i + PREFILL_CHUNK], self.taps, last_only=True)
+            if self.taps:
+                features = out.features.view(1, out.positions.shape[1], -1)
+                draft_state = self.proposer.add_context(draft_state, features, out.positions)
         last = out.logits[:, -1]
         anchor = last.argmax(-1) if params.greedy else sample_from(probabilities(last, params), uniforms(1))
-        draft_state = None  # this request's drafter context
-        if self.taps:
-            draft_state = self.proposer.add_context(self.proposer.new_state(1, cache_len), out.features, positions)
         first = int(anchor.item())
         stats.time_to_first_token_s = time.perf_counter() - t0
         stats.generated_tokens = 1
@@ -150,18 +157,18 @@ class SpeculativeDecoder:
                 drafts = drafts[:, : verify_len - 1]
                 q = q[:, : verify_len - 1] if q is not None else None
             block = torch.cat((anchor.view(1, 1), drafts), dim=1)
-            positions = start + torch.arange(block.shape[1], device=device).unsqueeze(0)
-            out = target(block, positions, cache, taps=self.taps, per_position_states=True)
+            out = eager.verify(target, pools, block, self.taps)
             if params.greedy:
                 accepted, bonus = greedy_accept(drafts, out.logits)
             else:
                 p = probabilities(out.logits, params)
                 q = q if q is not None else torch.zeros_like(p[:, :0])
                 accepted, bonus = rejection_accept(drafts, q, p, uniforms(1, drafts.shape[1]), uniforms(1))
-            cache = target.commit(cache, out, positions, accepted)
+            eager.commit(target, pools, out, accepted)
             a = int(accepted.item())
             if self.taps:
-                draft_state = self.proposer.add_context(draft_state, out.features[:, : a + 1], positions[:, : a + 1])
+                features = out.features.view(1, block.shape[1], -1)[:, : a + 1]
+                draft_state = self.proposer.add_context(draft_state, features, out.positions[:, : a + 1])
             new = drafts[0, :a].tolist() + [int(bonus.item())]
             stats.acceptance_lengths.append(a + 1)
             for i, tok in enumerate(new):

@@ -1,7 +1,7 @@
 """Drafter training data: prompts, and the target's own continuations of them.
 
 The drafter learns to predict the target, not a corpus, so every training sequence is a prompt followed by the
-target's greedy (or sampled) continuation, generated here in batches with the target's step functions.
+target's greedy (or sampled) continuation, generated here in batches through the target's paged forward.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DFlashError
+from ..models import eager
 from ..models.target import TargetModel
 from ..runtime.sampling import SamplingParams, probabilities, sample_from
 
@@ -79,13 +80,10 @@ def continue_batch(
     """The target's continuations [B, new_tokens] of equal-length prompts [B, P]."""
     bsz, plen = prompts.shape
     device = prompts.device
-    cache = target.new_cache(bsz, plen + new_tokens)
-    positions = torch.arange(plen, device=device).expand(bsz, -1)
-    out = target(prompts, positions, cache, per_position_states=False, last_logits_only=True)
-    cache = target.commit(cache, out, positions, torch.full((bsz,), plen - 1, device=device))
+    pools = eager.request_pools(target, bsz, plen + new_tokens)
+    logits = eager.prefill(target, pools, prompts, last_only=True).logits[:, -1]
     tokens = []
     for step in range(new_tokens):
-        logits = out.logits[:, -1]
         if params.greedy:
             nxt = logits.argmax(-1)
         else:
@@ -94,9 +92,9 @@ def continue_batch(
         tokens.append(nxt)
         if step == new_tokens - 1:
             break
-        positions = torch.full((bsz, 1), plen + step, device=device)
-        out = target(nxt.view(bsz, 1), positions, cache, per_position_states=True)
-        cache = target.commit(cache, out, positions, torch.zeros(bsz, dtype=torch.long, device=device))
+        out = eager.verify(target, pools, nxt.view(bsz, 1))  # decoding: a verify of one token, always kept
+        eager.commit(target, pools, out, torch.zeros(bsz, dtype=torch.long, device=device))
+        logits = out.logits[:, 0]
     return torch.stack(tokens, dim=1)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ..models import eager
 from ..models.config import DrafterConfig, TargetConfig, default_target_layer_ids
 from ..models.drafter import DFlashDrafter
 from ..models.target import TargetModel
@@ -141,10 +142,8 @@ def _block_loss(drafter, target, tokens, anchors, block_size, gamma, distill=0.0
     device = tokens.device
     positions = torch.arange(length, device=device).expand(n, -1)
     with torch.no_grad():
-        out = target(
-            tokens, positions, target.new_cache(n, 0), taps=drafter.cfg.target_layer_ids, per_position_states=False
-        )
-    context = drafter.context_kv(out.features, positions)
+        out = eager.forward_rows(target, tokens, drafter.cfg.target_layer_ids)
+    context = drafter.context_kv(out.features.view(n, length, -1), positions)
     a = anchors.shape[1]
     slot = torch.arange(block_size, device=device)
     q_pos = (anchors.unsqueeze(-1) + slot).view(n, a * block_size)
@@ -225,29 +224,24 @@ def _decode_batch(target, drafter, prompts, budget, block_size, stops) -> list[l
     proposer = DFlashProposer(drafter, target, block_size)
     cache_len = plen + budget + block_size
     ids = torch.tensor([list(p) for p in prompts], device=device)
-    positions = torch.arange(plen, device=device).expand(n, -1)
-    cache = target.new_cache(n, cache_len)
-    out = target(ids, positions, cache, taps=taps, per_position_states=False, last_logits_only=True)
-    cache = target.commit(cache, out, positions, torch.full((n,), plen - 1, device=device))
-    draft_state = proposer.add_context(proposer.new_state(n, cache_len), out.features, positions)
+    pools = eager.request_pools(target, n, cache_len)
+    out = eager.prefill(target, pools, ids, taps, last_only=True)
+    draft_state = proposer.add_context(proposer.new_state(n, cache_len), out.features.view(n, plen, -1), out.positions)
     anchor = out.logits[:, -1].argmax(-1)
     generated = [1] * n
     done = [int(t) in stops or budget <= 1 for t in anchor.tolist()]
-    start = torch.full((n,), plen, device=device)
     lengths: list[list[int]] = [[] for _ in range(n)]
-    offsets = torch.arange(block_size, device=device)
     while not all(done):
-        drafts, _ = proposer.propose(draft_state, anchor, start, SamplingParams(), None)
+        drafts, _ = proposer.propose(draft_state, anchor, pools.cache_lens, SamplingParams(), None)
         block = torch.cat((anchor.view(n, 1), drafts), dim=1)
-        block_pos = start.view(n, 1) + offsets
-        out = target(block, block_pos, cache, taps=taps, per_position_states=True)
+        out = eager.verify(target, pools, block, taps)
         accepted, _ = greedy_accept(drafts, out.logits)
-        # the runtime verifies at most the tokens left (budget - generated); finished rows stand still, their
-        # block re-run in place, so no position leaves the cache
-        room = torch.tensor([0 if d else budget - g - 1 for d, g in zip(done, generated)], device=device)
+        # the runtime verifies at most the tokens left (budget - generated); finished rows stand still (-1 keeps
+        # their state), their block re-run in place
+        room = torch.tensor([-1 if d else budget - g - 1 for d, g in zip(done, generated)], device=device)
         accepted = torch.minimum(accepted, room)
-        cache = target.commit(cache, out, block_pos, accepted)
-        draft_state = proposer.add_context(draft_state, out.features, block_pos)
+        eager.commit(target, pools, out, accepted)
+        draft_state = proposer.add_context(draft_state, out.features.view(n, block_size, -1), out.positions)
         choice = out.logits.argmax(-1)  # the committed tokens: accepted drafts equal the target's choices
         live = torch.tensor([not d for d in done], device=device)
         for i, (a, row) in enumerate(zip(accepted.tolist(), choice.tolist())):
@@ -256,8 +250,7 @@ def _decode_batch(target, drafter, prompts, budget, block_size, stops) -> list[l
             lengths[i].append(a + 1)
             generated[i] += a + 1
             done[i] = generated[i] >= budget or any(t in stops for t in row[: a + 1])
-        start = torch.where(live, start + accepted + 1, start)
-        anchor = choice.gather(1, accepted.view(n, 1)).squeeze(1)
+        anchor = torch.where(live, choice.gather(1, accepted.clamp(min=0).view(n, 1)).squeeze(1), anchor)
     return lengths
 
 

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", action="store_true", help="also run the runtime study (needs checkpoint weights)")
     p.add_argument("--runtime-trials", type=int, default=10)
     p.add_argument("--concurrency", type=_int_list, default=[1, 2], help="runtime study levels (1,2)")
+    p.add_argument("--widths", type=_int_list, help="verify widths the runtime study tries (default 1,2,4,8,12,16)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request in the runtime study")
     p.add_argument("--db", help="directory holding the profiles' databases (default: the package's hw_profiles/)")
     p.add_argument("--plots", help="directory for the PNG plots (default: next to the storage)")
@@ -183,8 +184,9 @@ def _run(args) -> int:
     for call in calls:
         bar.set_postfix_str(f"{call.name} {call.shape.key} {call.shape.fmt}")
         entry, study = tune_call(
-            call.shape, profile, storage, args.trials, device, seed=args.seed, progress=lambda t: bar.update(1)
-        )
+            call.shape, profile, storage, args.trials, device, seed=args.seed, progress=lambda t: bar.update(1),
+            previous=db.lookup(*call.id),
+        )  # fmt: skip
         db.record(entry)
         db.save()  # after every call: an interrupted run keeps the winners so far
         _save_study_plots(study, plots)
@@ -212,7 +214,7 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
         target_dir, drafter_dir, prompts, max_new_tokens=args.max_new_tokens, device=str(device),
         dtype="bfloat16" if profile.is_cuda else "float32", quant=args.quant,
     )  # fmt: skip
-    space = RuntimeSpace(args.concurrency, drafter_cfg.block_size)
+    space = RuntimeSpace(args.concurrency, drafter_cfg.block_size, args.widths)
     model = args.shapes or Path(target_dir).name
     name = f"{profile.name}:runtime:{model}:{args.quant}"
     study = runtime_study(
@@ -249,3 +251,7 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
 
 def tune_main() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":  # python -m dflash_compiler.tuning.cli, where the console script is not installed
+    tune_main()

@@ -52,15 +52,21 @@ class RuntimeConfig:
 
 
 class RuntimeSpace:
-    """Widths 1 (autoregressive) up to the drafter's block per concurrency bucket; the graph bucket sets; the
-    prefill chunks. The default: the drafter's full block everywhere, the runtime's buckets, 512-token chunks."""
+    """Widths per concurrency bucket (default: 1, autoregressive, up to the drafter's block; every width is a step
+    compiled apart); the graph bucket sets; the prefill chunks. The default point: the drafter's full block
+    everywhere, the runtime's buckets, 512-token chunks."""
 
-    def __init__(self, concurrencies: Sequence[int], max_width: int):
+    def __init__(self, concurrencies: Sequence[int], max_width: int, widths: Sequence[int] | None = None):
         if not concurrencies or any(c < 1 for c in concurrencies):
             raise DFlashError(f"parameter 'concurrency' must list batch sizes >= 1, got {list(concurrencies)}")
+        widths = (1, 2, 4, 8, 12, 16) if widths is None else widths
+        if any(not 1 <= w <= max_width for w in widths):
+            raise DFlashError(
+                f"parameter 'widths' must lie in 1..{max_width} (the drafter's block), got {list(widths)}"
+            )
         self.concurrencies = tuple(sorted(set(concurrencies)))
         self.max_width = max_width
-        self.widths = sorted({w for w in (1, 2, 4, 8, 12, 16) if w <= max_width} | {max_width})
+        self.widths = sorted({w for w in widths if w <= max_width} | {max_width})
 
     def default(self) -> dict:
         return {
@@ -95,8 +101,8 @@ def pair_throughput(
     max_seq_len: int = 1024,
 ) -> Callable[[RuntimeConfig, Sequence[int]], dict[int, float]]:
     """An objective over a model pair on the batched runtime: for each concurrency c, c requests (the prompts in
-    turn) served to completion by a runner of that bucket's width; tokens/s = generated tokens over wall time. With
-    CUDA graphs the same requests are served once untimed first, so that graph capture is not counted."""
+    turn) served to completion by a runner of that bucket's width; tokens/s = generated tokens over wall time (the
+    runner captures its CUDA graphs when it is built, outside the timing)."""
     from ..models.loader import load_drafter, load_target, parse_dtype
     from ..runtime.batch import BatchRunner
 
@@ -114,18 +120,12 @@ def pair_throughput(
         if acceptance_profile is not None and width > 1:
             runner.simulate_acceptance(acceptance_profile)
 
-        def run(runner: BatchRunner) -> int:
-            for i in range(concurrency):
-                runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens)
-            generated = 0
-            while runner.has_work:
-                generated += sum(len(e.tokens) for e in runner.step())
-            return generated
-
-        if runner.cuda_graphs:
-            run(runner)
+        for i in range(concurrency):
+            runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens)
+        generated = 0
         start = time.perf_counter()
-        generated = run(runner)
+        while runner.has_work:
+            generated += sum(len(e.tokens) for e in runner.step())
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)
         elapsed = time.perf_counter() - start

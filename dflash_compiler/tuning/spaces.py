@@ -13,6 +13,7 @@ row count, so the crossover (graph/ops.py's VENDOR_GEMM_MIN_ROWS, the default) i
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
@@ -26,6 +27,7 @@ from ..codegen.triton import attention as attention_kernels
 from ..codegen.triton import gdn as gdn_kernels
 from ..codegen.triton import linear as linear_kernels
 from ..codegen.triton.accept import _chunking
+from ..codegen.triton.device import GpuFacts, compiling_for
 from ..codegen.weight_formats import DenseWeight, FP8BlockWeight, FP8ChannelWeight, Int4Weight
 from ..errors import DFlashError
 from ..graph.ops import VENDOR_GEMM_MIN_ROWS
@@ -62,6 +64,13 @@ def _accumulator_check(elements: int, num_warps: int, profile: HardwareProfile, 
     if num_warps * profile.warp_size > profile.max_threads_per_block:
         return f"num_warps {num_warps} over {profile.max_threads_per_block} threads per block"
     return None
+
+
+def _launcher_facts(profile: HardwareProfile):
+    """Within it the launchers choose their defaults for the profile's GPU (on the CPU profile: their CPU ones)."""
+    if not profile.is_cuda:
+        return contextlib.nullcontext()
+    return compiling_for(GpuFacts(profile.compute_capability, profile.sm_count))
 
 
 def _upto(values: list[int], limit: int) -> list[int]:
@@ -234,9 +243,10 @@ class LinearSpace(Space):
         s = self.shape
         if s.m >= VENDOR_GEMM_MIN_ROWS and vendor_supported(s, self.profile):
             return {"lowering": "vendor"}
-        cfg = linear_kernels.default_config(
-            self._stand_in(), s.m, s.n_out, s.k, torch.device("cpu"), s.epilogue == "swiglu", self.profile.sm_count
-        )
+        with _launcher_facts(self.profile):
+            cfg = linear_kernels.default_config(
+                self._stand_in(), s.m, s.n_out, s.k, torch.device("cpu"), s.epilogue == "swiglu"
+            )
         params = self._params(cfg)
         # a default over the shared memory is shrunk, as the launcher does when its launch runs out of resources
         while self.limits(params) is not None and self._smem(params) > self.profile.smem_per_block:
@@ -373,9 +383,10 @@ class AttentionSpace(Space):
         s = self.shape
         cfg = attention_kernels.default_config(s.rows, s.d)
         units = s.batch * s.hkv * triton.cdiv(s.rows, cfg.block_m)
-        splits = attention_kernels.default_num_splits(
-            units, s.context, torch.device("cpu"), self._ctas(cfg.num_warps), sm_count=self.profile.sm_count
-        )
+        with _launcher_facts(self.profile):
+            splits = attention_kernels.default_num_splits(
+                units, s.context, torch.device("cpu"), self._ctas(cfg.num_warps)
+            )
         return {"lowering": "triton", **cfg.__dict__, "num_splits": splits}
 
     def waste(self, params: Params) -> str | None:

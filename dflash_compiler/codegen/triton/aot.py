@@ -54,6 +54,7 @@ from triton.runtime.jit import JITFunction
 
 from dflash_compiler.codegen.triton.device import GpuFacts, compiling_for
 from dflash_compiler.errors import DFlashError
+from dflash_compiler.hw_profiles import load_profile
 
 ARCHS = (80, 90, 100, 120)
 SPEC_VERSION = 1
@@ -328,15 +329,19 @@ def load_records(path: str | os.PathLike) -> tuple[list[KernelRecord], dict]:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DFlashError(f"{path}: cannot read kernel records ({e})") from None
-    if not isinstance(doc, dict) or doc.get("spec_version") != SPEC_VERSION:
+    if not isinstance(doc, dict):
+        raise DFlashError(f"{path}: expected a JSON object of kernel records")
+    if doc.get("spec_version") != SPEC_VERSION:
         raise DFlashError(f"{path}: spec_version {doc.get('spec_version')!r} is not {SPEC_VERSION}")
-    fields = {f.name: f.type for f in dataclasses.fields(KernelRecord)}
+    types = {f.name: {"str": str, "int": int}[f.type] for f in dataclasses.fields(KernelRecord)}
     records = []
     for i, item in enumerate(doc.get("kernels") or []):
-        missing = [name for name in fields if name not in item]
-        if missing:
-            raise DFlashError(f"{path}: kernels[{i}] lacks {missing[0]!r}")
-        records.append(KernelRecord(**{name: item[name] for name in fields}))
+        for name, kind in types.items():
+            if not isinstance(item, dict) or name not in item:
+                raise DFlashError(f"{path}: kernels[{i}] lacks {name!r}")
+            if not isinstance(item[name], kind):
+                raise DFlashError(f"{path}: kernels[{i}].{name} is not of type {kind.__name__}")
+        records.append(KernelRecord(**{name: item[name] for name in types}))
     if not records:
         raise DFlashError(f"{path}: kernels is empty")
     if not isinstance(doc.get("versions"), dict):
@@ -531,23 +536,25 @@ def _resolve(target: str) -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--launch", required=True, help="module:function that calls the launchers on CPU tensors")
-    parser.add_argument("--arch", type=int, required=True, choices=ARCHS)
-    parser.add_argument("--sm-count", type=int, required=True)
-    parser.add_argument("--max-shared-memory", type=int)
+    parser.add_argument("--gpu", required=True, help="hardware profile: sm80, sm90, sm100 or sm120")
+    parser.add_argument("--device", help="one of the profile's devices (its SM count); default the first listed")
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--records", required=True, help="where the kernel records JSON goes")
     parser.add_argument("--no-host-modules", action="store_true", help="leave Triton's C modules to the GPU host")
     args = parser.parse_args(argv)
+    profile = load_profile(args.gpu, args.device)
+    if profile.triton_target not in ARCHS:
+        raise DFlashError(f"--gpu: profile {profile.name} is not a GPU to compile Triton kernels for")
     records = cross_compile(
         _resolve(args.launch),
-        args.arch,
+        profile.triton_target,
         args.cache_dir,
-        sm_count=args.sm_count,
-        max_shared_memory=args.max_shared_memory,
+        sm_count=profile.sm_count,
+        max_shared_memory=profile.smem_per_block,
         host_modules=not args.no_host_modules,
     )
-    save_records(args.records, records, record_versions(args.arch))
-    print(f"{len(records)} kernels compiled for sm_{args.arch} into {args.cache_dir}")
+    save_records(args.records, records, record_versions(profile.triton_target))
+    print(f"{len(records)} kernels compiled for {profile.name} ({profile.device.name}) into {args.cache_dir}")
 
 
 if __name__ == "__main__":

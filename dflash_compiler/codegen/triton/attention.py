@@ -330,12 +330,10 @@ def default_num_splits(
     device: torch.device,
     ctas_per_sm: int = 1,
     min_chunk: int = 256,
-    sm_count: int | None = None,
 ) -> int:
     """The fewest splits whose programs fill at least 90% of the resident slots, with whole waves at least 90% busy,
-    and no split shorter than min_chunk keys (shorter ones cost more in partial writes than they gain). sm_count
-    defaults to the device's."""
-    slots = (sm_count or _num_sms(device)) * ctas_per_sm
+    and no split shorter than min_chunk keys (shorter ones cost more in partial writes than they gain)."""
+    slots = _num_sms(device) * ctas_per_sm
     limit = max(1, min(64, max_len // min_chunk))
     for splits in range(1, limit + 1):
         programs = units * splits

@@ -409,10 +409,8 @@ def default_config(
     k: int,
     device: torch.device,
     swiglu: bool = False,
-    sm_count: int | None = None,
 ) -> LinearConfig:
     """Heuristic table keyed on the format, the M bucket and the tile count; tuning databases may override it.
-    sm_count (default: the device's) sizes the stream-K grid, so the default for another GPU can be computed here.
 
     From a sweep on the H100 (bench/bench_linear.py --sweep): bf16 streams best as 64-row tiles, one program per
     tile; FP8 and INT4 (whose loops do more per byte) as 128-row tiles shared by a fixed grid of programs
@@ -440,7 +438,7 @@ def default_config(
     w_bytes = 2 if dense else 0.5 if isinstance(weight, Int4Weight) else 1
     stage = cfg.block_n * cfg.block_k * w_bytes * (2 if swiglu else 1) + cfg.block_k * bm * 2
     per_sm = max(1, min(3, int((228 << 10) // (cfg.num_stages * stage + (8 << 10)))))
-    slots = (sm_count or _sm_count(device)) * per_sm
+    slots = _sm_count(device) * per_sm
     tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, bm)
     if bm >= 128 or tiles >= 4 * slots or (dense and tiles >= slots // 2):
         return cfg
@@ -461,6 +459,7 @@ def _smaller(cfg: LinearConfig, dense: bool) -> LinearConfig:
     raise ValueError(f"config: no configuration below {cfg} to fall back to")
 
 
+_RETIRED: list[torch.Tensor] = []  # outgrown workspaces that captured graphs may still use
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -468,11 +467,23 @@ def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Ten
     """Per-device partial-sum buffer and tile counters (zero between launches: the last program resets them).
 
     Shared by every launch on the device, so launches that split tiles must not run concurrently on two streams.
+    A buffer that is outgrown stays allocated (`_RETIRED`): CUDA graphs captured with it keep writing to it. Growing
+    during a capture is refused: size the workspace with a warm-up run first.
     """
     ws, cnt = _WORKSPACES.get(device, (None, None))
-    if ws is None or ws.numel() < floats:
+    grow_ws, grow_cnt = ws is None or ws.numel() < floats, cnt is None or cnt.numel() < tiles
+    if (grow_ws or grow_cnt) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"linear workspace: a launch needs {floats} floats / {tiles} counters during a CUDA-graph capture; "
+            "run the step once before capturing"
+        )
+    if grow_ws:
+        if ws is not None:
+            _RETIRED.append(ws)
         ws = torch.empty(max(floats, 1 << 16), dtype=torch.float32, device=device)
-    if cnt is None or cnt.numel() < tiles:
+    if grow_cnt:
+        if cnt is not None:
+            _RETIRED.append(cnt)
         cnt = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
     _WORKSPACES[device] = (ws, cnt)
     return ws, cnt
