@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import fx
@@ -23,12 +24,15 @@ from ..models.paged import PAGE_SIZE, Pools
 from ..models.step import SpeculativeStep
 from ..models.target import TargetModel
 from . import ops as dflash_ops
+from .cache import TraceCache
 from .ir import Weights, is_dflash, kernel_launches, op_counts
 from .passes import default_passes, run_passes
 from .trace import bind_weights, trace, weight_names, weight_sources
 
 QUANTS = ("bf16", "fp8", "fp8_block", "int4")
 MAX_ROWS = 65
+# every graph a runtime may call: the step per (sampled, simulated), the first draft per sampled, a prefill chunk
+PHASES = ("step", "step_sampled", "step_simulated", "step_sampled_simulated", "join", "join_sampled", "prefill")
 
 
 def new_context(drafter_cfg: DrafterConfig, pages: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +101,7 @@ class StepGraphs:
     recipes of the weights they read. Shared by every compile of the same models' configuration in a process
     (`with_passes` derives another pass pipeline from the same traces)."""
 
-    def __init__(self, real_step: SpeculativeStep, quant: str = "bf16", passes=None):
+    def __init__(self, real_step: SpeculativeStep, quant: str = "bf16", passes=None, cache: TraceCache | None = None):
         self.quant = quant
         self.passes = default_passes(quant) if passes is None else list(passes)
         self.step = _meta_copy(real_step)
@@ -106,6 +110,7 @@ class StepGraphs:
         self.traced: dict[str, fx.GraphModule] = {}  # before any pass, shared with derived pipelines
         self.templates: dict[str, CompiledGraph] = {}
         self.derived: dict[tuple, StepGraphs] = {}
+        self.cache = cache  # traces on disk, by the step's content hash
 
     def with_passes(self, quant: str, passes=None) -> StepGraphs:
         """The same traces under another pass pipeline (the default one of quant when passes is None)."""
@@ -119,11 +124,13 @@ class StepGraphs:
             self.derived[key] = other
         return self.derived[key]
 
+    def has(self, name: str) -> bool:
+        return name in PHASES and (self.step.drafter is not None or "simulated" not in name)
+
     def template(self, name: str) -> CompiledGraph:
         if name not in self.templates:
             if name not in self.traced:
-                fn, args, dynamic = self._phase(name)
-                self.traced[name] = trace(self.step, fn, args, self.traced_weights, dynamic)
+                self.traced[name] = self._cached_trace(name)
             for recipe_name, recipe in self.traced_weights.recipes.items():
                 self.weights.recipes.setdefault(recipe_name, recipe)
             gm = copy.deepcopy(self.traced[name])
@@ -131,6 +138,18 @@ class StepGraphs:
             counts = run_passes(gm, self.weights, self.passes)
             self.templates[name] = CompiledGraph(name, gm, counts, before, launches)
         return self.templates[name]
+
+    def _cached_trace(self, name: str) -> fx.GraphModule:
+        gm = self.cache.load(name) if self.cache is not None else None
+        if gm is not None:
+            for node in gm.graph.find_nodes(op="get_attr"):
+                self.traced_weights.source_recipe(self.cache.sources[node.target])
+            return gm
+        fn, args, dynamic = self._phase(name)
+        gm = trace(self.step, fn, args, self.traced_weights, dynamic)
+        if self.cache is not None:
+            self.cache.save(name, gm)
+        return gm
 
     def _phase(self, name: str):
         step, dtype = self.step, self.step.target.embed_tokens.weight.dtype
@@ -162,6 +181,23 @@ class StepGraphs:
         raise KeyError(name)
 
 
+class PrebuiltGraphs:
+    """Graphs after the passes, loaded rather than traced (an artifact's): the same interface as StepGraphs for
+    CompiledStep, holding only the graphs it was given."""
+
+    def __init__(self, step: SpeculativeStep, quant: str, templates: dict[str, CompiledGraph]):
+        self.step, self.quant, self.templates = step, quant, templates
+        self.weights = Weights({})
+
+    def has(self, name: str) -> bool:
+        return name in self.templates
+
+    def template(self, name: str) -> CompiledGraph:
+        if name not in self.templates:
+            raise DFlashError(f"graph {name!r}: not among the compiled graphs ({', '.join(self.templates)})")
+        return self.templates[name]
+
+
 def graph_name(phase: str, sampled: bool = False, simulated: bool = False) -> str:
     """The graph of a phase: "step", "step_sampled", "step_simulated", "step_sampled_simulated", "join",
     "join_sampled" or "prefill"."""
@@ -174,15 +210,26 @@ class CompiledStep:
 
     EAGER = ("step", "join", "prefill")
 
-    def __init__(self, graphs: StepGraphs, sources: dict[str, torch.Tensor], backend: str, device: torch.device):
+    def __init__(
+        self,
+        graphs: StepGraphs | PrebuiltGraphs,
+        sources: dict[str, torch.Tensor] | None,
+        backend: str,
+        device: torch.device,
+        weights: dict[str, torch.Tensor] | None = None,
+    ):
+        """weights: the built weights by name (an artifact's), instead of building them from sources."""
         t0 = time.perf_counter()
         self.graphs_def, self.backend, self.device = graphs, backend, device
         self.step = graphs.step  # the models on the meta device: configuration and shapes only
         self.quant = graphs.quant
         self.graphs: dict[str, CompiledGraph] = {}
-        names = [n for g in self.EAGER for n in weight_names(graphs.template(g).gm)]
-        self.weights = Weights(sources, dict(graphs.weights.recipes)).materialize(names, device)
-        for name in self.EAGER:
+        eager = [g for g in self.EAGER if graphs.has(g)]
+        if weights is None:
+            names = [n for g in eager for n in weight_names(graphs.template(g).gm)]
+            weights = Weights(sources, dict(graphs.weights.recipes)).materialize(names, device)
+        self.weights = weights
+        for name in eager:
             self.graph(name)
         self.compile_seconds = time.perf_counter() - t0
 
@@ -237,12 +284,14 @@ def compile_step(
     backend: str = "reference",
     max_len: int,
     release_sources: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> CompiledStep:
     """Compiles the step of (target, drafter) at block_size for caches of up to max_len positions per row.
 
     The graphs are traced on meta copies of the models; the weights are built from the given models' tensors on
     their device. With release_sources, the given models' parameters are dropped as they are converted (the
-    modules cannot run afterwards)."""
+    modules cannot run afterwards). cache_dir: where traces are kept between processes (graph/cache.py); None keeps
+    them in this process only."""
     if quant not in QUANTS:
         raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANTS)}, got {quant!r}")
     if backend not in dflash_ops.BACKENDS:
@@ -254,7 +303,8 @@ def compile_step(
            tuple((n, t.dtype, tuple(t.shape)) for n, t in sources.items()))  # fmt: skip
     traced = _STEP_GRAPHS.get(key)
     if traced is None:
-        traced = _STEP_GRAPHS[key] = StepGraphs(real_step)
+        cache = TraceCache(cache_dir, real_step, sources) if cache_dir is not None else None
+        traced = _STEP_GRAPHS[key] = StepGraphs(real_step, cache=cache)
     graphs = traced.with_passes(quant)
     if release_sources:
         _release_parameters(target, drafter)

@@ -484,6 +484,14 @@ if torch.cuda.is_available():
     _register_cuda_kernels()
 
 
+def triton_implementations() -> dict:
+    """The Python functions of the ops' Triton kernels by op name; on a host without CUDA they are registered on
+    first use (ahead-of-time compilation runs them on CPU tensors, codegen/triton/aot.py)."""
+    if not TRITON_IMPLEMENTATIONS:
+        _register_cuda_kernels()
+    return TRITON_IMPLEMENTATIONS
+
+
 # ---- implementations by name ------------------------------------------------------------------------------------
 
 OPS = {

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DFlashError
+from ..graph.compiler import CompiledStep
 from ..models.drafter import DFlashDrafter
 from ..models.target import TargetModel
 from .sampling import SamplingParams, probabilities, sample_from
@@ -38,6 +39,16 @@ from .speculative import GenerationStats, check_request
 from .step_model import PAGE_SIZE, Pools, StepModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+
+
+def step_max_len(max_seq_len: int, block_size: int) -> int:
+    """The max_len a runner compiles its step for: a request's tokens and two blocks, in whole KV pages."""
+    return -(-(max_seq_len + 2 * block_size) // PAGE_SIZE) * PAGE_SIZE
+
+
+def runner_buckets(max_batch: int, buckets: Sequence[int] = BUCKETS) -> tuple[int, ...]:
+    """The batch sizes a runner steps at: those of buckets below max_batch, and max_batch."""
+    return tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
 
 
 @dataclass
@@ -93,12 +104,14 @@ class BatchRunner:
     "fp8", "int4" quantize) and releases the originals, so the modules cannot run afterwards. max_seq_len bounds
     prompt + generated tokens per request. KV pages are sized from free GPU memory after the weights
     (kv_memory_fraction of it) or, on CPU, for max_batch full-length requests. buckets: the batch sizes a step runs
-    at (padded up to the next one; one CUDA graph each), max_batch always among them.
+    at (padded up to the next one; one CUDA graph each), max_batch always among them. compiled: a prebuilt step (an
+    artifact's) run instead of compiling target and drafter (pass None for both). cache_dir: where the compiler
+    keeps traces between processes.
     """
 
     def __init__(
         self,
-        target: TargetModel,
+        target: TargetModel | None,
         drafter: DFlashDrafter | None = None,
         *,
         block_size: int | None = None,
@@ -111,8 +124,19 @@ class BatchRunner:
         kv_memory_fraction: float = 0.85,
         num_pages: int | None = None,
         buckets: Sequence[int] = BUCKETS,
+        compiled: CompiledStep | None = None,
+        cache_dir=None,
     ):
-        device = target.embed_tokens.weight.device
+        if compiled is not None:  # a prebuilt step (an artifact's): its graphs and weights, nothing compiled here
+            if target is not None or drafter is not None:
+                raise DFlashError("parameter 'compiled': pass either the models or their compiled step, not both")
+            target, drafter = compiled.step.target, compiled.step.drafter
+            block_size = compiled.step.block_size if block_size is None else block_size
+            if block_size != compiled.step.block_size:
+                raise DFlashError(f"parameter 'block_size': the step was compiled for {compiled.step.block_size}")
+            device, quant = compiled.device, compiled.quant
+        else:
+            device = target.embed_tokens.weight.device
         self.device = device
         on_cuda = device.type == "cuda"
         if block_size is None:
@@ -128,11 +152,11 @@ class BatchRunner:
         if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
             raise DFlashError(f"parameter 'buckets' must be positive batch sizes, got {tuple(buckets)}")
         # the step runs at the smallest bucket holding the running requests; max_batch is always the last one
-        self._buckets = tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
+        self._buckets = runner_buckets(max_batch, buckets)
         self.block_size, self.max_batch, self.max_seq_len = block_size, max_batch, max_seq_len
         self.prefill_chunk = prefill_chunk
         self.vocab_size = target.cfg.vocab_size
-        self.pages_per_row = -(-(max_seq_len + 2 * block_size) // PAGE_SIZE)
+        self.pages_per_row = step_max_len(max_seq_len, block_size) // PAGE_SIZE
         self.model = StepModel(
             target,
             drafter,
@@ -141,6 +165,8 @@ class BatchRunner:
             ops or ("triton" if on_cuda else "reference"),
             consume=True,
             max_len=self.pages_per_row * PAGE_SIZE,
+            compiled=compiled,
+            cache_dir=cache_dir,
         )
         if on_cuda:
             torch.cuda.empty_cache()

@@ -21,6 +21,16 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--target", help="target checkpoint directory (default: the bundled tiny pair)")
     p.add_argument(
+        "--artifact",
+        help="run a dflash-compile artifact directory instead of compiling a checkpoint (its device profile, weights, "
+        "quantization and shapes are the artifact's)",
+    )
+    p.add_argument(
+        "--no-strict",
+        action="store_true",
+        help="with --artifact: let Triton compile a kernel the artifact lacks instead of failing",
+    )
+    p.add_argument(
         "--drafter",
         help="DFlash drafter checkpoint directory, or 'none' to run the target alone "
         "(default: the bundled drafter when --target is omitted, else none)",
@@ -140,7 +150,6 @@ def _set_threads(requested: int | None, directories: list[Path]) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from .engine import DEFAULT_PAIR, Engine, check_device
-    from .speculative import GenerationStats
 
     if args.threads is not None and args.threads < 1:
         raise DFlashError(f"parameter 'threads' must be >= 1, got {args.threads}")
@@ -151,6 +160,8 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         prompts = [chat_prompt(args.prompt, args.chat, args.system)]
     device = check_device(args.device)
+    if args.artifact is not None:
+        return _run_prompts(_artifact_engine(args), prompts, args, None)
     target = Path(args.target) if args.target is not None else DEFAULT_PAIR / "target"
     if args.drafter == "none":
         drafter = None
@@ -163,6 +174,30 @@ def _generate(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(target, drafter, block_size=args.block_size, **load)
     if device.type == "cpu" or args.threads is not None:
         _set_threads(args.threads, [target] + ([drafter] if drafter is not None else []))
+    baseline = (target, load) if args.baseline and drafter is not None else None
+    return _run_prompts(engine, prompts, args, baseline)
+
+
+def _artifact_engine(args: argparse.Namespace):
+    import torch
+
+    from .engine import Engine
+
+    given = [f"--{n.replace('_', '-')}" for n in ("target", "drafter", "dtype", "block_size") if getattr(args, n)]
+    given += [flag for flag, on in (("--baseline", args.baseline), ("--quant", args.quant != "none")) if on]
+    given += ["--runtime"] if args.runtime != "auto" else []
+    if given:
+        raise DFlashError(f"parameter 'artifact': {given[0]} does not apply (the artifact fixes the models and shapes)")
+    engine = Engine.from_artifact(args.artifact, device=args.device, strict=not args.no_strict)
+    if engine.artifact.compiled.device.type == "cpu" or args.threads is not None:
+        weights = Path(args.artifact) / engine.artifact.manifest["weights"]["file"]
+        torch.set_num_threads(args.threads or default_threads(weights.stat().st_size, _available_cores()))
+    return engine
+
+
+def _run_prompts(engine, prompts: list, args: argparse.Namespace, baseline: tuple | None) -> int:
+    from .speculative import GenerationStats
+
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -181,7 +216,7 @@ def _generate(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print()
         results.append(stats)
-    baselines = _baseline(engine, target, prompts, load, kwargs) if args.baseline and drafter is not None else None
+    baselines = _baseline(engine, *baseline, prompts, kwargs) if baseline is not None else None
     for i, result in enumerate(results):
         base = baselines[i] if baselines else None
         if args.json:
@@ -212,7 +247,7 @@ def _stats_line(label: str, stats, base) -> str:
     return line + "]"
 
 
-def _baseline(engine, target: Path, prompts: list, load: dict, kwargs: dict) -> list:
+def _baseline(engine, target: Path, load: dict, prompts: list, kwargs: dict) -> list:
     """The same requests with block size 1: plain autoregressive decoding, through the same loop (eager) or the
     same batched runtime on a fresh copy of the target (the batched engine owns its weights; it is closed first
     so that both never hold GPU memory at once). Returns each request's stats."""

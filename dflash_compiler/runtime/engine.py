@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DFlashError
+from ..graph.cache import default_cache_dir
 from ..models.loader import load_drafter, load_target, parse_dtype
 from .batch import BatchRunner
 from .proposer import DFlashProposer
@@ -106,9 +107,15 @@ class Engine:
         max_batch: int = 32,
         max_seq_len: int | None = None,
         max_queue: int | None = None,
+        runner: BatchRunner | None = None,
+        cache_dir: str | Path | None = None,
     ):
+        """runner: a batched runner built elsewhere (an artifact's), served as it is; target and drafter are then
+        its meta models. cache_dir: where the batched runtime's compiler keeps traces between processes."""
         self.drafter, self.tokenizer = drafter, tokenizer
         self.cfg = target.cfg
+        if runner is not None:
+            runtime = "batched"
         if runtime == "auto":
             runtime = "batched" if target.embed_tokens.weight.device.type == "cuda" else "eager"
         if runtime not in ("eager", "batched"):
@@ -125,6 +132,8 @@ class Engine:
             proposer = DFlashProposer(drafter, target) if drafter is not None else None
             self.decoder = SpeculativeDecoder(target, proposer, block_size)
             self.loop = EagerLoop(self.decoder, max_queue)
+        elif runner is not None:
+            self.serving = self.loop = ServingLoop(runner, max_queue)
         else:
             runner = BatchRunner(
                 target,
@@ -135,6 +144,7 @@ class Engine:
                 # would split short contexts needlessly; pass max_seq_len for longer requests
                 max_seq_len=max_seq_len or min(target.cfg.max_position_embeddings, 32768),
                 quant="bf16" if quant == "none" else quant,  # the runner's name for the weights as loaded
+                cache_dir=cache_dir,
             )
             self.serving = self.loop = ServingLoop(runner, max_queue)
         self.stop_token_ids = set(target.cfg.eos_token_ids)
@@ -154,9 +164,12 @@ class Engine:
         max_batch: int = 32,
         max_seq_len: int | None = None,
         max_queue: int | None = None,
+        cache_dir: str | Path | None = None,
     ) -> Engine:
         """Loads a target checkpoint directory and, optionally, its DFlash drafter. With neither named, the
-        tiny trained pair that ships with the package is used."""
+        tiny trained pair that ships with the package is used. The batched runtime compiles the step in memory;
+        its traces are kept on disk by content hash (cache_dir, default $DFLASH_CACHE_DIR or
+        ~/.cache/dflash-compiler), so a later start of the same models and shapes does not trace again."""
         if target is None:
             if not (DEFAULT_PAIR / "target").is_dir():
                 raise DFlashError("parameter 'target' is required (no default model pair is installed)")
@@ -168,8 +181,27 @@ class Engine:
         drafter_model = load_drafter(drafter, target_model.cfg, device=device, dtype=dtype) if drafter else None
         tokenizer = load_tokenizer(target, drafter)
         return cls(
-            target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue
-        )
+            target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue,
+            cache_dir=default_cache_dir() if cache_dir is None else cache_dir,
+        )  # fmt: skip
+
+    @classmethod
+    def from_artifact(
+        cls, artifact: str | Path, device: str = "cpu", strict: bool = True, max_queue: int | None = None
+    ) -> Engine:
+        """Runs a `dflash-compile` artifact: its graphs, weights and kernels, compiling nothing. Every file is
+        checked against the manifest's checksums, the libraries against the versions it was compiled with and
+        the device against its hardware profile (a one-line error names what differs). strict: a Triton kernel
+        that is not in the artifact raises instead of being compiled."""
+        from ..artifact.load import load_artifact
+
+        loaded = load_artifact(artifact, check_device(device), strict=strict)
+        compiled = loaded.compiled
+        runner = BatchRunner(None, None, max_batch=loaded.max_batch, max_seq_len=loaded.max_seq_len, compiled=compiled)
+        tokenizer = load_tokenizer(loaded.tokenizer_dir) if loaded.tokenizer_dir is not None else None
+        engine = cls(compiled.step.target, compiled.step.drafter, tokenizer, max_queue=max_queue, runner=runner)
+        engine.artifact = loaded
+        return engine
 
     def close(self) -> None:
         """Stops the serving thread behind `submit` (unfinished requests fail)."""

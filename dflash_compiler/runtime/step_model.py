@@ -22,7 +22,9 @@ class StepModel:
     quant converts the linear layers while compiling (FP8 per channel or block, or INT4 group-128, by
     round-to-nearest). With consume=True the models' parameters are released as they are converted, so an engine
     never holds two copies of the model; the modules cannot run afterwards. ops: "triton" (the kernels) or
-    "reference" (their PyTorch lowering, any device). max_len bounds cache length + block per row.
+    "reference" (their PyTorch lowering, any device). max_len bounds cache length + block per row. compiled: a
+    prebuilt step (an artifact's graphs and weights) to run instead of compiling the models (target and drafter are
+    then its meta models). cache_dir: where compile_step keeps traces between processes (None: this process only).
     """
 
     def __init__(
@@ -34,19 +36,31 @@ class StepModel:
         ops: str = "triton",
         consume: bool = False,
         max_len: int = 4096,
+        compiled: CompiledStep | None = None,
+        cache_dir=None,
     ):
+        if compiled is not None:
+            target, drafter = compiled.step.target, compiled.step.drafter
         if ops not in ("triton", "reference"):
             raise DFlashError(f"parameter 'ops' must be 'triton' or 'reference', got {ops!r}")
         if drafter is not None and block_size > 1 and drafter.cfg.attention_bias:
             raise DFlashError(
                 f"{drafter.cfg.source}: drafters with attention biases are not supported by the batched runtime"
             )
+        if compiled is None:
+            compiled = compile_step(
+                target, drafter, block_size, quant=quant, backend=ops, max_len=max_len, release_sources=consume,
+                cache_dir=cache_dir,
+            )  # fmt: skip
+        elif (compiled.step.block_size, compiled.step.max_len, compiled.quant) != (block_size, max_len, quant):
+            raise DFlashError(
+                f"parameter 'compiled': compiled for block size {compiled.step.block_size}, max_len "
+                f"{compiled.step.max_len}, quant {compiled.quant!r}; asked for {block_size}, {max_len}, {quant!r}"
+            )
+        self.compiled: CompiledStep = compiled
         self.cfg, self.block_size, self.quant, self.max_len = target.cfg, block_size, quant, max_len
-        self.device = target.embed_tokens.weight.device
-        self.dtype = target.embed_tokens.weight.dtype
-        self.compiled: CompiledStep = compile_step(
-            target, drafter, block_size, quant=quant, backend=ops, max_len=max_len, release_sources=consume
-        )
+        self.device = compiled.device
+        self.dtype = compiled.step.target.embed_tokens.weight.dtype  # the meta models' (the given ones may be released)
         self.step_def = self.compiled.step
         self.has_drafter = self.step_def.drafter is not None
 

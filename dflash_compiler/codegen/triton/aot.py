@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -220,6 +221,7 @@ def _build_host_modules(kernels: list) -> None:
     current cache dir. The build links against a stand-in libcuda.so.1, so the import Triton then tries fails
     here (no CUDA symbols) after the module is stored; on the GPU host the same key finds it and loads it."""
     from triton.backends.nvidia import driver as nvidia
+    from triton.runtime import build as triton_build
 
     cc = knobs.build.cc or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
@@ -250,9 +252,44 @@ def _build_host_modules(kernels: list) -> None:
         builds = [lambda: nvidia.CudaUtils.__init__(object.__new__(nvidia.CudaUtils))]
         if hasattr(nvidia, "make_launcher"):  # Triton <= 3.6: a launcher module per kernel signature
             builds += [lambda k=k: nvidia.CudaLauncher(k.src, k.metadata) for k in kernels]
-        for build in builds:
-            with contextlib.suppress(ImportError):  # stored; it cannot be imported against the stand-in libcuda
-                build()
+        # Triton remembers the compiler and the libcuda directories it found: forget this call's stand-ins
+        # (deleted on return) before and after, so a later build finds its own
+        remembered = [getattr(triton_build, "_find_compiler", None), nvidia.libcuda_dirs, nvidia.library_dirs]
+
+        def forget():
+            for fn in remembered:
+                getattr(fn, "cache_clear", lambda: None)()
+
+        # Triton logs a warning for each module it stored but could not import: expected here
+        build_log = logging.getLogger(triton_build.__name__)
+        level = build_log.level
+        build_log.setLevel(logging.ERROR)
+        forget()
+        try:
+            for build in builds:
+                with contextlib.suppress(ImportError):  # stored; it cannot be imported against the stand-in libcuda
+                    build()
+        finally:
+            forget()
+            build_log.setLevel(level)
+
+
+def strip_cache(cache_dir: str | os.PathLike) -> int:
+    """Removes from each kernel entry of a cache what a cache hit does not read (the intermediate IRs and the
+    source: Triton loads the metadata JSON and the cubin), rewriting its group file. Returns the bytes removed."""
+    removed = 0
+    for group_file in Path(cache_dir).glob("*/__grp__*.json"):
+        children = json.loads(group_file.read_text())["child_paths"]
+        if not any(name.endswith(".cubin") for name in children):
+            continue  # a host module's entry
+        kept = {name: path for name, path in children.items() if name.endswith((".json", ".cubin"))}
+        for name in set(children) - set(kept):
+            child = group_file.parent / name
+            if child.is_file():
+                removed += child.stat().st_size
+                child.unlink()
+        group_file.write_text(json.dumps({"child_paths": kept}))
+    return removed
 
 
 # ---- the architecture in a cubin ---------------------------------------------------------------------------------

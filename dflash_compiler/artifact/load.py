@@ -1,0 +1,134 @@
+"""Loading an artifact: every checksum verified, the libraries and the device checked against the compile's, the
+kernels made Triton's (strict: none may be compiled), the graphs and weights handed to the runtime as a
+CompiledStep. Nothing is traced, passed or compiled."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DFlashError
+from ..graph.compiler import CompiledGraph, CompiledStep, PrebuiltGraphs
+from ..graph.serialize import graph_from_dict
+from ..models.config import DrafterConfig, TargetConfig
+from ..models.drafter import DFlashDrafter
+from ..models.loader import check_drafter_fits, parse_dtype
+from ..models.step import SpeculativeStep
+from ..models.target import TargetModel
+from .manifest import MANIFEST, check_versions, read_manifest
+
+
+@dataclass
+class Artifact:
+    root: Path
+    manifest: dict[str, Any]
+    compiled: CompiledStep
+    watch: Any  # aot.CompileWatch of the kernels (GPU artifacts), counting any compilation after the load
+    tokenizer_dir: Path | None
+
+    @property
+    def max_batch(self) -> int:
+        return self.manifest["max_batch"]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.manifest["max_seq_len"]
+
+
+def _device_profile(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise DFlashError(f"parameter 'device': artifacts run on cpu or cuda, got {device}")
+    from ..hw_profiles import profile_for_device
+
+    return profile_for_device(torch.cuda.get_device_properties(device)).name
+
+
+def load_artifact(root: str | os.PathLike, device: str | torch.device = "cpu", strict: bool = True) -> Artifact:
+    """The compiled step of an artifact directory on device. strict: a Triton kernel that would be compiled
+    (one the artifact does not hold) raises instead."""
+    root = Path(root)
+    device = torch.device(device)
+    doc = read_manifest(root)
+    manifest = root / MANIFEST
+    profile = doc["profile"]["name"]
+    gpu = profile != "cpu"
+    check_versions(doc, root, ("python", "torch", "triton") if gpu else ("torch",))
+    here = _device_profile(device)
+    if here != profile:
+        raise DFlashError(
+            f"{manifest}: compiled for profile {profile} ({doc['profile']['device']}), device {device} is "
+            f"profile {here} (compile with --gpu {here})"
+        )
+    watch = _load_kernels(root, doc, strict) if gpu else None
+    try:
+        step = _meta_step(doc, manifest)
+        weights = _load_weights(root, doc, device)
+        templates = {}
+        for name, meta in doc["graphs"].items():
+            path = root / meta["file"]
+            gm = graph_from_dict(json.loads(path.read_text()), str(path))
+            templates[name] = CompiledGraph(name, gm, meta["passes"], meta["ops_before"], meta["launches_before"])
+        compiled = CompiledStep(PrebuiltGraphs(step, doc["quant"], templates), None, doc["backend"], device, weights)
+    except BaseException:
+        if watch is not None:
+            watch.close()
+        raise
+    tokenizer = root / doc["tokenizer"] if doc.get("tokenizer") else None
+    return Artifact(root, doc, compiled, watch, tokenizer)
+
+
+def _meta_step(doc: dict, manifest: Path) -> SpeculativeStep:
+    """The step's models on the meta device (configurations and shapes), from the manifest's config dicts."""
+    dtype = parse_dtype(doc["dtype"])
+    target_cfg = TargetConfig.from_dict(doc["models"]["target"], Path(f"{manifest}:models.target"))
+    with torch.device("meta"):
+        target = TargetModel(target_cfg).to(dtype)
+        drafter = None
+        if doc["models"]["drafter"] is not None:
+            where = Path(f"{manifest}:models.drafter")
+            drafter_cfg = DrafterConfig.from_dict(doc["models"]["drafter"], where)
+            check_drafter_fits(drafter_cfg, target_cfg, where)
+            drafter = DFlashDrafter(drafter_cfg, target_cfg.hidden_size).to(dtype)
+    return SpeculativeStep(target, drafter, doc["block_size"], doc["max_len"])
+
+
+def _load_weights(root: Path, doc: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = doc["weights"]
+    path = root / meta["file"]
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise DFlashError(f"{path}: not a readable safetensors file ({e})") from None
+    for name, spec in meta["tensors"].items():
+        t = tensors.get(name)
+        if t is None or list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
+            raise DFlashError(f"{path}: tensor {name!r} is missing or not {spec['dtype']} {spec['shape']}")
+    for alias, name in meta["aliases"].items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+def _load_kernels(root: Path, doc: dict, strict: bool):
+    """Triton's cache of the artifact, copied to a directory of this process (Triton points its entries at the
+    directory they are loaded from, and builds nothing into the artifact), then preloaded."""
+    from ..codegen.triton import aot
+
+    kernels = doc["kernels"]
+    records, versions = aot.load_records(root / kernels["records"])
+    private = Path(tempfile.mkdtemp(prefix="dflash-kernels-"))
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    shutil.copytree(root / kernels["cache"], private / "cache")
+    return aot.load_precompiled(private / "cache", records, strict=strict, versions=versions)
