@@ -9,11 +9,13 @@ handles raise) and the loop goes on serving the others and later ones.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from ..errors import DFlashError
@@ -165,6 +167,9 @@ class _Loop:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._guarded_run, name="dflash-serving", daemon=True)
                 self._thread.start()
+                # an engine left open stops its thread before the interpreter tears down (a thread killed inside a
+                # torch op aborts the process)
+                atexit.register(_close_at_exit, weakref.ref(self))
         self._inbox.put(("submit", item, handle))
         if self._closed:  # close() ran meanwhile and may have drained the inbox before this request arrived
             self._fail_all(DFlashError("the engine was closed before the request finished"))
@@ -176,6 +181,8 @@ class _Loop:
 
     def close(self) -> None:
         """Stops the serving thread; unfinished requests fail."""
+        if self._closed and (self._thread is None or not self._thread.is_alive()):
+            return
         self._closed = True
         self._inbox.put(("close", None, None))
         if self._thread is not None:
@@ -375,3 +382,9 @@ class EagerLoop(_Loop):
         finally:
             self._current = None
             self._cancelled.discard(rid)
+
+
+def _close_at_exit(loop_ref: weakref.ref) -> None:
+    loop = loop_ref()
+    if loop is not None:
+        loop.close()
