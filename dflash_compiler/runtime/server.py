@@ -775,3 +775,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
     return 0
+
+
+if __name__ == "__main__":  # python -m dflash_compiler.runtime.server, where the console script is not installed
+    raise SystemExit(serve_main())
