@@ -229,3 +229,30 @@ def test_tied_checkpoint_with_a_quantized_head_keeps_the_dense_embedding(tmp_pat
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     _edit_tensors(tmp_path / "gptq", lambda t: t.pop("model.embed_tokens.weight"))
     _fails(tmp_path / "gptq", r"missing tensor 'embed_tokens.weight' \(the lm_head is stored quantized\)")
+
+
+@pytest.mark.parametrize("name", ["fp8", "gptq_asym_v2"])
+def test_the_batched_runtime_runs_a_prequantized_checkpoint_in_its_formats(dense, tmp_path, name):
+    """The compiled step keeps each pre-quantized layer's format (its tensors are the step's weights) and gives the
+    eager loop's greedy tokens on the same checkpoint."""
+    from dflash_compiler.runtime.batch import BatchRunner
+    from dflash_compiler.runtime.speculative import SpeculativeDecoder
+
+    d = _variant(dense, tmp_path, name)
+    prompts = [[3, 5, 7, 11, 13, 17, 19], [2, 4, 8, 16, 32, 64]]
+    expected = [SpeculativeDecoder(load_target(d)).generate(p, 12)[0] for p in prompts]
+    target = load_target(d)
+    fmt = {m.fmt for m in target.modules() if isinstance(m, QuantizedLinear)}
+    runner = BatchRunner(target, None, max_batch=2, max_seq_len=64)
+    linears = [
+        n
+        for n in runner.model.compiled.graph("step").gm.graph.nodes
+        if n.meta.get("lowering", {}).get("op") == "linear"
+    ]
+    assert fmt and fmt <= {n.kwargs.get("fmt", n.args[6] if len(n.args) > 6 else "dense") for n in linears}
+    ids = [runner.add_request(p, 12) for p in prompts]
+    out = {i: [] for i in ids}
+    while runner.has_work:
+        for ev in runner.step():
+            out[ev.request_id].extend(ev.tokens)
+    assert [out[i] for i in ids] == expected

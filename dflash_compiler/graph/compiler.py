@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..errors import DFlashError
 from ..models.config import DrafterConfig
@@ -330,7 +330,23 @@ def _meta_copy(step: SpeculativeStep) -> SpeculativeStep:
 
 
 def _copy_float_buffers(src, dst) -> None:
-    # buffers (inv_freq) keep their dtype as the real module has it
+    # pre-quantized layers keep their format; buffers (inv_freq) and parameters keep the real module's dtypes
+    from ..models.quantized import QuantizedLinear
+
+    for name, module in src.named_modules():
+        if isinstance(module, QuantizedLinear):
+            parent, leaf = (
+                (dst.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]) if "." in name else (dst, name)
+            )
+            meta = QuantizedLinear.__new__(QuantizedLinear)
+            nn.Module.__init__(meta)
+            meta.fmt, meta.group_size = module.fmt, module.group_size
+            meta.out_features, meta.in_features = module.out_features, module.in_features
+            for b in ("qweight", "scale", "zeros"):
+                t = getattr(module, b)
+                meta.register_buffer(b, None if t is None else torch.empty_like(t, device="meta"))
+            meta.bias = None if module.bias is None else nn.Parameter(torch.empty_like(module.bias, device="meta"))
+            setattr(parent, leaf, meta)
     for name, buf in src.named_buffers():
         module = dst.get_submodule(name.rsplit(".", 1)[0]) if "." in name else dst
         module._buffers[name.rsplit(".", 1)[-1]] = torch.empty_like(buf, device="meta")

@@ -98,10 +98,10 @@ torch.export.register_dataclass(VerifyOut, serialized_type_name="dflash_compiler
 def project(x: torch.Tensor, module: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
     """A linear layer as the IR's linear op: x [M, K] -> [M, N] (+ bias, + residual). A QuantizedLinear (a
     pre-quantized checkpoint's layer) passes its format's tensors."""
-    stored = getattr(module, "weight_format", None)
-    if stored is None:
+    if not hasattr(module, "qweight"):
         return dflash.linear(x, module.weight, bias=module.bias, residual=residual)
-    return dflash.linear(x, bias=module.bias, residual=residual, **_ops.linear_args(stored))
+    return dflash.linear(x, module.qweight, module.scale, module.zeros, module.bias, residual, module.fmt,
+                         module.group_size)  # fmt: skip
 
 
 def token_rows(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

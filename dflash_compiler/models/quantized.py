@@ -32,13 +32,28 @@ GPTQ_FORMATS = {"gptq": True, "gptq_v2": False}  # checkpoint_format -> zeros st
 
 
 class QuantizedLinear(nn.Module):
-    """y = x @ W^T (+ bias) for W held in a compiled weight format (FP8BlockWeight, Int4Weight, ...)."""
+    """y = x @ W^T (+ bias) for W held in a compiled weight format (FP8BlockWeight, Int4Weight, ...).
+
+    The format's tensors are buffers (`qweight`, `scale`, `zeros`), so they move with the module and the compiler
+    traces them as weights; `weight_format` is the codegen object over them."""
 
     def __init__(self, weight_format: FP8BlockWeight | Int4Weight, bias: torch.Tensor | None = None):
         super().__init__()
-        self.weight_format = weight_format
+        from ..graph.ops import linear_args  # the op's view of a format (lazy: graph imports the models)
+
+        args = linear_args(weight_format)
+        self.fmt, self.group_size = args["fmt"], args.get("group_size", 128)
+        self.register_buffer("qweight", args["weight"])
+        self.register_buffer("scale", args.get("scale"))
+        self.register_buffer("zeros", args.get("zeros"))
         self.out_features, self.in_features = weight_format.shape
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def weight_format(self) -> FP8BlockWeight | Int4Weight:
+        from ..graph.ops import weight_format
+
+        return weight_format(self.fmt, self.qweight, self.scale, self.zeros, self.in_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # imported here: codegen.reference imports the runtime, which imports the loaders
