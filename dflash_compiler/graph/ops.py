@@ -52,11 +52,6 @@ def linear_args(w) -> dict:
     raise TypeError(f"no linear format for {type(w).__name__}")
 
 
-def _linear_out(x: Tensor, weight: Tensor, fmt: str, swiglu: bool) -> Tensor:
-    n = weight.shape[0]
-    return x.new_empty(x.shape[0], n // 2 if swiglu else n)
-
-
 def _linear_epilogue(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
     if bias is not None:
         y = y + bias
@@ -88,7 +83,8 @@ def linear(
 
 @linear.register_fake
 def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False):
-    return _linear_out(x, weight, fmt, swiglu)
+    n = weight.shape[0]
+    return x.new_empty(x.shape[0], n // 2 if swiglu else n)
 
 
 @torch.library.custom_op("dflash::swiglu", mutates_args=())

@@ -297,9 +297,9 @@ def quantize(quant: str) -> Callable[[fx.GraphModule, Weights], int]:
             if w is None or kw["fmt"] != "dense":
                 continue
             src = weights.recipes[w.target]
-            if fmt == "int4" and src.shape[1] % 128:
-                continue  # no whole groups: kept dense
-            example = quantizer(torch.zeros(src.shape, dtype=torch.float32, device="meta"))
+            example = quantize_weight(torch.zeros(src.shape, dtype=torch.float32, device="meta"), quant)
+            if example is None:
+                continue  # kept dense
             # the converted weight once, as an intermediate its tensors are read from
             whole = weights.add(Recipe((w.target,), quantizer, tuple(src.shape), src.dtype, fmt))
             parts = {}
