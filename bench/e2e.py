@@ -250,6 +250,7 @@ class Measured:
     prefill_steps: int
     finished_early: int  # requests that finished inside the timed window (the batch shrank)
     launches: tuple[int, int] | None = None  # op calls of the compiled step graph before / after the passes
+    op_profile: list[dict] | None = None
 
 
 def _sync() -> None:
@@ -257,8 +258,48 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def op_profile(runner, steps: int = 4, top: int = 40) -> list[dict]:
+    """GPU time per op and input shapes over `steps` steps, from torch.profiler: each kernel's time goes to the
+    innermost op that launched it (a vendor GEMM to aten::mm, a Triton kernel to its dflash op). Run on a runner
+    without CUDA graphs, so that every op is its own dispatch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            runner.step()
+        _sync()
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        us = e.self_device_time_total
+        if us <= 0 or not e.key.startswith(("dflash::", "aten::", "triton")):
+            continue
+        shapes = [list(x) for x in (e.input_shapes or []) if isinstance(x, (list, tuple)) and x]
+        rows.append({"op": e.key, "shapes": shapes[:3], "calls_per_step": e.count / steps,
+                     "gpu_us_per_step": round(us / steps, 1)})  # fmt: skip
+    rows.sort(key=lambda r: -r["gpu_us_per_step"])
+    total = sum(r["gpu_us_per_step"] for r in rows)
+    by_op: dict[str, float] = {}
+    for r in rows:
+        by_op[r["op"]] = by_op.get(r["op"], 0.0) + r["gpu_us_per_step"]
+    print(f"  op profile: {total / 1e3:.2f} ms of GPU time per step", flush=True)
+    for name, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:16]:
+        print(f"    {name:40s} {us / 1e3:7.3f} ms", flush=True)
+    return [{"op": k, "gpu_us_per_step": round(v, 1)} for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])] + [
+        {"detail": rows[:top]}
+    ]
+
+
 def measure(
-    runner, concurrency: int, vocab: int, prompt_len: int, max_new: int, warmup: int, steps: int, seed: int
+    runner,
+    concurrency: int,
+    vocab: int,
+    prompt_len: int,
+    max_new: int,
+    warmup: int,
+    steps: int,
+    seed: int,
+    profile_ops: bool = False,
 ) -> Measured:
     """Adds `concurrency` requests of random prompts, steps until every one is decoding, warms up, then times
     `steps` steps (wall clock, synchronized at both ends) and counts the committed tokens. Every call to the
@@ -293,6 +334,7 @@ def measure(
     _sync()
     elapsed = time.perf_counter() - t0
     ctx_end = prompt_len + sum(produced.values()) / concurrency
+    profiled = op_profile(runner) if profile_ops and not finished else None
     phases = {}
     if not finished:
         try:
@@ -313,6 +355,7 @@ def measure(
         prefill_steps=prefill_steps,
         finished_early=finished,
         launches=(graph.launches_before, graph.launches) if graph is not None else None,
+        op_profile=profiled,
     )
 
 
@@ -405,6 +448,8 @@ def make_row(
             row["launches_per_step"] = {"before_passes": m.launches[0], "after_passes": m.launches[1]}
         if m.finished_early:
             row["finished_early"] = m.finished_early
+        if m.op_profile is not None:
+            row["op_profile"] = m.op_profile
     if note:
         row["profile_note"] = note
     return row
@@ -459,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-ar", action="store_true")
     p.add_argument("--no-dflash", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--op-profile", action="store_true", help="GPU time per op (use with --no-cuda-graphs)")
     p.add_argument("--skip-transformers", action="store_true", help="no transformers generate() baseline")
     p.add_argument("--hf-new-tokens", type=int, default=32)
     p.add_argument("--floors-only", action="store_true", help="print the floors (assumed bandwidth/rate, no GPU)")
@@ -541,7 +587,17 @@ def main(argv: list[str] | None = None) -> None:
                 runner.simulate_acceptance(pp)
                 for c in concs:
                     max_new = new_token_budget(pp, c, args.prompt_len, args.warmup_steps + args.steps, cap)
-                    m = measure(runner, c, sh.vocab, args.prompt_len, max_new, args.warmup_steps, args.steps, seed=c)
+                    m = measure(
+                        runner,
+                        c,
+                        sh.vocab,
+                        args.prompt_len,
+                        max_new,
+                        args.warmup_steps,
+                        args.steps,
+                        seed=c,
+                        profile_ops=args.op_profile,
+                    )
                     rows.append(make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note))
                     print("  ".join(f"{k}={rows[-1].get(k)}" for k in COLUMNS), flush=True)
                     save(partial=True)

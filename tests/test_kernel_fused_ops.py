@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dflash_compiler.codegen.triton.fused_ops import context_kv_project, qk_norm_rope, rms_norm
+from dflash_compiler.codegen.triton.fused_ops import context_kv_project, gated_rms_norm, qk_norm_rope, rms_norm
 from dflash_compiler.models.ops import apply_rope, rope_cos_sin
+from dflash_compiler.models.ops import gated_rms_norm as gated_rms_norm_ref
 from dflash_compiler.models.ops import rms_norm as rms_norm_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,6 +58,24 @@ def test_rms_norm(dtype, zero_centered, with_residual):
     else:
         y = rms_norm(x, w, EPS, zero_centered=zero_centered, out=out)
         _close(y, rms_norm_ref(x, w, EPS, zero_centered), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens, heads, d", [(1, 3, 128), (7, 5, 96), (33, 2, 64)])
+def test_gated_rms_norm(dtype, tokens, heads, d):
+    gen = torch.Generator().manual_seed(tokens * 100 + d)
+    x = _rand(tokens, heads, d, dtype=dtype, gen=gen, scale=3.0)
+    gate = _rand(tokens, heads, d, dtype=dtype, gen=gen, scale=2.0)
+    w = _rand(d, dtype=dtype, gen=gen) + 1.0
+    out = torch.full_like(x, float("nan"))
+    y = gated_rms_norm(x, gate, w, EPS, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _close(y, gated_rms_norm_ref(x, gate, w, EPS), dtype)
+    # a strided gate (a slice of a wider projection) reads the same values
+    wide = _rand(tokens, heads, 2 * d, dtype=dtype, gen=gen)
+    _close(gated_rms_norm(x, wide[..., :d], w, EPS), gated_rms_norm_ref(x, wide[..., :d], w, EPS), dtype)
+    with pytest.raises(ValueError, match="gate"):
+        gated_rms_norm(x, gate[:, :1], w, EPS)
 
 
 def test_rms_norm_3d_input():

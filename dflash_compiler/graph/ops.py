@@ -418,6 +418,10 @@ def _register_cuda_kernels() -> None:
     def _(x, weight, eps, zero_centered):
         return t_fused.rms_norm(x, weight, eps, zero_centered=zero_centered)
 
+    @kernel(gated_rms_norm)
+    def _(x, gate, weight, eps):
+        return t_fused.gated_rms_norm(x, gate, weight, eps)
+
     @kernel(qk_norm_rope_write)
     def _(q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, block_table,
           num_q_heads, num_kv_heads, eps, gated, zero_centered):  # fmt: skip

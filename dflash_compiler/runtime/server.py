@@ -760,8 +760,14 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
     return engine, list(dict.fromkeys([*names, Path(target).name, target]))
 
 
+# The serving thread and the HTTP event loop share the GIL. At the default 5 ms switch interval a step of a
+# millisecond or two waits up to 5 ms for the GIL whenever the event loop is busy streaming.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         engine, names = load_engine(args)
     except DFlashError as e:

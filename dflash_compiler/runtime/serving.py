@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 from ..errors import DFlashError
 from .batch import BatchRunner, StepEvent
@@ -34,6 +34,22 @@ class StepFailedError(RuntimeError):
     """The step that ran a request raised; the request is dropped (the engine keeps serving)."""
 
 
+def _wake_all(wakers: Iterable[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+    """Sets the `async for` consumers' events with one call per event loop: each call_soon_threadsafe writes to
+    the loop's self-pipe, and a step can finish dozens of chunks."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for loop, event in wakers:
+        by_loop.setdefault(loop, []).append(event)
+    for loop, events in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that event loop is closed
+            loop.call_soon_threadsafe(_set_events, events)
+
+
+def _set_events(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
 class RequestHandle:
     """One submitted request. Iterate it (or `async for`) for token chunks; `result()` waits for all of them."""
 
@@ -48,13 +64,14 @@ class RequestHandle:
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # `async for` consumers
 
     def _push(self, event: StepEvent) -> None:
+        """Queues the event's tokens without waking the consumers (the loop wakes them once per step)."""
         self.token_ids.extend(event.tokens)
         if event.tokens:
             self._chunks.put(list(event.tokens))
-            self._wake()
         if event.finished:
             self.finish_reason = event.finish_reason
-            self._close()
+            self._done.set()
+            self._chunks.put(None)
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
@@ -66,9 +83,7 @@ class RequestHandle:
         self._wake()
 
     def _wake(self) -> None:
-        for loop, event in list(self._wakers):
-            with contextlib.suppress(RuntimeError):  # that event loop is closed
-                loop.call_soon_threadsafe(event.set)
+        _wake_all(list(self._wakers))
 
     @property
     def done(self) -> bool:
@@ -211,13 +226,16 @@ class _Loop:
             self._fail_all(error)
 
     def _deliver(self, events: list[StepEvent]) -> None:
+        wakers = []
         for event in events:
             handle = self._handles.get(event.request_id)
             if handle is None:
                 continue
             handle._push(event)
+            wakers.extend(handle._wakers)
             if event.finished:
                 del self._handles[event.request_id]
+        _wake_all(wakers)
 
     def _observe(self, step_s: float) -> None:
         for observe in self.step_observers:

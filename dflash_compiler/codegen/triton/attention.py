@@ -148,7 +148,7 @@ def _attention_kernel(
     stride_ot,
     stride_oh,
     stride_btn,
-    T: tl.constexpr,
+    T,
     GROUPS: tl.constexpr,
     HQ: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -163,7 +163,8 @@ def _attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    NUM_M: tl.constexpr = (T * GROUPS + BLOCK_M - 1) // BLOCK_M
+    # T (queries per request) is a runtime value: a prefill chunk of any length reuses one compiled kernel
+    NUM_M = tl.cdiv(T * GROUPS, BLOCK_M)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = tl.program_id(2)
@@ -277,7 +278,7 @@ def _combine_kernel(
     stride_oh,
     total_rows,
     NUM_SPLITS,
-    T: tl.constexpr,
+    T,
     HQ: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS_P2: tl.constexpr,

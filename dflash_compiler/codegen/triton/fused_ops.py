@@ -1,5 +1,6 @@
-"""Fused small ops around attention: RMSNorm (+ residual add), per-head q/k norm + partial RoPE + output-gate
-split with an optional KV-cache write, and the drafter's context K/V for all layers in one pass.
+"""Fused small ops: RMSNorm (+ residual add), the Gated DeltaNet's gated output RMSNorm, per-head q/k norm +
+partial RoPE + output-gate split with an optional KV-cache write, and the drafter's context K/V for all layers in
+one pass.
 
 RoPE is NeoX rotate-half on the first rot = cos.shape[-1] dims; cos/sin rows come from ops.rope_cos_sin (one row
 per token), so any rotary scaling is the caller's. Rounding follows ops.rms_norm: the norm output is rounded to
@@ -104,6 +105,77 @@ def rms_norm(
         num_warps=min(16, max(1, block // 512)),
     )
     return (out, residual_out) if has_res else out
+
+
+@triton.jit
+def _gated_rms_norm_kernel(
+    X,
+    G,
+    W,
+    Y,
+    stride_x,
+    stride_g,
+    stride_y,
+    rows,
+    D,
+    eps,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """ROWS rows of D per program: y = rms_norm(x) * w, then * silu(g), rounded where ops.gated_rms_norm rounds."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    offs = tl.arange(0, BLOCK)[None, :]
+    ok = (r < rows) & (offs < D)
+    x = tl.load(X + r * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+    w = tl.load(W + offs, mask=offs < D, other=0.0).to(tl.float32)
+    normed = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
+    scaled = (normed * w).to(Y.dtype.element_ty).to(tl.float32)
+    g = tl.load(G + r * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + r * stride_y + offs, (scaled * (g * tl.sigmoid(g))).to(Y.dtype.element_ty), mask=ok)
+
+
+def gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ops.gated_rms_norm over the last dim of x (the Gated DeltaNet output norm) into a contiguous tensor."""
+    d = x.shape[-1]
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x: expected a float tensor, got {x.dtype}")
+    if gate.shape != x.shape:
+        raise ValueError(f"gate: expected {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if weight.shape != (d,):
+        raise ValueError(f"weight: expected [{d}], got {tuple(weight.shape)}")
+    x2 = x.reshape(-1, d)
+    g2 = gate.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    if out is None:
+        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {x.dtype} {tuple(x.shape)}")
+    y2 = out.view(-1, d)
+    rows = x2.shape[0]
+    block = triton.next_power_of_2(d)
+    per_program = max(1, min(16, 4096 // block))
+    _gated_rms_norm_kernel[(triton.cdiv(rows, per_program),)](
+        x2,
+        g2,
+        weight,
+        y2,
+        x2.stride(0),
+        g2.stride(0),
+        y2.stride(0),
+        rows,
+        d,
+        eps,
+        ROWS=per_program,
+        BLOCK=block,
+        num_warps=4,
+    )
+    return out
 
 
 @triton.jit
