@@ -258,37 +258,32 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def op_profile(runner, steps: int = 4, top: int = 40) -> list[dict]:
-    """GPU time per op and input shapes over `steps` steps, from torch.profiler: a kernel launched through the CUDA
-    runtime counts to the innermost op that launched it (a vendor GEMM to aten::mm), a Triton kernel (launched
-    through the driver) under its own name. Run on a runner without CUDA graphs, so that every op is its own
-    dispatch."""
+def op_profile(runner, steps: int = 4) -> list[dict]:
+    """GPU time per kernel over `steps` steps, from torch.profiler's device events (Triton kernels under their
+    own names, vendor and ATen kernels under theirs, cut to 80 characters), with calls per step. Run on a runner
+    without CUDA graphs, so that every kernel is its own launch."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     _sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             runner.step()
         _sync()
-    rows = []
-    for e in prof.key_averages(group_by_input_shape=True):
-        us = e.self_device_time_total
-        if us <= 0:
-            continue
-        shapes = [list(x) for x in (e.input_shapes or []) if isinstance(x, (list, tuple)) and x]
-        rows.append({"op": e.key, "shapes": shapes[:3], "calls_per_step": e.count / steps,
-                     "gpu_us_per_step": round(us / steps, 1)})  # fmt: skip
-    rows.sort(key=lambda r: -r["gpu_us_per_step"])
-    total = sum(r["gpu_us_per_step"] for r in rows)
-    by_op: dict[str, float] = {}
-    for r in rows:
-        by_op[r["op"]] = by_op.get(r["op"], 0.0) + r["gpu_us_per_step"]
-    print(f"  op profile: {total / 1e3:.2f} ms of GPU time per step", flush=True)
-    for name, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:16]:
-        print(f"    {name:40s} {us / 1e3:7.3f} ms", flush=True)
-    return [{"op": k, "gpu_us_per_step": round(v, 1)} for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])] + [
-        {"detail": rows[:top]}
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and e.device_time_total > 0:
+            entry = kernels.setdefault(e.name[:80], [0.0, 0])
+            entry[0] += e.device_time_total
+            entry[1] += 1
+    rows = [
+        {"kernel": name, "gpu_us_per_step": round(us / steps, 1), "calls_per_step": calls / steps}
+        for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])
     ]
+    print(f"  kernel profile: {sum(r['gpu_us_per_step'] for r in rows) / 1e3:.2f} ms of GPU time per step", flush=True)
+    for r in rows[:16]:
+        print(f"    {r['kernel'][:48]:48s} {r['gpu_us_per_step'] / 1e3:7.3f} ms  {r['calls_per_step']:6.0f} calls")
+    return rows
 
 
 def measure(

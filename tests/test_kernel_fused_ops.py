@@ -271,6 +271,22 @@ def test_bf16_qwen35_shapes():
 
 
 @pytest.mark.gpu
+def test_bf16_gated_rms_norm_qwen35_shapes():
+    """The Gated DeltaNet output norm at Qwen3.5-27B shapes (48 value heads of 128, a verify block of 16):
+    bf16 is rounded where the reference rounds, so almost every element is bit-equal."""
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(11)
+    x = _rand(16, 48, 128, dtype=dtype, gen=gen, scale=0.3)
+    gate = _rand(16, 48, 128, dtype=dtype, gen=gen, scale=2.0)
+    w = _rand(128, dtype=dtype, gen=gen, scale=0.1) + 1
+    out = torch.full_like(x, float("nan"))
+    y = gated_rms_norm(x, gate, w, EPS, out=out)
+    ref = gated_rms_norm_ref(x, gate, w, EPS)
+    _close(y, ref, dtype)
+    assert (y == ref).float().mean() > 0.99
+
+
+@pytest.mark.gpu
 def test_bf16_context_kv_drafter_shapes():
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(10)
