@@ -159,3 +159,55 @@ def test_ir_of_the_tiny_pair():
     plan = compiled.plan()
     assert plan and all(e["impl"] == "reference" for e in plan)
     assert {e["op"] for e in plan if e["graph"] == "step"} >= {"linear", "gdn_verify", "verify_attention"}
+
+
+def test_the_lowering_takes_the_tuning_databases_linear_choices(pair, unpassed, tmp_path, monkeypatch):
+    """On the Triton backend (its interpreter here) every linear node asks the profile's database for each row
+    bucket; a tuned entry gives the node that lowering and config (recorded in the plan and passed to the kernel),
+    the rest run the launchers' defaults and are reported untuned. The step computes what the reference does."""
+    from dflash_compiler.codegen.triton import linear as t_linear
+    from dflash_compiler.graph.compiler import linear_calls
+    from dflash_compiler.graph.ir import is_dflash
+    from dflash_compiler.hw_profiles.database import Entry, TuningDB
+    from dflash_compiler.tuning.choice import Chooser
+    from dflash_compiler.tuning.spaces import m_bucket
+
+    target, drafter = pair
+    real = SpeculativeStep(target, drafter, BLOCK, MAX_LEN)
+    graphs = _TRACED.setdefault((repr(target.cfg), repr(drafter.cfg)), StepGraphs(real)).with_passes("bf16")
+    gm = graphs.template("step").gm
+    node = next(n for n in gm.graph.nodes if is_dflash(n, "linear"))
+    weights = CompiledStep(graphs, weight_sources(real), "reference", torch.device("cpu")).weights
+    calls = linear_calls(node, weights, torch.float32)  # the 16-row bucket: 2 requests x block 8 in _run
+    op, key, fmt = next(c for c in calls if c[1].startswith("m16_"))
+    config = {"block_n": 32, "block_m": 16, "block_k": 32, "num_warps": 2, "num_stages": 2, "split_k": 2,
+              "programs": None, "fp8_dot": False}  # fmt: skip
+    db = TuningDB("cpu", tmp_path / "cpu")
+    db.record(Entry(op, key, fmt, "triton", config, True, time_us=1.0, platform="cpu"))
+    db.save()
+
+    used = []
+    launcher = t_linear.linear
+
+    def spy(x, w, **kwargs):
+        used.append((x.shape[0], kwargs.get("config")))
+        return launcher(x, w, **kwargs)
+
+    monkeypatch.setattr(t_linear, "linear", spy)
+    chooser = Chooser("cpu", root=tmp_path)
+    compiled = CompiledStep(graphs, weight_sources(real), "triton", torch.device("cpu"), tuning=chooser)
+    for got, want in zip(_run(compiled), unpassed):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    same_shape = [n.name for n in gm.graph.nodes if is_dflash(n, "linear") and (op, key, fmt) in
+                  linear_calls(n, weights, torch.float32)]  # fmt: skip
+    tuned = [row for row in compiled.plan() if row["graph"] == "step" and "tuned" in row]
+    assert node.name in same_shape and [row["node"] for row in tuned] == same_shape
+    assert all(row["tuned"] == {"16": {"lowering": "triton", "config": config}} for row in tuned)
+    expected = t_linear.LinearConfig(**{k: v for k, v in config.items() if k != "fp8_dot"})
+    # the calls of 2..16 rows (the verify, the 9- and 13-token prefills) ran the tuned config, no other did
+    assert {rows for rows, cfg in used if cfg == expected} == {rows for rows, _ in used if m_bucket(rows) == 16}
+    assert (16, expected) in used
+    untuned = compiled.untuned()
+    assert (op, key, fmt) not in untuned and len(untuned) >= len(calls) - 1
+    assert chooser.chosen[(op, key, fmt)].config == config

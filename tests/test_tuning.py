@@ -20,7 +20,7 @@ from dflash_compiler.errors import DFlashError
 from dflash_compiler.hw_profiles import list_profiles, load_profile, profile_for_device
 from dflash_compiler.hw_profiles.database import Entry, TuningDB
 from dflash_compiler.tuning import choose, untuned_fallbacks
-from dflash_compiler.tuning.kernels import Chooser, default_choice
+from dflash_compiler.tuning.choice import Chooser, RecordedChoices, default_choice, recorded_rows
 from dflash_compiler.tuning.measure import ConfigFailed, LinearCase, make_case
 from dflash_compiler.tuning.spaces import (
     AcceptShape,
@@ -307,6 +307,16 @@ def test_choose_returns_the_database_entry_or_the_marked_default(tmp_path):
     chooser = Chooser("sm90", tmp_path)
     chooser.choose(*calls[0])
     assert chooser.fallbacks == []
+
+    # an artifact records the tuned answers its lowering got, and a load answers with exactly those
+    rows = recorded_rows(chooser)
+    assert rows == [{"op": "linear", "shape_key": tuned_key, "fmt": "fp8_channel", "lowering": "triton",
+                     "config": {"block_n": 64}}]  # fmt: skip
+    replay = RecordedChoices(json.loads(json.dumps(rows)))
+    assert replay.choose(*calls[0]) == ("triton", {"block_n": 64}, True)
+    assert replay.choose(*calls[1]).tuned is False and replay.fallbacks == [calls[1]]
+    with pytest.raises(DFlashError, match=r"manifest.json: tuning.lowered\[0\]: expected an object with op"):
+        RecordedChoices([{"op": "linear"}], "manifest.json: tuning.lowered")
 
 
 # ---- studies ---------------------------------------------------------------------------------------------------

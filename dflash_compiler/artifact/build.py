@@ -123,7 +123,7 @@ def compile_artifact(
             backend = "triton" if profile.is_cuda else "reference"
             compiled = compile_step(
                 target_model, drafter_model, block, quant=quant, backend=backend, max_len=max_len,
-                release_sources=True, cache_dir=cache_dir,
+                release_sources=True, cache_dir=cache_dir, profile=profile,
             )  # fmt: skip
             del target_model, drafter_model
             names = list(graphs) if graphs is not None else [g for g in PHASES if compiled.graphs_def.has(g)]
@@ -168,7 +168,10 @@ def compile_artifact(
                 "graphs": graph_docs,
                 "weights": weights,
                 "plan": compiled.plan(),
-                "tuning": _tuning(target_cfg, drafter_cfg, quant, dtype, profile, buckets, max_len, block),
+                "tuning": {
+                    **_tuning(target_cfg, drafter_cfg, quant, dtype, profile, buckets, max_len, block),
+                    "lowered": _recorded_rows(compiled.tuning),  # the tuned choices the graphs were lowered with
+                },
                 "kernels": kernels,
                 "tokenizer": "tokenizer" if (tmp / "tokenizer").is_dir() else None,
             }
@@ -261,10 +264,16 @@ def _copy_tokenizer(target: Path, folder: Path) -> None:
             shutil.copy2(f, folder / f.name)
 
 
+def _recorded_rows(chooser) -> list[dict]:
+    from ..tuning.choice import recorded_rows
+
+    return recorded_rows(chooser)
+
+
 def _tuning(target_cfg, drafter_cfg, quant, dtype, profile, buckets, max_len, block) -> dict:
     """The tuning database's lowering and config for every tunable call of the step, and the calls it has no
     tuned entry for (those run the launcher's default)."""
-    from ..tuning.kernels import Chooser
+    from ..tuning.choice import Chooser
     from ..tuning.shapes import model_calls
 
     calls = model_calls(
@@ -282,14 +291,17 @@ def _tuning(target_cfg, drafter_cfg, quant, dtype, profile, buckets, max_len, bl
 # ---- kernels ahead of time ----------------------------------------------------------------------------------------
 
 
-def _dry_run(op: str):
-    """The op's Triton implementation called for its kernels' compilation (nothing is launched on a stand-in GPU),
-    then its reference for the values the rest of the step reads."""
+def _dry_run(op: str, tuned: dict | None = None):
+    """The op's Triton implementation (with the node's tuned choices, graph/compiler.py lower) called for its
+    kernels' compilation (nothing is launched on a stand-in GPU), then its reference for the values the rest of
+    the step reads."""
     from ..graph.ops import implementation, triton_implementations
 
-    kernel, reference = triton_implementations().get(op), implementation(op, "reference")
-    if kernel is None:
+    reference = implementation(op, "reference")
+    if op not in triton_implementations():
         return reference
+    choices = {int(m): (c["lowering"], c["config"]) for m, c in (tuned or {}).items()}
+    kernel = implementation(op, "triton", choices)
 
     def run(*args, **kwargs):
         kernel(*args, **kwargs)
@@ -316,9 +328,10 @@ def compile_kernels(
                        weights=compiled.weights)  # fmt: skip
     for name in names:
         gm = dry.graph(name).gm
+        lowered = {node.name: node.meta.get("lowering", {}) for node in compiled.graph(name).gm.graph.nodes}
         for node in gm.graph.nodes:
             if "lowering" in node.meta:
-                node.target = _dry_run(node.meta["lowering"]["op"])
+                node.target = _dry_run(node.meta["lowering"]["op"], lowered.get(node.name, {}).get("tuned"))
         gm.recompile()
     model = StepModel(None, None, step.block_size, compiled.quant, "reference", max_len=step.max_len, compiled=dry)
     pages_per_row = step.max_len // PAGE_SIZE

@@ -78,7 +78,14 @@ def load_artifact(root: str | os.PathLike, device: str | torch.device = "cpu", s
             path = root / meta["file"]
             gm = graph_from_dict(json.loads(path.read_text()), str(path))
             templates[name] = CompiledGraph(name, gm, meta["passes"], meta["ops_before"], meta["launches_before"])
-        compiled = CompiledStep(PrebuiltGraphs(step, doc["quant"], templates), None, doc["backend"], device, weights)
+        tuning = None
+        if doc["backend"] == "triton":  # lowered with the choices the build lowered with and compiled kernels for
+            from ..tuning.choice import RecordedChoices
+
+            tuning = RecordedChoices(doc.get("tuning", {}).get("lowered", []), f"{manifest}: tuning.lowered")
+        compiled = CompiledStep(
+            PrebuiltGraphs(step, doc["quant"], templates), None, doc["backend"], device, weights, tuning=tuning
+        )
     except BaseException:
         if watch is not None:
             watch.close()

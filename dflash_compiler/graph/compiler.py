@@ -10,6 +10,7 @@ built from the model's tensors by the recipes the passes left, shared by every g
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from .cache import TraceCache
 from .ir import Weights, is_dflash, kernel_launches, op_counts
 from .passes import default_passes, run_passes
 from .trace import bind_weights, trace, weight_names, weight_sources
+
+log = logging.getLogger(__name__)
 
 QUANTS = ("bf16", "fp8", "fp8_block", "int4")
 MAX_ROWS = 65
@@ -217,11 +220,14 @@ class CompiledStep:
         backend: str,
         device: torch.device,
         weights: dict[str, torch.Tensor] | None = None,
+        tuning=None,
     ):
-        """weights: the built weights by name (an artifact's), instead of building them from sources."""
+        """weights: the built weights by name (an artifact's), instead of building them from sources. tuning: the
+        chooser of the linears' tuned lowerings and configs (tuning/choice.py; None: the launchers' defaults)."""
         t0 = time.perf_counter()
-        self.graphs_def, self.backend, self.device = graphs, backend, device
+        self.graphs_def, self.backend, self.device, self.tuning = graphs, backend, device, tuning
         self.step = graphs.step  # the models on the meta device: configuration and shapes only
+        self.act_dtype = self.step.target.embed_tokens.weight.dtype
         self.quant = graphs.quant
         self.graphs: dict[str, CompiledGraph] = {}
         eager = [g for g in self.EAGER if graphs.has(g)]
@@ -240,7 +246,7 @@ class CompiledStep:
             missing = [n for n in weight_names(gm) if n not in self.weights]
             if missing:
                 raise DFlashError(f"graph {name}: weights {missing[:3]} were not built with the step")
-            lower(gm, self.backend, self.device)
+            lower(gm, self.backend, self.device, self.tuning, self.weights, self.act_dtype)
             bind_weights(gm, self.weights)
             self.graphs[name] = CompiledGraph(name, gm, template.passes, template.ops_before, template.launches_before)
         return self.graphs[name]
@@ -254,13 +260,19 @@ class CompiledStep:
             if "lowering" in node.meta
         ]
 
+    def untuned(self) -> list[tuple[str, str, str]]:
+        """The (op, shape key, format) calls the lowered graphs asked the database for and found no tuned entry."""
+        return list(getattr(self.tuning, "fallbacks", []))
+
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.weights.values())
 
 
-def lower(gm: fx.GraphModule, backend: str, device: torch.device) -> int:
+def lower(gm: fx.GraphModule, backend: str, device: torch.device, tuning=None, weights=None, act_dtype=None) -> int:
     """Gives every dflash op node its implementation (the node calls that function from now on), and places the
-    tensors the graph creates (traced on meta) on device."""
+    tensors the graph creates (traced on meta) on device. tuning: a chooser (tuning/choice.py) whose tuned
+    entries give the Triton backend's linears their lowering and config per row bucket, looked up by the shapes
+    of their weights (by name) and the activation dtype; the choices are recorded in meta["lowering"]["tuned"]."""
     count = 0
     for node in gm.graph.nodes:
         if isinstance(node.kwargs.get("device"), torch.device):
@@ -268,11 +280,50 @@ def lower(gm: fx.GraphModule, backend: str, device: torch.device) -> int:
         if not is_dflash(node):
             continue
         op = node.target._opname
+        tuned = None
+        if op == "linear" and backend == "triton" and tuning is not None:
+            tuned = linear_choices(linear_calls(node, weights, act_dtype), tuning)
         node.meta["lowering"] = {"op": op, "impl": backend}
-        node.target = dflash_ops.implementation(op, backend)
+        if tuned:
+            node.meta["lowering"]["tuned"] = {str(m): {"lowering": lw, "config": c} for m, (lw, c) in tuned.items()}
+        node.target = dflash_ops.implementation(op, backend, tuned)
         count += 1
     gm.recompile()
     return count
+
+
+def linear_calls(node: fx.Node, weights: dict[str, torch.Tensor], act_dtype: torch.dtype) -> list[tuple]:
+    """The tuning database's (op, shape key, format) of a linear node at every row bucket, from its weight
+    tensors (get_attr nodes naming `weights`) and the activation dtype."""
+    from ..tuning.spaces import DTYPES, M_BUCKETS, LinearShape
+
+    args = dict(zip((a.name for a in node.target._schema.arguments), node.args))
+    args.update(node.kwargs)
+    weight = weights[args["weight"].target]
+    swiglu, fmt = bool(args.get("swiglu", False)), args.get("fmt", "dense")
+    act = next(name for name, dtype in DTYPES.items() if dtype == act_dtype)
+    n, k = weight.shape[0], weight.shape[1]
+    if fmt == "dense":  # dense weights are stored in the activations' dtype
+        db_fmt = act
+    elif fmt == "int4":  # packed: in_features from the scales' groups
+        db_fmt = "int4_asym" if args.get("zeros") is not None else "int4_sym"
+        k = weights[args["scale"].target].shape[0] * args.get("group_size", 128)
+    else:
+        db_fmt = fmt
+    epilogue = "swiglu" if swiglu else "residual" if args.get("residual") is not None else "none"
+    return [("linear", LinearShape(m, n, k, db_fmt, epilogue, act).key, db_fmt) for m in M_BUCKETS]
+
+
+def linear_choices(calls: list[tuple], tuning) -> dict[int, tuple[str, dict]]:
+    """The tuned (lowering, config) by row bucket of a linear's calls (buckets without a tuned entry: absent)."""
+    from ..tuning.spaces import M_BUCKETS
+
+    choices = {}
+    for m, call in zip(M_BUCKETS, calls):
+        choice = tuning.choose(*call)
+        if choice.tuned:
+            choices[m] = (choice.lowering, dict(choice.config))
+    return choices
 
 
 def compile_step(
@@ -285,13 +336,15 @@ def compile_step(
     max_len: int,
     release_sources: bool = False,
     cache_dir: str | Path | None = None,
+    profile=None,
 ) -> CompiledStep:
     """Compiles the step of (target, drafter) at block_size for caches of up to max_len positions per row.
 
     The graphs are traced on meta copies of the models; the weights are built from the given models' tensors on
     their device. With release_sources, the given models' parameters are dropped as they are converted (the
     modules cannot run afterwards). cache_dir: where traces are kept between processes (graph/cache.py); None keeps
-    them in this process only."""
+    them in this process only. profile: the hardware profile (name or HardwareProfile) whose tuning database the
+    Triton lowering reads (default: the device's profile)."""
     if quant not in QUANTS:
         raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANTS)}, got {quant!r}")
     if backend not in dflash_ops.BACKENDS:
@@ -308,7 +361,26 @@ def compile_step(
     graphs = traced.with_passes(quant)
     if release_sources:
         _release_parameters(target, drafter)
-    return CompiledStep(graphs, sources, backend, device)
+    return CompiledStep(graphs, sources, backend, device, tuning=chooser_for(backend, device, profile))
+
+
+def chooser_for(backend: str, device: torch.device, profile=None):
+    """The tuning database's chooser for the Triton lowering on device (None for the reference backend)."""
+    if backend != "triton":
+        return None
+    from ..hw_profiles import profile_for_device
+    from ..tuning.choice import Chooser
+
+    if profile is None:
+        if device.type != "cuda":
+            profile = "cpu"
+        else:
+            try:
+                profile = profile_for_device(torch.cuda.get_device_properties(device))
+            except DFlashError as e:  # a GPU no profile describes runs the launchers' defaults
+                log.warning("%s; the linears run their default configs", e)
+                return None
+    return Chooser(profile)
 
 
 # Traced graphs by model configuration: a second engine of the same shapes in a process skips tracing.

@@ -518,12 +518,53 @@ OPS = {
 BACKENDS = ("reference", "triton")
 
 
-def implementation(op: str, backend: str):
+def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | None = None):
     """The Python function implementing dflash op `op` with `backend`: "reference" (PyTorch, any device) or
-    "triton" (the kernels; ops without a kernel use their reference)."""
+    "triton" (the kernels; ops without a kernel use their reference). tuned: for a linear on the Triton backend,
+    the tuning database's (lowering, config) by row bucket (tuning/spaces.py M_BUCKETS)."""
     custom = OPS[op]
     if backend == "reference":
         return custom._init_fn
     if backend == "triton":
-        return TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
+        default = TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
+        return TunedLinear(tuned, default) if op == "linear" and tuned else default
     raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+class TunedLinear:
+    """A linear node's implementation with the tuning database's choices: each call takes the (lowering, config)
+    of its row count's bucket (the vendor GEMM, the Triton kernel with that config, or the PyTorch lowering);
+    buckets without a tuned entry run the default. The choice is made at dispatch, i.e. once per captured graph."""
+
+    def __init__(self, tuned: dict[int, tuple[str, dict]], default):
+        self.tuned, self.default = dict(tuned), default
+        self.__name__ = "linear_tuned"
+
+    def choice(self, rows: int) -> tuple[str, dict] | None:
+        from ..tuning.spaces import m_bucket
+
+        return self.tuned.get(m_bucket(rows))
+
+    def __call__(self, x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128,
+                 swiglu=False):  # fmt: skip
+        choice = self.choice(x.shape[0])
+        if choice is None:
+            return self.default(x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu)
+        return _run_linear(_tuned_impl(*choice), x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu)
+
+
+def _tuned_impl(lowering: str, config: dict):
+    from ..codegen import vendor_gemm
+    from ..codegen.triton import linear as t_linear
+
+    if lowering == "reference":
+        return reference.linear
+    if lowering == "vendor":
+        # a format the vendor GEMM cannot take on this device runs the Triton kernel's default
+        return lambda x, w, **kw: (vendor_gemm.linear if vendor_gemm.supports(x, w) else t_linear.linear)(x, w, **kw)
+    if lowering == "triton":
+        fields = dict(config)
+        fp8_dot = fields.pop("fp8_dot", None)
+        cfg = t_linear.LinearConfig(**fields)
+        return lambda x, w, **kw: t_linear.linear(x, w, config=cfg, fp8_dot=fp8_dot, **kw)
+    raise ValueError(f"lowering: a linear cannot be lowered to {lowering!r}")

@@ -8,7 +8,7 @@ The names below are imported on first use: importing the kernel modules fixes wh
 its interpreter, which a CPU process decides before that (the CLI sets TRITON_INTERPRET first).
 """
 
-_EXPORTS = {"choose": "kernels", "Chooser": "kernels", "Choice": "kernels", "untuned_fallbacks": "kernels"}
+_EXPORTS = {"choose": "choice", "Chooser": "choice", "Choice": "choice", "untuned_fallbacks": "choice"}
 
 
 def __getattr__(name: str):

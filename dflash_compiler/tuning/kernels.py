@@ -6,16 +6,15 @@ import datetime
 import math
 import platform
 import subprocess
-from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ..hw_profiles import HardwareProfile, load_profile
-from ..hw_profiles.database import Entry, TuningDB
+from ..hw_profiles import HardwareProfile
+from ..hw_profiles.database import Entry
 from .measure import ConfigFailed, make_case
-from .spaces import SPACES, parse_shape, space_for
+from .spaces import space_for
 from .study import best_trial, default_trial, measured_points, optimize
 
 
@@ -130,57 +129,3 @@ def _confirm(case, space, best: dict, default: dict, device) -> tuple[dict, floa
                 times[name].append(float("inf"))
     best_us, default_us = (sorted(t)[len(t) // 2] for t in (times["best"], times["default"]))
     return (best, best_us, default_us) if best_us < default_us else (default, default_us, default_us)
-
-
-# ---- what the compiler reads -----------------------------------------------------------------------------------
-
-
-class Choice(NamedTuple):
-    lowering: str
-    config: dict[str, Any]
-    tuned: bool
-
-
-def default_choice(op: str, shape_key: str, fmt: str, profile: HardwareProfile) -> Choice:
-    """The launcher's default for a call, marked untuned (an op without a search space: its launcher's own
-    default, config {})."""
-    if op not in SPACES:
-        return Choice("triton" if profile.is_cuda else "reference", {}, False)
-    space = space_for(parse_shape(op, shape_key, fmt), profile)
-    lowering, config = space.config(space.default())
-    return Choice(lowering, config, False)
-
-
-class Chooser:
-    """The lowering pass's view of one profile's database; remembers the calls that fell back to defaults."""
-
-    def __init__(self, profile: str | HardwareProfile, root: str | Path | None = None, db: TuningDB | None = None):
-        self.profile = load_profile(profile)
-        self.db = db if db is not None else TuningDB.load(self.profile, root)
-        self.fallbacks: list[tuple[str, str, str]] = []
-
-    def choose(self, op: str, shape_key: str, fmt: str) -> Choice:
-        entry = self.db.lookup(op, shape_key, fmt)
-        if entry is not None and entry.tuned:
-            return Choice(entry.lowering, dict(entry.config), True)
-        if (op, shape_key, fmt) not in self.fallbacks:
-            self.fallbacks.append((op, shape_key, fmt))
-        if entry is not None:  # an entry marked untuned holds the default it was recorded with
-            return Choice(entry.lowering, dict(entry.config), False)
-        return default_choice(op, shape_key, fmt, self.profile)
-
-
-def choose(op: str, shape_key: str, fmt: str, profile: str | HardwareProfile, root: str | Path | None = None) -> Choice:
-    """(lowering, config, tuned) for one call: the profile database's entry, or the default marked untuned.
-    (It reads the database on every call; a pass over many calls uses one Chooser.)"""
-    return Chooser(profile, root).choose(op, shape_key, fmt)
-
-
-def untuned_fallbacks(
-    calls: Iterable[tuple[str, str, str]], profile: str | HardwareProfile, root: str | Path | None = None
-) -> list[tuple[str, str, str]]:
-    """The (op, shape key, format) calls among `calls` that the profile's database has no tuned entry for."""
-    chooser = Chooser(profile, root)
-    for call in calls:
-        chooser.choose(*call)
-    return chooser.fallbacks
