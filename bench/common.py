@@ -36,20 +36,12 @@ def time_us(fn: Callable[[int], object], rotations: int = 1, warmup_ms: float = 
 def graph_time_us(
     fn: Callable[[int], object], rotations: int, min_calls: int = 16, warmup_ms: float = 25, rep_ms: float = 200
 ) -> float:
-    """Per-call time of fn(i), i cycling over the rotations, from replays of one CUDA graph of at least `min_calls`
-    calls (as the runtime runs kernels: an eager launch costs more than many of them)."""
-    calls = rotations * max(1, -(-min_calls // rotations))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(rotations):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in range(calls):
-            fn(c % rotations)
-    return time_us(lambda _: graph.replay(), warmup_ms=warmup_ms, rep_ms=rep_ms) / calls
+    """Per-call time of fn(i), i cycling over the rotations, from replays of one CUDA graph of at least
+    `min_calls` calls: the tuner's measurement (tuning/measure.py), so benchmarks and studies time alike."""
+    from dflash_compiler.tuning.measure import time_us as measured_us
+
+    device = torch.device("cuda")
+    return measured_us(fn, rotations, device, min_calls=min_calls, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
 def rotations_for(bytes_per_set: int, l2_bytes: int = 50 * 2**20) -> int:

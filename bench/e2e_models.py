@@ -12,6 +12,7 @@ Three sizes: "27b" (the real shapes), "small" (4 layers, hidden 1024: every code
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,35 +25,16 @@ from dflash_compiler.models import eager
 from dflash_compiler.models.config import DrafterConfig, TargetConfig
 from dflash_compiler.models.drafter import DFlashDrafter
 from dflash_compiler.models.target import TargetModel
+from dflash_compiler.tuning.shapes import preset_dirs
 
 MASK_TOKEN_ID = 248070
 
 
 def _qwen35_text(**kw: Any) -> dict[str, Any]:
-    """A qwen3_5_text config.json dict (the text part of Qwen3.5-27B, spec/qwen35.md §1.1), overridable."""
-    d = {
-        "model_type": "qwen3_5_text",
-        "vocab_size": 248320,
-        "hidden_size": 5120,
-        "intermediate_size": 17408,
-        "num_hidden_layers": 64,
-        "num_attention_heads": 24,
-        "num_key_value_heads": 4,
-        "head_dim": 256,
-        "linear_num_key_heads": 16,
-        "linear_num_value_heads": 48,
-        "linear_key_head_dim": 128,
-        "linear_value_head_dim": 128,
-        "linear_conv_kernel_dim": 4,
-        "full_attention_interval": 4,
-        "attn_output_gate": True,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 262144,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "eos_token_id": 248044,
-    }
+    """The Qwen3.5-27B text config the package ships for tuning (tuning/models/), with overrides; the layer
+    types follow the (possibly overridden) layer count."""
+    target_dir, _ = preset_dirs("qwen3.5-27b")
+    d = json.loads((target_dir / "config.json").read_text())
     d.update(kw)
     d["layer_types"] = [
         "linear_attention" if (i + 1) % d["full_attention_interval"] else "full_attention"
@@ -110,9 +92,10 @@ class ModelSpec:
 
 
 def spec(size: str = "27b") -> ModelSpec:
-    if size == "27b":
-        t = _qwen35_text()
-        return ModelSpec("qwen3.5-27b", t, _drafter(t, 5, [1, 16, 31, 46, 61], 32, 8, 128, 17408))
+    if size == "27b":  # the configs the package ships (tuning/models/): one definition of the real shapes
+        target_dir, drafter_dir = preset_dirs("qwen3.5-27b")
+        t, d = (json.loads((p / "config.json").read_text()) for p in (target_dir, drafter_dir))
+        return ModelSpec("qwen3.5-27b", t, d)
     if size == "small":
         t = _qwen35_text(
             vocab_size=32768,
@@ -341,7 +324,6 @@ def convert_linears(model: nn.Module, quant: str, skip: tuple[str, ...] = ("lm_h
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import json
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -44,13 +44,22 @@ def rotations_for(bytes_per_set: int, profile: HardwareProfile) -> int:
     return max(2, min(64, (4 * l2) // max(1, bytes_per_set) + 1))
 
 
-def time_us(fn: Callable[[int], object], rotations: int, device: torch.device, repeats: int = 3) -> float:
-    """Median per-call time of fn(i), i cycling over the rotations, in microseconds (on the CPU: of `repeats`
-    calls, after the caller's checked call compiled the kernel variant)."""
+def time_us(
+    fn: Callable[[int], object],
+    rotations: int,
+    device: torch.device,
+    repeats: int = 3,
+    min_calls: int = 16,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+) -> float:
+    """Median per-call time of fn(i), i cycling over the rotations, in microseconds. On CUDA: replays of one CUDA
+    graph of at least `min_calls` calls (as the runtime runs kernels: an eager launch costs more than many of them);
+    on the CPU: of `repeats` calls, after the caller's checked call compiled the kernel variant."""
     if device.type == "cuda":
         import triton.testing
 
-        calls = rotations * max(1, -(-16 // rotations))
+        calls = rotations * max(1, -(-min_calls // rotations))
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -61,7 +70,7 @@ def time_us(fn: Callable[[int], object], rotations: int, device: torch.device, r
         with torch.cuda.graph(graph):
             for c in range(calls):
                 fn(c % rotations)
-        ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+        ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
         return ms * 1e3 / calls
     times = []
     for r in range(repeats):
