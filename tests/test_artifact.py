@@ -181,7 +181,7 @@ def test_cross_compiled_kernels_carry_the_profiles_architecture(gpu_artifacts, g
     records, versions = aot.load_records(root / "kernels" / "records.json")
     assert versions["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
     families = {r.name.rsplit(".", 1)[-1] for r in records}
-    assert {"_linear_kernel", "_attention_kernel", "_rms_norm_kernel"} <= families
+    assert {"_linear_kernel", "_attention_kernel", "_qk_norm_rope_kernel"} <= families
     cubins = {root / "kernels" / "cache" / r.binary for r in records}
     assert {aot.cubin_arch(c) for c in cubins} == {ARCHS[gpu]}
     kept = {p.suffix for p in (root / "kernels" / "cache").rglob("*") if p.is_file()}

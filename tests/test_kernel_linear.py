@@ -249,6 +249,33 @@ def test_linear_fp32_activations(fmt):
     run_and_check(x, weight, config=_config(fmt, True))
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_with_fused_rms_norm(fmt, zero_centered, epilogue, split):
+    """y = rms_norm(x) @ W^T (+ epilogue): the norm weight scales the inputs, 1 / RMS the finished rows (shared
+    tiles included); INT4 runs the norm kernel first. Checked against the norm, then the GEMM, in fp32."""
+    gen = torch.Generator().manual_seed(70)
+    n, k, m = (42 if epilogue == "swiglu" else 29), 200, 5
+    weight = make_weight(fmt, n, k, gen)
+    x = (torch.randn(m, k, generator=gen) * 4).to(DEVICE, torch.float16)  # far from unit RMS
+    g = (torch.randn(k, generator=gen) * 0.3 + (0 if zero_centered else 1)).to(DEVICE, torch.float16)
+    n_out = n // 2 if epilogue == "swiglu" else n
+    residual = torch.randn(m, n_out, generator=gen).to(DEVICE, torch.float16) if epilogue == "residual" else None
+    out = torch.full((m, n_out), float("nan"), dtype=x.dtype, device=x.device)
+    norm = linear_mod.RowNorm(g, 1e-6, zero_centered)
+    y = linear(x, weight, residual=residual, swiglu=epilogue == "swiglu", out=out, config=_config(fmt, split),
+               fp8_dot=False, norm=norm)  # fmt: skip
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    normed = ops.rms_norm(x, g, 1e-6, zero_centered)
+    ref = reference(normed, weight, residual, epilogue == "swiglu")
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < 3e-3, f"relative error {err:.2e}"
+    with pytest.raises(ValueError, match="norm:"):
+        linear(x, weight, norm=linear_mod.RowNorm(g[:-1], 1e-6))
+
+
 def test_linear_default_config_and_repeat():
     """The heuristic config runs, and a split launch leaves its counters ready for the next (same result)."""
     gen = torch.Generator().manual_seed(40)
@@ -287,6 +314,27 @@ def test_gpu_bf16(fmt, m, n, k):
     weight = make_weight(fmt, n, k, gen, dtype=torch.bfloat16)
     x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
     run_and_check(x, weight, fp8_dot=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8_dot", [False, True])
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_bf16_fused_rms_norm(fmt, m, fp8_dot):
+    """The Qwen3.5 pre-attention norm (zero-centred, hidden 5120) fused into the q/k/v GEMM, at bf16, with the
+    launcher's default configs (stream-K included) and the vendor GEMM's row counts."""
+    if fp8_dot and not (fmt.startswith("fp8") and torch.cuda.get_device_capability() >= (8, 9)):
+        pytest.skip("the FP8 dot applies to FP8 weights on sm89+")
+    gen = torch.Generator().manual_seed(62)
+    weight = make_weight(fmt, 14336, 5120, gen, dtype=torch.bfloat16)
+    x = (torch.randn(m, 5120, generator=gen) * 3).to(DEVICE, torch.bfloat16)
+    g = (torch.randn(5120, generator=gen) * 0.2).to(DEVICE, torch.bfloat16)
+    y = linear(x, weight, fp8_dot=fp8_dot, norm=linear_mod.RowNorm(g, 1e-6, True))
+    normed = ops.rms_norm(x, g, 1e-6, True)
+    quant_x = fp8_dot and fmt.startswith("fp8")
+    ref = reference(normed, weight, fp8_dot=quant_x)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(y).all() and err < (3e-2 if quant_x else 1.5e-2), f"relative error {err:.2e}"
 
 
 @pytest.mark.gpu

@@ -45,8 +45,14 @@ def linear(
     out: torch.Tensor | None = None,
     fp8_dot: bool | None = None,
     config=None,
+    norm=None,
 ) -> torch.Tensor:
-    """y = x @ W^T, then + residual or silu(gate) * up for W = [gate; up] (epilogue in fp32, one cast)."""
+    """y = x @ W^T, then + residual or silu(gate) * up for W = [gate; up] (epilogue in fp32, one cast). norm
+    (codegen/triton/linear.RowNorm): the RMSNorm kernel runs on x first."""
+    if norm is not None:
+        from .triton.fused_ops import rms_norm
+
+        x = rms_norm(x, norm.weight, norm.eps, zero_centered=norm.zero_centered)
     y = _matmul(x, weight)
     if swiglu:
         gate, up = y.float().chunk(2, dim=-1)

@@ -58,11 +58,15 @@ def _linear_epilogue(y: Tensor, bias: Tensor | None, residual: Tensor | None) ->
     return y if residual is None else y + residual
 
 
-def _run_linear(impl, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu) -> Tensor:
+def _run_linear(impl, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu, norm_weight=None,
+                norm_eps=0.0, norm_zero_centered=False) -> Tensor:  # fmt: skip
+    from ..codegen.triton.linear import RowNorm
+
     w = weight_format(fmt, weight, scale, zeros, x.shape[1], group_size)
+    norm = None if norm_weight is None else RowNorm(norm_weight, norm_eps, norm_zero_centered)
     if bias is None:
-        return impl(x, w, residual=residual, swiglu=swiglu)
-    return _linear_epilogue(impl(x, w, swiglu=swiglu), bias, residual)
+        return impl(x, w, residual=residual, swiglu=swiglu, norm=norm)
+    return _linear_epilogue(impl(x, w, swiglu=swiglu, norm=norm), bias, residual)
 
 
 @torch.library.custom_op("dflash::linear", mutates_args=())
@@ -76,13 +80,20 @@ def linear(
     fmt: str = "dense",
     group_size: int = 128,
     swiglu: bool = False,
+    norm_weight: Tensor | None = None,
+    norm_eps: float = 0.0,
+    norm_zero_centered: bool = False,
 ) -> Tensor:
-    """y = x [M, K] @ W^T in any weight format, then silu(gate) * up (W = [gate; up]) or + bias + residual."""
-    return _run_linear(reference.linear, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu)
+    """y = x [M, K] @ W^T in any weight format, then silu(gate) * up (W = [gate; up]) or + bias + residual. With
+    norm_weight, x is first rms_norm(x, norm_weight, norm_eps, norm_zero_centered) (the fused form of that norm
+    feeding the linear: graph/passes.py fuse_norm)."""
+    return _run_linear(reference.linear, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu,
+                       norm_weight, norm_eps, norm_zero_centered)  # fmt: skip
 
 
 @linear.register_fake
-def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False):
+def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False,
+      norm_weight=None, norm_eps=0.0, norm_zero_centered=False):  # fmt: skip
     n = weight.shape[0]
     return x.new_empty(x.shape[0], n // 2 if swiglu else n)
 
@@ -411,8 +422,10 @@ def _register_cuda_kernels() -> None:
         return t_linear.linear(x, w, **kwargs)
 
     @kernel(linear)
-    def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False):
-        return _run_linear(linear_by_rows, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu)
+    def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False,
+          norm_weight=None, norm_eps=0.0, norm_zero_centered=False):  # fmt: skip
+        return _run_linear(linear_by_rows, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu,
+                           norm_weight, norm_eps, norm_zero_centered)  # fmt: skip
 
     @kernel(rms_norm)
     def _(x, weight, eps, zero_centered):
@@ -546,11 +559,13 @@ class TunedLinear:
         return self.tuned.get(m_bucket(rows))
 
     def __call__(self, x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128,
-                 swiglu=False):  # fmt: skip
+                 swiglu=False, norm_weight=None, norm_eps=0.0, norm_zero_centered=False):  # fmt: skip
+        args = (x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu, norm_weight, norm_eps,
+                norm_zero_centered)  # fmt: skip
         choice = self.choice(x.shape[0])
         if choice is None:
-            return self.default(x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu)
-        return _run_linear(_tuned_impl(*choice), x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu)
+            return self.default(*args)
+        return _run_linear(_tuned_impl(*choice), *args)
 
 
 def _tuned_impl(lowering: str, config: dict):

@@ -7,6 +7,7 @@ fuse_parallel      linears that read the same input (q/k/v and the gated query, 
 merge_slices       a concatenation of adjacent slices of one tensor is that range of it
 fuse_swiglu        silu(gate) * up of a fused [gate; up] linear moves into that linear's epilogue
 fuse_residual      `h + linear(x)` moves into the linear's epilogue
+fuse_norm          an RMSNorm read only by linears moves into their prologue
 quantize           dense linears take FP8 (per channel or 128x128 block) or INT4 (group 128) weights, by
                    round-to-nearest
 eliminate_dead     nodes whose results nothing reads, and the weights nothing reads
@@ -37,7 +38,7 @@ def _set_weight(gm: fx.GraphModule, weights: Weights, recipe: Recipe, anchor: fx
 
 
 def _linear_kwargs(node: fx.Node) -> dict:
-    """A linear node's arguments by name, defaults filled in."""
+    """A linear node's (any dflash op node's) arguments by name, defaults filled in."""
     schema = node.target._schema
     out = {}
     for i, arg in enumerate(schema.arguments):
@@ -246,6 +247,29 @@ def fuse_residual(gm: fx.GraphModule, weights: Weights) -> int:
     return count
 
 
+def fuse_norm(gm: fx.GraphModule, weights: Weights) -> int:
+    """An RMSNorm whose every reader is a linear taking it as input moves into those linears' prologue (each
+    computes the norm of its input rows itself: the normed activations are never written)."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not is_dflash(node, "rms_norm") or not node.users:
+            continue
+        norm = _linear_kwargs(node)  # (any op's arguments by name)
+        x, weight, eps, zero_centered = norm["x"], norm["weight"], norm["eps"], norm["zero_centered"]
+        readers = list(node.users)
+        if not all(
+            r.target is dflash_linear and _linear_kwargs(r)["x"] is node and _linear_kwargs(r)["norm_weight"] is None
+            and all(a is not node for a in (*r.args[1:], *r.kwargs.values()))
+            for r in readers
+        ):  # fmt: skip
+            continue
+        for r in readers:
+            _set_linear(r, x=x, norm_weight=weight, norm_eps=eps, norm_zero_centered=zero_centered)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
 def _is_before(a: fx.Node, b: fx.Node) -> bool:
     """Whether node a comes before node b in the graph."""
     for n in a.graph.nodes:
@@ -337,7 +361,7 @@ def eliminate_dead(gm: fx.GraphModule, weights: Weights) -> int:
     return before - len(gm.graph.nodes)
 
 
-FUSION_PASSES = (fold_weights, fuse_parallel, merge_slices, fuse_swiglu, fuse_residual, eliminate_dead)
+FUSION_PASSES = (fold_weights, fuse_parallel, merge_slices, fuse_swiglu, fuse_residual, fuse_norm, eliminate_dead)
 
 
 def default_passes(quant: str = "bf16") -> list[Callable[[fx.GraphModule, Weights], int]]:

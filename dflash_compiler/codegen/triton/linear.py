@@ -173,7 +173,27 @@ def _accumulate(
 
 
 @triton.jit
-def _store(acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE: tl.constexpr):
+def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_K: tl.constexpr):
+    """1 / RMS of the x rows offs_m over all K (the RMSNorm fused in front of the GEMM scales the tile's rows)."""
+    m_ok = offs_m < M
+    ss = tl.zeros((offs_m.shape[0],), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + k[:, None] * stride_xk
+        xv = tl.load(ptrs, mask=m_ok[None, :] & (k[:, None] < K), other=0.0).to(tl.float32)
+        ss += tl.sum(xv * xv, 0)
+    return tl.rsqrt(ss / K + eps)
+
+
+@triton.jit
+def _store(
+    acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk,
+    norm_eps, EPILOGUE: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    if NORM != 0:
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, norm_eps, BLOCK_K)[None, :]
+        acc = acc * rstd
+        acc_up = acc_up * rstd
     out = acc
     if EPILOGUE == 2:
         out = acc * tl.sigmoid(acc) * acc_up
@@ -186,7 +206,8 @@ def _store(acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride
 @triton.jit
 def _finish(
     tile, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
-    M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
+    EPILOGUE: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Arrive at a shared tile; the last of its programs sums the parked partials in slot order and stores it."""
     ROWS: tl.constexpr = 2 * BLOCK_N if EPILOGUE == 2 else BLOCK_N
@@ -208,7 +229,10 @@ def _finish(
         pid_n = tile // num_m_tiles
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = (tile - pid_n * num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-        _store(acc, acc_up, offs_n, offs_n < N_OUT, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE)
+        _store(
+            acc, acc_up, offs_n, offs_n < N_OUT, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm,
+            stride_xk, norm_eps, EPILOGUE, NORM, BLOCK_K,
+        )  # fmt: skip
         tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
@@ -229,6 +253,8 @@ def _linear_kernel(
     y_ptr,
     ws_ptr,
     cnt_ptr,
+    g_ptr,
+    norm_eps,
     M,
     N_OUT,
     K,
@@ -248,6 +274,7 @@ def _linear_kernel(
     FP8_DOT: tl.constexpr,
     ASYM: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    NORM: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -318,6 +345,13 @@ def _linear_kernel(
         xs = tl.zeros((BLOCK_M,), tl.float32)
         if FORMAT != 3:
             xt = _x_tile(x_chunk, x_offs, m_ok, k_left, BLOCK_K, EVEN_K).to(DOT_DTYPE)
+            if NORM != 0:
+                # the fused RMSNorm's weight scales the inputs; its 1 / RMS scales the finished tile's rows
+                k_ok = tl.arange(0, BLOCK_K) < k_left
+                g = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K), mask=k_ok, other=0.0).to(tl.float32)
+                if NORM == 2:
+                    g = tl.where(k_ok, 1.0 + g, 0.0)
+                xt = (xt.to(tl.float32) * g[:, None]).to(DOT_DTYPE)
             if FP8_DOT:
                 xf = xt.to(tl.float32)
                 amax = tl.max(tl.abs(xf), axis=0)
@@ -342,7 +376,10 @@ def _linear_kernel(
             offs_n = row0 + tl.arange(0, BLOCK_N)
             offs_m = m0 + tl.arange(0, BLOCK_M)
             if tile_end & (seg_first == 0):
-                _store(acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE)
+                _store(
+                    acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm,
+                    stride_xk, norm_eps, EPILOGUE, NORM, BLOCK_K,
+                )  # fmt: skip
             else:
                 # A share of a tile: park it in this program's workspace slot; it is summed after the loop.
                 tile = pid_n * num_m_tiles + pid_m
@@ -364,17 +401,28 @@ def _linear_kernel(
     if (start != tile_a * chunks_per_tile) | (end < (tile_a + 1) * chunks_per_tile):
         _finish(
             tile_a, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
-            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE, BLOCK_N, BLOCK_M,
+            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
+            EPILOGUE, NORM, BLOCK_N, BLOCK_M, BLOCK_K,
         )  # fmt: skip
     tile_b = (end - 1) // chunks_per_tile
     if (tile_b != tile_a) & (end < (tile_b + 1) * chunks_per_tile):
         _finish(
             tile_b, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
-            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, EPILOGUE, BLOCK_N, BLOCK_M,
+            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
+            EPILOGUE, NORM, BLOCK_N, BLOCK_M, BLOCK_K,
         )  # fmt: skip
 
 
 # ---- launcher ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowNorm:
+    """An RMSNorm over x's rows fused in front of the GEMM (ops.rms_norm's weight, eps, zero-centred form)."""
+
+    weight: torch.Tensor
+    eps: float
+    zero_centered: bool = False
 
 
 @dataclass(frozen=True)
@@ -506,11 +554,14 @@ def linear(
     out: torch.Tensor | None = None,
     fp8_dot: bool | None = None,
     config: LinearConfig | None = None,
+    norm: RowNorm | None = None,
 ) -> torch.Tensor:
     """y = x @ W^T (x [M, K] bf16/fp16/fp32), then + residual [M, N] or silu(gate) * up for W = [gate; up].
 
     fp8_dot: for FP8 weights, quantize x to FP8 per token and 128-input group and use an FP8 dot (default on
     sm89+), else decode the weights to x's dtype. Output dtype is x's; out, if given, must be [M, N_out] of it.
+    norm: an RMSNorm of x's rows in front of the GEMM: its weight scales x's inputs in the prologue and 1 / RMS(x)
+    the finished rows, before the epilogue (for INT4 weights the norm kernel runs first).
     """
     if x.dim() != 2 or x.dtype not in _DOT_DTYPES:
         raise ValueError(f"x: expected a 2-D bf16/fp16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
@@ -528,6 +579,13 @@ def linear(
             f"residual: expected {x.dtype} [{m}, {n_out}] with contiguous rows, "
             f"got {residual.dtype} {tuple(residual.shape)}"
         )
+    if norm is not None:
+        if norm.weight.shape != (k,) or norm.weight.stride(0) != 1:
+            raise ValueError(f"norm: expected a contiguous [{k}] weight, got {tuple(norm.weight.shape)}")
+        if isinstance(weight, Int4Weight):  # the INT4 loop reads x in planes: the norm runs in front of it
+            from .fused_ops import rms_norm
+
+            x, norm = rms_norm(x, norm.weight, norm.eps, zero_centered=norm.zero_centered), None
     if out is None:
         out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     elif out.shape != (m, n_out) or out.dtype != x.dtype or out.stride(1) != 1:
@@ -543,7 +601,9 @@ def linear(
         config = _FITTED.get(key) or default_config(weight, m, n_out, k, x.device, swiglu)
         while True:
             try:
-                return linear(x, weight, residual=residual, swiglu=swiglu, out=out, fp8_dot=fp8_dot, config=config)
+                return linear(
+                    x, weight, residual=residual, swiglu=swiglu, out=out, fp8_dot=fp8_dot, config=config, norm=norm
+                )
             except OutOfResources:
                 config = _FITTED[key] = _smaller(config, isinstance(weight, DenseWeight))
 
@@ -595,6 +655,7 @@ def linear(
     _linear_kernel[(programs,)](
         x, w, s if s is not None else dummy, z if z is not None else dummy,
         residual if residual is not None else dummy, out, ws, cnt,
+        norm.weight if norm is not None else dummy, norm.eps if norm is not None else 0.0,
         m, n_out, k, n_out if swiglu else 0,
         x.stride(0), x.stride(1), w.stride(0),
         s.stride(0) if s is not None else 0, z.stride(0) if z is not None else 0,
@@ -602,6 +663,7 @@ def linear(
         m_tiles, chunks, total, slots,
         FORMAT=fmt, FP8_DOT=fp8, ASYM=asym,
         EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
+        NORM=0 if norm is None else 2 if norm.zero_centered else 1,
         GROUP_SIZE=group, DOT_DTYPE=_DOT_DTYPES[x.dtype],
         EVEN_N=n_out % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
