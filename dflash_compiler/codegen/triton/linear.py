@@ -176,7 +176,7 @@ def _accumulate(
 def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_K: tl.constexpr):
     """1 / RMS of the x rows offs_m over all K (the RMSNorm fused in front of the GEMM scales the tile's rows)."""
     m_ok = offs_m < M
-    ss = tl.zeros((offs_m.shape[0],), tl.float32)
+    ss = tl.zeros_like(offs_m).to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + k[:, None] * stride_xk
