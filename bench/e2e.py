@@ -577,7 +577,13 @@ def main(argv: list[str] | None = None) -> None:
             runner = make_runner(
                 target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs
             )
-            print(f"[{quant} {mode}] runner ready in {time.perf_counter() - t0:.1f} s", flush=True)
+            startup_s = time.perf_counter() - t0
+            compiled = getattr(getattr(runner, "model", None), "compiled", None)
+            # start-up: trace (or the trace cache), passes, weights, lowering, graph capture of every bucket
+            startup = {"runner_start_s": round(startup_s, 1)}
+            if compiled is not None:
+                startup["compile_s"] = round(compiled.compile_seconds, 1)  # passes' weights built + lowered
+            print(f"[{quant} {mode}] runner ready in {startup_s:.1f} s ({startup})", flush=True)
             for prof in profs:
                 pp, note = profile_slots(prof, slots) if prof else (None, None)
                 runner.simulate_acceptance(pp)
@@ -594,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
                         seed=c,
                         profile_ops=args.op_profile,
                     )
-                    rows.append(make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note))
+                    rows.append({**make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note), **startup})
                     print("  ".join(f"{k}={rows[-1].get(k)}" for k in COLUMNS), flush=True)
                     save(partial=True)
             del runner, target, drafter
