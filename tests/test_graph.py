@@ -94,7 +94,9 @@ def test_each_pass_alone_preserves_the_step(pair, unpassed, p):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("p", [P.merge_slices, P.fuse_swiglu, P.fuse_residual, P.fuse_norm], ids=lambda p: p.__name__)
+@pytest.mark.parametrize(
+    "p", [P.merge_slices, P.fuse_swiglu, P.fuse_residual, P.fuse_norm, P.fuse_gate], ids=lambda p: p.__name__
+)
 def test_each_epilogue_pass_preserves_the_step(pair, unpassed, p):
     """These rewrite what fuse_parallel leaves (slices of one GEMM) or a linear's neighbours: measured after it."""
     base = _run(_compile(*pair, passes=[P.fuse_parallel]))

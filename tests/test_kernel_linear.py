@@ -276,6 +276,29 @@ def test_linear_with_fused_rms_norm(fmt, zero_centered, epilogue, split):
         linear(x, weight, norm=linear_mod.RowNorm(g[:-1], 1e-6))
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
+@pytest.mark.parametrize("epilogue", ["none", "residual"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_with_fused_sigmoid_gate(fmt, epilogue, split):
+    """y = (x * sigmoid(gate)) @ W^T (+ residual), the gate read with its own (sliced) strides; INT4 applies the
+    gate in front of its loop. Checked against the gated input, then the GEMM, in fp32."""
+    gen = torch.Generator().manual_seed(71)
+    n, k, m = 29, 200, 5
+    weight = make_weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.float16)
+    wide = (torch.randn(m, 2 * k, generator=gen) * 2).to(DEVICE, torch.float16)
+    gate = wide[:, k:]  # a column slice, as the gated query's split leaves it
+    residual = torch.randn(m, n, generator=gen).to(DEVICE, torch.float16) if epilogue == "residual" else None
+    out = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+    y = linear(x, weight, residual=residual, out=out, config=_config(fmt, split), fp8_dot=False, gate=gate)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    ref = reference(x.float() * torch.sigmoid(gate.float()), weight, residual)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < 3e-3, f"relative error {err:.2e}"
+    with pytest.raises(ValueError, match="gate:"):
+        linear(x, weight, gate=gate[:, :-1])
+
+
 def test_linear_default_config_and_repeat():
     """The heuristic config runs, and a split launch leaves its counters ready for the next (same result)."""
     gen = torch.Generator().manual_seed(40)
@@ -335,6 +358,21 @@ def test_gpu_bf16_fused_rms_norm(fmt, m, fp8_dot):
     ref = reference(normed, weight, fp8_dot=quant_x)
     err = ((y.float() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(y).all() and err < (3e-2 if quant_x else 1.5e-2), f"relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_bf16_fused_sigmoid_gate(fmt, m):
+    """The gated attention's output (24 heads of 256) through o_proj with the gate in the prologue, at bf16."""
+    gen = torch.Generator().manual_seed(63)
+    weight = make_weight(fmt, 5120, 6144, gen, dtype=torch.bfloat16)
+    x = torch.randn(m, 6144, generator=gen).to(DEVICE, torch.bfloat16)
+    gate = (torch.randn(m, 6144, generator=gen) * 2).to(DEVICE, torch.bfloat16)
+    y = linear(x, weight, fp8_dot=False, gate=gate)
+    ref = reference(x * torch.sigmoid(gate), weight)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(y).all() and err < 1.5e-2, f"relative error {err:.2e}"
 
 
 @pytest.mark.gpu

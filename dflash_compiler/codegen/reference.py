@@ -53,10 +53,14 @@ def _emit(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 # ---- linear ------------------------------------------------------------------------------------------------------
 
 
-def linear(x, weight, *, residual=None, swiglu=False, out=None, fp8_dot=None, config=None, norm=None) -> torch.Tensor:
+def linear(
+    x, weight, *, residual=None, swiglu=False, out=None, fp8_dot=None, config=None, norm=None, gate=None
+) -> torch.Tensor:
     """y = x @ W^T in fp32 for any weight format, then silu(gate) * up (W = [gate; up]) or + residual, in fp32,
     rounded once to x's dtype. norm (codegen/triton/linear.RowNorm): ops.rms_norm of x first, rounded to x's
-    dtype, as the unfused norm would leave it."""
+    dtype, as the unfused norm would leave it; gate: x * sigmoid(gate) first, in x's dtype, likewise."""
+    if gate is not None:
+        x = x * torch.sigmoid(gate)
     if norm is not None:
         x = ops.rms_norm(x, norm.weight, norm.eps, norm.zero_centered).to(x.dtype)
     y = x.float() @ weight.dequantize().T

@@ -46,9 +46,12 @@ def linear(
     fp8_dot: bool | None = None,
     config=None,
     norm=None,
+    gate=None,
 ) -> torch.Tensor:
     """y = x @ W^T, then + residual or silu(gate) * up for W = [gate; up] (epilogue in fp32, one cast). norm
-    (codegen/triton/linear.RowNorm): the RMSNorm kernel runs on x first."""
+    (codegen/triton/linear.RowNorm): the RMSNorm kernel runs on x first; gate: x * sigmoid(gate) first."""
+    if gate is not None:
+        x = x * torch.sigmoid(gate)
     if norm is not None:
         from .triton.fused_ops import rms_norm
 

@@ -59,14 +59,16 @@ def _linear_epilogue(y: Tensor, bias: Tensor | None, residual: Tensor | None) ->
 
 
 def _run_linear(impl, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu, norm_weight=None,
-                norm_eps=0.0, norm_zero_centered=False) -> Tensor:  # fmt: skip
+                norm_eps=0.0, norm_zero_centered=False, x_gate=None) -> Tensor:  # fmt: skip
     from ..codegen.triton.linear import RowNorm
 
     w = weight_format(fmt, weight, scale, zeros, x.shape[1], group_size)
     norm = None if norm_weight is None else RowNorm(norm_weight, norm_eps, norm_zero_centered)
+    if x_gate is not None and norm is not None:  # one prologue per launch: the gate goes first, apart
+        x, x_gate = x * torch.sigmoid(x_gate), None
     if bias is None:
-        return impl(x, w, residual=residual, swiglu=swiglu, norm=norm)
-    return _linear_epilogue(impl(x, w, swiglu=swiglu, norm=norm), bias, residual)
+        return impl(x, w, residual=residual, swiglu=swiglu, norm=norm, gate=x_gate)
+    return _linear_epilogue(impl(x, w, swiglu=swiglu, norm=norm, gate=x_gate), bias, residual)
 
 
 @torch.library.custom_op("dflash::linear", mutates_args=())
@@ -83,17 +85,18 @@ def linear(
     norm_weight: Tensor | None = None,
     norm_eps: float = 0.0,
     norm_zero_centered: bool = False,
+    x_gate: Tensor | None = None,
 ) -> Tensor:
-    """y = x [M, K] @ W^T in any weight format, then silu(gate) * up (W = [gate; up]) or + bias + residual. With
-    norm_weight, x is first rms_norm(x, norm_weight, norm_eps, norm_zero_centered) (the fused form of that norm
-    feeding the linear: graph/passes.py fuse_norm)."""
+    """y = x [M, K] @ W^T in any weight format, then silu(gate) * up (W = [gate; up]) or + bias + residual. The
+    input is first x * sigmoid(x_gate) with x_gate (graph/passes.py fuse_gate), then rms_norm(x, norm_weight,
+    norm_eps, norm_zero_centered) with norm_weight (fuse_norm): the fused forms of those ops feeding the linear."""
     return _run_linear(reference.linear, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu,
-                       norm_weight, norm_eps, norm_zero_centered)  # fmt: skip
+                       norm_weight, norm_eps, norm_zero_centered, x_gate)  # fmt: skip
 
 
 @linear.register_fake
 def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False,
-      norm_weight=None, norm_eps=0.0, norm_zero_centered=False):  # fmt: skip
+      norm_weight=None, norm_eps=0.0, norm_zero_centered=False, x_gate=None):  # fmt: skip
     n = weight.shape[0]
     return x.new_empty(x.shape[0], n // 2 if swiglu else n)
 
@@ -423,9 +426,9 @@ def _register_cuda_kernels() -> None:
 
     @kernel(linear)
     def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False,
-          norm_weight=None, norm_eps=0.0, norm_zero_centered=False):  # fmt: skip
+          norm_weight=None, norm_eps=0.0, norm_zero_centered=False, x_gate=None):  # fmt: skip
         return _run_linear(linear_by_rows, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu,
-                           norm_weight, norm_eps, norm_zero_centered)  # fmt: skip
+                           norm_weight, norm_eps, norm_zero_centered, x_gate)  # fmt: skip
 
     @kernel(rms_norm)
     def _(x, weight, eps, zero_centered):
@@ -559,9 +562,9 @@ class TunedLinear:
         return self.tuned.get(m_bucket(rows))
 
     def __call__(self, x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128,
-                 swiglu=False, norm_weight=None, norm_eps=0.0, norm_zero_centered=False):  # fmt: skip
+                 swiglu=False, norm_weight=None, norm_eps=0.0, norm_zero_centered=False, x_gate=None):  # fmt: skip
         args = (x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu, norm_weight, norm_eps,
-                norm_zero_centered)  # fmt: skip
+                norm_zero_centered, x_gate)  # fmt: skip
         choice = self.choice(x.shape[0])
         if choice is None:
             return self.default(*args)

@@ -8,6 +8,7 @@ merge_slices       a concatenation of adjacent slices of one tensor is that rang
 fuse_swiglu        silu(gate) * up of a fused [gate; up] linear moves into that linear's epilogue
 fuse_residual      `h + linear(x)` moves into the linear's epilogue
 fuse_norm          an RMSNorm read only by linears moves into their prologue
+fuse_gate          `x * sigmoid(gate)` read only by linears moves into their prologue
 quantize           dense linears take FP8 (per channel or 128x128 block) or INT4 (group 128) weights, by
                    round-to-nearest
 eliminate_dead     nodes whose results nothing reads, and the weights nothing reads
@@ -270,6 +271,42 @@ def fuse_norm(gm: fx.GraphModule, weights: Weights) -> int:
     return count
 
 
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def fuse_gate(gm: fx.GraphModule, weights: Weights) -> int:
+    """`x * sigmoid(gate)` read only by linears as their input (the gated attention's output before o_proj) moves
+    into those linears' prologue."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.mul.Tensor, operator.mul) or len(node.args) != 2:
+            continue
+        for x, sig in (node.args, node.args[::-1]):
+            if not (isinstance(sig, fx.Node) and sig.target is aten.sigmoid.default and isinstance(x, fx.Node)):
+                continue
+            gate = sig.args[0]
+            if _shape(x) is None or not _shape(x) == _shape(gate) == _shape(node):  # no broadcasting
+                continue
+            readers = list(node.users)
+            if not readers or not all(
+                r.target is dflash_linear and _linear_kwargs(r)["x"] is node and _linear_kwargs(r)["x_gate"] is None
+                and _linear_kwargs(r)["norm_weight"] is None
+                and all(a is not node for a in (*r.args[1:], *r.kwargs.values()))
+                for r in readers
+            ):  # fmt: skip
+                continue
+            for r in readers:
+                _set_linear(r, x=x, x_gate=gate)
+            gm.graph.erase_node(node)
+            if not sig.users:
+                gm.graph.erase_node(sig)
+            count += 1
+            break
+    return count
+
+
 def _is_before(a: fx.Node, b: fx.Node) -> bool:
     """Whether node a comes before node b in the graph."""
     for n in a.graph.nodes:
@@ -361,7 +398,16 @@ def eliminate_dead(gm: fx.GraphModule, weights: Weights) -> int:
     return before - len(gm.graph.nodes)
 
 
-FUSION_PASSES = (fold_weights, fuse_parallel, merge_slices, fuse_swiglu, fuse_residual, fuse_norm, eliminate_dead)
+FUSION_PASSES = (
+    fold_weights,
+    fuse_parallel,
+    merge_slices,
+    fuse_swiglu,
+    fuse_residual,
+    fuse_norm,
+    fuse_gate,
+    eliminate_dead,
+)
 
 
 def default_passes(quant: str = "bf16") -> list[Callable[[fx.GraphModule, Weights], int]]:

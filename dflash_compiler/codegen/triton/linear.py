@@ -240,7 +240,7 @@ def _finish(
 # 16-byte vectors); the other integers would otherwise multiply the compiled variants across shapes and grids.
 @triton.jit(
     do_not_specialize=[
-        "M", "N_OUT", "UP_ROW", "stride_sg", "stride_zg", "stride_rm", "stride_ym",
+        "M", "N_OUT", "UP_ROW", "stride_sg", "stride_zg", "stride_rm", "stride_ym", "stride_am",
         "num_m_tiles", "chunks_per_tile", "total_chunks", "slots",
     ]
 )  # fmt: skip
@@ -255,6 +255,7 @@ def _linear_kernel(
     cnt_ptr,
     g_ptr,
     norm_eps,
+    a_ptr,
     M,
     N_OUT,
     K,
@@ -266,6 +267,8 @@ def _linear_kernel(
     stride_zg,
     stride_rm,
     stride_ym,
+    stride_am,
+    stride_ak,
     num_m_tiles,
     chunks_per_tile,
     total_chunks,
@@ -275,6 +278,7 @@ def _linear_kernel(
     ASYM: tl.constexpr,
     EPILOGUE: tl.constexpr,
     NORM: tl.constexpr,
+    GATE: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -296,6 +300,7 @@ def _linear_kernel(
         w_offs = tl.arange(0, BLOCK_N)[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :]
     x_offs = tl.arange(0, BLOCK_K)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
     x_offs32 = tl.arange(0, 32)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
+    a_offs = tl.arange(0, BLOCK_K)[:, None] * stride_ak + tl.arange(0, BLOCK_M)[None, :] * stride_am
     # One flat loop over this program's chunks, crossing tile boundaries, so the load pipeline never drains.
     tile = start // chunks_per_tile
     kc = start - tile * chunks_per_tile
@@ -345,6 +350,10 @@ def _linear_kernel(
         xs = tl.zeros((BLOCK_M,), tl.float32)
         if FORMAT != 3:
             xt = _x_tile(x_chunk, x_offs, m_ok, k_left, BLOCK_K, EVEN_K).to(DOT_DTYPE)
+            if GATE:  # x * sigmoid(gate), elementwise (the gated attention's output in front of o_proj)
+                a_chunk = a_ptr + m0.to(tl.int64) * stride_am + k0 * stride_ak
+                at = _x_tile(a_chunk, a_offs, m_ok, k_left, BLOCK_K, EVEN_K).to(tl.float32)
+                xt = (xt.to(tl.float32) * tl.sigmoid(at)).to(DOT_DTYPE)
             if NORM != 0:
                 # the fused RMSNorm's weight scales the inputs; its 1 / RMS scales the finished tile's rows
                 k_ok = tl.arange(0, BLOCK_K) < k_left
@@ -555,13 +564,15 @@ def linear(
     fp8_dot: bool | None = None,
     config: LinearConfig | None = None,
     norm: RowNorm | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ W^T (x [M, K] bf16/fp16/fp32), then + residual [M, N] or silu(gate) * up for W = [gate; up].
 
     fp8_dot: for FP8 weights, quantize x to FP8 per token and 128-input group and use an FP8 dot (default on
     sm89+), else decode the weights to x's dtype. Output dtype is x's; out, if given, must be [M, N_out] of it.
     norm: an RMSNorm of x's rows in front of the GEMM: its weight scales x's inputs in the prologue and 1 / RMS(x)
-    the finished rows, before the epilogue (for INT4 weights the norm kernel runs first).
+    the finished rows, before the epilogue (for INT4 weights the norm kernel runs first). gate [M, K]: the GEMM
+    reads x * sigmoid(gate) (not together with norm).
     """
     if x.dim() != 2 or x.dtype not in _DOT_DTYPES:
         raise ValueError(f"x: expected a 2-D bf16/fp16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
@@ -579,6 +590,13 @@ def linear(
             f"residual: expected {x.dtype} [{m}, {n_out}] with contiguous rows, "
             f"got {residual.dtype} {tuple(residual.shape)}"
         )
+    if gate is not None:
+        if gate.shape != x.shape or gate.dtype != x.dtype or norm is not None:
+            raise ValueError(
+                f"gate: expected {x.dtype} {tuple(x.shape)} and no norm, got {gate.dtype} {tuple(gate.shape)}"
+            )
+        if isinstance(weight, Int4Weight):  # the INT4 loop reads x in planes: the gate is applied in front of it
+            x, gate = x * torch.sigmoid(gate), None
     if norm is not None:
         if norm.weight.shape != (k,) or norm.weight.stride(0) != 1:
             raise ValueError(f"norm: expected a contiguous [{k}] weight, got {tuple(norm.weight.shape)}")
@@ -602,8 +620,9 @@ def linear(
         while True:
             try:
                 return linear(
-                    x, weight, residual=residual, swiglu=swiglu, out=out, fp8_dot=fp8_dot, config=config, norm=norm
-                )
+                    x, weight, residual=residual, swiglu=swiglu, out=out, fp8_dot=fp8_dot, config=config, norm=norm,
+                    gate=gate,
+                )  # fmt: skip
             except OutOfResources:
                 config = _FITTED[key] = _smaller(config, isinstance(weight, DenseWeight))
 
@@ -656,14 +675,17 @@ def linear(
         x, w, s if s is not None else dummy, z if z is not None else dummy,
         residual if residual is not None else dummy, out, ws, cnt,
         norm.weight if norm is not None else dummy, norm.eps if norm is not None else 0.0,
+        gate if gate is not None else dummy,
         m, n_out, k, n_out if swiglu else 0,
         x.stride(0), x.stride(1), w.stride(0),
         s.stride(0) if s is not None else 0, z.stride(0) if z is not None else 0,
         residual.stride(0) if residual is not None else 0, out.stride(0),
+        gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
         m_tiles, chunks, total, slots,
         FORMAT=fmt, FP8_DOT=fp8, ASYM=asym,
         EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
         NORM=0 if norm is None else 2 if norm.zero_centered else 1,
+        GATE=gate is not None,
         GROUP_SIZE=group, DOT_DTYPE=_DOT_DTYPES[x.dtype],
         EVEN_N=n_out % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
