@@ -133,6 +133,18 @@ def test_quantize_equals_the_step_on_dequantized_weights(pair, quant):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("quant", ["fp8", "int4"])
+def test_the_full_quantized_pipeline_equals_quantization_alone(pair, quant):
+    """Every fusion composed with the quantization pass (norm and gate prologues on FP8 and INT4 linears
+    included) computes what quantization alone computes."""
+    alone = _run(_compile(*pair, passes=[P.quantize(quant)]))
+    full = _compile(*pair, passes=P.default_passes(quant))
+    counts = full.graphs_def.template("step").passes
+    assert counts["fuse_norm"] > 0 and counts["fuse_gate"] > 0 and counts[f"quantize_{quant}"] > 0
+    for got, want in zip(_run(full), alone):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_ir_of_the_tiny_pair():
     """The step graph of the shipped pair: its op nodes counted before and after the passes, from the configs."""
     target = load_target(DEFAULT_PAIR / "target")
