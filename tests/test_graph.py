@@ -225,3 +225,26 @@ def test_the_lowering_takes_the_tuning_databases_linear_choices(pair, unpassed, 
     untuned = compiled.untuned()
     assert (op, key, fmt) not in untuned and len(untuned) >= len(calls) - 1
     assert chooser.chosen[(op, key, fmt)].config == config
+
+
+def test_a_tuned_config_out_of_resources_falls_back_to_the_default(monkeypatch):
+    """A tuned config measured without a call's prologue may not fit with it: the launcher's default runs."""
+    from triton.runtime.errors import OutOfResources
+
+    from dflash_compiler.codegen.triton import linear as t_linear
+    from dflash_compiler.graph.ops import _tuned_impl
+
+    calls = []
+
+    def launcher(x, w, config=None, **kwargs):
+        calls.append(config)
+        if config is not None:
+            raise OutOfResources(200000, 232448, "shared memory")
+        return "default ran"
+
+    monkeypatch.setattr(t_linear, "linear", launcher)
+    config = {"block_n": 256, "block_m": 64, "block_k": 128, "num_warps": 8, "num_stages": 6, "split_k": 1,
+              "programs": None, "fp8_dot": False}  # fmt: skip
+    assert _tuned_impl("triton", config)(torch.zeros(1, 4), None) == "default ran"
+    assert calls[0] == t_linear.LinearConfig(**{k: v for k, v in config.items() if k != "fp8_dot"})
+    assert calls[1] is None
