@@ -506,14 +506,14 @@ def test_the_eager_runtime_serves_too():
 def test_command_line(capsys, monkeypatch, engine):
     args = serve_parser().parse_args([])
     assert (args.host, args.port, args.max_queue, args.artifact) == ("127.0.0.1", 8000, 256, None)
-    monkeypatch.setattr(Engine, "from_artifact", classmethod(lambda cls, path: engine), raising=False)
+    monkeypatch.setattr(Engine, "from_artifact", classmethod(lambda cls, path: engine))
     loaded, names = load_engine(serve_parser().parse_args(["dir/art", "--max-queue", "9"]))
     assert loaded is engine and names == ["art", "dir/art"] and engine.loop.max_queue == 9
     engine.loop.max_queue = 256
-    monkeypatch.delattr(Engine, "from_artifact")
+    monkeypatch.undo()
     assert serve_main(["some-artifact"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "dflash-serve: error: some-artifact: artifacts are not supported by this version; use --target/--drafter"
+        "dflash-serve: error: some-artifact: not an artifact directory"
     ]
     assert serve_main(["some-artifact", "--target", "t"]) == 2
     assert "give an artifact or --target/--drafter, not both" in capsys.readouterr().err

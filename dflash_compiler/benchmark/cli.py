@@ -193,12 +193,9 @@ def _in_process_modes(args: argparse.Namespace, concurrencies: list[int]):
         return InProcessBackend(engine, args.chat, args.thinking)
 
     if args.artifact:
-        from_artifact = getattr(Engine, "from_artifact", None)
-        if from_artifact is None:
-            raise DFlashError("parameter '--artifact': this build has no Engine.from_artifact")
         # the autoregressive baseline is the target alone, named with --target
         modes = [("ar", lambda: backend(Engine.from_pretrained(args.target, None, **load)))] if args.target else []
-        return [*modes, ("dflash", lambda: backend(from_artifact(args.artifact)))]
+        return [*modes, ("dflash", lambda: backend(Engine.from_artifact(args.artifact)))]
     target, drafter = _pair(args)
     if drafter is None and args.no_ar:
         raise DFlashError("parameter '--no-ar' leaves nothing to run: name a --drafter")

@@ -733,8 +733,6 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
     if args.artifact is not None:
         if args.target is not None or args.drafter is not None:
             raise DFlashError("give an artifact or --target/--drafter, not both")
-        if not hasattr(Engine, "from_artifact"):
-            raise DFlashError(f"{args.artifact}: artifacts are not supported by this version; use --target/--drafter")
         engine = Engine.from_artifact(args.artifact)
         engine.loop.max_queue = args.max_queue
         names = [args.served_model_name or Path(args.artifact).name, args.artifact]
