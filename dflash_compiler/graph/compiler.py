@@ -26,7 +26,7 @@ from ..models.step import SpeculativeStep
 from ..models.target import TargetModel
 from . import ops as dflash_ops
 from .cache import TraceCache
-from .ir import Weights, is_dflash, kernel_launches, op_counts
+from .ir import Weights, is_dflash, kernel_launches, op_arguments, op_counts
 from .passes import default_passes, run_passes
 from .trace import bind_weights, trace, weight_names, weight_sources
 
@@ -297,20 +297,19 @@ def linear_calls(node: fx.Node, weights: dict[str, torch.Tensor], act_dtype: tor
     tensors (get_attr nodes naming `weights`) and the activation dtype."""
     from ..tuning.spaces import DTYPES, M_BUCKETS, LinearShape
 
-    args = dict(zip((a.name for a in node.target._schema.arguments), node.args))
-    args.update(node.kwargs)
+    args = op_arguments(node)
     weight = weights[args["weight"].target]
-    swiglu, fmt = bool(args.get("swiglu", False)), args.get("fmt", "dense")
+    swiglu, fmt = args["swiglu"], args["fmt"]
     act = next(name for name, dtype in DTYPES.items() if dtype == act_dtype)
     n, k = weight.shape[0], weight.shape[1]
     if fmt == "dense":  # dense weights are stored in the activations' dtype
         db_fmt = act
     elif fmt == "int4":  # packed: in_features from the scales' groups
-        db_fmt = "int4_asym" if args.get("zeros") is not None else "int4_sym"
-        k = weights[args["scale"].target].shape[0] * args.get("group_size", 128)
+        db_fmt = "int4_asym" if args["zeros"] is not None else "int4_sym"
+        k = weights[args["scale"].target].shape[0] * args["group_size"]
     else:
         db_fmt = fmt
-    epilogue = "swiglu" if swiglu else "residual" if args.get("residual") is not None else "none"
+    epilogue = "swiglu" if swiglu else "residual" if args["residual"] is not None else "none"
     return [("linear", LinearShape(m, n, k, db_fmt, epilogue, act).key, db_fmt) for m in M_BUCKETS]
 
 

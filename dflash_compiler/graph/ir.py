@@ -97,6 +97,19 @@ def _attr_name(qualified: str) -> str:
     return "p_" + qualified.replace(".", "_")
 
 
+def op_arguments(node: fx.Node) -> dict:
+    """An op node's arguments by name (from its schema), defaults filled in."""
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value
+    return out
+
+
 def is_dflash(node: fx.Node, op: str | None = None) -> bool:
     """Whether node calls torch.ops.dflash.<op> (any dflash op when op is None)."""
     target = node.target

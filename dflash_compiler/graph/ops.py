@@ -404,7 +404,6 @@ TRITON_IMPLEMENTATIONS: dict = {}
 
 def _register_cuda_kernels() -> None:
     """The Triton kernels (and the vendor GEMM from VENDOR_GEMM_MIN_ROWS rows) as the ops' CUDA implementations."""
-    from ..codegen import vendor_gemm
     from ..codegen.triton import accept as t_accept
     from ..codegen.triton import attention as t_attention
     from ..codegen.triton import fused_ops as t_fused
@@ -420,8 +419,8 @@ def _register_cuda_kernels() -> None:
         return register
 
     def linear_by_rows(x, w, **kwargs):
-        if x.shape[0] >= VENDOR_GEMM_MIN_ROWS and vendor_gemm.supports(x, w):
-            return vendor_gemm.linear(x, w, **kwargs)
+        if x.shape[0] >= VENDOR_GEMM_MIN_ROWS:
+            return _vendor_or_triton(x, w, **kwargs)
         return t_linear.linear(x, w, **kwargs)
 
     @kernel(linear)
@@ -554,6 +553,7 @@ class TunedLinear:
 
     def __init__(self, tuned: dict[int, tuple[str, dict]], default):
         self.tuned, self.default = dict(tuned), default
+        self.impls = {m: _tuned_impl(*choice) for m, choice in self.tuned.items()}
         self.__name__ = "linear_tuned"
 
     def choice(self, rows: int) -> tuple[str, dict] | None:
@@ -565,23 +565,29 @@ class TunedLinear:
                  swiglu=False, norm_weight=None, norm_eps=0.0, norm_zero_centered=False, x_gate=None):  # fmt: skip
         args = (x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu, norm_weight, norm_eps,
                 norm_zero_centered, x_gate)  # fmt: skip
-        choice = self.choice(x.shape[0])
-        if choice is None:
-            return self.default(*args)
-        return _run_linear(_tuned_impl(*choice), *args)
+        from ..tuning.spaces import m_bucket
+
+        impl = self.impls.get(m_bucket(x.shape[0]))
+        return self.default(*args) if impl is None else _run_linear(impl, *args)
+
+
+def _vendor_or_triton(x, w, **kwargs):
+    """The vendor GEMM, or the Triton kernel's default for a format the vendor GEMM cannot take on this device."""
+    from ..codegen import vendor_gemm
+    from ..codegen.triton import linear as t_linear
+
+    return (vendor_gemm.linear if vendor_gemm.supports(x, w) else t_linear.linear)(x, w, **kwargs)
 
 
 def _tuned_impl(lowering: str, config: dict):
     from triton.runtime.errors import OutOfResources
 
-    from ..codegen import vendor_gemm
     from ..codegen.triton import linear as t_linear
 
     if lowering == "reference":
         return reference.linear
     if lowering == "vendor":
-        # a format the vendor GEMM cannot take on this device runs the Triton kernel's default
-        return lambda x, w, **kw: (vendor_gemm.linear if vendor_gemm.supports(x, w) else t_linear.linear)(x, w, **kw)
+        return _vendor_or_triton
     if lowering == "triton":
         fields = dict(config)
         fp8_dot = fields.pop("fp8_dot", None)

@@ -24,7 +24,7 @@ from torch import fx
 
 from ..codegen import weight_formats as wf
 from . import ops as _ops  # noqa: F401  (registers torch.ops.dflash)
-from .ir import Recipe, Weights, is_dflash
+from .ir import Recipe, Weights, is_dflash, op_arguments
 
 aten = torch.ops.aten
 dflash_linear = torch.ops.dflash.linear.default
@@ -38,29 +38,15 @@ def _set_weight(gm: fx.GraphModule, weights: Weights, recipe: Recipe, anchor: fx
         return gm.graph.get_attr(name)
 
 
-def _linear_kwargs(node: fx.Node) -> dict:
-    """A linear node's (any dflash op node's) arguments by name, defaults filled in."""
-    schema = node.target._schema
-    out = {}
-    for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value
-    return out
-
-
 def _set_linear(node: fx.Node, **changes) -> None:
-    kw = _linear_kwargs(node)
+    kw = op_arguments(node)
     kw.update(changes)
     node.args = (kw.pop("x"), kw.pop("weight"))
     node.kwargs = kw
 
 
 def _weight_node(node: fx.Node) -> fx.Node | None:
-    w = _linear_kwargs(node)["weight"]
+    w = op_arguments(node)["weight"]
     return w if isinstance(w, fx.Node) and w.op == "get_attr" else None
 
 
@@ -112,7 +98,7 @@ def fuse_parallel(gm: fx.GraphModule, weights: Weights) -> int:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not dflash_linear:
             continue
-        kw = _linear_kwargs(node)
+        kw = op_arguments(node)
         w = _weight_node(node)
         if w is None or kw["fmt"] != "dense" or kw["residual"] is not None or kw["swiglu"]:
             continue
@@ -134,7 +120,7 @@ def fuse_parallel(gm: fx.GraphModule, weights: Weights) -> int:
         weight = _set_weight(gm, weights, Recipe(tuple(ws), _cat_rows, (sum(rows), k), dtype, "cat"), first)
         bias = None
         if not no_bias:
-            bs = [_linear_kwargs(n)["bias"].target for n in nodes]
+            bs = [op_arguments(n)["bias"].target for n in nodes]
             bias = _set_weight(gm, weights, Recipe(tuple(bs), _cat_rows, (sum(rows),), dtype, "cat"), first)
         with gm.graph.inserting_before(first):
             fused = gm.graph.call_function(dflash_linear, (x, weight), {"bias": bias})
@@ -213,7 +199,7 @@ def fuse_swiglu(gm: fx.GraphModule, weights: Weights) -> int:
             continue
         if _columns(y) != 2 * half or len(y.users) != 2:
             continue
-        kw = _linear_kwargs(y)
+        kw = op_arguments(y)
         if kw["residual"] is not None or kw["bias"] is not None or kw["swiglu"]:
             continue
         _set_linear(y, swiglu=True)
@@ -234,9 +220,9 @@ def fuse_residual(gm: fx.GraphModule, weights: Weights) -> int:
         for y, h in (node.args, node.args[::-1]):
             if not isinstance(y, fx.Node) or y.target is not dflash_linear or len(y.users) != 1:
                 continue
-            if not isinstance(h, fx.Node) or _linear_kwargs(y)["residual"] is not None:
+            if not isinstance(h, fx.Node) or op_arguments(y)["residual"] is not None:
                 continue
-            if _linear_kwargs(y)["swiglu"]:
+            if op_arguments(y)["swiglu"]:
                 continue
             if _is_before(y, h):  # the residual must exist before the linear runs
                 continue
@@ -248,6 +234,19 @@ def fuse_residual(gm: fx.GraphModule, weights: Weights) -> int:
     return count
 
 
+def _prologue_readers(node: fx.Node) -> list[fx.Node]:
+    """node's readers if every one is a linear reading it as its input only and with no prologue yet (a fused
+    prologue replaces the node for all of them), else []."""
+    readers = list(node.users)
+    for r in readers:
+        args = op_arguments(r) if r.target is dflash_linear else None
+        if args is None or args["x"] is not node or args["norm_weight"] is not None or args["x_gate"] is not None:
+            return []
+        if any(a is node for a in (*r.args[1:], *r.kwargs.values())):
+            return []
+    return readers
+
+
 def fuse_norm(gm: fx.GraphModule, weights: Weights) -> int:
     """An RMSNorm whose every reader is a linear taking it as input moves into those linears' prologue (each
     computes the norm of its input rows itself: the normed activations are never written)."""
@@ -255,14 +254,10 @@ def fuse_norm(gm: fx.GraphModule, weights: Weights) -> int:
     for node in list(gm.graph.nodes):
         if not is_dflash(node, "rms_norm") or not node.users:
             continue
-        norm = _linear_kwargs(node)  # (any op's arguments by name)
+        norm = op_arguments(node)
         x, weight, eps, zero_centered = norm["x"], norm["weight"], norm["eps"], norm["zero_centered"]
-        readers = list(node.users)
-        if not all(
-            r.target is dflash_linear and _linear_kwargs(r)["x"] is node and _linear_kwargs(r)["norm_weight"] is None
-            and all(a is not node for a in (*r.args[1:], *r.kwargs.values()))
-            for r in readers
-        ):  # fmt: skip
+        readers = _prologue_readers(node)
+        if not readers:
             continue
         for r in readers:
             _set_linear(r, x=x, norm_weight=weight, norm_eps=eps, norm_zero_centered=zero_centered)
@@ -289,13 +284,8 @@ def fuse_gate(gm: fx.GraphModule, weights: Weights) -> int:
             gate = sig.args[0]
             if _shape(x) is None or not _shape(x) == _shape(gate) == _shape(node):  # no broadcasting
                 continue
-            readers = list(node.users)
-            if not readers or not all(
-                r.target is dflash_linear and _linear_kwargs(r)["x"] is node and _linear_kwargs(r)["x_gate"] is None
-                and _linear_kwargs(r)["norm_weight"] is None
-                and all(a is not node for a in (*r.args[1:], *r.kwargs.values()))
-                for r in readers
-            ):  # fmt: skip
+            readers = _prologue_readers(node)
+            if not readers:
                 continue
             for r in readers:
                 _set_linear(r, x=x, x_gate=gate)
@@ -353,7 +343,7 @@ def quantize(quant: str) -> Callable[[fx.GraphModule, Weights], int]:
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target is not dflash_linear:
                 continue
-            kw = _linear_kwargs(node)
+            kw = op_arguments(node)
             w = _weight_node(node)
             if w is None or kw["fmt"] != "dense":
                 continue
