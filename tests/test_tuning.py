@@ -355,6 +355,30 @@ def test_a_short_study_finds_the_known_best(tmp_path):
     assert all(t.params != {"lowering": "triton", "x": 4, "y": 4} for t in study.trials if t.value is not None)
 
 
+def test_a_batched_study_prepares_every_point_before_it_is_measured(tmp_path):
+    batches, measured = [], []
+
+    def prepare(points):
+        batches.append([(p["x"], p["y"]) for p in points])
+
+    def measure(params):
+        point = (params["x"], params["y"])
+        assert batches and point in batches[-1], "measured a point its batch did not prepare"
+        measured.append(point)
+        return toy_time(params)
+
+    study = optimize(ToySpace(), measure, storage=open_storage(tmp_path / "toy.journal"), study_name="toy",
+                     n_trials=16, seed=0, prepare=prepare, batch=4)  # fmt: skip
+    assert len(measured_points(study)) == 16 and len(measured) == len(set(measured)) == 16
+    assert all(1 <= len(b) <= 4 and len(set(b)) == len(b) for b in batches)
+    assert len(batches) < 16  # batched: fewer prepare calls than measurements
+    best = best_trial(study)
+    assert (best.params["x"], best.params["y"], best.value) == (3, 1, 1.0)
+    with pytest.raises(DFlashError, match="parameter 'batch' must be >= 1"):
+        optimize(ToySpace(), toy_time, storage=open_storage(tmp_path / "b.journal"), study_name="b", n_trials=2,
+                 batch=0)  # fmt: skip
+
+
 def test_a_sqlite_study_resumes(tmp_path):
     storage = open_storage(tmp_path / "toy.db")  # SQLite through RDBStorage
     first = optimize(ToySpace(), toy_time, storage=storage, study_name="toy", n_trials=2)
@@ -490,6 +514,29 @@ def test_measurement_checks_every_config_against_the_reference():
     assert chunked.measure("triton", {"chunk_size": 16, "block_v": 32, "precision": "ieee"}) > 0
     with pytest.raises(ConfigFailed, match="launch failed: ValueError: chunk_size: 8 not in 16/32/64/128"):
         chunked.measure("triton", {"chunk_size": 8, "block_v": 32, "precision": "ieee"})
+
+
+def test_the_precompiler_runs_each_triton_point_in_a_worker(tmp_path):
+    """Workers run a batch's Triton points once on a one-set case (here through the interpreter) and report the
+    failures; tune_call with them chooses what it chooses without them."""
+    from dflash_compiler.tuning.kernels import tune_call
+    from dflash_compiler.tuning.precompile import Precompiler
+
+    profile = load_profile("cpu")
+    shape = LinearShape(5, 48, 256, "int4_sym", "residual", "fp16")
+    space = space_for(shape, profile)
+    good = space.default()
+    bad = {**good, "block_k": 64}  # int4 needs block_k 128: the launcher refuses it
+    with Precompiler(2, profile, "cpu") as pre:
+        errors = pre.prepare(shape, space, [good, bad, {"lowering": "reference"}])
+        assert errors[0] is None and errors[1].startswith("ValueError: config: block_k must be 128")
+        assert len(errors) == 2  # the reference lowering compiles nothing
+        entry, study = tune_call(shape, profile, open_storage(tmp_path / "t.journal"), 4, "cpu", precompiler=pre)
+    assert entry.trials == 4 == len(measured_points(study)) and entry.tuned
+    assert (
+        make_case(shape, profile, "cpu").rotations == 2
+        and make_case(shape, profile, "cpu", max_rotations=1).rotations == 1
+    )
 
 
 # ---- the runtime study on the tiny pair --------------------------------------------------------------------------

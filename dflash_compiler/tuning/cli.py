@@ -10,6 +10,7 @@ On the CPU the Triton kernels run through Triton's interpreter and the entries a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="directory holding the profiles' databases (default: the package's hw_profiles/)")
     p.add_argument("--plots", help="directory for the PNG plots (default: next to the storage)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile-workers", type=int, help="processes compiling each batch of configs before it is timed "
+        "(default on a GPU: one per CPU core up to 8; 0: compile each config as it is timed)",
+    )  # fmt: skip
     return p
 
 
@@ -144,6 +149,7 @@ def _run(args) -> int:
     from ..hw_profiles.database import TuningDB
     from ..models.config import DrafterConfig, TargetConfig
     from .kernels import environment, tune_call
+    from .precompile import Precompiler
     from .shapes import model_calls, preset_dirs, select
     from .study import open_storage
 
@@ -179,18 +185,25 @@ def _run(args) -> int:
     plots.mkdir(parents=True, exist_ok=True)
     db = TuningDB.load(profile, args.db)
 
+    workers = args.compile_workers
+    if workers is None:
+        workers = min(8, (os.cpu_count() or 1) - 1) if profile.is_cuda else 0  # the interpreter compiles nothing
+    if workers < 0:
+        raise DFlashError(f"parameter 'compile-workers' must be >= 0, got {workers}")
+
     rows = []
     bar = tqdm(total=len(calls) * args.trials, desc="dflash-tune", unit="trial")
-    for call in calls:
-        bar.set_postfix_str(f"{call.name} {call.shape.key} {call.shape.fmt}")
-        entry, study = tune_call(
-            call.shape, profile, storage, args.trials, device, seed=args.seed, progress=lambda t: bar.update(1),
-            previous=db.lookup(*call.id),
-        )  # fmt: skip
-        db.record(entry)
-        db.save()  # after every call: an interrupted run keeps the winners so far
-        _save_study_plots(study, plots)
-        rows.append((call.name, entry))
+    with Precompiler(workers, profile, device, args.seed) if workers else contextlib.nullcontext() as precompiler:
+        for call in calls:
+            bar.set_postfix_str(f"{call.name} {call.shape.key} {call.shape.fmt}")
+            entry, study = tune_call(
+                call.shape, profile, storage, args.trials, device, seed=args.seed, progress=lambda t: bar.update(1),
+                previous=db.lookup(*call.id), precompiler=precompiler,
+            )  # fmt: skip
+            db.record(entry)
+            db.save()  # after every call: an interrupted run keeps the winners so far
+            _save_study_plots(study, plots)
+            rows.append((call.name, entry))
     bar.close()
     _summary(rows)
 

@@ -64,11 +64,13 @@ def tune_call(
     seed: int = 0,
     progress: Callable | None = None,
     previous: Entry | None = None,
+    precompiler=None,
 ):
     """Runs (or resumes) the study of one call and returns (its database entry, the study). The winner is timed
     again beside the default before it is chosen; a call whose every measured config failed gets the default,
     marked untuned. `previous` (the database's entry) is returned as it is when the study measured nothing new on
-    this device."""
+    this device. With a `precompiler` (tuning/precompile.py) points are proposed a batch per worker at a time and
+    compiled in parallel before they are timed."""
     space = space_for(shape, profile)
     cases = []  # built on first use: a finished study needs no inputs
 
@@ -83,7 +85,8 @@ def tune_call(
 
     study = optimize(
         space, measure, storage=storage, study_name=study_name(profile, shape), n_trials=n_trials, seed=seed,
-        progress=progress,
+        progress=progress, batch=precompiler.workers if precompiler else 1,
+        prepare=(lambda points: precompiler.prepare(shape, space, points)) if precompiler else None,
     )  # fmt: skip
     env = environment(torch.device(device))
     unchanged = previous is not None and previous.trials == len(measured_points(study))

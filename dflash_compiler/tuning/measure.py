@@ -94,10 +94,17 @@ class Case:
 
     rotations: int
 
-    def __init__(self, shape, profile: HardwareProfile, device: torch.device, seed: int = 0):
+    def __init__(
+        self, shape, profile: HardwareProfile, device: torch.device, seed: int = 0, max_rotations: int | None = None
+    ):
         self.shape, self.profile, self.device = shape, profile, torch.device(device)
         self.gen = torch.Generator(self.device).manual_seed(seed)  # inputs made where they are used
         self._want = None  # the PyTorch lowering's output on input set 0
+        self.max_rotations = max_rotations  # a case that only compiles needs one input set
+
+    def _rotations(self, bytes_per_set: int) -> int:
+        rotations = rotations_for(bytes_per_set, self.profile)
+        return rotations if self.max_rotations is None else min(rotations, self.max_rotations)
 
     def rand(self, *shape, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=self.gen, device=self.device) * scale).to(dtype)
@@ -138,12 +145,14 @@ class Case:
 
 
 class LinearCase(Case):
-    def __init__(self, shape: LinearShape, profile: HardwareProfile, device, seed: int = 0):
-        super().__init__(shape, profile, device, seed)
+    def __init__(
+        self, shape: LinearShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
+    ):
+        super().__init__(shape, profile, device, seed, max_rotations)
         s = shape
         dense = self.rand(s.n, s.k, scale=0.02)
         base = self._format(dense)
-        self.rotations = rotations_for(base.nbytes + s.m * s.k * 2, profile)
+        self.rotations = self._rotations(base.nbytes + s.m * s.k * 2)
         self.weights = [base] + [self._format(self.rand(s.n, s.k, scale=0.02)) for _ in range(self.rotations - 1)]
         act = DTYPES[s.act]
         self.xs = [self.rand(s.m, s.k, dtype=act) for _ in range(self.rotations)]
@@ -216,13 +225,15 @@ class LinearCase(Case):
 class AttentionCase(Case):
     PAGE = 64
 
-    def __init__(self, shape: AttentionShape, profile: HardwareProfile, device, seed: int = 0):
-        super().__init__(shape, profile, device, seed)
+    def __init__(
+        self, shape: AttentionShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
+    ):
+        super().__init__(shape, profile, device, seed, max_rotations)
         s = shape
         dtype = DTYPES[s.fmt]
         pages_per_req = -(-s.context // self.PAGE)
         kv_bytes = 2 * s.batch * pages_per_req * self.PAGE * s.hkv * s.d * dtype.itemsize
-        self.rotations = rotations_for(kv_bytes, profile)
+        self.rotations = self._rotations(kv_bytes)
         self.sets = []
         for _ in range(self.rotations):
             pages = s.batch * pages_per_req
@@ -258,8 +269,15 @@ class AttentionCase(Case):
 class DraftAttentionCase(AttentionCase):
     """The block's own keys and values beside the cached context (context - t keys, so that t + cached = context)."""
 
-    def __init__(self, shape: DraftAttentionShape, profile: HardwareProfile, device, seed: int = 0):
-        super().__init__(shape, profile, device, seed)
+    def __init__(
+        self,
+        shape: DraftAttentionShape,
+        profile: HardwareProfile,
+        device,
+        seed: int = 0,
+        max_rotations: int | None = None,
+    ):
+        super().__init__(shape, profile, device, seed, max_rotations)
         dtype = DTYPES[shape.fmt]
         block = (shape.batch, shape.t, shape.hkv, shape.d)
         self.blocks = [(self.rand(*block, dtype=dtype), self.rand(*block, dtype=dtype)) for _ in self.sets]
@@ -279,12 +297,14 @@ class DraftAttentionCase(AttentionCase):
 
 
 class GDNCase(Case):
-    def __init__(self, shape: GDNShape, profile: HardwareProfile, device, seed: int = 0):
-        super().__init__(shape, profile, device, seed)
+    def __init__(
+        self, shape: GDNShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
+    ):
+        super().__init__(shape, profile, device, seed, max_rotations)
         s = shape
         dtype = DTYPES[s.fmt]
         state_bytes = s.batch * s.hv * s.dk * s.dv * 4
-        self.rotations = rotations_for(state_bytes, profile)
+        self.rotations = self._rotations(state_bytes)
         self.sets = []
         for _ in range(self.rotations):
             y = self.rand(s.batch, s.t, 2 * s.heads * s.dk + s.hv * s.dv, dtype=dtype)
@@ -322,8 +342,10 @@ class GDNCommitCase(GDNCase):
     """Each set commits a different accepted index per request into its own state (left as it was for -1); the
     checked run starts from the set's initial state, the timed ones from whatever the previous commit left."""
 
-    def __init__(self, shape: GDNCommitShape, profile: HardwareProfile, device, seed: int = 0):
-        super().__init__(shape, profile, device, seed)
+    def __init__(
+        self, shape: GDNCommitShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
+    ):
+        super().__init__(shape, profile, device, seed, max_rotations)
         s = shape
         self.initial = [inputs[7].clone() for inputs in self.sets]
         self.idx = []
@@ -349,8 +371,10 @@ class GDNCommitCase(GDNCase):
 class GDNChunkedCase(GDNCase):
     """The chunked prefill: its output and final state, both checked."""
 
-    def __init__(self, shape: GDNChunkedShape, profile: HardwareProfile, device, seed: int = 0):
-        super().__init__(shape, profile, device, seed)
+    def __init__(
+        self, shape: GDNChunkedShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
+    ):
+        super().__init__(shape, profile, device, seed, max_rotations)
         self.finals = [torch.empty_like(inputs[7]) for inputs in self.sets]
 
     def poison(self, i: int) -> None:
@@ -377,10 +401,12 @@ class GDNChunkedCase(GDNCase):
 
 
 class AcceptCase(Case):
-    def __init__(self, shape: AcceptShape, profile: HardwareProfile, device, seed: int = 0):
-        super().__init__(shape, profile, device, seed)
+    def __init__(
+        self, shape: AcceptShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
+    ):
+        super().__init__(shape, profile, device, seed, max_rotations)
         s = shape
-        self.rotations = rotations_for(s.batch * s.bs * s.vocab * 4, profile)
+        self.rotations = self._rotations(s.batch * s.bs * s.vocab * 4)
         self.sets = []
         for _ in range(self.rotations):
             logits = self.rand(s.batch, s.bs, s.vocab, dtype=DTYPES[s.fmt])
@@ -417,5 +443,5 @@ CASES = {
 }
 
 
-def make_case(shape, profile: HardwareProfile, device, seed: int = 0) -> Case:
-    return CASES[shape.op](shape, profile, device, seed)
+def make_case(shape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None) -> Case:
+    return CASES[shape.op](shape, profile, device, seed, max_rotations)

@@ -97,60 +97,85 @@ def optimize(
     n_trials: int,
     seed: int = 0,
     progress: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+    prepare: Callable[[list[Params]], None] | None = None,
+    batch: int = 1,
 ) -> optuna.Study:
     """Runs (or resumes) the study until n_trials points are measured or the feasible space is exhausted.
 
-    measure(params) -> microseconds, raising ConfigFailed for a config that fails or is wrong."""
+    measure(params) -> microseconds, raising ConfigFailed for a config that fails or is wrong. Points are proposed
+    `batch` at a time (TPE with a constant liar, so a batch spreads out); `prepare(points)` gets each batch's new
+    runnable points before any of them is measured (the tuner compiles them in parallel there)."""
     if n_trials < 1:
         raise DFlashError(f"parameter 'trials' must be >= 1, got {n_trials}")
-    sampler = optuna.samplers.TPESampler(seed=seed)
+    if batch < 1:
+        raise DFlashError(f"parameter 'batch' must be >= 1, got {batch}")
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     study = optuna.create_study(
         study_name=study_name, storage=storage, direction="minimize", sampler=sampler, load_if_exists=True
     )
     fail_dead_trials(study, storage)
     study.enqueue_trial(space.default(), user_attrs={"default": True}, skip_if_exists=True)
     feasible_points = space.feasible()
-    feasible = len(feasible_points)
+    target = min(n_trials, len(feasible_points))
     rng = random.Random(seed)
 
-    def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", WORKER)
-        params = space.suggest(trial)
-        reason = space.check(params)
-        if reason is not None:
-            trial.set_user_attr("pruned", reason)
-            raise optuna.TrialPruned(reason)
-        earlier = measured_points(study).get(params_key(params))
-        if earlier is not None:
-            trial.set_user_attr("repeat_of", earlier.number)
-            if earlier.state == TrialState.FAIL:
-                trial.set_user_attr("error", earlier.user_attrs.get("error", "failed"))
-                raise ConfigFailed(earlier.user_attrs.get("error", "failed"))
-            return earlier.value
-        try:
-            return measure(params)
-        except ConfigFailed as e:
-            trial.set_user_attr("error", str(e))
-            raise
-
-    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        wasted = trial.state == TrialState.PRUNED or trial.user_attrs.get("repeat_of") is not None
+    def finished(trial: optuna.trial.FrozenTrial, wasted: bool) -> bool:
         if progress is not None and not wasted:
             progress(trial)
         measured = measured_points(study)
-        if len(measured) >= min(n_trials, feasible):
-            study.stop()
-        elif wasted:
+        if len(measured) >= target:
+            return True
+        if wasted:
             # TPE keeps proposing the best point it knows, or points that cannot run: measure an unmeasured
             # feasible point next instead of spending trials on them
             waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             fresh = [p for p in feasible_points if params_key(p) not in measured]
             if fresh and not waiting:
                 study.enqueue_trial(rng.choice(fresh), user_attrs={"explore": True})
+        return False
 
-    if len(measured_points(study)) < min(n_trials, feasible):
-        # pruned points and repeats are cheap but bounded, so a space mostly infeasible still terminates
-        study.optimize(objective, n_trials=20 * n_trials + 50, catch=(ConfigFailed,), callbacks=[after_trial])
+    def run(trial: optuna.Trial, params: Params) -> bool:
+        """Measures one asked point (or answers it from an earlier measurement); True when the study is done."""
+        earlier = measured_points(study).get(params_key(params))
+        if earlier is not None:
+            trial.set_user_attr("repeat_of", earlier.number)
+            if earlier.state == TrialState.FAIL:
+                trial.set_user_attr("error", earlier.user_attrs.get("error", "failed"))
+                frozen = study.tell(trial, state=TrialState.FAIL)
+            else:
+                frozen = study.tell(trial, earlier.value)
+            return finished(frozen, wasted=True)
+        try:
+            frozen = study.tell(trial, measure(params))
+        except ConfigFailed as e:
+            trial.set_user_attr("error", str(e))
+            frozen = study.tell(trial, state=TrialState.FAIL)
+        return finished(frozen, wasted=False)
+
+    # pruned points and repeats are cheap but bounded, so a space mostly infeasible still terminates
+    budget = 20 * n_trials + 50
+    done = len(measured_points(study)) >= target
+    while not done and budget > 0:
+        asked: list[tuple[optuna.Trial, Params]] = []
+        room = min(batch, target - len(measured_points(study)))  # a batch never measures past the target
+        while len(asked) < room and budget > 0 and not done:
+            budget -= 1
+            trial = study.ask()
+            trial.set_user_attr("worker", WORKER)
+            params = space.suggest(trial)
+            reason = space.check(params)
+            if reason is None:
+                asked.append((trial, params))
+                continue
+            trial.set_user_attr("pruned", reason)
+            done = finished(study.tell(trial, state=TrialState.PRUNED), wasted=True)
+        if prepare is not None:
+            measured = measured_points(study)
+            fresh = {params_key(p): p for _, p in asked if params_key(p) not in measured}
+            if fresh:
+                prepare(list(fresh.values()))
+        for trial, params in asked:
+            done = run(trial, params) or done
     return study
 
 
