@@ -486,6 +486,22 @@ def _merge(path: Path, rows: list[dict]) -> list[dict]:
     return old + rows
 
 
+def _ablate(without_passes: str, untuned: bool) -> dict:
+    """Leaves fusion passes out of the default pipeline, or the tuning database out of the lowering, for this
+    process: what each buys, measured in the same run conditions. Returns what was left out, for the results."""
+    from dflash_compiler.graph import compiler, passes
+
+    names = [n for n in without_passes.split(",") if n]
+    known = [p.__name__ for p in passes.FUSION_PASSES]
+    for name in names:
+        if name not in known:
+            raise SystemExit(f"--without-passes: unknown pass {name!r} (known: {', '.join(known)})")
+    passes.FUSION_PASSES = tuple(p for p in passes.FUSION_PASSES if p.__name__ not in names)
+    if untuned:
+        compiler.chooser_for = lambda backend, device, profile=None: None
+    return {"passes_left_out": names, "untuned": untuned}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="4 layers, hidden 1024: every path in seconds")
@@ -507,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bandwidth", type=float, default=3.0, help="TB/s for --floors-only")
     p.add_argument("--tflops", type=float, default=700.0, help="bf16 TFLOP/s for --floors-only")
     p.add_argument("--append", action="store_true", help="keep rows of --out that this run does not replace")
+    p.add_argument("--without-passes", default="", help="fusion passes to leave out, comma-separated (ablation)")
+    p.add_argument("--untuned", action="store_true", help="lower with the launchers' defaults, not the tuning database")
     p.add_argument("--out", default="bench/results/e2e-h100.json")
     args = p.parse_args(argv)
 
@@ -519,6 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in profiles:
         if name not in PROFILES:
             p.error(f"--profiles: unknown profile {name!r} (known: {', '.join(PROFILES)})")
+    ablation = _ablate(args.without_passes, args.untuned)
     slots = sh.block_size - 1
     gen_ctx = args.prompt_len + args.warmup_steps + args.steps  # used only where nothing is measured
 
@@ -546,6 +565,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_len": args.prompt_len,
         "timed_steps": args.steps,
         "note": "random weights; dflash rows use simulated acceptance drawn from the named profile",
+        **ablation,
     }
     rows: list[dict] = []
     out = Path(args.out)
