@@ -486,9 +486,10 @@ def _merge(path: Path, rows: list[dict]) -> list[dict]:
     return old + rows
 
 
-def _ablate(without_passes: str, untuned: bool) -> dict:
-    """Leaves fusion passes out of the default pipeline, or the tuning database out of the lowering, for this
-    process: what each buys, measured in the same run conditions. Returns what was left out, for the results."""
+def _ablate(without_passes: str, prologues: bool, untuned: bool) -> dict:
+    """Leaves fusion passes out of the default pipeline, adds the prologue fusions to it, or leaves the tuning
+    database out of the lowering, for this process: what each buys, measured in the same run conditions. Returns
+    what was changed, for the results."""
     from dflash_compiler.graph import compiler, passes
 
     names = [n for n in without_passes.split(",") if n]
@@ -496,10 +497,13 @@ def _ablate(without_passes: str, untuned: bool) -> dict:
     for name in names:
         if name not in known:
             raise SystemExit(f"--without-passes: unknown pass {name!r} (known: {', '.join(known)})")
-    passes.FUSION_PASSES = tuple(p for p in passes.FUSION_PASSES if p.__name__ not in names)
+    pipeline = [p for p in passes.FUSION_PASSES if p.__name__ not in names]
+    if prologues:
+        pipeline[-1:-1] = passes.PROLOGUE_PASSES  # before dead-code elimination, as default_passes puts them
+    passes.FUSION_PASSES = tuple(pipeline)
     if untuned:
         compiler.chooser_for = lambda backend, device, profile=None: None
-    return {"passes_left_out": names, "untuned": untuned}
+    return {"passes_left_out": names, "prologue_passes": prologues, "untuned": untuned}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -524,6 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tflops", type=float, default=700.0, help="bf16 TFLOP/s for --floors-only")
     p.add_argument("--append", action="store_true", help="keep rows of --out that this run does not replace")
     p.add_argument("--without-passes", default="", help="fusion passes to leave out, comma-separated (ablation)")
+    p.add_argument("--prologues", action="store_true", help="add the prologue fusions (fuse_norm, fuse_gate)")
     p.add_argument("--untuned", action="store_true", help="lower with the launchers' defaults, not the tuning database")
     p.add_argument("--out", default="bench/results/e2e-h100.json")
     args = p.parse_args(argv)
@@ -537,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in profiles:
         if name not in PROFILES:
             p.error(f"--profiles: unknown profile {name!r} (known: {', '.join(PROFILES)})")
-    ablation = _ablate(args.without_passes, args.untuned)
+    ablation = _ablate(args.without_passes, args.prologues, args.untuned)
     slots = sh.block_size - 1
     gen_ctx = args.prompt_len + args.warmup_steps + args.steps  # used only where nothing is measured
 

@@ -149,3 +149,34 @@ def test_floors_only_cli(capsys):
     e2e.main(["--size", "tiny", "--floors-only", "--concurrency", "1,4", "--quant", "bf16,int4"])
     out = capsys.readouterr().out
     assert "gsm8k_fp8_h100_vllm" in out and "floor_tokens_per_s" in out
+
+
+def test_the_tuning_report_against_hand_computed_floors(tmp_path):
+    import tuning_report
+
+    from dflash_compiler.hw_profiles import load_profile
+    from dflash_compiler.hw_profiles.database import Entry, TuningDB
+
+    profile = load_profile("sm90", "H200")
+    db = TuningDB.load(profile, tmp_path)
+    common = dict(op="linear", tuned=True, device="NVIDIA H200", trials=8)
+    db.record(Entry(shape_key="m16_n4096_k4096_residual_xbf16", fmt="bf16", lowering="triton", config={},
+                    time_us=20.0, default_time_us=25.0, torch_time_us=30.0, **common))  # fmt: skip
+    db.record(Entry(shape_key="m256_n8192_k4096_none_xbf16", fmt="fp8_channel", lowering="vendor", config={},
+                    time_us=40.0, default_time_us=40.0, torch_time_us=44.0, **common))  # fmt: skip
+    db.record(Entry(shape_key="m16_n64_k64_none_xbf16", fmt="bf16", lowering="triton", config={}, time_us=1.0,
+                    **{**common, "device": "NVIDIA H100 80GB HBM3"}))  # fmt: skip
+    db.save()
+    doc = tuning_report.main(["--db", str(tmp_path), "--device", "H200", "--tflops", "700", "--out",
+                              str(tmp_path / "report.json")])  # fmt: skip
+    assert json.loads((tmp_path / "report.json").read_text())["rows"] == doc["rows"]
+    small, big = doc["rows"]  # the H100 entry is left out
+    # bf16 weight, x, y and the residual read, over 4.25 TB/s
+    nbytes = 4096 * 4096 * 2 + 16 * 4096 * 2 + 2 * 16 * 4096 * 2
+    assert small["bound"] == "memory" and small["floor_us"] == pytest.approx(nbytes / 4.25e6, abs=0.01)
+    assert small["tuned_frac"] == pytest.approx(round(nbytes / 4.25e6 / 20.0, 3))
+    assert (small["vs_default"], small["vs_torch"]) == (1.25, 1.5)
+    # FP8 at 256 rows: compute-bound at twice the bf16 rate on Hopper's FP8 tensor cores
+    flops_us = 2 * 256 * 8192 * 4096 / 1400e12 * 1e6
+    assert big["bound"] == "compute" and big["floor_us"] == pytest.approx(flops_us, abs=0.01)
+    assert big["vs_default"] == 1.0 and doc["copy_bandwidth_TBps"] == 4.25

@@ -138,7 +138,7 @@ def test_the_full_quantized_pipeline_equals_quantization_alone(pair, quant):
     """Every fusion composed with the quantization pass (norm and gate prologues on FP8 and INT4 linears
     included) computes what quantization alone computes."""
     alone = _run(_compile(*pair, passes=[P.quantize(quant)]))
-    full = _compile(*pair, passes=P.default_passes(quant))
+    full = _compile(*pair, passes=P.default_passes(quant, prologues=True))
     counts = full.graphs_def.template("step").passes
     assert counts["fuse_norm"] > 0 and counts["fuse_gate"] > 0 and counts[f"quantize_{quant}"] > 0
     for got, want in zip(_run(full), alone):

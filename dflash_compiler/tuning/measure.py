@@ -144,6 +144,17 @@ class Case:
         return time_us(lambda i: self.run("reference", {}, i), self.rotations, self.device)
 
 
+def format_weight(w: torch.Tensor, fmt: str):
+    """A dense [n, k] weight in one of the linear's weight formats (on the meta device: only its shapes and bytes)."""
+    if fmt in DTYPES:
+        return wf.DenseWeight(w.to(DTYPES[fmt]).contiguous())
+    if fmt == "fp8_channel":
+        return wf.quantize_fp8_channel(w)
+    if fmt == "fp8_block":
+        return wf.quantize_fp8_block(w)
+    return wf.quantize_int4(w, symmetric=fmt == "int4_sym")
+
+
 class LinearCase(Case):
     def __init__(
         self, shape: LinearShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
@@ -151,24 +162,15 @@ class LinearCase(Case):
         super().__init__(shape, profile, device, seed, max_rotations)
         s = shape
         dense = self.rand(s.n, s.k, scale=0.02)
-        base = self._format(dense)
+        base = format_weight(dense, s.fmt)
         self.rotations = self._rotations(base.nbytes + s.m * s.k * 2)
-        self.weights = [base] + [self._format(self.rand(s.n, s.k, scale=0.02)) for _ in range(self.rotations - 1)]
+        others = [format_weight(self.rand(s.n, s.k, scale=0.02), s.fmt) for _ in range(self.rotations - 1)]
+        self.weights = [base, *others]
         act = DTYPES[s.act]
         self.xs = [self.rand(s.m, s.k, dtype=act) for _ in range(self.rotations)]
         self.outs = [torch.empty(s.m, s.n_out, dtype=act, device=self.device) for _ in range(self.rotations)]
         residual = s.epilogue == "residual"
         self.residuals = [self.rand(s.m, s.n_out, dtype=act) if residual else None for _ in range(self.rotations)]
-
-    def _format(self, w: torch.Tensor):
-        fmt = self.shape.fmt
-        if fmt in DTYPES:
-            return wf.DenseWeight(w.to(DTYPES[fmt]).contiguous())
-        if fmt == "fp8_channel":
-            return wf.quantize_fp8_channel(w)
-        if fmt == "fp8_block":
-            return wf.quantize_fp8_block(w)
-        return wf.quantize_int4(w, symmetric=fmt == "int4_sym")
 
     def poison(self, i: int) -> None:
         self.outs[i].fill_(float("nan"))
