@@ -97,6 +97,28 @@ def test_batched_equals_eager_on_the_tiny_pair(prompts, block_size, max_batch):
         assert max(a for s in stats for a in s.acceptance_lengths) > 2
 
 
+@pytest.mark.parametrize("width", [2, 7])
+def test_a_narrower_verify_is_lossless(prompts, width):
+    """The drafter drafts its whole block of 16; the target verifies the first `width` tokens: the output is still
+    the target's greedy output, and no step commits more than `width` tokens."""
+    lengths = [30, 17, 25]
+    requests = [(p, n, ()) for p, n in zip(prompts, lengths)]
+    expected = _eager(_tiny_pair()[0], None, 1, requests)
+    target, drafter = _tiny_pair()
+    runner = BatchRunner(target, drafter, verify_width=width, max_batch=2, max_seq_len=160)
+    assert (runner.block_size, runner.verify_width) == (16, width)
+    stats = []
+    got, _ = _serve(runner, requests, late_from=2, stats=stats)
+    assert got == expected
+    accepted = [a for s in stats for a in s.acceptance_lengths]
+    assert 2 <= max(accepted) <= width  # real acceptance (the pair's drafter is trained), capped by the width
+    runner = BatchRunner(*_tiny_pair(), verify_width=width, max_batch=2, max_seq_len=200)
+    runner.simulate_acceptance([1.0] * 15)  # every draft accepted: each step commits exactly `width` tokens
+    stats = []
+    _serve(runner, [(p, 5 * width, ()) for p in prompts[:2]], stats=stats)
+    assert [s.acceptance_lengths for s in stats] == [[width] * 5] * 2
+
+
 def test_cancel_and_stop_tokens(prompts):
     requests = [(p, 40, ()) for p in prompts[:4]]
     expected = _eager(*_tiny_pair(), 16, requests)
@@ -181,6 +203,11 @@ def test_requests_that_cannot_be_served(prompts):
         BatchRunner(*_tiny_pair(), max_batch=0)
     with pytest.raises(DFlashError, match=r"parameter 'block_size' must be in 1\.\.16"):
         BatchRunner(*_tiny_pair(), block_size=17)
+    for width in (1, 17):
+        with pytest.raises(
+            DFlashError, match=rf"parameter 'verify_width' must be in 2\.\.16 \(the draft block\), got {width}"
+        ):
+            BatchRunner(*_tiny_pair(), verify_width=width)
     with pytest.raises(DFlashError, match="parameter 'ops' must be 'triton' or 'reference'"):
         BatchRunner(*_tiny_pair(), ops="cuda")
     with pytest.raises(DFlashError, match="simulate_acceptance needs a drafter"):

@@ -620,6 +620,19 @@ def test_dflash_tune_end_to_end_on_the_tiny_pair(tmp_path, capsys):
     assert TuningDB.load("cpu", tmp_path / "db").entries("linear")[0].time_us == entry.time_us
 
 
+def test_dflash_tune_at_the_rows_of_autoregressive_decoding(tmp_path, capsys):
+    from dflash_compiler.tuning.cli import main
+
+    args = ["--gpu", "cpu", "--shapes", "tiny", "--ops", "target.mlp.down", "--batches", "1", "--trials", "1",
+            "--storage", str(tmp_path / "tune.journal"), "--db", str(tmp_path / "db")]  # fmt: skip
+    assert main([*args, "--block-size", "1"]) == 0
+    (entry,) = TuningDB.load("cpu", tmp_path / "db").entries("linear")
+    assert entry.shape_key == "m1_n256_k768_residual_xfp32" and entry.tuned
+    capsys.readouterr()
+    assert main([*args, "--block-size", "17"]) == 2
+    assert "parameter 'block-size' must be in 1..16, got 17" in capsys.readouterr().err
+
+
 def test_dflash_tune_refuses_a_profile_without_its_gpu(tmp_path, capsys):
     from dflash_compiler.tuning.cli import main
 

@@ -336,8 +336,10 @@ def compile_step(
     release_sources: bool = False,
     cache_dir: str | Path | None = None,
     profile=None,
+    verify_width: int | None = None,
 ) -> CompiledStep:
-    """Compiles the step of (target, drafter) at block_size for caches of up to max_len positions per row.
+    """Compiles the step of (target, drafter) at block_size (verifying verify_width tokens of each drafted block,
+    default all) for caches of up to max_len positions per row.
 
     The graphs are traced on meta copies of the models; the weights are built from the given models' tensors on
     their device. With release_sources, the given models' parameters are dropped as they are converted (the
@@ -349,9 +351,10 @@ def compile_step(
     if backend not in dflash_ops.BACKENDS:
         raise DFlashError(f"parameter 'backend' must be one of {', '.join(dflash_ops.BACKENDS)}, got {backend!r}")
     device = target.embed_tokens.weight.device
-    real_step = SpeculativeStep(target, drafter, block_size, max_len)
+    real_step = SpeculativeStep(target, drafter, block_size, max_len, verify_width)
     sources = weight_sources(real_step)
-    key = (repr(target.cfg), repr(drafter.cfg) if drafter is not None else None, block_size, max_len,
+    key = (repr(target.cfg), repr(drafter.cfg) if drafter is not None else None, block_size, real_step.verify_width,
+           max_len,
            tuple((n, t.dtype, tuple(t.shape)) for n, t in sources.items()))  # fmt: skip
     traced = _STEP_GRAPHS.get(key)
     if traced is None:
@@ -397,7 +400,7 @@ def _meta_copy(step: SpeculativeStep) -> SpeculativeStep:
     _copy_float_buffers(target, meta_target)
     if step.drafter is not None:
         _copy_float_buffers(step.drafter, meta_drafter)
-    return SpeculativeStep(meta_target, meta_drafter, step.block_size, step.max_len)
+    return SpeculativeStep(meta_target, meta_drafter, step.block_size, step.max_len, step.verify_width)
 
 
 def _copy_float_buffers(src, dst) -> None:

@@ -1,10 +1,14 @@
 """One speculative step over pooled state, for every running request at once, defined on the models.
 
-verify each row's block `[anchor, d1..d(B-1)]` on the target -> accept on device -> commit (KV length; the GDN
+verify each row's block `[anchor, d1..d(w-1)]` on the target -> accept on device -> commit (KV length; the GDN
 state of the accepted position, replayed from the block's saved inputs) -> write the verified tokens' tapped
 features into the drafter's context K/V -> draft the next block. Every input and output lives in `Pools` and
 nothing reads a value back to the host, so the compiler traces each phase (graph/) and the runtime captures the
 compiled step as a CUDA graph per batch bucket.
+
+The drafter always drafts its whole block (B - 1 tokens); the verify width w <= B says how many of them the
+target checks, so a step of another width can follow without drafting again (the runtime picks w per batch size:
+a wide verify pays at one request, a narrow one when the batch is compute-bound).
 
 Rows whose `active` flag is off (free rows inside a bucket) compute on the scratch page 0 and change nothing that
 a live row reads.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import DFlashError
 from .drafter import DFlashDrafter
 from .paged import Pools, VerifyOut, dflash, project
 from .target import TargetModel
@@ -27,13 +32,25 @@ def _sampling():
 
 
 class SpeculativeStep(nn.Module):
-    """The step's phases over `Pools` row views. block_size 1 (or no drafter) is autoregressive decoding."""
+    """The step's phases over `Pools` row views. block_size 1 (or no drafter) is autoregressive decoding; with a
+    drafter, verify_width (2..block_size, default block_size) is the tokens verified per row."""
 
-    def __init__(self, target: TargetModel, drafter: DFlashDrafter | None, block_size: int, max_len: int = 0):
+    def __init__(
+        self,
+        target: TargetModel,
+        drafter: DFlashDrafter | None,
+        block_size: int,
+        max_len: int = 0,
+        verify_width: int | None = None,
+    ):
         super().__init__()
         self.target = target
         self.drafter = drafter if block_size > 1 else None
         self.block_size = block_size
+        width = block_size if verify_width is None or self.drafter is None else verify_width
+        if self.drafter is not None and not 2 <= width <= block_size:
+            raise DFlashError(f"parameter 'verify_width' must be in 2..{block_size} (the draft block), got {width}")
+        self.verify_width = width
         self.max_len = max_len  # host bound on cache length + block (sizes attention splits)
         self.taps = tuple(drafter.cfg.target_layer_ids) if self.drafter is not None else ()
 
@@ -47,15 +64,21 @@ class SpeculativeStep(nn.Module):
         act = pools.active
         lens = torch.where(act, pools.cache_lens, 0)
         table = pools.block_table * act.unsqueeze(1).to(torch.int32)  # free rows write to scratch page 0
-        return self.target.paged_forward(pools, pools.tokens, lens, table, "verify", self.taps, self.max_len)
+        tokens = self._verified(pools.tokens)
+        return self.target.paged_forward(pools, tokens, lens, table, "verify", self.taps, self.max_len)
+
+    def _verified(self, per_block: torch.Tensor) -> torch.Tensor:
+        """The first verify_width positions of a per-block buffer (the buffer itself when the step verifies the
+        whole block)."""
+        return per_block if self.verify_width == self.block_size else per_block[:, : self.verify_width]
 
     def accept_commit(self, pools: Pools, vout: VerifyOut, sampled: bool, simulated: bool) -> torch.Tensor:
         """Accepts on device, writes the committed tokens to out_tokens/out_count, commits the GDN states and
         the cache lengths. Returns the bonus tokens [N] (the next anchors)."""
         sampling = _sampling()
-        b, act, logits = self.block_size, pools.active, vout.logits
+        b, act, logits = self.verify_width, pools.active, vout.logits
         n = act.shape[0]
-        drafts = pools.tokens[:, 1:]
+        drafts = self._verified(pools.tokens)[:, 1:]
         if b == 1:
             bonus = logits[:, 0].argmax(-1)
             if sampled:
@@ -69,19 +92,21 @@ class SpeculativeStep(nn.Module):
                 p = self._probs(pools, logits)
                 u_accept = torch.rand(n, b - 1, device=logits.device)
                 u_sample = torch.rand(n, device=logits.device)
-                rs_accepted, rs_bonus = dflash.rejection_accept(drafts, p, pools.draft_probs, u_accept, u_sample)
+                q = pools.draft_probs if b == self.block_size else pools.draft_probs[:, : b - 1]
+                rs_accepted, rs_bonus = dflash.rejection_accept(drafts, p, q, u_accept, u_sample)
                 greedy_row = pools.temperature == 0
                 accepted = torch.where(greedy_row, accepted, rs_accepted)
                 bonus = torch.where(greedy_row, bonus, rs_bonus)
             if simulated:
                 u = torch.rand(n, 1, device=logits.device)
-                accepted = (u < pools.profile).sum(-1)
+                profile = pools.profile if b == self.block_size else pools.profile[: b - 1]
+                accepted = (u < profile).sum(-1)
                 bonus = logits.argmax(-1).gather(1, accepted.unsqueeze(1)).squeeze(1)
         idx = torch.where(act, accepted, -1).to(torch.int32)
         self.target.paged_commit(pools, vout, idx)
         out = torch.cat((drafts, drafts[:, :1]), dim=1) if b > 1 else bonus.unsqueeze(1).clone()
         out = out.scatter(1, accepted.unsqueeze(1), bonus.unsqueeze(1))
-        pools.out_tokens.copy_(out)
+        self._verified(pools.out_tokens).copy_(out)
         pools.out_count.copy_(torch.where(act, accepted + 1, 0).to(torch.int32))
         pools.cache_lens.copy_(torch.where(act, vout.lens + accepted.to(torch.int32) + 1, pools.cache_lens))
         return bonus

@@ -104,7 +104,9 @@ class BatchRunner:
     "fp8", "int4" quantize) and releases the originals, so the modules cannot run afterwards. max_seq_len bounds
     prompt + generated tokens per request. KV pages are sized from free GPU memory after the weights
     (kv_memory_fraction of it) or, on CPU, for max_batch full-length requests. buckets: the batch sizes a step runs
-    at (padded up to the next one; one CUDA graph each), max_batch always among them. compiled: a prebuilt step (an
+    at (padded up to the next one; one CUDA graph each), max_batch always among them. verify_width: the drafted
+    tokens + 1 the target verifies per request and step (2..block_size, default block_size; the drafter still drafts
+    its whole block). compiled: a prebuilt step (an
     artifact's) run instead of compiling target and drafter (pass None for both). cache_dir: where the compiler
     keeps traces between processes.
     """
@@ -115,6 +117,7 @@ class BatchRunner:
         drafter: DFlashDrafter | None = None,
         *,
         block_size: int | None = None,
+        verify_width: int | None = None,
         max_batch: int = 32,
         max_seq_len: int = 4096,
         quant: str = "bf16",
@@ -167,7 +170,9 @@ class BatchRunner:
             max_len=self.pages_per_row * PAGE_SIZE,
             compiled=compiled,
             cache_dir=cache_dir,
+            verify_width=verify_width,
         )
+        self.verify_width = self.model.verify_width
         if on_cuda:
             torch.cuda.empty_cache()
         rows = max_batch + 1  # the last row prefills

@@ -38,6 +38,7 @@ class StepModel:
         max_len: int = 4096,
         compiled: CompiledStep | None = None,
         cache_dir=None,
+        verify_width: int | None = None,
     ):
         if compiled is not None:
             target, drafter = compiled.step.target, compiled.step.drafter
@@ -50,15 +51,22 @@ class StepModel:
         if compiled is None:
             compiled = compile_step(
                 target, drafter, block_size, quant=quant, backend=ops, max_len=max_len, release_sources=consume,
-                cache_dir=cache_dir,
+                cache_dir=cache_dir, verify_width=verify_width,
             )  # fmt: skip
-        elif (compiled.step.block_size, compiled.step.max_len, compiled.quant) != (block_size, max_len, quant):
-            raise DFlashError(
-                f"parameter 'compiled': compiled for block size {compiled.step.block_size}, max_len "
-                f"{compiled.step.max_len}, quant {compiled.quant!r}; asked for {block_size}, {max_len}, {quant!r}"
-            )
+        else:
+            built = compiled.step
+            width = built.verify_width if verify_width is None else verify_width
+            if (built.block_size, built.verify_width, built.max_len, compiled.quant) != (
+                block_size, width, max_len, quant,
+            ):  # fmt: skip
+                raise DFlashError(
+                    f"parameter 'compiled': compiled for block size {built.block_size}, verify width "
+                    f"{built.verify_width}, max_len {built.max_len}, quant {compiled.quant!r}; asked for {block_size}, "
+                    f"{width}, {max_len}, {quant!r}"
+                )
         self.compiled: CompiledStep = compiled
         self.cfg, self.block_size, self.quant, self.max_len = target.cfg, block_size, quant, max_len
+        self.verify_width = compiled.step.verify_width
         self.device = compiled.device
         self.dtype = compiled.step.target.embed_tokens.weight.dtype  # the meta models' (the given ones may be released)
         self.step_def = self.compiled.step

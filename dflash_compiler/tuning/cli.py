@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", required=True, help="Optuna storage: a journal file, or SQLite for .db/.sqlite")
     p.add_argument("--ops", nargs="*", help="op families or call names to tune (default: all)")
     p.add_argument("--batches", type=_int_list, default=[1, 16], help="batch sizes of the kernel calls (1,16)")
+    p.add_argument(
+        "--block-size", type=int, help="tokens per request in each call (default: the drafter's block; 1: the rows of "
+        "autoregressive decoding)",
+    )  # fmt: skip
     p.add_argument("--context", type=int, default=4096, help="context length of the attention calls (4096)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk of the prefill calls (0: none)")
     p.add_argument("--runtime", action="store_true", help="also run the runtime study (needs checkpoint weights)")
@@ -176,9 +180,13 @@ def _run(args) -> int:
     target_cfg = TargetConfig.from_dir(target_dir)
     drafter_cfg = DrafterConfig.from_dir(drafter_dir) if drafter_dir else None
     act = "bf16" if profile.is_cuda else "fp32"
+    if args.block_size is not None and not 1 <= args.block_size <= (drafter_cfg.block_size if drafter_cfg else 1):
+        limit = drafter_cfg.block_size if drafter_cfg else 1
+        raise DFlashError(f"parameter 'block-size' must be in 1..{limit}, got {args.block_size}")
     calls = model_calls(
-        target_cfg, drafter_cfg, args.quant, act, args.batches, args.context, prefill_chunk=args.prefill_chunk
-    )
+        target_cfg, drafter_cfg, args.quant, act, args.batches, args.context, block_size=args.block_size,
+        prefill_chunk=args.prefill_chunk,
+    )  # fmt: skip
     calls = select(calls, args.ops)
     storage = open_storage(args.storage)
     plots = Path(args.plots) if args.plots else Path(args.storage).with_name(Path(args.storage).stem + "-plots")

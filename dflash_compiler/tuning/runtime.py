@@ -112,9 +112,11 @@ def pair_throughput(
         target = load_target(target_dir, device=device, dtype=torch_dtype)
         width = config.width(concurrency)
         drafter = load_drafter(drafter_dir, target.cfg, device=device, dtype=torch_dtype) if width > 1 else None
-        pages = concurrency * -(-(max_seq_len + 2 * width) // PAGE_SIZE) + 1  # the pool these requests need
+        block = drafter.cfg.block_size if drafter is not None else 1  # the whole block is drafted, `width` verified
+        pages = concurrency * -(-(max_seq_len + 2 * block) // PAGE_SIZE) + 1  # the pool these requests need
         runner = BatchRunner(
-            target, drafter, block_size=width, max_batch=concurrency, max_seq_len=max_seq_len, quant=quant,
+            target, drafter, verify_width=width if drafter is not None else None, max_batch=concurrency,
+            max_seq_len=max_seq_len, quant=quant,
             prefill_chunk=config.prefill_chunk, buckets=GRAPH_BUCKET_SETS[config.graph_buckets], num_pages=pages,
         )  # fmt: skip
         if acceptance_profile is not None and width > 1:
