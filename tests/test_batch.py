@@ -106,7 +106,7 @@ def test_a_narrower_verify_is_lossless(prompts, width):
     expected = _eager(_tiny_pair()[0], None, 1, requests)
     target, drafter = _tiny_pair()
     runner = BatchRunner(target, drafter, verify_width=width, max_batch=2, max_seq_len=160)
-    assert (runner.block_size, runner.verify_width) == (16, width)
+    assert runner.block_size == 16 and runner.verify_widths == {1: width, 2: width}
     stats = []
     got, _ = _serve(runner, requests, late_from=2, stats=stats)
     assert got == expected
@@ -117,6 +117,25 @@ def test_a_narrower_verify_is_lossless(prompts, width):
     stats = []
     _serve(runner, [(p, 5 * width, ()) for p in prompts[:2]], stats=stats)
     assert [s.acceptance_lengths for s in stats] == [[width] * 5] * 2
+
+
+def test_each_bucket_verifies_at_its_own_width(prompts):
+    """Requests join and leave, so steps run at buckets 1, 2 and 4 with widths 16, 6 and 3: a step of one width
+    follows a step of another with no re-draft, and the output is still the target's greedy output."""
+    lengths = [40, 9, 33, 17, 3, 25]
+    requests = [(p, n, ()) for p, n in zip(prompts, lengths)]
+    expected = _eager(_tiny_pair()[0], None, 1, requests)
+    target, drafter = _tiny_pair()
+    runner = BatchRunner(
+        target, drafter, verify_width={1: 16, 2: 6, 4: 3}, max_batch=4, max_seq_len=160, buckets=(1, 2, 4)
+    )
+    assert runner.verify_widths == {1: 16, 2: 6, 4: 3}
+    got, _ = _serve(runner, requests, late_from=2)
+    assert got == expected
+    assert {"step", "step@w6", "step@w3"} <= set(runner.model.compiled.graphs)
+    # a bucket takes the width of the smallest batch size listed at or above it, the largest one's beyond
+    mapped = BatchRunner(*_tiny_pair(), verify_width={2: 8, 16: 4}, max_batch=32, max_seq_len=64)
+    assert mapped.verify_widths == {1: 8, 2: 8, 4: 4, 8: 4, 16: 4, 24: 4, 32: 4}
 
 
 def test_cancel_and_stop_tokens(prompts):
@@ -203,6 +222,8 @@ def test_requests_that_cannot_be_served(prompts):
         BatchRunner(*_tiny_pair(), max_batch=0)
     with pytest.raises(DFlashError, match=r"parameter 'block_size' must be in 1\.\.16"):
         BatchRunner(*_tiny_pair(), block_size=17)
+    with pytest.raises(DFlashError, match="parameter 'verify_width': autoregressive decoding"):
+        BatchRunner(_tiny_pair()[0], verify_width=4)
     for width in (1, 17):
         with pytest.raises(
             DFlashError, match=rf"parameter 'verify_width' must be in 2\.\.16 \(the draft block\), got {width}"

@@ -65,6 +65,19 @@ def test_graph_replay_equals_the_eager_loop_in_fp32(prompts, block_size):
             assert g == e, f"request {i}, max_batch {max_batch}"
 
 
+def test_captured_buckets_at_their_own_verify_widths(prompts):
+    """One CUDA graph per bucket, each verifying its own width of the drafted block: the eager loop's output."""
+    target, drafter = _pair(torch.float32)
+    eager = SpeculativeDecoder(target, None, 1)
+    requests = [(p, n, SamplingParams()) for p, n in zip(prompts, LENGTHS)]
+    expected = [eager.generate(p, n)[0] for p, n, _ in requests]
+    target, drafter = _pair(torch.float32)
+    widths = {1: 16, 2: 12, 4: 8, 8: 4}
+    runner = BatchRunner(target, drafter, verify_width=widths, max_batch=8, max_seq_len=512, buckets=(1, 2, 4, 8))
+    assert runner.cuda_graphs and runner.verify_widths == widths
+    assert _serve(runner, requests) == expected
+
+
 @pytest.mark.parametrize("quant", ["bf16", "fp8", "int4"])
 def test_graph_replay_equals_uncaptured_steps(prompts, quant):
     """In half precision and quantized, replayed graphs give exactly what the same steps give uncaptured."""

@@ -51,7 +51,6 @@ class TraceCache:
             "target": repr(step.target.cfg),
             "drafter": repr(drafter.cfg) if drafter is not None else None,
             "block_size": step.block_size,
-            "verify_width": step.verify_width,
             "max_len": step.max_len,
             "weights": [[n, str(t.dtype), list(t.shape)] for n, t in sources.items()],
         }

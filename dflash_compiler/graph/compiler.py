@@ -128,9 +128,14 @@ class StepGraphs:
         return self.derived[key]
 
     def has(self, name: str) -> bool:
-        return name in PHASES and (self.step.drafter is not None or "simulated" not in name)
+        base, width = split_width(name)
+        if base not in PHASES or (self.step.drafter is None and ("simulated" in base or width is not None)):
+            return False
+        return width is None or (base.startswith("step") and 2 <= width < self.step.block_size)
 
     def template(self, name: str) -> CompiledGraph:
+        if not self.has(name):
+            raise DFlashError(f"graph {name!r}: this step has no such graph")
         if name not in self.templates:
             if name not in self.traced:
                 self.traced[name] = self._cached_trace(name)
@@ -148,14 +153,18 @@ class StepGraphs:
             for node in gm.graph.find_nodes(op="get_attr"):
                 self.traced_weights.source_recipe(self.cache.sources[node.target])
             return gm
-        fn, args, dynamic = self._phase(name)
-        gm = trace(self.step, fn, args, self.traced_weights, dynamic)
+        fn, args, dynamic, owner = self._phase(name)
+        gm = trace(owner, fn, args, self.traced_weights, dynamic)
         if self.cache is not None:
             self.cache.save(name, gm)
         return gm
 
     def _phase(self, name: str):
+        """(the phase's function, example inputs, their dynamic shapes, the module owning its weights)."""
+        name, width = split_width(name)
         step, dtype = self.step, self.step.target.embed_tokens.weight.dtype
+        if width is not None:  # the same models (the same weight names), verifying fewer tokens of the block
+            step = SpeculativeStep(step.target, step.drafter, step.block_size, step.max_len, verify_width=width)
         sampled, simulated = "sampled" in name, "simulated" in name
         if simulated and step.drafter is None:
             raise DFlashError("simulated acceptance needs a drafter (block size > 1)")
@@ -170,17 +179,18 @@ class StepGraphs:
                 step(p, sampled, simulated)
 
             view = pools.rows(slice(0, 2))
-            return step_fn, (view,), (view.dynamic_shapes(torch.export.Dim("rows", min=1, max=MAX_ROWS), pages),)
+            rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
+            return step_fn, (view,), (view.dynamic_shapes(rows, pages),), step
         if name.startswith("join"):
             anchor = torch.zeros(1, dtype=torch.long, device="meta")
             spec = (one.dynamic_shapes(None, pages), None)
-            return (lambda p, a: step.draft(p, a, p.block_table, sampled)), (one, anchor), spec
+            return (lambda p, a: step.draft(p, a, p.block_table, sampled)), (one, anchor), spec, step
         if name == "prefill":
             one.draft_probs = None
             ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
             start = torch.zeros(1, dtype=torch.int32, device="meta")
             tokens = torch.export.Dim("tokens", min=1, max=max(step.max_len, 2))
-            return step.prefill, (one, ids, start), (one.dynamic_shapes(None, pages), {1: tokens}, None)
+            return step.prefill, (one, ids, start), (one.dynamic_shapes(None, pages), {1: tokens}, None), step
         raise KeyError(name)
 
 
@@ -196,15 +206,26 @@ class PrebuiltGraphs:
         return name in self.templates
 
     def template(self, name: str) -> CompiledGraph:
+        if not self.has(name):
+            raise DFlashError(f"graph {name!r}: this step has no such graph")
         if name not in self.templates:
             raise DFlashError(f"graph {name!r}: not among the compiled graphs ({', '.join(self.templates)})")
         return self.templates[name]
 
 
-def graph_name(phase: str, sampled: bool = False, simulated: bool = False) -> str:
+def graph_name(phase: str, sampled: bool = False, simulated: bool = False, width: int | None = None) -> str:
     """The graph of a phase: "step", "step_sampled", "step_simulated", "step_sampled_simulated", "join",
-    "join_sampled" or "prefill"."""
-    return phase + ("_sampled" if sampled else "") + ("_simulated" if simulated else "")
+    "join_sampled" or "prefill"; a step verifying `width` tokens of the drafted block (not all of it) is the step
+    graph's name with "@w<width>" ("step_sampled@w8")."""
+    return (
+        phase + ("_sampled" if sampled else "") + ("_simulated" if simulated else "") + (f"@w{width}" if width else "")
+    )
+
+
+def split_width(name: str) -> tuple[str, int | None]:
+    """(phase graph name, verify width or None) of a graph name."""
+    base, sep, width = name.partition("@w")
+    return (base, int(width)) if sep and width.isdigit() else (name if not sep else "", None)
 
 
 class CompiledStep:
@@ -336,10 +357,8 @@ def compile_step(
     release_sources: bool = False,
     cache_dir: str | Path | None = None,
     profile=None,
-    verify_width: int | None = None,
 ) -> CompiledStep:
-    """Compiles the step of (target, drafter) at block_size (verifying verify_width tokens of each drafted block,
-    default all) for caches of up to max_len positions per row.
+    """Compiles the step of (target, drafter) at block_size for caches of up to max_len positions per row.
 
     The graphs are traced on meta copies of the models; the weights are built from the given models' tensors on
     their device. With release_sources, the given models' parameters are dropped as they are converted (the
@@ -351,10 +370,9 @@ def compile_step(
     if backend not in dflash_ops.BACKENDS:
         raise DFlashError(f"parameter 'backend' must be one of {', '.join(dflash_ops.BACKENDS)}, got {backend!r}")
     device = target.embed_tokens.weight.device
-    real_step = SpeculativeStep(target, drafter, block_size, max_len, verify_width)
+    real_step = SpeculativeStep(target, drafter, block_size, max_len)
     sources = weight_sources(real_step)
-    key = (repr(target.cfg), repr(drafter.cfg) if drafter is not None else None, block_size, real_step.verify_width,
-           max_len,
+    key = (repr(target.cfg), repr(drafter.cfg) if drafter is not None else None, block_size, max_len,
            tuple((n, t.dtype, tuple(t.shape)) for n, t in sources.items()))  # fmt: skip
     traced = _STEP_GRAPHS.get(key)
     if traced is None:
@@ -400,7 +418,7 @@ def _meta_copy(step: SpeculativeStep) -> SpeculativeStep:
     _copy_float_buffers(target, meta_target)
     if step.drafter is not None:
         _copy_float_buffers(step.drafter, meta_drafter)
-    return SpeculativeStep(meta_target, meta_drafter, step.block_size, step.max_len, step.verify_width)
+    return SpeculativeStep(meta_target, meta_drafter, step.block_size, step.max_len)
 
 
 def _copy_float_buffers(src, dst) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -104,9 +104,12 @@ class BatchRunner:
     "fp8", "int4" quantize) and releases the originals, so the modules cannot run afterwards. max_seq_len bounds
     prompt + generated tokens per request. KV pages are sized from free GPU memory after the weights
     (kv_memory_fraction of it) or, on CPU, for max_batch full-length requests. buckets: the batch sizes a step runs
-    at (padded up to the next one; one CUDA graph each), max_batch always among them. verify_width: the drafted
-    tokens + 1 the target verifies per request and step (2..block_size, default block_size; the drafter still drafts
-    its whole block). compiled: a prebuilt step (an
+    at (padded up to the next one; one CUDA graph each), max_batch always among them. verify_width: the tokens the
+    target verifies per request and step (2..block_size, default block_size; the drafter always drafts its whole
+    block, so a step of one width can follow a step of another), one for every bucket or a mapping from batch size
+    to width (a bucket takes the width of the smallest batch size listed at or above it, the largest one's beyond):
+    a wide verify pays at one request, a narrow one once the batch makes the step compute-bound. compiled: a
+    prebuilt step (an
     artifact's) run instead of compiling target and drafter (pass None for both). cache_dir: where the compiler
     keeps traces between processes.
     """
@@ -117,7 +120,7 @@ class BatchRunner:
         drafter: DFlashDrafter | None = None,
         *,
         block_size: int | None = None,
-        verify_width: int | None = None,
+        verify_width: int | Mapping[int, int] | None = None,
         max_batch: int = 32,
         max_seq_len: int = 4096,
         quant: str = "bf16",
@@ -170,9 +173,8 @@ class BatchRunner:
             max_len=self.pages_per_row * PAGE_SIZE,
             compiled=compiled,
             cache_dir=cache_dir,
-            verify_width=verify_width,
         )
-        self.verify_width = self.model.verify_width
+        self.verify_widths = self._bucket_widths(verify_width)
         if on_cuda:
             torch.cuda.empty_cache()
         rows = max_batch + 1  # the last row prefills
@@ -211,6 +213,25 @@ class BatchRunner:
         if self.cuda_graphs:
             self._capture_all(simulated=False)
 
+    def _bucket_widths(self, verify_width: int | Mapping[int, int] | None) -> dict[int, int]:
+        """The verify width of each bucket."""
+        if verify_width is None:
+            return {b: self.block_size for b in self.buckets}
+        if self.block_size == 1:
+            raise DFlashError("parameter 'verify_width': autoregressive decoding (no drafter) verifies one token")
+        listed = dict(verify_width) if isinstance(verify_width, Mapping) else {self.buckets[-1]: verify_width}
+        if not listed or any(not isinstance(k, int) or k < 1 for k in listed):
+            raise DFlashError(f"parameter 'verify_width': batch sizes must be positive integers, got {listed}")
+        for width in listed.values():
+            if not isinstance(width, int) or not 2 <= width <= self.block_size:
+                raise DFlashError(
+                    f"parameter 'verify_width' must be in 2..{self.block_size} (the draft block), got {width}"
+                )
+        if not isinstance(verify_width, Mapping):
+            return {b: verify_width for b in self.buckets}
+        keys = sorted(listed)
+        return {b: listed[next((k for k in keys if k >= b), keys[-1])] for b in self.buckets}
+
     @property
     def buckets(self) -> tuple[int, ...]:
         """The batch sizes a step runs at (a graph each on CUDA): the given buckets below max_batch, and max_batch."""
@@ -233,7 +254,7 @@ class BatchRunner:
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.model.step(probe, self.max_batch, probe.active, True, False)
+        self.model.step(probe, self.max_batch, probe.active, True, False)  # the whole block: the widest step
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         del probe
@@ -467,7 +488,7 @@ class BatchRunner:
         if self.cuda_graphs:
             self._graphs[key].replay()
         else:
-            self.model.step(self.pools, bucket, self.pools.active, sampled, self.simulated)
+            self.model.step(self.pools, bucket, self.pools.active, sampled, self.simulated, self.verify_widths[bucket])
         tokens, counts, event = self._pinned[self._parity]
         self._parity ^= 1
         tokens[:n].copy_(self.pools.out_tokens[:n], non_blocking=True)
@@ -540,7 +561,7 @@ class BatchRunner:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         saved = (p.out_tokens.clone(), p.out_count.clone())
         with torch.cuda.stream(stream):
-            self.model.step(p, bucket, off, sampled, simulated)
+            self.model.step(p, bucket, off, sampled, simulated, self.verify_widths[bucket])
         torch.cuda.current_stream(self.device).wait_stream(stream)
         p.out_tokens.copy_(saved[0])
         p.out_count.copy_(saved[1])
@@ -548,7 +569,7 @@ class BatchRunner:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            self.model.step(p, bucket, p.active, sampled, simulated)
+            self.model.step(p, bucket, p.active, sampled, simulated, self.verify_widths[bucket])
         self._graphs[(bucket, sampled, simulated)] = graph
         return graph
 

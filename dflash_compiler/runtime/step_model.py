@@ -38,7 +38,6 @@ class StepModel:
         max_len: int = 4096,
         compiled: CompiledStep | None = None,
         cache_dir=None,
-        verify_width: int | None = None,
     ):
         if compiled is not None:
             target, drafter = compiled.step.target, compiled.step.drafter
@@ -51,22 +50,15 @@ class StepModel:
         if compiled is None:
             compiled = compile_step(
                 target, drafter, block_size, quant=quant, backend=ops, max_len=max_len, release_sources=consume,
-                cache_dir=cache_dir, verify_width=verify_width,
+                cache_dir=cache_dir,
             )  # fmt: skip
-        else:
-            built = compiled.step
-            width = built.verify_width if verify_width is None else verify_width
-            if (built.block_size, built.verify_width, built.max_len, compiled.quant) != (
-                block_size, width, max_len, quant,
-            ):  # fmt: skip
-                raise DFlashError(
-                    f"parameter 'compiled': compiled for block size {built.block_size}, verify width "
-                    f"{built.verify_width}, max_len {built.max_len}, quant {compiled.quant!r}; asked for {block_size}, "
-                    f"{width}, {max_len}, {quant!r}"
-                )
+        elif (compiled.step.block_size, compiled.step.max_len, compiled.quant) != (block_size, max_len, quant):
+            raise DFlashError(
+                f"parameter 'compiled': compiled for block size {compiled.step.block_size}, max_len "
+                f"{compiled.step.max_len}, quant {compiled.quant!r}; asked for {block_size}, {max_len}, {quant!r}"
+            )
         self.compiled: CompiledStep = compiled
         self.cfg, self.block_size, self.quant, self.max_len = target.cfg, block_size, quant, max_len
-        self.verify_width = compiled.step.verify_width
         self.device = compiled.device
         self.dtype = compiled.step.target.embed_tokens.weight.dtype  # the meta models' (the given ones may be released)
         self.step_def = self.compiled.step
@@ -100,13 +92,15 @@ class StepModel:
     def _graph(self, name: str):
         return self.compiled.graph(name)
 
-    def step(self, pools: Pools, n: int, active, sampled: bool, simulated: bool) -> None:
-        """One step for rows 0..n-1 (those whose `active` flag is on advance)."""
+    def step(self, pools: Pools, n: int, active, sampled: bool, simulated: bool, width: int | None = None) -> None:
+        """One step for rows 0..n-1 (those whose `active` flag is on advance), verifying `width` tokens of each
+        drafted block (None: all of them)."""
         view = pools.rows(slice(0, n))
         view.active = active[:n]
         if not sampled:
             view.draft_probs = None
-        self._graph(graph_name("step", sampled, simulated))(view)
+        width = None if width == self.block_size else width
+        self._graph(graph_name("step", sampled, simulated, width))(view)
 
     def draft(self, pools: Pools, rows: slice, act, anchor, table, sampled: bool) -> None:
         """The first draft of the request in the one row `rows` after its first token `anchor` [1]."""
