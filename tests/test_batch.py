@@ -334,3 +334,16 @@ def test_sampled_requests_follow_the_target_distribution_beside_greedy_ones(tmp_
     accepted = sum(a > 1 for rid in kinds if not kinds[rid] for a in stats[rid].acceptance_lengths)
     assert accepted > 50, "drafts must be accepted often enough for the test to exercise acceptance"
     assert _chi2_pvalue(counts, joint.flatten()) > 1e-3
+
+
+def test_the_engine_serves_at_the_given_verify_widths(prompts):
+    engine = Engine.from_pretrained(runtime="batched", max_batch=2, max_seq_len=128, verify_width={1: 4, 2: 3})
+    try:
+        assert engine.serving.runner.verify_widths == {1: 4, 2: 3}
+        target = _tiny_pair()[0]
+        want = _eager(target, None, 1, [(prompts[0], 20, ())])[0]
+        assert engine.generate(prompts[0], max_new_tokens=20).token_ids == want
+    finally:
+        engine.close()
+    with pytest.raises(DFlashError, match="parameter 'verify_width' needs runtime='batched'"):
+        Engine.from_pretrained(runtime="eager", verify_width=4)

@@ -46,6 +46,19 @@ def step_max_len(max_seq_len: int, block_size: int) -> int:
     return -(-(max_seq_len + 2 * block_size) // PAGE_SIZE) * PAGE_SIZE
 
 
+def parse_verify_width(spec: str) -> int | dict[int, int]:
+    """A verify width for every bucket ("8"), or widths by batch size ("1:16,8:12,16:8")."""
+    try:
+        if ":" not in spec:
+            return int(spec)
+        pairs = [item.split(":") for item in spec.split(",") if item.strip()]
+        return {int(batch): int(width) for batch, width in pairs}
+    except ValueError:
+        raise DFlashError(
+            f"parameter 'verify_width': expected a width (8) or batch:width pairs (1:16,16:8), got {spec!r}"
+        ) from None
+
+
 def runner_buckets(max_batch: int, buckets: Sequence[int] = BUCKETS) -> tuple[int, ...]:
     """The batch sizes a runner steps at: those of buckets below max_batch, and max_batch."""
     return tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))

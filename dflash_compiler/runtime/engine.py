@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,9 +109,12 @@ class Engine:
         max_queue: int | None = None,
         runner: BatchRunner | None = None,
         cache_dir: str | Path | None = None,
+        verify_width: int | Mapping[int, int] | None = None,
     ):
         """runner: a batched runner built elsewhere (an artifact's), served as it is; target and drafter are then
-        its meta models. cache_dir: where the batched runtime's compiler keeps traces between processes."""
+        its meta models. cache_dir: where the batched runtime's compiler keeps traces between processes.
+        verify_width (batched runtime): the tokens verified per request and step, for every batch size or by batch
+        size (runtime/batch.py BatchRunner)."""
         self.drafter, self.tokenizer = drafter, tokenizer
         self.cfg = target.cfg
         if runner is not None:
@@ -124,6 +127,8 @@ class Engine:
             raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANTS)}, got {quant!r}")
         if runtime == "eager" and quant not in ("none", "bf16"):
             raise DFlashError(f"parameter 'quant' {quant!r} needs runtime='batched'")
+        if runtime == "eager" and verify_width is not None:
+            raise DFlashError("parameter 'verify_width' needs runtime='batched'")
         block_size = resolve_block_size(block_size, drafter.cfg.block_size if drafter is not None else None)
         self.runtime = runtime
         self.decoder = self.serving = None
@@ -145,6 +150,7 @@ class Engine:
                 max_seq_len=max_seq_len or min(target.cfg.max_position_embeddings, 32768),
                 quant="bf16" if quant == "none" else quant,  # the runner's name for the weights as loaded
                 cache_dir=cache_dir,
+                verify_width=verify_width,
             )
             self.serving = self.loop = ServingLoop(runner, max_queue)
         self.stop_token_ids = set(target.cfg.eos_token_ids)
@@ -165,6 +171,7 @@ class Engine:
         max_seq_len: int | None = None,
         max_queue: int | None = None,
         cache_dir: str | Path | None = None,
+        verify_width: int | Mapping[int, int] | None = None,
     ) -> Engine:
         """Loads a target checkpoint directory and, optionally, its DFlash drafter. With neither named, the
         tiny trained pair that ships with the package is used. The batched runtime compiles the step in memory;
@@ -182,7 +189,7 @@ class Engine:
         tokenizer = load_tokenizer(target, drafter)
         return cls(
             target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue,
-            cache_dir=default_cache_dir() if cache_dir is None else cache_dir,
+            cache_dir=default_cache_dir() if cache_dir is None else cache_dir, verify_width=verify_width,
         )  # fmt: skip
 
     @classmethod
