@@ -519,6 +519,7 @@ def test_command_line(capsys, monkeypatch, engine):
     assert "give an artifact or --target/--drafter, not both" in capsys.readouterr().err
     assert serve_parser().parse_args(["--verify-width", "1:16,16:8"]).verify_width == {1: 16, 16: 8}
     assert serve_parser().parse_args(["--verify-width", "8"]).verify_width == 8
+    assert serve_parser().parse_args(["--verify-width", "tuned"]).verify_width == "tuned"
     with pytest.raises(SystemExit):
         serve_parser().parse_args(["--verify-width", "1:sixteen"])
     assert "parameter 'verify_width': expected a width (8) or batch:width pairs" in capsys.readouterr().err

@@ -572,6 +572,35 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
         RuntimeSpace([1], 16, widths=[32])
 
 
+def test_the_engine_verifies_at_the_tuned_widths(tmp_path, monkeypatch):
+    from dflash_compiler.hw_profiles import database
+    from dflash_compiler.runtime import Engine
+    from dflash_compiler.tuning.choice import runtime_model_key, tuned_verify_widths
+
+    db = TuningDB.load("cpu", tmp_path)
+    base = dict(op="runtime", lowering="reference", tuned=True, device="cpu (x86_64)", platform="cpu")
+    db.record(Entry(shape_key="tiny_c1-2", fmt="bf16", config={"widths": {"1": 16, "2": 8}}, date="2026-11-30",
+                    **base))  # fmt: skip
+    db.record(Entry(shape_key="tiny_c2-4", fmt="bf16", config={"widths": {"2": 6, "4": 4}}, date="2026-12-01",
+                    **base))  # fmt: skip
+    db.record(Entry(shape_key="tiny_c1", fmt="fp8", config={"widths": {"1": 2}}, date="2026-12-01", **base))
+    db.save()
+    # the later study's answer for batch size 2 replaces the earlier one's
+    assert tuned_verify_widths("tiny", "bf16", "cpu", tmp_path) == {1: 16, 2: 6, 4: 4}
+    assert tuned_verify_widths("tiny", "int4", "cpu", tmp_path) is None
+    assert runtime_model_key(None) == "tiny" and runtime_model_key(tmp_path / "Qwen3.5-27B") == "Qwen3.5-27B"
+    monkeypatch.setattr(database, "PROFILE_DIR", tmp_path)
+    engine = Engine.from_pretrained(runtime="batched", max_batch=4, max_seq_len=96, verify_width="tuned")
+    try:
+        assert engine.serving.runner.verify_widths == {1: 16, 2: 6, 4: 4}
+    finally:
+        engine.close()
+    db.record(Entry(shape_key="tiny_c8", fmt="bf16", config={"widths": [8]}, date="2026-12-02", **base))
+    db.save()
+    with pytest.raises(DFlashError, match=r"runtime.jsonl: entry tiny_c8 bf16: field 'config.widths' must be an"):
+        tuned_verify_widths("tiny", "bf16", "cpu", tmp_path)
+
+
 def test_batch_runner_runs_at_its_bucket_set():
     from dflash_compiler.models.loader import load_target
     from dflash_compiler.runtime.batch import BatchRunner

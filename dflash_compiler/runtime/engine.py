@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from .proposer import DFlashProposer
 from .sampling import SamplingParams
 from .serving import EagerLoop, RequestHandle, ServingLoop
 from .speculative import GenerationStats, SpeculativeDecoder, resolve_block_size
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PAIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-pair"
 
@@ -48,6 +51,21 @@ def check_device(device: str | torch.device) -> torch.device:
     if dev.index is not None and dev.index >= count:
         raise DFlashError(f"parameter 'device' is {str(device)!r} but only {count} {dev.type} device(s) exist")
     return dev
+
+
+def _tuned_verify_widths(target: str | Path, quant: str, device: torch.device) -> dict[int, int] | None:
+    """The verify widths the device profile's runtime study chose for this model and quant (None, logged, when no
+    study of it is recorded: the whole block is verified)."""
+    from ..hw_profiles import profile_for_device
+    from ..tuning.choice import runtime_model_key, tuned_verify_widths
+
+    profile = profile_for_device(torch.cuda.get_device_properties(device)) if device.type == "cuda" else "cpu"
+    model, fmt = runtime_model_key(target), "bf16" if quant == "none" else quant
+    widths = tuned_verify_widths(model, fmt, profile)
+    if widths is None:
+        name = profile if isinstance(profile, str) else profile.name
+        log.warning("no runtime study of %s in %s on profile %s: verifying the whole draft block", model, fmt, name)
+    return widths
 
 
 def _stop_strings(stop: str | Sequence[str]) -> tuple[str, ...]:
@@ -171,12 +189,14 @@ class Engine:
         max_seq_len: int | None = None,
         max_queue: int | None = None,
         cache_dir: str | Path | None = None,
-        verify_width: int | Mapping[int, int] | None = None,
+        verify_width: int | Mapping[int, int] | str | None = None,
     ) -> Engine:
         """Loads a target checkpoint directory and, optionally, its DFlash drafter. With neither named, the
         tiny trained pair that ships with the package is used. The batched runtime compiles the step in memory;
         its traces are kept on disk by content hash (cache_dir, default $DFLASH_CACHE_DIR or
-        ~/.cache/dflash-compiler), so a later start of the same models and shapes does not trace again."""
+        ~/.cache/dflash-compiler), so a later start of the same models and shapes does not trace again.
+        verify_width "tuned": the widths per batch size that `dflash-tune --runtime` recorded for this model and
+        quant on this device's profile."""
         if target is None:
             if not (DEFAULT_PAIR / "target").is_dir():
                 raise DFlashError("parameter 'target' is required (no default model pair is installed)")
@@ -184,6 +204,8 @@ class Engine:
             drafter = drafter if drafter is not None else DEFAULT_PAIR / "drafter"
         device = check_device(device)
         dtype = parse_dtype(dtype)
+        if verify_width == "tuned":
+            verify_width = _tuned_verify_widths(target, quant, device) if drafter else None
         target_model = load_target(target, device=device, dtype=dtype)
         drafter_model = load_drafter(drafter, target_model.cfg, device=device, dtype=dtype) if drafter else None
         tokenizer = load_tokenizer(target, drafter)

@@ -726,14 +726,17 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (batched runtime)")
     p.add_argument(
         "--verify-width", type=_verify_width_arg, default=None, help="tokens verified per request and step: one "
-        "width (8), or by batch size (1:16,16:8); the drafter drafts its whole block (default: all of it)",
+        "width (8), by batch size (1:16,16:8), or tuned (what dflash-tune --runtime chose on this GPU); the drafter "
+        "drafts its whole block (default: all of it)",
     )  # fmt: skip
     p.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated tokens per request")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
 
-def _verify_width_arg(text: str) -> int | dict[int, int]:
+def _verify_width_arg(text: str) -> int | dict[int, int] | str:
+    if text == "tuned":
+        return text
     try:
         return parse_verify_width(text)
     except DFlashError as e:

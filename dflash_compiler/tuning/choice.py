@@ -96,3 +96,35 @@ def recorded_rows(chooser) -> list[dict]:
         {"op": op, "shape_key": key, "fmt": fmt, "lowering": c.lowering, "config": c.config}
         for (op, key, fmt), c in sorted(getattr(chooser, "chosen", {}).items())
     ]
+
+
+def runtime_model_key(target_dir: str | Path | None) -> str:
+    """The name a model's runtime entries are recorded under: "tiny" for the pair that ships (and the preset of
+    its shapes), else the target directory's name."""
+    from ..runtime.engine import DEFAULT_PAIR
+
+    if target_dir is None or Path(target_dir).resolve() == (DEFAULT_PAIR / "target").resolve():
+        return "tiny"
+    return Path(target_dir).name
+
+
+def tuned_verify_widths(
+    model: str, quant: str, profile: str | HardwareProfile, root: str | Path | None = None
+) -> dict[int, int] | None:
+    """The verify width per batch size that the runtime studies of `model` in `quant` chose on the profile (a later
+    study's answer for a batch size replaces an earlier one's), or None if no study of it is recorded."""
+    db = TuningDB.load(load_profile(profile), root)
+    entries = [e for e in db.entries("runtime") if e.fmt == quant and e.shape_key.startswith(f"{model}_c")]
+    widths: dict[int, int] = {}
+    for entry in sorted(entries, key=lambda e: e.date):
+        where = f"{db.directory / 'runtime.jsonl'}: entry {entry.shape_key} {entry.fmt}"
+        chosen = entry.config.get("widths")
+        if not isinstance(chosen, dict):
+            raise DFlashError(f"{where}: field 'config.widths' must be an object, got {chosen!r}")
+        try:
+            widths.update({int(batch): int(width) for batch, width in chosen.items()})
+        except (TypeError, ValueError):
+            raise DFlashError(
+                f"{where}: field 'config.widths' must map batch sizes to widths, got {chosen!r}"
+            ) from None
+    return widths or None
