@@ -299,6 +299,34 @@ def test_cpu_artifact_on_a_gpu_of_another_profile(copy, monkeypatch):
     assert "compiled for profile cpu (cpu)" in message and "is profile sm90 (compile with --gpu sm90)" in message
 
 
+def test_an_artifact_verifies_each_bucket_at_its_width(tmp_path, cache, starts):
+    """--verify-width 1:16,2:5: the artifact holds the 5-wide step graph beside the full one, its manifest the width
+    of each bucket, and its runner serves two requests at once (bucket 2, width 5) with the target's greedy
+    tokens."""
+    from dflash_compiler.artifact.cli import compile_main
+    from dflash_compiler.models.loader import load_target
+    from dflash_compiler.runtime.batch import BatchRunner
+    from dflash_compiler.runtime.speculative import SpeculativeDecoder
+
+    out = tmp_path / "widths"
+    args = ["--gpu", "cpu", "--graphs", GREEDY_GRAPHS, *SHAPES, "--verify-width", "1:16,2:5", "-o", str(out)]
+    assert compile_main([*args, "--quiet"]) == 0
+    doc = json.loads((out / MANIFEST).read_text())
+    assert doc["verify_widths"] == {"1": 16, "2": 5} and set(doc["graphs"]) == {*GREEDY_GRAPHS.split(","), "step@w5"}
+    loaded = load_artifact(out)
+    assert loaded.verify_widths == {1: 16, 2: 5}
+    runner = BatchRunner(None, None, max_batch=2, max_seq_len=96, compiled=loaded.compiled,
+                         verify_width=loaded.verify_widths)  # fmt: skip
+    prompts = [[5, 17, 33, 8, 91], [12, 4, 77]]
+    ids = [runner.add_request(p, 20) for p in prompts]
+    out_tokens: dict[int, list[int]] = {}
+    while runner.has_work:
+        for event in runner.step():
+            out_tokens.setdefault(event.request_id, []).extend(event.tokens)
+    target = SpeculativeDecoder(load_target(DEFAULT_PAIR / "target", dtype=torch.float32), None, 1)
+    assert [out_tokens[i] for i in ids] == [target.generate(p, 20)[0] for p in prompts]
+
+
 # ---- the compile's own guarantees ---------------------------------------------------------------------------------
 
 

@@ -13,22 +13,25 @@ compile leaves nothing at the output path.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import DFlashError
 from ..graph.cache import default_cache_dir
-from ..graph.compiler import PHASES, CompiledStep, PrebuiltGraphs, compile_step
+from ..graph.compiler import PHASES, CompiledStep, PrebuiltGraphs, compile_step, graph_name, split_width
 from ..graph.serialize import graph_to_dict
 from ..hw_profiles import HardwareProfile, load_profile
 from ..models.loader import load_drafter, load_target, parse_dtype
 from ..models.paged import PAGE_SIZE
 from .manifest import library_versions, project, replace_dir, write_manifest
+
+log = logging.getLogger(__name__)
 
 GPUS = ("sm80", "sm90", "sm100", "sm120", "cpu", "auto")
 QUANTS = ("bf16", "fp8", "int4")
@@ -60,6 +63,7 @@ def compile_artifact(
     gpu: str = "cpu",
     quant: str = "bf16",
     block_size: int | None = None,
+    verify_width: int | Mapping[int, int] | str | None = None,
     max_batch: int = 32,
     max_seq_len: int = 4096,
     dtype: str | torch.dtype | None = None,
@@ -75,8 +79,10 @@ def compile_artifact(
     the cpu profile, else bfloat16). graphs: the step graphs to include (default: every one the runtime may call).
     prefill_lengths: the prefill chunk lengths whose kernels are compiled ahead (default 1..512, every chunk the
     runtime can run). cache_dir: where traces are kept between compiles (default $DFLASH_CACHE_DIR or
-    ~/.cache/dflash-compiler)."""
-    from ..runtime.batch import BUCKETS, runner_buckets, step_max_len
+    ~/.cache/dflash-compiler). verify_width: the verify width of every batch bucket, or by batch size (runtime/batch.py
+    BatchRunner), or "tuned" (the widths the profile's runtime study chose for the model); each bucket's step graph is
+    compiled at its width and the runner of the artifact uses them."""
+    from ..runtime.batch import BUCKETS, bucket_widths, runner_buckets, step_max_len
     from ..runtime.engine import DEFAULT_PAIR
     from ..runtime.speculative import resolve_block_size
 
@@ -110,6 +116,10 @@ def compile_artifact(
             target_model = load_target(target, device="cpu", dtype=dtype)
             drafter_model = load_drafter(drafter, target_model.cfg, device="cpu", dtype=dtype) if drafter else None
             block = resolve_block_size(block_size, drafter_model.cfg.block_size if drafter_model else None)
+            buckets = runner_buckets(max_batch)
+            if verify_width == "tuned":
+                verify_width = _tuned_widths(target, quant, profile) if block > 1 else None
+            widths = bucket_widths(verify_width, buckets, block)
             max_seq_len = min(max_seq_len, target_model.cfg.max_position_embeddings)
             max_len = step_max_len(max_seq_len, block)
             configs = {
@@ -127,6 +137,13 @@ def compile_artifact(
             )  # fmt: skip
             del target_model, drafter_model
             names = list(graphs) if graphs is not None else [g for g in PHASES if compiled.graphs_def.has(g)]
+            names += [  # the step graphs of the buckets that verify fewer tokens than the block
+                graph_name("step", sampled, simulated, w)
+                for w in sorted(set(widths.values()) - {block})
+                for sampled in (False, True)
+                for simulated in (False, True)
+                if graph_name("step", sampled, simulated) in names
+            ]
             for name in names:
                 if not compiled.graphs_def.has(name):
                     raise DFlashError(f"parameter 'graphs': {name!r} is not a graph of this step ({', '.join(PHASES)})")
@@ -142,13 +159,12 @@ def compile_artifact(
             _copy_tokenizer(Path(target), tmp / "tokenizer")
             bar.update()
 
-            buckets = runner_buckets(max_batch)
             kernels = None
             if profile.is_cuda:
                 bar.set_postfix_str(f"compiling the kernels for {profile.name}")
                 longest = min(PREFILL_CHUNK, max_seq_len)
                 lengths = list(prefill_lengths) if prefill_lengths is not None else list(range(1, longest + 1))
-                kernels = compile_kernels(compiled, names, profile, tmp / "kernels", max_batch, lengths)
+                kernels = compile_kernels(compiled, names, profile, tmp / "kernels", max_batch, lengths, widths)
                 bar.update()
 
             bar.set_postfix_str("writing the manifest")
@@ -164,6 +180,7 @@ def compile_artifact(
                 "max_seq_len": max_seq_len,
                 "max_len": max_len,
                 "buckets": list(buckets),
+                "verify_widths": {str(b): w for b, w in widths.items()},
                 "models": configs,
                 "graphs": graph_docs,
                 "weights": weights,
@@ -311,8 +328,25 @@ def _dry_run(op: str, tuned: dict | None = None):
     return run
 
 
+def _tuned_widths(target, quant: str, profile: HardwareProfile) -> dict[int, int] | None:
+    from ..tuning.choice import runtime_model_key, tuned_verify_widths
+
+    model = runtime_model_key(target)
+    widths = tuned_verify_widths(model, quant, profile)
+    if widths is None:
+        log.warning("no runtime study of %s in %s on profile %s: every bucket verifies the whole block", model,
+                    quant, profile.name)  # fmt: skip
+    return widths
+
+
 def compile_kernels(
-    compiled: CompiledStep, names: list[str], profile: HardwareProfile, folder: Path, max_batch: int, lengths
+    compiled: CompiledStep,
+    names: list[str],
+    profile: HardwareProfile,
+    folder: Path,
+    max_batch: int,
+    lengths,
+    widths: dict[int, int] | None = None,
 ) -> dict:
     """Cross-compiles, for the profile's GPU, every Triton kernel the step's graphs launch when the batched runtime
     runs them: each batch bucket of the step, the first draft, and a prefill chunk of each length. The graphs run
@@ -351,10 +385,12 @@ def compile_kernels(
             if ("join_sampled" if sampled else "join") in names:
                 model.draft(pools, one, ones, torch.zeros(1, dtype=torch.long), pools.block_table[one], sampled)
         for bucket in runner_buckets(max_batch):
+            width = (widths or {}).get(bucket, block)
             for name in names:
-                if name.startswith("step"):
+                phase, graph_width = split_width(name)
+                if phase.startswith("step") and (graph_width or block) == width:
                     off = torch.zeros_like(pools.active)  # the runner's warm-up before a capture
-                    model.step(pools, bucket, off, "sampled" in name, "simulated" in name)
+                    model.step(pools, bucket, off, "sampled" in phase, "simulated" in phase, width)
 
     arch = profile.triton_target
     with torch.inference_mode():

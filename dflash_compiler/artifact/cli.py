@@ -25,6 +25,7 @@ def _lengths(text: str) -> list[int]:
 
 
 def compile_parser() -> argparse.ArgumentParser:
+    from ..runtime.batch import verify_width_arg
     from .build import GPUS, QUANTS
 
     p = argparse.ArgumentParser(prog="dflash-compile", description=__doc__)
@@ -35,6 +36,11 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="bf16", choices=QUANTS, help="weight format (bf16: the weights as loaded)")
     p.add_argument("--dtype", default=None, help="activations: float32 (default on cpu), bfloat16 (default on GPUs)")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
+    p.add_argument(
+        "--verify-width", type=verify_width_arg, default=None, help="tokens verified per request and step: one width "
+        "(8), by batch size (1:16,16:8), or tuned (what dflash-tune --runtime chose on the profile; default: the "
+        "whole block)",
+    )  # fmt: skip
     p.add_argument("--max-batch", type=int, default=32, help="most concurrent requests (default 32)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="prompt + generated tokens per request (default 4096)")
     p.add_argument(
@@ -68,6 +74,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             gpu=args.gpu,
             quant=args.quant,
             block_size=args.block_size,
+            verify_width=args.verify_width,
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
             dtype=args.dtype,

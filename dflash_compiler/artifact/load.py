@@ -42,6 +42,20 @@ class Artifact:
     def max_seq_len(self) -> int:
         return self.manifest["max_seq_len"]
 
+    @property
+    def verify_widths(self) -> dict[int, int] | None:
+        """The verify width of each batch bucket that the step graphs were compiled at (None: the whole block)."""
+        widths = self.manifest.get("verify_widths")
+        if widths is None:
+            return None
+        try:
+            return {int(bucket): int(width) for bucket, width in widths.items()}
+        except (AttributeError, TypeError, ValueError):
+            where = self.root / MANIFEST
+            raise DFlashError(
+                f"{where}: field 'verify_widths' must map batch sizes to widths, got {widths!r}"
+            ) from None
+
 
 def _device_profile(device: torch.device) -> str:
     if device.type == "cpu":

@@ -59,6 +59,39 @@ def parse_verify_width(spec: str) -> int | dict[int, int]:
         ) from None
 
 
+def verify_width_arg(text: str) -> int | dict[int, int] | str:
+    """argparse type of --verify-width: a width, batch:width pairs, or "tuned" (the tuning database's)."""
+    import argparse
+
+    if text == "tuned":
+        return text
+    try:
+        return parse_verify_width(text)
+    except DFlashError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def bucket_widths(
+    verify_width: int | Mapping[int, int] | None, buckets: Sequence[int], block_size: int
+) -> dict[int, int]:
+    """The verify width of each bucket: verify_width for all of them, or by batch size (a bucket takes the width of
+    the smallest batch size listed at or above it, the largest one's beyond); None: the whole block."""
+    if verify_width is None:
+        return {b: block_size for b in buckets}
+    if block_size == 1:
+        raise DFlashError("parameter 'verify_width': autoregressive decoding (no drafter) verifies one token")
+    listed = dict(verify_width) if isinstance(verify_width, Mapping) else {max(buckets): verify_width}
+    if not listed or any(not isinstance(k, int) or k < 1 for k in listed):
+        raise DFlashError(f"parameter 'verify_width': batch sizes must be positive integers, got {listed}")
+    for width in listed.values():
+        if not isinstance(width, int) or not 2 <= width <= block_size:
+            raise DFlashError(f"parameter 'verify_width' must be in 2..{block_size} (the draft block), got {width}")
+    if not isinstance(verify_width, Mapping):
+        return {b: verify_width for b in buckets}
+    keys = sorted(listed)
+    return {b: listed[next((k for k in keys if k >= b), keys[-1])] for b in buckets}
+
+
 def runner_buckets(max_batch: int, buckets: Sequence[int] = BUCKETS) -> tuple[int, ...]:
     """The batch sizes a runner steps at: those of buckets below max_batch, and max_batch."""
     return tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
@@ -187,7 +220,7 @@ class BatchRunner:
             compiled=compiled,
             cache_dir=cache_dir,
         )
-        self.verify_widths = self._bucket_widths(verify_width)
+        self.verify_widths = bucket_widths(verify_width, self.buckets, self.block_size)
         if on_cuda:
             torch.cuda.empty_cache()
         rows = max_batch + 1  # the last row prefills
@@ -225,25 +258,6 @@ class BatchRunner:
         self._events: list[StepEvent] = []
         if self.cuda_graphs:
             self._capture_all(simulated=False)
-
-    def _bucket_widths(self, verify_width: int | Mapping[int, int] | None) -> dict[int, int]:
-        """The verify width of each bucket."""
-        if verify_width is None:
-            return {b: self.block_size for b in self.buckets}
-        if self.block_size == 1:
-            raise DFlashError("parameter 'verify_width': autoregressive decoding (no drafter) verifies one token")
-        listed = dict(verify_width) if isinstance(verify_width, Mapping) else {self.buckets[-1]: verify_width}
-        if not listed or any(not isinstance(k, int) or k < 1 for k in listed):
-            raise DFlashError(f"parameter 'verify_width': batch sizes must be positive integers, got {listed}")
-        for width in listed.values():
-            if not isinstance(width, int) or not 2 <= width <= self.block_size:
-                raise DFlashError(
-                    f"parameter 'verify_width' must be in 2..{self.block_size} (the draft block), got {width}"
-                )
-        if not isinstance(verify_width, Mapping):
-            return {b: verify_width for b in self.buckets}
-        keys = sorted(listed)
-        return {b: listed[next((k for k in keys if k >= b), keys[-1])] for b in self.buckets}
 
     @property
     def buckets(self) -> tuple[int, ...]:

@@ -226,7 +226,10 @@ class Engine:
 
         loaded = load_artifact(artifact, check_device(device), strict=strict)
         compiled = loaded.compiled
-        runner = BatchRunner(None, None, max_batch=loaded.max_batch, max_seq_len=loaded.max_seq_len, compiled=compiled)
+        runner = BatchRunner(
+            None, None, max_batch=loaded.max_batch, max_seq_len=loaded.max_seq_len, compiled=compiled,
+            verify_width=loaded.verify_widths,
+        )  # fmt: skip
         tokenizer = load_tokenizer(loaded.tokenizer_dir) if loaded.tokenizer_dir is not None else None
         engine = cls(compiled.step.target, compiled.step.drafter, tokenizer, max_queue=max_queue, runner=runner)
         engine.artifact = loaded

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import DFlashError
-from .batch import parse_verify_width
+from .batch import verify_width_arg
 from .engine import DEFAULT_PAIR, Engine
 from .serving import QueueFullError, RequestHandle
 from .speculative import GenerationStats
@@ -725,22 +725,13 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (batched runtime)")
     p.add_argument(
-        "--verify-width", type=_verify_width_arg, default=None, help="tokens verified per request and step: one "
+        "--verify-width", type=verify_width_arg, default=None, help="tokens verified per request and step: one "
         "width (8), by batch size (1:16,16:8), or tuned (what dflash-tune --runtime chose on this GPU); the drafter "
         "drafts its whole block (default: all of it)",
     )  # fmt: skip
     p.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated tokens per request")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
-
-
-def _verify_width_arg(text: str) -> int | dict[int, int] | str:
-    if text == "tuned":
-        return text
-    try:
-        return parse_verify_width(text)
-    except DFlashError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
