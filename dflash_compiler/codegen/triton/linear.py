@@ -187,13 +187,14 @@ def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_K: tl.conste
 
 @triton.jit
 def _store(
-    acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk,
-    norm_eps, EPILOGUE: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr,
+    acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, rstd,
+    EPILOGUE: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
+    """Stores a finished tile: its rows scaled by rstd (the fused RMSNorm's 1 / RMS, [BLOCK_M]) if NORM, then the
+    epilogue."""
     if NORM != 0:
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, norm_eps, BLOCK_K)[None, :]
-        acc = acc * rstd
-        acc_up = acc_up * rstd
+        acc = acc * rstd[None, :]
+        acc_up = acc_up * rstd[None, :]
     out = acc
     if EPILOGUE == 2:
         out = acc * tl.sigmoid(acc) * acc_up
@@ -229,9 +230,11 @@ def _finish(
         pid_n = tile // num_m_tiles
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = (tile - pid_n * num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rstd = tl.zeros((BLOCK_M,), tl.float32)
+        if NORM != 0:  # no program saw all of the rows' K: read them again (at most two shared tiles per program)
+            rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, norm_eps, BLOCK_K)
         _store(
-            acc, acc_up, offs_n, offs_n < N_OUT, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm,
-            stride_xk, norm_eps, EPILOGUE, NORM, BLOCK_K,
+            acc, acc_up, offs_n, offs_n < N_OUT, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, rstd, EPILOGUE, NORM,
         )  # fmt: skip
         tl.atomic_xchg(cnt_ptr + tile, 0)
 
@@ -321,6 +324,7 @@ def _linear_kernel(
         )  # fmt: skip
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    ss = tl.zeros((BLOCK_M,), tl.float32)  # the fused RMSNorm's sum of squares of the tile's rows so far
     for c in range(start, end):
         row0 = pid_n * BLOCK_N
         n_ok = (row0 + tl.arange(0, BLOCK_N)) < N_OUT
@@ -355,7 +359,10 @@ def _linear_kernel(
                 at = _x_tile(a_chunk, a_offs, m_ok, k_left, BLOCK_K, EVEN_K).to(tl.float32)
                 xt = (xt.to(tl.float32) * tl.sigmoid(at)).to(DOT_DTYPE)
             if NORM != 0:
-                # the fused RMSNorm's weight scales the inputs; its 1 / RMS scales the finished tile's rows
+                # the fused RMSNorm's weight scales the inputs; its 1 / RMS, from the same chunks, scales the
+                # finished tile's rows
+                xf = xt.to(tl.float32)
+                ss += tl.sum(xf * xf, 0)
                 k_ok = tl.arange(0, BLOCK_K) < k_left
                 g = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K), mask=k_ok, other=0.0).to(tl.float32)
                 if NORM == 2:
@@ -384,10 +391,10 @@ def _linear_kernel(
         if tile_end | (c == end - 1):
             offs_n = row0 + tl.arange(0, BLOCK_N)
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            if tile_end & (seg_first == 0):
+            if tile_end & (seg_first == 0):  # the whole tile: its rows' sums of squares are complete
+                rstd = tl.rsqrt(ss / K + norm_eps)
                 _store(
-                    acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm,
-                    stride_xk, norm_eps, EPILOGUE, NORM, BLOCK_K,
+                    acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, rstd, EPILOGUE, NORM,
                 )  # fmt: skip
             else:
                 # A share of a tile: park it in this program's workspace slot; it is summed after the loop.
@@ -400,6 +407,7 @@ def _linear_kernel(
                     tl.store(base + BLOCK_N * BLOCK_M + r, acc_up)
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            ss = tl.zeros((BLOCK_M,), tl.float32)
         seg_first = tl.where(tile_end, 0, seg_first)
         pid_n = pid_n_nx
         pid_m = pid_m_nx
