@@ -185,16 +185,20 @@ class StepCost:
         return sum(self.flops.values())
 
 
-def step_cost(sh: Shapes, quant: str, mode: str, concurrency: int, context: float, tau: float) -> StepCost:
+def step_cost(
+    sh: Shapes, quant: str, mode: str, concurrency: int, context: float, tau: float, verify_width: int | None = None
+) -> StepCost:
     """Fewest bytes and FLOPs of one decoding step of `concurrency` requests at mean KV length `context`.
 
-    mode "ar": each request verifies 1 token. mode "dflash": each verifies the block (block_size tokens), commits
-    tau on average (the commit replays the accepted prefix from the state it read, so the GDN state is read twice
-    and written once), appends tau context features to the drafter and drafts one block (drafter layers on
-    block_size queries, then the target's lm_head on block_size-1 slots). Activations are left out (MBs).
+    mode "ar": each request verifies 1 token. mode "dflash": each verifies verify_width tokens (default the block,
+    block_size tokens), commits tau on average (the commit replays the accepted prefix from the state it read, so
+    the GDN state is read twice and written once), appends tau context features to the drafter and drafts one whole
+    block (drafter layers on block_size queries, then the target's lm_head on block_size-1 slots). Activations are
+    left out (MBs).
     """
     c = concurrency
-    t = 1 if mode == "ar" else sh.block_size
+    t = 1 if mode == "ar" else verify_width or sh.block_size
+    tb = sh.block_size  # the drafted block
     cost = StepCost()
     b, f = cost.bytes, cost.flops
     b["target_weights"] = sh.target_weight_bytes(quant)
@@ -214,9 +218,9 @@ def step_cost(sh: Shapes, quant: str, mode: str, concurrency: int, context: floa
             n * k for name, n, k in sh.drafter_linears if name == "fc" or name.endswith(("k_proj", "v_proj"))
         )
         layer_params = sum(n * k for name, n, k in sh.drafter_linears if name != "fc")
-        f["drafter_matmul"] = 2 * (layer_params * t + ctx_params * tau) * c
-        f["draft_lm_head"] = 2 * sh.vocab * sh.hidden * c * (t - 1)
-        f["drafter_attention"] = sh.drafter_layers * 4 * sh.drafter_qk_dim * (context + t) * c * t
+        f["drafter_matmul"] = 2 * (layer_params * tb + ctx_params * tau) * c
+        f["draft_lm_head"] = 2 * sh.vocab * sh.hidden * c * (tb - 1)
+        f["drafter_attention"] = sh.drafter_layers * 4 * sh.drafter_qk_dim * (context + tb) * c * tb
     return cost
 
 
@@ -355,7 +359,9 @@ def measure(
     )
 
 
-def make_runner(target, drafter, quant: str, max_batch: int, max_seq_len: int, cuda_graphs: bool = True):
+def make_runner(
+    target, drafter, quant: str, max_batch: int, max_seq_len: int, cuda_graphs: bool = True, verify_width=None
+):
     from dflash_compiler.runtime.batch import BatchRunner
 
     block = drafter.cfg.block_size if drafter is not None else 1
@@ -363,6 +369,7 @@ def make_runner(target, drafter, quant: str, max_batch: int, max_seq_len: int, c
         target,
         drafter,
         block_size=block,
+        verify_width=verify_width if drafter is not None else None,
         max_batch=max_batch,
         max_seq_len=max_seq_len,
         quant=quant,
@@ -404,10 +411,12 @@ def make_row(
     context: float,
     per_position: list[float] | None,
     note: str | None = None,
+    verify_width: int | None = None,
 ) -> dict:
     tau_exp = expected_tokens_per_step(per_position if mode == "dflash" else None)
     ctx = m.context if m else context
-    cost = step_cost(sh, quant, mode, concurrency, ctx, tau_exp)
+    width = (verify_width or sh.block_size) if mode == "dflash" else 1
+    cost = step_cost(sh, quant, mode, concurrency, ctx, tau_exp, width)
     fl_ms, bound = floor_ms(cost, bw, tflops)
     floor_tps = concurrency * tau_exp / (fl_ms * 1e-3)
     row: dict[str, Any] = {
@@ -416,6 +425,7 @@ def make_row(
         "profile": profile,
         "simulated": mode == "dflash",
         "concurrency": concurrency,
+        "verify_width": width,
         "tokens_per_s": round(m.tokens_per_s, 1) if m else None,
         "floor_tokens_per_s": round(floor_tps, 1),
         # judged by step time: tokens/s drawn from a short run swing with the luck of the draw
@@ -514,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", default="1,8,16,32")
     p.add_argument("--profiles", default=",".join(DEFAULT_PROFILES), help=f"any of {', '.join(PROFILES)}")
     p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--verify-width", type=int, help="tokens the target verifies per request (default: the block)")
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--max-seq-len", type=int, default=2048)
@@ -543,7 +554,9 @@ def main(argv: list[str] | None = None) -> None:
         if name not in PROFILES:
             p.error(f"--profiles: unknown profile {name!r} (known: {', '.join(PROFILES)})")
     ablation = _ablate(args.without_passes, args.prologues, args.untuned)
-    slots = sh.block_size - 1
+    if args.verify_width is not None and not 2 <= args.verify_width <= sh.block_size:
+        p.error(f"--verify-width: must be in 2..{sh.block_size} (the draft block), got {args.verify_width}")
+    slots = (args.verify_width or sh.block_size) - 1  # the draft positions the target verifies
     gen_ctx = args.prompt_len + args.warmup_steps + args.steps  # used only where nothing is measured
 
     if args.floors_only:
@@ -554,7 +567,8 @@ def main(argv: list[str] | None = None) -> None:
                 pp, note = profile_slots(prof, slots) if prof else (None, None)
                 ctx = args.prompt_len + (args.warmup_steps + args.steps / 2) * expected_tokens_per_step(pp)
                 for c in concs:
-                    rows.append(make_row(sh, quant, mode, prof, c, None, args.bandwidth, args.tflops, ctx, pp, note))
+                    rows.append(make_row(sh, quant, mode, prof, c, None, args.bandwidth, args.tflops, ctx, pp, note,
+                                         args.verify_width))  # fmt: skip
         print(f"{ms.name}: floors at {args.bandwidth} TB/s, {args.tflops} TFLOP/s (assumed, nothing measured)")
         cols = ["mode", "quant", "profile", "concurrency", "floor_tokens_per_s", "floor_ms", "floor_bound"]
         print_table(rows, [*cols, "tau_expected", "floor_GB", "floor_TFLOP"])
@@ -600,8 +614,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{quant} {mode}] built random {ms.name} weights in {time.perf_counter() - t0:.1f} s", flush=True)
             t0 = time.perf_counter()
             runner = make_runner(
-                target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs
-            )
+                target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs,
+                verify_width=args.verify_width,
+            )  # fmt: skip
             startup_s = time.perf_counter() - t0
             compiled = getattr(getattr(runner, "model", None), "compiled", None)
             # start-up: trace (or the trace cache), passes, weights, lowering, graph capture of every bucket
@@ -625,7 +640,8 @@ def main(argv: list[str] | None = None) -> None:
                         seed=c,
                         profile_ops=args.op_profile,
                     )
-                    rows.append({**make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note), **startup})
+                    row = make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note, args.verify_width)
+                    rows.append({**row, **startup})
                     print("  ".join(f"{k}={rows[-1].get(k)}" for k in COLUMNS), flush=True)
                     save(partial=True)
             del runner, target, drafter

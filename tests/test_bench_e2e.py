@@ -43,6 +43,13 @@ def test_floors():
     big, bound = e2e.floor_ms(e2e.step_cost(sh, "bf16", "dflash", 32, 512, tau), 3.0, 700.0)
     assert bound == "compute" and big > 2 * e2e.floor_ms(one, 3.0, 700.0)[0]
     assert e2e.floor_ms(e2e.step_cost(sh, "int4", "ar", 1, 512, 1.0), 3.0, 700.0)[0] < ms / 3
+    # a narrower verify: the target's matmuls and the block's K/V shrink, the drafter still drafts its whole block
+    narrow = e2e.step_cost(sh, "bf16", "dflash", 32, 512, tau, verify_width=8)
+    wide = e2e.step_cost(sh, "bf16", "dflash", 32, 512, tau)
+    assert narrow.flops["target_matmul"] * 2 == wide.flops["target_matmul"]
+    assert narrow.bytes["kv"] == 32 * sh.kv_bytes_per_token * (512 + 8)
+    for part in ("drafter_matmul", "draft_lm_head", "drafter_attention"):
+        assert narrow.flops[part] == wide.flops[part]
 
 
 def test_profiles():
