@@ -359,9 +359,7 @@ def measure(
     )
 
 
-def make_runner(
-    target, drafter, quant: str, max_batch: int, max_seq_len: int, cuda_graphs: bool = True, verify_width=None
-):
+def make_runner(target, drafter, quant: str, max_batch: int, max_seq_len: int, cuda_graphs: bool = True):
     from dflash_compiler.runtime.batch import BatchRunner
 
     block = drafter.cfg.block_size if drafter is not None else 1
@@ -369,7 +367,6 @@ def make_runner(
         target,
         drafter,
         block_size=block,
-        verify_width=verify_width if drafter is not None else None,
         max_batch=max_batch,
         max_seq_len=max_seq_len,
         quant=quant,
@@ -466,6 +463,7 @@ COLUMNS = (
     "quant",
     "profile",
     "concurrency",
+    "verify_width",
     "tokens_per_s",
     "floor_tokens_per_s",
     "ratio",
@@ -490,7 +488,7 @@ def _merge(path: Path, rows: list[dict]) -> list[dict]:
     """Rows of an earlier run (same file) that this run did not replace."""
     if not path.is_file():
         return rows
-    key = ("mode", "quant", "profile", "concurrency")
+    key = ("mode", "quant", "profile", "concurrency", "verify_width")
     new = {tuple(r.get(k) for k in key) for r in rows}
     old = [r for r in json.loads(path.read_text()).get("rows", []) if tuple(r.get(k) for k in key) not in new]
     return old + rows
@@ -524,7 +522,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", default="1,8,16,32")
     p.add_argument("--profiles", default=",".join(DEFAULT_PROFILES), help=f"any of {', '.join(PROFILES)}")
     p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--verify-width", type=int, help="tokens the target verifies per request (default: the block)")
+    p.add_argument(
+        "--verify-width", default="", help="tokens the target verifies per request, comma-separated: each width is "
+        "measured on the same runner (its graphs captured again); default: the whole block",
+    )  # fmt: skip
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--max-seq-len", type=int, default=2048)
@@ -554,9 +555,10 @@ def main(argv: list[str] | None = None) -> None:
         if name not in PROFILES:
             p.error(f"--profiles: unknown profile {name!r} (known: {', '.join(PROFILES)})")
     ablation = _ablate(args.without_passes, args.prologues, args.untuned)
-    if args.verify_width is not None and not 2 <= args.verify_width <= sh.block_size:
-        p.error(f"--verify-width: must be in 2..{sh.block_size} (the draft block), got {args.verify_width}")
-    slots = (args.verify_width or sh.block_size) - 1  # the draft positions the target verifies
+    widths = [int(w) for w in args.verify_width.split(",") if w] or [sh.block_size]
+    for w in widths:
+        if not 2 <= w <= sh.block_size:
+            p.error(f"--verify-width: each width must be in 2..{sh.block_size} (the draft block), got {w}")
     gen_ctx = args.prompt_len + args.warmup_steps + args.steps  # used only where nothing is measured
 
     if args.floors_only:
@@ -564,13 +566,26 @@ def main(argv: list[str] | None = None) -> None:
         modes = ([] if args.no_ar else [("ar", None)]) + ([] if args.no_dflash else [("dflash", x) for x in profiles])
         for quant in quants:
             for mode, prof in modes:
-                pp, note = profile_slots(prof, slots) if prof else (None, None)
-                ctx = args.prompt_len + (args.warmup_steps + args.steps / 2) * expected_tokens_per_step(pp)
-                for c in concs:
-                    rows.append(make_row(sh, quant, mode, prof, c, None, args.bandwidth, args.tflops, ctx, pp, note,
-                                         args.verify_width))  # fmt: skip
+                for width in widths if mode == "dflash" else [None]:
+                    # the draft positions the target verifies
+                    pp, note = profile_slots(prof, width - 1) if prof else (None, None)
+                    ctx = args.prompt_len + (args.warmup_steps + args.steps / 2) * expected_tokens_per_step(pp)
+                    for c in concs:
+                        row = make_row(
+                            sh, quant, mode, prof, c, None, args.bandwidth, args.tflops, ctx, pp, note, width
+                        )
+                        rows.append(row)
         print(f"{ms.name}: floors at {args.bandwidth} TB/s, {args.tflops} TFLOP/s (assumed, nothing measured)")
-        cols = ["mode", "quant", "profile", "concurrency", "floor_tokens_per_s", "floor_ms", "floor_bound"]
+        cols = [
+            "mode",
+            "quant",
+            "profile",
+            "concurrency",
+            "verify_width",
+            "floor_tokens_per_s",
+            "floor_ms",
+            "floor_bound",
+        ]
         print_table(rows, [*cols, "tau_expected", "floor_GB", "floor_TFLOP"])
         return
 
@@ -614,9 +629,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{quant} {mode}] built random {ms.name} weights in {time.perf_counter() - t0:.1f} s", flush=True)
             t0 = time.perf_counter()
             runner = make_runner(
-                target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs,
-                verify_width=args.verify_width,
-            )  # fmt: skip
+                target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs
+            )
             startup_s = time.perf_counter() - t0
             compiled = getattr(getattr(runner, "model", None), "compiled", None)
             # start-up: trace (or the trace cache), passes, weights, lowering, graph capture of every bucket
@@ -624,8 +638,10 @@ def main(argv: list[str] | None = None) -> None:
             if compiled is not None:
                 startup["compile_s"] = round(compiled.compile_seconds, 1)  # passes' weights built + lowered
             print(f"[{quant} {mode}] runner ready in {startup_s:.1f} s ({startup})", flush=True)
-            for prof in profs:
-                pp, note = profile_slots(prof, slots) if prof else (None, None)
+            for prof, width in [(x, w) for x in profs for w in (widths if mode == "dflash" else [None])]:
+                if width is not None:
+                    runner.set_verify_width(width)
+                pp, note = profile_slots(prof, width - 1) if prof else (None, None)
                 runner.simulate_acceptance(pp)
                 for c in concs:
                     max_new = new_token_budget(pp, c, args.prompt_len, args.warmup_steps + args.steps, cap)
@@ -640,7 +656,7 @@ def main(argv: list[str] | None = None) -> None:
                         seed=c,
                         profile_ops=args.op_profile,
                     )
-                    row = make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note, args.verify_width)
+                    row = make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note, width)
                     rows.append({**row, **startup})
                     print("  ".join(f"{k}={rows[-1].get(k)}" for k in COLUMNS), flush=True)
                     save(partial=True)

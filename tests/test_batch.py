@@ -133,6 +133,14 @@ def test_each_bucket_verifies_at_its_own_width(prompts):
     got, _ = _serve(runner, requests, late_from=2)
     assert got == expected
     assert {"step", "step@w6", "step@w3"} <= set(runner.model.compiled.graphs)
+    # the widths change between requests: the next requests are served at the new ones
+    runner.set_verify_width(4)
+    assert runner.verify_widths == {1: 4, 2: 4, 4: 4}
+    again, _ = _serve(runner, requests[:3])
+    assert again == expected[:3] and "step@w4" in runner.model.compiled.graphs
+    runner.add_request(prompts[0], 4)
+    with pytest.raises(DFlashError, match="set_verify_width: requests are running or waiting"):
+        runner.set_verify_width(8)
     # a bucket takes the width of the smallest batch size listed at or above it, the largest one's beyond
     mapped = BatchRunner(*_tiny_pair(), verify_width={2: 8, 16: 4}, max_batch=32, max_seq_len=64)
     assert mapped.verify_widths == {1: 8, 2: 8, 4: 4, 8: 4, 16: 4, 24: 4, 32: 4}

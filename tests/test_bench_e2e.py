@@ -156,6 +156,12 @@ def test_floors_only_cli(capsys):
     e2e.main(["--size", "tiny", "--floors-only", "--concurrency", "1,4", "--quant", "bf16,int4"])
     out = capsys.readouterr().out
     assert "gsm8k_fp8_h100_vllm" in out and "floor_tokens_per_s" in out
+    e2e.main(["--size", "tiny", "--floors-only", "--concurrency", "1,4", "--quant", "bf16", "--no-ar",
+              "--profiles", "humaneval_bf16_vllm", "--verify-width", "4,16"])  # fmt: skip
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("dflash")]
+    assert [(r[3], r[4]) for r in rows] == [("1", "4"), ("4", "4"), ("1", "16"), ("4", "16")]  # concurrency, width
+    with pytest.raises(SystemExit):
+        e2e.main(["--size", "tiny", "--floors-only", "--verify-width", "1"])
 
 
 def test_the_tuning_report_against_hand_computed_floors(tmp_path):

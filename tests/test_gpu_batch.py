@@ -76,6 +76,9 @@ def test_captured_buckets_at_their_own_verify_widths(prompts):
     runner = BatchRunner(target, drafter, verify_width=widths, max_batch=8, max_seq_len=512, buckets=(1, 2, 4, 8))
     assert runner.cuda_graphs and runner.verify_widths == widths
     assert _serve(runner, requests) == expected
+    runner.set_verify_width({2: 16, 8: 6})  # buckets 1 and 2 keep or take 16, 4 and 8 take 6: captured again
+    assert runner.verify_widths == {1: 16, 2: 16, 4: 6, 8: 6}
+    assert _serve(runner, requests) == expected
 
 
 @pytest.mark.parametrize("quant", ["bf16", "fp8", "int4"])

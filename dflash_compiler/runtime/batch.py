@@ -346,6 +346,21 @@ class BatchRunner:
         if req is not None and not req.finished:
             req.cancelled = True
 
+    def set_verify_width(self, verify_width: int | Mapping[int, int] | None) -> None:
+        """Changes the verify widths (given as to the constructor) while no request is running or waiting. On CUDA
+        the graphs of the buckets whose width changed are captured again; the step graph of a new width is lowered
+        once, over the weights already built."""
+        if self.has_work:
+            raise DFlashError("set_verify_width: requests are running or waiting; change the widths between them")
+        widths = bucket_widths(verify_width, self.buckets, self.block_size)
+        changed = {b for b in self.buckets if widths[b] != self.verify_widths[b]}
+        self.verify_widths = widths
+        stale = [key for key in self._graphs if key[0] in changed]
+        for key in stale:
+            del self._graphs[key]
+        for key in stale:
+            self._capture(*key)
+
     def simulate_acceptance(self, per_position: Sequence[float] | None) -> None:
         """Replaces the accept decision with a draw from a per-position acceptance profile, P(a >= i+1) =
         per_position[i], while every kernel still runs (for benchmarks at real shapes with random weights).
