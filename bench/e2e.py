@@ -46,15 +46,11 @@ from torch import nn  # noqa: E402
 from dflash_compiler.graph.compiler import graph_name  # noqa: E402
 from dflash_compiler.models.drafter import DFlashDrafter  # noqa: E402
 from dflash_compiler.models.target import TargetModel  # noqa: E402
+from dflash_compiler.tuning.runtime import acceptance_profiles  # noqa: E402
 
-# Per-position acceptance of the public Qwen3.5-27B-DFlash drafter as published (a copy of the project's
-# data/acceptance_profiles.json, kept beside the benchmark so it travels with the repository): entry i is the
-# fraction of verify steps in which draft slot i was accepted.
-PROFILES: dict[str, dict[str, Any]] = {
-    name: entry
-    for name, entry in json.loads((Path(__file__).parent / "data" / "acceptance_profiles.json").read_text()).items()
-    if isinstance(entry, dict) and "per_position" in entry
-}
+# Per-position acceptance of the public Qwen3.5-27B-DFlash drafter as published (the package's
+# assets/acceptance_profiles.json): entry i is the fraction of verify steps in which draft slot i was accepted.
+PROFILES = acceptance_profiles()
 DEFAULT_PROFILES = ("humaneval_bf16_vllm", "gsm8k_fp8_h100_vllm")
 QUANTS = ("bf16", "fp8", "int4")
 # The compiler's quantization pass (graph/passes.py) converts the lm_head with the other linears, so the floor

@@ -2,8 +2,8 @@
 
 The target (Qwen3.5-27B shapes: 64 layers, 48 Gated DeltaNet + 16 gated attention, H 5120) and the drafter
 (z-lab/Qwen3.5-27B-DFlash shapes: 5 layers, H 5120, 32/8 heads of 128, I 17408, taps [1,16,31,46,61], block 16)
-are constructed on the meta device and every parameter is then materialized on the device one at a time from a
-seeded generator, so the 51 GB of BF16 target weights exist exactly once. `transformers_model` wraps the same
+are built with seeded random weights on the device (models/random_init.py), so the 51 GB of BF16 target weights
+exist exactly once. `transformers_model` wraps the same
 tensors in transformers' own Qwen3_5ForCausalLM (its parameters are ours, no copy) for the generate() baseline.
 
 Three sizes: "27b" (the real shapes), "small" (4 layers, hidden 1024: every code path in seconds on a GPU) and
@@ -23,7 +23,7 @@ from torch import nn
 
 from dflash_compiler.models import eager
 from dflash_compiler.models.config import DrafterConfig, TargetConfig
-from dflash_compiler.models.drafter import DFlashDrafter
+from dflash_compiler.models.random_init import assign_parameter, random_drafter, random_target
 from dflash_compiler.models.target import TargetModel
 from dflash_compiler.tuning.shapes import preset_dirs
 
@@ -133,53 +133,12 @@ def spec(size: str = "27b") -> ModelSpec:
 # ---- random weights, materialized one tensor at a time --------------------------------------------------------
 
 
-def _init_(name: str, t: torch.Tensor, gen: torch.Generator, zero_centered: bool) -> None:
-    """Seeded values that keep activations finite through 64 layers: linear/embedding weights N(0, 0.02),
-    norms at unit scale (weight 0 in zero-centred norms, 1 otherwise), HF's GDN defaults for A_log and dt_bias."""
-    if name.endswith("A_log"):
-        t.copy_(torch.empty(t.shape, device=t.device).uniform_(1.0, 16.0, generator=gen).log_())
-    elif name.endswith("dt_bias"):
-        t.fill_(1.0)
-    elif t.dim() == 1:
-        plain = name.endswith("linear_attn.norm.weight") or not zero_centered
-        t.fill_(1.0 if plain else 0.0)
-    elif name.endswith("conv1d.weight"):
-        t.normal_(0.0, 0.25, generator=gen)
-    else:
-        t.normal_(0.0, 0.02, generator=gen)
-
-
-def _assign(module: nn.Module, name: str, value: nn.Parameter) -> None:
-    owner, _, leaf = name.rpartition(".")
-    setattr(module.get_submodule(owner) if owner else module, leaf, value)
-
-
-def materialize(module: nn.Module, device: torch.device, dtype: torch.dtype, seed: int, zero_centered: bool) -> None:
-    """Replaces every meta parameter of module by a seeded random tensor on device, one at a time."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in list(module.named_parameters()):
-        t = torch.empty(p.shape, device=device, dtype=dtype)
-        _init_(name, t, gen, zero_centered)
-        _assign(module, name, nn.Parameter(t, requires_grad=False))
-    if hasattr(module, "inv_freq"):  # non-persistent RoPE buffer, created on meta
-        module.inv_freq = module.cfg.rope.inv_freq()[0].to(device)
-    module.eval()
-
-
 def build_target(ms: ModelSpec, device: str | torch.device = "cuda", dtype=torch.bfloat16, seed: int = 0):
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = TargetModel(ms.target)
-    materialize(model, device, dtype, seed, zero_centered=True)
-    return model
+    return random_target(ms.target, device, dtype, seed)
 
 
 def build_drafter(ms: ModelSpec, device: str | torch.device = "cuda", dtype=torch.bfloat16, seed: int = 1):
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = DFlashDrafter(ms.drafter, ms.target_json["hidden_size"])
-    materialize(model, device, dtype, seed, zero_centered=False)
-    return model
+    return random_drafter(ms.drafter, ms.target_json["hidden_size"], device, dtype, seed)
 
 
 def param_bytes(module: nn.Module) -> int:
@@ -226,7 +185,7 @@ def transformers_model(target: TargetModel, ms: ModelSpec):
         t = ours[name.removeprefix("model.")]
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{name}: ours {tuple(t.shape)} vs transformers {tuple(p.shape)}")
-        _assign(hf, name, nn.Parameter(t, requires_grad=False))
+        assign_parameter(hf, name, nn.Parameter(t, requires_grad=False))
     with torch.device("cpu"):
         hf.model.rotary_emb = Qwen3_5TextRotaryEmbedding(cfg)
     hf.model.rotary_emb.to(device)

@@ -574,31 +574,34 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
 
 def test_the_engine_verifies_at_the_tuned_widths(tmp_path, monkeypatch):
     from dflash_compiler.hw_profiles import database
+    from dflash_compiler.models.config import TargetConfig
     from dflash_compiler.runtime import Engine
+    from dflash_compiler.runtime.engine import DEFAULT_PAIR
     from dflash_compiler.tuning.choice import runtime_model_key, tuned_verify_widths
 
+    tiny = runtime_model_key(TargetConfig.from_dir(DEFAULT_PAIR / "target"))
+    assert tiny == "qwen3_5_text-h256-l8-v4096"
     db = TuningDB.load("cpu", tmp_path)
     base = dict(op="runtime", lowering="reference", tuned=True, device="cpu (x86_64)", platform="cpu")
-    db.record(Entry(shape_key="tiny_c1-2", fmt="bf16", config={"widths": {"1": 16, "2": 8}}, date="2026-11-30",
+    db.record(Entry(shape_key=f"{tiny}_c1-2", fmt="bf16", config={"widths": {"1": 16, "2": 8}}, date="2026-11-30",
                     **base))  # fmt: skip
-    db.record(Entry(shape_key="tiny_c2-4", fmt="bf16", config={"widths": {"2": 6, "4": 4}}, date="2026-12-01",
+    db.record(Entry(shape_key=f"{tiny}_c2-4", fmt="bf16", config={"widths": {"2": 6, "4": 4}}, date="2026-12-01",
                     **base))  # fmt: skip
-    db.record(Entry(shape_key="tiny_c1", fmt="fp8", config={"widths": {"1": 2}}, date="2026-12-01", **base))
+    db.record(Entry(shape_key=f"{tiny}_c1", fmt="fp8", config={"widths": {"1": 2}}, date="2026-12-01", **base))
     db.save()
     # the later study's answer for batch size 2 replaces the earlier one's
-    assert tuned_verify_widths("tiny", "bf16", "cpu", tmp_path) == {1: 16, 2: 6, 4: 4}
-    assert tuned_verify_widths("tiny", "int4", "cpu", tmp_path) is None
-    assert runtime_model_key(None) == "tiny" and runtime_model_key(tmp_path / "Qwen3.5-27B") == "Qwen3.5-27B"
+    assert tuned_verify_widths(tiny, "bf16", "cpu", tmp_path) == {1: 16, 2: 6, 4: 4}
+    assert tuned_verify_widths(tiny, "int4", "cpu", tmp_path) is None
     monkeypatch.setattr(database, "PROFILE_DIR", tmp_path)
     engine = Engine.from_pretrained(runtime="batched", max_batch=4, max_seq_len=96, verify_width="tuned")
     try:
         assert engine.serving.runner.verify_widths == {1: 16, 2: 6, 4: 4}
     finally:
         engine.close()
-    db.record(Entry(shape_key="tiny_c8", fmt="bf16", config={"widths": [8]}, date="2026-12-02", **base))
+    db.record(Entry(shape_key=f"{tiny}_c8", fmt="bf16", config={"widths": [8]}, date="2026-12-02", **base))
     db.save()
-    with pytest.raises(DFlashError, match=r"runtime.jsonl: entry tiny_c8 bf16: field 'config.widths' must be an"):
-        tuned_verify_widths("tiny", "bf16", "cpu", tmp_path)
+    with pytest.raises(DFlashError, match=rf"runtime.jsonl: entry {tiny}_c8 bf16: field 'config.widths' must be an"):
+        tuned_verify_widths(tiny, "bf16", "cpu", tmp_path)
 
 
 def test_batch_runner_runs_at_its_bucket_set():
@@ -628,7 +631,11 @@ def test_dflash_tune_end_to_end_on_the_tiny_pair(tmp_path, capsys):
     assert "concurrency 1: width 16 chosen; tokens/s width 16:" in out
     db = TuningDB.load("cpu", tmp_path / "db")
     (run,) = db.entries("runtime")
-    assert run.shape_key == "tiny_c1" and run.config["widths"] == {"1": 16} and run.metrics["tokens_per_s"] > 0
+    assert (
+        run.shape_key == "qwen3_5_text-h256-l8-v4096_c1"
+        and run.config["widths"] == {"1": 16}
+        and run.metrics["tokens_per_s"] > 0
+    )
     (entry,) = db.entries("linear")
     assert (entry.op, entry.shape_key, entry.fmt, entry.platform) == (
         "linear",
@@ -640,7 +647,7 @@ def test_dflash_tune_end_to_end_on_the_tiny_pair(tmp_path, capsys):
     assert entry.torch_time_us > 0 and entry.versions["triton"]
     pngs = sorted(p.name for p in (tmp_path / "tune-plots").glob("cpu_linear*.png"))
     assert pngs == [f"cpu_linear_m16_n256_k768_residual_xfp32_fp32-{kind}.png" for kind in ("history", "importance")]
-    assert (tmp_path / "tune-plots" / "cpu_runtime_tiny_bf16-tokens-per-s.png").is_file()
+    assert (tmp_path / "tune-plots" / "cpu_runtime_qwen3_5_text-h256-l8-v4096_bf16-tokens-per-s.png").is_file()
     # a second run resumes the finished study: nothing new is measured
     assert main(args) == 0
     study = optuna.load_study(study_name="cpu:linear:m16_n256_k768_residual_xfp32:fp32",

@@ -118,7 +118,7 @@ def compile_artifact(
             block = resolve_block_size(block_size, drafter_model.cfg.block_size if drafter_model else None)
             buckets = runner_buckets(max_batch)
             if verify_width == "tuned":
-                verify_width = _tuned_widths(target, quant, profile) if block > 1 else None
+                verify_width = _tuned_widths(target_model.cfg, quant, profile) if block > 1 else None
             widths = bucket_widths(verify_width, buckets, block)
             max_seq_len = min(max_seq_len, target_model.cfg.max_position_embeddings)
             max_len = step_max_len(max_seq_len, block)
@@ -328,10 +328,10 @@ def _dry_run(op: str, tuned: dict | None = None):
     return run
 
 
-def _tuned_widths(target, quant: str, profile: HardwareProfile) -> dict[int, int] | None:
+def _tuned_widths(target_cfg, quant: str, profile: HardwareProfile) -> dict[int, int] | None:
     from ..tuning.choice import runtime_model_key, tuned_verify_widths
 
-    model = runtime_model_key(target)
+    model = runtime_model_key(target_cfg)
     widths = tuned_verify_widths(model, quant, profile)
     if widths is None:
         log.warning("no runtime study of %s in %s on profile %s: every bucket verifies the whole block", model,

@@ -57,10 +57,11 @@ def _tuned_verify_widths(target: str | Path, quant: str, device: torch.device) -
     """The verify widths the device profile's runtime study chose for this model and quant (None, logged, when no
     study of it is recorded: the whole block is verified)."""
     from ..hw_profiles import profile_for_device
+    from ..models.config import TargetConfig
     from ..tuning.choice import runtime_model_key, tuned_verify_widths
 
     profile = profile_for_device(torch.cuda.get_device_properties(device)) if device.type == "cuda" else "cpu"
-    model, fmt = runtime_model_key(target), "bf16" if quant == "none" else quant
+    model, fmt = runtime_model_key(TargetConfig.from_dir(target)), "bf16" if quant == "none" else quant
     widths = tuned_verify_widths(model, fmt, profile)
     if widths is None:
         name = profile if isinstance(profile, str) else profile.name

@@ -98,14 +98,10 @@ def recorded_rows(chooser) -> list[dict]:
     ]
 
 
-def runtime_model_key(target_dir: str | Path | None) -> str:
-    """The name a model's runtime entries are recorded under: "tiny" for the pair that ships (and the preset of
-    its shapes), else the target directory's name."""
-    from ..runtime.engine import DEFAULT_PAIR
-
-    if target_dir is None or Path(target_dir).resolve() == (DEFAULT_PAIR / "target").resolve():
-        return "tiny"
-    return Path(target_dir).name
+def runtime_model_key(cfg) -> str:
+    """The name a target's runtime entries are recorded under: its architecture and shapes (a random-weight study
+    at a checkpoint's shapes speaks for the checkpoint)."""
+    return f"{cfg.model_type}-h{cfg.hidden_size}-l{cfg.num_layers}-v{cfg.vocab_size}"
 
 
 def tuned_verify_widths(

@@ -225,6 +225,7 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
     import json
 
     from ..hw_profiles.database import Entry
+    from ..models.config import TargetConfig
     from ..runtime.engine import DEFAULT_PAIR, load_tokenizer
     from .choice import runtime_model_key
     from .runtime import RuntimeSpace, pair_throughput, runtime_study, widths_table
@@ -237,7 +238,7 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
         dtype="bfloat16" if profile.is_cuda else "float32", quant=args.quant,
     )  # fmt: skip
     space = RuntimeSpace(args.concurrency, drafter_cfg.block_size, args.widths)
-    model = args.shapes or runtime_model_key(target_dir)
+    model = runtime_model_key(TargetConfig.from_dir(target_dir))
     name = f"{profile.name}:runtime:{model}:{args.quant}"
     study = runtime_study(
         space, throughput, storage=storage, study_name=name, n_trials=args.runtime_trials, seed=args.seed

@@ -32,6 +32,18 @@ PREFILL_CHUNKS = (128, 256, 512, 1024)
 DEFAULT_PREFILL_CHUNK = 512
 
 
+ACCEPTANCE_PROFILES = Path(__file__).resolve().parents[1] / "assets" / "acceptance_profiles.json"
+
+
+def acceptance_profiles() -> dict[str, dict]:
+    """The published per-position acceptance profiles of the Qwen3.5-27B DFlash drafter, by name: entry i of
+    `per_position` is the fraction of verify steps in which draft slot i was accepted."""
+    import json
+
+    doc = json.loads(ACCEPTANCE_PROFILES.read_text())
+    return {name: e for name, e in doc.items() if isinstance(e, dict) and "per_position" in e}
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     widths: tuple[tuple[int, int], ...]  # (concurrency bucket, verify width), buckets ascending
