@@ -544,15 +544,20 @@ def test_the_precompiler_runs_each_triton_point_in_a_worker(tmp_path):
 
 def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
     from dflash_compiler.runtime.engine import DEFAULT_PAIR, load_tokenizer
-    from dflash_compiler.tuning.runtime import RuntimeSpace, pair_throughput, runtime_study, widths_table
+    from dflash_compiler.tuning.runtime import (
+        RuntimeSpace,
+        checkpoint_models,
+        pair_throughput,
+        runtime_study,
+        widths_table,
+    )
 
     tok = load_tokenizer(DEFAULT_PAIR / "target")
     lines = (DEFAULT_PAIR / "heldout_prompts.jsonl").read_text().splitlines()[:2]
     prompts = [tok.encode(json.loads(line)["prompt"], add_special_tokens=False)[:8] for line in lines]
-    throughput = pair_throughput(
-        DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter", prompts, max_new_tokens=3, max_seq_len=128
-    )
-    space = RuntimeSpace([1, 2], 16, widths=[4])  # each width is a step compiled apart: two of them here
+    models = checkpoint_models(DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter")
+    throughput = pair_throughput(models, prompts, max_new_tokens=3, max_batch=2, max_seq_len=128)
+    space = RuntimeSpace([1, 2], 16, widths=[4])  # each width's step graph is lowered once, on one runner
     study = runtime_study(space, throughput, storage=open_storage(tmp_path / "rt.journal"), study_name="rt",
                           n_trials=3)  # fmt: skip
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
@@ -667,6 +672,33 @@ def test_dflash_tune_at_the_rows_of_autoregressive_decoding(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--block-size", "17"]) == 2
     assert "parameter 'block-size' must be in 1..16, got 17" in capsys.readouterr().err
+
+
+def test_the_runtime_study_on_random_weights_at_a_configs_shapes(tmp_path, capsys):
+    """Config files alone (as the qwen3.5-27b preset ships them): the study builds seeded random weights and draws
+    acceptance from a published profile."""
+    import shutil
+
+    from dflash_compiler.runtime.engine import DEFAULT_PAIR
+    from dflash_compiler.tuning.cli import main
+
+    for part in ("target", "drafter"):
+        (tmp_path / part).mkdir()
+        shutil.copy(DEFAULT_PAIR / part / "config.json", tmp_path / part / "config.json")
+    args = ["--gpu", "cpu", "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter"),
+            "--ops", "target.mlp.down", "--batches", "1", "--trials", "1", "--storage", str(tmp_path / "t.journal"),
+            "--db", str(tmp_path / "db"), "--runtime", "--runtime-trials", "2", "--concurrency", "1,2",
+            "--widths", "4", "--max-new-tokens", "6"]  # fmt: skip
+    assert main(args) == 2
+    assert "without checkpoint weights the study runs random weights, which need --acceptance-profile" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "--acceptance-profile", "humaneval_bf16_vllm"]) == 0
+    (run,) = TuningDB.load("cpu", tmp_path / "db").entries("runtime")
+    assert run.shape_key == "qwen3_5_text-h256-l8-v4096_c1-2" and set(run.config["widths"]) == {"1", "2"}
+    assert run.metrics["tokens_per_s"] > 0 and run.trials == 2
+    assert main([*args, "--acceptance-profile", "mmlu"]) == 2
+    assert "parameter 'acceptance-profile': 'mmlu' is not one of humaneval_bf16_vllm" in capsys.readouterr().err
 
 
 def test_dflash_tune_refuses_a_profile_without_its_gpu(tmp_path, capsys):

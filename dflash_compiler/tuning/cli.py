@@ -45,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--context", type=int, default=4096, help="context length of the attention calls (4096)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk of the prefill calls (0: none)")
-    p.add_argument("--runtime", action="store_true", help="also run the runtime study (needs checkpoint weights)")
+    p.add_argument(
+        "--runtime", action="store_true", help="also run the runtime study: on the checkpoints' weights and real "
+        "acceptance, or on random weights at a preset's shapes with --acceptance-profile",
+    )  # fmt: skip
+    p.add_argument(
+        "--acceptance-profile", help="simulate the acceptance of a published profile in the runtime study "
+        "(humaneval_bf16_vllm, humaneval_fp8_vllm, gsm8k_fp8_h100_vllm)",
+    )  # fmt: skip
     p.add_argument("--runtime-trials", type=int, default=10)
     p.add_argument("--concurrency", type=_int_list, default=[1, 2], help="runtime study levels (1,2)")
     p.add_argument("--widths", type=_int_list, help="verify widths the runtime study tries (default 1,2,4,8,12,16)")
@@ -175,8 +182,21 @@ def _run(args) -> int:
     if args.target is not None and args.shapes is not None:
         raise DFlashError("parameter 'shapes': give either --shapes or --target/--drafter, not both")
     target_dir, drafter_dir = (args.target, args.drafter) if args.target else preset_dirs(args.shapes or "tiny")
-    if args.runtime and (drafter_dir is None or not any(Path(target_dir).glob("*.safetensors"))):
-        raise DFlashError("parameter 'runtime': the runtime study needs checkpoint weights (--target/--drafter)")
+    if args.runtime and drafter_dir is None:
+        raise DFlashError("parameter 'runtime': the runtime study needs a drafter (--drafter, or --shapes)")
+    if args.acceptance_profile is not None:
+        from .runtime import acceptance_profiles
+
+        known = acceptance_profiles()
+        if args.acceptance_profile not in known:
+            raise DFlashError(
+                f"parameter 'acceptance-profile': {args.acceptance_profile!r} is not one of {', '.join(known)}"
+            )
+    if args.runtime and not any(Path(target_dir).glob("*.safetensors")) and args.acceptance_profile is None:
+        raise DFlashError(
+            "parameter 'runtime': without checkpoint weights the study runs random weights, which need "
+            "--acceptance-profile"
+        )
     target_cfg = TargetConfig.from_dir(target_dir)
     drafter_cfg = DrafterConfig.from_dir(drafter_dir) if drafter_dir else None
     act = "bf16" if profile.is_cuda else "fp32"
@@ -224,21 +244,42 @@ def _run(args) -> int:
 def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storage, plots, db, environment) -> None:
     import json
 
+    import torch
+
     from ..hw_profiles.database import Entry
     from ..models.config import TargetConfig
     from ..runtime.engine import DEFAULT_PAIR, load_tokenizer
     from .choice import runtime_model_key
-    from .runtime import RuntimeSpace, pair_throughput, runtime_study, widths_table
+    from .runtime import (
+        RuntimeSpace,
+        acceptance_profiles,
+        checkpoint_models,
+        pair_throughput,
+        random_models,
+        runtime_study,
+        widths_table,
+    )
 
-    tok = load_tokenizer(target_dir)
-    lines = (DEFAULT_PAIR / "heldout_prompts.jsonl").read_text().splitlines()
-    prompts = [tok.encode(json.loads(line)["prompt"], add_special_tokens=False)[:64] for line in lines[:8]]
+    dtype = "bfloat16" if profile.is_cuda else "float32"
+    target_cfg = TargetConfig.from_dir(target_dir)
+    profile_rates = None
+    if args.acceptance_profile is not None:
+        profile_rates = acceptance_profiles()[args.acceptance_profile]["per_position"]
+    if any(Path(target_dir).glob("*.safetensors")):
+        models = checkpoint_models(target_dir, drafter_dir, str(device), dtype)
+        tok = load_tokenizer(target_dir)
+        lines = (DEFAULT_PAIR / "heldout_prompts.jsonl").read_text().splitlines()
+        prompts = [tok.encode(json.loads(line)["prompt"], add_special_tokens=False)[:64] for line in lines[:8]]
+    else:  # random weights at the preset's shapes: random prompts (what they say does not matter)
+        models = random_models(target_cfg, drafter_cfg, str(device), dtype)
+        gen = torch.Generator().manual_seed(args.seed)
+        prompts = [torch.randint(0, target_cfg.vocab_size, (64,), generator=gen).tolist() for _ in range(8)]
     throughput = pair_throughput(
-        target_dir, drafter_dir, prompts, max_new_tokens=args.max_new_tokens, device=str(device),
-        dtype="bfloat16" if profile.is_cuda else "float32", quant=args.quant,
+        models, prompts, max_new_tokens=args.max_new_tokens, max_batch=max(args.concurrency), quant=args.quant,
+        acceptance_profile=profile_rates,
     )  # fmt: skip
     space = RuntimeSpace(args.concurrency, drafter_cfg.block_size, args.widths)
-    model = runtime_model_key(TargetConfig.from_dir(target_dir))
+    model = runtime_model_key(target_cfg)
     name = f"{profile.name}:runtime:{model}:{args.quant}"
     study = runtime_study(
         space, throughput, storage=storage, study_name=name, n_trials=args.runtime_trials, seed=args.seed

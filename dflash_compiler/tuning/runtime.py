@@ -100,40 +100,84 @@ class RuntimeSpace:
         return RuntimeConfig(widths, params["graph_buckets"], params["prefill_chunk"])
 
 
+def checkpoint_models(target_dir: str | Path, drafter_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """A model source: (target, drafter) loaded fresh from checkpoint directories on each call (a runner takes the
+    weights it is given over); drafter=False loads the target alone."""
+    from ..models.loader import load_drafter, load_target, parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
+
+    def models(drafter: bool = True):
+        target = load_target(target_dir, device=device, dtype=torch_dtype)
+        return target, load_drafter(drafter_dir, target.cfg, device=device, dtype=torch_dtype) if drafter else None
+
+    return models
+
+
+def random_models(target_cfg, drafter_cfg, device: str = "cuda", dtype: str = "bfloat16"):
+    """A model source: (target, drafter) of the configurations with seeded random weights (models/random_init.py),
+    for a study at real shapes with a simulated acceptance profile."""
+    from ..models.loader import parse_dtype
+    from ..models.random_init import random_drafter, random_target
+
+    torch_dtype = parse_dtype(dtype)
+
+    def models(drafter: bool = True):
+        target = random_target(target_cfg, device, torch_dtype)
+        return target, random_drafter(drafter_cfg, target_cfg.hidden_size, device, torch_dtype) if drafter else None
+
+    return models
+
+
+class _Runners:
+    """One live runner at a time, kept while the trials ask for the same kind (speculative or autoregressive) and
+    bucket set: the widths change between trials with set_verify_width, the prefill chunk as an attribute, so a
+    trial pays for graph captures, not for loading and compiling the models again."""
+
+    def __init__(self, models, max_batch: int, max_seq_len: int, quant: str, acceptance_profile):
+        self.models, self.max_batch, self.max_seq_len, self.quant = models, max_batch, max_seq_len, quant
+        self.acceptance_profile = acceptance_profile
+        self.key, self.runner = None, None
+
+    def get(self, speculative: bool, graph_buckets: str):
+        from ..runtime.batch import BatchRunner
+
+        if self.key != (speculative, graph_buckets):
+            self.runner = None  # the previous runner's weights go before the next one's are built
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            target, drafter = self.models(drafter=speculative)
+            block = drafter.cfg.block_size if drafter is not None else 1
+            pages = self.max_batch * -(-(self.max_seq_len + 2 * block) // PAGE_SIZE) + 1  # the pool they need
+            self.runner = BatchRunner(
+                target, drafter, max_batch=self.max_batch, max_seq_len=self.max_seq_len, quant=self.quant,
+                buckets=GRAPH_BUCKET_SETS[graph_buckets], num_pages=pages,
+            )  # fmt: skip
+            if speculative and self.acceptance_profile is not None:
+                self.runner.simulate_acceptance(self.acceptance_profile)
+            self.key = (speculative, graph_buckets)
+        return self.runner
+
+
 def pair_throughput(
-    target_dir: str | Path,
-    drafter_dir: str | Path,
+    models,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    device: str = "cpu",
-    dtype: str = "float32",
+    max_batch: int,
     quant: str = "bf16",
     acceptance_profile: Sequence[float] | None = None,
     max_seq_len: int = 1024,
 ) -> Callable[[RuntimeConfig, Sequence[int]], dict[int, float]]:
-    """An objective over a model pair on the batched runtime: for each concurrency c, c requests (the prompts in
-    turn) served to completion by a runner of that bucket's width; tokens/s = generated tokens over wall time (the
-    runner captures its CUDA graphs when it is built, outside the timing)."""
-    from ..models.loader import load_drafter, load_target, parse_dtype
-    from ..runtime.batch import BatchRunner
+    """An objective over a model source (checkpoint_models, random_models) on the batched runtime, one runner of
+    max_batch rows serving every level: for each concurrency c, c requests (the prompts in turn) served to
+    completion at the width the config gives c's bucket; tokens/s = generated tokens over wall time (graph
+    captures happen before the timing). Levels of width 1 run on an autoregressive runner (no drafter)."""
+    from ..runtime.batch import runner_buckets
 
-    torch_dtype = parse_dtype(dtype)
+    runners = _Runners(models, max_batch, max_seq_len, quant, acceptance_profile)
 
-    def serve(config: RuntimeConfig, concurrency: int) -> float:
-        target = load_target(target_dir, device=device, dtype=torch_dtype)
-        width = config.width(concurrency)
-        drafter = load_drafter(drafter_dir, target.cfg, device=device, dtype=torch_dtype) if width > 1 else None
-        block = drafter.cfg.block_size if drafter is not None else 1  # the whole block is drafted, `width` verified
-        pages = concurrency * -(-(max_seq_len + 2 * block) // PAGE_SIZE) + 1  # the pool these requests need
-        runner = BatchRunner(
-            target, drafter, verify_width=width if drafter is not None else None, max_batch=concurrency,
-            max_seq_len=max_seq_len, quant=quant,
-            prefill_chunk=config.prefill_chunk, buckets=GRAPH_BUCKET_SETS[config.graph_buckets], num_pages=pages,
-        )  # fmt: skip
-        if acceptance_profile is not None and width > 1:
-            runner.simulate_acceptance(acceptance_profile)
-
+    def serve(runner, concurrency: int) -> float:
         for i in range(concurrency):
             runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens)
         generated = 0
@@ -142,14 +186,32 @@ def pair_throughput(
             generated += sum(len(e.tokens) for e in runner.step())
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)
-        elapsed = time.perf_counter() - start
-        del runner, target, drafter
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return generated / elapsed
+        return generated / (time.perf_counter() - start)
 
     def measure(config: RuntimeConfig, concurrencies: Sequence[int]) -> dict[int, float]:
-        return {c: serve(config, c) for c in concurrencies}
+        buckets = runner_buckets(max_batch, GRAPH_BUCKET_SETS[config.graph_buckets])
+        bucket_of = {c: next(b for b in buckets if b >= c) for c in concurrencies}
+        speculative = [c for c in concurrencies if config.width(c) > 1]
+        widths: dict[int, int] = {}
+        for c in speculative:
+            if widths.setdefault(bucket_of[c], config.width(c)) != config.width(c):
+                raise optuna.TrialPruned(
+                    f"concurrency levels in bucket {bucket_of[c]} of set {config.graph_buckets!r} ask for different "
+                    "widths"
+                )
+        out = {}
+        for is_speculative, levels in (
+            (True, speculative),
+            (False, [c for c in concurrencies if c not in speculative]),
+        ):
+            if not levels:
+                continue
+            runner = runners.get(is_speculative, config.graph_buckets)
+            runner.prefill_chunk = config.prefill_chunk
+            if is_speculative:
+                runner.set_verify_width(widths)
+            out.update({c: serve(runner, c) for c in levels})
+        return {c: out[c] for c in concurrencies}
 
     return measure
 
