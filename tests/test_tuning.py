@@ -693,12 +693,16 @@ def test_the_runtime_study_on_random_weights_at_a_configs_shapes(tmp_path, capsy
     assert "without checkpoint weights the study runs random weights, which need --acceptance-profile" in (
         capsys.readouterr().err
     )
-    assert main([*args, "--acceptance-profile", "humaneval_bf16_vllm"]) == 0
+    assert main([*args, "--acceptance-profile", "humaneval_bf16_vllm", "--runtime-only"]) == 0
+    assert not TuningDB.load("cpu", tmp_path / "db").entries("linear")  # the runtime study alone
     (run,) = TuningDB.load("cpu", tmp_path / "db").entries("runtime")
     assert run.shape_key == "qwen3_5_text-h256-l8-v4096_c1-2" and set(run.config["widths"]) == {"1", "2"}
     assert run.metrics["tokens_per_s"] > 0 and run.trials == 2
+    capsys.readouterr()
     assert main([*args, "--acceptance-profile", "mmlu"]) == 2
     assert "parameter 'acceptance-profile': 'mmlu' is not one of humaneval_bf16_vllm" in capsys.readouterr().err
+    assert main([a for a in args if a != "--runtime"] + ["--runtime-only"]) == 2
+    assert "parameter 'runtime-only': it needs --runtime" in capsys.readouterr().err
 
 
 def test_dflash_tune_refuses_a_profile_without_its_gpu(tmp_path, capsys):

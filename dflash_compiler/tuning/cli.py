@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--acceptance-profile", help="simulate the acceptance of a published profile in the runtime study "
         "(humaneval_bf16_vllm, humaneval_fp8_vllm, gsm8k_fp8_h100_vllm)",
     )  # fmt: skip
+    p.add_argument("--runtime-only", action="store_true", help="the runtime study alone, no kernel studies")
     p.add_argument("--runtime-trials", type=int, default=10)
     p.add_argument("--concurrency", type=_int_list, default=[1, 2], help="runtime study levels (1,2)")
     p.add_argument("--widths", type=_int_list, help="verify widths the runtime study tries (default 1,2,4,8,12,16)")
@@ -184,6 +185,8 @@ def _run(args) -> int:
     target_dir, drafter_dir = (args.target, args.drafter) if args.target else preset_dirs(args.shapes or "tiny")
     if args.runtime and drafter_dir is None:
         raise DFlashError("parameter 'runtime': the runtime study needs a drafter (--drafter, or --shapes)")
+    if args.runtime_only and not args.runtime:
+        raise DFlashError("parameter 'runtime-only': it needs --runtime")
     if args.acceptance_profile is not None:
         from .runtime import acceptance_profiles
 
@@ -207,7 +210,7 @@ def _run(args) -> int:
         target_cfg, drafter_cfg, args.quant, act, args.batches, args.context, block_size=args.block_size,
         prefill_chunk=args.prefill_chunk,
     )  # fmt: skip
-    calls = select(calls, args.ops)
+    calls = [] if args.runtime_only else select(calls, args.ops)
     storage = open_storage(args.storage)
     plots = Path(args.plots) if args.plots else Path(args.storage).with_name(Path(args.storage).stem + "-plots")
     plots.mkdir(parents=True, exist_ok=True)
@@ -233,7 +236,8 @@ def _run(args) -> int:
             _save_study_plots(study, plots)
             rows.append((call.name, entry))
     bar.close()
-    _summary(rows)
+    if rows:
+        _summary(rows)
 
     if args.runtime:
         _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storage, plots, db, environment)
