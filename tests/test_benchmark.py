@@ -181,6 +181,16 @@ def test_bench_in_process_matches_the_engine(tmp_path, capsys):
     check_png(out.parent / "results-throughput.png")
 
 
+def test_bench_at_a_narrower_verify_width(tmp_path):
+    prompts = write_lines(tmp_path / "short.jsonl", [{"prompt": p} for p in SHORT_PROMPTS])
+    out = tmp_path / "r.json"
+    argv = ["--prompts", str(prompts), "--max-tokens", "12", "--concurrency", "2", "--no-ar", "--verify-width", "3"]
+    assert bench_main([*argv, "-o", str(out), "--no-warmup", "--no-progress"]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    accepted = [a for r in row["results"] for a in r["acceptance_lengths"]]
+    assert max(accepted) <= 3 and row["acceptance_length"] > 1  # the trained drafter fills part of the 3-wide verify
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -716,7 +716,9 @@ def test_dflash_tune_refuses_a_profile_without_its_gpu(tmp_path, capsys):
     assert "parameter 'ops': 'nothing' names no op or call" in capsys.readouterr().err
     args = ["--gpu", "cpu", "--shapes", "qwen3.5-27b", "--runtime", "--storage", str(tmp_path / "s.journal")]
     assert main(args) == 2
-    assert "the runtime study needs checkpoint weights" in capsys.readouterr().err
+    assert "without checkpoint weights the study runs random weights, which need --acceptance-profile" in (
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "s.journal").exists()  # refused before anything ran
 
 

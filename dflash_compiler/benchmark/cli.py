@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..errors import DFlashError
+from ..runtime.batch import verify_width_arg
 from .prompts import PROMPT_SETS
 
 BACKENDS = ("inprocess", "dflash", "vllm", "sglang")
@@ -66,6 +67,10 @@ def bench_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quant", default="bf16", choices=("bf16", "fp8", "int4"))
     g.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
+    g.add_argument(
+        "--verify-width", type=verify_width_arg, default=None, help="DFlash, batched runtime: tokens verified per "
+        "request and step: one width (8), by batch size (1:16,16:8), or tuned",
+    )  # fmt: skip
     g.add_argument("--max-seq-len", type=int, default=None, help="batched runtime: prompt + new tokens per request")
     g = p.add_argument_group("server")
     g.add_argument("--base-url", help="the speculative (DFlash) server, e.g. http://127.0.0.1:8000")
@@ -201,7 +206,8 @@ def _in_process_modes(args: argparse.Namespace, concurrencies: list[int]):
         raise DFlashError("parameter '--no-ar' leaves nothing to run: name a --drafter")
     modes = [] if args.no_ar else [("ar", lambda: backend(Engine.from_pretrained(target, None, **load)))]
     if drafter is not None:
-        modes.append(("dflash", lambda: backend(Engine.from_pretrained(target, drafter, **load))))
+        speculative = dict(load, verify_width=args.verify_width)
+        modes.append(("dflash", lambda: backend(Engine.from_pretrained(target, drafter, **speculative))))
     return modes
 
 
