@@ -307,7 +307,9 @@ def run(bw_tbps: float, sweep: bool = True, partial_path: str | None = None) -> 
 
 def _kernel_resources() -> None:
     """Registers and spills of every compiled variant (Triton's per-device kernel caches)."""
-    for fn in (gdn._gdn_recurrent_kernel, gdn._chunk_scan_kernel, gdn._chunk_inverse_kernel, gdn._conv_kernel):
+    jitted = (gdn._gdn_recurrent_kernel, gdn._chunk_prepare_kernel, gdn._chunk_state_kernel, gdn._chunk_output_kernel,
+              gdn._conv_kernel)  # fmt: skip
+    for fn in jitted:
         for cache in getattr(fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache
             for key, k in kernels.items():

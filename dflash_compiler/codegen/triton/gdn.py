@@ -279,18 +279,25 @@ def _gdn_recurrent_kernel(
 
 
 @triton.jit
-def _chunk_inverse_kernel(
+def _chunk_prepare_kernel(
     k_ptr,
+    v_ptr,
     a_ptr,
     b_ptr,
     a_log_ptr,
     dt_bias_ptr,
-    tinv_ptr,
+    w_ptr,
+    u_ptr,
+    ktail_ptr,
+    cum_ptr,
     T,
     NC,
     sk_b,
     sk_t,
     sk_h,
+    sv_b,
+    sv_t,
+    sv_h,
     sa_b,
     sa_t,
     sa_h,
@@ -300,17 +307,22 @@ def _chunk_inverse_kernel(
     HV: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
+    V: tl.constexpr,
     BT: tl.constexpr,
     SB: tl.constexpr,
     LEVELS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    """(I + A)^-1 per chunk, A the strictly lower (beta k k^T) * decay of the UT/WY form."""
+    """Everything of one chunk that does not need the state, all chunks at once: with A the strictly lower
+    (beta k k^T) * decay of the UT/WY form, W = (I + A)^-1 (beta e^cum k), U = (I + A)^-1 (beta v), the keys decayed
+    to the chunk's end (k e^(last - cum)) and the cumulative log decay."""
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bb = pid_bh // HV
     h = pid_bh % HV
     b64 = bb.to(tl.int64)
     offs_k = tl.arange(0, K)
+    offs_v = tl.arange(0, V)
     ri = tl.arange(0, BT)
     rows = c * BT + ri
     rmask = rows < T
@@ -327,6 +339,7 @@ def _chunk_inverse_kernel(
     )
     beta = tl.where(rmask, beta, 0.0)
     cum = tl.associative_scan(g, 0, _add)
+    last = tl.reduce(g, 0, _add)
     lower = ri[:, None] > ri[None, :]
     decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
     # the system is where conditioning matters: its products keep about fp32 accuracy (3 tf32 passes; a plain fp32
@@ -348,21 +361,69 @@ def _chunk_inverse_kernel(
         off = ((ri // (2 * s))[:, None] == (ri // (2 * s))[None, :]) & ((ri // s)[:, None] != (ri // s)[None, :])
         e = tl.where(off, a_mat, 0.0)
         inv = inv - tl.dot(tl.dot(inv, e, input_precision="tf32x3"), inv, input_precision="tf32x3")
-    tl.store(tinv_ptr + ((pid_bh.to(tl.int64) * NC + c) * BT + ri[:, None]) * BT + ri[None, :], inv)
+    vt = tl.load(
+        v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
+    ).to(tl.float32)
+    w = tl.dot(inv, kt * (beta * tl.exp(cum))[:, None], input_precision=PREC)
+    u = tl.dot(inv, vt * beta[:, None], input_precision=PREC)
+    chunk = pid_bh.to(tl.int64) * NC + c
+    tl.store(w_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], w)
+    tl.store(ktail_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], kt * tl.exp(last - cum)[:, None])
+    tl.store(u_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :], u)
+    tl.store(cum_ptr + chunk * BT + ri, cum)
 
 
 @triton.jit
-def _chunk_scan_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    a_ptr,
-    b_ptr,
-    a_log_ptr,
-    dt_bias_ptr,
-    tinv_ptr,
+def _chunk_state_kernel(
+    w_ptr,
+    u_ptr,
+    ktail_ptr,
+    cum_ptr,
     state_ptr,
     final_ptr,
+    h_ptr,
+    vnew_ptr,
+    NC,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The chunks in order for one (request, value head, V slice), carrying the [K, BV] state in registers: the state
+    at each chunk's start and the chunk's corrected values v_new = U - W S are written for the output kernel."""
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    b64 = bb.to(tl.int64)
+    offs_k = tl.arange(0, K)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    ri = tl.arange(0, BT)
+    tile = offs_k[:, None] * V + offs_v[None, :]
+    head = (b64 * HV + h) * (K * V)
+    S = tl.load(state_ptr + head + tile)
+    for c in range(0, NC):
+        chunk = pid_bh.to(tl.int64) * NC + c
+        tl.store(h_ptr + chunk * (K * V) + tile, S)
+        w = tl.load(w_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :])
+        u = tl.load(u_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :])
+        v_new = u - tl.dot(w, S, input_precision=PREC)
+        tl.store(vnew_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :], v_new)
+        k_tail = tl.load(ktail_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :])
+        last = tl.load(cum_ptr + chunk * BT + BT - 1)  # padded rows decay by nothing: the last row's is the chunk's
+        S = S * tl.exp(last) + tl.dot(tl.trans(k_tail), v_new, input_precision=PREC)
+    tl.store(final_ptr + head + tile, S)
+
+
+@triton.jit
+def _chunk_output_kernel(
+    q_ptr,
+    k_ptr,
+    cum_ptr,
+    h_ptr,
+    vnew_ptr,
     o_ptr,
     T,
     NC,
@@ -373,15 +434,6 @@ def _chunk_scan_kernel(
     sk_b,
     sk_t,
     sk_h,
-    sv_b,
-    sv_t,
-    sv_h,
-    sa_b,
-    sa_t,
-    sa_h,
-    sb_b,
-    sb_t,
-    sb_h,
     HV: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
@@ -390,9 +442,10 @@ def _chunk_scan_kernel(
     BT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The chunks in order for one (request, value head, V slice), carrying the [K, BV] state in registers."""
-    pid_v = tl.program_id(0)
+    """o = (q e^cum) S_start + ((q k^T) * decay) v_new for one chunk and V slice, all chunks at once."""
+    c = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_v = tl.program_id(2)
     bb = pid_bh // HV
     h = pid_bh % HV
     hq = h // G
@@ -400,52 +453,30 @@ def _chunk_scan_kernel(
     offs_k = tl.arange(0, K)
     offs_v = pid_v * BV + tl.arange(0, BV)
     ri = tl.arange(0, BT)
-    tile = offs_k[:, None] * V + offs_v[None, :]
-    head = (b64 * HV + h) * (K * V)
-    S = tl.load(state_ptr + head + tile)
-    neg_a = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))
-    dtb = tl.load(dt_bias_ptr + h).to(tl.float32)
+    rows = c * BT + ri
+    rmask = rows < T
+    kt = tl.load(
+        k_ptr + b64 * sk_b + rows[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=rmask[:, None], other=0.0
+    ).to(tl.float32)
+    kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
+    qt = tl.load(
+        q_ptr + b64 * sq_b + rows[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=rmask[:, None], other=0.0
+    ).to(tl.float32)
+    qt = qt * (tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale)[:, None]
+    chunk = pid_bh.to(tl.int64) * NC + c
+    cum = tl.load(cum_ptr + chunk * BT + ri)
+    S = tl.load(h_ptr + chunk * (K * V) + offs_k[:, None] * V + offs_v[None, :])
+    v_new = tl.load(vnew_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :])
     incl = ri[:, None] >= ri[None, :]
-    for c in range(0, NC):
-        rows = c * BT + ri
-        rmask = rows < T
-        kt = tl.load(
-            k_ptr + b64 * sk_b + rows[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=rmask[:, None], other=0.0
-        ).to(tl.float32)
-        kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
-        qt = tl.load(
-            q_ptr + b64 * sq_b + rows[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=rmask[:, None], other=0.0
-        ).to(tl.float32)
-        qt = qt * (tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale)[:, None]
-        vt = tl.load(
-            v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
-        ).to(tl.float32)
-        xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=rmask, other=0.0).to(tl.float32) + dtb
-        g = tl.where(rmask, neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa))), 0.0)
-        beta = 1.0 / (
-            1.0 + tl.exp(-tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0).to(tl.float32))
-        )
-        beta = tl.where(rmask, beta, 0.0)
-        cum = tl.associative_scan(g, 0, _add)
-        last = tl.reduce(g, 0, _add)
-        inv = tl.load(tinv_ptr + ((pid_bh.to(tl.int64) * NC + c) * BT + ri[:, None]) * BT + ri[None, :])
-        # v_new = inv (beta v) - inv (beta e^cum k) S, grouped as inv (beta v - (beta e^cum k) S) so that no
-        # [BT, K] product stays live
-        ks = tl.dot(kt * (beta * tl.exp(cum))[:, None], S, input_precision=PREC)
-        v_new = tl.dot(inv, vt * beta[:, None] - ks, input_precision=PREC)
-        decay = tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
-        attn = tl.dot(qt, tl.trans(kt), input_precision=PREC) * decay
-        o = tl.dot(qt * tl.exp(cum)[:, None], S, input_precision=PREC)
-        o += tl.dot(attn, v_new, input_precision=PREC)
-        tl.store(
-            o_ptr + ((b64 * T + rows[:, None]) * HV + h) * V + offs_v[None, :],
-            o.to(o_ptr.dtype.element_ty),
-            mask=rmask[:, None],
-        )
-        k_tail = kt * tl.exp(last - cum)[:, None]
-        S = S * tl.exp(last) + tl.dot(tl.trans(k_tail), v_new, input_precision=PREC)
-    tl.debug_barrier()
-    tl.store(final_ptr + head + tile, S)
+    decay = tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
+    attn = tl.dot(qt, tl.trans(kt), input_precision=PREC) * decay
+    o = tl.dot(qt * tl.exp(cum)[:, None], S, input_precision=PREC)
+    o += tl.dot(attn, v_new, input_precision=PREC)
+    tl.store(
+        o_ptr + ((b64 * T + rows[:, None]) * HV + h) * V + offs_v[None, :],
+        o.to(o_ptr.dtype.element_ty),
+        mask=rmask[:, None],
+    )
 
 
 def causal_conv1d_update(
@@ -817,57 +848,27 @@ def gdn_chunked(
             final_state.copy_(state)
         return out, final_state
     nc = triton.cdiv(seq, chunk_size)
-    tinv = torch.empty(bsz * hv, nc, chunk_size, chunk_size, dtype=torch.float32, device=k.device)
+    chunks = bsz * hv * nc
+    # chunk-parallel prepare, a sequential state scan of two products per chunk, chunk-parallel outputs
+    w = torch.empty(chunks, chunk_size, dk, dtype=torch.float32, device=k.device)
+    k_tail = torch.empty_like(w)
+    u = torch.empty(chunks, chunk_size, dv, dtype=torch.float32, device=k.device)
+    v_new = torch.empty_like(u)
+    cum = torch.empty(chunks, chunk_size, dtype=torch.float32, device=k.device)
+    starts = torch.empty(chunks, dk, dv, dtype=torch.float32, device=k.device)
     sb = min(16, chunk_size)
-    _chunk_inverse_kernel[(nc, bsz * hv)](
-        k,
-        a,
-        b,
-        a_log,
-        dt_bias,
-        tinv,
-        seq,
-        nc,
-        *k.stride()[:3],
-        *a.stride(),
-        *b.stride(),
-        HV=hv,
-        G=hv // heads,
-        K=dk,
-        BT=chunk_size,
-        SB=sb,
-        LEVELS=(chunk_size // sb).bit_length() - 1,
-        num_warps=4,
-    )
-    _chunk_scan_kernel[(dv // bv, bsz * hv)](
-        q,
-        k,
-        v,
-        a,
-        b,
-        a_log,
-        dt_bias,
-        tinv,
-        state,
-        final_state,
-        out,
-        seq,
-        nc,
-        dk**-0.5,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *a.stride(),
-        *b.stride(),
-        HV=hv,
-        G=hv // heads,
-        K=dk,
-        V=dv,
-        BT=chunk_size,
-        PREC=precision,
-        BV=bv,
-        num_warps=8,
-        # the loop's loads are not worth pipeline buffers: with them the tiles exceed the shared memory
-        num_stages=1,
-    )
+    _chunk_prepare_kernel[(nc, bsz * hv)](
+        k, v, a, b, a_log, dt_bias, w, u, k_tail, cum, seq, nc,
+        *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
+        HV=hv, G=hv // heads, K=dk, V=dv, BT=chunk_size, SB=sb, LEVELS=(chunk_size // sb).bit_length() - 1,
+        PREC=precision, num_warps=8,
+    )  # fmt: skip
+    _chunk_state_kernel[(dv // bv, bsz * hv)](
+        w, u, k_tail, cum, state, final_state, starts, v_new, nc,
+        HV=hv, K=dk, V=dv, BV=bv, BT=chunk_size, PREC=precision, num_warps=8,
+    )  # fmt: skip
+    _chunk_output_kernel[(nc, bsz * hv, dv // bv)](
+        q, k, cum, starts, v_new, out, seq, nc, dk**-0.5, *q.stride()[:3], *k.stride()[:3],
+        HV=hv, G=hv // heads, K=dk, V=dv, BV=bv, BT=chunk_size, PREC=precision, num_warps=4,
+    )  # fmt: skip
     return out, final_state
