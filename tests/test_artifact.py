@@ -327,6 +327,23 @@ def test_an_artifact_verifies_each_bucket_at_its_width(tmp_path, cache, starts):
     assert [out_tokens[i] for i in ids] == [target.generate(p, 20)[0] for p in prompts]
 
 
+def test_an_artifact_takes_the_tuned_widths(tmp_path, cache, starts, monkeypatch):
+    from dflash_compiler.hw_profiles import database
+    from dflash_compiler.hw_profiles.database import Entry, TuningDB
+    from dflash_compiler.models.config import TargetConfig
+    from dflash_compiler.tuning.choice import runtime_model_key
+
+    model = runtime_model_key(TargetConfig.from_dir(DEFAULT_PAIR / "target"))
+    db = TuningDB.load("cpu", tmp_path / "db")
+    db.record(Entry(op="runtime", shape_key=f"{model}_c1-2", fmt="bf16", lowering="reference", tuned=True,
+                    config={"widths": {"1": 16, "2": 6}}, device="cpu", platform="cpu"))  # fmt: skip
+    db.save()
+    monkeypatch.setattr(database, "PROFILE_DIR", tmp_path / "db")
+    out = build.compile_artifact(tmp_path / "tuned", gpu="cpu", graphs=GREEDY_GRAPHS.split(","), max_batch=2,
+                                 max_seq_len=96, verify_width="tuned", cache_dir=cache, progress=False)  # fmt: skip
+    assert load_artifact(out).verify_widths == {1: 16, 2: 6}
+
+
 # ---- the compile's own guarantees ---------------------------------------------------------------------------------
 
 
