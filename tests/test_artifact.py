@@ -344,6 +344,28 @@ def test_an_artifact_takes_the_tuned_widths(tmp_path, cache, starts, monkeypatch
     assert load_artifact(out).verify_widths == {1: 16, 2: 6}
 
 
+def test_a_calibrated_int4_artifact_decodes_as_the_in_memory_compile(tmp_path, cache, starts):
+    """--quant int4 --calibration: the manifest records the calibration, the step's quantization pass is the
+    calibrated one, and the artifact decodes the tokens of Engine.from_pretrained with the same prompts."""
+    from dflash_compiler.artifact.cli import compile_main
+    from dflash_compiler.benchmark.prompts import load_prompts
+
+    out = tmp_path / "int4"
+    args = ["--gpu", "cpu", "--quant", "int4", "--graphs", GREEDY_GRAPHS, *SHAPES, "--calibration", "gsm8k",
+            "--calibration-prompts", "3", "-o", str(out), "--quiet"]  # fmt: skip
+    assert compile_main(args) == 0
+    doc = json.loads((out / MANIFEST).read_text())
+    assert doc["calibration"]["prompts"] == 3 and doc["calibration"]["tokens"] > 30
+    assert any(name.startswith("quantize_int4_calibrated_") for name in doc["graphs"]["step"]["passes"])
+    engine = Engine.from_artifact(out)
+    got = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids
+    engine.close()
+    texts = [p.text for p in load_prompts("gsm8k", 3)]
+    engine = Engine.from_pretrained(runtime="batched", quant="int4", max_batch=2, max_seq_len=96, calibration=texts)
+    assert engine.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == got
+    engine.close()
+
+
 # ---- the compile's own guarantees ---------------------------------------------------------------------------------
 
 

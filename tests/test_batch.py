@@ -188,6 +188,40 @@ def test_quantized_at_load_dflash_is_lossless(prompts, quant):
     assert spec == _eager(_dequantized_target(quant), None, 1, requests)
 
 
+def test_calibrated_int4_dflash_is_lossless(prompts):
+    """INT4 clipped by calibration statistics: DFlash gives the greedy tokens of the target whose weights are the
+    same calibrated conversion, dequantized (statistics from the prefill of the calibration prompts)."""
+    from dflash_compiler.codegen import weight_formats as wf
+    from dflash_compiler.graph.calibrate import linear_input_moments
+
+    calibration = [p[:40] for p in prompts[3:6]]
+    requests = [(p, 24, ()) for p in prompts[:3]]
+    target, drafter = _tiny_pair()
+    runner = BatchRunner(target, drafter, max_batch=3, max_seq_len=128, quant="int4", calibration=calibration)
+    assert any("_calibrated_" in name for name in runner.model.compiled.graph("step").passes)
+    spec, _ = _serve(runner, requests)
+    reference = _tiny_pair()[0]
+    moments = linear_input_moments(reference, calibration)
+    assert moments and all(m.shape == (reference.get_parameter(n[7:]).shape[1],) for n, m in moments.items())
+    calibrated = 0
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, torch.nn.Linear) or weight.shape[1] % 128:
+                continue
+            importance = moments.get(f"target.{name}.weight")
+            calibrated += importance is not None
+            module.weight.copy_(wf.quantize_int4(weight, importance=importance).dequantize().to(weight.dtype))
+    assert calibrated > 0
+    assert spec == _eager(reference, None, 1, requests)
+    rtn, _ = _serve(BatchRunner(*_tiny_pair(), max_batch=3, max_seq_len=128, quant="int4"), requests)
+    assert rtn == _eager(_dequantized_target("int4"), None, 1, requests)
+    with pytest.raises(DFlashError, match="parameter 'calibration': it applies to quant 'int4', not 'fp8'"):
+        BatchRunner(*_tiny_pair(), quant="fp8", calibration=calibration)
+    with pytest.raises(DFlashError, match="parameter 'calibration': token ids must lie in 0..4095"):
+        BatchRunner(*_tiny_pair(), quant="int4", calibration=[[1, 5000]])
+
+
 def _dequantized_target(quant: str):
     """The tiny target with every weight the batched runtime converts (each nn.Linear, lm_head included) replaced
     by the dequantized result of that conversion."""

@@ -102,6 +102,35 @@ def test_int4_layout_bits():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_calibrated_clipping(symmetric):
+    """With importance, each group takes the clipping (of CLIP_RATIOS) whose importance-weighted rounding error is
+    smallest: never worse than round-to-nearest over the full range, better where outliers stretch the range."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 392, generator=gen)
+    w[::3, 5] *= 12  # an outlier in a third of the rows' first group
+    importance = torch.rand(392, generator=gen) + 0.05
+    importance[5] = 1e-4  # ... on an input the activations barely use
+
+    def weighted_error(q):  # per (row, group)
+        err = (q.dequantize() - w) ** 2 * importance
+        return torch.nn.functional.pad(err, (0, 4 * 128 - 392)).view(40, 4, 128).sum(2)
+
+    rtn = wf.quantize_int4(w, symmetric=symmetric)
+    cal = wf.quantize_int4(w, symmetric=symmetric, importance=importance)
+    assert (weighted_error(cal) <= weighted_error(rtn) * (1 + 1e-6)).all()
+    assert weighted_error(cal)[::3, 0].sum() < 0.75 * weighted_error(rtn)[::3, 0].sum()
+    for g in range(4):  # each group's scale is one of the clippings of its full range
+        chunk = w[:, 128 * g : 128 * (g + 1)]
+        low, high = chunk.amin(1).clamp_max(0), chunk.amax(1).clamp_min(0)
+        full = 2 * torch.maximum(-low, high) / 15 if symmetric else (high - low) / 15
+        ratios = torch.tensor(wf.CLIP_RATIOS)
+        candidates = (full[:, None] * ratios[None, :]).half().float()
+        assert (cal.scales[g].float()[:, None] == candidates).any(1).all()
+    with pytest.raises(ValueError, match=r"importance: expected \[392\]"):
+        wf.quantize_int4(w, importance=torch.ones(10))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_quantizer(symmetric):
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(24, 392, generator=gen)

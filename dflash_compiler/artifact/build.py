@@ -72,6 +72,7 @@ def compile_artifact(
     force: bool = False,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    calibration: Sequence[str | Sequence[int]] | None = None,
 ) -> Path:
     """Compiles (target, drafter) for the hardware profile `gpu` into the directory out and returns it.
 
@@ -81,7 +82,8 @@ def compile_artifact(
     runtime can run). cache_dir: where traces are kept between compiles (default $DFLASH_CACHE_DIR or
     ~/.cache/dflash-compiler). verify_width: the verify width of every batch bucket, or by batch size (runtime/batch.py
     BatchRunner), or "tuned" (the widths the profile's runtime study chose for the model); each bucket's step graph is
-    compiled at its width and the runner of the artifact uses them."""
+    compiled at its width and the runner of the artifact uses them. calibration (quant "int4"): prompts, as text or
+    token ids, whose activations guide the INT4 quantizer (graph/calibrate.py)."""
     from ..runtime.batch import BUCKETS, bucket_widths, runner_buckets, step_max_len
     from ..runtime.engine import DEFAULT_PAIR
     from ..runtime.speculative import resolve_block_size
@@ -131,9 +133,14 @@ def compile_artifact(
 
             bar.set_postfix_str("tracing, passes, lowering")
             backend = "triton" if profile.is_cuda else "reference"
+            calibration_tokens = None
+            if calibration is not None:
+                from ..runtime.engine import calibration_ids, load_tokenizer
+
+                calibration_tokens = calibration_ids(calibration, load_tokenizer(target, drafter))
             compiled = compile_step(
                 target_model, drafter_model, block, quant=quant, backend=backend, max_len=max_len,
-                release_sources=True, cache_dir=cache_dir, profile=profile,
+                release_sources=True, cache_dir=cache_dir, profile=profile, calibration=calibration_tokens,
             )  # fmt: skip
             del target_model, drafter_model
             names = list(graphs) if graphs is not None else [g for g in PHASES if compiled.graphs_def.has(g)]
@@ -181,6 +188,9 @@ def compile_artifact(
                 "max_len": max_len,
                 "buckets": list(buckets),
                 "verify_widths": {str(b): w for b, w in widths.items()},
+                "calibration": None
+                if calibration_tokens is None
+                else {"prompts": len(calibration_tokens), "tokens": sum(map(len, calibration_tokens))},
                 "models": configs,
                 "graphs": graph_docs,
                 "weights": weights,

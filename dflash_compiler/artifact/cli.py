@@ -41,6 +41,11 @@ def compile_parser() -> argparse.ArgumentParser:
         "(8), by batch size (1:16,16:8), or tuned (what dflash-tune --runtime chose on the profile; default: the "
         "whole block)",
     )  # fmt: skip
+    p.add_argument(
+        "--calibration", help="--quant int4: prompts whose activations guide the quantizer (a prompt set: humaneval, "
+        "gsm8k, mbpp, mt-bench, or a .jsonl of prompts); default: round to nearest",
+    )  # fmt: skip
+    p.add_argument("--calibration-prompts", type=int, default=64, help="prompts of --calibration used (default 64)")
     p.add_argument("--max-batch", type=int, default=32, help="most concurrent requests (default 32)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="prompt + generated tokens per request (default 4096)")
     p.add_argument(
@@ -66,6 +71,11 @@ def compile_main(argv: list[str] | None = None) -> int:
     try:
         from .build import compile_artifact
 
+        calibration = None
+        if args.calibration is not None:
+            from ..benchmark.prompts import load_prompts
+
+            calibration = [p.text for p in load_prompts(args.calibration, args.calibration_prompts)]
         t0 = time.perf_counter()
         out = compile_artifact(
             args.output,
@@ -82,6 +92,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             prefill_lengths=args.prefill_lengths,
             force=args.force,
             progress=not args.quiet,
+            calibration=calibration,
         )
     except DFlashError as e:
         print(f"dflash-compile: error: {e}", file=sys.stderr)

@@ -407,14 +407,27 @@ def quantize_fp8_block(w: torch.Tensor) -> FP8BlockWeight:
     return FP8BlockWeight(q.to(torch.float8_e4m3fn).contiguous(), scale_inv.contiguous())
 
 
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
 def quantize_int4(
-    w: torch.Tensor, group_size: int = 128, symmetric: bool = True, scale_dtype: torch.dtype = torch.float16
+    w: torch.Tensor,
+    group_size: int = 128,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype = torch.float16,
+    importance: torch.Tensor | None = None,
 ) -> Int4Weight:
-    """Round-to-nearest INT4 with GPTQ's conventions: the range always includes 0; symmetric uses zero 8."""
+    """INT4 with GPTQ's conventions: the range always includes 0; symmetric uses zero 8. Round-to-nearest over each
+    group's full range; with importance [K] (the inputs' mean squares on calibration data), each group's range is
+    the clipping of it (CLIP_RATIOS) whose rounding error, weighted by importance, is smallest: clipping a few
+    outliers buys finer steps for the rest where the activations make them matter."""
     n, k = w.shape
+    if importance is not None and tuple(importance.shape) != (k,):
+        raise ValueError(f"importance: expected [{k}] (one per input), got {tuple(importance.shape)}")
     if n > ROW_CHUNK:
         parts = [
-            quantize_int4(w[i : i + ROW_CHUNK], group_size, symmetric, scale_dtype) for i in range(0, n, ROW_CHUNK)
+            quantize_int4(w[i : i + ROW_CHUNK], group_size, symmetric, scale_dtype, importance)
+            for i in range(0, n, ROW_CHUNK)
         ]
         qzeros = None if symmetric else torch.cat([p.qzeros for p in parts], 1)
         return Int4Weight(
@@ -424,18 +437,39 @@ def quantize_int4(
     wp = torch.zeros(n, groups * group_size, dtype=torch.float32, device=w.device)
     wp[:, :k] = w.float()
     wg = wp.view(n, groups, group_size)
-    wmin = wg.amin(dim=2).clamp_max(0)
-    wmax = wg.amax(dim=2).clamp_min(0)
-    if symmetric:
-        amax = torch.maximum(-wmin, wmax)
-        scale = torch.where(amax > 0, 2 * amax / 15, torch.ones_like(amax))
-    else:
+    wmin0 = wg.amin(dim=2).clamp_max(0)
+    wmax0 = wg.amax(dim=2).clamp_min(0)
+
+    def scales_at(ratio):
+        """(scale in scale_dtype, zero point) of every group with its range clipped to ratio."""
+        wmin, wmax = wmin0 * ratio, wmax0 * ratio
+        if symmetric:
+            amax = torch.maximum(-wmin, wmax)
+            scale = torch.where(amax > 0, 2 * amax / 15, torch.ones_like(amax)).to(scale_dtype)
+            return scale, torch.full_like(scale.float(), 8.0)
         flat = (wmin == 0) & (wmax == 0)
         wmin, wmax = torch.where(flat, -1.0, wmin), torch.where(flat, 1.0, wmax)
-        scale = (wmax - wmin) / 15
-    scale = scale.to(scale_dtype)
+        scale = ((wmax - wmin) / 15).to(scale_dtype)
+        return scale, torch.round(-wmin / scale.float()).clamp(0, 15)
+
+    scale, zero = scales_at(1.0)
+    if importance is not None:
+        imp = torch.zeros(groups * group_size, dtype=torch.float32, device=w.device)
+        imp[:k] = importance.to(device=w.device, dtype=torch.float32)
+        imp = imp.view(1, groups, group_size)
+        best = None
+        for ratio in CLIP_RATIOS:
+            s_r, z_r = scales_at(ratio)
+            sf = s_r.float()[:, :, None]
+            deq = (torch.round(wg / sf + z_r[:, :, None]).clamp(0, 15) - z_r[:, :, None]) * sf
+            err = ((deq - wg) ** 2 * imp).sum(2)  # [n, groups]
+            if best is None:
+                best = err
+                continue
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s_r, scale), torch.where(better, z_r, zero)
     sf = scale.float()
-    zero = torch.full_like(sf, 8.0) if symmetric else torch.round(-wmin / sf).clamp(0, 15)
     q = torch.round(wg / sf[:, :, None] + zero[:, :, None]).clamp(0, 15).to(torch.int64)
     q = q.view(n, groups * group_size)[:, :k]
     zeros = None if symmetric else zero.to(torch.int64).T.contiguous()

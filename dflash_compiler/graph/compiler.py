@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..models.step import SpeculativeStep
 from ..models.target import TargetModel
 from . import ops as dflash_ops
 from .cache import TraceCache
+from .calibrate import linear_input_moments
 from .ir import Weights, is_dflash, kernel_launches, op_arguments, op_counts
 from .passes import default_passes, run_passes
 from .trace import bind_weights, trace, weight_names, weight_sources
@@ -357,6 +359,7 @@ def compile_step(
     release_sources: bool = False,
     cache_dir: str | Path | None = None,
     profile=None,
+    calibration: Sequence[Sequence[int]] | None = None,
 ) -> CompiledStep:
     """Compiles the step of (target, drafter) at block_size for caches of up to max_len positions per row.
 
@@ -364,7 +367,8 @@ def compile_step(
     their device. With release_sources, the given models' parameters are dropped as they are converted (the
     modules cannot run afterwards). cache_dir: where traces are kept between processes (graph/cache.py); None keeps
     them in this process only. profile: the hardware profile (name or HardwareProfile) whose tuning database the
-    Triton lowering reads (default: the device's profile)."""
+    Triton lowering reads (default: the device's profile). calibration: token id lists whose prefill through the
+    target gives INT4's quantizer its activation statistics (graph/calibrate.py); None rounds to nearest."""
     if quant not in QUANTS:
         raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANTS)}, got {quant!r}")
     if backend not in dflash_ops.BACKENDS:
@@ -378,7 +382,13 @@ def compile_step(
     if traced is None:
         cache = TraceCache(cache_dir, real_step, sources) if cache_dir is not None else None
         traced = _STEP_GRAPHS[key] = StepGraphs(real_step, cache=cache)
-    graphs = traced.with_passes(quant)
+    if calibration is not None and quant != "int4":
+        raise DFlashError(f"parameter 'calibration': it applies to quant 'int4', not {quant!r}")
+    if calibration is not None:
+        moments = linear_input_moments(target, calibration)
+        graphs = traced.with_passes(quant, default_passes(quant, moments=moments))
+    else:
+        graphs = traced.with_passes(quant)
     if release_sources:
         _release_parameters(target, drafter)
     return CompiledStep(graphs, sources, backend, device, tuning=chooser_for(backend, device, profile))

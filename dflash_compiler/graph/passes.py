@@ -24,6 +24,7 @@ from torch import fx
 
 from ..codegen import weight_formats as wf
 from . import ops as _ops  # noqa: F401  (registers torch.ops.dflash)
+from .calibrate import moments_digest
 from .ir import Recipe, Weights, is_dflash, op_arguments
 
 aten = torch.ops.aten
@@ -333,10 +334,31 @@ _COMPONENTS = {
 }
 
 
-def quantize(quant: str) -> Callable[[fx.GraphModule, Weights], int]:
-    """The quantization pass for "fp8" (per output channel), "fp8_block" (128x128) or "int4" (group 128)."""
+def _param_sources(weights: Weights, name: str) -> list[str]:
+    """The model tensors a weight is built from (through concatenations and folds)."""
+    if name in weights.recipes:
+        return [src for part in weights.recipes[name].sources for src in _param_sources(weights, part)]
+    return [name] if name in weights.sources else []
+
+
+def quantize(quant: str, moments: dict[str, torch.Tensor] | None = None) -> Callable[[fx.GraphModule, Weights], int]:
+    """The quantization pass for "fp8" (per output channel), "fp8_block" (128x128) or "int4" (group 128). INT4 with
+    moments (graph/calibrate.py: mean squares of the linears' inputs by source weight) clips each group where the
+    activation-weighted rounding error is smallest; weights without statistics are rounded to nearest."""
     fmt = QUANT_FORMATS[quant]
     quantizer = _quantizer(fmt)
+    calibrated = moments is not None and fmt == "int4"
+    digest = moments_digest(moments) if calibrated else ""
+
+    def quantizer_for(weights: Weights, weight_name: str, k: int):
+        """The quantizer of one weight and the name its recipe records."""
+        if calibrated:
+            importance = next((moments[src] for src in _param_sources(weights, weight_name) if src in moments), None)
+            if importance is not None and importance.numel() == k:
+                return (lambda w, imp=importance: wf.quantize_int4(w, group_size=128, importance=imp)), (
+                    f"{fmt} calibrated {digest}"
+                )
+        return quantizer, fmt
 
     def run(gm: fx.GraphModule, weights: Weights) -> int:
         count = 0
@@ -352,7 +374,8 @@ def quantize(quant: str) -> Callable[[fx.GraphModule, Weights], int]:
             if example is None:
                 continue  # kept dense
             # the converted weight once, as an intermediate its tensors are read from
-            whole = weights.add(Recipe((w.target,), quantizer, tuple(src.shape), src.dtype, fmt))
+            convert, describe = quantizer_for(weights, w.target, src.shape[1])
+            whole = weights.add(Recipe((w.target,), convert, tuple(src.shape), src.dtype, describe))
             parts = {}
             for field_name in _COMPONENTS[fmt]:
                 if field_name is None or getattr(example, field_name) is None:
@@ -368,7 +391,7 @@ def quantize(quant: str) -> Callable[[fx.GraphModule, Weights], int]:
         eliminate_dead(gm, weights)
         return count
 
-    run.__name__ = f"quantize_{quant}"
+    run.__name__ = f"quantize_{quant}" + (f"_calibrated_{digest}" if calibrated else "")
     return run
 
 
@@ -402,14 +425,16 @@ FUSION_PASSES = (
 PROLOGUE_PASSES = (fuse_norm, fuse_gate)
 
 
-def default_passes(quant: str = "bf16", prologues: bool = False) -> list[Callable[[fx.GraphModule, Weights], int]]:
+def default_passes(
+    quant: str = "bf16", prologues: bool = False, moments: dict[str, torch.Tensor] | None = None
+) -> list[Callable[[fx.GraphModule, Weights], int]]:
     """The pipeline: fusions (with the prologue fusions if asked), then quantization of what is left dense (fused
-    weights are quantized whole)."""
+    weights are quantized whole; moments: INT4's calibration statistics, graph/calibrate.py)."""
     passes = list(FUSION_PASSES)
     if prologues:
         passes[-1:-1] = PROLOGUE_PASSES  # before dead-code elimination
     if quant != "bf16":
-        passes.append(quantize(quant))
+        passes.append(quantize(quant, moments))
     return passes
 
 

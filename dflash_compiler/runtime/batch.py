@@ -157,7 +157,8 @@ class BatchRunner:
     a wide verify pays at one request, a narrow one once the batch makes the step compute-bound. compiled: a
     prebuilt step (an
     artifact's) run instead of compiling target and drafter (pass None for both). cache_dir: where the compiler
-    keeps traces between processes.
+    keeps traces between processes. calibration (quant "int4"): token id lists whose prefill gives the quantizer
+    its activation statistics (graph/calibrate.py).
     """
 
     def __init__(
@@ -178,6 +179,7 @@ class BatchRunner:
         buckets: Sequence[int] = BUCKETS,
         compiled: CompiledStep | None = None,
         cache_dir=None,
+        calibration: Sequence[Sequence[int]] | None = None,
     ):
         if compiled is not None:  # a prebuilt step (an artifact's): its graphs and weights, nothing compiled here
             if target is not None or drafter is not None:
@@ -219,6 +221,7 @@ class BatchRunner:
             max_len=self.pages_per_row * PAGE_SIZE,
             compiled=compiled,
             cache_dir=cache_dir,
+            calibration=calibration,
         )
         self.verify_widths = bucket_widths(verify_width, self.buckets, self.block_size)
         if on_cuda:

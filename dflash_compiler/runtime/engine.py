@@ -53,6 +53,21 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+CALIBRATION_TOKENS = 512  # tokens of each calibration prompt the quantizer's statistics read
+
+
+def calibration_ids(prompts: Sequence[str | Sequence[int]], tokenizer) -> list[list[int]]:
+    """Calibration prompts as token id lists (text through the tokenizer), each cut to CALIBRATION_TOKENS."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise DFlashError(f"parameter 'calibration'[{i}]: text needs a tokenizer; pass token ids")
+            p = tokenizer.encode(p, add_special_tokens=False)
+        out.append([int(t) for t in p][:CALIBRATION_TOKENS])
+    return out
+
+
 def _tuned_verify_widths(target: str | Path, quant: str, device: torch.device) -> dict[int, int] | None:
     """The verify widths the device profile's runtime study chose for this model and quant (None, logged, when no
     study of it is recorded: the whole block is verified)."""
@@ -129,11 +144,13 @@ class Engine:
         runner: BatchRunner | None = None,
         cache_dir: str | Path | None = None,
         verify_width: int | Mapping[int, int] | None = None,
+        calibration: Sequence[str | Sequence[int]] | None = None,
     ):
         """runner: a batched runner built elsewhere (an artifact's), served as it is; target and drafter are then
         its meta models. cache_dir: where the batched runtime's compiler keeps traces between processes.
         verify_width (batched runtime): the tokens verified per request and step, for every batch size or by batch
-        size (runtime/batch.py BatchRunner)."""
+        size (runtime/batch.py BatchRunner). calibration (quant "int4"): prompts, as text or token ids, whose
+        activations guide the INT4 quantizer (graph/calibrate.py)."""
         self.drafter, self.tokenizer = drafter, tokenizer
         self.cfg = target.cfg
         if runner is not None:
@@ -148,6 +165,8 @@ class Engine:
             raise DFlashError(f"parameter 'quant' {quant!r} needs runtime='batched'")
         if runtime == "eager" and verify_width is not None:
             raise DFlashError("parameter 'verify_width' needs runtime='batched'")
+        if calibration is not None:
+            calibration = calibration_ids(calibration, tokenizer)
         block_size = resolve_block_size(block_size, drafter.cfg.block_size if drafter is not None else None)
         self.runtime = runtime
         self.decoder = self.serving = None
@@ -170,6 +189,7 @@ class Engine:
                 quant="bf16" if quant == "none" else quant,  # the runner's name for the weights as loaded
                 cache_dir=cache_dir,
                 verify_width=verify_width,
+                calibration=calibration,
             )
             self.serving = self.loop = ServingLoop(runner, max_queue)
         self.stop_token_ids = set(target.cfg.eos_token_ids)
@@ -191,6 +211,7 @@ class Engine:
         max_queue: int | None = None,
         cache_dir: str | Path | None = None,
         verify_width: int | Mapping[int, int] | str | None = None,
+        calibration: Sequence[str | Sequence[int]] | None = None,
     ) -> Engine:
         """Loads a target checkpoint directory and, optionally, its DFlash drafter. With neither named, the
         tiny trained pair that ships with the package is used. The batched runtime compiles the step in memory;
@@ -213,6 +234,7 @@ class Engine:
         return cls(
             target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue,
             cache_dir=default_cache_dir() if cache_dir is None else cache_dir, verify_width=verify_width,
+            calibration=calibration,
         )  # fmt: skip
 
     @classmethod

@@ -729,9 +729,21 @@ def serve_parser() -> argparse.ArgumentParser:
         "width (8), by batch size (1:16,16:8), or tuned (what dflash-tune --runtime chose on this GPU); the drafter "
         "drafts its whole block (default: all of it)",
     )  # fmt: skip
+    p.add_argument(
+        "--calibration", help="--quant int4: prompts whose activations guide the quantizer (a prompt set or a "
+        ".jsonl; the first 64 prompts)",
+    )  # fmt: skip
     p.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated tokens per request")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
+
+
+def _calibration_texts(spec: str | None) -> list[str] | None:
+    if spec is None:
+        return None
+    from ..benchmark.prompts import load_prompts
+
+    return [p.text for p in load_prompts(spec, 64)]
 
 
 def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
@@ -759,6 +771,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
         max_seq_len=args.max_seq_len,
         max_queue=args.max_queue,
         verify_width=args.verify_width,
+        calibration=_calibration_texts(args.calibration),
     )
     target = args.target or str(DEFAULT_PAIR)
     names = [args.served_model_name] if args.served_model_name else []

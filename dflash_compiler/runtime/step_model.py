@@ -38,6 +38,7 @@ class StepModel:
         max_len: int = 4096,
         compiled: CompiledStep | None = None,
         cache_dir=None,
+        calibration=None,
     ):
         if compiled is not None:
             target, drafter = compiled.step.target, compiled.step.drafter
@@ -50,7 +51,7 @@ class StepModel:
         if compiled is None:
             compiled = compile_step(
                 target, drafter, block_size, quant=quant, backend=ops, max_len=max_len, release_sources=consume,
-                cache_dir=cache_dir,
+                cache_dir=cache_dir, calibration=calibration,
             )  # fmt: skip
         elif (compiled.step.block_size, compiled.step.max_len, compiled.quant) != (block_size, max_len, quant):
             raise DFlashError(
