@@ -193,3 +193,15 @@ def test_the_tuning_report_against_hand_computed_floors(tmp_path):
     flops_us = 2 * 256 * 8192 * 4096 / 1400e12 * 1e6
     assert big["bound"] == "compute" and big["floor_us"] == pytest.approx(flops_us, abs=0.01)
     assert big["vs_default"] == 1.0 and doc["copy_bandwidth_TBps"] == 4.25
+
+
+def test_quant_quality_compares_the_int4_variants(tmp_path):
+    import quant_quality
+
+    doc = quant_quality.main(["--eval-prompts", "2", "--calibration-prompts", "2", "--max-new-tokens", "6",
+                              "--device", "cpu", "--out", str(tmp_path / "q.json")])  # fmt: skip
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert list(rows) == ["unquantized", "int4 round-to-nearest", "int4 calibrated"]
+    for name in ("int4 round-to-nearest", "int4 calibrated"):
+        assert rows[name]["kl_mean"] > 0 and 0 < rows[name]["top1_agreement"] < 1 and rows[name]["tau"] >= 1
+    assert rows["unquantized"]["tau"] >= 1 and doc["calibration_prompts"] == 2
