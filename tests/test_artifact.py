@@ -344,7 +344,7 @@ def test_an_artifact_takes_the_tuned_widths(tmp_path, cache, starts, monkeypatch
     assert load_artifact(out).verify_widths == {1: 16, 2: 6}
 
 
-def test_a_calibrated_int4_artifact_decodes_as_the_in_memory_compile(tmp_path, cache, starts):
+def test_a_calibrated_int4_artifact_decodes_as_the_in_memory_compile(tmp_path, cache, starts, capsys):
     """--quant int4 --calibration: the manifest records the calibration, the step's quantization pass is the
     calibrated one, and the artifact decodes the tokens of Engine.from_pretrained with the same prompts."""
     from dflash_compiler.artifact.cli import compile_main
@@ -353,6 +353,10 @@ def test_a_calibrated_int4_artifact_decodes_as_the_in_memory_compile(tmp_path, c
     out = tmp_path / "int4"
     args = ["--gpu", "cpu", "--quant", "int4", "--graphs", GREEDY_GRAPHS, *SHAPES, "--calibration", "gsm8k",
             "--calibration-prompts", "3", "-o", str(out), "--quiet"]  # fmt: skip
+    bad = ["--gpu", "cpu", "--quant", "int4", *SHAPES, "--calibration", "nope", "-o", str(tmp_path / "x"), "--quiet"]
+    assert compile_main(bad) == 2
+    assert not (tmp_path / "x").exists()
+    assert "parameter '--calibration': 'nope' is neither a prompt set" in capsys.readouterr().err
     assert compile_main(args) == 0
     doc = json.loads((out / MANIFEST).read_text())
     assert doc["calibration"]["prompts"] == 3 and doc["calibration"]["tokens"] > 30

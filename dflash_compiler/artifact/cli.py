@@ -75,7 +75,7 @@ def compile_main(argv: list[str] | None = None) -> int:
         if args.calibration is not None:
             from ..benchmark.prompts import load_prompts
 
-            calibration = [p.text for p in load_prompts(args.calibration, args.calibration_prompts)]
+            calibration = [p.text for p in load_prompts(args.calibration, args.calibration_prompts, "--calibration")]
         t0 = time.perf_counter()
         out = compile_artifact(
             args.output,

@@ -24,16 +24,16 @@ class Prompt:
     messages: list[dict]
 
 
-def load_prompts(specs: str | list[str], limit: int | None = None) -> list[Prompt]:
+def load_prompts(specs: str | list[str], limit: int | None = None, parameter: str = "--prompts") -> list[Prompt]:
     """The prompts of each named set or JSONL file, in order, the first `limit` of them all."""
     names = [s.strip() for s in specs.split(",")] if isinstance(specs, str) else list(specs)
-    prompts = [p for name in names if name for p in load_prompt_set(name)]
+    prompts = [p for name in names if name for p in load_prompt_set(name, parameter)]
     if not prompts:
-        raise DFlashError("parameter '--prompts' names no prompts")
+        raise DFlashError(f"parameter '{parameter}' names no prompts")
     return prompts[:limit] if limit is not None else prompts
 
 
-def load_prompt_set(name: str) -> list[Prompt]:
+def load_prompt_set(name: str, parameter: str = "--prompts") -> list[Prompt]:
     if name == "humaneval":
         return humaneval()
     if name in BUNDLED_SETS:
@@ -41,7 +41,7 @@ def load_prompt_set(name: str) -> list[Prompt]:
     path = Path(name)
     if path.suffix != ".jsonl" and not path.exists():
         raise DFlashError(
-            f"parameter '--prompts': {name!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor a .jsonl file"
+            f"parameter '{parameter}': {name!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor a .jsonl file"
         )
     return read_jsonl(path, prefix=path.stem)
 

@@ -743,7 +743,7 @@ def _calibration_texts(spec: str | None) -> list[str] | None:
         return None
     from ..benchmark.prompts import load_prompts
 
-    return [p.text for p in load_prompts(spec, 64)]
+    return [p.text for p in load_prompts(spec, 64, "--calibration")]
 
 
 def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
