@@ -25,7 +25,7 @@ def _lengths(text: str) -> list[int]:
 
 
 def compile_parser() -> argparse.ArgumentParser:
-    from ..runtime.batch import verify_width_arg
+    from ..runtime.options import add_calibration, add_verify_width
     from .build import GPUS, QUANTS
 
     p = argparse.ArgumentParser(prog="dflash-compile", description=__doc__)
@@ -36,16 +36,8 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="bf16", choices=QUANTS, help="weight format (bf16: the weights as loaded)")
     p.add_argument("--dtype", default=None, help="activations: float32 (default on cpu), bfloat16 (default on GPUs)")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
-    p.add_argument(
-        "--verify-width", type=verify_width_arg, default=None, help="tokens verified per request and step: one width "
-        "(8), by batch size (1:16,16:8), or tuned (what dflash-tune --runtime chose on the profile; default: the "
-        "whole block)",
-    )  # fmt: skip
-    p.add_argument(
-        "--calibration", help="--quant int4: prompts whose activations guide the quantizer (a prompt set: humaneval, "
-        "gsm8k, mbpp, mt-bench, or a .jsonl of prompts); default: round to nearest",
-    )  # fmt: skip
-    p.add_argument("--calibration-prompts", type=int, default=64, help="prompts of --calibration used (default 64)")
+    add_verify_width(p)
+    add_calibration(p)
     p.add_argument("--max-batch", type=int, default=32, help="most concurrent requests (default 32)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="prompt + generated tokens per request (default 4096)")
     p.add_argument(
@@ -69,13 +61,10 @@ def compile_parser() -> argparse.ArgumentParser:
 def compile_main(argv: list[str] | None = None) -> int:
     args = compile_parser().parse_args(argv)
     try:
+        from ..runtime.options import calibration_texts
         from .build import compile_artifact
 
-        calibration = None
-        if args.calibration is not None:
-            from ..benchmark.prompts import load_prompts
-
-            calibration = [p.text for p in load_prompts(args.calibration, args.calibration_prompts, "--calibration")]
+        calibration = calibration_texts(args)
         t0 = time.perf_counter()
         out = compile_artifact(
             args.output,

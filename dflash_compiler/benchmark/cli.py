@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..errors import DFlashError
-from ..runtime.batch import verify_width_arg
+from ..runtime.options import add_verify_width
 from .prompts import PROMPT_SETS
 
 BACKENDS = ("inprocess", "dflash", "vllm", "sglang")
@@ -67,10 +67,7 @@ def bench_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quant", default="bf16", choices=("bf16", "fp8", "int4"))
     g.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
-    g.add_argument(
-        "--verify-width", type=verify_width_arg, default=None, help="DFlash, batched runtime: tokens verified per "
-        "request and step: one width (8), by batch size (1:16,16:8), or tuned",
-    )  # fmt: skip
+    add_verify_width(g, "DFlash, batched runtime: ")
     g.add_argument("--max-seq-len", type=int, default=None, help="batched runtime: prompt + new tokens per request")
     g = p.add_argument_group("server")
     g.add_argument("--base-url", help="the speculative (DFlash) server, e.g. http://127.0.0.1:8000")

@@ -46,31 +46,6 @@ def step_max_len(max_seq_len: int, block_size: int) -> int:
     return -(-(max_seq_len + 2 * block_size) // PAGE_SIZE) * PAGE_SIZE
 
 
-def parse_verify_width(spec: str) -> int | dict[int, int]:
-    """A verify width for every bucket ("8"), or widths by batch size ("1:16,8:12,16:8")."""
-    try:
-        if ":" not in spec:
-            return int(spec)
-        pairs = [item.split(":") for item in spec.split(",") if item.strip()]
-        return {int(batch): int(width) for batch, width in pairs}
-    except ValueError:
-        raise DFlashError(
-            f"parameter 'verify_width': expected a width (8) or batch:width pairs (1:16,16:8), got {spec!r}"
-        ) from None
-
-
-def verify_width_arg(text: str) -> int | dict[int, int] | str:
-    """argparse type of --verify-width: a width, batch:width pairs, or "tuned" (the tuning database's)."""
-    import argparse
-
-    if text == "tuned":
-        return text
-    try:
-        return parse_verify_width(text)
-    except DFlashError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def bucket_widths(
     verify_width: int | Mapping[int, int] | None, buckets: Sequence[int], block_size: int
 ) -> dict[int, int]:

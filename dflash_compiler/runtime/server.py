@@ -27,8 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import DFlashError
-from .batch import verify_width_arg
 from .engine import DEFAULT_PAIR, Engine
+from .options import add_calibration, add_verify_width, calibration_texts
 from .serving import QueueFullError, RequestHandle
 from .speculative import GenerationStats
 
@@ -724,26 +724,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="bf16", choices=("bf16", "fp8", "int4"), help="weight format (batched)")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (batched runtime)")
-    p.add_argument(
-        "--verify-width", type=verify_width_arg, default=None, help="tokens verified per request and step: one "
-        "width (8), by batch size (1:16,16:8), or tuned (what dflash-tune --runtime chose on this GPU); the drafter "
-        "drafts its whole block (default: all of it)",
-    )  # fmt: skip
-    p.add_argument(
-        "--calibration", help="--quant int4: prompts whose activations guide the quantizer (a prompt set or a "
-        ".jsonl; the first 64 prompts)",
-    )  # fmt: skip
+    add_verify_width(p)
+    add_calibration(p)
     p.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated tokens per request")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
-
-
-def _calibration_texts(spec: str | None) -> list[str] | None:
-    if spec is None:
-        return None
-    from ..benchmark.prompts import load_prompts
-
-    return [p.text for p in load_prompts(spec, 64, "--calibration")]
 
 
 def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
@@ -771,7 +756,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
         max_seq_len=args.max_seq_len,
         max_queue=args.max_queue,
         verify_width=args.verify_width,
-        calibration=_calibration_texts(args.calibration),
+        calibration=calibration_texts(args),
     )
     target = args.target or str(DEFAULT_PAIR)
     names = [args.served_model_name] if args.served_model_name else []
