@@ -117,6 +117,22 @@ def test_cli_on_the_batched_runtime_with_quantized_weights(pair, capsys):
     assert "parameter 'quant' 'int4' needs runtime='batched'" in capsys.readouterr().err
 
 
+def test_cli_with_calibrated_int4_at_a_verify_width(pair, capsys):
+    from dflash_compiler.benchmark.prompts import load_prompts
+
+    argv = ["--target", str(pair / "target"), "--drafter", str(pair / "drafter"), "--prompt", "abc", "--json",
+            "--max-new-tokens", "10", "--runtime", "batched", "--quant", "int4", "--calibration", "gsm8k",
+            "--calibration-prompts", "2", "--verify-width", "3"]  # fmt: skip
+    assert generate_main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    texts = [p.text for p in load_prompts("gsm8k", 2)]
+    engine = Engine.from_pretrained(pair / "target", pair / "drafter", runtime="batched", quant="int4",
+                                    calibration=texts, verify_width=3)  # fmt: skip
+    expected = engine.generate("abc", max_new_tokens=10)
+    engine.close()
+    assert doc["token_ids"] == expected.token_ids and max(expected.stats.acceptance_lengths) <= 3
+
+
 def _one_line_error(capsys, argv: list[str], message: str) -> None:
     assert generate_main(argv) == 2
     err = capsys.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import DFlashError
+from .options import add_calibration, add_verify_width, calibration_texts
 
 # Below this many bytes of checkpoint a model's matrices are too small for torch's intra-op threads to pay for
 # their synchronisation (on a busy 2-core host the tiny pair ran 4-15x slower with the default thread count).
@@ -74,6 +75,8 @@ def generate_parser() -> argparse.ArgumentParser:
         choices=("none", "bf16", "fp8", "int4"),
         help="convert the weights at load (batched runtime); none (or bf16): the weights as loaded",
     )
+    add_verify_width(p, "batched runtime: ")
+    add_calibration(p)
     p.add_argument("--baseline", action="store_true", help="also run the target alone and report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
     return p
@@ -171,7 +174,8 @@ def _generate(args: argparse.Namespace) -> int:
         drafter = DEFAULT_PAIR / "drafter" if args.target is None else None
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     load = dict(device=args.device, dtype=dtype, runtime=args.runtime, quant=args.quant)
-    engine = Engine.from_pretrained(target, drafter, block_size=args.block_size, **load)
+    load["calibration"] = calibration_texts(args)
+    engine = Engine.from_pretrained(target, drafter, block_size=args.block_size, verify_width=args.verify_width, **load)
     if device.type == "cpu" or args.threads is not None:
         _set_threads(args.threads, [target] + ([drafter] if drafter is not None else []))
     baseline = (target, load) if args.baseline and drafter is not None else None
