@@ -285,3 +285,33 @@ def test_cubin_arch_refuses_a_file_that_is_no_cubin(tmp_path):
     junk.write_bytes(b"\x7fELF not really")
     with pytest.raises(DFlashError, match=f"^{junk}: cuobjdump cannot read it"):
         aot.cubin_arch(junk)
+
+
+def test_the_chunked_prefill_fits_sm90_at_qwen35_dims(tmp_path):
+    """The three kernels of the chunked GDN prefill, cross-compiled for sm90 at the 27B head dims (K = V = 128,
+    48 value heads) in both scan precisions, each within the profile's shared memory per block."""
+    out = _run_compiler(
+        f"""
+        import json, torch
+        from dflash_compiler.codegen.triton import aot, gdn
+        from dflash_compiler.hw_profiles import load_profile
+
+        profile = load_profile("sm90", "H200")
+
+        def launch():
+            q = torch.zeros(1, 512, 16, 128, dtype=torch.bfloat16)
+            v = torch.zeros(1, 512, 48, 128, dtype=torch.bfloat16)
+            a = torch.zeros(1, 512, 48, dtype=torch.bfloat16)
+            for precision in ("tf32", "tf32x3"):
+                gdn.gdn_chunked(q, q.clone(), v, a, a.clone(), torch.zeros(48), torch.zeros(48),
+                                torch.zeros(1, 48, 128, 128), precision=precision)
+
+        records = aot.cross_compile(launch, 90, r"{tmp_path}", sm_count=132,
+                                    max_shared_memory=profile.smem_per_block, host_modules=False)
+        print(json.dumps([[r.name.rsplit(".", 1)[1], r.shared] for r in records]))
+        """
+    )
+    records = json.loads(out.strip().splitlines()[-1])
+    kernels = ("_chunk_prepare_kernel", "_chunk_state_kernel", "_chunk_output_kernel")
+    assert sorted({name for name, _ in records}) == sorted(kernels) and len(records) == 6
+    assert all(0 < shared <= 232448 for _, shared in records)

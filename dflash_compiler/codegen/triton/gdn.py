@@ -863,9 +863,11 @@ def gdn_chunked(
         HV=hv, G=hv // heads, K=dk, V=dv, BT=chunk_size, SB=sb, LEVELS=(chunk_size // sb).bit_length() - 1,
         PREC=precision, num_warps=8,
     )  # fmt: skip
+    # two stages: the third buffer of the prefetched W, U and key tiles takes the scan over sm90's 227 KB of shared
+    # memory at K = V = 128 (240 KB, cross-compiled)
     _chunk_state_kernel[(dv // bv, bsz * hv)](
         w, u, k_tail, cum, state, final_state, starts, v_new, nc,
-        HV=hv, K=dk, V=dv, BV=bv, BT=chunk_size, PREC=precision, num_warps=8,
+        HV=hv, K=dk, V=dv, BV=bv, BT=chunk_size, PREC=precision, num_warps=8, num_stages=2,
     )  # fmt: skip
     _chunk_output_kernel[(nc, bsz * hv, dv // bv)](
         q, k, cum, starts, v_new, out, seq, nc, dk**-0.5, *q.stride()[:3], *k.stride()[:3],
