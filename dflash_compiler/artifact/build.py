@@ -13,7 +13,6 @@ compile leaves nothing at the output path.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -30,8 +29,6 @@ from ..hw_profiles import HardwareProfile, load_profile
 from ..models.loader import load_drafter, load_target, parse_dtype
 from ..models.paged import PAGE_SIZE
 from .manifest import library_versions, project, replace_dir, write_manifest
-
-log = logging.getLogger(__name__)
 
 GPUS = ("sm80", "sm90", "sm100", "sm120", "cpu", "auto")
 QUANTS = ("bf16", "fp8", "int4")
@@ -87,6 +84,7 @@ def compile_artifact(
     from ..runtime.batch import BUCKETS, bucket_widths, runner_buckets, step_max_len
     from ..runtime.engine import DEFAULT_PAIR
     from ..runtime.speculative import resolve_block_size
+    from ..tuning.choice import tuned_widths_or_block
 
     out = Path(out)
     if out.exists() and not force:
@@ -120,7 +118,7 @@ def compile_artifact(
             block = resolve_block_size(block_size, drafter_model.cfg.block_size if drafter_model else None)
             buckets = runner_buckets(max_batch)
             if verify_width == "tuned":
-                verify_width = _tuned_widths(target_model.cfg, quant, profile) if block > 1 else None
+                verify_width = tuned_widths_or_block(target_model.cfg, quant, profile) if block > 1 else None
             widths = bucket_widths(verify_width, buckets, block)
             max_seq_len = min(max_seq_len, target_model.cfg.max_position_embeddings)
             max_len = step_max_len(max_seq_len, block)
@@ -336,17 +334,6 @@ def _dry_run(op: str, tuned: dict | None = None):
 
     run.__name__ = f"{op}_ahead_of_time"
     return run
-
-
-def _tuned_widths(target_cfg, quant: str, profile: HardwareProfile) -> dict[int, int] | None:
-    from ..tuning.choice import runtime_model_key, tuned_verify_widths
-
-    model = runtime_model_key(target_cfg)
-    widths = tuned_verify_widths(model, quant, profile)
-    if widths is None:
-        log.warning("no runtime study of %s in %s on profile %s: every bucket verifies the whole block", model,
-                    quant, profile.name)  # fmt: skip
-    return widths
 
 
 def compile_kernels(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from .proposer import DFlashProposer
 from .sampling import SamplingParams
 from .serving import EagerLoop, RequestHandle, ServingLoop
 from .speculative import GenerationStats, SpeculativeDecoder, resolve_block_size
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PAIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-pair"
 
@@ -68,20 +65,14 @@ def calibration_ids(prompts: Sequence[str | Sequence[int]], tokenizer) -> list[l
     return out
 
 
-def _tuned_verify_widths(target: str | Path, quant: str, device: torch.device) -> dict[int, int] | None:
-    """The verify widths the device profile's runtime study chose for this model and quant (None, logged, when no
-    study of it is recorded: the whole block is verified)."""
+def _tuned_widths(target: str | Path, quant: str, device: torch.device) -> dict[int, int] | None:
+    """The verify widths this device's profile recorded for the target (tuning/choice.py)."""
     from ..hw_profiles import profile_for_device
     from ..models.config import TargetConfig
-    from ..tuning.choice import runtime_model_key, tuned_verify_widths
+    from ..tuning.choice import tuned_widths_or_block
 
     profile = profile_for_device(torch.cuda.get_device_properties(device)) if device.type == "cuda" else "cpu"
-    model, fmt = runtime_model_key(TargetConfig.from_dir(target)), "bf16" if quant == "none" else quant
-    widths = tuned_verify_widths(model, fmt, profile)
-    if widths is None:
-        name = profile if isinstance(profile, str) else profile.name
-        log.warning("no runtime study of %s in %s on profile %s: verifying the whole draft block", model, fmt, name)
-    return widths
+    return tuned_widths_or_block(TargetConfig.from_dir(target), "bf16" if quant == "none" else quant, profile)
 
 
 def _stop_strings(stop: str | Sequence[str]) -> tuple[str, ...]:
@@ -227,7 +218,7 @@ class Engine:
         device = check_device(device)
         dtype = parse_dtype(dtype)
         if verify_width == "tuned":
-            verify_width = _tuned_verify_widths(target, quant, device) if drafter else None
+            verify_width = _tuned_widths(target, quant, device) if drafter else None
         target_model = load_target(target, device=device, dtype=dtype)
         drafter_model = load_drafter(drafter, target_model.cfg, device=device, dtype=dtype) if drafter else None
         tokenizer = load_tokenizer(target, drafter)

@@ -3,6 +3,7 @@ launcher's default marked untuned. Nothing here imports Optuna: the compiler cho
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -11,6 +12,8 @@ from ..errors import DFlashError
 from ..hw_profiles import HardwareProfile, load_profile
 from ..hw_profiles.database import TuningDB
 from .spaces import SPACES, parse_shape, space_for
+
+log = logging.getLogger(__name__)
 
 
 class Choice(NamedTuple):
@@ -124,3 +127,14 @@ def tuned_verify_widths(
                 f"{where}: field 'config.widths' must map batch sizes to widths, got {chosen!r}"
             ) from None
     return widths or None
+
+
+def tuned_widths_or_block(target_cfg, quant: str, profile: str | HardwareProfile) -> dict[int, int] | None:
+    """tuned_verify_widths for a target configuration; None (logged: every bucket verifies the whole draft block)
+    when the profile records no runtime study of it."""
+    model = runtime_model_key(target_cfg)
+    widths = tuned_verify_widths(model, quant, profile)
+    if widths is None:
+        name = profile if isinstance(profile, str) else profile.name
+        log.warning("no runtime study of %s in %s on profile %s: verifying the whole draft block", model, quant, name)
+    return widths
