@@ -222,6 +222,23 @@ def test_calibrated_int4_dflash_is_lossless(prompts):
         BatchRunner(*_tiny_pair(), quant="int4", calibration=[[1, 5000]])
 
 
+def test_bad_verify_widths_and_calibrations_name_the_parameter():
+    from dflash_compiler.graph.calibrate import linear_input_moments
+    from dflash_compiler.runtime.batch import bucket_widths
+    from dflash_compiler.runtime.engine import calibration_ids
+
+    with pytest.raises(DFlashError, match=r"parameter 'verify_width': batch sizes must be positive integers"):
+        bucket_widths({0: 4}, (1, 2), 16)
+    assert bucket_widths({2: 4}, (1, 2, 4), 16) == {1: 4, 2: 4, 4: 4}
+    with pytest.raises(DFlashError, match=r"parameter 'calibration'\[1\]: text needs a tokenizer"):
+        calibration_ids([[1, 2], "some text"], None)
+    assert calibration_ids([list(range(600))], None) == [list(range(512))]  # cut to CALIBRATION_TOKENS
+    target = _tiny_pair()[0]
+    for prompts in ([], [[]]):
+        with pytest.raises(DFlashError, match="parameter 'calibration': expected one or more non-empty prompts"):
+            linear_input_moments(target, prompts)
+
+
 def _dequantized_target(quant: str):
     """The tiny target with every weight the batched runtime converts (each nn.Linear, lm_head included) replaced
     by the dequantized result of that conversion."""

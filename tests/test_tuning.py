@@ -672,6 +672,8 @@ def test_dflash_tune_at_the_rows_of_autoregressive_decoding(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--block-size", "17"]) == 2
     assert "parameter 'block-size' must be in 1..16, got 17" in capsys.readouterr().err
+    assert main([*args, "--compile-workers", "-1"]) == 2
+    assert "parameter 'compile-workers' must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_the_runtime_study_on_random_weights_at_a_configs_shapes(tmp_path, capsys):
