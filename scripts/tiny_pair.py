@@ -281,7 +281,7 @@ def varied_prompts(args: argparse.Namespace) -> None:
             if not prompt or not prompt.strip():
                 continue
             # distinct: by the first line that is not a decorator (one prompt per def or class at most)
-            key = next(line for line in prompt.splitlines() if line.strip() and not line.startswith("@"))
+            key = next((line for line in prompt.splitlines() if line.strip() and not line.startswith("@")), prompt)
             if args.distinct and key in seen:
                 continue
             seen.add(key)

@@ -6,6 +6,8 @@ the FP8 dot path are checked by the gpu-marked tests at real-ish shapes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -270,6 +272,22 @@ def test_linear_whole_tiles(fmt):
     run_and_check(x, weight, config=LinearConfig(block_n=32, block_m=16, block_k=128, num_stages=2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+@pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
+@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
+def test_linear_int4_split_halves(fmt, split, epilogue, dtype):
+    """The INT4 variant that decodes a plane's even and odd inputs into two dots, with K ending inside a plane
+    (odd k_left) and inside a 128-input group."""
+    gen = torch.Generator().manual_seed(26)
+    n = 42 if epilogue == "swiglu" else 29
+    weight = make_weight(fmt, n, 331, gen, dtype=dtype)
+    x = torch.randn(5, 331, generator=gen).to(DEVICE, dtype)
+    residual = torch.randn(5, n, generator=gen).to(DEVICE, dtype) if epilogue == "residual" else None
+    config = dataclasses.replace(_config(fmt, split), split_int4=True)
+    run_and_check(x, weight, residual=residual, swiglu=epilogue == "swiglu", config=config)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_linear_fp32_activations(fmt):
     gen = torch.Generator().manual_seed(30)
@@ -417,6 +435,44 @@ def test_gpu_fp8_dot(fmt, m, n, k):
     # Against unquantized activations the error is that of e4m3 (3 mantissa bits).
     ref = reference(x, weight)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+@pytest.mark.parametrize("m,n,k", [(1, 5120, 6144), (16, 2048, 17408), (40, 3072, 5200)])
+@pytest.mark.parametrize("fmt", ["fp8_channel", "fp8_block"])
+def test_gpu_fp8_prequantized_x_matches_the_in_loop_quantization(fmt, m, n, k, epilogue):
+    """x quantized by the pass before the GEMM gives the in-loop quantization's result (same arithmetic), through
+    stream-K and split tiles, with K ending inside a group; and a fused norm runs in front of it."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 dot needs sm89+")
+    gen = torch.Generator().manual_seed(64)
+    n_rows = 2 * n if epilogue == "swiglu" else n
+    weight = make_weight(fmt, n_rows, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16) if epilogue == "residual" else None
+    kw = {"residual": residual, "swiglu": epilogue == "swiglu"}
+    for grid in ({"programs": 132}, {"split_k": 3}, {}):
+        in_loop = LinearConfig(block_n=64, block_m=16, num_stages=3, **grid)
+        pre = dataclasses.replace(in_loop, prequant_x=True)
+        y = run_and_check(x, weight, fp8_dot=True, config=pre, tol=5e-3, **kw)
+        torch.testing.assert_close(y, linear(x, weight, fp8_dot=True, config=in_loop, **kw), rtol=1e-2, atol=1e-3)
+    g = (torch.randn(k, generator=gen) * 0.2).to(DEVICE, torch.bfloat16)
+    y = linear(x, weight, fp8_dot=True, config=pre, norm=linear_mod.RowNorm(g, 1e-6, True), **kw)
+    ref = reference(ops.rms_norm(x, g, 1e-6, True), weight, residual, epilogue == "swiglu", fp8_dot=True)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", GPU_SHAPES)
+@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
+def test_gpu_int4_split_halves(fmt, m, n, k):
+    gen = torch.Generator().manual_seed(65)
+    weight = make_weight(fmt, n, k, gen, dtype=torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+    for grid in ({"programs": 264}, {"split_k": 2}, {}):
+        cfg = LinearConfig(block_n=128, block_m=16 if m <= 16 else 64, num_stages=3, split_int4=True, **grid)
+        run_and_check(x, weight, config=cfg)
 
 
 @pytest.mark.gpu

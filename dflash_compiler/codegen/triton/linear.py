@@ -36,12 +36,13 @@ EPI_NONE, EPI_RESIDUAL, EPI_SWIGLU = 0, 1, 2
 
 
 @triton.jit
-def _x_tile(x_chunk, x_offs, m_ok, k_left, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    """Activations x^T [BK, BLOCK_M] of one chunk: x_chunk points at x[m0, k0], x_offs holds k * sxk + m * sxm."""
+def _x_tile(x_chunk, x_offs, m_ok, k_left, BK: tl.constexpr, EVEN_K: tl.constexpr, K_STEP: tl.constexpr = 1):
+    """Activations x^T [BK, BLOCK_M] of one chunk: x_chunk points at x[m0, k0], x_offs holds k * sxk + m * sxm
+    for k = i * K_STEP, i = 0..BK-1."""
     if EVEN_K:
         mask = m_ok[None, :]
     else:
-        mask = (tl.arange(0, BK) < k_left)[:, None] & m_ok[None, :]
+        mask = (tl.arange(0, BK) * K_STEP < k_left)[:, None] & m_ok[None, :]
     return tl.load(x_chunk + x_offs, mask=mask, other=0.0)
 
 
@@ -101,12 +102,13 @@ def _accumulate(
     xq,
     xs,
     x_chunk,
-    x_offs32,
+    x_plane_offs,
     m_ok,
     stride_xk,
     FORMAT: tl.constexpr,
     FP8_DOT: tl.constexpr,
     ASYM: tl.constexpr,
+    SPLIT_INT4: tl.constexpr,
     EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -114,7 +116,9 @@ def _accumulate(
     INPUT_PRECISION: tl.constexpr,
 ):
     """acc[BLOCK_N, BLOCK_M] += W[rows, chunk] @ x^T[chunk] with the chunk's per-row scale. w_chunk points at the
-    chunk's first weight element (word for INT4) of the tile's first row, w_offs holds the in-tile offsets."""
+    chunk's first weight element (word for INT4) of the tile's first row, w_offs holds the in-tile offsets.
+    SPLIT_INT4: each half of a plane (the even and the odd inputs) goes into its own dot against x's even or odd
+    rows, so the decoded weights stay elementwise functions of the loaded words (no interleaving shuffle)."""
     if EVEN_N:
         row_mask = tl.full((acc.shape[0], 1), 1, tl.int1)
     else:
@@ -136,17 +140,35 @@ def _accumulate(
             if DOT_DTYPE == tl.float32:  # noqa: SIM300
                 lo = ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
                 hi = ((words >> (16 + 4 * j)) & 0xF).to(tl.float32) - 8.0
-                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
+                if not SPLIT_INT4:
+                    wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
             else:
                 pair = ((words >> (4 * j)) & 0x000F000F) | magic_bits
                 lo = pair.to(tl.uint16).to(DOT_DTYPE, bitcast=True)
                 hi = (pair >> 16).to(tl.uint16).to(DOT_DTYPE, bitcast=True)
-                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32)) - tl.full((1, 1), offset, DOT_DTYPE)
-            xj = _x_tile(x_chunk + 32 * j * stride_xk, x_offs32, m_ok, k_left - 32 * j, 32, EVEN_K).to(DOT_DTYPE)
-            part = tl.dot(wj, xj, part, input_precision=INPUT_PRECISION)
-            if ASYM:
-                ones = tl.full((words.shape[0], 32), 1.0, DOT_DTYPE)
-                xsum = tl.dot(ones, xj, xsum, input_precision=INPUT_PRECISION)
+                if not SPLIT_INT4:
+                    wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32)) - tl.full((1, 1), offset, DOT_DTYPE)
+                else:
+                    lo = lo - tl.full((1, 1), offset, DOT_DTYPE)
+                    hi = hi - tl.full((1, 1), offset, DOT_DTYPE)
+            if SPLIT_INT4:
+                x_plane = x_chunk + 32 * j * stride_xk
+                x_lo = _x_tile(x_plane, x_plane_offs, m_ok, k_left - 32 * j, 16, EVEN_K, 2).to(DOT_DTYPE)
+                x_hi = _x_tile(x_plane + stride_xk, x_plane_offs, m_ok, k_left - 32 * j - 1, 16, EVEN_K, 2)
+                x_hi = x_hi.to(DOT_DTYPE)
+                part = tl.dot(lo, x_lo, part, input_precision=INPUT_PRECISION)
+                part = tl.dot(hi, x_hi, part, input_precision=INPUT_PRECISION)
+                if ASYM:
+                    ones = tl.full((words.shape[0], 16), 1.0, DOT_DTYPE)
+                    xsum = tl.dot(ones, x_lo, xsum, input_precision=INPUT_PRECISION)
+                    xsum = tl.dot(ones, x_hi, xsum, input_precision=INPUT_PRECISION)
+            else:
+                xj = _x_tile(x_chunk + 32 * j * stride_xk, x_plane_offs, m_ok, k_left - 32 * j, 32, EVEN_K)
+                xj = xj.to(DOT_DTYPE)
+                part = tl.dot(wj, xj, part, input_precision=INPUT_PRECISION)
+                if ASYM:
+                    ones = tl.full((words.shape[0], 32), 1.0, DOT_DTYPE)
+                    xsum = tl.dot(ones, xj, xsum, input_precision=INPUT_PRECISION)
         if ASYM:
             part += corr[:, None] * xsum
         acc += part * scale[:, None]
@@ -243,7 +265,7 @@ def _finish(
 # 16-byte vectors); the other integers would otherwise multiply the compiled variants across shapes and grids.
 @triton.jit(
     do_not_specialize=[
-        "M", "N_OUT", "UP_ROW", "stride_sg", "stride_zg", "stride_rm", "stride_ym", "stride_am",
+        "M", "N_OUT", "UP_ROW", "stride_sg", "stride_zg", "stride_rm", "stride_ym", "stride_am", "stride_xsm",
         "num_m_tiles", "chunks_per_tile", "total_chunks", "slots",
     ]
 )  # fmt: skip
@@ -259,6 +281,8 @@ def _linear_kernel(
     g_ptr,
     norm_eps,
     a_ptr,
+    xs_ptr,
+    stride_xsm,
     M,
     N_OUT,
     K,
@@ -278,7 +302,9 @@ def _linear_kernel(
     slots,
     FORMAT: tl.constexpr,
     FP8_DOT: tl.constexpr,
+    X_FP8: tl.constexpr,
     ASYM: tl.constexpr,
+    SPLIT_INT4: tl.constexpr,
     EPILOGUE: tl.constexpr,
     NORM: tl.constexpr,
     GATE: tl.constexpr,
@@ -302,7 +328,10 @@ def _linear_kernel(
     else:
         w_offs = tl.arange(0, BLOCK_N)[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :]
     x_offs = tl.arange(0, BLOCK_K)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
-    x_offs32 = tl.arange(0, 32)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
+    if SPLIT_INT4:  # the even inputs of a plane (the odd ones one row on)
+        x_plane_offs = (2 * tl.arange(0, 16))[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
+    else:
+        x_plane_offs = tl.arange(0, 32)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
     a_offs = tl.arange(0, BLOCK_K)[:, None] * stride_ak + tl.arange(0, BLOCK_M)[None, :] * stride_am
     # One flat loop over this program's chunks, crossing tile boundaries, so the load pipeline never drains.
     tile = start // chunks_per_tile
@@ -322,6 +351,10 @@ def _linear_kernel(
             s_ptr, z_ptr, pid_n * BLOCK_N + UP_ROW, kc * BLOCK_K, N_OUT + UP_ROW, stride_sg, stride_zg,
             FORMAT, ASYM, GROUP_SIZE, BLOCK_N,
         )  # fmt: skip
+    xs_cur = tl.zeros((BLOCK_M,), tl.float32)  # X_FP8: the scales of x's chunk, fetched a chunk ahead
+    if X_FP8:
+        offs_m0 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        xs_cur = tl.load(xs_ptr + offs_m0 * stride_xsm + kc, mask=offs_m0 < M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     ss = tl.zeros((BLOCK_M,), tl.float32)  # the fused RMSNorm's sum of squares of the tile's rows so far
@@ -352,7 +385,12 @@ def _linear_kernel(
         xt = tl.zeros((BLOCK_K, BLOCK_M), DOT_DTYPE)
         xq = xt
         xs = tl.zeros((BLOCK_M,), tl.float32)
-        if FORMAT != 3:
+        if X_FP8:  # x quantized in a pass before the GEMM: the loop only loads it
+            xq = _x_tile(x_chunk, x_offs, m_ok, k_left, BLOCK_K, EVEN_K)
+            xs = xs_cur
+            offs_m_nx = pid_m_nx * BLOCK_M + tl.arange(0, BLOCK_M)
+            xs_cur = tl.load(xs_ptr + offs_m_nx * stride_xsm + kc_nx, mask=offs_m_nx < M)
+        elif FORMAT != 3:
             xt = _x_tile(x_chunk, x_offs, m_ok, k_left, BLOCK_K, EVEN_K).to(DOT_DTYPE)
             if GATE:  # x * sigmoid(gate), elementwise (the gated attention's output in front of o_proj)
                 a_chunk = a_ptr + m0.to(tl.int64) * stride_am + k0 * stride_ak
@@ -378,15 +416,15 @@ def _linear_kernel(
         w_chunk = w_ptr + row0.to(tl.int64) * stride_wn + w_k
         scale, corr = _scales(sc, zw, row0, FORMAT, FP8_DOT, BLOCK_N)
         acc = _accumulate(
-            acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
-            FORMAT, FP8_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+            acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_plane_offs, m_ok, stride_xk,
+            FORMAT, FP8_DOT, ASYM, SPLIT_INT4, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
         if EPILOGUE == 2:
             up_scale, up_corr = _scales(up_sc, up_zw, row0 + UP_ROW, FORMAT, FP8_DOT, BLOCK_N)
             acc_up = _accumulate(
                 acc_up, w_chunk + UP_ROW.to(tl.int64) * stride_wn, w_offs, n_ok, k_left, up_scale, up_corr,
-                xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
-                FORMAT, FP8_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+                xt, xq, xs, x_chunk, x_plane_offs, m_ok, stride_xk,
+                FORMAT, FP8_DOT, ASYM, SPLIT_INT4, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
             )  # fmt: skip
         if tile_end | (c == end - 1):
             offs_n = row0 + tl.arange(0, BLOCK_N)
@@ -430,6 +468,34 @@ def _linear_kernel(
         )  # fmt: skip
 
 
+@triton.jit
+def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUPS: tl.constexpr):
+    """x [M, K] -> FP8 e4m3 per token and 128-input group (q [M, K], scales s [M, K / 128]), with the same
+    arithmetic as the GEMM's in-loop quantization, so either path gives the same result."""
+    m = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    k = g[:, None] * 128 + tl.arange(0, 128)[None, :]
+    ok = k < K
+    xf = tl.load(x_ptr + m * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(xf), axis=1)
+    inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 0.0)
+    tl.store(q_ptr + m * stride_qm + k, (xf * inv[:, None]).to(tl.float8e4nv), mask=ok)
+    tl.store(s_ptr + m * stride_sm + g, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=g * 128 < K)
+
+
+def quantize_x_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (contiguous rows) -> (FP8 values [M, K], fp32 scales [M, ceil(K / 128)]), per token and group."""
+    m, k = x.shape
+    groups = triton.cdiv(k, 128)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    per_program = 8
+    _quantize_x_kernel[(m, triton.cdiv(groups, per_program))](
+        x, q, scales, k, x.stride(0), q.stride(0), scales.stride(0), GROUPS=per_program, num_warps=4
+    )
+    return q, scales
+
+
 # ---- launcher ----------------------------------------------------------------------------------------------------
 
 
@@ -453,6 +519,11 @@ class LinearConfig:
     num_stages: int = 4
     split_k: int = 1
     programs: int | None = None
+    # Variants whose speed depends on the GPU (the tuning study chooses): FP8 weights with the FP8 dot take x
+    # quantized by a pass before the GEMM instead of in its loop; INT4 decodes each plane's even and odd inputs
+    # into separate dots instead of interleaving them.
+    prequant_x: bool = False
+    split_int4: bool = False
 
 
 Weight = DenseWeight | FP8ChannelWeight | FP8BlockWeight | Int4Weight
@@ -598,17 +669,22 @@ def linear(
             f"residual: expected {x.dtype} [{m}, {n_out}] with contiguous rows, "
             f"got {residual.dtype} {tuple(residual.shape)}"
         )
+    fp8 = False
+    if isinstance(weight, (FP8ChannelWeight, FP8BlockWeight)):
+        fp8 = _fp8_dot_default(x.device) if fp8_dot is None else fp8_dot
+    # The INT4 loop reads x in planes and a pre-quantized x is read as it is: a prologue runs in front of them.
+    prologue_in_front = isinstance(weight, Int4Weight) or (fp8 and config is not None and config.prequant_x)
     if gate is not None:
         if gate.shape != x.shape or gate.dtype != x.dtype or norm is not None:
             raise ValueError(
                 f"gate: expected {x.dtype} {tuple(x.shape)} and no norm, got {gate.dtype} {tuple(gate.shape)}"
             )
-        if isinstance(weight, Int4Weight):  # the INT4 loop reads x in planes: the gate is applied in front of it
+        if prologue_in_front:
             x, gate = x * torch.sigmoid(gate), None
     if norm is not None:
         if norm.weight.shape != (k,) or norm.weight.stride(0) != 1:
             raise ValueError(f"norm: expected a contiguous [{k}] weight, got {tuple(norm.weight.shape)}")
-        if isinstance(weight, Int4Weight):  # the INT4 loop reads x in planes: the norm runs in front of it
+        if prologue_in_front:
             from .fused_ops import rms_norm
 
             x, norm = rms_norm(x, norm.weight, norm.eps, zero_centered=norm.zero_centered), None
@@ -637,11 +713,9 @@ def linear(
     s = z = None
     asym = False
     group = 128
-    fp8 = False
     if isinstance(weight, DenseWeight):
         fmt, w = DENSE, weight.weight
     elif isinstance(weight, (FP8ChannelWeight, FP8BlockWeight)):
-        fp8 = _fp8_dot_default(x.device) if fp8_dot is None else fp8_dot
         w = weight.qweight if fp8 else weight.qweight.view(torch.uint8)
         if isinstance(weight, FP8ChannelWeight):
             fmt, s = FP8_CHANNEL, weight.scale
@@ -679,18 +753,22 @@ def linear(
         x.device, 0 if whole_tiles else tiles * slots * rows * config.block_m, 0 if whole_tiles else tiles
     )
     dummy = out
+    x_fp8 = fp8 and config.prequant_x
+    xs = dummy
+    if x_fp8:
+        x, xs = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous())
     _linear_kernel[(programs,)](
         x, w, s if s is not None else dummy, z if z is not None else dummy,
         residual if residual is not None else dummy, out, ws, cnt,
         norm.weight if norm is not None else dummy, norm.eps if norm is not None else 0.0,
-        gate if gate is not None else dummy,
+        gate if gate is not None else dummy, xs, xs.stride(0) if x_fp8 else 0,
         m, n_out, k, n_out if swiglu else 0,
         x.stride(0), x.stride(1), w.stride(0),
         s.stride(0) if s is not None else 0, z.stride(0) if z is not None else 0,
         residual.stride(0) if residual is not None else 0, out.stride(0),
         gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
         m_tiles, chunks, total, slots,
-        FORMAT=fmt, FP8_DOT=fp8, ASYM=asym,
+        FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, ASYM=asym, SPLIT_INT4=fmt == INT4 and config.split_int4,
         EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
         NORM=0 if norm is None else 2 if norm.zero_centered else 1,
         GATE=gate is not None,
