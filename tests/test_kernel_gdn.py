@@ -295,3 +295,19 @@ def test_gpu_decode_in_place_real_dims():
     o = gdn.gdn_recurrent(q, k, v, a, b, a_log, dt_bias, live, final_state=live)
     _close("o", o.float(), o_ref.float(), 1e-2)
     _close("state", live, states_ref[:, 0], 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_more_requests_times_heads_than_a_grid_axis_holds():
+    """Prefill and decode of 8200 requests x 8 value heads: over the 65535 programs of a CUDA grid's second axis."""
+    bsz, seq = 8200, 3
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=4, hv=8, dk=16, dv=16, dtype=torch.float16,
+                                                       gen=gen)  # fmt: skip
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    o_ref, s_ref = ops.gated_delta_rule_chunked(q, k, v, g, beta, state)
+    o, s = gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, final_state=_nan(*state.shape))
+    _close("chunked o", o.float(), o_ref.float(), 1e-2)
+    _close("chunked final state", s, s_ref, 1e-2)
+    o = gdn.gdn_recurrent(q, k, v, a, b, a_log, dt_bias, state)
+    _close("recurrent o", o.float(), o_ref.float(), 1e-2)

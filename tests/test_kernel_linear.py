@@ -272,22 +272,6 @@ def test_linear_whole_tiles(fmt):
     run_and_check(x, weight, config=LinearConfig(block_n=32, block_m=16, block_k=128, num_stages=2))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
-@pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
-@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
-def test_linear_int4_split_halves(fmt, split, epilogue, dtype):
-    """The INT4 variant that decodes a plane's even and odd inputs into two dots, with K ending inside a plane
-    (odd k_left) and inside a 128-input group."""
-    gen = torch.Generator().manual_seed(26)
-    n = 42 if epilogue == "swiglu" else 29
-    weight = make_weight(fmt, n, 331, gen, dtype=dtype)
-    x = torch.randn(5, 331, generator=gen).to(DEVICE, dtype)
-    residual = torch.randn(5, n, generator=gen).to(DEVICE, dtype) if epilogue == "residual" else None
-    config = dataclasses.replace(_config(fmt, split), split_int4=True)
-    run_and_check(x, weight, residual=residual, swiglu=epilogue == "swiglu", config=config)
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_linear_fp32_activations(fmt):
     gen = torch.Generator().manual_seed(30)
@@ -461,18 +445,6 @@ def test_gpu_fp8_prequantized_x_matches_the_in_loop_quantization(fmt, m, n, k, e
     y = linear(x, weight, fp8_dot=True, config=pre, norm=linear_mod.RowNorm(g, 1e-6, True), **kw)
     ref = reference(ops.rms_norm(x, g, 1e-6, True), weight, residual, epilogue == "swiglu", fp8_dot=True)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", GPU_SHAPES)
-@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
-def test_gpu_int4_split_halves(fmt, m, n, k):
-    gen = torch.Generator().manual_seed(65)
-    weight = make_weight(fmt, n, k, gen, dtype=torch.bfloat16)
-    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
-    for grid in ({"programs": 264}, {"split_k": 2}, {}):
-        cfg = LinearConfig(block_n=128, block_m=16 if m <= 16 else 64, num_stages=3, split_int4=True, **grid)
-        run_and_check(x, weight, config=cfg)
 
 
 @pytest.mark.gpu

@@ -142,16 +142,13 @@ def test_pruning_follows_each_profiles_limits():
     assert "FP8 tensor cores" in space_for(fp8, load_profile("sm80")).check(fp8_dot)
     assert space_for(fp8, load_profile("sm80")).choices()["fp8_dot"] == [False]
     assert "block_k 128" in space_for(fp8, load_profile("sm90")).check({**fp8_dot, "block_k": 64})
-    # the kernel variants: x quantized before the GEMM (with the FP8 dot), split INT4 halves (INT4 weights)
+    # x quantized by a pass before the GEMM: a variant of the FP8 dot
     sm90_fp8 = space_for(fp8, load_profile("sm90"))
-    assert sm90_fp8.choices()["prequant_x"] == [False, True] and sm90_fp8.choices()["split_int4"] == [False]
+    assert sm90_fp8.choices()["prequant_x"] == [False, True]
     assert sm90_fp8.check({**fp8_dot, "prequant_x": True}) is None
     assert "needs the FP8 dot" in sm90_fp8.check({**fp8_dot, "fp8_dot": False, "prequant_x": True})
     assert sm90_fp8.config({**fp8_dot, "prequant_x": True})[1]["prequant_x"] is True
-    int4 = space_for(LinearShape(16, 5120, 6144, "int4_sym", "residual"), load_profile("sm90"))
-    assert int4.choices()["split_int4"] == [False, True] and int4.choices()["prequant_x"] == [False]
-    assert int4.config({**big, "split_int4": True})[1]["split_int4"] is True
-    assert "INT4 weights" in sm90_fp8.check({**fp8_dot, "split_int4": True})
+    assert space_for(LinearShape(16, 5120, 6144, "int4_sym"), load_profile("sm90")).choices()["prequant_x"] == [False]
     # tiles past the dimension, registers, split-K past the K chunks
     small = LinearShape(1, 96, 64, "fp16", act="fp16")
     sp = space_for(small, load_profile("cpu"))

@@ -237,7 +237,6 @@ class LinearSpace(Space):
             "grid": list(self.GRIDS),
             "fp8_dot": [False, True] if self._fp8() and self.profile.fp8_tensor_cores else [False],
             "prequant_x": [False, True] if self._fp8() and self.profile.fp8_tensor_cores else [False],
-            "split_int4": [False, True] if self.shape.fmt.startswith("int4") else [False],
         }
         return self._with_default(choices)
 
@@ -271,7 +270,6 @@ class LinearSpace(Space):
             "grid": grid,
             "fp8_dot": fp8_dot,
             "prequant_x": cfg.prequant_x,
-            "split_int4": cfg.split_int4,
         }
 
     def _config(self, params: Params) -> linear_kernels.LinearConfig:
@@ -287,7 +285,6 @@ class LinearSpace(Space):
             split_k=split,
             programs=programs,
             prequant_x=params.get("prequant_x", False),
-            split_int4=params.get("split_int4", False),
         )
 
     def config(self, params: Params) -> tuple[str, dict[str, Any]]:
@@ -327,8 +324,6 @@ class LinearSpace(Space):
             return "the FP8 dot needs FP8 weights and FP8 tensor cores"
         if params.get("prequant_x") and not params["fp8_dot"]:
             return "a pre-quantized x needs the FP8 dot"
-        if params.get("split_int4") and not s.fmt.startswith("int4"):
-            return "split halves decode INT4 weights"
         grid = params["grid"]
         if grid.startswith("split") and int(grid[5:]) > triton.cdiv(s.k, params["block_k"]):
             return f"{grid} over the {triton.cdiv(s.k, params['block_k'])} K chunks"

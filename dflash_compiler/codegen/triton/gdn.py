@@ -160,8 +160,8 @@ def _gdn_recurrent_kernel(
     the final state (STORE_FINAL). Commit (COMMIT True): make the state after position idx[b] current, starting
     from the captured state of position min(idx[b], D-1) (or state) and replaying the steps after it.
     """
-    pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # requests x heads in the first grid axis: the others stop at 65535
+    pid_v = tl.program_id(1)
     bb = pid_bh // HV
     h = pid_bh % HV
     hq = h // G
@@ -316,8 +316,8 @@ def _chunk_prepare_kernel(
     """Everything of one chunk that does not need the state, all chunks at once: with A the strictly lower
     (beta k k^T) * decay of the UT/WY form, W = (I + A)^-1 (beta e^cum k), U = (I + A)^-1 (beta v), the keys decayed
     to the chunk's end (k e^(last - cum)) and the cumulative log decay."""
-    c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    c = tl.program_id(1)
     bb = pid_bh // HV
     h = pid_bh % HV
     b64 = bb.to(tl.int64)
@@ -393,8 +393,8 @@ def _chunk_state_kernel(
 ):
     """The chunks in order for one (request, value head, V slice), carrying the [K, BV] state in registers: the state
     at each chunk's start and the chunk's corrected values v_new = U - W S are written for the output kernel."""
-    pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
     bb = pid_bh // HV
     h = pid_bh % HV
     b64 = bb.to(tl.int64)
@@ -443,8 +443,8 @@ def _chunk_output_kernel(
     PREC: tl.constexpr,
 ):
     """o = (q e^cum) S_start + ((q k^T) * decay) v_new for one chunk and V slice, all chunks at once."""
-    c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    c = tl.program_id(1)
     pid_v = tl.program_id(2)
     bb = pid_bh // HV
     h = pid_bh % HV
@@ -648,7 +648,7 @@ def gdn_recurrent(
             final_state.copy_(state)
         return out
     cfg = _recurrent_config(bsz, seq, dv, False, depth > 0, block_v, num_warps, unroll)
-    _gdn_recurrent_kernel[(dv // cfg["BV"], bsz * hv)](
+    _gdn_recurrent_kernel[(bsz * hv, dv // cfg["BV"])](
         q,
         k,
         v,
@@ -770,7 +770,7 @@ def gdn_commit(
     _check((window is None) == (x is None), "x", "window and x go together")
     idx32 = idx.to(torch.int32)
     cfg = _recurrent_config(bsz, seq, dv, True, False, block_v, num_warps, unroll)
-    _gdn_recurrent_kernel[(dv // cfg["BV"], bsz * hv)](
+    _gdn_recurrent_kernel[(bsz * hv, dv // cfg["BV"])](
         k,
         k,
         v,
@@ -857,7 +857,7 @@ def gdn_chunked(
     cum = torch.empty(chunks, chunk_size, dtype=torch.float32, device=k.device)
     starts = torch.empty(chunks, dk, dv, dtype=torch.float32, device=k.device)
     sb = min(16, chunk_size)
-    _chunk_prepare_kernel[(nc, bsz * hv)](
+    _chunk_prepare_kernel[(bsz * hv, nc)](
         k, v, a, b, a_log, dt_bias, w, u, k_tail, cum, seq, nc,
         *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
         HV=hv, G=hv // heads, K=dk, V=dv, BT=chunk_size, SB=sb, LEVELS=(chunk_size // sb).bit_length() - 1,
@@ -865,11 +865,11 @@ def gdn_chunked(
     )  # fmt: skip
     # two stages: the third buffer of the prefetched W, U and key tiles takes the scan over sm90's 227 KB of shared
     # memory at K = V = 128 (240 KB, cross-compiled)
-    _chunk_state_kernel[(dv // bv, bsz * hv)](
+    _chunk_state_kernel[(bsz * hv, dv // bv)](
         w, u, k_tail, cum, state, final_state, starts, v_new, nc,
         HV=hv, K=dk, V=dv, BV=bv, BT=chunk_size, PREC=precision, num_warps=8, num_stages=2,
     )  # fmt: skip
-    _chunk_output_kernel[(nc, bsz * hv, dv // bv)](
+    _chunk_output_kernel[(bsz * hv, nc, dv // bv)](
         q, k, cum, starts, v_new, out, seq, nc, dk**-0.5, *q.stride()[:3], *k.stride()[:3],
         HV=hv, G=hv // heads, K=dk, V=dv, BV=bv, BT=chunk_size, PREC=precision, num_warps=4,
     )  # fmt: skip

@@ -36,13 +36,12 @@ EPI_NONE, EPI_RESIDUAL, EPI_SWIGLU = 0, 1, 2
 
 
 @triton.jit
-def _x_tile(x_chunk, x_offs, m_ok, k_left, BK: tl.constexpr, EVEN_K: tl.constexpr, K_STEP: tl.constexpr = 1):
-    """Activations x^T [BK, BLOCK_M] of one chunk: x_chunk points at x[m0, k0], x_offs holds k * sxk + m * sxm
-    for k = i * K_STEP, i = 0..BK-1."""
+def _x_tile(x_chunk, x_offs, m_ok, k_left, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activations x^T [BK, BLOCK_M] of one chunk: x_chunk points at x[m0, k0], x_offs holds k * sxk + m * sxm."""
     if EVEN_K:
         mask = m_ok[None, :]
     else:
-        mask = (tl.arange(0, BK) * K_STEP < k_left)[:, None] & m_ok[None, :]
+        mask = (tl.arange(0, BK) < k_left)[:, None] & m_ok[None, :]
     return tl.load(x_chunk + x_offs, mask=mask, other=0.0)
 
 
@@ -102,13 +101,12 @@ def _accumulate(
     xq,
     xs,
     x_chunk,
-    x_plane_offs,
+    x_offs32,
     m_ok,
     stride_xk,
     FORMAT: tl.constexpr,
     FP8_DOT: tl.constexpr,
     ASYM: tl.constexpr,
-    SPLIT_INT4: tl.constexpr,
     EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -116,9 +114,7 @@ def _accumulate(
     INPUT_PRECISION: tl.constexpr,
 ):
     """acc[BLOCK_N, BLOCK_M] += W[rows, chunk] @ x^T[chunk] with the chunk's per-row scale. w_chunk points at the
-    chunk's first weight element (word for INT4) of the tile's first row, w_offs holds the in-tile offsets.
-    SPLIT_INT4: each half of a plane (the even and the odd inputs) goes into its own dot against x's even or odd
-    rows, so the decoded weights stay elementwise functions of the loaded words (no interleaving shuffle)."""
+    chunk's first weight element (word for INT4) of the tile's first row, w_offs holds the in-tile offsets."""
     if EVEN_N:
         row_mask = tl.full((acc.shape[0], 1), 1, tl.int1)
     else:
@@ -140,35 +136,17 @@ def _accumulate(
             if DOT_DTYPE == tl.float32:  # noqa: SIM300
                 lo = ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
                 hi = ((words >> (16 + 4 * j)) & 0xF).to(tl.float32) - 8.0
-                if not SPLIT_INT4:
-                    wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
+                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
             else:
                 pair = ((words >> (4 * j)) & 0x000F000F) | magic_bits
                 lo = pair.to(tl.uint16).to(DOT_DTYPE, bitcast=True)
                 hi = (pair >> 16).to(tl.uint16).to(DOT_DTYPE, bitcast=True)
-                if not SPLIT_INT4:
-                    wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32)) - tl.full((1, 1), offset, DOT_DTYPE)
-                else:
-                    lo = lo - tl.full((1, 1), offset, DOT_DTYPE)
-                    hi = hi - tl.full((1, 1), offset, DOT_DTYPE)
-            if SPLIT_INT4:
-                x_plane = x_chunk + 32 * j * stride_xk
-                x_lo = _x_tile(x_plane, x_plane_offs, m_ok, k_left - 32 * j, 16, EVEN_K, 2).to(DOT_DTYPE)
-                x_hi = _x_tile(x_plane + stride_xk, x_plane_offs, m_ok, k_left - 32 * j - 1, 16, EVEN_K, 2)
-                x_hi = x_hi.to(DOT_DTYPE)
-                part = tl.dot(lo, x_lo, part, input_precision=INPUT_PRECISION)
-                part = tl.dot(hi, x_hi, part, input_precision=INPUT_PRECISION)
-                if ASYM:
-                    ones = tl.full((words.shape[0], 16), 1.0, DOT_DTYPE)
-                    xsum = tl.dot(ones, x_lo, xsum, input_precision=INPUT_PRECISION)
-                    xsum = tl.dot(ones, x_hi, xsum, input_precision=INPUT_PRECISION)
-            else:
-                xj = _x_tile(x_chunk + 32 * j * stride_xk, x_plane_offs, m_ok, k_left - 32 * j, 32, EVEN_K)
-                xj = xj.to(DOT_DTYPE)
-                part = tl.dot(wj, xj, part, input_precision=INPUT_PRECISION)
-                if ASYM:
-                    ones = tl.full((words.shape[0], 32), 1.0, DOT_DTYPE)
-                    xsum = tl.dot(ones, xj, xsum, input_precision=INPUT_PRECISION)
+                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32)) - tl.full((1, 1), offset, DOT_DTYPE)
+            xj = _x_tile(x_chunk + 32 * j * stride_xk, x_offs32, m_ok, k_left - 32 * j, 32, EVEN_K).to(DOT_DTYPE)
+            part = tl.dot(wj, xj, part, input_precision=INPUT_PRECISION)
+            if ASYM:
+                ones = tl.full((words.shape[0], 32), 1.0, DOT_DTYPE)
+                xsum = tl.dot(ones, xj, xsum, input_precision=INPUT_PRECISION)
         if ASYM:
             part += corr[:, None] * xsum
         acc += part * scale[:, None]
@@ -304,7 +282,6 @@ def _linear_kernel(
     FP8_DOT: tl.constexpr,
     X_FP8: tl.constexpr,
     ASYM: tl.constexpr,
-    SPLIT_INT4: tl.constexpr,
     EPILOGUE: tl.constexpr,
     NORM: tl.constexpr,
     GATE: tl.constexpr,
@@ -328,10 +305,7 @@ def _linear_kernel(
     else:
         w_offs = tl.arange(0, BLOCK_N)[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :]
     x_offs = tl.arange(0, BLOCK_K)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
-    if SPLIT_INT4:  # the even inputs of a plane (the odd ones one row on)
-        x_plane_offs = (2 * tl.arange(0, 16))[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
-    else:
-        x_plane_offs = tl.arange(0, 32)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
+    x_offs32 = tl.arange(0, 32)[:, None] * stride_xk + tl.arange(0, BLOCK_M)[None, :] * stride_xm
     a_offs = tl.arange(0, BLOCK_K)[:, None] * stride_ak + tl.arange(0, BLOCK_M)[None, :] * stride_am
     # One flat loop over this program's chunks, crossing tile boundaries, so the load pipeline never drains.
     tile = start // chunks_per_tile
@@ -416,15 +390,15 @@ def _linear_kernel(
         w_chunk = w_ptr + row0.to(tl.int64) * stride_wn + w_k
         scale, corr = _scales(sc, zw, row0, FORMAT, FP8_DOT, BLOCK_N)
         acc = _accumulate(
-            acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_plane_offs, m_ok, stride_xk,
-            FORMAT, FP8_DOT, ASYM, SPLIT_INT4, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+            acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
+            FORMAT, FP8_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
         if EPILOGUE == 2:
             up_scale, up_corr = _scales(up_sc, up_zw, row0 + UP_ROW, FORMAT, FP8_DOT, BLOCK_N)
             acc_up = _accumulate(
                 acc_up, w_chunk + UP_ROW.to(tl.int64) * stride_wn, w_offs, n_ok, k_left, up_scale, up_corr,
-                xt, xq, xs, x_chunk, x_plane_offs, m_ok, stride_xk,
-                FORMAT, FP8_DOT, ASYM, SPLIT_INT4, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+                xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
+                FORMAT, FP8_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
             )  # fmt: skip
         if tile_end | (c == end - 1):
             offs_n = row0 + tl.arange(0, BLOCK_N)
@@ -519,11 +493,9 @@ class LinearConfig:
     num_stages: int = 4
     split_k: int = 1
     programs: int | None = None
-    # Variants whose speed depends on the GPU (the tuning study chooses): FP8 weights with the FP8 dot take x
-    # quantized by a pass before the GEMM instead of in its loop; INT4 decodes each plane's even and odd inputs
-    # into separate dots instead of interleaving them.
+    # FP8 weights with the FP8 dot: x quantized by a pass before the GEMM instead of in its loop (the tuning study
+    # chooses; either gives the same result).
     prequant_x: bool = False
-    split_int4: bool = False
 
 
 Weight = DenseWeight | FP8ChannelWeight | FP8BlockWeight | Int4Weight
@@ -755,6 +727,7 @@ def linear(
     dummy = out
     x_fp8 = fp8 and config.prequant_x
     xs = dummy
+    dot_dtype = _DOT_DTYPES[x.dtype]
     if x_fp8:
         x, xs = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous())
     _linear_kernel[(programs,)](
@@ -768,11 +741,11 @@ def linear(
         residual.stride(0) if residual is not None else 0, out.stride(0),
         gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
         m_tiles, chunks, total, slots,
-        FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, ASYM=asym, SPLIT_INT4=fmt == INT4 and config.split_int4,
+        FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, ASYM=asym,
         EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
         NORM=0 if norm is None else 2 if norm.zero_centered else 1,
         GATE=gate is not None,
-        GROUP_SIZE=group, DOT_DTYPE=_DOT_DTYPES[x.dtype],
+        GROUP_SIZE=group, DOT_DTYPE=dot_dtype,
         EVEN_N=n_out % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
