@@ -163,8 +163,22 @@ def sample_prompts(args: argparse.Namespace) -> None:
     rows = ids[starts[:, None] + np.arange(args.tokens)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, rows.astype(np.uint16))
-    print(json.dumps({"prompts": int(rows.shape[0]), "tokens": int(rows.shape[1]), "out": str(out)}))
+    if out.suffix != ".jsonl":
+        np.save(out, rows.astype(np.uint16))
+        print(json.dumps({"prompts": int(rows.shape[0]), "tokens": int(rows.shape[1]), "out": str(out)}))
+        return
+    # .jsonl: the windows as text, shuffled together with the prompts of --mix files (the trainer re-tokenizes)
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(Path(args.corpus) / "tokenizer")
+    lines = [json.dumps({"prompt": text}) + "\n" for text in tok.batch_decode(rows.tolist())]
+    for extra in args.mix:
+        lines += [line if line.endswith("\n") else line + "\n" for line in Path(extra).read_text().splitlines()]
+    random.Random(args.seed).shuffle(lines)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(out)
+    print(json.dumps({"prompts": len(lines), "windows": int(rows.shape[0]), "mixed_in": args.mix, "out": str(out)}))
 
 
 HEADER = re.compile(r"^\s*(?:async\s+def|def|class)\s+\w+")
@@ -482,7 +496,8 @@ def main() -> None:
     c.add_argument("--heldout-prompts", type=int, default=64)
     r = sub.add_parser("prompts")
     r.add_argument("--corpus", required=True)
-    r.add_argument("--out", required=True, help=".npy file of prompt token ids")
+    r.add_argument("--out", required=True, help=".npy file of prompt token ids, or .jsonl of their text")
+    r.add_argument("--mix", nargs="*", default=[], help=".jsonl prompt files shuffled in (with a .jsonl --out)")
     r.add_argument("--count", type=int, default=200_000)
     r.add_argument("--tokens", type=int, default=64)
     r.add_argument("--seed", type=int, default=1)

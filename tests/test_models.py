@@ -31,10 +31,13 @@ def test_prefill_logits_and_taps_match_transformers(pair):
     ref, ours = pair
     ids = torch.randint(0, VOCAB, (2, 41))
     expected = ref(input_ids=ids, output_hidden_states=True)
-    taps = (0, 2)  # layer k's output is hidden_states[k+1]: the residual stream before the final norm
-    out = eager.forward_rows(ours, ids, taps)
-    _close(out.logits, expected.logits)
-    _close(out.features.view(2, 41, -1), torch.cat([expected.hidden_states[k + 1] for k in taps], dim=-1))
+    last = ours.cfg.num_layers - 1
+    # layer k's tap is hidden_states[k + 1]: the residual stream, except after the last layer, where transformers
+    # (and the upstream drafters) take it after the final norm
+    for taps in [(0, 2), (1, last)]:
+        out = eager.forward_rows(ours, ids, taps)
+        _close(out.logits, expected.logits)
+        _close(out.features.view(2, 41, -1), torch.cat([expected.hidden_states[k + 1] for k in taps], dim=-1))
 
 
 @torch.no_grad()

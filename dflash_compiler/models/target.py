@@ -200,10 +200,16 @@ class TargetModel(nn.Module):
             h = h + layer.mlp.paged(dflash.rms_norm(h, layer.post_attention_layernorm.weight, eps, zc))
             if i in taps:
                 tapped[i] = h
+        last = len(self.layers) - 1
+        if last in taps:
+            # Upstream taps hidden_states[layer + 1], and transformers' last entry is after the final norm.
+            h = tapped[last] = dflash.rms_norm(h, self.norm.weight, eps, zc)
         features = torch.cat([tapped[i] for i in taps], dim=-1) if taps else None
         if last_only:
             h = h.view(n, t, -1)[:, -1]
-        logits = project(dflash.rms_norm(h, self.norm.weight, eps, zc), self.lm_head)
+        if last not in taps:
+            h = dflash.rms_norm(h, self.norm.weight, eps, zc)
+        logits = project(h, self.lm_head)
         return VerifyOut(logits.view(n, -1, logits.shape[-1]), features, positions, saved, table, lens)
 
     def paged_commit(self, pools: Pools, vout: VerifyOut, idx: torch.Tensor) -> None:
