@@ -546,6 +546,23 @@ def test_the_precompiler_runs_each_triton_point_in_a_worker(tmp_path):
     )
 
 
+def test_a_fresh_study_replaces_the_database_entry_and_a_finished_one_keeps_it(tmp_path):
+    """The entry of a study that measured nothing new is the database's as it was; a new study of as many trials
+    (another storage) is a new measurement and gives its own entry, even with the old entry's trial count."""
+    import dataclasses
+
+    from dflash_compiler.tuning.kernels import tune_call
+
+    profile = load_profile("cpu")
+    shape = LinearShape(3, 40, 128, "fp16", "none", "fp16")
+    first, _ = tune_call(shape, profile, open_storage(tmp_path / "a.journal"), 3, "cpu")
+    again, _ = tune_call(shape, profile, open_storage(tmp_path / "a.journal"), 3, "cpu", previous=first)
+    assert again is first
+    stale = dataclasses.replace(first, config={**first.config, "num_stages": 7}, time_us=1e-3)
+    fresh, study = tune_call(shape, profile, open_storage(tmp_path / "b.journal"), 3, "cpu", previous=stale)
+    assert fresh is not stale and fresh.trials == 3 == len(measured_points(study)) and fresh.time_us > 1e-3
+
+
 # ---- the runtime study on the tiny pair --------------------------------------------------------------------------
 
 

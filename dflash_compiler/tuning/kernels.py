@@ -89,10 +89,16 @@ def tune_call(
         prepare=(lambda points: precompiler.prepare(shape, space, points)) if precompiler else None,
     )  # fmt: skip
     env = environment(torch.device(device))
-    unchanged = previous is not None and previous.trials == len(measured_points(study))
+    best, default = best_trial(study), default_trial(study)
+    # The database already holds this study's result: as many measured points, and its winner or its default (the
+    # confirmation's choice) as the config. A fresh study of as many trials is a new measurement.
+    unchanged = (
+        previous is not None
+        and previous.trials == len(measured_points(study))
+        and (previous.lowering, previous.config) in [space.config(t.params) for t in (best, default) if t is not None]
+    )
     if unchanged and previous.key == (shape.op, shape.key, shape.fmt) and previous.device == env["device"]:
         return previous, study
-    best, default = best_trial(study), default_trial(study)
     chosen = best.params if best is not None else space.default()
     best_us = best.value if best is not None else None
     default_us = default.value if default is not None and default.value is not None else None
