@@ -206,9 +206,14 @@ def test_load_compiles_nothing_and_strict_refuses_a_new_specialization(built, tm
     n = len(_records(built, 90))
     assert result["preload"] == [[], n]
     assert result["run"] == [[], n]
-    assert result["refused"].startswith(f"{KERNELS}linear._linear_kernel: this specialization is not among")
+    # the refusal names the kernel and the variant's constants and 16-divisible arguments
+    refused = result["refused"]
+    assert refused.startswith(f"{KERNELS}linear._linear_kernel: this specialization (constants {{")
+    assert (
+        "'FORMAT': 0" in refused and "divisible by 16: x_ptr" in refused and "is not among the precompiled" in refused
+    )
     assert result["after"] == [[], n]
-    assert result["tampered"].startswith(f"{_records(built, 90)[0].name}: this specialization is not among")
+    assert result["tampered"].startswith(f"{_records(built, 90)[0].name}: this specialization (")
     assert sorted(p.name for p in moved.iterdir()) == entries_before  # nothing was compiled into the cache
     for group in moved.glob("*/__grp__*.json"):
         assert all(p.startswith(str(moved)) for p in json.loads(group.read_text())["child_paths"].values())

@@ -561,6 +561,14 @@ def test_a_fresh_study_replaces_the_database_entry_and_a_finished_one_keeps_it(t
     stale = dataclasses.replace(first, config={**first.config, "num_stages": 7}, time_us=1e-3)
     fresh, study = tune_call(shape, profile, open_storage(tmp_path / "b.journal"), 3, "cpu", previous=stale)
     assert fresh is not stale and fresh.trials == 3 == len(measured_points(study)) and fresh.time_us > 1e-3
+    # a new study is seeded with the database's choice where the space holds it, beside the default
+    space = space_for(shape, profile)
+    known = next(p for p in space.feasible() if p != space.default() and p["lowering"] == "triton")
+    lowering, config = space.config(known)
+    assert space.point(lowering, config) == known and space.point(lowering, {**config, "num_stages": 7}) is None
+    entry = dataclasses.replace(first, lowering=lowering, config=config)
+    _, seeded = tune_call(shape, profile, open_storage(tmp_path / "c.journal"), 3, "cpu", previous=entry)
+    assert [t.params for t in seeded.trials if t.user_attrs.get("seed")] == [known]
 
 
 # ---- the runtime study on the tiny pair --------------------------------------------------------------------------

@@ -83,10 +83,12 @@ def tune_call(
         lowering, config = space.config(params)
         return case().measure(lowering, config)
 
+    known = space.point(previous.lowering, previous.config) if previous is not None else None
     study = optimize(
         space, measure, storage=storage, study_name=study_name(profile, shape), n_trials=n_trials, seed=seed,
         progress=progress, batch=precompiler.workers if precompiler else 1,
         prepare=(lambda points: precompiler.prepare(shape, space, points)) if precompiler else None,
+        seeds=[known] if known is not None else [],
     )  # fmt: skip
     env = environment(torch.device(device))
     best, default = best_trial(study), default_trial(study)

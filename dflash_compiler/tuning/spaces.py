@@ -122,6 +122,10 @@ class Space:
         lowering = params["lowering"]
         return lowering, ({k: v for k, v in params.items() if k != "lowering"} if lowering == "triton" else {})
 
+    def point(self, lowering: str, config: dict[str, Any]) -> Params | None:
+        """The feasible point whose (lowering, config) this is (a database entry's), or None."""
+        return next((p for p in self.feasible() if self.config(p) == (lowering, config)), None)
+
     def suggest(self, trial) -> Params:
         choices = self.choices()
         params = {"lowering": trial.suggest_categorical("lowering", choices["lowering"])}
@@ -290,8 +294,10 @@ class LinearSpace(Space):
     def config(self, params: Params) -> tuple[str, dict[str, Any]]:
         if params["lowering"] != "triton":
             return params["lowering"], {}
-        cfg = self._config(params)
-        return "triton", {**cfg.__dict__, "fp8_dot": params["fp8_dot"]}
+        cfg = {**self._config(params).__dict__, "fp8_dot": params["fp8_dot"]}
+        if not cfg["prequant_x"]:  # the variant is named only where it is chosen (entries without it read as off)
+            del cfg["prequant_x"]
+        return "triton", cfg
 
     def _smem(self, params: Params) -> float:
         s = self.shape

@@ -16,7 +16,7 @@ import json
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
@@ -99,6 +99,7 @@ def optimize(
     progress: Callable[[optuna.trial.FrozenTrial], None] | None = None,
     prepare: Callable[[list[Params]], None] | None = None,
     batch: int = 1,
+    seeds: Sequence[Params] = (),
 ) -> optuna.Study:
     """Runs (or resumes) the study until n_trials points are measured or the feasible space is exhausted.
 
@@ -115,6 +116,8 @@ def optimize(
     )
     fail_dead_trials(study, storage)
     study.enqueue_trial(space.default(), user_attrs={"default": True}, skip_if_exists=True)
+    for seed_point in seeds:  # e.g. the database's current choice: a new study does not lose what was found
+        study.enqueue_trial(seed_point, user_attrs={"seed": True}, skip_if_exists=True)
     feasible_points = space.feasible()
     target = min(n_trials, len(feasible_points))
     rng = random.Random(seed)

@@ -441,6 +441,15 @@ def _would_compile(jit_function: JITFunction, compile: dict) -> bool:
     return metadata is None or not os.path.exists(metadata)
 
 
+def _describe(compile: dict) -> str:
+    """The constants and argument attributes (16-divisibility of pointers and integers) that key a variant."""
+    names = list(compile["signature"])
+    attrs = compile["configs"][0] if compile.get("configs") else {}
+    marked = [names[k[0]] for k, v in attrs.items() if v] if isinstance(attrs, dict) else []
+    consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in compile["constants"].items()}
+    return f"constants {consts}, divisible by 16: {', '.join(marked) or 'none'}"
+
+
 class CompileWatch:
     """Counts Triton's kernel compilations (cache misses) and cache loads while installed; strict: a kernel that
     would be compiled raises a DFlashError instead. host_builds lists the host modules Triton has built into the
@@ -469,8 +478,8 @@ class CompileWatch:
     def _before_compile(self, *, fn, compile, **kwargs):
         if self.strict and _would_compile(fn.jit_function, compile):
             raise DFlashError(
-                f"{fn.module}.{fn.name}: this specialization is not among the precompiled kernels and would be "
-                "compiled (strict mode)"
+                f"{fn.module}.{fn.name}: this specialization ({_describe(compile)}) is not among the precompiled "
+                "kernels and would be compiled (strict mode)"
             )
         if self._previous[1] is not None:
             return self._previous[1](fn=fn, compile=compile, **kwargs)
