@@ -4,6 +4,8 @@
     python scripts/tiny_pair.py target  --corpus .cache/tiny --out OUT/target --minutes 5
     python scripts/tiny_pair.py prompts --corpus .cache/tiny --out .cache/tiny/prompts.npy --count 200000
     python scripts/tiny_pair.py varied  --out .cache/varied.jsonl --count 200000   # openings, snippets, windows
+    python scripts/tiny_pair.py prompts --corpus .cache/tiny --out .cache/mixed.jsonl --count 80000 \
+        --mix .cache/varied.jsonl                                            # token windows as text, shuffled in
     dflash-train-drafter --target OUT/target --prompts .cache/tiny/prompts.npy -o OUT/drafter ...
     python scripts/tiny_pair.py evaluate --pair OUT --prompts dflash_compiler/assets/tiny-pair/heldout_prompts.jsonl
 
