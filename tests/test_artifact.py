@@ -184,6 +184,11 @@ def test_cross_compiled_kernels_carry_the_profiles_architecture(gpu_artifacts, g
     assert {"_linear_kernel", "_attention_kernel", "_qk_norm_rope_kernel"} <= families
     cubins = {root / "kernels" / "cache" / r.binary for r in records}
     assert {aot.cubin_arch(c) for c in cubins} == {ARCHS[gpu]}
+    # compiled for 16-byte aligned weights, as the GPU holds them (each weight in an allocation of its own)
+    norms = [json.loads(r.spec) for r in records if r.name.endswith("._rms_norm_kernel")]
+    assert norms and all(
+        ["tt.divisibility", 16] in dict(zip(map(tuple, s["attrs_keys"]), s["attrs_vals"]))[(2,)] for s in norms
+    )
     kept = {p.suffix for p in (root / "kernels" / "cache").rglob("*") if p.is_file()}
     assert {".cubin", ".json"} <= kept and not kept & {".ptx", ".llir", ".ttir", ".ttgir"}  # what a load reads
     doc = json.loads((root / MANIFEST).read_text())

@@ -289,6 +289,13 @@ def _copy_tokenizer(target: Path, folder: Path) -> None:
             shutil.copy2(f, folder / f.name)
 
 
+def _as_on_the_gpu(weights: dict) -> dict:
+    """The weights laid out as the GPU runtime holds them: each in an allocation of its own (a checkpoint read on
+    the CPU leaves tensors at the file's 8-byte offsets, and Triton keys a kernel on its pointers' 16-byte
+    alignment, so kernels compiled for those would not be the ones the GPU launches)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) and v.data_ptr() % 16 else v for k, v in weights.items()}
+
+
 def _recorded_rows(chooser) -> list[dict]:
     from ..tuning.choice import recorded_rows
 
@@ -356,7 +363,7 @@ def compile_kernels(
     templates = {n: compiled.graphs_def.template(n) for n in names}
     step = compiled.step
     dry = CompiledStep(PrebuiltGraphs(step, compiled.quant, templates), None, "reference", torch.device("cpu"),
-                       weights=compiled.weights)  # fmt: skip
+                       weights=_as_on_the_gpu(compiled.weights))  # fmt: skip
     for name in names:
         gm = dry.graph(name).gm
         lowered = {node.name: node.meta.get("lowering", {}) for node in compiled.graph(name).gm.graph.nodes}
