@@ -355,7 +355,9 @@ def measure(
     )
 
 
-def make_runner(target, drafter, quant: str, max_batch: int, max_seq_len: int, cuda_graphs: bool = True):
+def make_runner(
+    target, drafter, quant: str, max_batch: int, max_seq_len: int, cuda_graphs: bool = True, glue: str = "aten"
+):
     from dflash_compiler.runtime.batch import BatchRunner
 
     block = drafter.cfg.block_size if drafter is not None else 1
@@ -367,6 +369,7 @@ def make_runner(target, drafter, quant: str, max_batch: int, max_seq_len: int, c
         max_seq_len=max_seq_len,
         quant=quant,
         cuda_graphs=cuda_graphs,
+        glue=glue,
     )
 
 
@@ -538,6 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--without-passes", default="", help="fusion passes to leave out, comma-separated (ablation)")
     p.add_argument("--prologues", action="store_true", help="add the prologue fusions (fuse_norm, fuse_gate)")
     p.add_argument("--untuned", action="store_true", help="lower with the launchers' defaults, not the tuning database")
+    p.add_argument("--glue", choices=("aten", "inductor"), default="aten", help="lowering of the glue between ops")
     p.add_argument("--out", default="bench/results/e2e-h100.json")
     args = p.parse_args(argv)
 
@@ -595,6 +599,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_len": args.prompt_len,
         "timed_steps": args.steps,
         "note": "random weights; dflash rows use simulated acceptance drawn from the named profile",
+        "glue": args.glue,
         **ablation,
     }
     rows: list[dict] = []
@@ -625,8 +630,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{quant} {mode}] built random {ms.name} weights in {time.perf_counter() - t0:.1f} s", flush=True)
             t0 = time.perf_counter()
             runner = make_runner(
-                target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs
-            )
+                target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs,
+                glue=args.glue,
+            )  # fmt: skip
             startup_s = time.perf_counter() - t0
             compiled = getattr(getattr(runner, "model", None), "compiled", None)
             # start-up: trace (or the trace cache), passes, weights, lowering, graph capture of every bucket

@@ -65,6 +65,21 @@ def test_graph_replay_equals_the_eager_loop_in_fp32(prompts, block_size):
             assert g == e, f"request {i}, max_batch {max_batch}"
 
 
+def test_captured_graphs_with_inductor_glue_equal_the_eager_loop_in_fp32(prompts):
+    """The glue between the ops compiled by TorchInductor (at the warm-up run before each capture), replayed in
+    CUDA graphs: the eager loop's tokens, with fewer launches per step than the ATen glue."""
+    target, drafter = _pair(torch.float32)
+    eager = SpeculativeDecoder(target, DFlashProposer(drafter, target), 16)
+    requests = [(p, n, SamplingParams()) for p, n in zip(prompts, LENGTHS[:6])]
+    expected = [eager.generate(p, n)[0] for p, n, _ in requests]
+    runner = BatchRunner(*_pair(torch.float32), max_batch=4, max_seq_len=512, glue="inductor")
+    assert runner.cuda_graphs
+    assert _serve(runner, requests) == expected
+    aten = BatchRunner(*_pair(torch.float32), max_batch=4, max_seq_len=512)
+    step = "step"
+    assert runner.model.compiled.graph(step).launches < aten.model.compiled.graph(step).launches
+
+
 def test_captured_buckets_at_their_own_verify_widths(prompts):
     """One CUDA graph per bucket, each verifying its own width of the drafted block: the eager loop's output."""
     target, drafter = _pair(torch.float32)

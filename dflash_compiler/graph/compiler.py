@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from ..codegen.inductor import GLUE_LOWERINGS, lower_glue
 from ..errors import DFlashError
 from ..models.config import DrafterConfig
 from ..models.drafter import DFlashDrafter
@@ -244,11 +245,14 @@ class CompiledStep:
         device: torch.device,
         weights: dict[str, torch.Tensor] | None = None,
         tuning=None,
+        glue: str = "aten",
     ):
         """weights: the built weights by name (an artifact's), instead of building them from sources. tuning: the
-        chooser of the linears' tuned lowerings and configs (tuning/choice.py; None: the launchers' defaults)."""
+        chooser of the linears' tuned lowerings and configs (tuning/choice.py; None: the launchers' defaults).
+        glue: the lowering of the ATen glue between the ops ("aten" or "inductor", see `lower`)."""
         t0 = time.perf_counter()
         self.graphs_def, self.backend, self.device, self.tuning = graphs, backend, device, tuning
+        self.glue = glue
         self.step = graphs.step  # the models on the meta device: configuration and shapes only
         self.act_dtype = self.step.target.embed_tokens.weight.dtype
         self.quant = graphs.quant
@@ -269,7 +273,7 @@ class CompiledStep:
             missing = [n for n in weight_names(gm) if n not in self.weights]
             if missing:
                 raise DFlashError(f"graph {name}: weights {missing[:3]} were not built with the step")
-            lower(gm, self.backend, self.device, self.tuning, self.weights, self.act_dtype)
+            lower(gm, self.backend, self.device, self.tuning, self.weights, self.act_dtype, self.glue)
             bind_weights(gm, self.weights)
             self.graphs[name] = CompiledGraph(name, gm, template.passes, template.ops_before, template.launches_before)
         return self.graphs[name]
@@ -291,11 +295,17 @@ class CompiledStep:
         return sum(t.numel() * t.element_size() for t in self.weights.values())
 
 
-def lower(gm: fx.GraphModule, backend: str, device: torch.device, tuning=None, weights=None, act_dtype=None) -> int:
+def lower(
+    gm: fx.GraphModule, backend: str, device: torch.device, tuning=None, weights=None, act_dtype=None, glue="aten"
+) -> int:
     """Gives every dflash op node its implementation (the node calls that function from now on), and places the
     tensors the graph creates (traced on meta) on device. tuning: a chooser (tuning/choice.py) whose tuned
     entries give the Triton backend's linears their lowering and config per row bucket, looked up by the shapes
-    of their weights (by name) and the activation dtype; the choices are recorded in meta["lowering"]["tuned"]."""
+    of their weights (by name) and the activation dtype; the choices are recorded in meta["lowering"]["tuned"].
+    glue: "aten" runs the glue between the ops as ATen calls, "inductor" as TorchInductor regions
+    (codegen/inductor.py)."""
+    if glue not in GLUE_LOWERINGS:
+        raise DFlashError(f"parameter 'glue' must be one of {', '.join(GLUE_LOWERINGS)}, got {glue!r}")
     count = 0
     for node in gm.graph.nodes:
         if isinstance(node.kwargs.get("device"), torch.device):
@@ -312,6 +322,8 @@ def lower(gm: fx.GraphModule, backend: str, device: torch.device, tuning=None, w
         node.target = dflash_ops.implementation(op, backend, tuned)
         count += 1
     gm.recompile()
+    if glue == "inductor":
+        lower_glue(gm)
     return count
 
 
@@ -360,6 +372,7 @@ def compile_step(
     cache_dir: str | Path | None = None,
     profile=None,
     calibration: Sequence[Sequence[int]] | None = None,
+    glue: str = "aten",
 ) -> CompiledStep:
     """Compiles the step of (target, drafter) at block_size for caches of up to max_len positions per row.
 
@@ -368,7 +381,11 @@ def compile_step(
     modules cannot run afterwards). cache_dir: where traces are kept between processes (graph/cache.py); None keeps
     them in this process only. profile: the hardware profile (name or HardwareProfile) whose tuning database the
     Triton lowering reads (default: the device's profile). calibration: token id lists whose prefill through the
-    target gives INT4's quantizer its activation statistics (graph/calibrate.py); None rounds to nearest."""
+    target gives INT4's quantizer its activation statistics (graph/calibrate.py); None rounds to nearest. glue:
+    "inductor" lowers the ATen glue between the ops to TorchInductor regions (codegen/inductor.py), "aten" keeps
+    it as ATen calls."""
+    if glue not in GLUE_LOWERINGS:
+        raise DFlashError(f"parameter 'glue' must be one of {', '.join(GLUE_LOWERINGS)}, got {glue!r}")
     if quant not in QUANTS:
         raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANTS)}, got {quant!r}")
     if backend not in dflash_ops.BACKENDS:
@@ -391,7 +408,7 @@ def compile_step(
         graphs = traced.with_passes(quant)
     if release_sources:
         _release_parameters(target, drafter)
-    return CompiledStep(graphs, sources, backend, device, tuning=chooser_for(backend, device, profile))
+    return CompiledStep(graphs, sources, backend, device, tuning=chooser_for(backend, device, profile), glue=glue)
 
 
 def chooser_for(backend: str, device: torch.device, profile=None):

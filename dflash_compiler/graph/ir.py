@@ -124,6 +124,8 @@ def op_counts(gm: fx.GraphModule) -> Counter:
     """Calls per op in a graph: dflash ops by name, ATen glue as "aten.<name>"."""
     counts: Counter = Counter()
     for node in gm.graph.nodes:
+        if node.meta.get("glue") == "inductor":  # a region of glue lowered by TorchInductor (codegen/inductor.py)
+            counts["inductor_region"] += 1
         if node.op != "call_function":
             continue
         t = node.target
@@ -137,9 +139,11 @@ def op_counts(gm: fx.GraphModule) -> Counter:
 
 
 def kernel_launches(gm: fx.GraphModule) -> int:
-    """dflash op calls (lowered or not) plus ATen compute calls (views and getitems launch nothing)."""
+    """dflash op calls (lowered or not) plus ATen compute calls (views and getitems launch nothing); an Inductor
+    region of glue counts as one (its generated code may hold more than one kernel)."""
     launches = 0
     for node in gm.graph.nodes:
+        launches += node.meta.get("glue") == "inductor"
         if node.op != "call_function":
             continue
         if "lowering" in node.meta:

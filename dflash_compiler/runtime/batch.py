@@ -133,7 +133,8 @@ class BatchRunner:
     prebuilt step (an
     artifact's) run instead of compiling target and drafter (pass None for both). cache_dir: where the compiler
     keeps traces between processes. calibration (quant "int4"): token id lists whose prefill gives the quantizer
-    its activation statistics (graph/calibrate.py).
+    its activation statistics (graph/calibrate.py). glue: "inductor" compiles the ATen glue between the ops with
+    TorchInductor (codegen/inductor.py; at the first run of each graph, before its capture), "aten" keeps it.
     """
 
     def __init__(
@@ -155,10 +156,13 @@ class BatchRunner:
         compiled: CompiledStep | None = None,
         cache_dir=None,
         calibration: Sequence[Sequence[int]] | None = None,
+        glue: str = "aten",
     ):
         if compiled is not None:  # a prebuilt step (an artifact's): its graphs and weights, nothing compiled here
             if target is not None or drafter is not None:
                 raise DFlashError("parameter 'compiled': pass either the models or their compiled step, not both")
+            if glue != "aten":
+                raise DFlashError(f"parameter 'glue': a prebuilt step runs its glue as compiled, not {glue!r}")
             target, drafter = compiled.step.target, compiled.step.drafter
             block_size = compiled.step.block_size if block_size is None else block_size
             if block_size != compiled.step.block_size:
@@ -197,6 +201,7 @@ class BatchRunner:
             compiled=compiled,
             cache_dir=cache_dir,
             calibration=calibration,
+            glue=glue,
         )
         self.verify_widths = bucket_widths(verify_width, self.buckets, self.block_size)
         if on_cuda:

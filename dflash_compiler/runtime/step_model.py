@@ -39,6 +39,7 @@ class StepModel:
         compiled: CompiledStep | None = None,
         cache_dir=None,
         calibration=None,
+        glue: str = "aten",
     ):
         if compiled is not None:
             target, drafter = compiled.step.target, compiled.step.drafter
@@ -51,7 +52,7 @@ class StepModel:
         if compiled is None:
             compiled = compile_step(
                 target, drafter, block_size, quant=quant, backend=ops, max_len=max_len, release_sources=consume,
-                cache_dir=cache_dir, calibration=calibration,
+                cache_dir=cache_dir, calibration=calibration, glue=glue,
             )  # fmt: skip
         elif (compiled.step.block_size, compiled.step.max_len, compiled.quant) != (block_size, max_len, quant):
             raise DFlashError(

@@ -1,0 +1,116 @@
+"""TorchInductor for the ATen glue between the dflash ops of a lowered graph.
+
+After lowering, a graph's dflash op nodes call their implementations; what is left between them is ATen glue:
+views, dtype casts, RoPE tables, gates, residual adds, concatenations. Each run of glue that does some computation
+(not views alone) and mutates nothing becomes one region, a submodule that TorchInductor compiles on its first
+call (again when its input shapes change: each batch bucket of the step, each prefill length class), so the
+elementwise chains in it run as fused kernels instead of one ATen launch per op. The dflash ops stay outside every
+region: their kernels are chosen and tuned by the lowering.
+
+Inductor compiles when a region first runs, so graphs lowered this way are for in-memory compiles (run them once
+before a CUDA-graph capture); artifacts keep the ATen glue, whose kernels need no compilation at load.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
+
+GLUE_LOWERINGS = ("aten", "inductor")
+
+_NOT_IN_REGIONS = {"aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default"}
+
+
+def _view_like(target) -> bool:
+    schema = target._schema
+    return any(r.alias_info is not None for r in schema.returns)
+
+
+class _GlueSupport(OperatorSupportBase):
+    """ATen calls that a region may hold: functional (no argument mutated), not a dflash op or its getitem."""
+
+    def is_node_supported(self, submodules, node: fx.Node) -> bool:
+        if node.op != "call_function" or "lowering" in node.meta:
+            return False
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+            return False
+        return str(target) not in _NOT_IN_REGIONS and not target._schema.is_mutable
+
+
+class InductorRegion(torch.nn.Module):
+    """A glue submodule run through torch.compile's Inductor backend, compiled on first call."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+        self.compiled = torch.compile(gm, backend="inductor", fullgraph=True)
+
+    def forward(self, *args):
+        return self.compiled(*args)
+
+
+def _computes(gm: fx.GraphModule) -> bool:
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and not _view_like(n.target)
+        for n in gm.graph.nodes
+    )
+
+
+def lower_glue(gm: fx.GraphModule) -> int:
+    """Groups gm's ATen glue into Inductor regions in place; returns how many regions it made. Regions of views
+    alone stay ATen (they launch nothing)."""
+    partitioner = CapabilityBasedPartitioner(gm, _GlueSupport(), allows_single_node_partition=True)
+    partitions = partitioner.propose_partitions()
+    if not partitions:
+        return 0
+    before = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # e.g. torch.export's guard module
+    fused = partitioner.fuse_partitions(partitions)
+    regions = 0
+    for node in list(fused.graph.nodes):
+        if node.op != "call_module" or node.target in before:
+            continue
+        sub = fused.get_submodule(node.target)
+        if not _computes(sub):
+            _inline(fused, node, sub)
+            continue
+        setattr(fused, node.target, InductorRegion(sub))
+        node.meta["glue"] = "inductor"
+        regions += 1
+    fused.graph.lint()
+    fused.recompile()
+    if fused is not gm:
+        gm.graph = fused.graph
+        for name, module in fused.named_children():
+            setattr(gm, name, module)
+        gm.recompile()
+    return regions
+
+
+def _inline(gm: fx.GraphModule, call: fx.Node, sub: fx.GraphModule) -> None:
+    """Puts a submodule's nodes back in place of its call."""
+    env: dict[fx.Node, object] = {}
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    for ph, arg in zip(placeholders, call.args):
+        env[ph] = arg
+    with gm.graph.inserting_before(call):
+        for n in sub.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                result = fx.map_arg(n.args[0], lambda a: env[a])
+                break
+            env[n] = gm.graph.node_copy(n, lambda a: env[a])
+    if isinstance(result, (tuple, list)):
+        for user in list(call.users):
+            assert user.target is operator.getitem
+            user.replace_all_uses_with(result[user.args[1]])
+            gm.graph.erase_node(user)
+    else:
+        call.replace_all_uses_with(result)
+    gm.graph.erase_node(call)
+    delattr(gm, call.target)
