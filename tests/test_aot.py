@@ -292,16 +292,18 @@ def test_cubin_arch_refuses_a_file_that_is_no_cubin(tmp_path):
         aot.cubin_arch(junk)
 
 
-def test_the_chunked_prefill_fits_sm90_at_qwen35_dims(tmp_path):
-    """The three kernels of the chunked GDN prefill, cross-compiled for sm90 at the 27B head dims (K = V = 128,
-    48 value heads) in both scan precisions, each within the profile's shared memory per block."""
+@pytest.mark.parametrize("profile_name,arch", [("sm90", 90), ("sm120", 120)])
+def test_the_chunked_prefill_fits_the_gpu_at_qwen35_dims(tmp_path, profile_name, arch):
+    """The three kernels of the chunked GDN prefill, cross-compiled at the 27B head dims (K = V = 128, 48 value
+    heads) in both scan precisions with the launcher's default chunk for the GPU, each within the profile's shared
+    memory per block (sm120's 99 KB takes 32-token chunks)."""
     out = _run_compiler(
         f"""
         import json, torch
         from dflash_compiler.codegen.triton import aot, gdn
         from dflash_compiler.hw_profiles import load_profile
 
-        profile = load_profile("sm90", "H200")
+        profile = load_profile("{profile_name}")
 
         def launch():
             q = torch.zeros(1, 512, 16, 128, dtype=torch.bfloat16)
@@ -311,12 +313,13 @@ def test_the_chunked_prefill_fits_sm90_at_qwen35_dims(tmp_path):
                 gdn.gdn_chunked(q, q.clone(), v, a, a.clone(), torch.zeros(48), torch.zeros(48),
                                 torch.zeros(1, 48, 128, 128), precision=precision)
 
-        records = aot.cross_compile(launch, 90, r"{tmp_path}", sm_count=132,
+        records = aot.cross_compile(launch, {arch}, r"{tmp_path}", sm_count=profile.device.sm_count,
                                     max_shared_memory=profile.smem_per_block, host_modules=False)
-        print(json.dumps([[r.name.rsplit(".", 1)[1], r.shared] for r in records]))
+        print(json.dumps([profile.smem_per_block, [[r.name.rsplit(".", 1)[1], r.shared] for r in records]]))
         """
     )
-    records = json.loads(out.strip().splitlines()[-1])
+    limit, records = json.loads(out.strip().splitlines()[-1])
     kernels = ("_chunk_prepare_kernel", "_chunk_state_kernel", "_chunk_output_kernel")
     assert sorted({name for name, _ in records}) == sorted(kernels) and len(records) == 6
-    assert all(0 < shared <= 232448 for _, shared in records)
+    assert limit == {"sm90": 232448, "sm120": 101376}[profile_name]
+    assert all(0 < shared <= limit for _, shared in records)

@@ -311,3 +311,15 @@ def test_gpu_more_requests_times_heads_than_a_grid_axis_holds():
     _close("chunked final state", s, s_ref, 1e-2)
     o = gdn.gdn_recurrent(q, k, v, a, b, a_log, dt_bias, state)
     _close("recurrent o", o.float(), o_ref.float(), 1e-2)
+
+
+def test_the_default_chunk_follows_the_gpus_shared_memory():
+    """64-token chunks where the prepare kernel's 128 KB fit (sm90, or no GPU named), 32 on sm120's 99 KB."""
+    from dflash_compiler.codegen.triton.device import GpuFacts, compiling_for
+
+    assert gdn.default_chunk_size(torch.device("cpu"), 128) == 64
+    with compiling_for(GpuFacts((9, 0), 132, 232448)):
+        assert gdn.default_chunk_size(torch.device("cpu"), 128) == 64
+    with compiling_for(GpuFacts((12, 0), 188, 101376)):
+        assert gdn.default_chunk_size(torch.device("cpu"), 128) == 32
+        assert gdn.default_chunk_size(torch.device("cpu"), 64) == 64

@@ -123,6 +123,14 @@ def test_the_default_runs_and_every_feasible_point_fits_the_profile(profile):
             assert max(space._smem(p) for p in feasible if p["lowering"] == "triton") <= prof.smem_per_block
 
 
+def test_the_chunked_prefill_space_follows_the_shared_memory():
+    shape = GDNChunkedShape(1, 512, 16, 48, 128, 128)
+    sm120, sm90 = space_for(shape, load_profile("sm120")), space_for(shape, load_profile("sm90"))
+    assert sm120.default()["chunk_size"] == 32 and sm90.default()["chunk_size"] == 64
+    assert "shared memory 131072 B over the 101376 B" in sm120.check({**sm120.default(), "chunk_size": 64})
+    assert sm90.check({**sm90.default(), "chunk_size": 64}) is None
+
+
 def test_pruning_follows_each_profiles_limits():
     shape = LinearShape(16, 5120, 17408, "bf16", "residual")
     big = {"lowering": "triton", "block_n": 128, "block_m": 16, "block_k": 128, "num_warps": 4, "num_stages": 4,

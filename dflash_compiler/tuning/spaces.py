@@ -70,7 +70,7 @@ def _launcher_facts(profile: HardwareProfile):
     """Within it the launchers choose their defaults for the profile's GPU (on the CPU profile: their CPU ones)."""
     if not profile.is_cuda:
         return contextlib.nullcontext()
-    return compiling_for(GpuFacts(profile.compute_capability, profile.sm_count))
+    return compiling_for(GpuFacts(profile.compute_capability, profile.sm_count, profile.smem_per_block))
 
 
 def _upto(values: list[int], limit: int) -> list[int]:
@@ -502,7 +502,9 @@ class GDNChunkedSpace(Space):
         )
 
     def launcher_default(self) -> Params:
-        return {"lowering": "triton", "chunk_size": 64, "block_v": min(32, self.shape.dv), "precision": "tf32"}
+        with _launcher_facts(self.profile):
+            chunk = gdn_kernels.default_chunk_size(torch.device("cpu"), self.shape.dk)
+        return {"lowering": "triton", "chunk_size": chunk, "block_v": min(32, self.shape.dv), "precision": "tf32"}
 
     def waste(self, params: Params) -> str | None:
         if params["lowering"] == "triton" and params["chunk_size"] > max(16, _p2(self.shape.t)):
@@ -515,8 +517,10 @@ class GDNChunkedSpace(Space):
             return None
         if params["block_v"] > s.dv or s.dv % params["block_v"]:
             return f"block_v {params['block_v']} does not divide V={s.dv}"
-        # the scan's state slice and one chunk's keys stay in registers (8 warps)
-        return _accumulator_check(s.dk * params["block_v"] + params["chunk_size"] * s.dk, 8, self.profile, "the scan")
+        # the scan's state slice and one chunk's keys stay in registers (8 warps); the prepare kernel holds a
+        # chunk's fp32 keys and products in shared memory
+        acc = _accumulator_check(s.dk * params["block_v"] + params["chunk_size"] * s.dk, 8, self.profile, "the scan")
+        return acc or _smem_check(gdn_kernels.prepare_shared_bytes(params["chunk_size"], s.dk), self.profile)
 
 
 # ---- greedy acceptance ---------------------------------------------------------------------------------------

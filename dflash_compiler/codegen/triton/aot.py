@@ -207,7 +207,7 @@ def cross_compile(
         knobs.compilation.listener = None
         knobs.runtime.jit_post_compile_hook = record_spec
         stack.enter_context(stand_in_gpu(arch, after_compile=after_compile))
-        stack.enter_context(compiling_for(GpuFacts((arch // 10, arch % 10), sm_count)))
+        stack.enter_context(compiling_for(GpuFacts((arch // 10, arch % 10), sm_count, max_shared_memory)))
         launch()
         if not records:
             raise DFlashError("launch: it launched no Triton kernel")

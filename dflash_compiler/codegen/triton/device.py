@@ -1,4 +1,4 @@
-"""The GPU facts the launchers choose configurations by: compute capability and SM count.
+"""The GPU facts the launchers choose configurations by: compute capability, SM count and shared memory per block.
 
 On a CUDA device they come from the device. Inside `compiling_for(facts)` (ahead-of-time compilation, aot.py) they
 are the named GPU's, whatever the tensors' device, so the launchers pick on CPU tensors exactly the configurations
@@ -19,6 +19,7 @@ import torch
 class GpuFacts:
     capability: tuple[int, int]
     sm_count: int
+    shared_memory: int | None = None  # bytes per block (opt-in maximum); None: not known, the launchers assume plenty
 
 
 _TARGET: ContextVar[GpuFacts | None] = ContextVar("dflash_gpu_target", default=None)
@@ -27,7 +28,7 @@ _TARGET: ContextVar[GpuFacts | None] = ContextVar("dflash_gpu_target", default=N
 @functools.cache
 def _cuda_facts(device: torch.device) -> GpuFacts:
     props = torch.cuda.get_device_properties(device)
-    return GpuFacts((props.major, props.minor), props.multi_processor_count)
+    return GpuFacts((props.major, props.minor), props.multi_processor_count, props.shared_memory_per_block_optin)
 
 
 def gpu_facts(device: torch.device) -> GpuFacts | None:

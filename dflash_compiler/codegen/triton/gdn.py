@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import gpu_facts
+
 # tl.sum's combine function. The kernels call tl.reduce with it rather than tl.sum (and write out sigmoid and
 # cumsum): Triton's interpreter re-patches the language on every call of a library @jit function (about 5 ms each),
 # which would make the CPU tests of the step-by-step loops below take minutes.
@@ -805,6 +807,20 @@ def gdn_commit(
     return state
 
 
+def prepare_shared_bytes(chunk_size: int, dk: int) -> int:
+    """Shared memory of the chunked prefill's prepare kernel (its largest), as cross-compiled for sm90 and sm120
+    at K = 128: 131072 bytes at 64-token chunks, 65536 at 32."""
+    return 16 * chunk_size * dk
+
+
+def default_chunk_size(device: torch.device, dk: int) -> int:
+    """64-token chunks, or 32 where the GPU's shared memory per block does not hold a 64-token prepare (sm120's
+    99 KB at K = 128)."""
+    facts = gpu_facts(device)
+    fits = facts is None or facts.shared_memory is None or prepare_shared_bytes(64, dk) <= facts.shared_memory
+    return 64 if fits else 32
+
+
 def gdn_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -817,7 +833,7 @@ def gdn_chunked(
     *,
     out: torch.Tensor | None = None,
     final_state: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     block_v: int = 32,
     precision: str = "tf32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -825,9 +841,12 @@ def gdn_chunked(
 
     Returns (o [B, T, HV, V] in v's dtype, the final state). final_state may be state itself (in place); by default
     a new tensor. precision is the scan's tl.dot input precision: "tf32", "tf32x3" (about fp32 accuracy from three
-    tf32 products) or "ieee" (fp32 FMA products: exact, but they spill registers at K = 128).
+    tf32 products) or "ieee" (fp32 FMA products: exact, but they spill registers at K = 128). chunk_size: tokens
+    per chunk (default: default_chunk_size for the device).
     """
     bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(q.device, dk)
     _check(dk >= 16, "k", f"head dim {dk} < 16 (tl.dot minimum)")
     _check(chunk_size in (16, 32, 64, 128), "chunk_size", f"{chunk_size} not in 16/32/64/128")
     bv = min(block_v, dv)
