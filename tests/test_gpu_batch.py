@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from test_lossless import _chi2_pvalue, first_two_tokens_joint, write_tiny_vocab_pair
 
 from dflash_compiler.models.loader import load_drafter, load_target
 from dflash_compiler.runtime.batch import BatchRunner
@@ -126,17 +127,39 @@ def test_step_has_no_host_sync(prompts):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_greedy_and_sampled_requests_share_a_batch(prompts):
-    target, drafter = _pair(torch.float32)
-    eager = SpeculativeDecoder(target, DFlashProposer(drafter, target))
-    runner = BatchRunner(*_pair(torch.float32), max_batch=8, max_seq_len=512)
-    params = [SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.8, top_p=0.9) for i in range(8)]
-    got = _serve(runner, [(p, 40, sp) for p, sp in zip(prompts[:8], params)])
-    for i in range(0, 8, 2):
-        assert got[i] == eager.generate(prompts[i], 40)[0]
-    vocab = runner.vocab_size
-    for i in range(1, 8, 2):
-        assert len(got[i]) == 40 and all(0 <= t < vocab for t in got[i])
+def test_greedy_and_sampled_requests_share_a_batch(tmp_path):
+    """On CUDA, in captured graphs: sampled rows (rejection sampling against the drafter, on device) beside greedy
+    rows follow the target's exact joint distribution of their first two tokens; the greedy rows give the target's
+    greedy tokens."""
+    vocab, prompt = 6, [1, 4, 2]
+    write_tiny_vocab_pair(tmp_path, vocab)
+    cpu_target = load_target(tmp_path / "t")
+    params = SamplingParams(0.8, top_k=4, top_p=0.9)
+    joint = first_two_tokens_joint(cpu_target, prompt, params)
+    greedy_expected, _ = SpeculativeDecoder(cpu_target).generate(prompt, 4)
+    target = load_target(tmp_path / "t", device="cuda")
+    runner = BatchRunner(target, load_drafter(tmp_path / "d", target.cfg, device="cuda"), max_batch=16)
+    assert runner.cuda_graphs
+    torch.manual_seed(0)
+    requests = [(prompt, 4, SamplingParams() if i % 8 == 0 else params) for i in range(800)]
+    got = _serve(runner, requests)
+    counts = torch.zeros(vocab * vocab)
+    for (_, _, sp), tokens in zip(requests, got):
+        if sp.temperature == 0:
+            assert tokens == greedy_expected
+        else:
+            counts[tokens[0] * vocab + tokens[1]] += 1
+    assert _chi2_pvalue(counts, joint.flatten()) > 1e-3
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int4"])
+def test_quantized_dflash_equals_quantized_autoregressive_decoding(prompts, quant):
+    """DFlash on the quantized target gives that quantized target's own greedy tokens (fp32 activations, so the
+    verify and the single-row decode round alike)."""
+    requests = [(p, n, SamplingParams()) for p, n in zip(prompts[:6], LENGTHS[:6])]
+    spec = _serve(BatchRunner(*_pair(torch.float32), max_batch=4, max_seq_len=512, quant=quant), requests)
+    alone = _serve(BatchRunner(_pair(torch.float32)[0], None, max_batch=4, max_seq_len=512, quant=quant), requests)
+    assert spec == alone
 
 
 def test_engine_serves_concurrent_requests_on_cuda(prompts):
