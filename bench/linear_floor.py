@@ -20,11 +20,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from common import copy_bandwidth_tbps, floor_us, graph_time_us, print_table, write_results  # noqa: E402
-from tuning_report import call_bytes  # noqa: E402
+from tuning_report import call_bytes, triton_linears  # noqa: E402
 
 from dflash_compiler.hw_profiles import profile_for_device  # noqa: E402
 from dflash_compiler.hw_profiles.database import TuningDB  # noqa: E402
-from dflash_compiler.tuning.spaces import parse_shape  # noqa: E402
 
 COLUMNS = ("shape", "fmt", "programs", "tuned_us", "stream_us", "empty_us", "floor_us", "tuned_frac", "stream_frac")
 
@@ -77,9 +76,8 @@ def main() -> None:
     profile = profile_for_device(torch.cuda.get_device_properties(0))
     bandwidth = copy_bandwidth_tbps()
     rows = []
-    for entry in TuningDB.load(profile).entries("linear"):
-        shape = parse_shape("linear", entry.shape_key, entry.fmt)
-        if shape.m != args.rows or entry.lowering != "triton" or entry.time_us is None:
+    for entry, shape in triton_linears(TuningDB.load(profile), args.rows):
+        if entry.time_us is None:
             continue
         nbytes = call_bytes(shape)
         programs = grid_of(entry.config, shape.m, shape.n_out, shape.k)

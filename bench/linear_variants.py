@@ -16,13 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from common import copy_bandwidth_tbps, floor_us, print_table, write_results  # noqa: E402
-from tuning_report import call_bytes  # noqa: E402
+from tuning_report import call_bytes, triton_linears  # noqa: E402
 
 from dflash_compiler.codegen.triton.linear import LinearConfig  # noqa: E402
 from dflash_compiler.hw_profiles import profile_for_device  # noqa: E402
 from dflash_compiler.hw_profiles.database import TuningDB  # noqa: E402
 from dflash_compiler.tuning.measure import ConfigFailed, make_case  # noqa: E402
-from dflash_compiler.tuning.spaces import parse_shape  # noqa: E402
 
 COLUMNS = ("shape", "variant", "us", "floor_us", "frac", "vs_tuned")
 
@@ -50,10 +49,7 @@ def main() -> None:
     profile = profile_for_device(torch.cuda.get_device_properties(0))
     bandwidth = copy_bandwidth_tbps()
     rows = []
-    for entry in TuningDB.load(profile).entries("linear"):
-        shape = parse_shape("linear", entry.shape_key, entry.fmt)
-        if entry.fmt != args.fmt or shape.m != args.rows or entry.lowering != "triton":
-            continue
+    for entry, shape in triton_linears(TuningDB.load(profile), args.rows, args.fmt):
         case = make_case(shape, profile, torch.device("cuda"))
         floor = floor_us(call_bytes(shape), bandwidth)
         tuned_us = None

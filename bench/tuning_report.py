@@ -37,6 +37,14 @@ def call_bytes(shape) -> int:
     return weight + shape.m * shape.k * act + out_reads * shape.m * shape.n_out * act
 
 
+def triton_linears(db: TuningDB, rows: int, fmt: str | None = None):
+    """(entry, shape) of the database's linears lowered to Triton at `rows` rows (of one format, if named)."""
+    for entry in db.entries("linear"):
+        shape = parse_shape("linear", entry.shape_key, entry.fmt)
+        if shape.m == rows and entry.lowering == "triton" and fmt in (None, entry.fmt):
+            yield entry, shape
+
+
 def _frac(floor: float, us: float | None) -> float | None:
     return round(floor / us, 3) if us else None
 
