@@ -323,3 +323,36 @@ def test_the_chunked_prefill_fits_the_gpu_at_qwen35_dims(tmp_path, profile_name,
     assert sorted({name for name, _ in records}) == sorted(kernels) and len(records) == 6
     assert limit == {"sm90": 232448, "sm120": 101376}[profile_name]
     assert all(0 < shared <= limit for _, shared in records)
+
+
+def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
+    """x quantized before the GEMM: the quantization kernel, FP8 weights with it, and INT4 weights on the FP8
+    tensor cores (W4A8, symmetric and asymmetric, 16 and 256 rows), cross-compiled for sm90 within its shared
+    memory (their numerics are checked on the GPU: the interpreter mishandles FP8)."""
+    out = _run_compiler(
+        f"""
+        import json, torch
+        from dflash_compiler.codegen import weight_formats as wf
+        from dflash_compiler.codegen.triton import aot
+        from dflash_compiler.codegen.triton.linear import LinearConfig, linear
+
+        def launch():
+            x16, x256 = torch.randn(16, 640).to(torch.bfloat16), torch.randn(256, 640).to(torch.bfloat16)
+            for sym in (True, False):
+                w = wf.quantize_int4(torch.randn(256, 640) * 0.05, symmetric=sym)
+                linear(x16, w, config=LinearConfig(block_n=64, block_m=16, num_stages=3, prequant_x=True,
+                                                   programs=132))
+                linear(x256, w, config=LinearConfig(block_n=128, block_m=128, num_warps=8, num_stages=3,
+                                                    prequant_x=True))
+            w8 = wf.quantize_fp8_channel(torch.randn(256, 640) * 0.05)
+            linear(x16, w8, fp8_dot=True, config=LinearConfig(block_n=64, block_m=16, num_stages=3, prequant_x=True))
+
+        records = aot.cross_compile(launch, 90, r"{tmp_path}", sm_count=132, max_shared_memory=232448,
+                                    host_modules=False)
+        print(json.dumps([[r.name.rsplit(".", 1)[1], r.shared] for r in records]))
+        """
+    )
+    records = json.loads(out.strip().splitlines()[-1])
+    names = [name for name, _ in records]
+    assert names.count("_linear_kernel") == 5 and set(names) == {"_linear_kernel", "_quantize_x_kernel"}
+    assert all(0 <= shared <= 232448 for _, shared in records)

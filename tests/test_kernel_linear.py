@@ -448,6 +448,40 @@ def test_gpu_fp8_prequantized_x_matches_the_in_loop_quantization(fmt, m, n, k, e
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+@pytest.mark.parametrize("m,n,k", [(1, 5120, 6144), (16, 2048, 17408), (40, 3072, 5200), (256, 1024, 5120)])
+@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
+def test_gpu_int4_w4a8(fmt, m, n, k, epilogue):
+    """INT4 weights against x quantized to FP8 per token and group (prequant_x): the dequantized weights times the
+    quantized x, through stream-K, split and whole tiles, with K ending inside a group."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores: sm89+")
+    gen = torch.Generator().manual_seed(66)
+    weight = make_weight(fmt, 2 * n if epilogue == "swiglu" else n, k, gen, dtype=torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16) if epilogue == "residual" else None
+    bm = 16 if m <= 16 else 64
+    for grid in ({"programs": 132}, {"split_k": 3}, {}):
+        cfg = LinearConfig(block_n=64, block_m=bm, num_warps=4 if bm == 16 else 8, num_stages=3, prequant_x=True,
+                           **grid)  # fmt: skip
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        y = linear(x, weight, residual=residual, swiglu=epilogue == "swiglu", out=out, config=cfg)
+        ref = reference(x, weight, residual, epilogue == "swiglu", fp8_dot=True)
+        assert torch.isfinite(y).all(), "unwritten (NaN) outputs"
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_int4_w4a8_needs_fp8_tensor_cores():
+    weight = make_weight("int4_sym", 32, 256, torch.Generator().manual_seed(67))
+    x = torch.randn(2, 256).to(DEVICE, torch.float16)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="prequant_x with INT4 weights .W4A8. needs FP8 tensor cores"):
+            linear(x, weight, config=LinearConfig(block_n=16, block_m=16, num_stages=2, prequant_x=True))
+    with pytest.raises(ValueError, match="needs FP8 tensor cores and bf16/fp16 x"):
+        linear(x.float(), weight, config=LinearConfig(block_n=16, block_m=16, num_stages=2, prequant_x=True))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_epilogues_and_determinism(fmt):
     """Real MLP shapes with the default (stream-K) configs: fused epilogues, and bit-identical repeats."""

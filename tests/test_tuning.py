@@ -156,7 +156,12 @@ def test_pruning_follows_each_profiles_limits():
     assert sm90_fp8.check({**fp8_dot, "prequant_x": True}) is None
     assert "needs the FP8 dot" in sm90_fp8.check({**fp8_dot, "fp8_dot": False, "prequant_x": True})
     assert sm90_fp8.config({**fp8_dot, "prequant_x": True})[1]["prequant_x"] is True
-    assert space_for(LinearShape(16, 5120, 6144, "int4_sym"), load_profile("sm90")).choices()["prequant_x"] == [False]
+    # and of INT4 weights (W4A8) where there are FP8 tensor cores
+    int4 = LinearShape(16, 5120, 6144, "int4_sym")
+    assert space_for(int4, load_profile("sm90")).choices()["prequant_x"] == [False, True]
+    assert space_for(int4, load_profile("sm80")).choices()["prequant_x"] == [False]
+    assert "FP8 tensor cores" in space_for(int4, load_profile("sm80")).check({**big, "prequant_x": True})
+    assert space_for(LinearShape(16, 5120, 6144, "bf16"), load_profile("sm90")).choices()["prequant_x"] == [False]
     # tiles past the dimension, registers, split-K past the K chunks
     small = LinearShape(1, 96, 64, "fp16", act="fp16")
     sp = space_for(small, load_profile("cpu"))

@@ -229,6 +229,13 @@ class LinearSpace(Space):
     def _fp8(self) -> bool:
         return self.shape.fmt.startswith("fp8")
 
+    def _prequant_possible(self) -> bool:
+        """x quantized to FP8 before the GEMM: FP8 weights (with the FP8 dot) or INT4 weights (W4A8), on FP8
+        tensor cores, from half-precision activations."""
+        s = self.shape
+        fp8_or_int4 = self._fp8() or s.fmt.startswith("int4")
+        return fp8_or_int4 and self.profile.fp8_tensor_cores and s.act in ("bf16", "fp16")
+
     def choices(self) -> dict[str, list]:
         s = self.shape
         choices = {
@@ -240,7 +247,7 @@ class LinearSpace(Space):
             "num_stages": [2, 3, 4, 5, 6],
             "grid": list(self.GRIDS),
             "fp8_dot": [False, True] if self._fp8() and self.profile.fp8_tensor_cores else [False],
-            "prequant_x": [False, True] if self._fp8() and self.profile.fp8_tensor_cores else [False],
+            "prequant_x": [False, True] if self._prequant_possible() else [False],
         }
         return self._with_default(choices)
 
@@ -328,7 +335,9 @@ class LinearSpace(Space):
             return "quantized weights need block_k 128 (one scale group per chunk)"
         if params["fp8_dot"] and not (self._fp8() and p.fp8_tensor_cores):
             return "the FP8 dot needs FP8 weights and FP8 tensor cores"
-        if params.get("prequant_x") and not params["fp8_dot"]:
+        if params.get("prequant_x") and not self._prequant_possible():
+            return "a pre-quantized x needs FP8 or INT4 weights, FP8 tensor cores and bf16/fp16 activations"
+        if params.get("prequant_x") and self._fp8() and not params["fp8_dot"]:
             return "a pre-quantized x needs the FP8 dot"
         grid = params["grid"]
         if grid.startswith("split") and int(grid[5:]) > triton.cdiv(s.k, params["block_k"]):

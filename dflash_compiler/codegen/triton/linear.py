@@ -106,6 +106,7 @@ def _accumulate(
     stride_xk,
     FORMAT: tl.constexpr,
     FP8_DOT: tl.constexpr,
+    X_FP8: tl.constexpr,
     ASYM: tl.constexpr,
     EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -124,31 +125,45 @@ def _accumulate(
         # Nibble q becomes the float MAGIC + q by OR-ing it under the exponent of MAGIC (1024 in fp16, 128 in bf16,
         # where the last mantissa bit is 1), both halves of a word at once; subtracting MAGIC + 8 leaves q - 8
         # exactly. An asymmetric zero z is added back after the dot as (8 - z) * sum(x), a dot with ones.
-        if DOT_DTYPE == tl.float16:  # noqa: SIM300 - a constexpr compares on the left
+        # X_FP8 (W4A8): q - 8, decoded in fp16, is exact in e4m3, and x comes quantized per token and group with
+        # scales xs, so the dots run on the FP8 tensor cores.
+        if DOT_DTYPE == tl.float16 or X_FP8:  # noqa: SIM300 - a constexpr compares on the left
             magic_bits = 0x64006400
             offset = 1032.0
+            half_dtype = tl.float16
         else:
             magic_bits = 0x43004300
             offset = 136.0
+            half_dtype = tl.bfloat16
+        operand_dtype = tl.float8e4nv if X_FP8 else DOT_DTYPE
         part = tl.zeros(acc.shape, tl.float32)
         xsum = tl.zeros(acc.shape, tl.float32)
         for j in tl.static_range(4):
-            if DOT_DTYPE == tl.float32:  # noqa: SIM300
+            if DOT_DTYPE == tl.float32 and not X_FP8:  # noqa: SIM300
                 lo = ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
                 hi = ((words >> (16 + 4 * j)) & 0xF).to(tl.float32) - 8.0
                 wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
             else:
                 pair = ((words >> (4 * j)) & 0x000F000F) | magic_bits
-                lo = pair.to(tl.uint16).to(DOT_DTYPE, bitcast=True)
-                hi = (pair >> 16).to(tl.uint16).to(DOT_DTYPE, bitcast=True)
-                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32)) - tl.full((1, 1), offset, DOT_DTYPE)
-            xj = _x_tile(x_chunk + 32 * j * stride_xk, x_offs32, m_ok, k_left - 32 * j, 32, EVEN_K).to(DOT_DTYPE)
-            part = tl.dot(wj, xj, part, input_precision=INPUT_PRECISION)
+                lo = pair.to(tl.uint16).to(half_dtype, bitcast=True)
+                hi = (pair >> 16).to(tl.uint16).to(half_dtype, bitcast=True)
+                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32)) - tl.full((1, 1), offset, half_dtype)
+                wj = wj.to(operand_dtype)
+            xj = _x_tile(x_chunk + 32 * j * stride_xk, x_offs32, m_ok, k_left - 32 * j, 32, EVEN_K)
+            if X_FP8:
+                part = tl.dot(wj, xj, part)
+            else:
+                part = tl.dot(wj, xj.to(DOT_DTYPE), part, input_precision=INPUT_PRECISION)
             if ASYM:
-                ones = tl.full((words.shape[0], 32), 1.0, DOT_DTYPE)
-                xsum = tl.dot(ones, xj, xsum, input_precision=INPUT_PRECISION)
+                ones = tl.full((words.shape[0], 32), 1.0, half_dtype).to(operand_dtype)
+                if X_FP8:
+                    xsum = tl.dot(ones, xj, xsum)
+                else:
+                    xsum = tl.dot(ones, xj.to(DOT_DTYPE), xsum, input_precision=INPUT_PRECISION)
         if ASYM:
             part += corr[:, None] * xsum
+        if X_FP8:
+            part = part * xs[None, :]
         acc += part * scale[:, None]
     else:
         if EVEN_K:
@@ -359,8 +374,9 @@ def _linear_kernel(
         xt = tl.zeros((BLOCK_K, BLOCK_M), DOT_DTYPE)
         xq = xt
         xs = tl.zeros((BLOCK_M,), tl.float32)
-        if X_FP8:  # x quantized in a pass before the GEMM: the loop only loads it
-            xq = _x_tile(x_chunk, x_offs, m_ok, k_left, BLOCK_K, EVEN_K)
+        if X_FP8:  # x quantized in a pass before the GEMM: the loop only loads it (INT4 loads it by plane)
+            if FORMAT != 3:
+                xq = _x_tile(x_chunk, x_offs, m_ok, k_left, BLOCK_K, EVEN_K)
             xs = xs_cur
             offs_m_nx = pid_m_nx * BLOCK_M + tl.arange(0, BLOCK_M)
             xs_cur = tl.load(xs_ptr + offs_m_nx * stride_xsm + kc_nx, mask=offs_m_nx < M)
@@ -391,14 +407,14 @@ def _linear_kernel(
         scale, corr = _scales(sc, zw, row0, FORMAT, FP8_DOT, BLOCK_N)
         acc = _accumulate(
             acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
-            FORMAT, FP8_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+            FORMAT, FP8_DOT, X_FP8, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
         if EPILOGUE == 2:
             up_scale, up_corr = _scales(up_sc, up_zw, row0 + UP_ROW, FORMAT, FP8_DOT, BLOCK_N)
             acc_up = _accumulate(
                 acc_up, w_chunk + UP_ROW.to(tl.int64) * stride_wn, w_offs, n_ok, k_left, up_scale, up_corr,
                 xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
-                FORMAT, FP8_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+                FORMAT, FP8_DOT, X_FP8, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
             )  # fmt: skip
         if tile_end | (c == end - 1):
             offs_n = row0 + tl.arange(0, BLOCK_N)
@@ -493,8 +509,8 @@ class LinearConfig:
     num_stages: int = 4
     split_k: int = 1
     programs: int | None = None
-    # FP8 weights with the FP8 dot: x quantized by a pass before the GEMM instead of in its loop (the tuning study
-    # chooses; either gives the same result).
+    # x quantized to FP8 by a pass before the GEMM: for FP8 weights with the FP8 dot, instead of in its loop (the
+    # same result); for INT4 weights, the W4A8 variant on the FP8 tensor cores (sm89+). The tuning study chooses.
     prequant_x: bool = False
 
 
@@ -646,6 +662,9 @@ def linear(
         fp8 = _fp8_dot_default(x.device) if fp8_dot is None else fp8_dot
     # The INT4 loop reads x in planes and a pre-quantized x is read as it is: a prologue runs in front of them.
     prologue_in_front = isinstance(weight, Int4Weight) or (fp8 and config is not None and config.prequant_x)
+    w4a8 = isinstance(weight, Int4Weight) and config is not None and config.prequant_x
+    if w4a8 and (not _fp8_dot_default(x.device) or x.dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError("config: prequant_x with INT4 weights (W4A8) needs FP8 tensor cores and bf16/fp16 x")
     if gate is not None:
         if gate.shape != x.shape or gate.dtype != x.dtype or norm is not None:
             raise ValueError(
@@ -725,7 +744,7 @@ def linear(
         x.device, 0 if whole_tiles else tiles * slots * rows * config.block_m, 0 if whole_tiles else tiles
     )
     dummy = out
-    x_fp8 = fp8 and config.prequant_x
+    x_fp8 = config.prequant_x and (fp8 or fmt == INT4)
     xs = dummy
     dot_dtype = _DOT_DTYPES[x.dtype]
     if x_fp8:
