@@ -334,7 +334,7 @@ def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
         import json, torch
         from dflash_compiler.codegen import weight_formats as wf
         from dflash_compiler.codegen.triton import aot
-        from dflash_compiler.codegen.triton.linear import LinearConfig, linear
+        from dflash_compiler.codegen.triton.linear import LinearConfig, linear, quantize_x_fp8
 
         def launch():
             x16, x256 = torch.randn(16, 640).to(torch.bfloat16), torch.randn(256, 640).to(torch.bfloat16)
@@ -346,6 +346,7 @@ def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
                                                     prequant_x=True))
             w8 = wf.quantize_fp8_channel(torch.randn(256, 640) * 0.05)
             linear(x16, w8, fp8_dot=True, config=LinearConfig(block_n=64, block_m=16, num_stages=3, prequant_x=True))
+            quantize_x_fp8(x256, per_row=True)  # the vendor GEMM's per-token scales
 
         records = aot.cross_compile(launch, 90, r"{tmp_path}", sm_count=132, max_shared_memory=232448,
                                     host_modules=False)
@@ -354,5 +355,6 @@ def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
     )
     records = json.loads(out.strip().splitlines()[-1])
     names = [name for name, _ in records]
-    assert names.count("_linear_kernel") == 5 and set(names) == {"_linear_kernel", "_quantize_x_kernel"}
+    assert names.count("_linear_kernel") == 5
+    assert set(names) == {"_linear_kernel", "_quantize_x_kernel", "_quantize_x_rows_kernel"}
     assert all(0 <= shared <= 232448 for _, shared in records)

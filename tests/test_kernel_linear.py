@@ -448,6 +448,22 @@ def test_gpu_fp8_prequantized_x_matches_the_in_loop_quantization(fmt, m, n, k, e
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(1, 5120), (37, 5200), (256, 17408)])
+def test_gpu_quantize_x_fp8_is_the_reference_quantization(m, k):
+    """One launch per quantization, bit for bit the arithmetic of weight_formats.quantize_fp8_activations: per
+    token and 128-input group (the pre-quantized x), and per token (the vendor GEMM's scales); zero rows give zero
+    scales."""
+    gen = torch.Generator().manual_seed(68)
+    x = (torch.randn(m, k, generator=gen) * 3).to(DEVICE, torch.bfloat16)
+    x[0, :] = 0
+    for per_row, group in ((False, 128), (True, k)):
+        q, scales = linear_mod.quantize_x_fp8(x, per_row=per_row)
+        want_q, want_scales = wf.quantize_fp8_activations(x, group=group)
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+        assert torch.equal(scales, want_scales) and scales[0].eq(0).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
 @pytest.mark.parametrize("m,n,k", [(1, 5120, 6144), (16, 2048, 17408), (40, 3072, 5200), (256, 1024, 5120)])
 @pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])

@@ -1,5 +1,6 @@
 """Linear through the vendor GEMM: cuBLAS (torch.matmul) for dense weights and torch._scaled_mm for FP8
-per-channel weights with per-token FP8 activations. The same signature as codegen/triton/linear.linear.
+per-channel weights with per-token FP8 activations (quantized in one Triton launch). The same signature as
+codegen/triton/linear.linear.
 
 The Triton kernel streams weights at up to the copy bandwidth for the few rows of a decode or verify step; with
 many rows (a large batch of verify blocks) the step turns compute-bound and the vendor GEMM's tensor-core
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .weight_formats import DenseWeight, FP8ChannelWeight, quantize_fp8_activations
+from .weight_formats import DenseWeight, FP8ChannelWeight
 
 
 def supports(x: torch.Tensor, weight) -> bool:
@@ -30,7 +31,9 @@ def supports(x: torch.Tensor, weight) -> bool:
 def _matmul(x: torch.Tensor, weight) -> torch.Tensor:
     if isinstance(weight, DenseWeight):
         return x @ weight.weight.t()
-    xq, scale_x = quantize_fp8_activations(x, group=x.shape[1])  # one scale per token: [M, 1]
+    from .triton.linear import quantize_x_fp8
+
+    xq, scale_x = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=True)  # [M, 1] scales
     return torch._scaled_mm(
         xq, weight.qweight.t(), scale_a=scale_x, scale_b=weight.scale.view(1, -1), out_dtype=x.dtype
     )

@@ -473,11 +473,35 @@ def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, 
     tl.store(s_ptr + m * stride_sm + g, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=g * 128 < K)
 
 
-def quantize_x_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (contiguous rows) -> (FP8 values [M, K], fp32 scales [M, ceil(K / 128)]), per token and group."""
+@triton.jit
+def _quantize_x_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+    """x [M, K] -> FP8 e4m3 with one scale per row (the vendor GEMM's per-token scales), as
+    weight_formats.quantize_fp8_activations(x, group=K) computes it: the row's amax, then the values."""
+    m = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK,), tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)))
+    top = tl.max(amax, 0)
+    inv = tl.where(top > 0, tl.math.div_rn(448.0, top), 0.0)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        xf = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        tl.store(q_ptr + m * stride_qm + k, (xf * inv).to(tl.float8e4nv), mask=k < K)
+    tl.store(s_ptr + m, tl.math.div_rn(top, 448.0))
+
+
+def quantize_x_fp8(x: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (contiguous rows) -> (FP8 values [M, K], fp32 scales [M, ceil(K / 128)]), per token and group of
+    128 inputs; per_row: one scale per token ([M, 1]). One launch either way, with the arithmetic of
+    weight_formats.quantize_fp8_activations."""
     m, k = x.shape
-    groups = triton.cdiv(k, 128)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    if per_row:
+        scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+        _quantize_x_rows_kernel[(m,)](x, q, scales, k, x.stride(0), q.stride(0), BLOCK=1024, num_warps=4)
+        return q, scales
+    groups = triton.cdiv(k, 128)
     scales = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     per_program = 8
     _quantize_x_kernel[(m, triton.cdiv(groups, per_program))](
