@@ -373,7 +373,7 @@ def gdn_chunked(
     *,
     out=None,
     final_state=None,
-    chunk_size=64,
+    chunk_size=None,
     block_v=32,
     precision="tf32",
 ):
