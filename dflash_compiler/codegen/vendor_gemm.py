@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .weight_formats import DenseWeight, FP8ChannelWeight
+from .weight_formats import DenseWeight, FP8ChannelWeight, quantize_fp8_activations
 
 
 def supports(x: torch.Tensor, weight) -> bool:
@@ -31,9 +31,12 @@ def supports(x: torch.Tensor, weight) -> bool:
 def _matmul(x: torch.Tensor, weight) -> torch.Tensor:
     if isinstance(weight, DenseWeight):
         return x @ weight.weight.t()
-    from .triton.linear import quantize_x_fp8
+    if x.is_cuda:  # one Triton launch; the CPU (tests: Triton's interpreter mis-casts FP8) takes the torch ops
+        from .triton.linear import quantize_x_fp8
 
-    xq, scale_x = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=True)  # [M, 1] scales
+        xq, scale_x = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=True)  # [M, 1] scales
+    else:
+        xq, scale_x = quantize_fp8_activations(x, group=x.shape[1])
     return torch._scaled_mm(
         xq, weight.qweight.t(), scale_a=scale_x, scale_b=weight.scale.view(1, -1), out_dtype=x.dtype
     )
