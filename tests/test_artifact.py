@@ -405,6 +405,8 @@ def test_generate_cli_runs_an_artifact(cpu_artifact, eager_tokens, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == eager_tokens
     assert generate_main([*argv, "--quant", "fp8"]) == 2
     assert "--quant does not apply" in capsys.readouterr().err
+    assert generate_main([*argv, "--glue", "inductor"]) == 2
+    assert "--glue does not apply" in capsys.readouterr().err
 
 
 # ---- on the GPU ---------------------------------------------------------------------------------------------------

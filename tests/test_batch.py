@@ -406,3 +406,5 @@ def test_the_engine_serves_at_the_given_verify_widths(prompts):
         engine.close()
     with pytest.raises(DFlashError, match="parameter 'verify_width' needs runtime='batched'"):
         Engine.from_pretrained(runtime="eager", verify_width=4)
+    with pytest.raises(DFlashError, match="parameter 'glue' 'inductor' needs runtime='batched'"):
+        Engine.from_pretrained(runtime="eager", glue="inductor")

@@ -98,3 +98,14 @@ def test_glue_names_its_parameter():
     step = compile_step(target, drafter, 16, max_len=64)
     with pytest.raises(DFlashError, match="parameter 'glue': a prebuilt step runs its glue as compiled"):
         BatchRunner(None, None, compiled=step, glue="inductor")
+
+
+def test_the_engine_passes_the_glue_lowering_to_its_runner():
+    from dflash_compiler.runtime import Engine
+
+    engine = Engine.from_pretrained(runtime="batched", max_batch=2, max_seq_len=64, glue="inductor")
+    try:
+        compiled = engine.serving.runner.model.compiled
+        assert compiled.glue == "inductor" and compiled.graph("step").ops["inductor_region"] > 0
+    finally:
+        engine.close()

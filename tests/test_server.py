@@ -517,6 +517,9 @@ def test_command_line(capsys, monkeypatch, engine):
     ]
     assert serve_main(["some-artifact", "--target", "t"]) == 2
     assert "give an artifact or --target/--drafter, not both" in capsys.readouterr().err
+    assert serve_main(["some-artifact", "--glue", "inductor"]) == 2
+    assert "parameter 'glue': an artifact runs the glue it was compiled with" in capsys.readouterr().err
+    assert serve_parser().parse_args(["--glue", "inductor"]).glue == "inductor"
     assert serve_parser().parse_args(["--verify-width", "1:16,16:8"]).verify_width == {1: 16, 16: 8}
     assert serve_parser().parse_args(["--verify-width", "8"]).verify_width == 8
     assert serve_parser().parse_args(["--verify-width", "tuned"]).verify_width == "tuned"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import DFlashError
-from .options import add_calibration, add_verify_width, calibration_texts
+from .options import add_calibration, add_glue, add_verify_width, calibration_texts
 
 # Below this many bytes of checkpoint a model's matrices are too small for torch's intra-op threads to pay for
 # their synchronisation (on a busy 2-core host the tiny pair ran 4-15x slower with the default thread count).
@@ -77,6 +77,7 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     add_verify_width(p, "batched runtime: ")
     add_calibration(p)
+    add_glue(p)
     p.add_argument("--baseline", action="store_true", help="also run the target alone and report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
     return p
@@ -173,7 +174,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         drafter = DEFAULT_PAIR / "drafter" if args.target is None else None
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
-    load = dict(device=args.device, dtype=dtype, runtime=args.runtime, quant=args.quant)
+    load = dict(device=args.device, dtype=dtype, runtime=args.runtime, quant=args.quant, glue=args.glue)
     load["calibration"] = calibration_texts(args)
     engine = Engine.from_pretrained(target, drafter, block_size=args.block_size, verify_width=args.verify_width, **load)
     if device.type == "cpu" or args.threads is not None:
@@ -190,6 +191,7 @@ def _artifact_engine(args: argparse.Namespace):
     given = [f"--{n.replace('_', '-')}" for n in ("target", "drafter", "dtype", "block_size") if getattr(args, n)]
     given += [flag for flag, on in (("--baseline", args.baseline), ("--quant", args.quant != "none")) if on]
     given += ["--runtime"] if args.runtime != "auto" else []
+    given += ["--glue"] if args.glue != "aten" else []
     if given:
         raise DFlashError(f"parameter 'artifact': {given[0]} does not apply (the artifact fixes the models and shapes)")
     engine = Engine.from_artifact(args.artifact, device=args.device, strict=not args.no_strict)

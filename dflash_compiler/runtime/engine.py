@@ -136,12 +136,14 @@ class Engine:
         cache_dir: str | Path | None = None,
         verify_width: int | Mapping[int, int] | None = None,
         calibration: Sequence[str | Sequence[int]] | None = None,
+        glue: str = "aten",
     ):
         """runner: a batched runner built elsewhere (an artifact's), served as it is; target and drafter are then
         its meta models. cache_dir: where the batched runtime's compiler keeps traces between processes.
         verify_width (batched runtime): the tokens verified per request and step, for every batch size or by batch
         size (runtime/batch.py BatchRunner). calibration (quant "int4"): prompts, as text or token ids, whose
-        activations guide the INT4 quantizer (graph/calibrate.py)."""
+        activations guide the INT4 quantizer (graph/calibrate.py). glue (batched runtime): "inductor" compiles the
+        ATen glue between the ops with TorchInductor (codegen/inductor.py)."""
         self.drafter, self.tokenizer = drafter, tokenizer
         self.cfg = target.cfg
         if runner is not None:
@@ -156,6 +158,8 @@ class Engine:
             raise DFlashError(f"parameter 'quant' {quant!r} needs runtime='batched'")
         if runtime == "eager" and verify_width is not None:
             raise DFlashError("parameter 'verify_width' needs runtime='batched'")
+        if runtime == "eager" and glue != "aten":
+            raise DFlashError(f"parameter 'glue' {glue!r} needs runtime='batched'")
         if calibration is not None:
             calibration = calibration_ids(calibration, tokenizer)
         block_size = resolve_block_size(block_size, drafter.cfg.block_size if drafter is not None else None)
@@ -181,6 +185,7 @@ class Engine:
                 cache_dir=cache_dir,
                 verify_width=verify_width,
                 calibration=calibration,
+                glue=glue,
             )
             self.serving = self.loop = ServingLoop(runner, max_queue)
         self.stop_token_ids = set(target.cfg.eos_token_ids)
@@ -203,6 +208,7 @@ class Engine:
         cache_dir: str | Path | None = None,
         verify_width: int | Mapping[int, int] | str | None = None,
         calibration: Sequence[str | Sequence[int]] | None = None,
+        glue: str = "aten",
     ) -> Engine:
         """Loads a target checkpoint directory and, optionally, its DFlash drafter. With neither named, the
         tiny trained pair that ships with the package is used. The batched runtime compiles the step in memory;
@@ -225,7 +231,7 @@ class Engine:
         return cls(
             target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue,
             cache_dir=default_cache_dir() if cache_dir is None else cache_dir, verify_width=verify_width,
-            calibration=calibration,
+            calibration=calibration, glue=glue,
         )  # fmt: skip
 
     @classmethod

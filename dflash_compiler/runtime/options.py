@@ -54,3 +54,10 @@ def calibration_texts(args: argparse.Namespace) -> list[str] | None:
     from ..benchmark.prompts import load_prompts
 
     return [p.text for p in load_prompts(args.calibration, args.calibration_prompts, "--calibration")]
+
+
+def add_glue(parser) -> None:
+    parser.add_argument(
+        "--glue", choices=("aten", "inductor"), default="aten", help="batched runtime: the glue between the ops as "
+        "ATen calls, or compiled by TorchInductor into fused regions (at each graph's first run)",
+    )  # fmt: skip

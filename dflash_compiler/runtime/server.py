@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import DFlashError
 from .engine import DEFAULT_PAIR, Engine
-from .options import add_calibration, add_verify_width, calibration_texts
+from .options import add_calibration, add_glue, add_verify_width, calibration_texts
 from .serving import QueueFullError, RequestHandle
 from .speculative import GenerationStats
 
@@ -726,6 +726,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (batched runtime)")
     add_verify_width(p)
     add_calibration(p)
+    add_glue(p)
     p.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated tokens per request")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
@@ -736,6 +737,8 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
     if args.artifact is not None:
         if args.target is not None or args.drafter is not None:
             raise DFlashError("give an artifact or --target/--drafter, not both")
+        if args.glue != "aten":
+            raise DFlashError("parameter 'glue': an artifact runs the glue it was compiled with")
         engine = Engine.from_artifact(args.artifact)
         engine.loop.max_queue = args.max_queue
         names = [args.served_model_name or Path(args.artifact).name, args.artifact]
@@ -757,6 +760,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, list[str]]:
         max_queue=args.max_queue,
         verify_width=args.verify_width,
         calibration=calibration_texts(args),
+        glue=args.glue,
     )
     target = args.target or str(DEFAULT_PAIR)
     names = [args.served_model_name] if args.served_model_name else []
