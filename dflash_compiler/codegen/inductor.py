@@ -13,8 +13,6 @@ before a CUDA-graph capture); artifacts keep the ATen glue, whose kernels need n
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
@@ -54,63 +52,21 @@ class InductorRegion(torch.nn.Module):
         return self.compiled(*args)
 
 
-def _computes(gm: fx.GraphModule) -> bool:
-    return any(
-        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and not _view_like(n.target)
-        for n in gm.graph.nodes
-    )
-
-
 def lower_glue(gm: fx.GraphModule) -> int:
-    """Groups gm's ATen glue into Inductor regions in place; returns how many regions it made. Regions of views
+    """Groups gm's ATen glue into Inductor regions in place; returns how many regions it made. Runs of views
     alone stay ATen (they launch nothing)."""
     partitioner = CapabilityBasedPartitioner(gm, _GlueSupport(), allows_single_node_partition=True)
-    partitions = partitioner.propose_partitions()
+    partitions = [p for p in partitioner.propose_partitions() if not all(_view_like(n.target) for n in p.nodes)]
     if not partitions:
         return 0
     before = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # e.g. torch.export's guard module
-    fused = partitioner.fuse_partitions(partitions)
+    partitioner.fuse_partitions(partitions)  # in place: each partition becomes a call of a submodule
     regions = 0
-    for node in list(fused.graph.nodes):
-        if node.op != "call_module" or node.target in before:
-            continue
-        sub = fused.get_submodule(node.target)
-        if not _computes(sub):
-            _inline(fused, node, sub)
-            continue
-        setattr(fused, node.target, InductorRegion(sub))
-        node.meta["glue"] = "inductor"
-        regions += 1
-    fused.graph.lint()
-    fused.recompile()
-    if fused is not gm:
-        gm.graph = fused.graph
-        for name, module in fused.named_children():
-            setattr(gm, name, module)
-        gm.recompile()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in before:
+            setattr(gm, node.target, InductorRegion(gm.get_submodule(node.target)))
+            node.meta["glue"] = "inductor"
+            regions += 1
+    gm.graph.lint()
+    gm.recompile()
     return regions
-
-
-def _inline(gm: fx.GraphModule, call: fx.Node, sub: fx.GraphModule) -> None:
-    """Puts a submodule's nodes back in place of its call."""
-    env: dict[fx.Node, object] = {}
-    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    for ph, arg in zip(placeholders, call.args):
-        env[ph] = arg
-    with gm.graph.inserting_before(call):
-        for n in sub.graph.nodes:
-            if n.op == "placeholder":
-                continue
-            if n.op == "output":
-                result = fx.map_arg(n.args[0], lambda a: env[a])
-                break
-            env[n] = gm.graph.node_copy(n, lambda a: env[a])
-    if isinstance(result, (tuple, list)):
-        for user in list(call.users):
-            assert user.target is operator.getitem
-            user.replace_all_uses_with(result[user.args[1]])
-            gm.graph.erase_node(user)
-    else:
-        call.replace_all_uses_with(result)
-    gm.graph.erase_node(call)
-    delattr(gm, call.target)

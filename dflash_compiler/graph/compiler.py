@@ -250,6 +250,8 @@ class CompiledStep:
         """weights: the built weights by name (an artifact's), instead of building them from sources. tuning: the
         chooser of the linears' tuned lowerings and configs (tuning/choice.py; None: the launchers' defaults).
         glue: the lowering of the ATen glue between the ops ("aten" or "inductor", see `lower`)."""
+        if glue not in GLUE_LOWERINGS:
+            raise DFlashError(f"parameter 'glue' must be one of {', '.join(GLUE_LOWERINGS)}, got {glue!r}")
         t0 = time.perf_counter()
         self.graphs_def, self.backend, self.device, self.tuning = graphs, backend, device, tuning
         self.glue = glue
@@ -304,8 +306,6 @@ def lower(
     of their weights (by name) and the activation dtype; the choices are recorded in meta["lowering"]["tuned"].
     glue: "aten" runs the glue between the ops as ATen calls, "inductor" as TorchInductor regions
     (codegen/inductor.py)."""
-    if glue not in GLUE_LOWERINGS:
-        raise DFlashError(f"parameter 'glue' must be one of {', '.join(GLUE_LOWERINGS)}, got {glue!r}")
     count = 0
     for node in gm.graph.nodes:
         if isinstance(node.kwargs.get("device"), torch.device):
@@ -384,8 +384,6 @@ def compile_step(
     target gives INT4's quantizer its activation statistics (graph/calibrate.py); None rounds to nearest. glue:
     "inductor" lowers the ATen glue between the ops to TorchInductor regions (codegen/inductor.py), "aten" keeps
     it as ATen calls."""
-    if glue not in GLUE_LOWERINGS:
-        raise DFlashError(f"parameter 'glue' must be one of {', '.join(GLUE_LOWERINGS)}, got {glue!r}")
     if quant not in QUANTS:
         raise DFlashError(f"parameter 'quant' must be one of {', '.join(QUANTS)}, got {quant!r}")
     if backend not in dflash_ops.BACKENDS:
