@@ -13,7 +13,9 @@ Formats: dense (bf16/fp16/fp32), FP8 e4m3 with per-channel or 128x128 block scal
 in weight_formats.py). FP8 either quantizes the activations per token and 128-input group in registers and runs an
 FP8 dot (sm89+), or decodes the FP8 bits to fp16 with integer ops (sm80, the interpreter) for a weight-only dot.
 INT4 turns one plane of a 128-input run (32 inputs, a pair per word) at a time into exact fp16/bf16 values q - 8 by
-the magic-exponent trick; asymmetric zeros are added back after the dot as (8 - zero) * sum(x).
+the magic-exponent trick; asymmetric zeros are added back after the dot as (8 - zero) * sum(x). With prequant_x a
+separate launch quantizes x to FP8 first (quantize_x_fp8): FP8 weights then skip the in-loop quantization, and INT4
+weights (whose q - 8 is exact in e4m3) run their dots on the FP8 tensor cores (W4A8).
 Scales are applied per chunk to the fp32 partial products. Epilogues: residual add, and SwiGLU over weight rows
 [gate; up] (output width N / 2).
 """
