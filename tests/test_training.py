@@ -288,3 +288,23 @@ def test_held_out_must_be_a_fraction(target_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "parameter 'held_out' must be a fraction in [0, 1)" in err, err
     assert not (tmp_path / "d").exists()
+
+
+def test_init_fine_tunes_a_drafter_from_its_weights(target_dir, tmp_path, capsys):
+    base = tmp_path / "base"
+    assert train_main(_args(target_dir, base, "--steps", "3")) == 0
+    target = load_target(target_dir / "target")
+    start = load_drafter(base, target.cfg).state_dict()
+    tuned = tmp_path / "tuned"
+    # --init keeps the drafter's sizes: the block size and layer count given here are not the base's
+    args = _args(target_dir, tuned, "--init", str(base), "--steps", "1", "--lr", "0")
+    args[args.index("--block-size") + 1], args[args.index("--num-layers") + 1] = "8", "3"
+    assert train_main(args) == 0
+    assert json.loads((tuned / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    unchanged = load_drafter(tuned, target.cfg).state_dict()
+    assert all(torch.equal(start[k], unchanged[k]) for k in start)
+    assert train_main(_args(target_dir, tuned, "--init", str(base), "--steps", "2", "--lr", "1e-2")) == 0
+    moved = load_drafter(tuned, target.cfg).state_dict()
+    assert any(not torch.equal(start[k], moved[k]) for k in start)
+    assert train_main(_args(target_dir, tuned, "--init", str(base), "--drafter-config", str(base / "config.json"))) == 2
+    assert "'init' and 'drafter_config' exclude each other" in capsys.readouterr().err

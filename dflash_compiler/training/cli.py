@@ -21,6 +21,11 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help=".jsonl of {'prompt'} / {'messages'} lines, or a directory of text")
     p.add_argument("-o", "--output", required=True, help="output directory for the drafter (and checkpoint.pt)")
     p.add_argument("--drafter-config", help="JSON file of config.json fields to override (sizes, layer_types, ...)")
+    p.add_argument(
+        "--init",
+        help="start from this drafter directory's weights and config (fine-tuning: after a change of the target's "
+        "features, or on new prompts); its sizes replace --num-layers, --block-size and --target-layer-ids",
+    )
     p.add_argument("--num-layers", type=int, default=5)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")], default=None)
@@ -120,18 +125,27 @@ def train_drafter(args: argparse.Namespace) -> dict:
             overrides = json.loads(Path(args.drafter_config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise DFlashError(f"{args.drafter_config}: cannot read drafter config overrides ({e})") from None
-    cfg_dict = drafter_config_dict(
-        target.cfg,
-        mask_token_from(tokenizer, args.mask_token_id, args.target),
-        args.block_size,
-        args.num_layers,
-        args.target_layer_ids,
-        overrides,
-    )
     from ..models.config import DrafterConfig
-    from ..models.loader import check_drafter_fits
+    from ..models.loader import check_drafter_fits, load_drafter
 
-    check_drafter_fits(DrafterConfig.from_dict(cfg_dict, Path("drafter config")), target.cfg, Path("drafter config"))
+    initial = None
+    if args.init:
+        if args.drafter_config:
+            raise DFlashError("parameters 'init' and 'drafter_config' exclude each other: --init keeps its config")
+        initial = load_drafter(args.init, target.cfg, device=args.device)
+        cfg_dict = json.loads((Path(args.init) / "config.json").read_text())
+        cfg_dict.pop("quantization_config", None)
+    else:
+        cfg_dict = drafter_config_dict(
+            target.cfg,
+            mask_token_from(tokenizer, args.mask_token_id, args.target),
+            args.block_size,
+            args.num_layers,
+            args.target_layer_ids,
+            overrides,
+        )
+    drafter_cfg = DrafterConfig.from_dict(cfg_dict, Path("drafter config"))
+    check_drafter_fits(drafter_cfg, target.cfg, Path("drafter config"))
     if args.min_prompt_len is not None and args.min_prompt_len < 1:
         raise DFlashError(f"parameter 'min_prompt_len' must be >= 1, got {args.min_prompt_len}")
     if not 0.0 <= args.distill <= 1.0:
@@ -185,7 +199,7 @@ def train_drafter(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         anchors_per_sequence=args.anchors,
         lr=args.lr,
-        gamma=args.gamma or default_gamma(args.block_size),
+        gamma=args.gamma or default_gamma(drafter_cfg.block_size),
         seed=args.seed,
         eval_every=args.eval_every,
         distill=args.distill,
@@ -197,6 +211,8 @@ def train_drafter(args: argparse.Namespace) -> dict:
     if args.eval_prompts and args.eval_decode > 0:
         eval_prompts = read_prompts(args.eval_prompts, tokenizer, target.cfg.max_position_embeddings, args.chat)
     trainer = DrafterTrainer(target, cfg_dict, train, held, config, args.output, eval_prompts)
+    if initial is not None:
+        trainer.drafter.load_state_dict(initial.state_dict())
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step}", file=sys.stderr)
     history = trainer.train(progress=not args.no_progress)
