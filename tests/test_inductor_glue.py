@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_batch import _eager, _serve, _tiny_pair
 
-from dflash_compiler.codegen.inductor import InductorRegion, lower_glue
+from dflash_compiler.codegen.inductor import InductorRegion, lower_glue, region_options
 from dflash_compiler.errors import DFlashError
 from dflash_compiler.graph.compiler import compile_step
 from dflash_compiler.graph.ir import is_dflash
@@ -75,6 +75,42 @@ def test_a_region_computes_what_its_aten_calls_compute():
         for w, g in zip(want, got):
             torch.testing.assert_close(g, w)
         torch.testing.assert_close(got_buf, want_buf)
+
+
+def _draft_probs(flag, masked, logits, other):
+    """The draft's sampling glue: masked logits normalised over the vocabulary row, or another row."""
+    kept = torch.where(masked, 0.0, logits)
+    return torch.where(flag, kept / kept.sum(-1, keepdim=True), other)
+
+
+def test_regions_turn_persistent_reductions_off_where_inductor_cannot_compile_them(monkeypatch):
+    """The installed Inductor handles one-row persistent reductions, so regions keep its defaults; a release
+    whose load shaping lacks that case (torch 2.11) gets persistent reductions off."""
+    from torch._inductor.codegen.triton import TritonSymbols
+
+    assert region_options() == {}
+
+    def get_block_shape(cls, expr):
+        return ()
+
+    monkeypatch.setattr(TritonSymbols, "get_block_shape", classmethod(get_block_shape))
+    assert region_options.__wrapped__() == {"triton.persistent_reductions": False}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [32768, 248320])
+def test_gpu_region_of_a_softmax_over_a_vocabulary_row(vocab):
+    """The draft sampler's glue ([1, 15, vocab] rows, one reduction per program) compiles and equals ATen."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    args = (
+        torch.tensor(True, device="cuda"),
+        torch.rand(1, 15, vocab, device="cuda", generator=gen) < 0.3,
+        torch.rand(1, 15, vocab, device="cuda", generator=gen),
+        torch.full((1, 15, vocab), float("nan"), device="cuda"),
+    )
+    gm = torch.fx.experimental.proxy_tensor.make_fx(_draft_probs)(*args)
+    assert lower_glue(gm) == 1
+    torch.testing.assert_close(gm(*args), _draft_probs(*args))
 
 
 @pytest.mark.slow

@@ -13,6 +13,9 @@ before a CUDA-graph capture); artifacts keep the ATen glue, whose kernels need n
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import fx
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
@@ -40,13 +43,27 @@ class _GlueSupport(OperatorSupportBase):
         return str(target) not in _NOT_IN_REGIONS and not target._schema.is_mutable
 
 
+@functools.cache
+def region_options() -> dict:
+    """Inductor config for the regions. Releases whose Triton codegen cannot shape a load in a persistent
+    reduction with one row per program (no_x_dim: torch 2.11 fails so on the draft's softmax over a vocabulary
+    row) compile the regions with persistent reductions off; later releases handle such trees."""
+    from torch._inductor.codegen.triton import TritonSymbols
+
+    try:
+        handles_no_x_dim = "tensor_dim is None" in inspect.getsource(TritonSymbols.get_block_shape)
+    except (OSError, TypeError):  # no source to read: take the configuration that works on every release
+        handles_no_x_dim = False
+    return {} if handles_no_x_dim else {"triton.persistent_reductions": False}
+
+
 class InductorRegion(torch.nn.Module):
     """A glue submodule run through torch.compile's Inductor backend, compiled on first call."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__()
         self.gm = gm
-        self.compiled = torch.compile(gm, backend="inductor", fullgraph=True)
+        self.compiled = torch.compile(gm, backend="inductor", fullgraph=True, options=region_options())
 
     def forward(self, *args):
         return self.compiled(*args)
