@@ -490,9 +490,12 @@ def quantize_fp8_activations(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[t
     xp[:, :k] = x.float()
     xg = xp.view(m, groups, group)
     amax = xg.abs().amax(dim=2)
-    inv = torch.where(amax > 0, FP8_MAX / amax, torch.zeros_like(amax))
+    # tensor by tensor: correctly rounded on every device (CUDA divides by a scalar as a product with its
+    # reciprocal, and `scalar / tensor` is reciprocal() * scalar)
+    fp8_max = torch.full_like(amax, FP8_MAX)
+    inv = torch.where(amax > 0, fp8_max / amax, torch.zeros_like(amax))
     xq = (xg * inv[:, :, None]).to(torch.float8_e4m3fn).view(m, groups * group)[:, :k]
-    return xq.contiguous(), amax / FP8_MAX
+    return xq.contiguous(), amax / fp8_max
 
 
 def dequantize_fp8_activations(xq: torch.Tensor, scales: torch.Tensor, group: int = FP8_BLOCK) -> torch.Tensor:

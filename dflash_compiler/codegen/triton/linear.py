@@ -402,7 +402,7 @@ def _linear_kernel(
                 xf = xt.to(tl.float32)
                 amax = tl.max(tl.abs(xf), axis=0)
                 inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 0.0)
-                xq = (xf * inv[None, :]).to(tl.float8e4nv)
+                xq = _round_to_e4m3(xf * inv[None, :]).to(tl.float8e4nv)
                 xs = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
         w_k = k0 // 8 if FORMAT == 3 else k0
         w_chunk = w_ptr + row0.to(tl.int64) * stride_wn + w_k
@@ -461,6 +461,19 @@ def _linear_kernel(
 
 
 @triton.jit
+def _round_to_e4m3(v):
+    """fp32 v, |v| <= 448 (x times 448 / amax), rounded to the nearest FP8 e4m3 value, ties to even, as an fp32
+    that the FP8 conversion then holds exactly. Triton converts fp32 to e4m3 through fp16 on sm90, and that double
+    rounding moves ties: 84.0000076 becomes 84.0, then 80, where 88 is nearest."""
+    bits = v.to(tl.uint32, bitcast=True)
+    # normal e4m3 (|v| >= 2^-6): 3 mantissa bits kept, the 20 dropped rounded to nearest even
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    # subnormal e4m3 (|v| < 2^-6): multiples of 2^-9, which adding 1.5 * 2^14 rounds to in fp32 (ties to even)
+    subnormal = (v + 24576.0) - 24576.0
+    return tl.minimum(tl.maximum(tl.where(tl.abs(v) < 0.015625, subnormal, normal), -448.0), 448.0)
+
+
+@triton.jit
 def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUPS: tl.constexpr):
     """x [M, K] -> FP8 e4m3 per token and 128-input group (q [M, K], scales s [M, K / 128]), with the same
     arithmetic as the GEMM's in-loop quantization, so either path gives the same result."""
@@ -471,7 +484,7 @@ def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, 
     xf = tl.load(x_ptr + m * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(xf), axis=1)
     inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 0.0)
-    tl.store(q_ptr + m * stride_qm + k, (xf * inv[:, None]).to(tl.float8e4nv), mask=ok)
+    tl.store(q_ptr + m * stride_qm + k, _round_to_e4m3(xf * inv[:, None]).to(tl.float8e4nv), mask=ok)
     tl.store(s_ptr + m * stride_sm + g, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=g * 128 < K)
 
 
@@ -489,7 +502,7 @@ def _quantize_x_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK:
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         xf = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        tl.store(q_ptr + m * stride_qm + k, (xf * inv).to(tl.float8e4nv), mask=k < K)
+        tl.store(q_ptr + m * stride_qm + k, _round_to_e4m3(xf * inv).to(tl.float8e4nv), mask=k < K)
     tl.store(s_ptr + m, tl.math.div_rn(top, 448.0))
 
 
