@@ -274,6 +274,22 @@ def test_linear_whole_tiles(fmt):
     run_and_check(x, weight, config=LinearConfig(block_n=32, block_m=16, block_k=128, num_stages=2))
 
 
+@pytest.mark.parametrize("epilogue", ["residual", "swiglu"])
+@pytest.mark.parametrize("fmt", ["dense", "int4_asym"])
+def test_linear_tiles_split_among_many_programs(fmt, epilogue):
+    """One output tile shared by 7 programs (5 with SwiGLU): the last to arrive sums more partials than one group
+    of its loads holds, the last group only partly filled."""
+    gen = torch.Generator().manual_seed(27)
+    n = 32 if epilogue == "swiglu" else 16
+    weight = make_weight(fmt, n, 1100, gen)
+    x = torch.randn(4, 1100, generator=gen).to(DEVICE, torch.float16)
+    residual = torch.randn(4, n, generator=gen).to(DEVICE, torch.float16) if epilogue == "residual" else None
+    programs = 5 if epilogue == "swiglu" else 7
+    config = LinearConfig(block_n=16, block_m=16, block_k=64 if fmt == "dense" else 128, num_stages=2,
+                          programs=programs)  # fmt: skip
+    run_and_check(x, weight, residual=residual, swiglu=epilogue == "swiglu", config=config)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_linear_fp32_activations(fmt):
     gen = torch.Generator().manual_seed(30)
