@@ -16,11 +16,12 @@ import linear_floor  # noqa: E402
 from dflash_compiler.codegen.triton import linear  # noqa: E402
 
 
+@pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("words,programs", [(1000, 3), (4099, 7), (5, 5)])
-def test_the_stream_kernel_sums_each_programs_share(words, programs):
+def test_the_stream_kernel_sums_each_programs_share(words, programs, stages):
     w = torch.randint(-1000, 1000, (words,), dtype=torch.int32)
     out = torch.full((programs,), -1, dtype=torch.int32)
-    linear_floor._stream_kernel[(programs,)](w, out, words, BLOCK=64)
+    linear_floor._stream_kernel[(programs,)](w, out, words, BLOCK=64, STAGES=stages)
     bounds = [(p * words) // programs for p in range(programs + 1)]
     assert out.tolist() == [int(w[a:b].sum()) for a, b in zip(bounds, bounds[1:])]
 
@@ -47,3 +48,10 @@ def test_the_grid_is_the_launchers(config, monkeypatch):
     cfg = linear.LinearConfig(**{k: v for k, v in config.items()})
     linear.linear(x, weight, config=cfg)
     assert linear_floor.grid_of(config, 16, 640, 1024) == seen["grid"]
+
+
+def test_the_fit_recovers_a_fixed_cost_and_a_rate():
+    """Points on time = 6 us + bytes / 2.5 TB/s give back 6 us and 2.5 TB/s; noise-free points fit exactly."""
+    points = [(b, 6.0 + b / 2.5e12 * 1e6) for b in (10_000_000, 21_000_000, 42_000_000, 84_000_000)]
+    fixed, rate = linear_floor.fit_fixed_and_rate(points)
+    assert fixed == pytest.approx(6.0) and rate == pytest.approx(2.5)
