@@ -465,6 +465,42 @@ def test_gpu_fp8_prequantized_x_matches_the_in_loop_quantization(fmt, m, n, k, e
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+@pytest.mark.parametrize("m,n,k", [(1, 5120, 6144), (16, 2048, 17408), (40, 3072, 5200)])
+def test_gpu_fp8_per_token_x(m, n, k, epilogue):
+    """W8A8 per token and channel (x pre-quantized with one scale per token): the dots accumulate over all of K
+    and the scales apply once per tile share, through stream-K, split and whole tiles; against the reference on x
+    quantized the same way."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 dot needs sm89+")
+    gen = torch.Generator().manual_seed(66)
+    weight = make_weight("fp8_channel", 2 * n if epilogue == "swiglu" else n, k, gen)
+    x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16) if epilogue == "residual" else None
+    xq = wf.dequantize_fp8_activations(*wf.quantize_fp8_activations(x, group=k), group=k)
+    ref = reference(xq, weight, residual, epilogue == "swiglu")
+    for grid in ({"programs": 132}, {"split_k": 3}, {}):
+        config = LinearConfig(block_n=64, block_m=16, num_stages=3, prequant_x=True, x_per_token=True, **grid)
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        y = linear(x, weight, residual=residual, swiglu=epilogue == "swiglu", out=out, fp8_dot=True, config=config)
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(y).all() and err < 5e-3, f"{grid}: relative error {err:.2e}"
+
+
+def test_per_token_x_needs_a_prequantized_x_and_fp8_channel_weights():
+    gen = torch.Generator().manual_seed(67)
+    x = torch.randn(4, 256, generator=gen).to(DEVICE, torch.float16)
+    per_token = LinearConfig(block_n=32, block_m=16, prequant_x=True, x_per_token=True)
+    for weight, config in (
+        (make_weight("fp8_channel", 64, 256, gen), dataclasses.replace(per_token, prequant_x=False)),
+        (make_weight("fp8_block", 64, 256, gen), per_token),
+        (make_weight("int4_sym", 64, 256, gen), per_token),
+    ):
+        with pytest.raises(ValueError, match="x_per_token needs prequant_x, FP8 per-channel weights and the FP8 dot"):
+            linear(x, weight, fp8_dot=True, config=config)
+
+
 @triton.jit
 def _round_to_e4m3_kernel(v_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

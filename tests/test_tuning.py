@@ -162,6 +162,16 @@ def test_pruning_follows_each_profiles_limits():
     assert space_for(int4, load_profile("sm80")).choices()["prequant_x"] == [False]
     assert "FP8 tensor cores" in space_for(int4, load_profile("sm80")).check({**big, "prequant_x": True})
     assert space_for(LinearShape(16, 5120, 6144, "bf16"), load_profile("sm90")).choices()["prequant_x"] == [False]
+    # per-token x scales (W8A8 per token and channel): FP8 per-channel weights with a pre-quantized x only
+    assert sm90_fp8.choices()["x_per_token"] == [False, True]
+    per_token = {**fp8_dot, "prequant_x": True, "x_per_token": True}
+    assert sm90_fp8.check(per_token) is None
+    assert sm90_fp8.config(per_token)[1]["x_per_token"] is True
+    assert "x_per_token" not in sm90_fp8.config({**fp8_dot, "prequant_x": True})[1]
+    assert "pre-quantized x" in sm90_fp8.check({**per_token, "prequant_x": False})
+    fp8_block = space_for(LinearShape(16, 5120, 6144, "fp8_block"), load_profile("sm90"))
+    assert fp8_block.choices()["x_per_token"] == [False] and fp8_block.check(per_token) is not None
+    assert space_for(int4, load_profile("sm90")).choices()["x_per_token"] == [False]
     # tiles past the dimension, registers, split-K past the K chunks
     small = LinearShape(1, 96, 64, "fp16", act="fp16")
     sp = space_for(small, load_profile("cpu"))

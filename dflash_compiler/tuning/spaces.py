@@ -236,6 +236,10 @@ class LinearSpace(Space):
         fp8_or_int4 = self._fp8() or s.fmt.startswith("int4")
         return fp8_or_int4 and self.profile.fp8_tensor_cores and s.act in ("bf16", "fp16")
 
+    def _per_token_possible(self) -> bool:
+        """W8A8 with one scale per token over all of K: FP8 per-channel weights, x pre-quantized."""
+        return self.shape.fmt == "fp8_channel" and self._prequant_possible()
+
     def choices(self) -> dict[str, list]:
         s = self.shape
         choices = {
@@ -248,6 +252,7 @@ class LinearSpace(Space):
             "grid": list(self.GRIDS),
             "fp8_dot": [False, True] if self._fp8() and self.profile.fp8_tensor_cores else [False],
             "prequant_x": [False, True] if self._prequant_possible() else [False],
+            "x_per_token": [False, True] if self._per_token_possible() else [False],
         }
         return self._with_default(choices)
 
@@ -281,6 +286,7 @@ class LinearSpace(Space):
             "grid": grid,
             "fp8_dot": fp8_dot,
             "prequant_x": cfg.prequant_x,
+            "x_per_token": cfg.x_per_token,
         }
 
     def _config(self, params: Params) -> linear_kernels.LinearConfig:
@@ -296,14 +302,16 @@ class LinearSpace(Space):
             split_k=split,
             programs=programs,
             prequant_x=params.get("prequant_x", False),
+            x_per_token=params.get("x_per_token", False),
         )
 
     def config(self, params: Params) -> tuple[str, dict[str, Any]]:
         if params["lowering"] != "triton":
             return params["lowering"], {}
         cfg = {**self._config(params).__dict__, "fp8_dot": params["fp8_dot"]}
-        if not cfg["prequant_x"]:  # the variant is named only where it is chosen (entries without it read as off)
-            del cfg["prequant_x"]
+        for variant in ("prequant_x", "x_per_token"):  # named only where chosen (entries without them read as off)
+            if not cfg[variant]:
+                del cfg[variant]
         return "triton", cfg
 
     def _smem(self, params: Params) -> float:
@@ -339,6 +347,8 @@ class LinearSpace(Space):
             return "a pre-quantized x needs FP8 or INT4 weights, FP8 tensor cores and bf16/fp16 activations"
         if params.get("prequant_x") and self._fp8() and not params["fp8_dot"]:
             return "a pre-quantized x needs the FP8 dot"
+        if params.get("x_per_token") and not (params.get("prequant_x") and self._per_token_possible()):
+            return "per-token x scales need a pre-quantized x and FP8 per-channel weights"
         grid = params["grid"]
         if grid.startswith("split") and int(grid[5:]) > triton.cdiv(s.k, params["block_k"]):
             return f"{grid} over the {triton.cdiv(s.k, params['block_k'])} K chunks"

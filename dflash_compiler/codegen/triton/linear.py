@@ -14,8 +14,10 @@ in weight_formats.py). FP8 either quantizes the activations per token and 128-in
 FP8 dot (sm89+), or decodes the FP8 bits to fp16 with integer ops (sm80, the interpreter) for a weight-only dot.
 INT4 turns one plane of a 128-input run (32 inputs, a pair per word) at a time into exact fp16/bf16 values q - 8 by
 the magic-exponent trick; asymmetric zeros are added back after the dot as (8 - zero) * sum(x). With prequant_x a
-separate launch quantizes x to FP8 first (quantize_x_fp8): FP8 weights then skip the in-loop quantization, and INT4
-weights (whose q - 8 is exact in e4m3) run their dots on the FP8 tensor cores (W4A8).
+separate launch quantizes x to FP8 first (quantize_x_fp8): FP8 weights then skip the in-loop quantization (and with
+x_per_token, one scale per token over all of K, per-channel weights accumulate their dots across chunks and scale
+once per tile: W8A8 per token and channel), and INT4 weights (whose q - 8 is exact in e4m3) run their dots on the
+FP8 tensor cores (W4A8).
 Scales are applied per chunk to the fp32 partial products. Epilogues: residual add, and SwiGLU over weight rows
 [gate; up] (output width N / 2).
 """
@@ -109,6 +111,7 @@ def _accumulate(
     FORMAT: tl.constexpr,
     FP8_DOT: tl.constexpr,
     X_FP8: tl.constexpr,
+    X_PER_TOKEN: tl.constexpr,
     ASYM: tl.constexpr,
     EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -177,15 +180,20 @@ def _accumulate(
             acc = tl.dot(w.to(DOT_DTYPE), xt, acc, input_precision=INPUT_PRECISION)
         else:
             wb = tl.load(w_chunk + w_offs, mask=wmask, other=0.0)
-            if FP8_DOT:
-                part = tl.dot(wb, xq) * xs[None, :]
+            if X_PER_TOKEN:
+                # one scale per token and per row over all of K: the dots accumulate across chunks, and the scales
+                # apply once, where the tile's share ends
+                acc = tl.dot(wb, xq, acc)
             else:
-                # e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the value / 256 (normals and
-                # subnormals alike), so the decode is two masks and shifts; the 256 goes into the scale.
-                b = wb.to(tl.int32)
-                half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
-                part = tl.dot(half.to(DOT_DTYPE), xt, input_precision=INPUT_PRECISION)
-            acc += part * scale[:, None]
+                if FP8_DOT:
+                    part = tl.dot(wb, xq) * xs[None, :]
+                else:
+                    # e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the value / 256 (normals and
+                    # subnormals alike), so the decode is two masks and shifts; the 256 goes into the scale.
+                    b = wb.to(tl.int32)
+                    half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+                    part = tl.dot(half.to(DOT_DTYPE), xt, input_precision=INPUT_PRECISION)
+                acc += part * scale[:, None]
     return acc
 
 
@@ -298,6 +306,7 @@ def _linear_kernel(
     FORMAT: tl.constexpr,
     FP8_DOT: tl.constexpr,
     X_FP8: tl.constexpr,
+    X_PER_TOKEN: tl.constexpr,
     ASYM: tl.constexpr,
     EPILOGUE: tl.constexpr,
     NORM: tl.constexpr,
@@ -343,7 +352,7 @@ def _linear_kernel(
             FORMAT, ASYM, GROUP_SIZE, BLOCK_N,
         )  # fmt: skip
     xs_cur = tl.zeros((BLOCK_M,), tl.float32)  # X_FP8: the scales of x's chunk, fetched a chunk ahead
-    if X_FP8:
+    if X_FP8 and not X_PER_TOKEN:
         offs_m0 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         xs_cur = tl.load(xs_ptr + offs_m0 * stride_xsm + kc, mask=offs_m0 < M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
@@ -379,9 +388,10 @@ def _linear_kernel(
         if X_FP8:  # x quantized in a pass before the GEMM: the loop only loads it (INT4 loads it by plane)
             if FORMAT != 3:
                 xq = _x_tile(x_chunk, x_offs, m_ok, k_left, BLOCK_K, EVEN_K)
-            xs = xs_cur
-            offs_m_nx = pid_m_nx * BLOCK_M + tl.arange(0, BLOCK_M)
-            xs_cur = tl.load(xs_ptr + offs_m_nx * stride_xsm + kc_nx, mask=offs_m_nx < M)
+            if not X_PER_TOKEN:
+                xs = xs_cur
+                offs_m_nx = pid_m_nx * BLOCK_M + tl.arange(0, BLOCK_M)
+                xs_cur = tl.load(xs_ptr + offs_m_nx * stride_xsm + kc_nx, mask=offs_m_nx < M)
         elif FORMAT != 3:
             xt = _x_tile(x_chunk, x_offs, m_ok, k_left, BLOCK_K, EVEN_K).to(DOT_DTYPE)
             if GATE:  # x * sigmoid(gate), elementwise (the gated attention's output in front of o_proj)
@@ -409,18 +419,23 @@ def _linear_kernel(
         scale, corr = _scales(sc, zw, row0, FORMAT, FP8_DOT, BLOCK_N)
         acc = _accumulate(
             acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
-            FORMAT, FP8_DOT, X_FP8, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+            FORMAT, FP8_DOT, X_FP8, X_PER_TOKEN, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
         if EPILOGUE == 2:
             up_scale, up_corr = _scales(up_sc, up_zw, row0 + UP_ROW, FORMAT, FP8_DOT, BLOCK_N)
             acc_up = _accumulate(
                 acc_up, w_chunk + UP_ROW.to(tl.int64) * stride_wn, w_offs, n_ok, k_left, up_scale, up_corr,
                 xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
-                FORMAT, FP8_DOT, X_FP8, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+                FORMAT, FP8_DOT, X_FP8, X_PER_TOKEN, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
             )  # fmt: skip
         if tile_end | (c == end - 1):
             offs_n = row0 + tl.arange(0, BLOCK_N)
             offs_m = m0 + tl.arange(0, BLOCK_M)
+            if X_PER_TOKEN:  # the share's sums, in FP8 units until now, times the row and token scales
+                xs_tok = tl.load(xs_ptr + offs_m * stride_xsm, mask=m_ok, other=0.0)
+                acc = acc * scale[:, None] * xs_tok[None, :]
+                if EPILOGUE == 2:
+                    acc_up = acc_up * up_scale[:, None] * xs_tok[None, :]
             if tile_end & (seg_first == 0):  # the whole tile: its rows' sums of squares are complete
                 rstd = tl.rsqrt(ss / K + norm_eps)
                 _store(
@@ -551,6 +566,10 @@ class LinearConfig:
     # x quantized to FP8 by a pass before the GEMM: for FP8 weights with the FP8 dot, instead of in its loop (the
     # same result); for INT4 weights, the W4A8 variant on the FP8 tensor cores (sm89+). The tuning study chooses.
     prequant_x: bool = False
+    # With prequant_x and FP8 per-channel weights: one scale per token over all of K (W8A8 per token and channel,
+    # as the vendor GEMM quantizes), so the FP8 dots accumulate across chunks instead of each chunk's product
+    # waiting to be scaled; a coarser quantization of x than the default's per 128 inputs.
+    x_per_token: bool = False
 
 
 Weight = DenseWeight | FP8ChannelWeight | FP8BlockWeight | Int4Weight
@@ -702,6 +721,12 @@ def linear(
     # The INT4 loop reads x in planes and a pre-quantized x is read as it is: a prologue runs in front of them.
     prologue_in_front = isinstance(weight, Int4Weight) or (fp8 and config is not None and config.prequant_x)
     w4a8 = isinstance(weight, Int4Weight) and config is not None and config.prequant_x
+    if (
+        config is not None
+        and config.x_per_token
+        and not (config.prequant_x and fp8 and isinstance(weight, FP8ChannelWeight))
+    ):
+        raise ValueError("config: x_per_token needs prequant_x, FP8 per-channel weights and the FP8 dot")
     if w4a8 and (not _fp8_dot_default(x.device) or x.dtype not in (torch.bfloat16, torch.float16)):
         raise ValueError("config: prequant_x with INT4 weights (W4A8) needs FP8 tensor cores and bf16/fp16 x")
     if gate is not None:
@@ -787,7 +812,7 @@ def linear(
     xs = dummy
     dot_dtype = _DOT_DTYPES[x.dtype]
     if x_fp8:
-        x, xs = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous())
+        x, xs = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=config.x_per_token)
     _linear_kernel[(programs,)](
         x, w, s if s is not None else dummy, z if z is not None else dummy,
         residual if residual is not None else dummy, out, ws, cnt,
@@ -799,7 +824,7 @@ def linear(
         residual.stride(0) if residual is not None else 0, out.stride(0),
         gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
         m_tiles, chunks, total, slots,
-        FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, ASYM=asym,
+        FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, X_PER_TOKEN=config.x_per_token, ASYM=asym,
         EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
         NORM=0 if norm is None else 2 if norm.zero_centered else 1,
         GATE=gate is not None,
