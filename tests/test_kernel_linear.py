@@ -277,8 +277,8 @@ def test_linear_whole_tiles(fmt):
 @pytest.mark.parametrize("epilogue", ["residual", "swiglu"])
 @pytest.mark.parametrize("fmt", ["dense", "int4_asym"])
 def test_linear_tiles_split_among_many_programs(fmt, epilogue):
-    """One output tile shared by 7 programs (5 with SwiGLU): the last to arrive sums more partials than one group
-    of its loads holds, the last group only partly filled."""
+    """One output tile shared by 7 programs (5 with SwiGLU): the last to arrive sums every parked partial (a loop
+    the compiler unrolls four slots at a time, with a remainder)."""
     gen = torch.Generator().manual_seed(27)
     n = 32 if epilogue == "swiglu" else 16
     weight = make_weight(fmt, n, 1100, gen)
