@@ -327,9 +327,9 @@ def test_the_chunked_prefill_fits_the_gpu_at_qwen35_dims(tmp_path, profile_name,
 
 def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
     """x quantized before the GEMM: the quantization kernel, FP8 weights with it (per token and group, or per token:
-    W8A8), and INT4 weights on the FP8 tensor cores (W4A8, symmetric and asymmetric, 16 and 256 rows),
-    cross-compiled for sm90 within its shared memory (their numerics are checked on the GPU: the interpreter
-    mishandles FP8)."""
+    W8A8), and INT4 weights on the FP8 tensor cores (W4A8, symmetric and asymmetric, 16 and 256 rows; one dot per
+    plane or per chunk), cross-compiled for sm90 within its shared memory (their numerics are checked on the GPU:
+    the interpreter mishandles FP8)."""
     out = _run_compiler(
         f"""
         import json, torch
@@ -345,6 +345,9 @@ def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
                                                    programs=132))
                 linear(x256, w, config=LinearConfig(block_n=128, block_m=128, num_warps=8, num_stages=3,
                                                     prequant_x=True))
+                for prequant in (False, True):  # one dot per chunk, bf16 or FP8 x
+                    linear(x256, w, config=LinearConfig(block_n=128, block_m=128, num_warps=8, num_stages=3,
+                                                        prequant_x=prequant, int4_chunk_dot=True))
             w8 = wf.quantize_fp8_channel(torch.randn(256, 640) * 0.05)
             linear(x16, w8, fp8_dot=True, config=LinearConfig(block_n=64, block_m=16, num_stages=3, prequant_x=True))
             for epilogue in ({{"residual": torch.randn(16, 256).to(torch.bfloat16)}}, {{"swiglu": True}}):
@@ -360,6 +363,6 @@ def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
     )
     records = json.loads(out.strip().splitlines()[-1])
     names = [name for name, _ in records]
-    assert names.count("_linear_kernel") == 7
+    assert names.count("_linear_kernel") == 11
     assert set(names) == {"_linear_kernel", "_quantize_x_kernel", "_quantize_x_rows_kernel"}
     assert all(0 <= shared <= 232448 for _, shared in records)

@@ -274,6 +274,30 @@ def test_linear_whole_tiles(fmt):
     run_and_check(x, weight, config=LinearConfig(block_n=32, block_m=16, block_k=128, num_stages=2))
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
+def test_int4_one_dot_per_chunk(fmt, epilogue, split):
+    """int4_chunk_dot: the four planes as one operand in input order (a permutation gone wrong pairs weights with
+    the wrong inputs), K ending inside a chunk, fp16 and fp32 activations."""
+    gen = torch.Generator().manual_seed(28)
+    n = 42 if epilogue == "swiglu" else 37
+    weight = make_weight(fmt, n, 328, gen)
+    for dtype in (torch.float16, torch.float32):
+        x = torch.randn(5, 328, generator=gen).to(DEVICE, dtype)
+        n_out = n // 2 if epilogue == "swiglu" else n
+        residual = torch.randn(5, n_out, generator=gen).to(DEVICE, dtype) if epilogue == "residual" else None
+        config = dataclasses.replace(_config(fmt, split), int4_chunk_dot=True)
+        run_and_check(x, weight, residual=residual, swiglu=epilogue == "swiglu", config=config)
+
+
+def test_int4_chunk_dot_is_for_int4_weights():
+    x = torch.randn(4, 256).to(DEVICE, torch.float16)
+    with pytest.raises(ValueError, match="int4_chunk_dot is a variant of the INT4 kernel"):
+        linear(x, make_weight("dense", 32, 256, torch.Generator().manual_seed(29)),
+               config=LinearConfig(block_n=16, int4_chunk_dot=True))  # fmt: skip
+
+
 @pytest.mark.parametrize("epilogue", ["residual", "swiglu"])
 @pytest.mark.parametrize("fmt", ["dense", "int4_asym"])
 def test_linear_tiles_split_among_many_programs(fmt, epilogue):
@@ -386,6 +410,22 @@ def test_gpu_bf16(fmt, m, n, k):
     weight = make_weight(fmt, n, k, gen, dtype=torch.bfloat16)
     x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
     run_and_check(x, weight, fp8_dot=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [*GPU_SHAPES, (256, 2048, 5200)])
+@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
+def test_gpu_int4_one_dot_per_chunk_bf16(fmt, m, n, k):
+    """int4_chunk_dot with bf16 activations on the tensor cores, from one row to 256 (64- and 128-row tiles), whole
+    tiles and stream-K."""
+    gen = torch.Generator().manual_seed(62)
+    weight = make_weight(fmt, n, k, gen, dtype=torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+    bm = 16 if m <= 16 else 64 if m <= 64 else 128
+    for grid in ({"programs": 132}, {}):
+        cfg = LinearConfig(block_n=128 if bm < 128 else 64, block_m=bm, num_warps=4 if bm == 16 else 8, num_stages=3,
+                           int4_chunk_dot=True, **grid)  # fmt: skip
+        run_and_check(x, weight, config=cfg)
 
 
 @pytest.mark.gpu
@@ -547,9 +587,11 @@ def test_gpu_quantize_x_fp8_is_the_reference_quantization(m, k):
 @pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
 @pytest.mark.parametrize("m,n,k", [(1, 5120, 6144), (16, 2048, 17408), (40, 3072, 5200), (256, 1024, 5120)])
 @pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
-def test_gpu_int4_w4a8(fmt, m, n, k, epilogue):
+@pytest.mark.parametrize("chunk_dot", [False, True], ids=["planes", "chunk_dot"])
+def test_gpu_int4_w4a8(fmt, m, n, k, epilogue, chunk_dot):
     """INT4 weights against x quantized to FP8 per token and group (prequant_x): the dequantized weights times the
-    quantized x, through stream-K, split and whole tiles, with K ending inside a group."""
+    quantized x, through stream-K, split and whole tiles, with K ending inside a group; one dot per plane or per
+    chunk."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores: sm89+")
     gen = torch.Generator().manual_seed(66)
@@ -559,7 +601,7 @@ def test_gpu_int4_w4a8(fmt, m, n, k, epilogue):
     bm = 16 if m <= 16 else 64
     for grid in ({"programs": 132}, {"split_k": 3}, {}):
         cfg = LinearConfig(block_n=64, block_m=bm, num_warps=4 if bm == 16 else 8, num_stages=3, prequant_x=True,
-                           **grid)  # fmt: skip
+                           int4_chunk_dot=chunk_dot, **grid)  # fmt: skip
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
         y = linear(x, weight, residual=residual, swiglu=epilogue == "swiglu", out=out, config=cfg)
         ref = reference(x, weight, residual, epilogue == "swiglu", fp8_dot=True)

@@ -172,6 +172,11 @@ def test_pruning_follows_each_profiles_limits():
     fp8_block = space_for(LinearShape(16, 5120, 6144, "fp8_block"), load_profile("sm90"))
     assert fp8_block.choices()["x_per_token"] == [False] and fp8_block.check(per_token) is not None
     assert space_for(int4, load_profile("sm90")).choices()["x_per_token"] == [False]
+    # one dot per INT4 chunk: a variant of the INT4 kernel on every profile
+    assert space_for(int4, load_profile("sm80")).choices()["int4_chunk_dot"] == [False, True]
+    assert space_for(int4, load_profile("sm90")).config({**big, "int4_chunk_dot": True})[1]["int4_chunk_dot"] is True
+    assert "INT4" in sm90_fp8.check({**fp8_dot, "int4_chunk_dot": True})
+    assert sm90_fp8.choices()["int4_chunk_dot"] == [False]
     # tiles past the dimension, registers, split-K past the K chunks
     small = LinearShape(1, 96, 64, "fp16", act="fp16")
     sp = space_for(small, load_profile("cpu"))

@@ -253,6 +253,7 @@ class LinearSpace(Space):
             "fp8_dot": [False, True] if self._fp8() and self.profile.fp8_tensor_cores else [False],
             "prequant_x": [False, True] if self._prequant_possible() else [False],
             "x_per_token": [False, True] if self._per_token_possible() else [False],
+            "int4_chunk_dot": [False, True] if s.fmt.startswith("int4") else [False],
         }
         return self._with_default(choices)
 
@@ -287,6 +288,7 @@ class LinearSpace(Space):
             "fp8_dot": fp8_dot,
             "prequant_x": cfg.prequant_x,
             "x_per_token": cfg.x_per_token,
+            "int4_chunk_dot": cfg.int4_chunk_dot,
         }
 
     def _config(self, params: Params) -> linear_kernels.LinearConfig:
@@ -303,13 +305,18 @@ class LinearSpace(Space):
             programs=programs,
             prequant_x=params.get("prequant_x", False),
             x_per_token=params.get("x_per_token", False),
+            int4_chunk_dot=params.get("int4_chunk_dot", False),
         )
 
     def config(self, params: Params) -> tuple[str, dict[str, Any]]:
         if params["lowering"] != "triton":
             return params["lowering"], {}
         cfg = {**self._config(params).__dict__, "fp8_dot": params["fp8_dot"]}
-        for variant in ("prequant_x", "x_per_token"):  # named only where chosen (entries without them read as off)
+        for variant in (
+            "prequant_x",
+            "x_per_token",
+            "int4_chunk_dot",
+        ):  # named only where chosen (entries without them read as off)
             if not cfg[variant]:
                 del cfg[variant]
         return "triton", cfg
@@ -349,6 +356,8 @@ class LinearSpace(Space):
             return "a pre-quantized x needs the FP8 dot"
         if params.get("x_per_token") and not (params.get("prequant_x") and self._per_token_possible()):
             return "per-token x scales need a pre-quantized x and FP8 per-channel weights"
+        if params.get("int4_chunk_dot") and not s.fmt.startswith("int4"):
+            return "one dot per chunk is a variant of the INT4 kernel"
         grid = params["grid"]
         if grid.startswith("split") and int(grid[5:]) > triton.cdiv(s.k, params["block_k"]):
             return f"{grid} over the {triton.cdiv(s.k, params['block_k'])} K chunks"

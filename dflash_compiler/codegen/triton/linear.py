@@ -17,7 +17,8 @@ the magic-exponent trick; asymmetric zeros are added back after the dot as (8 - 
 separate launch quantizes x to FP8 first (quantize_x_fp8): FP8 weights then skip the in-loop quantization (and with
 x_per_token, one scale per token over all of K, per-channel weights accumulate their dots across chunks and scale
 once per tile: W8A8 per token and channel), and INT4 weights (whose q - 8 is exact in e4m3) run their dots on the
-FP8 tensor cores (W4A8).
+FP8 tensor cores (W4A8). int4_chunk_dot puts a chunk's four planes side by side (joins and a permute that stay in
+registers, in the dot operand's layout) for one dot per chunk instead of one per plane.
 Scales are applied per chunk to the fp32 partial products. Epilogues: residual add, and SwiGLU over weight rows
 [gate; up] (output width N / 2).
 """
@@ -93,6 +94,21 @@ def _scales(sc, zw, row0, FORMAT: tl.constexpr, FP8_DOT: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
+def _int4_plane(words, j: tl.constexpr, F32: tl.constexpr, magic_bits, offset, half_dtype: tl.constexpr,
+                operand_dtype: tl.constexpr):  # fmt: skip
+    """Plane j of a run's words: W[rows, 32 j + c] - 8, c = 2 w + h, as exact values in the dot's operand dtype."""
+    if F32:
+        lo = ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
+        hi = ((words >> (16 + 4 * j)) & 0xF).to(tl.float32) - 8.0
+        return tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
+    pair = ((words >> (4 * j)) & 0x000F000F) | magic_bits
+    lo = pair.to(tl.uint16).to(half_dtype, bitcast=True)
+    hi = (pair >> 16).to(tl.uint16).to(half_dtype, bitcast=True)
+    wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32)) - tl.full((1, 1), offset, half_dtype)
+    return wj.to(operand_dtype)
+
+
+@triton.jit
 def _accumulate(
     acc,
     w_chunk,
@@ -106,12 +122,14 @@ def _accumulate(
     xs,
     x_chunk,
     x_offs32,
+    x_offs,
     m_ok,
     stride_xk,
     FORMAT: tl.constexpr,
     FP8_DOT: tl.constexpr,
     X_FP8: tl.constexpr,
     X_PER_TOKEN: tl.constexpr,
+    CHUNK_DOT: tl.constexpr,
     ASYM: tl.constexpr,
     EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -143,28 +161,37 @@ def _accumulate(
         operand_dtype = tl.float8e4nv if X_FP8 else DOT_DTYPE
         part = tl.zeros(acc.shape, tl.float32)
         xsum = tl.zeros(acc.shape, tl.float32)
-        for j in tl.static_range(4):
-            if DOT_DTYPE == tl.float32 and not X_FP8:  # noqa: SIM300
-                lo = ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
-                hi = ((words >> (16 + 4 * j)) & 0xF).to(tl.float32) - 8.0
-                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
-            else:
-                pair = ((words >> (4 * j)) & 0x000F000F) | magic_bits
-                lo = pair.to(tl.uint16).to(half_dtype, bitcast=True)
-                hi = (pair >> 16).to(tl.uint16).to(half_dtype, bitcast=True)
-                wj = tl.reshape(tl.join(lo, hi), (words.shape[0], 32)) - tl.full((1, 1), offset, half_dtype)
-                wj = wj.to(operand_dtype)
-            xj = _x_tile(x_chunk + 32 * j * stride_xk, x_offs32, m_ok, k_left - 32 * j, 32, EVEN_K)
-            if X_FP8:
-                part = tl.dot(wj, xj, part)
-            else:
-                part = tl.dot(wj, xj.to(DOT_DTYPE), part, input_precision=INPUT_PRECISION)
+        F32: tl.constexpr = DOT_DTYPE == tl.float32 and not X_FP8  # noqa: SIM300
+        if CHUNK_DOT:
+            # The four planes side by side as one [rows, 128] operand in input order, one dot per chunk (the dots of
+            # separate planes each wait for the one before).
+            w01 = tl.join(_int4_plane(words, 0, F32, magic_bits, offset, half_dtype, operand_dtype),
+                          _int4_plane(words, 1, F32, magic_bits, offset, half_dtype, operand_dtype))  # fmt: skip
+            w23 = tl.join(_int4_plane(words, 2, F32, magic_bits, offset, half_dtype, operand_dtype),
+                          _int4_plane(words, 3, F32, magic_bits, offset, half_dtype, operand_dtype))  # fmt: skip
+            # [rows, c, a, b] holds plane 2 b + a at c: put (b, a, c) in that order, so column k is input k
+            wk = tl.reshape(tl.permute(tl.join(w01, w23), (0, 3, 2, 1)), (words.shape[0], 128))
+            xk = _x_tile(x_chunk, x_offs, m_ok, k_left, 128, EVEN_K)
+            if not X_FP8:
+                xk = xk.to(DOT_DTYPE)
+            part = tl.dot(wk, xk, part, input_precision=INPUT_PRECISION)
             if ASYM:
-                ones = tl.full((words.shape[0], 32), 1.0, half_dtype).to(operand_dtype)
+                ones = tl.full((words.shape[0], 128), 1.0, half_dtype).to(operand_dtype)
+                xsum = tl.dot(ones, xk, xsum, input_precision=INPUT_PRECISION)
+        else:
+            for j in tl.static_range(4):
+                wj = _int4_plane(words, j, F32, magic_bits, offset, half_dtype, operand_dtype)
+                xj = _x_tile(x_chunk + 32 * j * stride_xk, x_offs32, m_ok, k_left - 32 * j, 32, EVEN_K)
                 if X_FP8:
-                    xsum = tl.dot(ones, xj, xsum)
+                    part = tl.dot(wj, xj, part)
                 else:
-                    xsum = tl.dot(ones, xj.to(DOT_DTYPE), xsum, input_precision=INPUT_PRECISION)
+                    part = tl.dot(wj, xj.to(DOT_DTYPE), part, input_precision=INPUT_PRECISION)
+                if ASYM:
+                    ones = tl.full((words.shape[0], 32), 1.0, half_dtype).to(operand_dtype)
+                    if X_FP8:
+                        xsum = tl.dot(ones, xj, xsum)
+                    else:
+                        xsum = tl.dot(ones, xj.to(DOT_DTYPE), xsum, input_precision=INPUT_PRECISION)
         if ASYM:
             part += corr[:, None] * xsum
         if X_FP8:
@@ -307,6 +334,7 @@ def _linear_kernel(
     FP8_DOT: tl.constexpr,
     X_FP8: tl.constexpr,
     X_PER_TOKEN: tl.constexpr,
+    CHUNK_DOT: tl.constexpr,
     ASYM: tl.constexpr,
     EPILOGUE: tl.constexpr,
     NORM: tl.constexpr,
@@ -418,15 +446,17 @@ def _linear_kernel(
         w_chunk = w_ptr + row0.to(tl.int64) * stride_wn + w_k
         scale, corr = _scales(sc, zw, row0, FORMAT, FP8_DOT, BLOCK_N)
         acc = _accumulate(
-            acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
-            FORMAT, FP8_DOT, X_FP8, X_PER_TOKEN, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+            acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_offs32, x_offs, m_ok,
+            stride_xk, FORMAT, FP8_DOT, X_FP8, X_PER_TOKEN, CHUNK_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE,
+            INPUT_PRECISION,
         )  # fmt: skip
         if EPILOGUE == 2:
             up_scale, up_corr = _scales(up_sc, up_zw, row0 + UP_ROW, FORMAT, FP8_DOT, BLOCK_N)
             acc_up = _accumulate(
                 acc_up, w_chunk + UP_ROW.to(tl.int64) * stride_wn, w_offs, n_ok, k_left, up_scale, up_corr,
-                xt, xq, xs, x_chunk, x_offs32, m_ok, stride_xk,
-                FORMAT, FP8_DOT, X_FP8, X_PER_TOKEN, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+                xt, xq, xs, x_chunk, x_offs32, x_offs, m_ok, stride_xk,
+                FORMAT, FP8_DOT, X_FP8, X_PER_TOKEN, CHUNK_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE,
+                INPUT_PRECISION,
             )  # fmt: skip
         if tile_end | (c == end - 1):
             offs_n = row0 + tl.arange(0, BLOCK_N)
@@ -570,6 +600,9 @@ class LinearConfig:
     # as the vendor GEMM quantizes), so the FP8 dots accumulate across chunks instead of each chunk's product
     # waiting to be scaled; a coarser quantization of x than the default's per 128 inputs.
     x_per_token: bool = False
+    # INT4: the four 32-input planes of a chunk as one operand, one dot per chunk instead of one per plane (each of
+    # which waits for the one before it on the tensor cores).
+    int4_chunk_dot: bool = False
 
 
 Weight = DenseWeight | FP8ChannelWeight | FP8BlockWeight | Int4Weight
@@ -721,6 +754,8 @@ def linear(
     # The INT4 loop reads x in planes and a pre-quantized x is read as it is: a prologue runs in front of them.
     prologue_in_front = isinstance(weight, Int4Weight) or (fp8 and config is not None and config.prequant_x)
     w4a8 = isinstance(weight, Int4Weight) and config is not None and config.prequant_x
+    if config is not None and config.int4_chunk_dot and not isinstance(weight, Int4Weight):
+        raise ValueError("config: int4_chunk_dot is a variant of the INT4 kernel, for INT4 weights")
     if (
         config is not None
         and config.x_per_token
@@ -824,7 +859,8 @@ def linear(
         residual.stride(0) if residual is not None else 0, out.stride(0),
         gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
         m_tiles, chunks, total, slots,
-        FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, X_PER_TOKEN=config.x_per_token, ASYM=asym,
+        FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, X_PER_TOKEN=config.x_per_token,
+        CHUNK_DOT=config.int4_chunk_dot, ASYM=asym,
         EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
         NORM=0 if norm is None else 2 if norm.zero_centered else 1,
         GATE=gate is not None,
