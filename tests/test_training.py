@@ -308,3 +308,7 @@ def test_init_fine_tunes_a_drafter_from_its_weights(target_dir, tmp_path, capsys
     assert any(not torch.equal(start[k], moved[k]) for k in start)
     assert train_main(_args(target_dir, tuned, "--init", str(base), "--drafter-config", str(base / "config.json"))) == 2
     assert "'init' and 'drafter_config' exclude each other" in capsys.readouterr().err
+    missing = tmp_path / "no-drafter"
+    assert train_main(_args(target_dir, tmp_path / "never", "--init", str(missing))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{missing}: does not exist" in err and not (tmp_path / "never").exists()
