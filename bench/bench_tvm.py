@@ -1,6 +1,8 @@
 """The TVM linear (codegen/tvm/, dlight schedules, one static build per M) against our Triton linear and torch, at
 Qwen3.5-27B shapes, M in {1, 16, 64}, every weight format; the gate_up SwiGLU at M=16; and at M=16 the formats
 LowBatchGEMV schedules once more through dlight's Matmul rule instead (low_batch=False), to choose between them.
+Then the RMSNorm of the hidden state (5120, zero-centred as Qwen3.5's, with and without the residual add) at 1, 16
+and 256 rows through TVM, the Triton kernel, TorchInductor (torch.compile of the PyTorch reference) and eager torch.
 
 Timing, torch baselines, rotating weights and the floor (weight + activation + output bytes over the copy bandwidth
 measured in the same run) are bench_linear.py's, so the rows compare with its table. The TVM kernels are built on
@@ -23,11 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from bench_linear import FORMATS, MS, SHAPES, Case  # noqa: E402
-from common import copy_bandwidth_tbps, floor_us, print_table, write_results  # noqa: E402
+from common import copy_bandwidth_tbps, floor_us, graph_time_us, print_table, rotations_for, write_results  # noqa: E402
 
 from dflash_compiler.codegen.tvm.build import TVMKernel  # noqa: E402
 from dflash_compiler.codegen.tvm.linear import LOW_BATCH_FORMATS, build_linear  # noqa: E402
 from dflash_compiler.codegen.tvm.linear import linear as tvm_linear  # noqa: E402
+from dflash_compiler.codegen.tvm.norm import build_rms_norm  # noqa: E402
+from dflash_compiler.codegen.tvm.norm import rms_norm as tvm_rms_norm  # noqa: E402
+
+NORM_HIDDEN, NORM_ROWS, NORM_EPS = 5120, (1, 16, 256), 1e-6
+NORM_COLUMNS = ("op", "rows", "tvm_us", "triton_us", "inductor_us", "torch_us", "floor_us", "tvm_vs_triton", "build_s")
 
 TVM_FORMAT = {"bf16": "dense", "fp8_channel": "fp8_channel", "fp8_block": "fp8_block"}
 SWIGLU_FORMATS = ("bf16", "fp8_block", "int4_asym")
@@ -85,6 +92,60 @@ def make_row(name, fmt, m, epilogue, kernel, *, tvm_us, err, triton_us, torch_us
     }
 
 
+def build_norm(rows: int, residual: bool, arch: str) -> TVMKernel:
+    return build_rms_norm(rows, NORM_HIDDEN, torch.bfloat16, f"cuda -arch={arch}", eps=NORM_EPS, zero_centered=True,
+                          residual=residual)  # fmt: skip
+
+
+def norm_row(rows: int, residual: bool, arch: str, bw_tbps: float, inductor) -> dict:
+    """One RMSNorm case through each lowering on the same rotating inputs, every output checked against the
+    reference first."""
+    from dflash_compiler.codegen import reference
+    from dflash_compiler.codegen.triton.fused_ops import rms_norm as triton_rms_norm
+
+    t0 = time.perf_counter()
+    kernel = build_norm(rows, residual, arch)
+    build_s = time.perf_counter() - t0
+    act_bytes = rows * NORM_HIDDEN * 2
+    nbytes = act_bytes * (4 if residual else 2) + NORM_HIDDEN * 2  # x (+ residual) in, y (+ the sum) out
+    n = rotations_for(nbytes)
+    xs = [torch.randn(rows, NORM_HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+    rs = [torch.randn_like(x) if residual else None for x in xs]
+    w = (torch.randn(NORM_HIDDEN, device="cuda") * 0.1).to(torch.bfloat16)
+    kw = {"zero_centered": True}
+    impls = {
+        "tvm": lambda i: tvm_rms_norm(kernel, xs[i], w, NORM_EPS, residual=rs[i]),
+        "triton": lambda i: triton_rms_norm(xs[i], w, NORM_EPS, residual=rs[i], **kw),
+        "inductor": lambda i: inductor(xs[i], w, NORM_EPS, residual=rs[i], **kw),
+        "torch": lambda i: reference.rms_norm(xs[i], w, NORM_EPS, residual=rs[i], **kw),
+    }
+    want = impls["torch"](0)
+    times = {}
+    for name, fn in impls.items():
+        got = fn(0)
+        for g, r in zip(got if residual else (got,), want if residual else (want,)):
+            torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2)
+        times[name] = graph_time_us(fn, n)
+    return {
+        "op": "rms_norm" + ("+residual" if residual else ""), "rows": rows,
+        **{f"{k}_us": round(v, 2) for k, v in times.items()},
+        "floor_us": round(floor_us(nbytes, bw_tbps), 2),
+        "tvm_vs_triton": round(times["triton"] / times["tvm"], 2), "build_s": round(build_s, 2),
+    }  # fmt: skip
+
+
+def norm_rows(bw_tbps: float, arch: str) -> list[dict]:
+    from dflash_compiler.codegen import reference
+
+    inductor = torch.compile(reference.rms_norm)
+    out = []
+    for residual in (False, True):
+        for rows in NORM_ROWS:
+            out.append(norm_row(rows, residual, arch, bw_tbps, inductor))
+            print("  ".join(str(out[-1][c]) for c in NORM_COLUMNS), flush=True)
+    return out
+
+
 def build_only(arch: str) -> None:
     rows = []
     for name, fmt, m, epilogue, low_batch in tasks():
@@ -99,6 +160,13 @@ def build_only(arch: str) -> None:
                 "build_s": round(time.perf_counter() - t0, 2),
             }
         )
+    for residual in (False, True):
+        for m in NORM_ROWS:
+            t0 = time.perf_counter()
+            kernel = build_norm(m, residual, arch)
+            rows.append({"op": kernel.spec.op + ("+residual" if residual else ""), "shape": f"hidden M={m}",
+                         "schedule": "+".join(s.schedule for s in kernel.spec.stages),
+                         "build_s": round(time.perf_counter() - t0, 2)})  # fmt: skip
     print_table(rows, ("op", "shape", "schedule", "build_s"))
     print(f"{len(rows)} kernels for {arch} in {sum(r['build_s'] for r in rows):.1f} s")
 
@@ -174,7 +242,9 @@ def main() -> None:
     print(f"copy bandwidth {bw:.3f} TB/s on {torch.cuda.get_device_name()} ({arch})", flush=True)
     rows = run(bw, arch)
     print_table(rows, COLUMNS)
-    write_results(args.out, rows, copy_bandwidth_TBps=round(bw, 3), arch=arch)
+    norms = norm_rows(bw, arch)
+    print_table(norms, NORM_COLUMNS)
+    write_results(args.out, rows, copy_bandwidth_TBps=round(bw, 3), arch=arch, norms=norms)
 
 
 if __name__ == "__main__":
