@@ -366,3 +366,44 @@ def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
     assert names.count("_linear_kernel") == 11
     assert set(names) == {"_linear_kernel", "_quantize_x_kernel", "_quantize_x_rows_kernel"}
     assert all(0 <= shared <= 232448 for _, shared in records)
+
+
+def test_the_sm90_linear_loops_keep_the_tensor_cores_busy(tmp_path):
+    """The wgmma waits of each linear variant's main loop (before its first branch), read from the sm90 TTGIR: BF16
+    and W8A8 per token leave one MMA in flight across chunks (pendings = 1); a chunk scaled after its dot (FP8 per
+    128 inputs) or an INT4 chunk as one dot waits once per chunk; INT4 dots per plane wait four times."""
+    out = _run_compiler(
+        f"""
+        import glob, json, re, tempfile, torch
+        from dflash_compiler.codegen import weight_formats as wf
+        from dflash_compiler.codegen.triton import aot
+        from dflash_compiler.codegen.triton.linear import LinearConfig, linear
+
+        w = torch.randn(512, 1024) * 0.02
+        x = torch.randn(16, 1024).to(torch.bfloat16)
+        r = torch.randn(16, 512).to(torch.bfloat16)
+        cases = {{
+            "bf16": (wf.DenseWeight(w.to(torch.bfloat16)), None, dict(block_n=64, programs=132)),
+            "fp8_group": (wf.quantize_fp8_channel(w), True, dict(block_n=128, num_warps=8, programs=132)),
+            "fp8_token": (wf.quantize_fp8_channel(w), True, dict(block_n=128, num_warps=8, programs=132,
+                                                                 prequant_x=True, x_per_token=True)),
+            "int4_planes": (wf.quantize_int4(w), None, dict(block_n=128, programs=132)),
+            "int4_chunk": (wf.quantize_int4(w), None, dict(block_n=128, programs=132, int4_chunk_dot=True)),
+        }}
+        waits = {{}}
+        for name, (weight, fp8_dot, cfg) in cases.items():
+            d = tempfile.mkdtemp(dir=r"{tmp_path}")
+            config = LinearConfig(block_m=16, block_k=128, num_stages=3, **cfg)
+            aot.cross_compile(lambda: linear(x, weight, residual=r, fp8_dot=fp8_dot, config=config), 90, d,
+                              sm_count=132, max_shared_memory=232448, host_modules=False)
+            ir = open(glob.glob(d + "/**/_linear_kernel.ttgir", recursive=True)[0]).read()
+            loop = ir[ir.index("scf.for"):]
+            body = loop[:loop.index("scf.if")]
+            waits[name] = [int(p) for p in re.findall(r"warp_group_dot_wait.*?pendings = (\\d+)", body)]
+        print(json.dumps(waits))
+        """
+    )
+    waits = json.loads(out.strip().splitlines()[-1])
+    assert waits["bf16"] == [1] and waits["fp8_token"] == [1]
+    assert waits["fp8_group"] == [0] and waits["int4_chunk"] == [0]
+    assert waits["int4_planes"] == [0, 0, 0, 0]
