@@ -375,6 +375,40 @@ def test_a_calibrated_int4_artifact_decodes_as_the_in_memory_compile(tmp_path, c
     engine.close()
 
 
+def test_a_random_weight_artifact_names_its_seed_and_rebuilds_the_weights(tmp_path, cache, starts, capsys):
+    """--random-weights: no weight file, the seed in the manifest; the load makes the seeded weights on its device
+    and converts them as the build did: the weights of the in-memory compile of the same random models. A
+    config-only model directory is all the build reads."""
+    from dflash_compiler.artifact.cli import compile_main
+    from dflash_compiler.artifact.load import load_artifact
+    from dflash_compiler.graph.compiler import compile_step
+    from dflash_compiler.models.loader import config_pair
+    from dflash_compiler.models.random_init import random_pair
+
+    configs = {}
+    for name in ("target", "drafter"):
+        (tmp_path / name).mkdir()
+        shutil.copy2(DEFAULT_PAIR / name / "config.json", tmp_path / name / "config.json")
+        configs[name] = str(tmp_path / name)
+    out = tmp_path / "random"
+    args = ["--target", configs["target"], "--drafter", configs["drafter"], "--gpu", "cpu", "--graphs",
+            GREEDY_GRAPHS, *SHAPES, "--random-weights", "7", "-o", str(out), "--quiet"]  # fmt: skip
+    assert compile_main(args) == 0
+    doc = json.loads((out / MANIFEST).read_text())
+    assert doc["weights"]["random_seed"] == 7 and "file" not in doc["weights"]
+    assert not list(out.glob("*.safetensors")) and doc["weights"]["tensors"]
+    loaded = load_artifact(out).compiled
+    target, drafter = random_pair(*config_pair(configs["target"], configs["drafter"]), 7, "cpu", torch.float32)
+    in_memory = compile_step(target, drafter, 16, max_len=doc["max_len"])
+    assert loaded.weights.keys() == in_memory.weights.keys()
+    assert all(torch.equal(loaded.weights[n], in_memory.weights[n]) for n in in_memory.weights)
+    other = random_pair(*config_pair(configs["target"], configs["drafter"]), 8, "cpu", torch.float32)[0]
+    assert not torch.equal(other.embed_tokens.weight, target.embed_tokens.weight)  # another seed, other weights
+    assert compile_main([*args[:-3], "--calibration", "gsm8k", "-o", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "'random_weights' and 'calibration' exclude each other" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 # ---- the compile's own guarantees ---------------------------------------------------------------------------------
 
 

@@ -26,8 +26,9 @@ from ..graph.cache import default_cache_dir
 from ..graph.compiler import PHASES, CompiledStep, PrebuiltGraphs, compile_step, graph_name, split_width
 from ..graph.serialize import graph_to_dict
 from ..hw_profiles import HardwareProfile, load_profile
-from ..models.loader import load_drafter, load_target, parse_dtype
+from ..models.loader import config_pair, load_drafter, load_target, parse_dtype
 from ..models.paged import PAGE_SIZE
+from ..models.random_init import random_pair
 from .manifest import library_versions, project, replace_dir, write_manifest
 
 GPUS = ("sm80", "sm90", "sm100", "sm120", "cpu", "auto")
@@ -70,6 +71,7 @@ def compile_artifact(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
     calibration: Sequence[str | Sequence[int]] | None = None,
+    random_weights: int | None = None,
 ) -> Path:
     """Compiles (target, drafter) for the hardware profile `gpu` into the directory out and returns it.
 
@@ -80,7 +82,10 @@ def compile_artifact(
     ~/.cache/dflash-compiler). verify_width: the verify width of every batch bucket, or by batch size (runtime/batch.py
     BatchRunner), or "tuned" (the widths the profile's runtime study chose for the model); each bucket's step graph is
     compiled at its width and the runner of the artifact uses them. calibration (quant "int4"): prompts, as text or
-    token ids, whose activations guide the INT4 quantizer (graph/calibrate.py)."""
+    token ids, whose activations guide the INT4 quantizer (graph/calibrate.py). random_weights: a seed; the models
+    get seeded random weights (models/random_init.py: for benchmarks at real shapes, target and drafter directories
+    need only their config.json), and the artifact names the seed instead of holding the weights, which a load
+    rebuilds on its device."""
     from ..runtime.batch import BUCKETS, bucket_widths, runner_buckets, step_max_len
     from ..runtime.engine import DEFAULT_PAIR
     from ..runtime.speculative import resolve_block_size
@@ -95,6 +100,12 @@ def compile_artifact(
         raise DFlashError(f"parameter 'max_batch' must be in 1..{BUCKETS[-1]}, got {max_batch}")
     if max_seq_len < 1:
         raise DFlashError(f"parameter 'max_seq_len' must be >= 1, got {max_seq_len}")
+    if random_weights is not None and (isinstance(random_weights, bool) or not isinstance(random_weights, int)):
+        raise DFlashError(f"parameter 'random_weights' must be an integer seed, got {random_weights!r}")
+    if random_weights is not None and calibration is not None:
+        raise DFlashError(
+            "parameters 'random_weights' and 'calibration' exclude each other: random weights are not calibrated"
+        )
     profile = load_profile(gpu)
     if profile.is_cuda and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise DFlashError("TRITON_INTERPRET is set: compiling kernels for a GPU needs Triton's compiler; unset it")
@@ -113,8 +124,11 @@ def compile_artifact(
     try:
         with _progress(progress, 6 if profile.is_cuda else 5) as bar:
             bar.set_postfix_str("loading the models")
-            target_model = load_target(target, device="cpu", dtype=dtype)
-            drafter_model = load_drafter(drafter, target_model.cfg, device="cpu", dtype=dtype) if drafter else None
+            if random_weights is None:
+                target_model = load_target(target, device="cpu", dtype=dtype)
+                drafter_model = load_drafter(drafter, target_model.cfg, device="cpu", dtype=dtype) if drafter else None
+            else:
+                target_model, drafter_model = random_pair(*config_pair(target, drafter), random_weights, "cpu", dtype)
             block = resolve_block_size(block_size, drafter_model.cfg.block_size if drafter_model else None)
             buckets = runner_buckets(max_batch)
             if verify_width == "tuned":
@@ -156,7 +170,10 @@ def compile_artifact(
             bar.update()
 
             bar.set_postfix_str("writing the weights")
-            weights = _save_weights(compiled.weights, tmp / "weights.safetensors")
+            if random_weights is None:
+                weights = _save_weights(compiled.weights, tmp / "weights.safetensors")
+            else:
+                weights = {"random_seed": random_weights, **_layout(compiled.weights)[1]}
             bar.update()
 
             bar.set_postfix_str("writing the graphs")
@@ -226,11 +243,9 @@ def _profile_fields(profile: HardwareProfile) -> dict:
     }
 
 
-def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> dict:
-    """The weights as one safetensors file. A tensor that is another name's (tied weights) is stored once and
-    listed under aliases; a view into another tensor's storage is stored as a copy."""
-    from safetensors.torch import save_file
-
+def _layout(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors to store (a tensor that is another name's, tied weights, once, listed under aliases; a view into
+    another tensor's storage as a copy) and their description in the manifest."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_view: dict[tuple, str] = {}
@@ -247,15 +262,22 @@ def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> dict:
             t = t.contiguous().clone()
         storages.add(t.untyped_storage().data_ptr())
         tensors[name] = t
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return {
-        "file": path.name,
+    return tensors, {
         "aliases": aliases,
         "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         "tensors": {
             n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()
         },
     }
+
+
+def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> dict:
+    """The weights as one safetensors file, described as _layout describes them."""
+    from safetensors.torch import save_file
+
+    tensors, doc = _layout(weights)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return {"file": path.name, **doc}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -52,6 +52,14 @@ def compile_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated prefill chunk lengths whose kernels are compiled ahead (default: 1..512, every one)",
     )
+    p.add_argument(
+        "--random-weights",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="seeded random weights for benchmarks at real shapes (--target/--drafter need only config.json): the "
+        "artifact names the seed, and a load rebuilds the weights on its device",
+    )
     p.add_argument("-o", "--output", required=True, help="the artifact directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing artifact at --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -82,6 +90,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             force=args.force,
             progress=not args.quiet,
             calibration=calibration,
+            random_weights=args.random_weights,
         )
     except DFlashError as e:
         print(f"dflash-compile: error: {e}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Loading an artifact: every checksum verified, the libraries and the device checked against the compile's, the
 kernels made Triton's (strict: none may be compiled), the graphs and weights handed to the runtime as a
-CompiledStep. Nothing is traced, passed or compiled."""
+CompiledStep. Nothing is traced, passed or compiled, except for an artifact that names a seed instead of holding
+weights (benchmark models at real shapes): its weights are made on the device and converted by the passes again,
+from the step traced once (then kept in the trace cache); still no kernel is compiled."""
 
 from __future__ import annotations
 
@@ -86,7 +88,10 @@ def load_artifact(root: str | os.PathLike, device: str | torch.device = "cpu", s
     watch = _load_kernels(root, doc, strict) if gpu else None
     try:
         step = _meta_step(doc, manifest)
-        weights = _load_weights(root, doc, device)
+        if "random_seed" in doc["weights"]:
+            weights = _random_weights(doc, manifest, device)
+        else:
+            weights = _load_weights(root, doc, device)
         templates = {}
         for name, meta in doc["graphs"].items():
             path = root / meta["file"]
@@ -123,6 +128,36 @@ def _meta_step(doc: dict, manifest: Path) -> SpeculativeStep:
     return SpeculativeStep(target, drafter, doc["block_size"], doc["max_len"])
 
 
+def _random_weights(doc: dict, manifest: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """The weights of an artifact that names a seed: the models' seeded random weights made on device and converted
+    by the same passes as at the build (no kernel is compiled: the graphs are lowered when they are first run),
+    then checked against the manifest's list of tensors."""
+    from ..graph.cache import default_cache_dir
+    from ..graph.compiler import compile_step
+    from ..models.random_init import random_pair
+
+    meta = doc["weights"]
+    seed = meta["random_seed"]
+    step = _meta_step(doc, manifest)
+    target_cfg = step.target.cfg
+    drafter_cfg = step.drafter.cfg if step.drafter is not None else None
+    target, drafter = random_pair(target_cfg, drafter_cfg, seed, device, parse_dtype(doc["dtype"]))
+    compiled = compile_step(
+        target, drafter, doc["block_size"], quant=doc["quant"], backend=doc["backend"], max_len=doc["max_len"],
+        release_sources=True, cache_dir=default_cache_dir(), profile=doc["profile"]["name"],
+    )  # fmt: skip
+    tensors = compiled.weights
+    _check_tensors(tensors, meta, f"{manifest}: weights of seed {seed}")
+    return tensors
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], meta: dict, where) -> None:
+    for name, spec in meta["tensors"].items():
+        t = tensors.get(name)
+        if t is None or list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
+            raise DFlashError(f"{where}: tensor {name!r} is missing or not {spec['dtype']} {spec['shape']}")
+
+
 def _load_weights(root: Path, doc: dict, device: torch.device) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -133,10 +168,7 @@ def _load_weights(root: Path, doc: dict, device: torch.device) -> dict[str, torc
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
         raise DFlashError(f"{path}: not a readable safetensors file ({e})") from None
-    for name, spec in meta["tensors"].items():
-        t = tensors.get(name)
-        if t is None or list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
-            raise DFlashError(f"{path}: tensor {name!r} is missing or not {spec['dtype']} {spec['shape']}")
+    _check_tensors(tensors, meta, path)
     for alias, name in meta["aliases"].items():
         tensors[alias] = tensors[name]
     return tensors

@@ -72,3 +72,18 @@ def random_drafter(
         model = DFlashDrafter(cfg, target_hidden)
     materialize(model, device, dtype, seed, zero_centered=False)
     return model
+
+
+def random_pair(
+    target_cfg: TargetConfig,
+    drafter_cfg: DrafterConfig | None,
+    seed: int,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[TargetModel, DFlashDrafter | None]:
+    """A target (seed) and its drafter (seed + 1) of seeded random weights: what a random-weight artifact names."""
+    target = random_target(target_cfg, device, dtype, seed)
+    drafter = None
+    if drafter_cfg is not None:
+        drafter = random_drafter(drafter_cfg, target_cfg.hidden_size, device, dtype, seed + 1)
+    return target, drafter
