@@ -20,6 +20,8 @@ flash-linear-attention run it) is the baseline.
     python bench/e2e.py [--small] [--quant bf16,fp8,int4] [--concurrency 1,8,16,32]
                         [--profiles humaneval_bf16_vllm,gsm8k_fp8_h100_vllm] [--out bench/results/e2e-h100.json]
     python bench/e2e.py --floors-only      # the floor table alone (no GPU needed)
+    python bench/e2e.py --via-artifact /tmp/artifacts ...   # each runner from a dflash-compile artifact of the
+                                                             # random weights (build and load times recorded)
 
 On the device machine the tree has no .git: set BENCH_COMMIT to the commit measured.
 """
@@ -355,6 +357,45 @@ def measure(
     )
 
 
+def artifact_runner(ms, quant: str, mode: str, folder: Path, max_batch: int, max_seq_len: int, cuda_graphs: bool):
+    """dflash-compile of the spec's pair with seeded random weights (the seeds build_target and build_drafter use),
+    then the runner of the loaded artifact; returns (runner, the start-up figures)."""
+    from dflash_compiler.artifact.build import compile_artifact
+    from dflash_compiler.artifact.load import load_artifact
+    from dflash_compiler.hw_profiles import profile_for_device
+    from dflash_compiler.runtime.batch import BatchRunner
+
+    configs = folder / f"{ms.name}-configs"
+    for name, doc in (("target", ms.target_json), ("drafter", ms.drafter_json)):
+        (configs / name).mkdir(parents=True, exist_ok=True)
+        (configs / name / "config.json").write_text(json.dumps(doc))
+    out = folder / f"{quant}-{mode}"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = profile_for_device(torch.cuda.get_device_properties(0)).name if device == "cuda" else "cpu"
+    t0 = time.perf_counter()
+    compile_artifact(
+        out, target=configs / "target", drafter=configs / "drafter" if mode == "dflash" else None, gpu=gpu,
+        quant=quant, max_batch=max_batch, max_seq_len=max_seq_len, random_weights=0, force=True, progress=False,
+    )  # fmt: skip
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loaded = load_artifact(out, device, strict=True)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runner = BatchRunner(
+        None, None, max_batch=loaded.max_batch, max_seq_len=loaded.max_seq_len, compiled=loaded.compiled,
+        verify_width=loaded.verify_widths, cuda_graphs=cuda_graphs,
+    )  # fmt: skip
+    startup = {
+        "artifact_build_s": round(build_s, 1),
+        "artifact_load_s": round(load_s, 1),
+        "runner_start_s": round(time.perf_counter() - t0, 1),
+        "artifact_kernels_compiled_at_load": len(loaded.watch.compiled) if loaded.watch is not None else 0,
+        "artifact_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+    }
+    return runner, startup
+
+
 def make_runner(
     target, drafter, quant: str, max_batch: int, max_seq_len: int, cuda_graphs: bool = True, glue: str = "aten"
 ):
@@ -542,6 +583,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prologues", action="store_true", help="add the prologue fusions (fuse_norm, fuse_gate)")
     p.add_argument("--untuned", action="store_true", help="lower with the launchers' defaults, not the tuning database")
     p.add_argument("--glue", choices=("aten", "inductor"), default="aten", help="lowering of the glue between ops")
+    p.add_argument(
+        "--via-artifact",
+        metavar="DIR",
+        help="compile each runner's pair first (dflash-compile --random-weights into DIR/<quant>-<mode>) and run the "
+        "loaded artifact: its build and load times and the kernels compiled during the load are recorded",
+    )
     p.add_argument("--out", default="bench/results/e2e-h100.json")
     args = p.parse_args(argv)
 
@@ -559,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
     for w in widths:
         if not 2 <= w <= sh.block_size:
             p.error(f"--verify-width: each width must be in 2..{sh.block_size} (the draft block), got {w}")
+    if args.via_artifact and (args.glue != "aten" or widths != [sh.block_size]):
+        p.error("--via-artifact: the artifact's graphs run as compiled (no --glue inductor or --verify-width)")
     gen_ctx = args.prompt_len + args.warmup_steps + args.steps  # used only where nothing is measured
 
     if args.floors_only:
@@ -622,24 +671,32 @@ def main(argv: list[str] | None = None) -> None:
     groups += [] if args.no_dflash or not profiles else [("dflash", list(profiles))]
     for quant in quants:
         for mode, profs in groups:
-            # The runtime takes the weights over (converting them to its formats): fresh ones for every runner.
-            t0 = time.perf_counter()
-            target = build_target(ms, "cuda")
-            drafter = build_drafter(ms, "cuda") if mode == "dflash" else None
-            torch.cuda.synchronize()
-            print(f"[{quant} {mode}] built random {ms.name} weights in {time.perf_counter() - t0:.1f} s", flush=True)
-            t0 = time.perf_counter()
-            runner = make_runner(
-                target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs,
-                glue=args.glue,
-            )  # fmt: skip
-            startup_s = time.perf_counter() - t0
-            compiled = getattr(getattr(runner, "model", None), "compiled", None)
-            # start-up: trace (or the trace cache), passes, weights, lowering, graph capture of every bucket
-            startup = {"runner_start_s": round(startup_s, 1)}
-            if compiled is not None:
-                startup["compile_s"] = round(compiled.compile_seconds, 1)  # passes' weights built + lowered
-            print(f"[{quant} {mode}] runner ready in {startup_s:.1f} s ({startup})", flush=True)
+            if args.via_artifact:
+                target = drafter = None
+                runner, startup = artifact_runner(
+                    ms, quant, mode, Path(args.via_artifact), max_batch, args.max_seq_len, not args.no_cuda_graphs
+                )
+                print(f"[{quant} {mode}] artifact runner ready ({startup})", flush=True)
+            else:
+                # The runtime takes the weights over (converting them to its formats): fresh ones for every runner.
+                t0 = time.perf_counter()
+                target = build_target(ms, "cuda")
+                drafter = build_drafter(ms, "cuda") if mode == "dflash" else None
+                torch.cuda.synchronize()
+                print(f"[{quant} {mode}] built random {ms.name} weights in {time.perf_counter() - t0:.1f} s",
+                      flush=True)  # fmt: skip
+                t0 = time.perf_counter()
+                runner = make_runner(
+                    target, drafter, quant, max_batch, args.max_seq_len, cuda_graphs=not args.no_cuda_graphs,
+                    glue=args.glue,
+                )  # fmt: skip
+                startup_s = time.perf_counter() - t0
+                compiled = getattr(getattr(runner, "model", None), "compiled", None)
+                # start-up: trace (or the trace cache), passes, weights, lowering, graph capture of every bucket
+                startup = {"runner_start_s": round(startup_s, 1)}
+                if compiled is not None:
+                    startup["compile_s"] = round(compiled.compile_seconds, 1)  # passes' weights built + lowered
+                print(f"[{quant} {mode}] runner ready in {startup_s:.1f} s ({startup})", flush=True)
             for prof, width in [(x, w) for x in profs for w in (widths if mode == "dflash" else [None])]:
                 if width is not None:
                     runner.set_verify_width(width)

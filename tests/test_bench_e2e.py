@@ -205,3 +205,22 @@ def test_quant_quality_compares_the_int4_variants(tmp_path):
     for name in ("int4 round-to-nearest", "int4 calibrated"):
         assert rows[name]["kl_mean"] > 0 and 0 < rows[name]["top1_agreement"] < 1 and rows[name]["tau"] >= 1
     assert rows["unquantized"]["tau"] >= 1 and doc["calibration_prompts"] == 2
+
+
+def test_a_runner_through_an_artifact_of_random_weights(tmp_path, capsys):
+    """--via-artifact: the pair compiled with --random-weights 0 (build_target's and build_drafter's seeds), loaded,
+    and its runner decoding; the start-up figures name the build, the load and the artifact's size."""
+    ms = e2e_models.spec("tiny")
+    runner, startup = e2e.artifact_runner(ms, "bf16", "dflash", tmp_path, max_batch=2, max_seq_len=96,
+                                          cuda_graphs=False)  # fmt: skip
+    assert {"artifact_build_s", "artifact_load_s", "runner_start_s", "artifact_bytes"} <= set(startup)
+    assert startup["artifact_kernels_compiled_at_load"] == 0  # a CPU artifact has no kernels to compile
+    assert not list((tmp_path / "bf16-dflash").glob("*.safetensors")) and startup["artifact_bytes"] > 0
+    rid = runner.add_request([1, 2, 3, 4], max_new_tokens=8)
+    tokens = []
+    while runner.has_work:
+        tokens += [t for e in runner.step() if e.request_id == rid for t in e.tokens]
+    assert len(tokens) == 8 and all(0 <= t < ms.target.vocab_size for t in tokens)
+    with pytest.raises(SystemExit):
+        e2e.main(["--size", "tiny", "--via-artifact", str(tmp_path), "--glue", "inductor", "--floors-only"])
+    assert "--via-artifact: the artifact's graphs run as compiled" in capsys.readouterr().err
