@@ -582,7 +582,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--without-passes", default="", help="fusion passes to leave out, comma-separated (ablation)")
     p.add_argument("--prologues", action="store_true", help="add the prologue fusions (fuse_norm, fuse_gate)")
     p.add_argument("--untuned", action="store_true", help="lower with the launchers' defaults, not the tuning database")
-    p.add_argument("--glue", choices=("aten", "inductor"), default="aten", help="lowering of the glue between ops")
+    from dflash_compiler.runtime.options import add_glue
+
+    add_glue(p)
     p.add_argument(
         "--via-artifact",
         metavar="DIR",

@@ -382,7 +382,7 @@ def test_a_random_weight_artifact_names_its_seed_and_rebuilds_the_weights(tmp_pa
     from dflash_compiler.artifact.cli import compile_main
     from dflash_compiler.artifact.load import load_artifact
     from dflash_compiler.graph.compiler import compile_step
-    from dflash_compiler.models.loader import config_pair
+    from dflash_compiler.models.config import DrafterConfig, TargetConfig
     from dflash_compiler.models.random_init import random_pair
 
     configs = {}
@@ -398,11 +398,12 @@ def test_a_random_weight_artifact_names_its_seed_and_rebuilds_the_weights(tmp_pa
     assert doc["weights"]["random_seed"] == 7 and "file" not in doc["weights"]
     assert not list(out.glob("*.safetensors")) and doc["weights"]["tensors"]
     loaded = load_artifact(out).compiled
-    target, drafter = random_pair(*config_pair(configs["target"], configs["drafter"]), 7, "cpu", torch.float32)
+    cfgs = TargetConfig.from_dir(configs["target"]), DrafterConfig.from_dir(configs["drafter"])
+    target, drafter = random_pair(*cfgs, 7, "cpu", torch.float32)
     in_memory = compile_step(target, drafter, 16, max_len=doc["max_len"])
     assert loaded.weights.keys() == in_memory.weights.keys()
     assert all(torch.equal(loaded.weights[n], in_memory.weights[n]) for n in in_memory.weights)
-    other = random_pair(*config_pair(configs["target"], configs["drafter"]), 8, "cpu", torch.float32)[0]
+    other = random_pair(*cfgs, 8, "cpu", torch.float32)[0]
     assert not torch.equal(other.embed_tokens.weight, target.embed_tokens.weight)  # another seed, other weights
     assert compile_main([*args[:-3], "--calibration", "gsm8k", "-o", str(tmp_path / "x"), "--quiet"]) == 2
     assert "'random_weights' and 'calibration' exclude each other" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 from checkpoints import VOCAB, write_char_tokenizer, write_drafter, write_llama, write_qwen3, write_qwen35
-from test_lossless import _chi2_pvalue, first_two_tokens_joint, write_tiny_vocab_pair
+from test_lossless import MIXED_PARAMS, MIXED_PROMPT, MIXED_VOCAB, _chi2_pvalue, mixed_batch_case
 
 from dflash_compiler.errors import DFlashError
 from dflash_compiler.models.loader import load_drafter, load_target
@@ -366,12 +366,8 @@ def test_sampled_requests_follow_the_target_distribution_beside_greedy_ones(tmp_
     """Sampled rows (rejection sampling against the drafter, on device) share batches with greedy rows: the first
     two sampled tokens follow the target's exact joint distribution, and the greedy rows give the target's greedy
     tokens."""
-    vocab, prompt = 6, [1, 4, 2]
-    write_tiny_vocab_pair(tmp_path, vocab)
-    target = load_target(tmp_path / "t")
-    params = SamplingParams(0.8, top_k=4, top_p=0.9)
-    joint = first_two_tokens_joint(target, prompt, params)
-    greedy_expected, _ = SpeculativeDecoder(target).generate(prompt, 4)
+    vocab, prompt, params = MIXED_VOCAB, MIXED_PROMPT, MIXED_PARAMS
+    target, joint, greedy_expected = mixed_batch_case(tmp_path)
     runner = BatchRunner(load_target(tmp_path / "t"), load_drafter(tmp_path / "d", target.cfg), max_batch=16)
     torch.manual_seed(0)
     kinds, stats = {}, {}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_lossless import _chi2_pvalue, first_two_tokens_joint, write_tiny_vocab_pair
+from test_lossless import MIXED_PARAMS, MIXED_PROMPT, MIXED_VOCAB, _chi2_pvalue, mixed_batch_case
 
 from dflash_compiler.models.loader import load_drafter, load_target
 from dflash_compiler.runtime.batch import BatchRunner
@@ -131,12 +131,8 @@ def test_greedy_and_sampled_requests_share_a_batch(tmp_path):
     """On CUDA, in captured graphs: sampled rows (rejection sampling against the drafter, on device) beside greedy
     rows follow the target's exact joint distribution of their first two tokens; the greedy rows give the target's
     greedy tokens."""
-    vocab, prompt = 6, [1, 4, 2]
-    write_tiny_vocab_pair(tmp_path, vocab)
-    cpu_target = load_target(tmp_path / "t")
-    params = SamplingParams(0.8, top_k=4, top_p=0.9)
-    joint = first_two_tokens_joint(cpu_target, prompt, params)
-    greedy_expected, _ = SpeculativeDecoder(cpu_target).generate(prompt, 4)
+    vocab, prompt, params = MIXED_VOCAB, MIXED_PROMPT, MIXED_PARAMS
+    _, joint, greedy_expected = mixed_batch_case(tmp_path)
     target = load_target(tmp_path / "t", device="cuda")
     runner = BatchRunner(target, load_drafter(tmp_path / "d", target.cfg, device="cuda"), max_batch=16)
     assert runner.cuda_graphs

@@ -211,6 +211,20 @@ def first_two_tokens_joint(target, prompt: list[int], params: SamplingParams) ->
     return joint
 
 
+MIXED_VOCAB, MIXED_PROMPT, MIXED_PARAMS = 6, [1, 4, 2], SamplingParams(0.8, top_k=4, top_p=0.9)
+
+
+def mixed_batch_case(directory):
+    """The tiny-vocabulary pair written to directory, and what a batch mixing sampled (MIXED_PARAMS) and greedy
+    requests after MIXED_PROMPT must give: (the CPU target, the exact joint of the first two sampled tokens, the
+    target's greedy tokens)."""
+    write_tiny_vocab_pair(directory, MIXED_VOCAB)
+    target = load_target(directory / "t")
+    joint = first_two_tokens_joint(target, MIXED_PROMPT, MIXED_PARAMS)
+    greedy, _ = SpeculativeDecoder(target).generate(MIXED_PROMPT, 4)
+    return target, joint, greedy
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=4, top_p=0.9)])
 def test_sampled_dflash_follows_the_target_distribution(tmp_path, params):

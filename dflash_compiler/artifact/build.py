@@ -26,7 +26,8 @@ from ..graph.cache import default_cache_dir
 from ..graph.compiler import PHASES, CompiledStep, PrebuiltGraphs, compile_step, graph_name, split_width
 from ..graph.serialize import graph_to_dict
 from ..hw_profiles import HardwareProfile, load_profile
-from ..models.loader import config_pair, load_drafter, load_target, parse_dtype
+from ..models.config import DrafterConfig, TargetConfig
+from ..models.loader import check_drafter_fits, load_drafter, load_target, parse_dtype
 from ..models.paged import PAGE_SIZE
 from ..models.random_init import random_pair
 from .manifest import library_versions, project, replace_dir, write_manifest
@@ -128,7 +129,11 @@ def compile_artifact(
                 target_model = load_target(target, device="cpu", dtype=dtype)
                 drafter_model = load_drafter(drafter, target_model.cfg, device="cpu", dtype=dtype) if drafter else None
             else:
-                target_model, drafter_model = random_pair(*config_pair(target, drafter), random_weights, "cpu", dtype)
+                target_cfg = TargetConfig.from_dir(target)
+                drafter_cfg = DrafterConfig.from_dir(drafter) if drafter else None
+                if drafter_cfg is not None:
+                    check_drafter_fits(drafter_cfg, target_cfg, Path(drafter))
+                target_model, drafter_model = random_pair(target_cfg, drafter_cfg, random_weights, "cpu", dtype)
             block = resolve_block_size(block_size, drafter_model.cfg.block_size if drafter_model else None)
             buckets = runner_buckets(max_batch)
             if verify_width == "tuned":

@@ -89,7 +89,7 @@ def load_artifact(root: str | os.PathLike, device: str | torch.device = "cpu", s
     try:
         step = _meta_step(doc, manifest)
         if "random_seed" in doc["weights"]:
-            weights = _random_weights(doc, manifest, device)
+            weights = _random_weights(doc, step, manifest, device)
         else:
             weights = _load_weights(root, doc, device)
         templates = {}
@@ -128,7 +128,7 @@ def _meta_step(doc: dict, manifest: Path) -> SpeculativeStep:
     return SpeculativeStep(target, drafter, doc["block_size"], doc["max_len"])
 
 
-def _random_weights(doc: dict, manifest: Path, device: torch.device) -> dict[str, torch.Tensor]:
+def _random_weights(doc: dict, step: SpeculativeStep, manifest: Path, device: torch.device) -> dict[str, torch.Tensor]:
     """The weights of an artifact that names a seed: the models' seeded random weights made on device and converted
     by the same passes as at the build (no kernel is compiled: the graphs are lowered when they are first run),
     then checked against the manifest's list of tensors."""
@@ -138,7 +138,6 @@ def _random_weights(doc: dict, manifest: Path, device: torch.device) -> dict[str
 
     meta = doc["weights"]
     seed = meta["random_seed"]
-    step = _meta_step(doc, manifest)
     target_cfg = step.target.cfg
     drafter_cfg = step.drafter.cfg if step.drafter is not None else None
     target, drafter = random_pair(target_cfg, drafter_cfg, seed, device, parse_dtype(doc["dtype"]))

@@ -223,19 +223,6 @@ def _target_rename(cfg: TargetConfig) -> Callable[[str], str | None]:
     return rename
 
 
-def config_pair(target_dir: str | Path, drafter_dir: str | Path | None) -> tuple[TargetConfig, DrafterConfig | None]:
-    """The configurations of a target (and drafter) checkpoint directory, from their config.json alone (no weights
-    read), the drafter checked against the target."""
-    path, data = _checkpoint_config(target_dir, "target")
-    target = TargetConfig.from_dict(data, path)
-    if drafter_dir is None:
-        return target, None
-    path, data = _checkpoint_config(drafter_dir, "drafter")
-    drafter = DrafterConfig.from_dict(data, path)
-    check_drafter_fits(drafter, target, path)
-    return target, drafter
-
-
 def load_target(directory: str | Path, device: str | torch.device = "cpu", dtype="float32") -> TargetModel:
     path, data = _checkpoint_config(directory, "target")
     cfg = TargetConfig.from_dict(data, path)

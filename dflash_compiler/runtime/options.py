@@ -57,7 +57,9 @@ def calibration_texts(args: argparse.Namespace) -> list[str] | None:
 
 
 def add_glue(parser) -> None:
+    from ..codegen.inductor import GLUE_LOWERINGS
+
     parser.add_argument(
-        "--glue", choices=("aten", "inductor"), default="aten", help="batched runtime: the glue between the ops as "
+        "--glue", choices=GLUE_LOWERINGS, default="aten", help="batched runtime: the glue between the ops as "
         "ATen calls, or compiled by TorchInductor into fused regions (at each graph's first run)",
     )  # fmt: skip

@@ -125,7 +125,7 @@ def train_drafter(args: argparse.Namespace) -> dict:
             overrides = json.loads(Path(args.drafter_config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise DFlashError(f"{args.drafter_config}: cannot read drafter config overrides ({e})") from None
-    from ..models.config import DrafterConfig
+    from ..models.config import DrafterConfig, read_config_json
     from ..models.loader import check_drafter_fits, load_drafter
 
     initial = None
@@ -133,7 +133,7 @@ def train_drafter(args: argparse.Namespace) -> dict:
         if args.drafter_config:
             raise DFlashError("parameters 'init' and 'drafter_config' exclude each other: --init keeps its config")
         initial = load_drafter(args.init, target.cfg, device=args.device)
-        cfg_dict = json.loads((Path(args.init) / "config.json").read_text())
+        cfg_dict = read_config_json(args.init)[1]
         cfg_dict.pop("quantization_config", None)
     else:
         cfg_dict = drafter_config_dict(
