@@ -408,6 +408,9 @@ def test_a_random_weight_artifact_names_its_seed_and_rebuilds_the_weights(tmp_pa
     assert compile_main([*args[:-3], "--calibration", "gsm8k", "-o", str(tmp_path / "x"), "--quiet"]) == 2
     assert "'random_weights' and 'calibration' exclude each other" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    with pytest.raises(DFlashError, match="parameter 'random_weights' must be an integer seed, got '7'"):
+        build.compile_artifact(tmp_path / "y", gpu="cpu", random_weights="7", progress=False)
+    assert not (tmp_path / "y").exists()
 
 
 # ---- the compile's own guarantees ---------------------------------------------------------------------------------
