@@ -511,7 +511,9 @@ def test_gpu_fp8_prequantized_x_matches_the_in_loop_quantization(fmt, m, n, k, e
 def test_gpu_fp8_per_token_x(m, n, k, epilogue):
     """W8A8 per token and channel (x pre-quantized with one scale per token): the dots accumulate over all of K
     and the scales apply once per tile share, through stream-K, split and whole tiles; against the reference on x
-    quantized the same way."""
+    quantized the same way. Hopper's FP8 tensor cores add into the accumulator with fewer bits than fp32, so the
+    error grows with the K one accumulator spans: on the H200 at K 17408, 3.7e-3 (5.1e-3 with SwiGLU) for whole
+    tiles against 1.7e-3 for per-group scales, which fold each chunk into fp32 (bf16 rounding alone: 1.6e-3)."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 dot needs sm89+")
     gen = torch.Generator().manual_seed(66)
@@ -525,7 +527,7 @@ def test_gpu_fp8_per_token_x(m, n, k, epilogue):
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
         y = linear(x, weight, residual=residual, swiglu=epilogue == "swiglu", out=out, fp8_dot=True, config=config)
         err = ((y.float() - ref).norm() / ref.norm()).item()
-        assert torch.isfinite(y).all() and err < 5e-3, f"{grid}: relative error {err:.2e}"
+        assert torch.isfinite(y).all() and err < 1e-2, f"{grid}: relative error {err:.2e}"
 
 
 def test_per_token_x_needs_a_prequantized_x_and_fp8_channel_weights():
@@ -542,26 +544,46 @@ def test_per_token_x_needs_a_prequantized_x_and_fp8_channel_weights():
 
 
 @triton.jit
-def _round_to_e4m3_kernel(v_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _round_product_to_e4m3_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, linear_mod._round_to_e4m3(tl.load(v_ptr + offs, mask=offs < n)), mask=offs < n)
+    v = tl.load(a_ptr + offs, mask=offs < n) * tl.load(b_ptr + offs, mask=offs < n)  # as the kernels make x * inv
+    tl.store(out_ptr + offs, linear_mod._round_to_e4m3(v), mask=offs < n)
+
+
+def _product_ties(count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 pairs (a, b) whose rounded product is an exact tie between two e4m3 values, subnormal and normal,
+    while the exact product is not: an FMA that rounds the exact product would round them the other way."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+    grid = grid[grid.isfinite() & (grid >= 0)].sort().values
+    ties = ((grid[1:] + grid[:-1]) / 2).float()
+    tie = ties[torch.randint(0, len(ties), (count * 8,), generator=gen)]
+    b = (torch.rand(count * 8, generator=gen) * 60 + 1).float()
+    a = (tie.double() / b.double()).float()
+    exact = a.double() * b.double()
+    keep = ((a * b) == tie) & (exact != tie.double())
+    return a[keep][:count], b[keep][:count]
 
 
 def test_fp8_quantization_rounds_to_nearest_even():
-    """The kernels' rounding to e4m3 before the FP8 conversion is torch's round to nearest, ties to even: on every
-    e4m3 value, every midpoint between two (exact ties) and the fp32 values either side of it, in the subnormal
-    range, and on random values up to 448."""
+    """The kernels' rounding to e4m3 before the FP8 conversion is torch's round to nearest, ties to even, bit for
+    bit (the sign of zero included): on every e4m3 value, every midpoint between two (exact ties) and the fp32
+    values either side of it, in the subnormal range, on random values up to 448, and on products x * inv that
+    round to a tie (as the quantization kernels make them)."""
     grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     grid = grid[grid.isfinite() & (grid >= 0)].sort().values
     mids = (grid[1:] + grid[:-1]) / 2
     gen = torch.Generator().manual_seed(17)
     v = torch.cat([grid, mids, mids.nextafter(torch.zeros_like(mids)), mids.nextafter(torch.full_like(mids, 1e9)),
-                   torch.rand(4000, generator=gen) * 448, torch.rand(1000, generator=gen) * 2**-6])  # fmt: skip
-    v = torch.cat([v, -v])
-    out = torch.full_like(v, float("nan"))
-    _round_to_e4m3_kernel[(triton.cdiv(v.numel(), 1024),)](v, out, v.numel(), BLOCK=1024)
-    want = v.to(torch.float8_e4m3fn).float()
-    assert torch.equal(out, want), (v[out != want][:4], out[out != want][:4], want[out != want][:4])
+                   torch.rand(4000, generator=gen) * 448, torch.rand(1000, generator=gen) * 2**-6,
+                   torch.rand(1000, generator=gen) * 2**-10])  # fmt: skip
+    a, b = _product_ties(2000, gen)
+    a = torch.cat([v, a, -v, -a]).to(DEVICE)
+    b = torch.cat([torch.ones_like(v), b, torch.ones_like(v), b]).to(DEVICE)
+    out = torch.full_like(a, float("nan"))
+    _round_product_to_e4m3_kernel[(triton.cdiv(a.numel(), 1024),)](a, b, out, a.numel(), BLOCK=1024)
+    want = (a * b).to(torch.float8_e4m3fn).float()
+    bad = out.view(torch.int32) != want.view(torch.int32)
+    assert not bad.any(), (bad.sum().item(), (a * b)[bad][:4], out[bad][:4], want[bad][:4])
 
 
 @pytest.mark.gpu

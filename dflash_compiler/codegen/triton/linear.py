@@ -509,12 +509,19 @@ def _linear_kernel(
 def _round_to_e4m3(v):
     """fp32 v, |v| <= 448 (x times 448 / amax), rounded to the nearest FP8 e4m3 value, ties to even, as an fp32
     that the FP8 conversion then holds exactly. Triton converts fp32 to e4m3 through fp16 on sm90, and that double
-    rounding moves ties: 84.0000076 becomes 84.0, then 80, where 88 is nearest."""
+    rounding moves ties: 84.0000076 becomes 84.0, then 80, where 88 is nearest. Integer and exact float steps
+    only: an add rounding v would be contracted with the product that made v into one FMA, rounding the exact
+    product instead (a tie of v could then go either way)."""
     bits = v.to(tl.uint32, bitcast=True)
     # normal e4m3 (|v| >= 2^-6): 3 mantissa bits kept, the 20 dropped rounded to nearest even
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-    # subnormal e4m3 (|v| < 2^-6): multiples of 2^-9, which adding 1.5 * 2^14 rounds to in fp32 (ties to even)
-    subnormal = (v + 24576.0) - 24576.0
+    # subnormal e4m3 (|v| < 2^-6): multiples of 2^-9; t = |v| * 2^9 < 8 and t - floor(t) are exact
+    t = tl.abs(v) * 512.0
+    whole = tl.floor(t)
+    frac = t - whole
+    odd = (whole.to(tl.int32) & 1) == 1
+    magnitude = (whole + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)) * 0.001953125
+    subnormal = tl.where((bits >> 31) == 1, -magnitude, magnitude)  # the sign bit kept, -0.0 included
     return tl.minimum(tl.maximum(tl.where(tl.abs(v) < 0.015625, subnormal, normal), -448.0), 448.0)
 
 
@@ -598,7 +605,8 @@ class LinearConfig:
     prequant_x: bool = False
     # With prequant_x and FP8 per-channel weights: one scale per token over all of K (W8A8 per token and channel,
     # as the vendor GEMM quantizes), so the FP8 dots accumulate across chunks instead of each chunk's product
-    # waiting to be scaled; a coarser quantization of x than the default's per 128 inputs.
+    # waiting to be scaled; a coarser quantization of x than the default's per 128 inputs, and (on Hopper, whose FP8
+    # tensor cores add with fewer bits than fp32) an accumulation error that grows with the K of one accumulator.
     x_per_token: bool = False
     # INT4: the four 32-input planes of a chunk as one operand, one dot per chunk instead of one per plane (each of
     # which waits for the one before it on the tensor cores).
