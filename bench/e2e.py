@@ -718,6 +718,10 @@ def main(argv: list[str] | None = None) -> None:
                         profile_ops=args.op_profile,
                     )
                     row = make_row(sh, quant, mode, prof, c, m, bw, tflops, gen_ctx, pp, note, width)
+                    if args.glue == "inductor":  # regions Inductor failed to compile run as ATen
+                        from dflash_compiler.codegen.inductor import region_fallbacks
+
+                        startup["inductor_fallbacks"] = region_fallbacks()
                     rows.append({**row, **startup})
                     print("  ".join(f"{k}={rows[-1].get(k)}" for k in COLUMNS), flush=True)
                     save(partial=True)

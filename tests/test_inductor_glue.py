@@ -97,6 +97,37 @@ def test_regions_turn_persistent_reductions_off_where_inductor_cannot_compile_th
     assert region_options.__wrapped__() == {"triton.persistent_reductions": False}
 
 
+def test_a_region_inductor_fails_to_compile_runs_as_aten_and_says_so(monkeypatch):
+    """Inductor failing on a region (as torch 2.11 does on some reduction trees) costs that region its fusion, not
+    the step: a warning names the region and the error, the ATen calls give the result, and no compile is tried
+    again."""
+    import dflash_compiler.codegen.inductor as inductor
+
+    def glue(x, y):
+        return torch.sigmoid(x) * y + 1.0
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(glue)(torch.randn(4, 8), torch.randn(4, 8))
+    assert lower_glue(gm) == 1
+    (region,) = [m for m in gm.modules() if isinstance(m, InductorRegion)]
+    tries = []
+
+    class Failing(torch.nn.Module):
+        def forward(self, *args):
+            tries.append(args)
+            raise torch._inductor.exc.InductorError(TypeError("list indices must be integers, not NoneType"), None)
+
+    monkeypatch.setattr(region, "compiled", Failing())
+    monkeypatch.setattr(inductor, "_FALLBACKS", [])
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.warns(UserWarning, match=f"Inductor region {region.name} failed to compile .*TypeError.*runs as ATen"):
+        got = gm(x, y)
+    torch.testing.assert_close(got, glue(x, y))
+    torch.testing.assert_close(gm(x * 2, y), glue(x * 2, y))
+    assert len(tries) == 1
+    assert region.fallback is not None and "TypeError" in region.fallback
+    assert inductor.region_fallbacks() == [f"{region.name}: {region.fallback}"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab", [32768, 248320])
 def test_gpu_region_of_a_softmax_over_a_vocabulary_row(vocab):

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 from torch import fx
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import InductorError
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
@@ -57,16 +60,38 @@ def region_options() -> dict:
     return {} if handles_no_x_dim else {"triton.persistent_reductions": False}
 
 
-class InductorRegion(torch.nn.Module):
-    """A glue submodule run through torch.compile's Inductor backend, compiled on first call."""
+_FALLBACKS: list[str] = []
 
-    def __init__(self, gm: fx.GraphModule):
+
+def region_fallbacks() -> list[str]:
+    """The regions (name and Inductor's error) that Inductor failed to compile in this process, which run as
+    ATen instead."""
+    return list(_FALLBACKS)
+
+
+class InductorRegion(torch.nn.Module):
+    """A glue submodule run through torch.compile's Inductor backend, compiled on first call. A region that
+    Inductor fails to compile warns once, naming it and the error, and runs its ATen calls from then on: the
+    glue is then as fast as without Inductor, never wrong or missing."""
+
+    def __init__(self, gm: fx.GraphModule, name: str = "region"):
         super().__init__()
         self.gm = gm
+        self.name = name
         self.compiled = torch.compile(gm, backend="inductor", fullgraph=True, options=region_options())
+        self.fallback: str | None = None
 
     def forward(self, *args):
-        return self.compiled(*args)
+        if self.fallback is None:
+            try:
+                return self.compiled(*args)
+            except (BackendCompilerFailed, InductorError) as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self.fallback = reason
+                _FALLBACKS.append(f"{self.name}: {reason}")
+                message = f"Inductor region {self.name} failed to compile ({reason}); it runs as ATen"
+                warnings.warn(message, stacklevel=2)
+        return self.gm(*args)
 
 
 def lower_glue(gm: fx.GraphModule) -> int:
@@ -81,7 +106,7 @@ def lower_glue(gm: fx.GraphModule) -> int:
     regions = 0
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in before:
-            setattr(gm, node.target, InductorRegion(gm.get_submodule(node.target)))
+            setattr(gm, node.target, InductorRegion(gm.get_submodule(node.target), node.target))
             node.meta["glue"] = "inductor"
             regions += 1
     gm.graph.lint()
