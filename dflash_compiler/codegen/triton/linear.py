@@ -513,16 +513,20 @@ def _round_to_e4m3(v):
     only: an add rounding v would be contracted with the product that made v into one FMA, rounding the exact
     product instead (a tie of v could then go either way)."""
     bits = v.to(tl.uint32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF
     # normal e4m3 (|v| >= 2^-6): 3 mantissa bits kept, the 20 dropped rounded to nearest even
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    normal = (magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) & 0xFFF00000
     # subnormal e4m3 (|v| < 2^-6): multiples of 2^-9; t = |v| * 2^9 < 8 and t - floor(t) are exact
-    t = tl.abs(v) * 512.0
+    t = magnitude.to(tl.float32, bitcast=True) * 512.0
     whole = tl.floor(t)
     frac = t - whole
     odd = (whole.to(tl.int32) & 1) == 1
-    magnitude = (whole + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)) * 0.001953125
-    subnormal = tl.where((bits >> 31) == 1, -magnitude, magnitude)  # the sign bit kept, -0.0 included
-    return tl.minimum(tl.maximum(tl.where(tl.abs(v) < 0.015625, subnormal, normal), -448.0), 448.0)
+    subnormal = ((whole + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)) * 0.001953125).to(
+        tl.uint32, bitcast=True
+    )
+    rounded = tl.minimum(tl.where(magnitude < 0x3C800000, subnormal, normal), 0x43E00000)  # 2^-6; at most 448
+    # the sign put back as a bit: Triton negates a float as 0 - x, which makes -0.0 into +0.0
+    return (rounded | (bits & 0x80000000)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
