@@ -374,7 +374,7 @@ def test_the_sm90_linear_loops_keep_the_tensor_cores_busy(tmp_path):
     128 inputs) or an INT4 chunk as one dot waits once per chunk; INT4 dots per plane wait four times."""
     out = _run_compiler(
         f"""
-        import glob, json, re, tempfile, torch
+        import glob, json, os, re, tempfile, torch
         from dflash_compiler.codegen import weight_formats as wf
         from dflash_compiler.codegen.triton import aot
         from dflash_compiler.codegen.triton.linear import LinearConfig, linear
@@ -389,8 +389,12 @@ def test_the_sm90_linear_loops_keep_the_tensor_cores_busy(tmp_path):
                                                                  prequant_x=True, x_per_token=True)),
             "int4_planes": (wf.quantize_int4(w), None, dict(block_n=128, programs=132)),
             "int4_chunk": (wf.quantize_int4(w), None, dict(block_n=128, programs=132, int4_chunk_dot=True)),
+            "int4_sync": (wf.quantize_int4(w), None, dict(block_n=128, programs=132, mma_sync=True)),
+            "fp8_group_sync": (wf.quantize_fp8_channel(w), True, dict(block_n=128, num_warps=8, programs=132,
+                                                                      mma_sync=True)),
+            "int4_planes_again": (wf.quantize_int4(w), None, dict(block_n=128, programs=132)),
         }}
-        waits = {{}}
+        waits, mma = {{}}, {{}}
         for name, (weight, fp8_dot, cfg) in cases.items():
             d = tempfile.mkdtemp(dir=r"{tmp_path}")
             config = LinearConfig(block_m=16, block_k=128, num_stages=3, **cfg)
@@ -400,10 +404,15 @@ def test_the_sm90_linear_loops_keep_the_tensor_cores_busy(tmp_path):
             loop = ir[ir.index("scf.for"):]
             body = loop[:loop.index("scf.if")]
             waits[name] = [int(p) for p in re.findall(r"warp_group_dot_wait.*?pendings = (\\d+)", body)]
-        print(json.dumps(waits))
+            mma[name] = sorted(set(re.findall(r"nvidia_mma<{{versionMajor = (\\d)", ir)))
+            assert "DISABLE_MMA_V3" not in os.environ
+        print(json.dumps([waits, mma]))
         """
     )
-    waits = json.loads(out.strip().splitlines()[-1])
+    waits, mma = json.loads(out.strip().splitlines()[-1])
     assert waits["bf16"] == [1] and waits["fp8_token"] == [1]
     assert waits["fp8_group"] == [0] and waits["int4_chunk"] == [0]
     assert waits["int4_planes"] == [0, 0, 0, 0]
+    # mma_sync: warp-level mma.sync (MMA v2), no warpgroup waits; the wgmma variant compiled after it is unchanged
+    assert mma["int4_sync"] == mma["fp8_group_sync"] == ["2"] and waits["int4_sync"] == waits["fp8_group_sync"] == []
+    assert mma["int4_planes"] == mma["int4_planes_again"] == ["3"] and waits["int4_planes_again"] == [0, 0, 0, 0]

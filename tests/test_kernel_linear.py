@@ -7,6 +7,7 @@ the FP8 dot path are checked by the gpu-marked tests at real-ish shapes.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -291,6 +292,22 @@ def test_int4_one_dot_per_chunk(fmt, epilogue, split):
         run_and_check(x, weight, residual=residual, swiglu=epilogue == "swiglu", config=config)
 
 
+def test_mma_sync_runs_every_format_and_leaves_the_environment_as_it_was(monkeypatch):
+    """mma_sync compiles with Triton's DISABLE_MMA_V3 set for the launch only (the interpreter ignores it): the
+    reference's result for each format, and the variable restored (unset, or its earlier value)."""
+    gen = torch.Generator().manual_seed(70)
+    x = torch.randn(5, 256, generator=gen).to(DEVICE, torch.float16)
+    for before in (None, "0"):
+        if before is None:
+            monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
+        else:
+            monkeypatch.setenv("DISABLE_MMA_V3", before)
+        for fmt in FORMATS:
+            config = LinearConfig(block_n=32, block_m=16, num_stages=2, mma_sync=True, split_k=2)
+            run_and_check(x, make_weight(fmt, 96, 256, gen), config=config)
+            assert os.environ.get("DISABLE_MMA_V3") == before
+
+
 def test_int4_chunk_dot_is_for_int4_weights():
     x = torch.randn(4, 256).to(DEVICE, torch.float16)
     with pytest.raises(ValueError, match="int4_chunk_dot is a variant of the INT4 kernel"):
@@ -426,6 +443,38 @@ def test_gpu_int4_one_dot_per_chunk_bf16(fmt, m, n, k):
         cfg = LinearConfig(block_n=128 if bm < 128 else 64, block_m=bm, num_warps=4 if bm == 16 else 8, num_stages=3,
                            int4_chunk_dot=True, **grid)  # fmt: skip
         run_and_check(x, weight, config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+@pytest.mark.parametrize("m,n,k", [(1, 5120, 6144), (16, 2048, 5200), (64, 1024, 5120)])
+@pytest.mark.parametrize("variant", ["dense", "fp8_channel", "fp8_block", "fp8_prequant", "int4_sym", "int4_asym",
+                                     "int4_chunk_dot", "int4_w4a8"])  # fmt: skip
+def test_gpu_mma_sync(variant, m, n, k, epilogue):
+    """mma_sync (the dots as mma.sync instead of wgmma on Hopper) for every format and variant, through stream-K,
+    split and whole tiles: the reference's result; the same config without it gives the same up to rounding."""
+    gen = torch.Generator().manual_seed(69)
+    fmt = {"fp8_prequant": "fp8_channel", "int4_chunk_dot": "int4_sym", "int4_w4a8": "int4_sym"}.get(variant, variant)
+    fp8_dot = fmt.startswith("fp8") and torch.cuda.get_device_capability() >= (8, 9)
+    if variant in ("fp8_prequant", "int4_w4a8") and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores: sm89+")
+    weight = make_weight(fmt, 2 * n if epilogue == "swiglu" else n, k, gen, dtype=torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16) if epilogue == "residual" else None
+    kw = {"residual": residual, "swiglu": epilogue == "swiglu"}
+    bm = 16 if m <= 16 else 64
+    for grid in ({"programs": 132}, {"split_k": 3}, {}):
+        cfg = LinearConfig(block_n=64, block_m=bm, num_warps=4 if bm == 16 else 8, num_stages=3, mma_sync=True,
+                           prequant_x=variant in ("fp8_prequant", "int4_w4a8"),
+                           int4_chunk_dot=variant == "int4_chunk_dot", **grid)  # fmt: skip
+        if variant == "int4_w4a8":
+            y = linear(x, weight, config=cfg, **kw)
+            ref = reference(x, weight, residual, epilogue == "swiglu", fp8_dot=True)
+            assert torch.isfinite(y).all() and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+        else:
+            y = run_and_check(x, weight, config=cfg, fp8_dot=fp8_dot, **kw)
+        wgmma = linear(x, weight, config=dataclasses.replace(cfg, mma_sync=False), fp8_dot=fp8_dot, **kw)
+        torch.testing.assert_close(y, wgmma, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

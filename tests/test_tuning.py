@@ -177,6 +177,12 @@ def test_pruning_follows_each_profiles_limits():
     assert space_for(int4, load_profile("sm90")).config({**big, "int4_chunk_dot": True})[1]["int4_chunk_dot"] is True
     assert "INT4" in sm90_fp8.check({**fp8_dot, "int4_chunk_dot": True})
     assert sm90_fp8.choices()["int4_chunk_dot"] == [False]
+    # mma.sync in place of wgmma: a Hopper variant of every format's kernel, named only where chosen
+    for profile, offered in (("sm80", [False]), ("sm90", [False, True]), ("sm100", [False]), ("sm120", [False])):
+        assert space_for(int4, load_profile(profile)).choices()["mma_sync"] == offered, profile
+    assert sm90_fp8.config({**fp8_dot, "mma_sync": True})[1]["mma_sync"] is True
+    assert "mma_sync" not in sm90_fp8.config(fp8_dot)[1]
+    assert "Hopper" in space_for(int4, load_profile("sm80")).check({**big, "mma_sync": True})
     # tiles past the dimension, registers, split-K past the K chunks
     small = LinearShape(1, 96, 64, "fp16", act="fp16")
     sp = space_for(small, load_profile("cpu"))

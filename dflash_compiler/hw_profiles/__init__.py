@@ -82,6 +82,11 @@ class HardwareProfile:
         return "fp8_e4m3" in self.tensor_core_dtypes
 
     @property
+    def warpgroup_mma(self) -> bool:
+        """Hopper's warpgroup MMA (wgmma), which Triton uses for its dots there in place of mma.sync."""
+        return self.compute_capability == (9, 0)
+
+    @property
     def fp4_tensor_cores(self) -> bool:
         """Native FP4 (e2m1, MXFP4/NVFP4) dots (sm100 and sm120)."""
         return "fp4_e2m1" in self.tensor_core_dtypes

@@ -254,6 +254,7 @@ class LinearSpace(Space):
             "prequant_x": [False, True] if self._prequant_possible() else [False],
             "x_per_token": [False, True] if self._per_token_possible() else [False],
             "int4_chunk_dot": [False, True] if s.fmt.startswith("int4") else [False],
+            "mma_sync": [False, True] if self.profile.warpgroup_mma else [False],
         }
         return self._with_default(choices)
 
@@ -289,6 +290,7 @@ class LinearSpace(Space):
             "prequant_x": cfg.prequant_x,
             "x_per_token": cfg.x_per_token,
             "int4_chunk_dot": cfg.int4_chunk_dot,
+            "mma_sync": cfg.mma_sync,
         }
 
     def _config(self, params: Params) -> linear_kernels.LinearConfig:
@@ -306,6 +308,7 @@ class LinearSpace(Space):
             prequant_x=params.get("prequant_x", False),
             x_per_token=params.get("x_per_token", False),
             int4_chunk_dot=params.get("int4_chunk_dot", False),
+            mma_sync=params.get("mma_sync", False),
         )
 
     def config(self, params: Params) -> tuple[str, dict[str, Any]]:
@@ -316,6 +319,7 @@ class LinearSpace(Space):
             "prequant_x",
             "x_per_token",
             "int4_chunk_dot",
+            "mma_sync",
         ):  # named only where chosen (entries without them read as off)
             if not cfg[variant]:
                 del cfg[variant]
@@ -358,6 +362,8 @@ class LinearSpace(Space):
             return "per-token x scales need a pre-quantized x and FP8 per-channel weights"
         if params.get("int4_chunk_dot") and not s.fmt.startswith("int4"):
             return "one dot per chunk is a variant of the INT4 kernel"
+        if params.get("mma_sync") and not p.warpgroup_mma:
+            return "mma.sync in place of wgmma is a Hopper variant"
         grid = params["grid"]
         if grid.startswith("split") and int(grid[5:]) > triton.cdiv(s.k, params["block_k"]):
             return f"{grid} over the {triton.cdiv(s.k, params['block_k'])} K chunks"

@@ -25,7 +25,9 @@ Scales are applied per chunk to the fp32 partial products. Epilogues: residual a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -336,6 +338,7 @@ def _linear_kernel(
     X_PER_TOKEN: tl.constexpr,
     CHUNK_DOT: tl.constexpr,
     ASYM: tl.constexpr,
+    MMA_SYNC: tl.constexpr,  # read by no code: it keys the variant compiled with wgmma off (_dots_as_mma_sync)
     EPILOGUE: tl.constexpr,
     NORM: tl.constexpr,
     GATE: tl.constexpr,
@@ -593,6 +596,24 @@ class RowNorm:
     zero_centered: bool = False
 
 
+@contextlib.contextmanager
+def _dots_as_mma_sync(enabled: bool):
+    """Triton's compiler reads DISABLE_MMA_V3 when it compiles (and keys its cache with it): set around the launch
+    that would compile an mma_sync variant, whose MMA_SYNC constexpr keeps it apart in the in-memory cache."""
+    if not enabled:
+        yield
+        return
+    before = os.environ.get("DISABLE_MMA_V3")
+    os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DISABLE_MMA_V3"]
+        else:
+            os.environ["DISABLE_MMA_V3"] = before
+
+
 @dataclass(frozen=True)
 class LinearConfig:
     """One explicit kernel configuration. programs: grid size (stream-K); None means split_k programs per tile."""
@@ -615,6 +636,10 @@ class LinearConfig:
     # INT4: the four 32-input planes of a chunk as one operand, one dot per chunk instead of one per plane (each of
     # which waits for the one before it on the tensor cores).
     int4_chunk_dot: bool = False
+    # Hopper: the dots as warp-level mma.sync (as on sm80/sm89) instead of warpgroup wgmma. A dot whose weight
+    # operand is decoded in registers (INT4, FP8 scaled per chunk) waits for each wgmma to finish before the next
+    # can start; mma.sync needs no such wait, at the cost of more instructions per product. No effect elsewhere.
+    mma_sync: bool = False
 
 
 Weight = DenseWeight | FP8ChannelWeight | FP8BlockWeight | Int4Weight
@@ -860,26 +885,27 @@ def linear(
     dot_dtype = _DOT_DTYPES[x.dtype]
     if x_fp8:
         x, xs = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=config.x_per_token)
-    _linear_kernel[(programs,)](
-        x, w, s if s is not None else dummy, z if z is not None else dummy,
-        residual if residual is not None else dummy, out, ws, cnt,
-        norm.weight if norm is not None else dummy, norm.eps if norm is not None else 0.0,
-        gate if gate is not None else dummy, xs, xs.stride(0) if x_fp8 else 0,
-        m, n_out, k, n_out if swiglu else 0,
-        x.stride(0), x.stride(1), w.stride(0),
-        s.stride(0) if s is not None else 0, z.stride(0) if z is not None else 0,
-        residual.stride(0) if residual is not None else 0, out.stride(0),
-        gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
-        m_tiles, chunks, total, slots,
-        FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, X_PER_TOKEN=config.x_per_token,
-        CHUNK_DOT=config.int4_chunk_dot, ASYM=asym,
-        EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
-        NORM=0 if norm is None else 2 if norm.zero_centered else 1,
-        GATE=gate is not None,
-        GROUP_SIZE=group, DOT_DTYPE=dot_dtype,
-        EVEN_N=n_out % config.block_n == 0, EVEN_K=k % config.block_k == 0,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-        BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    with _dots_as_mma_sync(config.mma_sync):
+        _linear_kernel[(programs,)](
+            x, w, s if s is not None else dummy, z if z is not None else dummy,
+            residual if residual is not None else dummy, out, ws, cnt,
+            norm.weight if norm is not None else dummy, norm.eps if norm is not None else 0.0,
+            gate if gate is not None else dummy, xs, xs.stride(0) if x_fp8 else 0,
+            m, n_out, k, n_out if swiglu else 0,
+            x.stride(0), x.stride(1), w.stride(0),
+            s.stride(0) if s is not None else 0, z.stride(0) if z is not None else 0,
+            residual.stride(0) if residual is not None else 0, out.stride(0),
+            gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
+            m_tiles, chunks, total, slots,
+            FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, X_PER_TOKEN=config.x_per_token,
+            CHUNK_DOT=config.int4_chunk_dot, ASYM=asym, MMA_SYNC=config.mma_sync,
+            EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
+            NORM=0 if norm is None else 2 if norm.zero_centered else 1,
+            GATE=gate is not None,
+            GROUP_SIZE=group, DOT_DTYPE=dot_dtype,
+            EVEN_N=n_out % config.block_n == 0, EVEN_K=k % config.block_k == 0,
+            INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
+            BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
     return out
