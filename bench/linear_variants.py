@@ -1,9 +1,11 @@
 """The tuned linears of a profile's database against kernel variants of the same configs, on the GPU: each entry's
-config as tuned, the same with the variant switched (FP8: x quantized by a pass before the GEMM, `prequant_x`),
-and two fixed alternatives with the variant, each as a fraction of the floor (the call's bytes over the copy
-bandwidth measured in the same run). Every point is checked against the PyTorch reference as the tuner checks it.
+config as tuned, the same with the variant switched on, and two fixed alternatives with the variant, each as a
+fraction of the floor (the call's bytes over the copy bandwidth measured in the same run). Every point is checked
+against the PyTorch reference as the tuner checks it. Variants: `prequant_x` (FP8 weights: x quantized by a pass
+before the GEMM) and `mma_sync` (Hopper: the dots as mma.sync instead of wgmma; every format).
 
     python bench/linear_variants.py --fmt fp8_channel --rows 16 --out bench/results/linear-variants-h200.json
+    python bench/linear_variants.py --variant mma_sync --fmt int4_sym --rows 16 --out bench/results/mma-sync-h200.json
 """
 
 from __future__ import annotations
@@ -26,26 +28,33 @@ from dflash_compiler.tuning.measure import ConfigFailed, make_case  # noqa: E402
 COLUMNS = ("shape", "variant", "us", "floor_us", "frac", "vs_tuned")
 
 
-def variants(config: dict, sm_count: int) -> dict[str, dict]:
-    """The entry's config, it with x pre-quantized, and pre-quantized 128-row stream-K and 64-row tile grids."""
-    fixed = {"fp8_dot": True}
+def variants(config: dict, sm_count: int, variant: str, fmt: str) -> dict[str, dict]:
+    """The entry's config, it with the variant on, and 128-row stream-K and 64-row tile grids with the variant."""
+    fixed = {"fp8_dot": True} if fmt.startswith("fp8") else {}
+    on = {"prequant_x": True} if variant == "prequant_x" else {"mma_sync": True, "prequant_x": config.get("prequant_x")}
+    on = {k: v for k, v in on.items() if v}
     return {
         "tuned": config,
-        "tuned+prequant": {**config, "prequant_x": True},
-        "prequant bn128 sk2": {
-            **LinearConfig(128, 16, 128, 4, 4, programs=2 * sm_count, prequant_x=True).__dict__,
+        f"tuned+{variant}": {**config, **on},
+        f"{variant} bn128 sk2": {
+            **LinearConfig(128, 16, 128, 4, 4, programs=2 * sm_count, **on).__dict__,
             **fixed,
         },  # fmt: skip
-        "prequant bn64 tile": {**LinearConfig(64, 16, 128, 4, 6, prequant_x=True).__dict__, **fixed},
+        f"{variant} bn64 tile": {**LinearConfig(64, 16, 128, 4, 6, **on).__dict__, **fixed},
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fmt", default="fp8_channel", choices=("fp8_channel", "fp8_block"))
+    p.add_argument("--variant", default="prequant_x", choices=("prequant_x", "mma_sync"))
+    p.add_argument(
+        "--fmt", default="fp8_channel", choices=("bf16", "fp8_channel", "fp8_block", "int4_sym", "int4_asym")
+    )
     p.add_argument("--rows", type=int, default=16, help="the entries' M")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.variant == "prequant_x" and not args.fmt.startswith("fp8"):
+        p.error("--variant prequant_x: compares FP8 weights (--fmt fp8_channel or fp8_block)")
     profile = profile_for_device(torch.cuda.get_device_properties(0))
     bandwidth = copy_bandwidth_tbps()
     rows = []
@@ -53,7 +62,7 @@ def main() -> None:
         case = make_case(shape, profile, torch.device("cuda"))
         floor = floor_us(call_bytes(shape), bandwidth)
         tuned_us = None
-        for name, config in variants(entry.config, profile.device.sm_count).items():
+        for name, config in variants(entry.config, profile.device.sm_count, args.variant, args.fmt).items():
             try:
                 us = case.measure("triton", config)
             except ConfigFailed as e:
@@ -65,7 +74,10 @@ def main() -> None:
         del case
         torch.cuda.empty_cache()
     print_table(rows, COLUMNS)
-    write_results(args.out, rows, profile=profile.name, copy_bandwidth_TBps=bandwidth, fmt=args.fmt, m=args.rows)
+    write_results(
+        args.out, rows, profile=profile.name, copy_bandwidth_TBps=bandwidth, fmt=args.fmt, m=args.rows,
+        variant=args.variant,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
