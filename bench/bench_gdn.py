@@ -18,7 +18,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import copy_bandwidth_tbps, floor_us, graph_time_us, print_table, rotations_for, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    copy_bandwidth_tbps,
+    floor_us,
+    graph_time_us,
+    kernel_times,
+    print_table,
+    rotations_for,
+    write_results,
+)
 from dflash_compiler.codegen.triton import gdn  # noqa: E402
 from dflash_compiler.models import ops  # noqa: E402
 
@@ -269,6 +277,9 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
     )  # fmt: skip
 
 
+PREFILL_KERNELS: dict[str, list[dict]] = {}  # GPU time per kernel of each chunked prefill row
+
+
 def _bench_prefill(rows: _Rows, seq: int, params: dict) -> None:
     a_log, dt_bias = params["a_log"], params["dt_bias"]
     (p,) = _sets(1, seq, 1)
@@ -287,6 +298,11 @@ def _bench_prefill(rows: _Rows, seq: int, params: dict) -> None:
             f"prefill_chunked_{precision}", 1, _safe(lambda f=prefill: _ref_us(lambda: f(0))), ref,
             _input_bytes(1, seq) + seq * HV * DV * 2 + 2 * STATE_BYTES, seq=seq,
         )  # fmt: skip
+        if DEV == "cuda":  # which of the three kernels (prepare, state scan, output) takes the time
+            breakdown = kernel_times(lambda f=prefill: f(0), calls=8)
+            PREFILL_KERNELS[f"{precision}_T{seq}"] = breakdown
+            print(f"  prefill_chunked_{precision} T={seq}: " + ", ".join(
+                f"{r['kernel']} {r['gpu_us_per_call']} us" for r in breakdown), flush=True)  # fmt: skip
 
 
 def run(bw_tbps: float, sweep: bool = True, partial_path: str | None = None) -> list[dict]:
@@ -326,7 +342,7 @@ def main() -> None:
     bw = copy_bandwidth_tbps()
     print(f"copy bandwidth {bw:.2f} TB/s", flush=True)
     rows = run(bw, sweep=not args.no_sweep, partial_path=args.out)
-    write_results(args.out, rows, copy_bandwidth_TBps=bw, per="one GDN layer of 48")
+    write_results(args.out, rows, copy_bandwidth_TBps=bw, per="one GDN layer of 48", prefill_kernels=PREFILL_KERNELS)
     _safe(_kernel_resources)
     print_table(rows, ["op", "shape", "ours_us", "torch_us", "floor_us", "x_floor", "config"])
 

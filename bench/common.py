@@ -44,6 +44,31 @@ def graph_time_us(
     return measured_us(fn, rotations, device, min_calls=min_calls, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
+def kernel_times(run: Callable[[], object], calls: int = 4) -> list[dict]:
+    """GPU time per kernel over `calls` calls of run, from torch.profiler's device events (Triton kernels under their
+    own names, vendor and ATen kernels under theirs, cut to 80 characters): [{kernel, gpu_us_per_call,
+    launches_per_call}], longest first. Run eagerly (no CUDA graph), so that every kernel is its own launch."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else lambda: None
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        sync()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and e.device_time_total > 0:
+            entry = kernels.setdefault(e.name[:80], [0.0, 0])
+            entry[0] += e.device_time_total
+            entry[1] += 1
+    return [
+        {"kernel": name, "gpu_us_per_call": round(us / calls, 1), "launches_per_call": n / calls}
+        for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    ]
+
+
 def rotations_for(bytes_per_set: int, l2_bytes: int = 50 * 2**20) -> int:
     """How many input sets to cycle through so that the working set is several times the L2 cache."""
     return max(1, min(64, (4 * l2_bytes) // max(1, bytes_per_set) + 1))

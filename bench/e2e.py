@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from common import copy_bandwidth_tbps, print_table, time_us, write_results  # noqa: E402
+from common import copy_bandwidth_tbps, kernel_times, print_table, time_us, write_results  # noqa: E402
 from e2e_models import ModelSpec, build_drafter, build_target, spec, transformers_generate  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -261,26 +261,10 @@ def _sync() -> None:
 
 
 def op_profile(runner, steps: int = 4) -> list[dict]:
-    """GPU time per kernel over `steps` steps, from torch.profiler's device events (Triton kernels under their
-    own names, vendor and ATen kernels under theirs, cut to 80 characters), with calls per step. Run on a runner
-    without CUDA graphs, so that every kernel is its own launch."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    _sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            runner.step()
-        _sync()
-    kernels: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA and e.device_time_total > 0:
-            entry = kernels.setdefault(e.name[:80], [0.0, 0])
-            entry[0] += e.device_time_total
-            entry[1] += 1
+    """GPU time per kernel per step (common.kernel_times over `steps` steps), on a runner without CUDA graphs."""
     rows = [
-        {"kernel": name, "gpu_us_per_step": round(us / steps, 1), "calls_per_step": calls / steps}
-        for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])
+        {"kernel": r["kernel"], "gpu_us_per_step": r["gpu_us_per_call"], "calls_per_step": r["launches_per_call"]}
+        for r in kernel_times(runner.step, steps)
     ]
     print(f"  kernel profile: {sum(r['gpu_us_per_step'] for r in rows) / 1e3:.2f} ms of GPU time per step", flush=True)
     for r in rows[:16]:
