@@ -195,6 +195,49 @@ def test_cross_compiled_kernels_carry_the_profiles_architecture(gpu_artifacts, g
     assert {row["impl"] for row in doc["plan"]} == {"triton"} and doc["kernels"]["count"] == len(records)
 
 
+TVM_CROSS_COMPILE = """
+import sys
+from dflash_compiler.artifact.build import compile_artifact
+from dflash_compiler.tuning import choice
+
+def choose(self, op, shape_key, fmt):  # a database that lowers every linear to TVM
+    if op != "linear":
+        return real(self, op, shape_key, fmt)
+    chosen = self.chosen[(op, shape_key, fmt)] = choice.Choice("tvm", {}, True)
+    return chosen
+
+real, choice.Chooser.choose = choice.Chooser.choose, choose
+compile_artifact(sys.argv[1], gpu="sm90", graphs=["join"], max_batch=2, max_seq_len=96, progress=False)
+print("compiled")
+"""
+
+
+def test_linears_lowered_to_tvm_ship_their_kernels_built_for_the_gpu(tmp_path, cache, starts):
+    """A database that lowers the linears to TVM: the sm90 artifact holds a TVM module for every linear shape of its
+    graphs, built here for sm_90 (their specs name it, as a load checks), listed in the manifest beside the TVM
+    release they need; the plan records the lowering."""
+    from dflash_compiler.artifact.manifest import library_versions
+    from dflash_compiler.codegen.tvm.build import KernelSpec
+
+    out = tmp_path / "tvm-sm90"
+    assert _python(TVM_CROSS_COMPILE, cache, str(out)) == "compiled"
+    doc = json.loads((out / MANIFEST).read_text())
+    tvm = doc["kernels"]["tvm"]
+    assert (
+        tvm["target"] == "cuda -arch=sm_90" and tvm["kernels"] and doc["versions"]["tvm"] == library_versions()["tvm"]
+    )
+    for entry in tvm["kernels"]:
+        spec = KernelSpec.from_json((out / tvm["dir"] / (entry["file"] + ".json")).read_text())
+        fmt, m, n, k = entry["key"][:4]
+        assert spec.target == "cuda -arch=sm_90" and entry["key"][7] == spec.target and spec.op == "linear"
+        assert (spec.attrs["format"], spec.attrs["m"], spec.attrs["n"], spec.attrs["k"]) == (fmt, m, n, k)
+        assert (out / tvm["dir"] / entry["file"]).stat().st_size > 0
+        assert f"{tvm['dir']}/{entry['file']}" in doc["files"]  # checksummed like every other file
+    linears = [row for row in doc["plan"] if row["op"] == "linear"]
+    assert linears and all({c["lowering"] for c in row["tuned"].values()} == {"tvm"} for row in linears)
+    assert {row["lowering"] for row in doc["tuning"]["lowered"]} == {"tvm"}
+
+
 STAND_IN_LOAD = """
 import json, shutil, sys, tempfile
 from pathlib import Path

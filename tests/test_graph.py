@@ -227,6 +227,45 @@ def test_the_lowering_takes_the_tuning_databases_linear_choices(pair, unpassed, 
     assert chooser.chosen[(op, key, fmt)].config == config
 
 
+def test_a_linear_tuned_to_tvm_runs_a_tvm_kernel_of_its_shapes(pair, unpassed, tmp_path, monkeypatch):
+    """A database entry whose lowering is TVM gives the linears of that shape a TVM kernel (LLVM here) built for
+    each exact row count of the bucket and shared by the layers that have the shape; the step computes what the
+    reference does."""
+    from dflash_compiler.codegen.tvm import linear as tvm_linear
+    from dflash_compiler.graph.compiler import linear_calls
+    from dflash_compiler.graph.ir import is_dflash, op_arguments
+    from dflash_compiler.hw_profiles.database import Entry, TuningDB
+    from dflash_compiler.tuning.choice import Chooser
+
+    target, drafter = pair
+    real = SpeculativeStep(target, drafter, BLOCK, MAX_LEN)
+    graphs = _TRACED.setdefault((repr(target.cfg), repr(drafter.cfg)), StepGraphs(real)).with_passes("bf16")
+    gm = graphs.template("step").gm
+    weights = CompiledStep(graphs, weight_sources(real), "reference", torch.device("cpu")).weights
+    nodes = [n for n in gm.graph.nodes if is_dflash(n, "linear")]
+    node = next(n for n in nodes if op_arguments(n)["swiglu"])  # a gate_up: the SwiGLU epilogue through TVM
+    op, key, fmt = next(c for c in linear_calls(node, weights, torch.float32) if c[1].startswith("m16_"))
+    db = TuningDB("cpu", tmp_path / "cpu")
+    db.record(Entry(op, key, fmt, "tvm", {}, True, time_us=1.0, platform="cpu"))
+    db.save()
+    monkeypatch.setattr(tvm_linear, "_KERNELS", {})
+    built = []
+    build = tvm_linear.build_linear_for
+    monkeypatch.setattr(tvm_linear, "build_linear_for", lambda *a, **kw: built.append((a[1], a[4])) or build(*a, **kw))
+    compiled = CompiledStep(
+        graphs, weight_sources(real), "triton", torch.device("cpu"), tuning=Chooser("cpu", root=tmp_path)
+    )
+    for got, want in zip(_run(compiled), unpassed):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    tuned = [row for row in compiled.plan() if row["graph"] == "step" and "tuned" in row]
+    assert tuned and all(row["tuned"] == {"16": {"lowering": "tvm", "config": {}}} for row in tuned)
+    same_shape = sum((op, key, fmt) in linear_calls(n, weights, torch.float32) for n in nodes)
+    # one build per row count of the bucket that ran (the verify's 16 rows, the prefills' 9 and 13), not per layer
+    rows = sorted(m for m, _ in built)
+    assert same_shape > 1 and rows == sorted(set(rows)) and 16 in rows and all(2 <= m <= 16 for m in rows)
+    assert all(epilogue == "swiglu" for _, epilogue in built)
+
+
 def test_a_tuned_config_out_of_resources_falls_back_to_the_default(monkeypatch):
     """A tuned config measured without a call's prologue may not fit with it: the launcher's default runs."""
     from triton.runtime.errors import OutOfResources

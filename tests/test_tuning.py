@@ -177,6 +177,13 @@ def test_pruning_follows_each_profiles_limits():
     assert space_for(int4, load_profile("sm90")).config({**big, "int4_chunk_dot": True})[1]["int4_chunk_dot"] is True
     assert "INT4" in sm90_fp8.check({**fp8_dot, "int4_chunk_dot": True})
     assert sm90_fp8.choices()["int4_chunk_dot"] == [False]
+    # the TVM lowering competes on GPU profiles where TVM is installed (on the CPU it is tested, not tuned)
+    from dflash_compiler.tuning.spaces import tvm_available
+
+    assert tvm_available() and "tvm" in space_for(int4, load_profile("sm90")).choices()["lowering"]
+    assert "tvm" not in space_for(int4, load_profile("cpu")).choices()["lowering"]
+    assert space_for(int4, load_profile("sm90")).config({**big, "lowering": "tvm"}) == ("tvm", {})
+    assert "TVM" in space_for(int4, load_profile("cpu")).check({**big, "lowering": "tvm"})
     # mma.sync in place of wgmma: a Hopper variant of every format's kernel, named only where chosen
     for profile, offered in (("sm80", [False]), ("sm90", [False, True]), ("sm100", [False]), ("sm120", [False])):
         assert space_for(int4, load_profile(profile)).choices()["mma_sync"] == offered, profile
@@ -202,8 +209,8 @@ def test_lowerings_and_the_vendor_crossover():
     assert space_for(LinearShape(32, 5120, 6144, "bf16"), sm90).default()["lowering"] == "triton"
     assert space_for(LinearShape(64, 5120, 6144, "fp8_channel"), sm90).default() == {"lowering": "vendor"}
     assert space_for(LinearShape(64, 5120, 6144, "fp8_channel"), sm80).default()["lowering"] == "triton"
-    assert space_for(LinearShape(64, 5120, 6144, "int4_sym"), sm90).choices()["lowering"] == ["triton"]
-    assert space_for(LinearShape(64, 5120, 6144, "bf16"), sm90).choices()["lowering"] == ["triton", "vendor"]
+    assert space_for(LinearShape(64, 5120, 6144, "int4_sym"), sm90).choices()["lowering"] == ["triton", "tvm"]
+    assert space_for(LinearShape(64, 5120, 6144, "bf16"), sm90).choices()["lowering"] == ["triton", "vendor", "tvm"]
     assert space_for(LinearShape(64, 512, 256, "fp32", act="fp32"), cpu).choices()["lowering"] == [
         "triton",
         "reference",

@@ -5,6 +5,7 @@ CUDA builds for every architecture (compiled, not run: no GPU here)."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 import shutil
 import zlib
@@ -280,3 +281,75 @@ def test_cuda_kernel_export_load_round_trip(tmp_path):
     loaded = TVMKernel.load(tmp_path / "k.so")
     x = torch.randn(16, 768, generator=gen).to("cuda", torch.bfloat16)
     torch.testing.assert_close(linear(loaded, x, weight), linear(kernel, x, weight), rtol=0, atol=0)
+
+
+def test_static_linear_builds_once_per_shape_and_an_artifacts_kernels_build_nothing(tmp_path, monkeypatch):
+    """The compiled step's TVM lowering: one kernel per static shape (a second call of the shape builds nothing),
+    the reference's result with the fused prologues run first; its kernels exported and installed again (as an
+    artifact load does) serve the same shapes without a build, and in strict mode a shape they lack is refused."""
+    from dflash_compiler.codegen.triton.linear import RowNorm
+    from dflash_compiler.codegen.tvm import linear as tvm_linear
+
+    monkeypatch.setattr(tvm_linear, "_KERNELS", {})
+    monkeypatch.setattr(tvm_linear, "_LOADED_ONLY", set())
+    builds = []
+    build = tvm_linear.build_linear_for
+    monkeypatch.setattr(tvm_linear, "build_linear_for", lambda *a, **kw: builds.append(a[1]) or build(*a, **kw))
+    gen = torch.Generator().manual_seed(21)
+    weight = make_weight("int4_asym", N, K, gen)
+    x, gate = torch.randn(5, K, generator=gen), torch.randn(5, K, generator=gen)
+    norm = RowNorm(torch.randn(K, generator=gen), 1e-6, True)
+    residual = torch.randn(5, N, generator=gen)
+    want = reference.linear(reference.rms_norm(x * torch.sigmoid(gate), norm.weight, 1e-6, zero_centered=True),
+                            weight, residual=residual)  # fmt: skip
+    for _ in range(2):
+        got = tvm_linear.static_linear(x, weight, residual=residual, norm=norm, gate=gate)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert builds == [5]
+    entries = tvm_linear.export_kernels("llvm", tmp_path)
+    assert [e["file"] for e in entries] == ["000.so"] and entries[0]["key"][:4] == ["int4_asym", 5, N, K]
+    monkeypatch.setattr(tvm_linear, "_KERNELS", {})
+    assert tvm_linear.install_kernels(json.loads(json.dumps(entries)), tmp_path, strict=True) == 1
+    got = tvm_linear.static_linear(x, weight, residual=residual, norm=norm, gate=gate)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert builds == [5]
+    with pytest.raises(DFlashError, match="not among the artifact's TVM kernels and would be built .strict mode."):
+        tvm_linear.static_linear(x[:3], weight, residual=residual[:3])
+
+
+def test_building_for_another_target_builds_and_runs_nothing(monkeypatch):
+    """An artifact's ahead-of-time pass: within building_for, a call builds the kernel of the named CUDA target
+    for its shapes (here on a CPU machine) and returns without running it."""
+    from dflash_compiler.codegen.tvm import linear as tvm_linear
+
+    monkeypatch.setattr(tvm_linear, "_KERNELS", {})
+    gen = torch.Generator().manual_seed(22)
+    weight = make_weight("fp8_channel", N, K, gen)
+    with tvm_linear.building_for("cuda -arch=sm_90"):
+        assert tvm_linear.static_linear(torch.randn(16, K, generator=gen).to(torch.bfloat16), weight) is None
+    ((key, kernel),) = tvm_linear._KERNELS.items()
+    assert key[7] == "cuda -arch=sm_90" and kernel.arch == "sm_90" and key[:4] == ("fp8_channel", 16, N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_static_linear_in_a_captured_graph(fmt, monkeypatch):
+    """The compiled step's TVM lowering on the GPU: warmed up eagerly (the build), then captured in a CUDA graph
+    whose replays on new inputs give the reference's result (the kernels launch on the capturing stream)."""
+    from dflash_compiler.codegen.tvm import linear as tvm_linear
+
+    monkeypatch.setattr(tvm_linear, "_KERNELS", {})
+    gen = torch.Generator().manual_seed(23)
+    weight = make_weight(fmt, 512, 768, gen, dense_dtype=torch.bfloat16).to("cuda")
+    x = torch.randn(16, 768, generator=gen).to("cuda", torch.bfloat16)
+    residual = torch.randn(16, 512, generator=gen).to("cuda", torch.bfloat16)
+    tvm_linear.static_linear(x, weight, residual=residual)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = tvm_linear.static_linear(x, weight, residual=residual)
+    for _ in range(2):
+        x.copy_(torch.randn(16, 768, generator=gen).to("cuda", torch.bfloat16))
+        y.fill_(float("nan"))
+        graph.replay()
+        want = reference.linear(x, weight, residual=residual)
+        torch.testing.assert_close(y.float(), want.float(), rtol=2**-7, atol=2**-7)

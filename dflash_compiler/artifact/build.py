@@ -5,6 +5,7 @@
     graphs/<graph>.json        the weight-free graphs after the passes (graph/serialize.py)
     kernels/cache/             (GPU profiles) Triton's cache with every kernel the step launches, for that GPU
     kernels/records.json       the kernels' records (codegen/triton/aot.py), with the versions they were built by
+    kernels/tvm/               (GPU profiles) the TVM modules of the linears the tuning database lowers to TVM
     tokenizer/                 the target's tokenizer files
 
 Everything is written into a temporary directory beside the output and renamed at the end, so an interrupted
@@ -384,6 +385,7 @@ def compile_kernels(
     on CPU tensors laid out as the runtime's pools (the kernels' specializations depend on shapes, strides and
     alignment), each op's kernel compiled and its reference computing the values."""
     from ..codegen.triton import aot
+    from ..codegen.tvm import linear as tvm_linear
     from ..runtime.batch import runner_buckets
     from ..runtime.step_model import StepModel
 
@@ -424,12 +426,15 @@ def compile_kernels(
                     model.step(pools, bucket, off, "sampled" in phase, "simulated" in phase, width)
 
     arch = profile.triton_target
-    with torch.inference_mode():
+    major, minor = profile.compute_capability
+    tvm_target = f"cuda -arch=sm_{major}{minor}"  # the linears the database lowers to TVM, built for the GPU
+    with torch.inference_mode(), tvm_linear.building_for(tvm_target):
         records = aot.cross_compile(
             launch, arch, folder / "cache", sm_count=profile.device.sm_count, max_shared_memory=profile.smem_per_block
         )
     aot.strip_cache(folder / "cache")  # the artifact carries what a load reads: metadata and cubins
     aot.save_records(folder / "records.json", records, aot.record_versions(arch))
+    tvm_kernels = tvm_linear.export_kernels(tvm_target, folder / "tvm")
     return {
         "cache": "kernels/cache",
         "records": "kernels/records.json",
@@ -437,5 +442,5 @@ def compile_kernels(
         "count": len(records),
         "kernels": sorted({r.name for r in records}),
         "prefill_lengths": [min(lengths), max(lengths), len(lengths)] if lengths else [],
-        "tvm": None,  # the plan lowers no op through TVM
+        "tvm": {"dir": "kernels/tvm", "target": tvm_target, "kernels": tvm_kernels} if tvm_kernels else None,
     }

@@ -78,7 +78,10 @@ def load_artifact(root: str | os.PathLike, device: str | torch.device = "cpu", s
     manifest = root / MANIFEST
     profile = doc["profile"]["name"]
     gpu = profile != "cpu"
-    check_versions(doc, root, ("python", "torch", "triton") if gpu else ("torch",))
+    tvm_kernels = doc.get("kernels", {}).get("tvm") if gpu else None
+    check_versions(
+        doc, root, (("python", "torch", "triton") + (("tvm",) if tvm_kernels else ())) if gpu else ("torch",)
+    )
     here = _device_profile(device)
     if here != profile:
         raise DFlashError(
@@ -87,6 +90,10 @@ def load_artifact(root: str | os.PathLike, device: str | torch.device = "cpu", s
         )
     watch = _load_kernels(root, doc, strict) if gpu else None
     try:
+        if tvm_kernels:  # the linears lowered to TVM: their modules, so that no TVM kernel is built at run time
+            from ..codegen.tvm import linear as tvm_linear
+
+            tvm_linear.install_kernels(tvm_kernels["kernels"], root / tvm_kernels["dir"], strict)
         step = _meta_step(doc, manifest)
         if "random_seed" in doc["weights"]:
             weights = _random_weights(doc, step, manifest, device)

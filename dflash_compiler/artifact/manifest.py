@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import sys
@@ -32,11 +33,19 @@ def library_versions() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    def tvm_version() -> str | None:
+        version = installed("apache-tvm")
+        if version is None and importlib.util.find_spec("tvm") is not None:  # on the path without its metadata
+            import tvm
+
+            version = tvm.__version__
+        return version
+
     return {
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "torch": torch.__version__.split("+")[0],
         "triton": installed("triton"),
-        "tvm": installed("apache-tvm"),
+        "tvm": tvm_version(),
     }
 
 

@@ -13,6 +13,8 @@ qzeros or None, group_size).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -588,6 +590,10 @@ def _tuned_impl(lowering: str, config: dict):
         return reference.linear
     if lowering == "vendor":
         return _vendor_or_triton
+    if lowering == "tvm":
+        from ..codegen.tvm.linear import static_linear
+
+        return functools.partial(static_linear, **config)
     if lowering == "triton":
         fields = dict(config)
         fp8_dot = fields.pop("fp8_dot", None)

@@ -183,6 +183,10 @@ class LinearCase(Case):
         out = self.outs[i]
         if lowering == "vendor":
             return vendor_gemm.linear(x, w, out=out, **kwargs)
+        if lowering == "tvm":  # the compiled step's TVM lowering, as it runs there (its kernels built once per shape)
+            from ..codegen.tvm.linear import static_linear
+
+            return static_linear(x, w, out=out, **kwargs, **config)
         if lowering != "triton":
             raise ConfigFailed(f"lowering {lowering!r} is not available for linear")
         from ..codegen.triton.linear import LinearConfig, linear

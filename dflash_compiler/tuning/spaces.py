@@ -14,6 +14,8 @@ row count, so the crossover (graph/ops.py's VENDOR_GEMM_MIN_ROWS, the default) i
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import itertools
 import math
 import re
@@ -204,6 +206,18 @@ _WEIGHT_TYPES = {
 }
 
 
+@functools.cache
+def tvm_available() -> bool:
+    """TVM's compiler is installed (apache-tvm): its linears can be built and timed here."""
+    return importlib.util.find_spec("tvm") is not None
+
+
+def tvm_supported(shape: LinearShape, profile: HardwareProfile) -> bool:
+    """codegen/tvm/linear.py builds the call on this GPU: TVM installed, a CUDA profile (on the CPU the TVM
+    lowering is tested, not tuned: its builds would dominate a short study), and SwiGLU weights of even rows."""
+    return profile.is_cuda and tvm_available() and (shape.epilogue != "swiglu" or shape.n % 2 == 0)
+
+
 def vendor_supported(shape: LinearShape, profile: HardwareProfile) -> bool:
     """What codegen/vendor_gemm.supports accepts, decided from the profile instead of live tensors."""
     if not profile.is_cuda or shape.act not in ("bf16", "fp16"):
@@ -243,7 +257,11 @@ class LinearSpace(Space):
     def choices(self) -> dict[str, list]:
         s = self.shape
         choices = {
-            "lowering": _lowerings(self.profile, *(["vendor"] if vendor_supported(s, self.profile) else [])),
+            "lowering": _lowerings(
+                self.profile,
+                *(["vendor"] if vendor_supported(s, self.profile) else []),
+                *(["tvm"] if tvm_supported(s, self.profile) else []),
+            ),
             "block_n": _upto([32, 64, 128, 256], max(16, _p2(s.n_out))),
             "block_m": _upto([16, 32, 64, 128], max(16, _p2(s.m))),
             "block_k": _upto([32, 64, 128, 256], max(16, _p2(s.k))) if s.dense else [128],
@@ -348,6 +366,8 @@ class LinearSpace(Space):
         lowering = params["lowering"]
         if lowering == "vendor":
             return None if vendor_supported(s, p) else f"the vendor GEMM does not take {s.fmt} weights here"
+        if lowering == "tvm":
+            return None if tvm_supported(s, p) else "the TVM lowering needs TVM installed and a CUDA profile"
         if lowering != "triton":
             return None
         if not s.dense and params["block_k"] != 128:

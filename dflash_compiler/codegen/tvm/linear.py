@@ -15,7 +15,9 @@ the workspace costs M * N * 8 bytes of traffic against the weight's N * K.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -274,3 +276,91 @@ def linear(kernel: TVMKernel, x: torch.Tensor, weight, *, residual=None, out=Non
         raise DFlashError(f"residual: the kernel is built with epilogue {attrs['epilogue']!r}")
     extra = () if residual is None else (residual,)
     return kernel(x, *weight_tensors(weight), *extra, out=out)
+
+
+def device_target(device: torch.device) -> str:
+    """The TVM target of a torch device: LLVM on the CPU, CUDA for the GPU's architecture."""
+    if device.type == "cpu":
+        return "llvm"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda -arch=sm_{major}{minor}"
+    raise DFlashError(f"device: TVM lowers linears for cpu and cuda, got {device}")
+
+
+# One kernel per static shape and target, shared by every layer that has it: built on a call's first run, built
+# ahead for another target (building_for), or loaded from an artifact (install_kernels).
+_KERNELS: dict[tuple, TVMKernel] = {}
+_AHEAD: list[str] = []  # the target of an ahead-of-time build in progress (building_for)
+_LOADED_ONLY: set[str] = set()  # targets whose kernels come from an artifact: a missing one is refused, not built
+
+
+def _kernel_key(x: torch.Tensor, weight, epilogue: str, target: str, low_batch: bool) -> tuple:
+    """What a TVM linear kernel is built for, as JSON-able values (an artifact's manifest lists the keys)."""
+    n, k = weight.shape
+    dtypes = tuple(str(t.dtype).removeprefix("torch.") for t in weight_tensors(weight))
+    group = getattr(weight, "group_size", None)
+    return (weight_format(weight), x.shape[0], n, k, str(x.dtype).removeprefix("torch."), dtypes, group, target,
+            epilogue, bool(low_batch))  # fmt: skip
+
+
+def static_linear(
+    x: torch.Tensor, weight, *, residual=None, swiglu=False, norm=None, gate=None, out=None, low_batch=True
+):
+    """The TVM lowering of a linear call: a kernel for its exact shapes, built on the first call with them (the
+    compiled step's warm-up, before any graph capture) and shared by every call of the same shapes. The fused
+    prologues a TVM kernel does not take run first in PyTorch: the gate (x * sigmoid(gate)), then the RMSNorm.
+    Within building_for(target) the kernel is built for that target and not run (the call returns None)."""
+    from dflash_compiler.codegen import reference
+
+    if gate is not None:
+        x = x * torch.sigmoid(gate)
+    if norm is not None:
+        x = reference.rms_norm(x, norm.weight, norm.eps, zero_centered=norm.zero_centered)
+    epilogue = "swiglu" if swiglu else "residual" if residual is not None else "none"
+    target = _AHEAD[-1] if _AHEAD else device_target(x.device)
+    key = _kernel_key(x, weight, epilogue, target, low_batch)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        if target in _LOADED_ONLY:
+            raise DFlashError(
+                f"TVM linear {key}: not among the artifact's TVM kernels and would be built (strict mode)"
+            )
+        kernel = _KERNELS[key] = build_linear_for(weight, x.shape[0], x.dtype, target, epilogue, low_batch)
+    if _AHEAD:
+        return None
+    return linear(kernel, x.contiguous(), weight, residual=residual, out=out)
+
+
+@contextlib.contextmanager
+def building_for(target: str):
+    """static_linear builds its kernels for `target` (a CUDA target, from a machine without that GPU) and runs
+    nothing: an artifact's ahead-of-time pass, whose dry run takes its values from the reference."""
+    _AHEAD.append(target)
+    try:
+        yield
+    finally:
+        _AHEAD.pop()
+
+
+def export_kernels(target: str, folder: Path) -> list[dict]:
+    """Every kernel built for target, written to folder as NNN.so (+ its spec, .so.json): [{key, file}]."""
+    entries = []
+    for i, (key, kernel) in enumerate(sorted((k, v) for k, v in _KERNELS.items() if k[7] == target)):
+        path = folder / f"{i:03d}.so"
+        kernel.export_library(path)
+        entries.append({"key": list(key), "file": path.name})
+    return entries
+
+
+def install_kernels(entries: list[dict], folder: Path, strict: bool) -> int:
+    """Loads an artifact's TVM kernels (export_kernels' entries, files in folder) for static_linear to find;
+    strict: a call of a shape they do not cover raises instead of building. Returns how many were loaded."""
+    targets = set()
+    for entry in entries:
+        key = tuple(tuple(v) if isinstance(v, list) else v for v in entry["key"])
+        _KERNELS[key] = TVMKernel.load(folder / entry["file"])
+        targets.add(key[7])
+    if strict:
+        _LOADED_ONLY.update(targets)
+    return len(entries)
