@@ -319,14 +319,15 @@ def test_static_linear_builds_once_per_shape_and_an_artifacts_kernels_build_noth
 
 def test_building_for_another_target_builds_and_runs_nothing(monkeypatch):
     """An artifact's ahead-of-time pass: within building_for, a call builds the kernel of the named CUDA target
-    for its shapes (here on a CPU machine) and returns without running it."""
+    for its shapes (here on a CPU machine) and returns an output of the call's shape without running it."""
     from dflash_compiler.codegen.tvm import linear as tvm_linear
 
     monkeypatch.setattr(tvm_linear, "_KERNELS", {})
     gen = torch.Generator().manual_seed(22)
     weight = make_weight("fp8_channel", N, K, gen)
     with tvm_linear.building_for("cuda -arch=sm_90"):
-        assert tvm_linear.static_linear(torch.randn(16, K, generator=gen).to(torch.bfloat16), weight) is None
+        y = tvm_linear.static_linear(torch.randn(16, K, generator=gen).to(torch.bfloat16), weight)
+    assert y.shape == (16, N) and y.dtype == torch.bfloat16  # unwritten: the dry run's values come from elsewhere
     ((key, kernel),) = tvm_linear._KERNELS.items()
     assert key[7] == "cuda -arch=sm_90" and kernel.arch == "sm_90" and key[:4] == ("fp8_channel", 16, N, K)
 
