@@ -18,7 +18,8 @@ separate launch quantizes x to FP8 first (quantize_x_fp8): FP8 weights then skip
 x_per_token, one scale per token over all of K, per-channel weights accumulate their dots across chunks and scale
 once per tile: W8A8 per token and channel), and INT4 weights (whose q - 8 is exact in e4m3) run their dots on the
 FP8 tensor cores (W4A8). int4_chunk_dot puts a chunk's four planes side by side (joins and a permute that stay in
-registers, in the dot operand's layout) for one dot per chunk instead of one per plane.
+registers, in the dot operand's layout) for one dot per chunk instead of one per plane. mma_sync (Hopper) runs the
+dots as warp-level mma.sync instead of warpgroup wgmma, which must finish before a register operand is replaced.
 Scales are applied per chunk to the fp32 partial products. Epilogues: residual add, and SwiGLU over weight rows
 [gate; up] (output width N / 2).
 """
