@@ -7,6 +7,7 @@ import pytest
 import torch
 from checkpoints import VOCAB, write_drafter, write_qwen35
 
+from dflash_compiler.errors import DFlashError
 from dflash_compiler.graph import passes as P
 from dflash_compiler.graph.compiler import CompiledStep, StepGraphs, compile_step, new_pools
 from dflash_compiler.graph.ir import op_counts
@@ -264,6 +265,17 @@ def test_a_linear_tuned_to_tvm_runs_a_tvm_kernel_of_its_shapes(pair, unpassed, t
     rows = sorted(m for m, _ in built)
     assert same_shape > 1 and rows == sorted(set(rows)) and 16 in rows and all(2 <= m <= 16 for m in rows)
     assert all(epilogue == "swiglu" for _, epilogue in built)
+
+
+def test_a_tvm_lowering_without_tvm_installed_is_a_one_line_error(monkeypatch):
+    from dflash_compiler.graph.ops import _tuned_impl
+    from dflash_compiler.tuning import spaces
+
+    monkeypatch.setattr(spaces, "tvm_available", lambda: False)
+    with pytest.raises(
+        DFlashError, match="chosen lowering is TVM, which is not installed here .pip install apache-tvm"
+    ):
+        _tuned_impl("tvm", {})
 
 
 def test_a_tuned_config_out_of_resources_falls_back_to_the_default(monkeypatch):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..codegen import reference
 from ..codegen.weight_formats import DenseWeight, FP8BlockWeight, FP8ChannelWeight, Int4Weight
+from ..errors import DFlashError
 
 LINEAR_FORMATS = ("dense", "fp8_channel", "fp8_block", "int4")
 # Rows from which a CUDA linear goes to the vendor GEMM instead of the Triton kernel (codegen/vendor_gemm.py): below
@@ -591,6 +592,13 @@ def _tuned_impl(lowering: str, config: dict):
     if lowering == "vendor":
         return _vendor_or_triton
     if lowering == "tvm":
+        from ..tuning.spaces import tvm_available
+
+        if not tvm_available():
+            raise DFlashError(
+                "tuning database: a linear's chosen lowering is TVM, which is not installed here "
+                "(pip install apache-tvm, or tune the profile without it)"
+            )
         from ..codegen.tvm.linear import static_linear
 
         return functools.partial(static_linear, **config)
