@@ -267,6 +267,59 @@ def test_a_linear_tuned_to_tvm_runs_a_tvm_kernel_of_its_shapes(pair, unpassed, t
     assert all(epilogue == "swiglu" for _, epilogue in built)
 
 
+def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, tmp_path, monkeypatch):
+    """A tuned GDN verify entry (V slice, warps, unrolling) at the step's batch size, and a commit entry at another:
+    the verify nodes call the recurrent kernel with that config, the commit nodes with the launcher's default; the
+    plan records each; the step computes what the reference does."""
+    from dflash_compiler.codegen.triton import gdn as t_gdn
+    from dflash_compiler.hw_profiles.database import Entry, TuningDB
+    from dflash_compiler.tuning.choice import Chooser
+    from dflash_compiler.graph.ops import triton_implementations
+    from dflash_compiler.tuning.spaces import GDNCommitShape, GDNShape
+
+    triton_implementations()  # the untuned nodes' default: the Triton launcher (registered on first use here)
+    target, drafter = pair
+    cfg = target.cfg
+    real = SpeculativeStep(target, drafter, BLOCK, MAX_LEN)
+    graphs = _TRACED.setdefault((repr(target.cfg), repr(drafter.cfg)), StepGraphs(real)).with_passes("bf16")
+    dims = (BLOCK, cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+            cfg.linear_value_head_dim, "fp32")  # fmt: skip
+    config = {"block_v": 16, "num_warps": 1, "unroll": True}
+    db = TuningDB("cpu", tmp_path / "cpu")
+    for shape in (GDNShape(2, *dims), GDNCommitShape(1, *dims)):
+        db.record(Entry(shape.op, shape.key, shape.fmt, "triton", config, True, time_us=1.0, platform="cpu"))
+    db.save()
+    used = []
+    for name in ("gdn_verify", "gdn_commit"):
+        launcher = getattr(t_gdn, name)
+
+        def spy(*args, _name=name, _launcher=launcher, **kwargs):
+            batch = args[0 if _name == "gdn_verify" else 2].shape[0]
+            used.append((_name, batch, {k: kwargs.get(k) for k in config}))
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(t_gdn, name, spy)
+    compiled = CompiledStep(
+        graphs, weight_sources(real), "triton", torch.device("cpu"), tuning=Chooser("cpu", root=tmp_path)
+    )
+    for got, want in zip(_run(compiled), unpassed):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    tuned = [
+        row for row in compiled.plan() if row["graph"] == "step" and row["op"].startswith("gdn_") and "tuned" in row
+    ]
+    assert len(tuned) == 2 * len(cfg.gdn_layers)
+    assert all(
+        row["tuned"] == {"2": {"lowering": "triton", "config": config}} for row in tuned if row["op"] == "gdn_verify"
+    )
+    assert all(
+        row["tuned"] == {"1": {"lowering": "triton", "config": config}} for row in tuned if row["op"] == "gdn_commit"
+    )
+    verify = [(batch, kw) for name, batch, kw in used if name == "gdn_verify"]
+    commit = [(batch, kw) for name, batch, kw in used if name == "gdn_commit"]
+    assert verify and all(call == (2, config) for call in verify)
+    assert commit and all(batch == 2 and kw == dict.fromkeys(config) for batch, kw in commit)
+
+
 def test_a_tvm_lowering_without_tvm_installed_is_a_one_line_error(monkeypatch):
     from dflash_compiler.graph.ops import _tuned_impl
     from dflash_compiler.tuning import spaces

@@ -316,6 +316,8 @@ def lower(
         tuned = None
         if op == "linear" and backend == "triton" and tuning is not None:
             tuned = linear_choices(linear_calls(node, weights, act_dtype), tuning)
+        elif op in dflash_ops.TunedGDN.OPS and backend == "triton" and tuning is not None:
+            tuned = gdn_choices(node, tuning)
         node.meta["lowering"] = {"op": op, "impl": backend}
         if tuned:
             node.meta["lowering"]["tuned"] = {str(m): {"lowering": lw, "config": c} for m, (lw, c) in tuned.items()}
@@ -357,6 +359,27 @@ def linear_choices(calls: list[tuple], tuning) -> dict[int, tuple[str, dict]]:
         choice = tuning.choose(*call)
         if choice.tuned:
             choices[m] = (choice.lowering, dict(choice.config))
+    return choices
+
+
+def gdn_choices(node: fx.Node, tuning) -> dict[int, tuple[str, dict]]:
+    """The tuned (lowering, config) by batch size of a GDN verify or commit node, for the runtime's batch buckets
+    (batch sizes without a tuned entry: absent), from its q/k and v shapes [B, T, heads, dim]."""
+    from ..runtime.batch import BUCKETS
+    from ..tuning.spaces import DTYPES, GDNCommitShape, GDNShape
+
+    args = op_arguments(node)
+    k, v = args["k"].meta["val"], args["v"].meta["val"]
+    act = next(name for name, dtype in DTYPES.items() if dtype == k.dtype)
+    shape_of = GDNShape if node.target._opname == "gdn_verify" else GDNCommitShape
+    choices = {}
+    for batch in BUCKETS:
+        shape = shape_of(
+            batch, int(k.shape[1]), int(k.shape[2]), int(v.shape[2]), int(k.shape[3]), int(v.shape[3]), act
+        )
+        choice = tuning.choose(shape.op, shape.key, shape.fmt)
+        if choice.tuned:
+            choices[batch] = (choice.lowering, dict(choice.config))
     return choices
 
 

@@ -538,15 +538,48 @@ BACKENDS = ("reference", "triton")
 
 def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | None = None):
     """The Python function implementing dflash op `op` with `backend`: "reference" (PyTorch, any device) or
-    "triton" (the kernels; ops without a kernel use their reference). tuned: for a linear on the Triton backend,
-    the tuning database's (lowering, config) by row bucket (tuning/spaces.py M_BUCKETS)."""
+    "triton" (the kernels; ops without a kernel use their reference). tuned: on the Triton backend, the tuning
+    database's (lowering, config) by row bucket for a linear (tuning/spaces.py M_BUCKETS), by batch size for a
+    GDN verify or commit."""
     custom = OPS[op]
     if backend == "reference":
         return custom._init_fn
     if backend == "triton":
         default = TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
-        return TunedLinear(tuned, default) if op == "linear" and tuned else default
+        if tuned and op == "linear":
+            return TunedLinear(tuned, default)
+        if tuned and op in TunedGDN.OPS:
+            return TunedGDN(op, tuned, default)
+        return default
     raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+class TunedGDN:
+    """A GDN verify or commit node's implementation with the tuning database's configs by batch size (the recurrent
+    kernel's V slice, warps and unrolling); batch sizes without a tuned entry run the launcher's default. The
+    choice is made at dispatch, i.e. once per captured graph."""
+
+    OPS = ("gdn_verify", "gdn_commit")
+
+    def __init__(self, op: str, tuned: dict[int, tuple[str, dict]], default):
+        self.op, self.default = op, default
+        self.configs = {batch: config for batch, (lowering, config) in tuned.items() if lowering == "triton"}
+        self.__name__ = f"{op}_tuned"
+
+    def __call__(self, *args):
+        from ..codegen.triton import gdn as t_gdn
+
+        if self.op == "gdn_verify":
+            q, k, v, a, b, a_log, dt_bias, state = args
+            config = self.configs.get(q.shape[0])
+            if config is None:
+                return self.default(*args)
+            return t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, **config)[0]
+        state, idx, k, v, a, b, a_log, dt_bias, window, x = args
+        config = self.configs.get(k.shape[0])
+        if config is None:
+            return self.default(*args)
+        t_gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, window=window, x=x, **config)
 
 
 class TunedLinear:
