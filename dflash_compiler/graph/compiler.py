@@ -275,7 +275,10 @@ class CompiledStep:
             missing = [n for n in weight_names(gm) if n not in self.weights]
             if missing:
                 raise DFlashError(f"graph {name}: weights {missing[:3]} were not built with the step")
-            lower(gm, self.backend, self.device, self.tuning, self.weights, self.act_dtype, self.glue)
+            cfg = self.step.target.cfg
+            gdn_dims = (split_width(name)[1] or self.step.block_size, cfg.linear_num_key_heads,
+                        cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)  # fmt: skip
+            lower(gm, self.backend, self.device, self.tuning, self.weights, self.act_dtype, self.glue, gdn_dims)
             bind_weights(gm, self.weights)
             self.graphs[name] = CompiledGraph(name, gm, template.passes, template.ops_before, template.launches_before)
         return self.graphs[name]
@@ -298,14 +301,22 @@ class CompiledStep:
 
 
 def lower(
-    gm: fx.GraphModule, backend: str, device: torch.device, tuning=None, weights=None, act_dtype=None, glue="aten"
+    gm: fx.GraphModule,
+    backend: str,
+    device: torch.device,
+    tuning=None,
+    weights=None,
+    act_dtype=None,
+    glue="aten",
+    gdn_dims: tuple[int, int, int, int, int] | None = None,
 ) -> int:
     """Gives every dflash op node its implementation (the node calls that function from now on), and places the
     tensors the graph creates (traced on meta) on device. tuning: a chooser (tuning/choice.py) whose tuned
     entries give the Triton backend's linears their lowering and config per row bucket, looked up by the shapes
     of their weights (by name) and the activation dtype; the choices are recorded in meta["lowering"]["tuned"].
     glue: "aten" runs the glue between the ops as ATen calls, "inductor" as TorchInductor regions
-    (codegen/inductor.py)."""
+    (codegen/inductor.py). gdn_dims: (verify width, key heads, value heads, key dim, value dim) of the graph's GDN
+    ops, whose tuned configs the chooser gives by batch size."""
     count = 0
     for node in gm.graph.nodes:
         if isinstance(node.kwargs.get("device"), torch.device):
@@ -316,8 +327,8 @@ def lower(
         tuned = None
         if op == "linear" and backend == "triton" and tuning is not None:
             tuned = linear_choices(linear_calls(node, weights, act_dtype), tuning)
-        elif op in dflash_ops.TunedGDN.OPS and backend == "triton" and tuning is not None:
-            tuned = gdn_choices(node, tuning)
+        elif op in dflash_ops.TunedGDN.OPS and backend == "triton" and tuning is not None and gdn_dims is not None:
+            tuned = gdn_choices(op, gdn_dims, act_dtype, tuning)
         node.meta["lowering"] = {"op": op, "impl": backend}
         if tuned:
             node.meta["lowering"]["tuned"] = {str(m): {"lowering": lw, "config": c} for m, (lw, c) in tuned.items()}
@@ -362,21 +373,17 @@ def linear_choices(calls: list[tuple], tuning) -> dict[int, tuple[str, dict]]:
     return choices
 
 
-def gdn_choices(node: fx.Node, tuning) -> dict[int, tuple[str, dict]]:
-    """The tuned (lowering, config) by batch size of a GDN verify or commit node, for the runtime's batch buckets
-    (batch sizes without a tuned entry: absent), from its q/k and v shapes [B, T, heads, dim]."""
+def gdn_choices(op: str, dims: tuple[int, int, int, int, int], act_dtype, tuning) -> dict[int, tuple[str, dict]]:
+    """The tuned (lowering, config) by batch size of a GDN verify or commit (op) of dims (verify width, key heads,
+    value heads, key dim, value dim), for the runtime's batch buckets (sizes without a tuned entry: absent)."""
     from ..runtime.batch import BUCKETS
     from ..tuning.spaces import DTYPES, GDNCommitShape, GDNShape
 
-    args = op_arguments(node)
-    k, v = args["k"].meta["val"], args["v"].meta["val"]
-    act = next(name for name, dtype in DTYPES.items() if dtype == k.dtype)
-    shape_of = GDNShape if node.target._opname == "gdn_verify" else GDNCommitShape
+    act = next(name for name, dtype in DTYPES.items() if dtype == act_dtype)
+    shape_of = GDNShape if op == "gdn_verify" else GDNCommitShape
     choices = {}
     for batch in BUCKETS:
-        shape = shape_of(
-            batch, int(k.shape[1]), int(k.shape[2]), int(v.shape[2]), int(k.shape[3]), int(v.shape[3]), act
-        )
+        shape = shape_of(batch, *dims, act)
         choice = tuning.choose(shape.op, shape.key, shape.fmt)
         if choice.tuned:
             choices[batch] = (choice.lowering, dict(choice.config))
