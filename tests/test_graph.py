@@ -272,9 +272,9 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
     the verify nodes call the recurrent kernel with that config, the commit nodes with the launcher's default; the
     plan records each; the step computes what the reference does."""
     from dflash_compiler.codegen.triton import gdn as t_gdn
+    from dflash_compiler.graph.ops import triton_implementations
     from dflash_compiler.hw_profiles.database import Entry, TuningDB
     from dflash_compiler.tuning.choice import Chooser
-    from dflash_compiler.graph.ops import triton_implementations
     from dflash_compiler.tuning.spaces import GDNCommitShape, GDNShape
 
     triton_implementations()  # the untuned nodes' default: the Triton launcher (registered on first use here)
