@@ -238,6 +238,48 @@ def test_linears_lowered_to_tvm_ship_their_kernels_built_for_the_gpu(tmp_path, c
     assert {row["lowering"] for row in doc["tuning"]["lowered"]} == {"tvm"}
 
 
+GDN_CROSS_COMPILE = """
+import sys
+from dflash_compiler.artifact.build import compile_artifact
+from dflash_compiler.tuning import choice
+
+def choose(self, op, shape_key, fmt):  # a database with a GDN verify config for every batch size
+    if op != "gdn_verify":
+        return real(self, op, shape_key, fmt)
+    config = {"block_v": 16, "num_warps": 1, "unroll": True}
+    chosen = self.chosen[(op, shape_key, fmt)] = choice.Choice("triton", config, True)
+    return chosen
+
+real, choice.Chooser.choose = choice.Chooser.choose, choose
+compile_artifact(sys.argv[1], gpu="sm90", graphs=["step"], max_batch=1, max_seq_len=96, progress=False)
+print("compiled")
+"""
+
+
+def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
+    """A database GDN verify config: the sm90 artifact's plan records it on the step's verify nodes and its
+    kernels hold the recurrent kernel specialized with that V slice, warps and unrolling (so a load of the tuned
+    step compiles nothing), beside the commit's default specialization."""
+    from dflash_compiler.codegen.triton import aot
+
+    out = tmp_path / "gdn-sm90"
+    assert _python(GDN_CROSS_COMPILE, cache, str(out)) == "compiled"
+    doc = json.loads((out / MANIFEST).read_text())
+    verify = [row for row in doc["plan"] if row["op"] == "gdn_verify"]
+    config = {"block_v": 16, "num_warps": 1, "unroll": True}
+    assert verify and all(row["tuned"]["1"] == {"lowering": "triton", "config": config} for row in verify)
+    records, _ = aot.load_records(out / "kernels" / "records.json")
+    recurrent = []
+    for r in records:
+        if r.name.endswith("._gdn_recurrent_kernel"):
+            spec = json.loads(r.spec)
+            names = list(spec["signature"])
+            constants = {names[key[0]]: val for key, val in zip(spec["constant_keys"], spec["constant_vals"])}
+            recurrent.append((constants["COMMIT"], constants["BV"], constants["UNROLL"], spec["options"]["num_warps"]))
+    assert (False, 16, True, 1) in recurrent  # the verify, as tuned
+    assert any(commit and (bv, unroll, warps) != (16, True, 1) for commit, bv, unroll, warps in recurrent)
+
+
 STAND_IN_LOAD = """
 import json, shutil, sys, tempfile
 from pathlib import Path
