@@ -386,6 +386,7 @@ def compile_kernels(
     alignment), each op's kernel compiled and its reference computing the values."""
     from ..codegen.triton import aot
     from ..codegen.tvm import linear as tvm_linear
+    from ..codegen.tvm.build import cuda_target
     from ..runtime.batch import runner_buckets
     from ..runtime.step_model import StepModel
 
@@ -426,8 +427,7 @@ def compile_kernels(
                     model.step(pools, bucket, off, "sampled" in phase, "simulated" in phase, width)
 
     arch = profile.triton_target
-    major, minor = profile.compute_capability
-    tvm_target = f"cuda -arch=sm_{major}{minor}"  # the linears the database lowers to TVM, built for the GPU
+    tvm_target = cuda_target(profile.compute_capability)  # the linears the database lowers to TVM, for the GPU
     with torch.inference_mode(), tvm_linear.building_for(tvm_target):
         records = aot.cross_compile(
             launch, arch, folder / "cache", sm_count=profile.device.sm_count, max_shared_memory=profile.smem_per_block

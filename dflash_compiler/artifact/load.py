@@ -79,9 +79,8 @@ def load_artifact(root: str | os.PathLike, device: str | torch.device = "cpu", s
     profile = doc["profile"]["name"]
     gpu = profile != "cpu"
     tvm_kernels = doc.get("kernels", {}).get("tvm") if gpu else None
-    check_versions(
-        doc, root, (("python", "torch", "triton") + (("tvm",) if tvm_kernels else ())) if gpu else ("torch",)
-    )
+    libraries = ("python", "torch", "triton", *(("tvm",) if tvm_kernels else ())) if gpu else ("torch",)
+    check_versions(doc, root, libraries)
     here = _device_profile(device)
     if here != profile:
         raise DFlashError(

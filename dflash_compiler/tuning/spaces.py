@@ -213,9 +213,9 @@ def tvm_available() -> bool:
 
 
 def tvm_supported(shape: LinearShape, profile: HardwareProfile) -> bool:
-    """codegen/tvm/linear.py builds the call on this GPU: TVM installed, a CUDA profile (on the CPU the TVM
-    lowering is tested, not tuned: its builds would dominate a short study), and SwiGLU weights of even rows."""
-    return profile.is_cuda and tvm_available() and (shape.epilogue != "swiglu" or shape.n % 2 == 0)
+    """codegen/tvm/linear.py builds the call on this GPU: TVM installed and a CUDA profile (on the CPU the TVM
+    lowering is tested, not tuned: its builds would dominate a short study)."""
+    return profile.is_cuda and tvm_available()
 
 
 def vendor_supported(shape: LinearShape, profile: HardwareProfile) -> bool:
@@ -234,6 +234,7 @@ class LinearSpace(Space):
 
     op = "linear"
     GRIDS = ("tile", "split2", "split4", "split8", "sk1", "sk2", "sk3")
+    VARIANTS = ("prequant_x", "x_per_token", "int4_chunk_dot", "mma_sync")  # LinearConfig's kernel variants
 
     def _stand_in(self):
         # default_config dispatches on the weight's type only: an instance without tensors stands in for it
@@ -333,12 +334,7 @@ class LinearSpace(Space):
         if params["lowering"] != "triton":
             return params["lowering"], {}
         cfg = {**self._config(params).__dict__, "fp8_dot": params["fp8_dot"]}
-        for variant in (
-            "prequant_x",
-            "x_per_token",
-            "int4_chunk_dot",
-            "mma_sync",
-        ):  # named only where chosen (entries without them read as off)
+        for variant in self.VARIANTS:  # named only where chosen (entries without them read as off)
             if not cfg[variant]:
                 del cfg[variant]
         return "triton", cfg

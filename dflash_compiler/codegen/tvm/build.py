@@ -51,6 +51,12 @@ def parse_target(target: str) -> dict:
     return {"kind": "cuda", "arch": m.group(1), **_CUDA_TARGET_ATTRS}
 
 
+def cuda_target(capability: tuple[int, int]) -> str:
+    """The CUDA target of a compute capability, as parse_target reads it."""
+    major, minor = capability
+    return f"cuda -arch=sm_{major}{minor}"
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return _TORCH_DTYPES[name]
 

@@ -23,7 +23,14 @@ from typing import NamedTuple
 import torch
 
 from dflash_compiler.codegen import weight_formats as wf
-from dflash_compiler.codegen.tvm.build import TensorSpec, TVMKernel, compile_kernel, dtype_name, parse_target
+from dflash_compiler.codegen.tvm.build import (
+    TensorSpec,
+    TVMKernel,
+    compile_kernel,
+    cuda_target,
+    dtype_name,
+    parse_target,
+)
 from dflash_compiler.errors import DFlashError
 
 FORMATS = ("dense", "fp8_channel", "fp8_block", "int4_sym", "int4_asym")
@@ -283,8 +290,7 @@ def device_target(device: torch.device) -> str:
     if device.type == "cpu":
         return "llvm"
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"cuda -arch=sm_{major}{minor}"
+        return cuda_target(torch.cuda.get_device_capability(device))
     raise DFlashError(f"device: TVM lowers linears for cpu and cuda, got {device}")
 
 
@@ -295,13 +301,27 @@ _AHEAD: list[str] = []  # the target of an ahead-of-time build in progress (buil
 _LOADED_ONLY: set[str] = set()  # targets whose kernels come from an artifact: a missing one is refused, not built
 
 
-def _kernel_key(x: torch.Tensor, weight, epilogue: str, target: str, low_batch: bool) -> tuple:
+class KernelKey(NamedTuple):
     """What a TVM linear kernel is built for, as JSON-able values (an artifact's manifest lists the keys)."""
-    n, k = weight.shape
-    dtypes = tuple(str(t.dtype).removeprefix("torch.") for t in weight_tensors(weight))
-    group = getattr(weight, "group_size", None)
-    return (weight_format(weight), x.shape[0], n, k, str(x.dtype).removeprefix("torch."), dtypes, group, target,
-            epilogue, bool(low_batch))  # fmt: skip
+
+    fmt: str
+    m: int
+    n: int
+    k: int
+    act: str
+    weight_dtypes: tuple[str, ...]
+    group_size: int | None
+    target: str
+    epilogue: str
+    low_batch: bool
+
+    @classmethod
+    def of(cls, x: torch.Tensor, weight, epilogue: str, target: str, low_batch: bool) -> KernelKey:
+        n, k = weight.shape
+        dtypes = tuple(str(t.dtype).removeprefix("torch.") for t in weight_tensors(weight))
+        act = str(x.dtype).removeprefix("torch.")
+        group = getattr(weight, "group_size", None)
+        return cls(weight_format(weight), x.shape[0], n, k, act, dtypes, group, target, epilogue, bool(low_batch))
 
 
 def static_linear(
@@ -319,12 +339,12 @@ def static_linear(
         x = reference.rms_norm(x, norm.weight, norm.eps, zero_centered=norm.zero_centered)
     epilogue = "swiglu" if swiglu else "residual" if residual is not None else "none"
     target = _AHEAD[-1] if _AHEAD else device_target(x.device)
-    key = _kernel_key(x, weight, epilogue, target, low_batch)
+    key = KernelKey.of(x, weight, epilogue, target, low_batch)
     kernel = _KERNELS.get(key)
     if kernel is None:
         if target in _LOADED_ONLY:
             raise DFlashError(
-                f"TVM linear {key}: not among the artifact's TVM kernels and would be built (strict mode)"
+                f"TVM linear {tuple(key)}: not among the artifact's TVM kernels and would be built (strict mode)"
             )
         kernel = _KERNELS[key] = build_linear_for(weight, x.shape[0], x.dtype, target, epilogue, low_batch)
     if _AHEAD:  # the values are the reference's (the dry run's): an output of the right shape stands in
@@ -347,7 +367,7 @@ def building_for(target: str):
 def export_kernels(target: str, folder: Path) -> list[dict]:
     """Every kernel built for target, written to folder as NNN.so (+ its spec, .so.json): [{key, file}]."""
     entries = []
-    for i, (key, kernel) in enumerate(sorted((k, v) for k, v in _KERNELS.items() if k[7] == target)):
+    for i, (key, kernel) in enumerate(sorted((k, v) for k, v in _KERNELS.items() if k.target == target)):
         path = folder / f"{i:03d}.so"
         kernel.export_library(path)
         entries.append({"key": list(key), "file": path.name})
@@ -359,9 +379,9 @@ def install_kernels(entries: list[dict], folder: Path, strict: bool) -> int:
     strict: a call of a shape they do not cover raises instead of building. Returns how many were loaded."""
     targets = set()
     for entry in entries:
-        key = tuple(tuple(v) if isinstance(v, list) else v for v in entry["key"])
+        key = KernelKey(*(tuple(v) if isinstance(v, list) else v for v in entry["key"]))
         _KERNELS[key] = TVMKernel.load(folder / entry["file"])
-        targets.add(key[7])
+        targets.add(key.target)
     if strict:
         _LOADED_ONLY.update(targets)
     return len(entries)
