@@ -650,6 +650,40 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
         RuntimeSpace([1], 16, widths=[32])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_runtime_study_frees_each_runner_before_building_the_next(device):
+    """On CUDA the runner's graphs and compiled step hold reference cycles; a 27B study runs out of memory on its
+    third runner unless the previous ones are collected."""
+    import weakref
+
+    from dflash_compiler.runtime.engine import DEFAULT_PAIR
+    from dflash_compiler.tuning.runtime import RuntimeConfig, RuntimeSpace, checkpoint_models, pair_throughput
+
+    load = checkpoint_models(DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter", device=device)
+    built = []
+
+    def models(drafter: bool = True):
+        # what is still alive when the next runner's models are built: the study holds one runner at a time
+        alive = [ref for ref in built if ref() is not None]
+        assert not alive, f"{len(alive)} earlier targets still alive while a new runner is built"
+        target, draft = load(drafter)
+        built.append(weakref.ref(target))
+        return target, draft
+
+    throughput = pair_throughput(models, [[5, 6, 7]], max_new_tokens=3, max_batch=2, max_seq_len=64)
+    speculative, autoregressive = ((1, 4), (2, 4)), ((1, 1), (2, 1))
+    for widths, buckets in ((speculative, "default"), (autoregressive, "default"), (speculative, "pow2"),
+                            (speculative, "pow2")):  # fmt: skip
+        per_level = throughput(RuntimeConfig(widths, buckets, 256), [1, 2])
+        assert set(per_level) == {1, 2} and min(per_level.values()) > 0
+    assert len(built) == 3  # the last config reuses the third runner
+    # the bucket sets a study may choose among, checked by name
+    space = RuntimeSpace([1], 16, graph_bucket_sets=["pow2"])
+    assert space.graph_bucket_sets == ["pow2"] and space.default()["graph_buckets"] == "pow2"
+    with pytest.raises(DFlashError, match=r"parameter 'graph_buckets' must name sets among .*got \['coarse'\]"):
+        RuntimeSpace([1], 16, graph_bucket_sets=["coarse"])
+
+
 def test_the_engine_verifies_at_the_tuned_widths(tmp_path, monkeypatch):
     from dflash_compiler.hw_profiles import database
     from dflash_compiler.models.config import TargetConfig

@@ -331,8 +331,9 @@ class BatchRunner:
 
     def set_verify_width(self, verify_width: int | Mapping[int, int] | None) -> None:
         """Changes the verify widths (given as to the constructor) while no request is running or waiting. On CUDA
-        the graphs of the buckets whose width changed are captured again; the step graph of a new width is lowered
-        once, over the weights already built."""
+        the graphs of the buckets whose width changed are captured again (those of the current acceptance mode;
+        the others when simulate_acceptance changes it); the step graph of a new width is lowered once, over the
+        weights already built."""
         if self.has_work:
             raise DFlashError("set_verify_width: requests are running or waiting; change the widths between them")
         widths = bucket_widths(verify_width, self.buckets, self.block_size)
@@ -341,8 +342,10 @@ class BatchRunner:
         stale = [key for key in self._graphs if key[0] in changed]
         for key in stale:
             del self._graphs[key]
+        # Only the graphs of the current acceptance mode come back now; the others when the mode changes.
         for key in stale:
-            self._capture(*key)
+            if key[2] == self.simulated:
+                self._capture(*key)
 
     def simulate_acceptance(self, per_position: Sequence[float] | None) -> None:
         """Replaces the accept decision with a draw from a per-position acceptance profile, P(a >= i+1) =
@@ -350,6 +353,8 @@ class BatchRunner:
         None restores real acceptance. Entries past the block's draft slots are ignored."""
         if per_position is None:
             self.simulated = False
+            if self.cuda_graphs:
+                self._capture_all(simulated=False)
             return
         if self.block_size < 2:
             raise DFlashError("simulate_acceptance needs a drafter and block_size >= 2")

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-trials", type=int, default=10)
     p.add_argument("--concurrency", type=_int_list, default=[1, 2], help="runtime study levels (1,2)")
     p.add_argument("--widths", type=_int_list, help="verify widths the runtime study tries (default 1,2,4,8,12,16)")
+    p.add_argument(
+        "--graph-buckets",
+        type=lambda v: v.split(","),
+        help="CUDA-graph bucket sets the runtime study tries, of default,pow2,fine (default: all)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request in the runtime study")
     p.add_argument("--db", help="directory holding the profiles' databases (default: the package's hw_profiles/)")
     p.add_argument("--plots", help="directory for the PNG plots (default: next to the storage)")
@@ -282,7 +287,7 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
         models, prompts, max_new_tokens=args.max_new_tokens, max_batch=max(args.concurrency), quant=args.quant,
         acceptance_profile=profile_rates,
     )  # fmt: skip
-    space = RuntimeSpace(args.concurrency, drafter_cfg.block_size, args.widths)
+    space = RuntimeSpace(args.concurrency, drafter_cfg.block_size, args.widths, args.graph_buckets)
     model = runtime_model_key(target_cfg)
     name = f"{profile.name}:runtime:{model}:{args.quant}"
     study = runtime_study(

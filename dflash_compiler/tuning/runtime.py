@@ -10,6 +10,7 @@ the figures of the alternatives can be read back (and plotted) from the study.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,12 +66,25 @@ class RuntimeConfig:
 
 class RuntimeSpace:
     """Widths per concurrency bucket (default: 1, autoregressive, up to the drafter's block; every width is a step
-    compiled apart); the graph bucket sets; the prefill chunks. The default point: the drafter's full block
-    everywhere, the runtime's buckets, 512-token chunks."""
+    compiled apart); the graph bucket sets (default: all; each set is a runner built apart); the prefill chunks.
+    The default point: the drafter's full block everywhere, the runtime's buckets, 512-token chunks."""
 
-    def __init__(self, concurrencies: Sequence[int], max_width: int, widths: Sequence[int] | None = None):
+    def __init__(
+        self,
+        concurrencies: Sequence[int],
+        max_width: int,
+        widths: Sequence[int] | None = None,
+        graph_bucket_sets: Sequence[str] | None = None,
+    ):
         if not concurrencies or any(c < 1 for c in concurrencies):
             raise DFlashError(f"parameter 'concurrency' must list batch sizes >= 1, got {list(concurrencies)}")
+        sets = list(GRAPH_BUCKET_SETS) if graph_bucket_sets is None else list(graph_bucket_sets)
+        unknown = [name for name in sets if name not in GRAPH_BUCKET_SETS]
+        if not sets or unknown:
+            raise DFlashError(
+                f"parameter 'graph_buckets' must name sets among {list(GRAPH_BUCKET_SETS)}, got {list(sets)}"
+            )
+        self.graph_bucket_sets = sets
         widths = (1, 2, 4, 8, 12, 16) if widths is None else widths
         if any(not 1 <= w <= max_width for w in widths):
             raise DFlashError(
@@ -83,7 +97,7 @@ class RuntimeSpace:
     def default(self) -> dict:
         return {
             **{f"width_c{c}": self.max_width for c in self.concurrencies},
-            "graph_buckets": "default",
+            "graph_buckets": "default" if "default" in self.graph_bucket_sets else self.graph_bucket_sets[0],
             "prefill_chunk": DEFAULT_PREFILL_CHUNK,
         }
 
@@ -91,7 +105,7 @@ class RuntimeSpace:
         widths = tuple((c, trial.suggest_categorical(f"width_c{c}", self.widths)) for c in self.concurrencies)
         return RuntimeConfig(
             widths,
-            trial.suggest_categorical("graph_buckets", list(GRAPH_BUCKET_SETS)),
+            trial.suggest_categorical("graph_buckets", self.graph_bucket_sets),
             trial.suggest_categorical("prefill_chunk", list(PREFILL_CHUNKS)),
         )
 
@@ -144,6 +158,7 @@ class _Runners:
 
         if self.key != (speculative, graph_buckets):
             self.runner = None  # the previous runner's weights go before the next one's are built
+            gc.collect()  # its graphs and step hold reference cycles: without this its weights stay on the GPU
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             target, drafter = self.models(drafter=speculative)
@@ -172,12 +187,19 @@ def pair_throughput(
     """An objective over a model source (checkpoint_models, random_models) on the batched runtime, one runner of
     max_batch rows serving every level: for each concurrency c, c requests (the prompts in turn) served to
     completion at the width the config gives c's bucket; tokens/s = generated tokens over wall time (graph
-    captures happen before the timing). Levels of width 1 run on an autoregressive runner (no drafter)."""
+    captures and an untimed warm-up pass happen before the timing). Levels of width 1 run on an autoregressive
+    runner (no drafter)."""
     from ..runtime.batch import runner_buckets
 
     runners = _Runners(models, max_batch, max_seq_len, quant, acceptance_profile)
 
     def serve(runner, concurrency: int) -> float:
+        # An untimed pass first: the prefill's kernels compile on their first shapes, and the timed pass must
+        # not pay for that.
+        for i in range(concurrency):
+            runner.add_request(list(prompts[i % len(prompts)]), min(max_new_tokens, 2 * runner.block_size))
+        while runner.has_work:
+            runner.step()
         for i in range(concurrency):
             runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens)
         generated = 0
