@@ -95,6 +95,14 @@ def test_captured_buckets_at_their_own_verify_widths(prompts):
     runner.set_verify_width({2: 16, 8: 6})  # buckets 1 and 2 keep or take 16, 4 and 8 take 6: captured again
     assert runner.verify_widths == {1: 16, 2: 16, 4: 6, 8: 6}
     assert _serve(runner, requests) == expected
+    # every bucket changes: no graph of the old pool is left, and the captures go to a new one (capturing into a
+    # pool whose graphs are all gone trips the allocator's use_count assertion)
+    runner.simulate_acceptance([0.5] * 15)
+    runner.set_verify_width(5)
+    assert runner.verify_widths == {1: 5, 2: 5, 4: 5, 8: 5}
+    assert {key[2] for key in runner._graphs} == {True}  # the other mode's graphs come back with the mode
+    runner.simulate_acceptance(None)
+    assert _serve(runner, requests) == expected
 
 
 @pytest.mark.parametrize("quant", ["bf16", "fp8", "int4"])

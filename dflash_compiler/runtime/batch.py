@@ -342,6 +342,11 @@ class BatchRunner:
         stale = [key for key in self._graphs if key[0] in changed]
         for key in stale:
             del self._graphs[key]
+        if self.cuda_graphs and not self._graphs:
+            # A pool whose graphs are all gone may still hold their blocks; the allocator refuses new captures into
+            # it, so they go to a new pool (the old one is freed with its blocks).
+            self._graph_pool = None
+            torch.cuda.empty_cache()
         # Only the graphs of the current acceptance mode come back now; the others when the mode changes.
         for key in stale:
             if key[2] == self.simulated:
