@@ -43,7 +43,7 @@ def linears(device="cpu", formats=FORMATS):
         w = _weight(fmt, 256, 384, gen, device)
         y = linear.linear(x, w)
         xf = x.float()
-        if isinstance(w, (wf.FP8ChannelWeight, wf.FP8BlockWeight)) and linear._fp8_dot_default(x.device):
+        if isinstance(w, (wf.FP8ChannelWeight, wf.FP8BlockWeight)) and linear._fp8_hardware(x.device):
             xf = wf.dequantize_fp8_activations(*wf.quantize_fp8_activations(x))
         out.append((f"linear_{fmt}", y, xf @ w.dequantize().float().T))
     if "dense" in formats:

@@ -350,6 +350,7 @@ def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
                                                         prequant_x=prequant, int4_chunk_dot=True))
             w8 = wf.quantize_fp8_channel(torch.randn(256, 640) * 0.05)
             linear(x16, w8, fp8_dot=True, config=LinearConfig(block_n=64, block_m=16, num_stages=3, prequant_x=True))
+            linear(x16, w8, fp8_dot=True, config=LinearConfig(block_n=64, block_m=16, num_stages=3))  # x in the loop
             for epilogue in ({{"residual": torch.randn(16, 256).to(torch.bfloat16)}}, {{"swiglu": True}}):
                 # W8A8 per token and channel, through stream-K
                 linear(x16, w8, fp8_dot=True, config=LinearConfig(block_n=64, block_m=16, num_stages=3,
@@ -363,9 +364,18 @@ def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
     )
     records = json.loads(out.strip().splitlines()[-1])
     names = [name for name, _ in records]
-    assert names.count("_linear_kernel") == 11
+    assert names.count("_linear_kernel") == 12
     assert set(names) == {"_linear_kernel", "_quantize_x_kernel", "_quantize_x_rows_kernel"}
     assert all(0 <= shared <= 232448 for _, shared in records)
+    # x is rounded to e4m3 by the hardware conversion (exact, ties to even), never through fp16, in the two
+    # quantization kernels and in the loop that quantizes its own x (W4A8's fp16 nibbles convert exactly)
+    converting = {}
+    for ptx in tmp_path.rglob("*.ptx"):
+        text = ptx.read_text()
+        assert ptx.stem == "_linear_kernel" or "e4m3x2.f16x2" not in text, ptx
+        if "cvt.rn.satfinite.e4m3x2.f32" in text:
+            converting[ptx.stem] = converting.get(ptx.stem, 0) + 1
+    assert converting == {"_linear_kernel": 1, "_quantize_x_kernel": 1, "_quantize_x_rows_kernel": 1}
 
 
 def test_the_sm90_linear_loops_keep_the_tensor_cores_busy(tmp_path):

@@ -340,6 +340,7 @@ def _linear_kernel(
     CHUNK_DOT: tl.constexpr,
     ASYM: tl.constexpr,
     MMA_SYNC: tl.constexpr,  # read by no code: it keys the variant compiled with wgmma off (_dots_as_mma_sync)
+    HW_E4M3: tl.constexpr,
     EPILOGUE: tl.constexpr,
     NORM: tl.constexpr,
     GATE: tl.constexpr,
@@ -444,7 +445,7 @@ def _linear_kernel(
                 xf = xt.to(tl.float32)
                 amax = tl.max(tl.abs(xf), axis=0)
                 inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 0.0)
-                xq = _round_to_e4m3(xf * inv[None, :]).to(tl.float8e4nv)
+                xq = _to_e4m3(xf * inv[None, :], HW_E4M3)
                 xs = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
         w_k = k0 // 8 if FORMAT == 3 else k0
         w_chunk = w_ptr + row0.to(tl.int64) * stride_wn + w_k
@@ -534,7 +535,21 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUPS: tl.constexpr):
+def _to_e4m3(v, HW_E4M3: tl.constexpr):
+    """fp32 v, |v| <= 448, as FP8 e4m3 rounded to nearest, ties to even. HW_E4M3 (sm89+): one cvt per two values,
+    whose rounding is exact; elsewhere (the interpreter, older GPUs) the exact steps of _round_to_e4m3."""
+    if HW_E4M3:
+        # cvt packs its first source into the high byte: the pair's second element goes first
+        bits = tl.inline_asm_elementwise(
+            "cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,f,f", [v], dtype=tl.uint8, is_pure=True, pack=2
+        )
+        return bits.to(tl.float8e4nv, bitcast=True)
+    return _round_to_e4m3(v).to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUPS: tl.constexpr,
+                       HW_E4M3: tl.constexpr):  # fmt: skip
     """x [M, K] -> FP8 e4m3 per token and 128-input group (q [M, K], scales s [M, K / 128]), with the same
     arithmetic as the GEMM's in-loop quantization, so either path gives the same result."""
     m = tl.program_id(0).to(tl.int64)
@@ -544,12 +559,12 @@ def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, 
     xf = tl.load(x_ptr + m * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(xf), axis=1)
     inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 0.0)
-    tl.store(q_ptr + m * stride_qm + k, _round_to_e4m3(xf * inv[:, None]).to(tl.float8e4nv), mask=ok)
+    tl.store(q_ptr + m * stride_qm + k, _to_e4m3(xf * inv[:, None], HW_E4M3), mask=ok)
     tl.store(s_ptr + m * stride_sm + g, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=g * 128 < K)
 
 
 @triton.jit
-def _quantize_x_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+def _quantize_x_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, HW_E4M3: tl.constexpr):
     """x [M, K] -> FP8 e4m3 with one scale per row (the vendor GEMM's per-token scales), as
     weight_formats.quantize_fp8_activations(x, group=K) computes it: the row's amax, then the values."""
     m = tl.program_id(0).to(tl.int64)
@@ -562,7 +577,7 @@ def _quantize_x_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK:
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         xf = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        tl.store(q_ptr + m * stride_qm + k, _round_to_e4m3(xf * inv).to(tl.float8e4nv), mask=k < K)
+        tl.store(q_ptr + m * stride_qm + k, _to_e4m3(xf * inv, HW_E4M3), mask=k < K)
     tl.store(s_ptr + m, tl.math.div_rn(top, 448.0))
 
 
@@ -574,13 +589,24 @@ def quantize_x_fp8(x: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     if per_row:
         scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-        _quantize_x_rows_kernel[(m,)](x, q, scales, k, x.stride(0), q.stride(0), BLOCK=1024, num_warps=4)
+        _quantize_x_rows_kernel[(m,)](
+            x, q, scales, k, x.stride(0), q.stride(0), BLOCK=1024, HW_E4M3=_fp8_hardware(x.device), num_warps=4
+        )
         return q, scales
     groups = triton.cdiv(k, 128)
     scales = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     per_program = 8
     _quantize_x_kernel[(m, triton.cdiv(groups, per_program))](
-        x, q, scales, k, x.stride(0), q.stride(0), scales.stride(0), GROUPS=per_program, num_warps=4
+        x,
+        q,
+        scales,
+        k,
+        x.stride(0),
+        q.stride(0),
+        scales.stride(0),
+        GROUPS=per_program,
+        HW_E4M3=_fp8_hardware(x.device),
+        num_warps=4,
     )
     return q, scales
 
@@ -742,7 +768,9 @@ def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Ten
     return ws, cnt
 
 
-def _fp8_dot_default(device: torch.device) -> bool:
+def _fp8_hardware(device: torch.device) -> bool:
+    """Whether the GPU that kernels for `device` are built for has FP8 tensor cores and converts fp32 to e4m3 in
+    hardware (sm89+)."""
     facts = gpu_facts(device)
     return facts is not None and facts.capability >= (8, 9)
 
@@ -788,7 +816,7 @@ def linear(
         )
     fp8 = False
     if isinstance(weight, (FP8ChannelWeight, FP8BlockWeight)):
-        fp8 = _fp8_dot_default(x.device) if fp8_dot is None else fp8_dot
+        fp8 = _fp8_hardware(x.device) if fp8_dot is None else fp8_dot
     # The INT4 loop reads x in planes and a pre-quantized x is read as it is: a prologue runs in front of them.
     prologue_in_front = isinstance(weight, Int4Weight) or (fp8 and config is not None and config.prequant_x)
     w4a8 = isinstance(weight, Int4Weight) and config is not None and config.prequant_x
@@ -800,7 +828,7 @@ def linear(
         and not (config.prequant_x and fp8 and isinstance(weight, FP8ChannelWeight))
     ):
         raise ValueError("config: x_per_token needs prequant_x, FP8 per-channel weights and the FP8 dot")
-    if w4a8 and (not _fp8_dot_default(x.device) or x.dtype not in (torch.bfloat16, torch.float16)):
+    if w4a8 and (not _fp8_hardware(x.device) or x.dtype not in (torch.bfloat16, torch.float16)):
         raise ValueError("config: prequant_x with INT4 weights (W4A8) needs FP8 tensor cores and bf16/fp16 x")
     if gate is not None:
         if gate.shape != x.shape or gate.dtype != x.dtype or norm is not None:
@@ -899,7 +927,7 @@ def linear(
             gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
             m_tiles, chunks, total, slots,
             FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, X_PER_TOKEN=config.x_per_token,
-            CHUNK_DOT=config.int4_chunk_dot, ASYM=asym, MMA_SYNC=config.mma_sync,
+            CHUNK_DOT=config.int4_chunk_dot, ASYM=asym, MMA_SYNC=config.mma_sync, HW_E4M3=_fp8_hardware(x.device),
             EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
             NORM=0 if norm is None else 2 if norm.zero_centered else 1,
             GATE=gate is not None,
