@@ -200,6 +200,9 @@ def pair_throughput(
             runner.add_request(list(prompts[i % len(prompts)]), min(max_new_tokens, 2 * runner.block_size))
         while runner.has_work:
             runner.step()
+        # Every timed pass draws the same random numbers (simulated acceptance, sampling), so trials differ by
+        # their config, not by their draws.
+        torch.manual_seed(0)
         for i in range(concurrency):
             runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens)
         generated = 0
