@@ -652,8 +652,8 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_runtime_study_frees_each_runner_before_building_the_next(device):
-    """On CUDA the runner's graphs and compiled step hold reference cycles; a 27B study runs out of memory on its
-    third runner unless the previous ones are collected."""
+    """Each runner is gone before the next one's models are built (a 27B study ran out of memory on its third
+    runner while the earlier ones' weights were still held)."""
     import weakref
 
     from dflash_compiler.runtime.engine import DEFAULT_PAIR

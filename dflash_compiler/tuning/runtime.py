@@ -158,7 +158,7 @@ class _Runners:
 
         if self.key != (speculative, graph_buckets):
             self.runner = None  # the previous runner's weights go before the next one's are built
-            gc.collect()  # its graphs and step hold reference cycles: without this its weights stay on the GPU
+            gc.collect()  # weights held only by reference cycles go now, not at the next collection (27B: OOM)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             target, drafter = self.models(drafter=speculative)

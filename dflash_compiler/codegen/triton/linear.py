@@ -597,17 +597,9 @@ def quantize_x_fp8(x: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor
     scales = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     per_program = 8
     _quantize_x_kernel[(m, triton.cdiv(groups, per_program))](
-        x,
-        q,
-        scales,
-        k,
-        x.stride(0),
-        q.stride(0),
-        scales.stride(0),
-        GROUPS=per_program,
-        HW_E4M3=_fp8_hardware(x.device),
-        num_warps=4,
-    )
+        x, q, scales, k, x.stride(0), q.stride(0), scales.stride(0), GROUPS=per_program,
+        HW_E4M3=_fp8_hardware(x.device), num_warps=4,
+    )  # fmt: skip
     return q, scales
 
 
