@@ -378,65 +378,6 @@ def test_the_fp8_activation_variants_compile_for_sm90(tmp_path):
     assert converting == {"_linear_kernel": 1, "_quantize_x_kernel": 1, "_quantize_x_rows_kernel": 1}
 
 
-@pytest.mark.parametrize("setting", ["on", "off"])
-def test_sm90_linears_launch_ahead_and_wait_before_touching_activations(tmp_path, setting):
-    """Programmatic dependent launch (pdl.py), read from the cross-compiled PTX and records: on sm90 the linear is
-    launched with the attribute, prefetches its weights into L2, and waits for the kernel in front before any other
-    global load, store or atomic; the RMSNorms release their dependents; sm80 has none of it, nor has sm90 with
-    DFLASH_PDL=0."""
-    flag = "1" if setting == "on" else "0"
-    out = _run_compiler(
-        f"""
-        import json, os, torch
-        os.environ["DFLASH_PDL"] = "{flag}"
-        from dflash_compiler.codegen import weight_formats as wf
-        from dflash_compiler.codegen.triton import aot
-        from dflash_compiler.codegen.triton.fused_ops import gated_rms_norm, rms_norm
-        from dflash_compiler.codegen.triton.linear import LinearConfig, linear
-
-        x = torch.randn(16, 640).to(torch.bfloat16)
-        def launch():
-            linear(rms_norm(x, torch.ones(640), 1e-6), wf.DenseWeight(torch.randn(256, 640).to(torch.bfloat16)),
-                   config=LinearConfig(block_n=64, programs=132))
-            linear(x, wf.quantize_int4(torch.randn(512, 640)), swiglu=True, config=LinearConfig(block_n=64))
-            gated_rms_norm(x, x, torch.ones(640), 1e-6)
-
-        for arch in (90, 80):
-            records = aot.cross_compile(launch, arch, r"{tmp_path}/" + str(arch), sm_count=132, host_modules=False)
-            print(json.dumps([[r.name.rsplit(".", 1)[1], json.loads(r.spec)["options"].get("launch_pdl")]
-                              for r in records]))
-        """
-    )
-    on = setting == "on"
-    launches = [json.loads(line) for line in out.strip().splitlines()[-2:]]
-    assert launches[0] == [
-        ["_rms_norm_kernel", False], ["_linear_kernel", on], ["_linear_kernel", on], ["_gated_rms_norm_kernel", False]
-    ]  # fmt: skip
-    assert all(not pdl for _, pdl in launches[1])
-    for arch in (90, 80):
-        for ptx in (tmp_path / str(arch)).rglob("*.ptx"):
-            text = ptx.read_text()
-            ahead = on and arch == 90
-            assert ("griddepcontrol.launch_dependents" in text) == ahead, ptx
-            if ptx.stem != "_linear_kernel":
-                assert "griddepcontrol.wait" not in text
-                continue
-            assert ("griddepcontrol.wait" in text) == ahead
-            assert ("cp.async.bulk.prefetch.L2.global" in text) == ahead
-            if ahead:
-                wait = text.index("griddepcontrol.wait")
-                for access in ("ld.global", "cp.async.cg", "cp.async.ca", "st.global", "atom."):
-                    assert text.find(access) == -1 or text.find(access) > wait, (access, ptx)
-                assert text.index("cp.async.bulk.prefetch.L2.global") < wait
-
-
-def test_an_artifact_compiled_with_the_other_pdl_setting_is_refused():
-    recorded = aot.record_versions(90)
-    aot.check_versions(recorded)
-    with pytest.raises(DFlashError, match="^DFLASH_PDL: the kernels were compiled with programmatic dependent"):
-        aot.check_versions({**recorded, "pdl": not recorded["pdl"]})
-
-
 def test_the_sm90_linear_loops_keep_the_tensor_cores_busy(tmp_path):
     """The wgmma waits of each linear variant's main loop (before its first branch), read from the sm90 TTGIR: BF16
     and W8A8 per token leave one MMA in flight across chunks (pendings = 1); a chunk scaled after its dot (FP8 per

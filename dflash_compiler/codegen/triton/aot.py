@@ -53,7 +53,6 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 from dflash_compiler.codegen.triton.device import GpuFacts, compiling_for
-from dflash_compiler.codegen.triton.pdl import pdl_setting
 from dflash_compiler.errors import DFlashError
 from dflash_compiler.hw_profiles import load_profile
 
@@ -367,7 +366,6 @@ def record_versions(arch: int = 90) -> dict:
         "ptxas_arch": arch,
         "torch": torch.__version__.split("+")[0],
         "triton_env": dict(sorted(get_cache_invalidating_env_vars().items())),
-        "pdl": pdl_setting(),
     }
 
 
@@ -379,11 +377,6 @@ def check_versions(recorded: dict) -> None:
             raise DFlashError(
                 f"{name}: the kernels were compiled with {name} {recorded.get(name)!r}, this host has {current[name]!r}"
             )
-    if recorded.get("pdl", False) != current["pdl"]:  # kernels compiled before the setting existed used none
-        raise DFlashError(
-            f"DFLASH_PDL: the kernels were compiled with programmatic dependent launch "
-            f"{'on' if recorded.get('pdl', False) else 'off'}, this process has it {'on' if current['pdl'] else 'off'}"
-        )
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import programmatic_launch, release_dependents
-
 
 @triton.jit
 def _rms_norm_kernel(
@@ -35,9 +33,7 @@ def _rms_norm_kernel(
     HAS_RES: tl.constexpr,
     ZERO_CENTERED: tl.constexpr,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    release_dependents(PDL)  # a linear usually follows: it may start fetching its weights
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
@@ -106,7 +102,6 @@ def rms_norm(
         HAS_RES=has_res,
         ZERO_CENTERED=zero_centered,
         BLOCK=block,
-        PDL=programmatic_launch(x.device),
         num_warps=min(16, max(1, block // 512)),
     )
     return (out, residual_out) if has_res else out
@@ -126,10 +121,8 @@ def _gated_rms_norm_kernel(
     eps,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """ROWS rows of D per program: y = rms_norm(x) * w, then * silu(g), rounded where ops.gated_rms_norm rounds."""
-    release_dependents(PDL)  # the out-projection follows
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
     offs = tl.arange(0, BLOCK)[None, :]
     ok = (r < rows) & (offs < D)
@@ -180,7 +173,6 @@ def gated_rms_norm(
         eps,
         ROWS=per_program,
         BLOCK=block,
-        PDL=programmatic_launch(x.device),
         num_warps=4,
     )
     return out

@@ -37,7 +37,6 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from dflash_compiler.codegen.triton.device import gpu_facts
-from dflash_compiler.codegen.triton.pdl import prefetch_l2, programmatic_launch, wait_for_producer
 from dflash_compiler.codegen.weight_formats import DenseWeight, FP8BlockWeight, FP8ChannelWeight, Int4Weight
 
 DENSE, FP8_CHANNEL, FP8_BLOCK, INT4 = 0, 1, 2, 3
@@ -295,32 +294,6 @@ def _finish(
         tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
-@triton.jit
-def _prefetch_first_chunks(
-    w_ptr, start, end, chunks_per_tile, num_m_tiles, N_OUT, UP_ROW, K, stride_wn,
-    EPILOGUE: tl.constexpr, FORMAT: tl.constexpr, W_BITS: tl.constexpr, CHUNKS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Into L2, the weights that this program's pipeline loads first: the rows of its first tile, from its first
-    chunk on, for up to CHUNKS chunks of that tile."""
-    tile = start // chunks_per_tile
-    kc = start - tile * chunks_per_tile
-    n_chunks = tl.minimum(tl.minimum(end - start, chunks_per_tile - kc), CHUNKS)
-    k0 = kc * BLOCK_K
-    nbytes = (tl.minimum(n_chunks * BLOCK_K, K - k0) * W_BITS // 8) // 16 * 16
-    if nbytes > 0:
-        rows = tl.minimum((tile // num_m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N), N_OUT - 1)
-        if FORMAT == 3:
-            w_k = k0 // 8
-        else:
-            w_k = k0
-        first = w_ptr + rows.to(tl.int64) * stride_wn + w_k
-        size = tl.full((BLOCK_N,), 0, tl.int32) + nbytes
-        prefetch_l2(first, size)
-        if EPILOGUE == 2:
-            prefetch_l2(first + UP_ROW.to(tl.int64) * stride_wn, size)
-
-
 # Only K and the weight/activation row strides keep Triton's divisibility specialization (it makes the row loads
 # 16-byte vectors); the other integers would otherwise multiply the compiled variants across shapes and grids.
 @triton.jit(
@@ -368,9 +341,6 @@ def _linear_kernel(
     ASYM: tl.constexpr,
     MMA_SYNC: tl.constexpr,  # read by no code: it keys the variant compiled with wgmma off (_dots_as_mma_sync)
     HW_E4M3: tl.constexpr,
-    PDL: tl.constexpr,
-    PREFETCH_CHUNKS: tl.constexpr,
-    W_BITS: tl.constexpr,
     EPILOGUE: tl.constexpr,
     NORM: tl.constexpr,
     GATE: tl.constexpr,
@@ -388,12 +358,6 @@ def _linear_kernel(
     start = (pid.to(tl.int64) * total_chunks // programs).to(tl.int32)
     end = ((pid + 1).to(tl.int64) * total_chunks // programs).to(tl.int32)
     ROWS: tl.constexpr = 2 * BLOCK_N if EPILOGUE == 2 else BLOCK_N
-    if PREFETCH_CHUNKS > 0:  # launched ahead of the kernel in front (pdl.py): weights are never written
-        _prefetch_first_chunks(
-            w_ptr, start, end, chunks_per_tile, num_m_tiles, N_OUT, UP_ROW, K, stride_wn,
-            EPILOGUE, FORMAT, W_BITS, PREFETCH_CHUNKS, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-    wait_for_producer(PDL)
     # In-tile offsets, the same for every chunk: the loop only moves scalar base pointers.
     if FORMAT == 3:
         w_offs = tl.arange(0, BLOCK_N)[:, None] * stride_wn + tl.arange(0, 16)[None, :]
@@ -942,10 +906,6 @@ def linear(
     dot_dtype = _DOT_DTYPES[x.dtype]
     if x_fp8:
         x, xs = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=config.x_per_token)
-    pdl = programmatic_launch(x.device)
-    # the bulk prefetch reads 16-byte aligned runs of each weight row
-    aligned = w.data_ptr() % 16 == 0 and (w.stride(0) * w.element_size()) % 16 == 0
-    launch_options = {"launch_pdl": True} if pdl else {}
     with _dots_as_mma_sync(config.mma_sync):
         _linear_kernel[(programs,)](
             x, w, s if s is not None else dummy, z if z is not None else dummy,
@@ -960,8 +920,6 @@ def linear(
             m_tiles, chunks, total, slots,
             FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, X_PER_TOKEN=config.x_per_token,
             CHUNK_DOT=config.int4_chunk_dot, ASYM=asym, MMA_SYNC=config.mma_sync, HW_E4M3=_fp8_hardware(x.device),
-            PDL=pdl, PREFETCH_CHUNKS=config.num_stages if pdl and aligned else 0,
-            W_BITS=4 if fmt == INT4 else 8 * w.element_size(),
             EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
             NORM=0 if norm is None else 2 if norm.zero_centered else 1,
             GATE=gate is not None,
@@ -969,6 +927,6 @@ def linear(
             EVEN_N=n_out % config.block_n == 0, EVEN_K=k % config.block_k == 0,
             INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
             BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages, **launch_options,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
     return out
