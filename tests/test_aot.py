@@ -404,7 +404,7 @@ def test_the_sm90_linear_loops_keep_the_tensor_cores_busy(tmp_path):
                                                                       mma_sync=True)),
             "int4_planes_again": (wf.quantize_int4(w), None, dict(block_n=128, programs=132)),
         }}
-        waits, mma = {{}}, {{}}
+        waits, mma, decodes = {{}}, {{}}, {{}}
         for name, (weight, fp8_dot, cfg) in cases.items():
             d = tempfile.mkdtemp(dir=r"{tmp_path}")
             config = LinearConfig(block_m=16, block_k=128, num_stages=3, **cfg)
@@ -415,14 +415,19 @@ def test_the_sm90_linear_loops_keep_the_tensor_cores_busy(tmp_path):
             body = loop[:loop.index("scf.if")]
             waits[name] = [int(p) for p in re.findall(r"warp_group_dot_wait.*?pendings = (\\d+)", body)]
             mma[name] = sorted(set(re.findall(r"nvidia_mma<{{versionMajor = (\\d)", ir)))
+            ptx = open(glob.glob(d + "/**/_linear_kernel.ptx", recursive=True)[0]).read()
+            decodes[name] = ptx.count("fma.rn.bf16x2")
             assert "DISABLE_MMA_V3" not in os.environ
-        print(json.dumps([waits, mma]))
+        print(json.dumps([waits, mma, decodes]))
         """
     )
-    waits, mma = json.loads(out.strip().splitlines()[-1])
+    waits, mma, decodes = json.loads(out.strip().splitlines()[-1])
     assert waits["bf16"] == [1] and waits["fp8_token"] == [1]
     assert waits["fp8_group"] == [0] and waits["int4_chunk"] == [0]
     assert waits["int4_planes"] == [0, 0, 0, 0]
     # mma_sync: warp-level mma.sync (MMA v2), no warpgroup waits; the wgmma variant compiled after it is unchanged
     assert mma["int4_sync"] == mma["fp8_group_sync"] == ["2"] and waits["int4_sync"] == waits["fp8_group_sync"] == []
     assert mma["int4_planes"] == mma["int4_planes_again"] == ["3"] and waits["int4_planes_again"] == [0, 0, 0, 0]
+    # INT4 nibbles become bf16 q - 8 by one LOP3 and one packed FMA per word and plane, written in PTX: the four
+    # planes of a 128-input run; no other format has it
+    assert {name: n > 0 for name, n in decodes.items()} == {name: name.startswith("int4") for name in decodes}

@@ -98,12 +98,29 @@ def _scales(sc, zw, row0, FORMAT: tl.constexpr, FP8_DOT: tl.constexpr, BLOCK_N: 
 
 @triton.jit
 def _int4_plane(words, j: tl.constexpr, F32: tl.constexpr, magic_bits, offset, half_dtype: tl.constexpr,
-                operand_dtype: tl.constexpr):  # fmt: skip
-    """Plane j of a run's words: W[rows, 32 j + c] - 8, c = 2 w + h, as exact values in the dot's operand dtype."""
+                operand_dtype: tl.constexpr, HW_DECODE: tl.constexpr):  # fmt: skip
+    """Plane j of a run's words: W[rows, 32 j + c] - 8, c = 2 w + h, as exact values in the dot's operand dtype.
+    HW_DECODE (compiled for a GPU): in PTX; elsewhere (the interpreter) the same steps in Triton."""
     if F32:
         lo = ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0
         hi = ((words >> (16 + 4 * j)) & 0xF).to(tl.float32) - 8.0
         return tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
+    if HW_DECODE:
+        # mask, magic and the - (MAGIC + 8) as one LOP3 and one packed FMA per word, the pair unpacked as it lies
+        # in the register (the split and join below cost a repack per pair)
+        if half_dtype == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, one, off; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA; mov.b32 one, 0x3F803F80; "
+                "mov.b32 off, 0xC308C308; fma.rn.bf16x2 t, t, one, off; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r", [words >> (4 * j)], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, one, off; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA; mov.b32 one, 0x3C003C00; "
+                "mov.b32 off, 0xE408E408; fma.rn.f16x2 t, t, one, off; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r", [words >> (4 * j)], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+            )  # fmt: skip
+        return tl.reshape(tl.join(lo, hi), (words.shape[0], 32)).to(operand_dtype)
     pair = ((words >> (4 * j)) & 0x000F000F) | magic_bits
     lo = pair.to(tl.uint16).to(half_dtype, bitcast=True)
     hi = (pair >> 16).to(tl.uint16).to(half_dtype, bitcast=True)
@@ -139,6 +156,7 @@ def _accumulate(
     BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HW_DECODE: tl.constexpr,
 ):
     """acc[BLOCK_N, BLOCK_M] += W[rows, chunk] @ x^T[chunk] with the chunk's per-row scale. w_chunk points at the
     chunk's first weight element (word for INT4) of the tile's first row, w_offs holds the in-tile offsets."""
@@ -168,10 +186,12 @@ def _accumulate(
         if CHUNK_DOT:
             # The four planes side by side as one [rows, 128] operand in input order, one dot per chunk (the dots of
             # separate planes each wait for the one before).
-            w01 = tl.join(_int4_plane(words, 0, F32, magic_bits, offset, half_dtype, operand_dtype),
-                          _int4_plane(words, 1, F32, magic_bits, offset, half_dtype, operand_dtype))  # fmt: skip
-            w23 = tl.join(_int4_plane(words, 2, F32, magic_bits, offset, half_dtype, operand_dtype),
-                          _int4_plane(words, 3, F32, magic_bits, offset, half_dtype, operand_dtype))  # fmt: skip
+            w0 = _int4_plane(words, 0, F32, magic_bits, offset, half_dtype, operand_dtype, HW_DECODE)
+            w1 = _int4_plane(words, 1, F32, magic_bits, offset, half_dtype, operand_dtype, HW_DECODE)
+            w2 = _int4_plane(words, 2, F32, magic_bits, offset, half_dtype, operand_dtype, HW_DECODE)
+            w3 = _int4_plane(words, 3, F32, magic_bits, offset, half_dtype, operand_dtype, HW_DECODE)
+            w01 = tl.join(w0, w1)
+            w23 = tl.join(w2, w3)
             # [rows, c, a, b] holds plane 2 b + a at c: put (b, a, c) in that order, so column k is input k
             wk = tl.reshape(tl.permute(tl.join(w01, w23), (0, 3, 2, 1)), (words.shape[0], 128))
             xk = _x_tile(x_chunk, x_offs, m_ok, k_left, 128, EVEN_K)
@@ -183,7 +203,7 @@ def _accumulate(
                 xsum = tl.dot(ones, xk, xsum, input_precision=INPUT_PRECISION)
         else:
             for j in tl.static_range(4):
-                wj = _int4_plane(words, j, F32, magic_bits, offset, half_dtype, operand_dtype)
+                wj = _int4_plane(words, j, F32, magic_bits, offset, half_dtype, operand_dtype, HW_DECODE)
                 xj = _x_tile(x_chunk + 32 * j * stride_xk, x_offs32, m_ok, k_left - 32 * j, 32, EVEN_K)
                 if X_FP8:
                     part = tl.dot(wj, xj, part)
@@ -341,6 +361,7 @@ def _linear_kernel(
     ASYM: tl.constexpr,
     MMA_SYNC: tl.constexpr,  # read by no code: it keys the variant compiled with wgmma off (_dots_as_mma_sync)
     HW_E4M3: tl.constexpr,
+    HW_DECODE: tl.constexpr,
     EPILOGUE: tl.constexpr,
     NORM: tl.constexpr,
     GATE: tl.constexpr,
@@ -453,7 +474,7 @@ def _linear_kernel(
         acc = _accumulate(
             acc, w_chunk, w_offs, n_ok, k_left, scale, corr, xt, xq, xs, x_chunk, x_offs32, x_offs, m_ok,
             stride_xk, FORMAT, FP8_DOT, X_FP8, X_PER_TOKEN, CHUNK_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE,
-            INPUT_PRECISION,
+            INPUT_PRECISION, HW_DECODE,
         )  # fmt: skip
         if EPILOGUE == 2:
             up_scale, up_corr = _scales(up_sc, up_zw, row0 + UP_ROW, FORMAT, FP8_DOT, BLOCK_N)
@@ -461,7 +482,7 @@ def _linear_kernel(
                 acc_up, w_chunk + UP_ROW.to(tl.int64) * stride_wn, w_offs, n_ok, k_left, up_scale, up_corr,
                 xt, xq, xs, x_chunk, x_offs32, x_offs, m_ok, stride_xk,
                 FORMAT, FP8_DOT, X_FP8, X_PER_TOKEN, CHUNK_DOT, ASYM, EVEN_N, EVEN_K, BLOCK_K, DOT_DTYPE,
-                INPUT_PRECISION,
+                INPUT_PRECISION, HW_DECODE,
             )  # fmt: skip
         if tile_end | (c == end - 1):
             offs_n = row0 + tl.arange(0, BLOCK_N)
@@ -920,6 +941,7 @@ def linear(
             m_tiles, chunks, total, slots,
             FORMAT=fmt, FP8_DOT=fp8, X_FP8=x_fp8, X_PER_TOKEN=config.x_per_token,
             CHUNK_DOT=config.int4_chunk_dot, ASYM=asym, MMA_SYNC=config.mma_sync, HW_E4M3=_fp8_hardware(x.device),
+            HW_DECODE=gpu_facts(x.device) is not None,
             EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
             NORM=0 if norm is None else 2 if norm.zero_centered else 1,
             GATE=gate is not None,
