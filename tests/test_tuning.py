@@ -403,6 +403,40 @@ def test_a_short_study_finds_the_known_best(tmp_path):
     assert all(t.params != {"lowering": "triton", "x": 4, "y": 4} for t in study.trials if t.value is not None)
 
 
+class ToySpaceWithAlternatives(ToySpace):
+    def alternatives(self):
+        return [{"lowering": "triton", "x": 3, "y": 0}, {"lowering": "triton", "x": 0, "y": 1}]
+
+
+def test_a_study_measures_the_spaces_alternatives_right_after_the_default(tmp_path):
+    study = optimize(ToySpaceWithAlternatives(), toy_time, storage=open_storage(tmp_path / "toy.journal"),
+                     study_name="toy", n_trials=4, seed=0)  # fmt: skip
+    first = [(t.params["x"], t.params["y"]) for t in study.trials[:3]]
+    assert first == [(0, 0), (3, 0), (0, 1)]
+    assert [bool(t.user_attrs.get("alternative")) for t in study.trials[:3]] == [False, True, True]
+    assert study.trials[1].value == 2.0 and len(measured_points(study)) == 4
+
+
+def test_the_linear_alternatives_switch_each_variant_on_and_try_whole_64_row_tiles():
+    qkv = LinearShape(16, 14336, 5120, "fp8_channel")
+    sm90 = space_for(qkv, load_profile("sm90"))
+    default = sm90.default()
+    tiles = {"block_n": 64, "num_warps": 4, "num_stages": 6, "grid": "tile"}
+    assert sm90.alternatives() == [
+        {**default, "prequant_x": True}, {**default, **tiles}, {**default, **tiles, "prequant_x": True}
+    ]  # fmt: skip
+    # no FP8 tensor cores on sm80: no pre-quantized x
+    sm80 = space_for(qkv, load_profile("sm80"))
+    assert sm80.alternatives() == [{**sm80.default(), **tiles}]
+    int4 = space_for(LinearShape(16, 34816, 5120, "int4_sym", "swiglu"), load_profile("sm90"))
+    changed = [{k for k in p if p[k] != int4.default()[k]} for p in int4.alternatives()]
+    assert {"prequant_x"} in changed and {"int4_chunk_dot"} in changed
+    for space in (sm90, sm80, int4):
+        assert all(space.check(p) is None and p != space.default() for p in space.alternatives())
+    # a call whose default is the vendor GEMM keeps it as the only seed
+    assert space_for(LinearShape(256, 5120, 4096, "bf16", "residual"), load_profile("sm90")).alternatives() == []
+
+
 def test_a_batched_study_prepares_every_point_before_it_is_measured(tmp_path):
     batches, measured = [], []
 

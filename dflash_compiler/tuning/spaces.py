@@ -109,6 +109,11 @@ class Space:
         """Why the point can run but cannot pay (tiles past the dimension they cover)."""
         return None
 
+    def alternatives(self) -> list[Params]:
+        """Runnable points measured right after the default: structured alternatives (a kernel variant switched
+        on, another grid family) that a short TPE run over the whole space can miss."""
+        return []
+
     def default(self) -> Params:
         if self._default is None:
             self._default = self.launcher_default()
@@ -276,6 +281,24 @@ class LinearSpace(Space):
             "mma_sync": [False, True] if self.profile.warpgroup_mma else [False],
         }
         return self._with_default(choices)
+
+    def alternatives(self) -> list[Params]:
+        """The Triton default with each variant the space offers switched on (x pre-quantized: FP8 weights'
+        W8A8, INT4's W4A8; INT4's one dot per chunk), and the same for one program per 64-row tile with 4 warps
+        and 6 stages: on the H200 that point with x pre-quantized took FP8 attn.qkv at 16 rows to 24.6 µs, where
+        a 16-trial study had settled on 26.9 (bench/results/linear-variants-fp8-hwcvt-h200.json)."""
+        default = self.default()
+        if default["lowering"] != "triton":
+            return []
+        choices = self.choices()
+        variants = [{name: True} for name in ("prequant_x", "int4_chunk_dot") if True in choices[name]]
+        tiles = {"block_n": 64, "num_warps": 4, "num_stages": 6, "grid": "tile"}
+        out = []
+        for point in [{**default, **v} for v in variants] + [{**default, **tiles, **v} for v in [{}, *variants]]:
+            in_space = all(point[name] in choices[name] for name in point if name != "lowering")
+            if point != default and point not in out and in_space and self.check(point) is None:
+                out.append(point)
+        return out
 
     def launcher_default(self) -> Params:
         s = self.shape

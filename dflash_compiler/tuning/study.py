@@ -1,9 +1,10 @@
 """Optuna studies over a discrete space: one study per (profile, op, shape bucket, format), resumable, shareable.
 
 TPE over the space, seeded with the launcher's default (so the chosen config is never slower than the default
-as measured); points that cannot run on the profile are pruned before they launch; a point that fails to launch or
-gives a wrong result is a failed trial, never chosen. Storage is a JournalStorage file (or SQLite for a path
-ending in .db/.sqlite): a second run with the same storage resumes the study, and several workers may share it.
+as measured) and then the space's structured alternatives (Space.alternatives); points that cannot run on the
+profile are pruned before they launch; a point that fails to launch or gives a wrong result is a failed trial,
+never chosen. Storage is a JournalStorage file (or SQLite for a path ending in .db/.sqlite): a second run with the
+same storage resumes the study, and several workers may share it.
 
 Trial accounting: `n_trials` counts measured points (complete or failed), not pruned ones or repeats of a point
 already measured (those return the earlier value without launching). A trial whose worker died (a killed run) is
@@ -118,6 +119,8 @@ def optimize(
     study.enqueue_trial(space.default(), user_attrs={"default": True}, skip_if_exists=True)
     for seed_point in seeds:  # e.g. the database's current choice: a new study does not lose what was found
         study.enqueue_trial(seed_point, user_attrs={"seed": True}, skip_if_exists=True)
+    for point in space.alternatives():
+        study.enqueue_trial(point, user_attrs={"alternative": True}, skip_if_exists=True)
     feasible_points = space.feasible()
     target = min(n_trials, len(feasible_points))
     rng = random.Random(seed)
