@@ -433,7 +433,7 @@ def test_the_linear_alternatives_switch_each_variant_on_and_try_whole_64_row_til
     assert {"prequant_x"} in changed and {"int4_chunk_dot"} in changed
     for space in (sm90, sm80, int4):
         assert all(space.check(p) is None and p != space.default() for p in space.alternatives())
-    # a call whose default is the vendor GEMM keeps it as the only seed
+    # a call whose default is the vendor GEMM has no Triton alternatives
     assert space_for(LinearShape(256, 5120, 4096, "bf16", "residual"), load_profile("sm90")).alternatives() == []
 
 

@@ -107,7 +107,8 @@ def _int4_plane(words, j: tl.constexpr, F32: tl.constexpr, magic_bits, offset, h
         return tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
     if HW_DECODE:
         # mask, magic and the - (MAGIC + 8) as one LOP3 and one packed FMA per word, the pair unpacked as it lies
-        # in the register (the split and join below cost a repack per pair)
+        # in the register (the split and join below cost a repack per pair). The constants are magic_bits and
+        # -offset (bf16 0x43004300 / -136, fp16 0x64006400 / -1032), written out: the asm is a literal string.
         if half_dtype == tl.bfloat16:
             lo, hi = tl.inline_asm_elementwise(
                 "{ .reg .b32 t, one, off; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA; mov.b32 one, 0x3F803F80; "
