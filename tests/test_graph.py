@@ -267,10 +267,18 @@ def test_a_linear_tuned_to_tvm_runs_a_tvm_kernel_of_its_shapes(pair, unpassed, t
     assert all(epilogue == "swiglu" for _, epilogue in built)
 
 
-def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, tmp_path, monkeypatch):
-    """A tuned GDN verify entry (V slice, warps, unrolling) at the step's batch size, and a commit entry at another:
-    the verify nodes call the recurrent kernel with that config, the commit nodes with the launcher's default; the
-    plan records each; the step computes what the reference does."""
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"block_v": 16, "num_warps": 1, "unroll": True},
+        {"algorithm": "chunked", "block_v": 16, "num_warps": 4, "precision": "ieee"},
+    ],
+    ids=["recurrent", "chunked"],
+)
+def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, tmp_path, monkeypatch, config):
+    """A tuned GDN verify entry (the recurrent kernel's V slice, warps, unrolling, or the chunked block) at the
+    step's batch size, and a commit entry at another: the verify nodes call the kernel with that config, the commit
+    nodes with the launcher's default; the plan records each; the step computes what the reference does."""
     from dflash_compiler.codegen.triton import gdn as t_gdn
     from dflash_compiler.graph.ops import triton_implementations
     from dflash_compiler.hw_profiles.database import Entry, TuningDB
@@ -284,7 +292,6 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
     graphs = _TRACED.setdefault((repr(target.cfg), repr(drafter.cfg)), StepGraphs(real)).with_passes("bf16")
     dims = (BLOCK, cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
             cfg.linear_value_head_dim, "fp32")  # fmt: skip
-    config = {"block_v": 16, "num_warps": 1, "unroll": True}
     db = TuningDB("cpu", tmp_path / "cpu")
     for shape in (GDNShape(2, *dims), GDNCommitShape(1, *dims)):
         db.record(Entry(shape.op, shape.key, shape.fmt, "triton", config, True, time_us=1.0, platform="cpu"))

@@ -188,6 +188,58 @@ def test_recurrent_final_state_in_place(seq, unroll):
 
 
 @pytest.mark.parametrize(
+    ("bsz", "seq", "dtype", "block_v"),
+    [(3, 1, torch.float32, 16), (3, 7, torch.float32, 16), (2, 16, torch.float32, 32), (3, 16, torch.float16, 16),
+     (2, 23, torch.float32, 16)],
+)  # fmt: skip
+def test_chunked_verify_and_commit(bsz, seq, dtype, block_v):
+    """The verify block as one UT/WY chunk (shorter than 16, 16, and over 16: two 16-row blocks merged): its
+    output, then commits of different accepted positions (one keeps its state), against the position-by-position
+    reference."""
+    gen = torch.Generator().manual_seed(300 + seq * 4 + bsz)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)
+    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    live = state.clone()
+    o, states = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, live, capture=0, out=_nan(bsz, seq, 6, 32, dtype=dtype), block_v=block_v,
+        algorithm="chunked", precision="ieee",
+    )  # fmt: skip
+    assert states is None
+    _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 2e-3)
+    assert torch.equal(live, state), "verify must leave the state unchanged"
+    idx = _accepted(bsz, seq, gen)
+    window = torch.randn(bsz, 40, 3, generator=gen).to(DEV, dtype)
+    x = torch.randn(bsz, seq, 40, generator=gen).to(DEV, dtype)
+    window_ref = ops.conv_window_after(torch.cat((window, x.transpose(1, 2)), -1), idx, 4)
+    gdn.gdn_commit(
+        live, idx, k, v, a, b, a_log, dt_bias, window=window, x=x, block_v=block_v, algorithm="chunked",
+        precision="ieee",
+    )  # fmt: skip
+    _close("committed state", live, _ref_after(states_ref, state, idx), 1e-4)
+    if bsz > 2:
+        assert torch.equal(live[1], state[1]), "idx -1 keeps the state bit for bit"
+    assert torch.equal(window, window_ref)
+
+
+def test_chunked_block_options_are_its_own():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(1, 3, **SMALL, dtype=torch.float32, gen=gen)
+    with pytest.raises(ValueError, match="^algorithm:"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, algorithm="wy")
+    with pytest.raises(ValueError, match="^capture:"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=2, algorithm="chunked")
+    with pytest.raises(ValueError, match="^unroll:"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, unroll=True, algorithm="chunked")
+    with pytest.raises(ValueError, match="^precision:"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, precision="ieee")
+    with pytest.raises(ValueError, match="^precision:"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, algorithm="chunked", precision="tf32")
+    idx = torch.zeros(1, dtype=torch.long, device=DEV)
+    with pytest.raises(ValueError, match="^block_v:"):
+        gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, block_v=8, algorithm="chunked")
+
+
+@pytest.mark.parametrize(
     ("bsz", "seq", "dtype"),
     [(2, 1, torch.float32), (1, 70, torch.float32), (2, 150, torch.float32), (2, 70, torch.float16)],
 )
@@ -253,6 +305,28 @@ def test_gpu_verify_commit_real_dims(capture_dtype, unroll):
         gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states, unroll=unroll)
         tol = 1e-2 if capture_dtype == torch.bfloat16 and capture else 1e-4
         _close(f"committed state (capture {capture})", live, _ref_after(states_ref, state, idx), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("bsz", "precision"), [(3, "tf32x3"), (16, "tf32x3"), (3, "ieee")])
+def test_gpu_chunked_verify_commit_real_dims(bsz, precision):
+    """The chunked verify block and commit at the real dims in bf16, against the position-by-position reference
+    to about fp32 accuracy (the state is what every later step reads)."""
+    seq = 16
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
+    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    live = state.clone()
+    o, _ = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, live, capture=0, out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
+        algorithm="chunked", precision=precision,
+    )  # fmt: skip
+    _close("o", o.float(), o_ref.float(), 1e-2)
+    recurrent, _ = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, live, capture=0)
+    assert (o.float() - recurrent.float()).abs().max().item() <= 2 * 2**-8 * o_ref.abs().max().item()
+    idx = torch.randint(-1, seq, (bsz,), generator=gen).to(DEV)
+    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, algorithm="chunked", precision=precision)
+    _close("committed state", live, _ref_after(states_ref, state, idx), 1e-4)
 
 
 @pytest.mark.gpu

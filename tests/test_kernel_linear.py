@@ -7,6 +7,7 @@ the FP8 dot path are checked by the gpu-marked tests at real-ish shapes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 
 import pytest
@@ -559,7 +560,8 @@ def test_gpu_fp8_prequantized_x_matches_the_in_loop_quantization(fmt, m, n, k, e
 @pytest.mark.parametrize("m,n,k", [(1, 5120, 6144), (16, 2048, 17408), (40, 3072, 5200)])
 def test_gpu_fp8_per_token_x(m, n, k, epilogue):
     """W8A8 per token and channel (x pre-quantized with one scale per token): the dots accumulate over all of K
-    and the scales apply once per tile share, through stream-K, split and whole tiles; against the reference on x
+    and the scales apply once per tile share, through stream-K, split and whole tiles, in chunks of 128 and 256
+    inputs (no scale group bounds a chunk here); against the reference on x
     quantized the same way. Hopper's FP8 tensor cores add into the accumulator with fewer bits than fp32, so the
     error grows with the K one accumulator spans: on the H200 at K 17408, 3.7e-3 (5.1e-3 with SwiGLU) for whole
     tiles against 1.7e-3 for per-group scales, which fold each chunk into fp32 (bf16 rounding alone: 1.6e-3)."""
@@ -571,12 +573,14 @@ def test_gpu_fp8_per_token_x(m, n, k, epilogue):
     residual = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16) if epilogue == "residual" else None
     xq = wf.dequantize_fp8_activations(*wf.quantize_fp8_activations(x, group=k), group=k)
     ref = reference(xq, weight, residual, epilogue == "swiglu")
-    for grid in ({"programs": 132}, {"split_k": 3}, {}):
-        config = LinearConfig(block_n=64, block_m=16, num_stages=3, prequant_x=True, x_per_token=True, **grid)
+    for block_k, grid in itertools.product((128, 256), ({"programs": 132}, {"split_k": 3}, {})):
+        config = LinearConfig(
+            block_n=64, block_m=16, block_k=block_k, num_stages=3, prequant_x=True, x_per_token=True, **grid
+        )
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
         y = linear(x, weight, residual=residual, swiglu=epilogue == "swiglu", out=out, fp8_dot=True, config=config)
         err = ((y.float() - ref).norm() / ref.norm()).item()
-        assert torch.isfinite(y).all() and err < 1e-2, f"{grid}: relative error {err:.2e}"
+        assert torch.isfinite(y).all() and err < 1e-2, f"block_k {block_k}, {grid}: relative error {err:.2e}"
 
 
 def test_per_token_x_needs_a_prequantized_x_and_fp8_channel_weights():
@@ -590,6 +594,21 @@ def test_per_token_x_needs_a_prequantized_x_and_fp8_channel_weights():
     ):
         with pytest.raises(ValueError, match="x_per_token needs prequant_x, FP8 per-channel weights and the FP8 dot"):
             linear(x, weight, fp8_dot=True, config=config)
+
+
+def test_chunks_longer_than_a_scale_group_need_per_tile_scales():
+    """block_k over 128 only where no scale group bounds a chunk (FP8 per channel, x per token); elsewhere and
+    for lengths that are not whole groups, a one-line error before any launch."""
+    gen = torch.Generator().manual_seed(68)
+    x = torch.randn(4, 512, generator=gen).to(DEVICE, torch.float16)
+    for fmt, config in (
+        ("fp8_channel", LinearConfig(block_n=32, block_m=16, block_k=256, prequant_x=True)),
+        ("fp8_block", LinearConfig(block_n=32, block_m=16, block_k=256)),
+        ("int4_sym", LinearConfig(block_n=32, block_m=16, block_k=256)),
+        ("fp8_channel", LinearConfig(block_n=32, block_m=16, block_k=192, prequant_x=True, x_per_token=True)),
+    ):
+        with pytest.raises(ValueError, match="config: block_k must be 128 for quantized weights"):
+            linear(x, make_weight(fmt, 64, 512, gen), fp8_dot=True, config=config)
 
 
 @triton.jit

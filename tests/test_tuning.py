@@ -225,7 +225,21 @@ def test_other_families_prune_what_cannot_run():
     assert "shorter than block_n 128" in attn.check({**ok, "num_splits": 8, "block_n": 128})
     gdn = space_for(GDNShape(1, 16, 16, 48, 128, 128), cpu)
     assert gdn.choices()["block_v"] == [16, 32, 64, 128]
-    assert "registers per thread" in gdn.check({"lowering": "triton", "block_v": 128, "num_warps": 1, "unroll": False})
+    recurrent = {"lowering": "triton", "algorithm": "recurrent", "block_v": 128, "num_warps": 1, "unroll": False,
+                 "precision": "tf32x3"}  # fmt: skip
+    assert "registers per thread" in gdn.check(recurrent)
+    chunked = {**recurrent, "algorithm": "chunked", "block_v": 32, "num_warps": 4}
+    assert gdn.check(chunked) is None
+    assert "option of the recurrent kernel" in gdn.check({**chunked, "unroll": True})
+    assert "option of the chunked block" in gdn.check({**recurrent, "block_v": 16, "precision": "ieee"})
+    assert "at most 64 positions" in space_for(GDNShape(1, 65, 16, 48, 128, 128), cpu).check(chunked)
+    # each algorithm's config holds its own options; a recurrent one is what the database held before
+    assert gdn.config(chunked) == (
+        "triton",
+        {"algorithm": "chunked", "block_v": 32, "num_warps": 4, "precision": "tf32x3"},
+    )
+    assert gdn.config({**recurrent, "block_v": 16}) == ("triton", {"block_v": 16, "num_warps": 1, "unroll": False})
+    assert [p["block_v"] for p in gdn.alternatives() if p["algorithm"] == "chunked"] == [16, 32, 64, 128]
     acc = space_for(AcceptShape(2, 16, 4096), cpu)
     assert "not a multiple of block_v" in acc.check({"lowering": "triton", "block_v": 4096, "chunk": 2048})
 

@@ -308,6 +308,8 @@ def gdn_verify(
     block_v=None,
     num_warps=None,
     unroll=None,
+    algorithm=None,
+    precision=None,
 ):
     """A verify block: (o, the states after the first `capture` positions in capture_dtype, or None for 0).
     Leaves state unchanged; gdn_commit then makes the state after the accepted position current."""
@@ -335,6 +337,8 @@ def gdn_commit(
     block_v=None,
     num_warps=None,
     unroll=None,
+    algorithm=None,
+    precision=None,
 ) -> torch.Tensor:
     """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), starting from the
     last captured state at or before it (states [B, D, ...] from gdn_verify, or the block's initial state) and

@@ -528,8 +528,9 @@ class GDNCommitShape(GDNShape):
 
 
 class GDNSpace(Space):
-    """codegen/triton/gdn.py's recurrent-kernel launch (verify or commit): the V slice per program, warps, unrolled
-    steps or the block-prefetch loop."""
+    """codegen/triton/gdn.py's verify or commit launch: the algorithm (position by position, or the block as one
+    UT/WY chunk on the tensor cores), the V slice per program, warps; for the recurrent kernel unrolled steps or
+    the block-prefetch loop, for the chunked block its dot precision."""
 
     op = "gdn_verify"
 
@@ -537,9 +538,11 @@ class GDNSpace(Space):
         return self._with_default(
             {
                 "lowering": _lowerings(self.profile),
+                "algorithm": list(gdn_kernels.ALGORITHMS),
                 "block_v": _upto([16, 32, 64, 128], self.shape.dv),
                 "num_warps": [1, 2, 4, 8],
                 "unroll": [False, True],
+                "precision": list(gdn_kernels.PRECISIONS),
             }
         )
 
@@ -547,7 +550,42 @@ class GDNSpace(Space):
         s = self.shape
         commit = s.op == "gdn_commit"
         cfg = gdn_kernels._recurrent_config(s.batch, s.t, s.dv, commit, False, None, None, None)
-        return {"lowering": "triton", "block_v": cfg["BV"], "num_warps": cfg["num_warps"], "unroll": cfg["UNROLL"]}
+        return {
+            "lowering": "triton", "algorithm": "recurrent", "block_v": cfg["BV"], "num_warps": cfg["num_warps"],
+            "unroll": cfg["UNROLL"], "precision": gdn_kernels.PRECISIONS[0],
+        }  # fmt: skip
+
+    def alternatives(self) -> list[Params]:
+        """The chunked block at each V slice with 4 warps: a TPE run over the recurrent kernel's larger share of
+        the space may not reach it."""
+        default = self.default()
+        if default["lowering"] != "triton":
+            return []
+        points = [
+            {**default, "algorithm": "chunked", "unroll": False, "block_v": bv, "num_warps": 4}
+            for bv in self.choices()["block_v"]
+        ]
+        return [p for p in points if self.check(p) is None]
+
+    def config(self, params: Params) -> tuple[str, dict[str, Any]]:
+        """The options of the chosen algorithm only (a recurrent config stores no algorithm, as before it had one)."""
+        lowering, config = super().config(params)
+        if lowering == "triton":
+            if config.pop("algorithm") == "recurrent":
+                del config["precision"]
+            else:
+                config = {**config, "algorithm": "chunked"}
+                del config["unroll"]
+        return lowering, config
+
+    def waste(self, params: Params) -> str | None:
+        if params["lowering"] != "triton":
+            return None
+        if params["algorithm"] == "chunked" and params["unroll"]:
+            return "unroll is an option of the recurrent kernel (the same chunked point without it)"
+        if params["algorithm"] == "recurrent" and params["precision"] != gdn_kernels.PRECISIONS[0]:
+            return "precision is an option of the chunked block (the same recurrent point without it)"
+        return None
 
     def limits(self, params: Params) -> str | None:
         s = self.shape
@@ -555,6 +593,13 @@ class GDNSpace(Space):
             return None
         if params["block_v"] > s.dv or s.dv % params["block_v"]:
             return f"block_v {params['block_v']} does not divide V={s.dv}"
+        if params["algorithm"] == "chunked":
+            if s.t > 64 or s.dk < 16:
+                return f"the chunked block takes at most 64 positions and K >= 16 (t={s.t}, K={s.dk})"
+            # the state slice, and the block's keys and their W (fp32) in registers
+            rows = max(16, _p2(s.t))
+            regs = s.dk * params["block_v"] + 2 * rows * s.dk
+            return _accumulator_check(regs, params["num_warps"], self.profile, "the chunked block")
         return _accumulator_check(s.dk * params["block_v"], params["num_warps"], self.profile, "the state slice")
 
 

@@ -281,6 +281,138 @@ def _gdn_recurrent_kernel(
 
 
 @triton.jit
+def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
+    """(I + A)^-1 for A [BT, BT] strictly lower triangular (the UT/WY system of a chunk), BT = SB << LEVELS.
+
+    The SB x SB diagonal blocks by forward substitution, all blocks at once (row i of each block per step:
+    inv[r, :] = e_r - sum_j A[r, j] inv[j, :]), then blocks merged pairwise: with D the block diagonal part and E
+    the off-diagonal blocks of the next level, (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0. The
+    merge products keep about fp32 accuracy (3 tf32 passes)."""
+    row0 = (ri // SB) * SB
+    a_t = tl.trans(tl.where(row0[:, None] == row0[None, :], a_mat, 0.0))
+    inv = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)
+    for i in range(1, SB):
+        # a_row[j] = A[r, j] with r the step's row in j's block
+        a_row = tl.reduce(tl.where(ri[None, :] == row0[:, None] + i, a_t, 0.0), 1, _add)
+        upd = tl.reduce(a_row[:, None] * inv, 0, _add)
+        inv = tl.where(ri[:, None] == row0[None, :] + i, inv - upd[None, :], inv)
+    for lvl in tl.static_range(LEVELS):
+        s = SB << lvl
+        off = ((ri // (2 * s))[:, None] == (ri // (2 * s))[None, :]) & ((ri // s)[:, None] != (ri // s)[None, :])
+        e = tl.where(off, a_mat, 0.0)
+        inv = inv - tl.dot(tl.dot(inv, e, input_precision="tf32x3"), inv, input_precision="tf32x3")
+    return inv
+
+
+@triton.jit
+def _gdn_block_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    b_ptr,
+    a_log_ptr,
+    dt_bias_ptr,
+    state_ptr,
+    o_ptr,
+    idx_ptr,
+    T,
+    scale,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sv_b,
+    sv_t,
+    sv_h,
+    sa_b,
+    sa_t,
+    sa_h,
+    sb_b,
+    sb_t,
+    sb_h,
+    HV: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    SB: tl.constexpr,
+    LEVELS: tl.constexpr,
+    COMMIT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """A whole verify block as one chunk of the UT/WY form, for one (request, value head, V slice): no step waits
+    for the one before, the products run on the tensor cores.
+
+    With A the strictly lower (beta k k^T) * decay, W = (I + A)^-1 (beta e^cum k) and U = (I + A)^-1 (beta v), the
+    block's corrected values are v_new = U - W S. Verify (COMMIT False): o = (q e^cum) S + ((q k^T) * decay) v_new.
+    Commit (COMMIT True): positions after idx[b] get no write and no decay (beta 0, gate 0), so the state after
+    the block is the state after idx[b]: S e^cum_last + (k e^(cum_last - cum))^T v_new, written in place (idx[b] =
+    -1 leaves it as it was)."""
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    hq = h // G
+    b64 = bb.to(tl.int64)
+    offs_k = tl.arange(0, K)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    ri = tl.arange(0, BT)
+    live = ri < T
+    if COMMIT:
+        live = live & (ri <= tl.load(idx_ptr + bb))
+    kt = tl.load(k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=live[:, None], other=0.0)
+    kt = kt.to(tl.float32)
+    kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
+    xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0).to(tl.float32)
+    xa = xa + tl.load(dt_bias_ptr + h).to(tl.float32)
+    g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
+    g = tl.where(live, g, 0.0)
+    beta = 1.0 / (
+        1.0 + tl.exp(-tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0).to(tl.float32))
+    )
+    beta = tl.where(live, beta, 0.0)
+    cum = tl.associative_scan(g, 0, _add)
+    lower = ri[:, None] > ri[None, :]
+    decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
+    a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
+    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
+    vt = tl.load(v_ptr + b64 * sv_b + ri[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=live[:, None], other=0.0)
+    w = tl.dot(inv, kt * (beta * tl.exp(cum))[:, None], input_precision=PREC)
+    u = tl.dot(inv, vt.to(tl.float32) * beta[:, None], input_precision=PREC)
+    tile = offs_k[:, None] * V + offs_v[None, :]
+    head = (b64 * HV + h) * (K * V)
+    S = tl.load(state_ptr + head + tile)
+    v_new = u - tl.dot(w, S, input_precision=PREC)
+    if COMMIT:
+        last = tl.reduce(g, 0, _add)
+        k_tail = kt * tl.exp(last - cum)[:, None]
+        S = S * tl.exp(last) + tl.dot(tl.trans(k_tail), v_new, input_precision=PREC)
+        # in place: every thread must have read its slice of the old state before any writes
+        tl.debug_barrier()
+        tl.store(state_ptr + head + tile, S)
+    else:
+        qt = tl.load(
+            q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=live[:, None], other=0.0
+        )
+        qt = qt.to(tl.float32)
+        qt = qt * (tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale)[:, None]
+        incl = ri[:, None] >= ri[None, :]
+        attn = tl.dot(qt, tl.trans(kt), input_precision=PREC) * tl.exp(
+            tl.where(incl, cum[:, None] - cum[None, :], float("-inf"))
+        )
+        o = tl.dot(qt * tl.exp(cum)[:, None], S, input_precision=PREC) + tl.dot(attn, v_new, input_precision=PREC)
+        tl.store(
+            o_ptr + ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :],
+            o.to(o_ptr.dtype.element_ty),
+            mask=live[:, None],
+        )
+
+
+@triton.jit
 def _chunk_prepare_kernel(
     k_ptr,
     v_ptr,
@@ -347,22 +479,7 @@ def _chunk_prepare_kernel(
     # the system is where conditioning matters: its products keep about fp32 accuracy (3 tf32 passes; a plain fp32
     # FMA product of this size spills registers) whatever the scan's precision
     a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
-    # Invert the 16x16 diagonal blocks by forward substitution, all blocks at once (row i of each block per step:
-    # inv[r, :] = e_r - sum_j A[r, j] inv[j, :]), then merge blocks pairwise: with D the block diagonal part and E
-    # the off-diagonal blocks of the next level, (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0.
-    row0 = (ri // SB) * SB
-    a_t = tl.trans(tl.where(row0[:, None] == row0[None, :], a_mat, 0.0))
-    inv = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)
-    for i in range(1, SB):
-        # a_row[j] = A[r, j] with r the step's row in j's block
-        a_row = tl.reduce(tl.where(ri[None, :] == row0[:, None] + i, a_t, 0.0), 1, _add)
-        upd = tl.reduce(a_row[:, None] * inv, 0, _add)
-        inv = tl.where(ri[:, None] == row0[None, :] + i, inv - upd[None, :], inv)
-    for lvl in tl.static_range(LEVELS):
-        s = SB << lvl
-        off = ((ri // (2 * s))[:, None] == (ri // (2 * s))[None, :]) & ((ri // s)[:, None] != (ri // s)[None, :])
-        e = tl.where(off, a_mat, 0.0)
-        inv = inv - tl.dot(tl.dot(inv, e, input_precision="tf32x3"), inv, input_precision="tf32x3")
+    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
     vt = tl.load(
         v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
     ).to(tl.float32)
@@ -683,6 +800,40 @@ def gdn_recurrent(
     return out
 
 
+ALGORITHMS = ("recurrent", "chunked")
+PRECISIONS = ("tf32x3", "ieee")  # the chunked block's products: about fp32 (3 tf32 passes), or fp32 FMAs
+
+
+def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, num_warps, precision, scale):
+    """One launch of _gdn_block_kernel: verify (idx None, writes out) or commit (idx given, updates state)."""
+    bsz, seq, hv, dv = v.shape
+    dk = k.shape[-1]
+    bt = max(16, triton.next_power_of_2(seq))
+    bv = block_v or min(dv, 32)
+    _check(seq <= 64, "k", f"the chunked block takes at most 64 positions, got {seq}")
+    _check(dk >= 16, "k", f"head dim {dk} < 16 (tl.dot minimum)")
+    _check(_pow2(bv) and bv >= 16 and dv % bv == 0, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
+    _check(precision in PRECISIONS, "precision", f"{precision!r} not in {'/'.join(PRECISIONS)}")
+    commit = idx is not None
+    _gdn_block_kernel[(bsz * hv, dv // bv)](
+        q, k, v, a, b, a_log, dt_bias, state, out, idx if commit else state, seq, scale,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
+        HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=(bt // 16).bit_length() - 1,
+        COMMIT=commit, PREC=precision, num_warps=num_warps or 4,
+    )  # fmt: skip
+
+
+def _check_algorithm(algorithm: str, depth: int, unroll: bool | None, precision: str | None) -> bool:
+    """Whether the chunked block runs; its options and the recurrent kernel's are not mixed."""
+    _check(algorithm in ALGORITHMS, "algorithm", f"{algorithm!r} not in {'/'.join(ALGORITHMS)}")
+    if algorithm == "recurrent":
+        _check(precision is None, "precision", "only the chunked algorithm takes a dot precision")
+        return False
+    _check(depth == 0, "capture", "the chunked algorithm captures no states (replay: capture 0)")
+    _check(not unroll, "unroll", "unrolling is an option of the recurrent algorithm")
+    return True
+
+
 def gdn_verify(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -700,15 +851,31 @@ def gdn_verify(
     block_v: int | None = None,
     num_warps: int | None = None,
     unroll: bool | None = None,
+    algorithm: str = "recurrent",
+    precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A verify block: o, and the states after the first `capture` positions (DEFAULT_CAPTURE when None; 0 = replay).
 
     Leaves state unchanged; gdn_commit then makes the state after the accepted position current. Returns
     (o, states) with states [B, capture, HV, K, V] in capture_dtype (None when capture is 0).
+    algorithm: "recurrent" (position by position, the decode step's arithmetic) or "chunked" (the block as one
+    UT/WY chunk on the tensor cores, products in `precision`, default tf32x3; capture 0 only): the same function,
+    rounded differently.
     """
     seq = k.shape[1]
     depth = DEFAULT_CAPTURE if capture is None else capture
     _check(0 <= depth <= seq, "capture", f"{depth} not in 0..{seq}")
+    if _check_algorithm(algorithm, depth, unroll, precision):
+        bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
+        if out is None:
+            out = torch.empty(bsz, seq, hv, dv, dtype=v.dtype, device=v.device)
+        _check(tuple(out.shape) == (bsz, seq, hv, dv) and out.is_contiguous(), "out", f"expected {(bsz, seq, hv, dv)}")
+        if seq > 0:
+            _gdn_block(
+                q, k, v, a, b, a_log, dt_bias, state, out, None, block_v=block_v, num_warps=num_warps,
+                precision=precision or PRECISIONS[0], scale=dk**-0.5,
+            )  # fmt: skip
+        return out, None
     if depth > 0 and states is None:
         hv, dk, dv = state.shape[1:]
         states = torch.empty(state.shape[0], depth, hv, dk, dv, dtype=capture_dtype, device=state.device)
@@ -748,12 +915,15 @@ def gdn_commit(
     block_v: int | None = None,
     num_warps: int | None = None,
     unroll: bool | None = None,
+    algorithm: str = "recurrent",
+    precision: str | None = None,
 ) -> torch.Tensor:
     """In place: state[b] becomes the state after block position idx[b] (-1 keeps it), per request.
 
     state is the block's initial state (gdn_verify left it unchanged); k/v/a/b are the verify block's inputs and
     states its capture (or None). Positions past the capture are replayed. With window [B, C, W-1] and the block's
-    raw conv input x [B, T, C], the conv window is committed too.
+    raw conv input x [B, T, C], the conv window is committed too. algorithm and precision: as for gdn_verify (the
+    chunked block writes the state after idx[b] from the initial one in one step).
     """
     bsz, seq, _, hv, dk, dv = _check_gdn_inputs(None, k, v, a, b, a_log, dt_bias, state)
     _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", f"expected [{bsz}] integer indices")
@@ -771,6 +941,15 @@ def gdn_commit(
         depth = states.shape[1]
     _check((window is None) == (x is None), "x", "window and x go together")
     idx32 = idx.to(torch.int32)
+    if _check_algorithm(algorithm, depth, unroll, precision):
+        if seq > 0:
+            _gdn_block(
+                k, k, v, a, b, a_log, dt_bias, state, v, idx32, block_v=block_v, num_warps=num_warps,
+                precision=precision or PRECISIONS[0], scale=1.0,
+            )  # fmt: skip
+        if window is not None:
+            conv_window_commit(window, x, idx32)
+        return state
     cfg = _recurrent_config(bsz, seq, dv, True, False, block_v, num_warps, unroll)
     _gdn_recurrent_kernel[(bsz * hv, dv // cfg["BV"])](
         k,

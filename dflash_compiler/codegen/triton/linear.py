@@ -904,8 +904,13 @@ def linear(
         raise ValueError(f"weight: unsupported format {type(weight).__name__}")
     if w.device != x.device or w.stride(1) != 1:
         raise ValueError(f"weight: expected contiguous rows on {x.device}, got {w.device}")
-    if fmt != DENSE and config.block_k != 128:
-        raise ValueError(f"config: block_k must be 128 for quantized weights, got {config.block_k}")
+    # A chunk is one scale group, except for W8A8 per token and channel, whose scales apply once per tile.
+    per_tile_scales = fmt == FP8_CHANNEL and config.x_per_token
+    if fmt != DENSE and not (config.block_k == 128 or (per_tile_scales and config.block_k % 128 == 0)):
+        raise ValueError(
+            f"config: block_k must be 128 for quantized weights (a multiple of 128 with x_per_token), "
+            f"got {config.block_k}"
+        )
     if config.block_m < 16 or config.block_n < 16 or config.block_k < 16:
         raise ValueError(f"config: block sizes must be at least 16, got {config}")
 
