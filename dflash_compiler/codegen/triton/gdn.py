@@ -281,7 +281,7 @@ def _gdn_recurrent_kernel(
 
 
 @triton.jit
-def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
+def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr, SQUARING: tl.constexpr):
     """(I + A)^-1 for A [BT, BT] strictly lower triangular (the UT/WY system of a chunk), BT = SB << LEVELS.
 
     The SB x SB diagonal blocks by forward substitution, all blocks at once (row i of each block per step:
@@ -289,13 +289,22 @@ def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
     the off-diagonal blocks of the next level, (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0. The
     merge products keep about fp32 accuracy (3 tf32 passes)."""
     row0 = (ri // SB) * SB
-    a_t = tl.trans(tl.where(row0[:, None] == row0[None, :], a_mat, 0.0))
-    inv = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)
-    for i in range(1, SB):
-        # a_row[j] = A[r, j] with r the step's row in j's block
-        a_row = tl.reduce(tl.where(ri[None, :] == row0[:, None] + i, a_t, 0.0), 1, _add)
-        upd = tl.reduce(a_row[:, None] * inv, 0, _add)
-        inv = tl.where(ri[:, None] == row0[None, :] + i, inv - upd[None, :], inv)
+    eye = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)
+    if SQUARING:
+        tl.static_assert(SB == 16, "the squarings invert 16-row blocks")
+        d = tl.where(row0[:, None] == row0[None, :], a_mat, 0.0)
+        inv = eye - d
+        for _ in tl.static_range(3):
+            d = tl.dot(d, d, input_precision="tf32x3")
+            inv = inv + tl.dot(inv, d, input_precision="tf32x3")
+    else:
+        a_t = tl.trans(tl.where(row0[:, None] == row0[None, :], a_mat, 0.0))
+        inv = eye
+        for i in range(1, SB):
+            # a_row[j] = A[r, j] with r the step's row in j's block
+            a_row = tl.reduce(tl.where(ri[None, :] == row0[:, None] + i, a_t, 0.0), 1, _add)
+            upd = tl.reduce(a_row[:, None] * inv, 0, _add)
+            inv = tl.where(ri[:, None] == row0[None, :] + i, inv - upd[None, :], inv)
     for lvl in tl.static_range(LEVELS):
         s = SB << lvl
         off = ((ri // (2 * s))[:, None] == (ri // (2 * s))[None, :]) & ((ri // s)[:, None] != (ri // s)[None, :])
@@ -343,6 +352,7 @@ def _gdn_block_kernel(
     LEVELS: tl.constexpr,
     COMMIT: tl.constexpr,
     PREC: tl.constexpr,
+    SQUARING: tl.constexpr,
 ):
     """A whole verify block as one chunk of the UT/WY form, for one (request, value head, V slice): no step waits
     for the one before, the products run on the tensor cores.
@@ -364,30 +374,33 @@ def _gdn_block_kernel(
     live = ri < T
     if COMMIT:
         live = live & (ri <= tl.load(idx_ptr + bb))
+    # every load first: none depends on another, and their latency then overlaps the system's solve
+    tile = offs_k[:, None] * V + offs_v[None, :]
+    head = (b64 * HV + h) * (K * V)
+    S = tl.load(state_ptr + head + tile)
     kt = tl.load(k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=live[:, None], other=0.0)
+    vt = tl.load(v_ptr + b64 * sv_b + ri[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=live[:, None], other=0.0)
+    xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0).to(tl.float32)
+    xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0).to(tl.float32)
+    if not COMMIT:
+        qt = tl.load(
+            q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=live[:, None], other=0.0
+        )
     kt = kt.to(tl.float32)
     kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
-    xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0).to(tl.float32)
     xa = xa + tl.load(dt_bias_ptr + h).to(tl.float32)
     g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
     g = tl.where(live, g, 0.0)
-    beta = 1.0 / (
-        1.0 + tl.exp(-tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0).to(tl.float32))
-    )
-    beta = tl.where(live, beta, 0.0)
+    beta = tl.where(live, 1.0 / (1.0 + tl.exp(-xb)), 0.0)
     cum = tl.associative_scan(g, 0, _add)
     lower = ri[:, None] > ri[None, :]
     decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
     a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
-    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
-    vt = tl.load(v_ptr + b64 * sv_b + ri[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=live[:, None], other=0.0)
+    inv = _ut_inverse(a_mat, ri, SB, LEVELS, SQUARING)
     w = tl.dot(inv, kt * (beta * tl.exp(cum))[:, None], input_precision=PREC)
     u = tl.dot(inv, vt.to(tl.float32) * beta[:, None], input_precision=PREC)
-    tile = offs_k[:, None] * V + offs_v[None, :]
-    head = (b64 * HV + h) * (K * V)
-    S = tl.load(state_ptr + head + tile)
-    v_new = u - tl.dot(w, S, input_precision=PREC)
     if COMMIT:
+        v_new = u - tl.dot(w, S, input_precision=PREC)
         last = tl.reduce(g, 0, _add)
         k_tail = kt * tl.exp(last - cum)[:, None]
         S = S * tl.exp(last) + tl.dot(tl.trans(k_tail), v_new, input_precision=PREC)
@@ -395,16 +408,15 @@ def _gdn_block_kernel(
         tl.debug_barrier()
         tl.store(state_ptr + head + tile, S)
     else:
-        qt = tl.load(
-            q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=live[:, None], other=0.0
-        )
         qt = qt.to(tl.float32)
         qt = qt * (tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale)[:, None]
         incl = ri[:, None] >= ri[None, :]
         attn = tl.dot(qt, tl.trans(kt), input_precision=PREC) * tl.exp(
             tl.where(incl, cum[:, None] - cum[None, :], float("-inf"))
         )
-        o = tl.dot(qt * tl.exp(cum)[:, None], S, input_precision=PREC) + tl.dot(attn, v_new, input_precision=PREC)
+        # o = (q e^cum) S + attn (U - W S) = (q e^cum - attn W) S + attn U: one product with the state, not two
+        q_eff = qt * tl.exp(cum)[:, None] - tl.dot(attn, w, input_precision=PREC)
+        o = tl.dot(q_eff, S, input_precision=PREC) + tl.dot(attn, u, input_precision=PREC)
         tl.store(
             o_ptr + ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :],
             o.to(o_ptr.dtype.element_ty),
@@ -446,6 +458,7 @@ def _chunk_prepare_kernel(
     SB: tl.constexpr,
     LEVELS: tl.constexpr,
     PREC: tl.constexpr,
+    SQUARING: tl.constexpr,
 ):
     """Everything of one chunk that does not need the state, all chunks at once: with A the strictly lower
     (beta k k^T) * decay of the UT/WY form, W = (I + A)^-1 (beta e^cum k), U = (I + A)^-1 (beta v), the keys decayed
@@ -479,7 +492,7 @@ def _chunk_prepare_kernel(
     # the system is where conditioning matters: its products keep about fp32 accuracy (3 tf32 passes; a plain fp32
     # FMA product of this size spills registers) whatever the scan's precision
     a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
-    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
+    inv = _ut_inverse(a_mat, ri, SB, LEVELS, SQUARING)
     vt = tl.load(
         v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
     ).to(tl.float32)
@@ -800,6 +813,7 @@ def gdn_recurrent(
     return out
 
 
+_SQUARING = True
 ALGORITHMS = ("recurrent", "chunked")
 PRECISIONS = ("tf32x3", "ieee")  # the chunked block's products: about fp32 (3 tf32 passes), or fp32 FMAs
 
@@ -819,7 +833,7 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, num_w
         q, k, v, a, b, a_log, dt_bias, state, out, idx if commit else state, seq, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
         HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=(bt // 16).bit_length() - 1,
-        COMMIT=commit, PREC=precision, num_warps=num_warps or 4,
+        COMMIT=commit, PREC=precision, SQUARING=_SQUARING, num_warps=num_warps or 4,
     )  # fmt: skip
 
 
@@ -1059,7 +1073,7 @@ def gdn_chunked(
         k, v, a, b, a_log, dt_bias, w, u, k_tail, cum, seq, nc,
         *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
         HV=hv, G=hv // heads, K=dk, V=dv, BT=chunk_size, SB=sb, LEVELS=(chunk_size // sb).bit_length() - 1,
-        PREC=precision, num_warps=8,
+        PREC=precision, SQUARING=_SQUARING, num_warps=8,
     )  # fmt: skip
     # two stages: the third buffer of the prefetched W, U and key tiles takes the scan over sm90's 227 KB of shared
     # memory at K = V = 128 (240 KB, cross-compiled)
