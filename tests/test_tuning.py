@@ -660,6 +660,38 @@ def test_a_fresh_study_replaces_the_database_entry_and_a_finished_one_keeps_it(t
     assert [t.params for t in seeded.trials if t.user_attrs.get("seed")] == [known]
 
 
+def test_an_entry_holding_the_default_is_confirmed_again_beside_the_studys_other_winner(tmp_path, monkeypatch):
+    """A database entry that holds the default (an earlier confirmation's choice) does not stand for a finished
+    study whose winner is another point: the winner is timed against the default again and chosen if faster; an
+    entry holding the study's winner is kept as it is."""
+    import dataclasses
+
+    from dflash_compiler.tuning import kernels
+
+    profile = load_profile("cpu")
+    shape = LinearShape(3, 40, 128, "fp16", "none", "fp16")
+    space = space_for(shape, profile)
+    default = space.config(space.default())
+
+    class TimedByConfig:  # every point but the default takes half its time
+        def measure(self, lowering, config):
+            return 1.0 if (lowering, config) == default else 0.5
+
+        def torch_time_us(self):
+            return 2.0
+
+    monkeypatch.setattr(kernels, "make_case", lambda *args, **kwargs: TimedByConfig())
+    first, _ = kernels.tune_call(shape, profile, open_storage(tmp_path / "a.journal"), 3, "cpu")
+    assert (first.lowering, first.config) != default and first.time_us == 0.5
+    held_default = dataclasses.replace(first, lowering=default[0], config=default[1], time_us=1.0)
+    again, _ = kernels.tune_call(shape, profile, open_storage(tmp_path / "a.journal"), 3, "cpu", previous=held_default)
+    assert again is not held_default and (again.lowering, again.config, again.time_us) == (
+        first.lowering, first.config, 0.5,
+    )  # fmt: skip
+    kept, _ = kernels.tune_call(shape, profile, open_storage(tmp_path / "a.journal"), 3, "cpu", previous=first)
+    assert kept is first
+
+
 # ---- the runtime study on the tiny pair --------------------------------------------------------------------------
 
 

@@ -92,12 +92,14 @@ def tune_call(
     )  # fmt: skip
     env = environment(torch.device(device))
     best, default = best_trial(study), default_trial(study)
-    # The database already holds this study's result: as many measured points, and its winner or its default (the
-    # confirmation's choice) as the config. A fresh study of as many trials is a new measurement.
+    # The database already holds this study's result: as many measured points, and its winner as the config (or
+    # the default where the winner is the default). An entry holding the default beside another winner is the
+    # confirmation's choice of an earlier study, which says nothing of this one's winner: confirm it again.
     unchanged = (
         previous is not None
         and previous.trials == len(measured_points(study))
-        and (previous.lowering, previous.config) in [space.config(t.params) for t in (best, default) if t is not None]
+        and best is not None
+        and (previous.lowering, previous.config) == space.config(best.params)
     )
     if unchanged and previous.key == (shape.op, shape.key, shape.fmt) and previous.device == env["device"]:
         return previous, study

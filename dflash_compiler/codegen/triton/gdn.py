@@ -281,30 +281,22 @@ def _gdn_recurrent_kernel(
 
 
 @triton.jit
-def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr, SQUARING: tl.constexpr):
+def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
     """(I + A)^-1 for A [BT, BT] strictly lower triangular (the UT/WY system of a chunk), BT = SB << LEVELS.
 
-    The SB x SB diagonal blocks by forward substitution, all blocks at once (row i of each block per step:
-    inv[r, :] = e_r - sum_j A[r, j] inv[j, :]), then blocks merged pairwise: with D the block diagonal part and E
-    the off-diagonal blocks of the next level, (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0. The
-    merge products keep about fp32 accuracy (3 tf32 passes)."""
+    The 16 x 16 diagonal blocks D, all at once, as (I + D)^-1 = (I - D)(I + D^2)(I + D^4)(I + D^8) (D^16 = 0): three
+    squarings and three products on the tensor cores, where forward substitution takes 15 dependent steps of
+    reductions (on the H200 at 27B shapes, the chunked verify block at batch 16 took 69.7 µs this way against 81.3).
+    Then blocks are merged pairwise: with D the block diagonal part and E the off-diagonal blocks of the next level,
+    (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0. Every product keeps about fp32 accuracy (3 tf32
+    passes)."""
+    tl.static_assert(SB == 16, "the squarings invert 16-row blocks")
     row0 = (ri // SB) * SB
-    eye = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)
-    if SQUARING:
-        tl.static_assert(SB == 16, "the squarings invert 16-row blocks")
-        d = tl.where(row0[:, None] == row0[None, :], a_mat, 0.0)
-        inv = eye - d
-        for _ in tl.static_range(3):
-            d = tl.dot(d, d, input_precision="tf32x3")
-            inv = inv + tl.dot(inv, d, input_precision="tf32x3")
-    else:
-        a_t = tl.trans(tl.where(row0[:, None] == row0[None, :], a_mat, 0.0))
-        inv = eye
-        for i in range(1, SB):
-            # a_row[j] = A[r, j] with r the step's row in j's block
-            a_row = tl.reduce(tl.where(ri[None, :] == row0[:, None] + i, a_t, 0.0), 1, _add)
-            upd = tl.reduce(a_row[:, None] * inv, 0, _add)
-            inv = tl.where(ri[:, None] == row0[None, :] + i, inv - upd[None, :], inv)
+    d = tl.where(row0[:, None] == row0[None, :], a_mat, 0.0)
+    inv = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0) - d
+    for _ in tl.static_range(3):
+        d = tl.dot(d, d, input_precision="tf32x3")
+        inv = inv + tl.dot(inv, d, input_precision="tf32x3")
     for lvl in tl.static_range(LEVELS):
         s = SB << lvl
         off = ((ri // (2 * s))[:, None] == (ri // (2 * s))[None, :]) & ((ri // s)[:, None] != (ri // s)[None, :])
@@ -352,7 +344,6 @@ def _gdn_block_kernel(
     LEVELS: tl.constexpr,
     COMMIT: tl.constexpr,
     PREC: tl.constexpr,
-    SQUARING: tl.constexpr,
 ):
     """A whole verify block as one chunk of the UT/WY form, for one (request, value head, V slice): no step waits
     for the one before, the products run on the tensor cores.
@@ -396,7 +387,7 @@ def _gdn_block_kernel(
     lower = ri[:, None] > ri[None, :]
     decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
     a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
-    inv = _ut_inverse(a_mat, ri, SB, LEVELS, SQUARING)
+    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
     w = tl.dot(inv, kt * (beta * tl.exp(cum))[:, None], input_precision=PREC)
     u = tl.dot(inv, vt.to(tl.float32) * beta[:, None], input_precision=PREC)
     if COMMIT:
@@ -458,7 +449,6 @@ def _chunk_prepare_kernel(
     SB: tl.constexpr,
     LEVELS: tl.constexpr,
     PREC: tl.constexpr,
-    SQUARING: tl.constexpr,
 ):
     """Everything of one chunk that does not need the state, all chunks at once: with A the strictly lower
     (beta k k^T) * decay of the UT/WY form, W = (I + A)^-1 (beta e^cum k), U = (I + A)^-1 (beta v), the keys decayed
@@ -492,7 +482,7 @@ def _chunk_prepare_kernel(
     # the system is where conditioning matters: its products keep about fp32 accuracy (3 tf32 passes; a plain fp32
     # FMA product of this size spills registers) whatever the scan's precision
     a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
-    inv = _ut_inverse(a_mat, ri, SB, LEVELS, SQUARING)
+    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
     vt = tl.load(
         v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
     ).to(tl.float32)
@@ -813,7 +803,6 @@ def gdn_recurrent(
     return out
 
 
-_SQUARING = True
 ALGORITHMS = ("recurrent", "chunked")
 PRECISIONS = ("tf32x3", "ieee")  # the chunked block's products: about fp32 (3 tf32 passes), or fp32 FMAs
 
@@ -833,7 +822,7 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, num_w
         q, k, v, a, b, a_log, dt_bias, state, out, idx if commit else state, seq, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
         HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=(bt // 16).bit_length() - 1,
-        COMMIT=commit, PREC=precision, SQUARING=_SQUARING, num_warps=num_warps or 4,
+        COMMIT=commit, PREC=precision, num_warps=num_warps or 4,
     )  # fmt: skip
 
 
@@ -1073,7 +1062,7 @@ def gdn_chunked(
         k, v, a, b, a_log, dt_bias, w, u, k_tail, cum, seq, nc,
         *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
         HV=hv, G=hv // heads, K=dk, V=dv, BT=chunk_size, SB=sb, LEVELS=(chunk_size // sb).bit_length() - 1,
-        PREC=precision, SQUARING=_SQUARING, num_warps=8,
+        PREC=precision, num_warps=8,
     )  # fmt: skip
     # two stages: the third buffer of the prefetched W, U and key tiles takes the scan over sm90's 227 KB of shared
     # memory at K = V = 128 (240 KB, cross-compiled)
