@@ -306,6 +306,29 @@ def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr, LEVELS: tl.constexpr,
+              PREC: tl.constexpr):  # fmt: skip
+    """One chunk's UT/WY form from its raw keys kt [BT, K] and gate inputs xa, xb [BT] (rows not `live` are no
+    step: gate 0, beta 0): (the l2-normed keys, the log decays g, their running sum cum, beta, (I + A)^-1 and
+    W = (I + A)^-1 (beta e^cum k)) with A the strictly lower (beta k k^T) * decay; U = (I + A)^-1 (beta v)."""
+    kt = kt.to(tl.float32)
+    kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
+    xa = xa.to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
+    g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
+    g = tl.where(live, g, 0.0)
+    beta = tl.where(live, 1.0 / (1.0 + tl.exp(-xb.to(tl.float32))), 0.0)
+    cum = tl.associative_scan(g, 0, _add)
+    lower = ri[:, None] > ri[None, :]
+    decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
+    # the system is where conditioning matters: its products keep about fp32 accuracy (3 tf32 passes; a plain fp32
+    # FMA product of this size spills registers) whatever the products' precision elsewhere
+    a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
+    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
+    w = tl.dot(inv, kt * (beta * tl.exp(cum))[:, None], input_precision=PREC)
+    return kt, g, cum, beta, inv, w
+
+
+@triton.jit
 def _gdn_block_kernel(
     q_ptr,
     k_ptr,
@@ -371,24 +394,13 @@ def _gdn_block_kernel(
     S = tl.load(state_ptr + head + tile)
     kt = tl.load(k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=live[:, None], other=0.0)
     vt = tl.load(v_ptr + b64 * sv_b + ri[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=live[:, None], other=0.0)
-    xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0).to(tl.float32)
-    xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0).to(tl.float32)
+    xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
+    xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0)
     if not COMMIT:
         qt = tl.load(
             q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=live[:, None], other=0.0
         )
-    kt = kt.to(tl.float32)
-    kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
-    xa = xa + tl.load(dt_bias_ptr + h).to(tl.float32)
-    g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
-    g = tl.where(live, g, 0.0)
-    beta = tl.where(live, 1.0 / (1.0 + tl.exp(-xb)), 0.0)
-    cum = tl.associative_scan(g, 0, _add)
-    lower = ri[:, None] > ri[None, :]
-    decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
-    a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
-    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
-    w = tl.dot(inv, kt * (beta * tl.exp(cum))[:, None], input_precision=PREC)
+    kt, g, cum, beta, inv, w = _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, PREC)
     u = tl.dot(inv, vt.to(tl.float32) * beta[:, None], input_precision=PREC)
     if COMMIT:
         v_new = u - tl.dot(w, S, input_precision=PREC)
@@ -465,29 +477,14 @@ def _chunk_prepare_kernel(
     rmask = rows < T
     kt = tl.load(
         k_ptr + b64 * sk_b + rows[:, None] * sk_t + (h // G) * sk_h + offs_k[None, :], mask=rmask[:, None], other=0.0
-    ).to(tl.float32)
-    kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
-    xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=rmask, other=0.0).to(tl.float32)
-    xa = xa + tl.load(dt_bias_ptr + h).to(tl.float32)
-    g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
-    g = tl.where(rmask, g, 0.0)
-    beta = 1.0 / (
-        1.0 + tl.exp(-tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0).to(tl.float32))
     )
-    beta = tl.where(rmask, beta, 0.0)
-    cum = tl.associative_scan(g, 0, _add)
+    xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=rmask, other=0.0)
+    xb = tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0)
+    kt, g, cum, beta, inv, w = _chunk_wy(kt, xa, xb, rmask, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, PREC)
     last = tl.reduce(g, 0, _add)
-    lower = ri[:, None] > ri[None, :]
-    decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
-    # the system is where conditioning matters: its products keep about fp32 accuracy (3 tf32 passes; a plain fp32
-    # FMA product of this size spills registers) whatever the scan's precision
-    a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
-    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
-    vt = tl.load(
-        v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
-    ).to(tl.float32)
-    w = tl.dot(inv, kt * (beta * tl.exp(cum))[:, None], input_precision=PREC)
-    u = tl.dot(inv, vt * beta[:, None], input_precision=PREC)
+    # v after the solve: held across it, a 64-token chunk's values spill registers (sm90, cross-compiled)
+    vt = tl.load(v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0)
+    u = tl.dot(inv, vt.to(tl.float32) * beta[:, None], input_precision=PREC)
     chunk = pid_bh.to(tl.int64) * NC + c
     tl.store(w_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], w)
     tl.store(ktail_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], kt * tl.exp(last - cum)[:, None])
