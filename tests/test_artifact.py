@@ -243,11 +243,15 @@ import sys
 from dflash_compiler.artifact.build import compile_artifact
 from dflash_compiler.tuning import choice
 
-def choose(self, op, shape_key, fmt):  # a database with a GDN verify config for every batch size
-    if op != "gdn_verify":
+CONFIGS = {  # a database with GDN verify and commit configs for every batch size
+    "gdn_verify": {"block_v": 16, "num_warps": 1, "unroll": True},
+    "gdn_commit": {"algorithm": "chunked", "block_v": 16, "num_warps": 4, "precision": "tf32x3"},
+}
+
+def choose(self, op, shape_key, fmt):
+    if op not in CONFIGS:
         return real(self, op, shape_key, fmt)
-    config = {"block_v": 16, "num_warps": 1, "unroll": True}
-    chosen = self.chosen[(op, shape_key, fmt)] = choice.Choice("triton", config, True)
+    chosen = self.chosen[(op, shape_key, fmt)] = choice.Choice("triton", CONFIGS[op], True)
     return chosen
 
 real, choice.Chooser.choose = choice.Chooser.choose, choose
@@ -257,9 +261,9 @@ print("compiled")
 
 
 def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
-    """A database GDN verify config: the sm90 artifact's plan records it on the step's verify nodes and its
-    kernels hold the recurrent kernel specialized with that V slice, warps and unrolling (so a load of the tuned
-    step compiles nothing), beside the commit's default specialization."""
+    """Database GDN configs, the recurrent kernel's for the verify and the chunked block for the commit: the sm90
+    artifact's plan records them on the step's nodes and its kernels hold each specialized as tuned (so a load of
+    the tuned step compiles nothing)."""
     from dflash_compiler.codegen.triton import aot
 
     out = tmp_path / "gdn-sm90"
@@ -269,15 +273,20 @@ def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
     config = {"block_v": 16, "num_warps": 1, "unroll": True}
     assert verify and all(row["tuned"]["1"] == {"lowering": "triton", "config": config} for row in verify)
     records, _ = aot.load_records(out / "kernels" / "records.json")
-    recurrent = []
+    commit = [row for row in doc["plan"] if row["op"] == "gdn_commit"]
+    chunked = {"algorithm": "chunked", "block_v": 16, "num_warps": 4, "precision": "tf32x3"}
+    assert commit and all(row["tuned"]["1"] == {"lowering": "triton", "config": chunked} for row in commit)
+    recurrent, block = [], []
     for r in records:
+        spec = json.loads(r.spec)
+        names = list(spec["signature"])
+        constants = {names[key[0]]: val for key, val in zip(spec["constant_keys"], spec["constant_vals"])}
         if r.name.endswith("._gdn_recurrent_kernel"):
-            spec = json.loads(r.spec)
-            names = list(spec["signature"])
-            constants = {names[key[0]]: val for key, val in zip(spec["constant_keys"], spec["constant_vals"])}
             recurrent.append((constants["COMMIT"], constants["BV"], constants["UNROLL"], spec["options"]["num_warps"]))
-    assert (False, 16, True, 1) in recurrent  # the verify, as tuned
-    assert any(commit and (bv, unroll, warps) != (16, True, 1) for commit, bv, unroll, warps in recurrent)
+        elif r.name.endswith("._gdn_block_kernel"):
+            block.append((constants["COMMIT"], constants["BV"], constants["PREC"], spec["options"]["num_warps"]))
+    assert (False, 16, True, 1) in recurrent and not any(c for c, *_ in recurrent)  # the verify, as tuned
+    assert block and set(block) == {(True, 16, "tf32x3", 4)}  # the commit, as tuned
 
 
 STAND_IN_LOAD = """
