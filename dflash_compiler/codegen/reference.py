@@ -308,7 +308,7 @@ def gdn_verify(
     block_v=None,
     num_warps=None,
     unroll=None,
-    algorithm=None,
+    algorithm="recurrent",
     precision=None,
 ):
     """A verify block: (o, the states after the first `capture` positions in capture_dtype, or None for 0).
@@ -337,7 +337,7 @@ def gdn_commit(
     block_v=None,
     num_warps=None,
     unroll=None,
-    algorithm=None,
+    algorithm="recurrent",
     precision=None,
 ) -> torch.Tensor:
     """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), starting from the
