@@ -188,21 +188,21 @@ def test_recurrent_final_state_in_place(seq, unroll):
 
 
 @pytest.mark.parametrize(
-    ("bsz", "seq", "dtype", "block_v"),
-    [(3, 1, torch.float32, 16), (3, 7, torch.float32, 16), (2, 16, torch.float32, 32), (3, 16, torch.float16, 16),
-     (2, 23, torch.float32, 16)],
+    ("bsz", "seq", "dtype", "block_v", "block_k"),
+    [(3, 1, torch.float32, 16, None), (3, 7, torch.float32, 16, 16), (2, 16, torch.float32, 32, None),
+     (3, 16, torch.float16, 16, 16), (2, 23, torch.float32, 16, 16)],
 )  # fmt: skip
-def test_chunked_verify_and_commit(bsz, seq, dtype, block_v):
-    """The verify block as one UT/WY chunk (shorter than 16, 16, and over 16: two 16-row blocks merged): its
-    output, then commits of different accepted positions (one keeps its state), against the position-by-position
-    reference."""
+def test_chunked_verify_and_commit(bsz, seq, dtype, block_v, block_k):
+    """The verify block as one UT/WY chunk (shorter than 16, 16, and over 16: two 16-row blocks merged), K whole
+    or in chunks: its output, then commits of different accepted positions (one keeps its state), against the
+    position-by-position reference."""
     gen = torch.Generator().manual_seed(300 + seq * 4 + bsz)
-    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=32, dv=32, dtype=dtype, gen=gen)
     o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
     live = state.clone()
     o, states = gdn.gdn_verify(
         q, k, v, a, b, a_log, dt_bias, live, capture=0, out=_nan(bsz, seq, 6, 32, dtype=dtype), block_v=block_v,
-        algorithm="chunked", precision="ieee",
+        block_k=block_k, algorithm="chunked", precision="ieee",
     )  # fmt: skip
     assert states is None
     _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 2e-3)
@@ -212,8 +212,8 @@ def test_chunked_verify_and_commit(bsz, seq, dtype, block_v):
     x = torch.randn(bsz, seq, 40, generator=gen).to(DEV, dtype)
     window_ref = ops.conv_window_after(torch.cat((window, x.transpose(1, 2)), -1), idx, 4)
     gdn.gdn_commit(
-        live, idx, k, v, a, b, a_log, dt_bias, window=window, x=x, block_v=block_v, algorithm="chunked",
-        precision="ieee",
+        live, idx, k, v, a, b, a_log, dt_bias, window=window, x=x, block_v=block_v, block_k=block_k,
+        algorithm="chunked", precision="ieee",
     )  # fmt: skip
     _close("committed state", live, _ref_after(states_ref, state, idx), 1e-4)
     if bsz > 2:
@@ -237,6 +237,10 @@ def test_chunked_block_options_are_its_own():
     idx = torch.zeros(1, dtype=torch.long, device=DEV)
     with pytest.raises(ValueError, match="^block_v:"):
         gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, block_v=8, algorithm="chunked")
+    with pytest.raises(ValueError, match="^block_k:"):
+        gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, block_k=8, algorithm="chunked")
+    with pytest.raises(ValueError, match="^block_k:"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, block_k=16)
 
 
 @pytest.mark.parametrize(
@@ -308,8 +312,10 @@ def test_gpu_verify_commit_real_dims(capture_dtype, unroll):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("bsz", "precision"), [(3, "tf32x3"), (16, "tf32x3"), (3, "ieee")])
-def test_gpu_chunked_verify_commit_real_dims(bsz, precision):
+@pytest.mark.parametrize(
+    ("bsz", "precision", "block_k"), [(3, "tf32x3", None), (16, "tf32x3", 32), (3, "ieee", 64), (3, "tf32x3", 16)]
+)
+def test_gpu_chunked_verify_commit_real_dims(bsz, precision, block_k):
     """The chunked verify block and commit at the real dims in bf16, against the position-by-position reference
     to about fp32 accuracy (the state is what every later step reads)."""
     seq = 16
@@ -319,13 +325,13 @@ def test_gpu_chunked_verify_commit_real_dims(bsz, precision):
     live = state.clone()
     o, _ = gdn.gdn_verify(
         q, k, v, a, b, a_log, dt_bias, live, capture=0, out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
-        algorithm="chunked", precision=precision,
+        algorithm="chunked", precision=precision, block_k=block_k,
     )  # fmt: skip
     _close("o", o.float(), o_ref.float(), 1e-2)
     recurrent, _ = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, live, capture=0)
     assert (o.float() - recurrent.float()).abs().max().item() <= 2 * 2**-8 * o_ref.abs().max().item()
     idx = torch.randint(-1, seq, (bsz,), generator=gen).to(DEV)
-    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, algorithm="chunked", precision=precision)
+    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, algorithm="chunked", precision=precision, block_k=block_k)
     _close("committed state", live, _ref_after(states_ref, state, idx), 1e-4)
 
 

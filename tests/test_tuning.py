@@ -226,7 +226,7 @@ def test_other_families_prune_what_cannot_run():
     gdn = space_for(GDNShape(1, 16, 16, 48, 128, 128), cpu)
     assert gdn.choices()["block_v"] == [16, 32, 64, 128]
     recurrent = {"lowering": "triton", "algorithm": "recurrent", "block_v": 128, "num_warps": 1, "unroll": False,
-                 "precision": "tf32x3"}  # fmt: skip
+                 "precision": "tf32x3", "block_k": 128}  # fmt: skip
     assert "registers per thread" in gdn.check(recurrent)
     chunked = {**recurrent, "algorithm": "chunked", "block_v": 32, "num_warps": 4}
     assert gdn.check(chunked) is None
@@ -234,12 +234,15 @@ def test_other_families_prune_what_cannot_run():
     assert "option of the chunked block" in gdn.check({**recurrent, "block_v": 16, "precision": "ieee"})
     assert "at most 64 positions" in space_for(GDNShape(1, 65, 16, 48, 128, 128), cpu).check(chunked)
     # each algorithm's config holds its own options; a recurrent one is what the database held before
-    assert gdn.config(chunked) == (
+    assert gdn.config({**chunked, "block_k": 32}) == (
         "triton",
-        {"algorithm": "chunked", "block_v": 32, "num_warps": 4, "precision": "tf32x3"},
+        {"algorithm": "chunked", "block_v": 32, "num_warps": 4, "precision": "tf32x3", "block_k": 32},
     )
+    assert "block_k is an option of the chunked block" in gdn.check({**recurrent, "block_v": 16, "block_k": 32})
     assert gdn.config({**recurrent, "block_v": 16}) == ("triton", {"block_v": 16, "num_warps": 1, "unroll": False})
-    assert [p["block_v"] for p in gdn.alternatives() if p["algorithm"] == "chunked"] == [16, 32, 64, 128]
+    assert [(p["block_k"], p["block_v"]) for p in gdn.alternatives()] == [
+        (bk, bv) for bk in (128, 32) for bv in (16, 32, 64, 128)
+    ]
     acc = space_for(AcceptShape(2, 16, 4096), cpu)
     assert "not a multiple of block_v" in acc.check({"lowering": "triton", "block_v": 4096, "chunk": 2048})
 

@@ -310,6 +310,7 @@ def gdn_verify(
     unroll=None,
     algorithm="recurrent",
     precision=None,
+    block_k=None,
 ):
     """A verify block: (o, the states after the first `capture` positions in capture_dtype, or None for 0).
     Leaves state unchanged; gdn_commit then makes the state after the accepted position current."""
@@ -339,6 +340,7 @@ def gdn_commit(
     unroll=None,
     algorithm="recurrent",
     precision=None,
+    block_k=None,
 ) -> torch.Tensor:
     """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), starting from the
     last captured state at or before it (states [B, D, ...] from gdn_verify, or the block's initial state) and

@@ -543,6 +543,7 @@ class GDNSpace(Space):
                 "num_warps": [1, 2, 4, 8],
                 "unroll": [False, True],
                 "precision": list(gdn_kernels.PRECISIONS),
+                "block_k": _upto([16, 32, 64, 128], self.shape.dk),
             }
         )
 
@@ -552,27 +553,30 @@ class GDNSpace(Space):
         cfg = gdn_kernels._recurrent_config(s.batch, s.t, s.dv, commit, False, None, None, None)
         return {
             "lowering": "triton", "algorithm": "recurrent", "block_v": cfg["BV"], "num_warps": cfg["num_warps"],
-            "unroll": cfg["UNROLL"], "precision": gdn_kernels.PRECISIONS[0],
+            "unroll": cfg["UNROLL"], "precision": gdn_kernels.PRECISIONS[0], "block_k": s.dk,
         }  # fmt: skip
 
     def alternatives(self) -> list[Params]:
-        """The chunked block at each V slice with 4 warps: a TPE run over the recurrent kernel's larger share of
-        the space may not reach it."""
+        """The chunked block at each V slice with 4 warps, K whole and in chunks of 32 (at K = 128 on sm90, 231-255
+        registers per thread against 95-125, cross-compiled): a TPE run over the recurrent kernel's larger share of
+        the space may not reach them."""
         default = self.default()
         if default["lowering"] != "triton":
             return []
+        choices = self.choices()
         points = [
-            {**default, "algorithm": "chunked", "unroll": False, "block_v": bv, "num_warps": 4}
-            for bv in self.choices()["block_v"]
+            {**default, "algorithm": "chunked", "unroll": False, "block_v": bv, "num_warps": 4, "block_k": bk}
+            for bk in dict.fromkeys([self.shape.dk, min(32, self.shape.dk)])
+            for bv in choices["block_v"]
         ]
-        return [p for p in points if self.check(p) is None]
+        return [p for p in points if p["block_k"] in choices["block_k"] and self.check(p) is None]
 
     def config(self, params: Params) -> tuple[str, dict[str, Any]]:
         """The options of the chosen algorithm only (a recurrent config stores no algorithm, as before it had one)."""
         lowering, config = super().config(params)
         if lowering == "triton":
             if config.pop("algorithm") == "recurrent":
-                del config["precision"]
+                del config["precision"], config["block_k"]
             else:
                 config = {**config, "algorithm": "chunked"}
                 del config["unroll"]
@@ -585,6 +589,8 @@ class GDNSpace(Space):
             return "unroll is an option of the recurrent kernel (the same chunked point without it)"
         if params["algorithm"] == "recurrent" and params["precision"] != gdn_kernels.PRECISIONS[0]:
             return "precision is an option of the chunked block (the same recurrent point without it)"
+        if params["algorithm"] == "recurrent" and params["block_k"] != self.shape.dk:
+            return "block_k is an option of the chunked block (the same recurrent point without it)"
         return None
 
     def limits(self, params: Params) -> str | None:
@@ -596,9 +602,11 @@ class GDNSpace(Space):
         if params["algorithm"] == "chunked":
             if s.t > 64 or s.dk < 16:
                 return f"the chunked block takes at most 64 positions and K >= 16 (t={s.t}, K={s.dk})"
-            # the state slice, and the block's keys and their W (fp32) in registers
+            if s.dk % params["block_k"]:
+                return f"block_k {params['block_k']} does not divide K={s.dk}"
+            # a K chunk of the state slice, and of the block's keys and queries (fp32), in registers
             rows = max(16, _p2(s.t))
-            regs = s.dk * params["block_v"] + 2 * rows * s.dk
+            regs = params["block_k"] * params["block_v"] + 2 * rows * params["block_k"]
             return _accumulator_check(regs, params["num_warps"], self.profile, "the chunked block")
         return _accumulator_check(s.dk * params["block_v"], params["num_warps"], self.profile, "the state slice")
 

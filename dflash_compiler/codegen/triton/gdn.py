@@ -306,6 +306,17 @@ def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h):
+    """The log decays g = -e^a_log softplus(a + dt_bias), beta = sigmoid(b) and the running sum of g of a chunk's
+    rows (0 where not `live`)."""
+    xa = xa.to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
+    g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
+    g = tl.where(live, g, 0.0)
+    beta = tl.where(live, 1.0 / (1.0 + tl.exp(-xb.to(tl.float32))), 0.0)
+    return g, beta, tl.associative_scan(g, 0, _add)
+
+
+@triton.jit
 def _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr, LEVELS: tl.constexpr,
               PREC: tl.constexpr):  # fmt: skip
     """One chunk's UT/WY form from its raw keys kt [BT, K] and gate inputs xa, xb [BT] (rows not `live` are no
@@ -313,11 +324,7 @@ def _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr,
     W = (I + A)^-1 (beta e^cum k)) with A the strictly lower (beta k k^T) * decay; U = (I + A)^-1 (beta v)."""
     kt = kt.to(tl.float32)
     kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
-    xa = xa.to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
-    g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
-    g = tl.where(live, g, 0.0)
-    beta = tl.where(live, 1.0 / (1.0 + tl.exp(-xb.to(tl.float32))), 0.0)
-    cum = tl.associative_scan(g, 0, _add)
+    g, beta, cum = _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h)
     lower = ri[:, None] > ri[None, :]
     decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
     # the system is where conditioning matters: its products keep about fp32 accuracy (3 tf32 passes; a plain fp32
@@ -365,6 +372,7 @@ def _gdn_block_kernel(
     BT: tl.constexpr,
     SB: tl.constexpr,
     LEVELS: tl.constexpr,
+    BK: tl.constexpr,
     COMMIT: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -375,51 +383,82 @@ def _gdn_block_kernel(
     block's corrected values are v_new = U - W S. Verify (COMMIT False): o = (q e^cum) S + ((q k^T) * decay) v_new.
     Commit (COMMIT True): positions after idx[b] get no write and no decay (beta 0, gate 0), so the state after
     the block is the state after idx[b]: S e^cum_last + (k e^(cum_last - cum))^T v_new, written in place (idx[b] =
-    -1 leaves it as it was)."""
+    -1 leaves it as it was).
+
+    K is walked in chunks of BK, so that no [BT, K] operand is held (each warp of a product holds all of its rows
+    and their tf32x3 parts: at BK = K = 128 the kernel took 231-255 registers per thread on sm90). The l2 norms
+    are applied to the [BT, BT] products of the raw keys and queries, and W, the queries' correction and the
+    keys' decay to the end are row scalings and [BT, BT] products applied to each chunk."""
     pid_bh = tl.program_id(0)
     pid_v = tl.program_id(1)
     bb = pid_bh // HV
     h = pid_bh % HV
     hq = h // G
     b64 = bb.to(tl.int64)
-    offs_k = tl.arange(0, K)
+    offs_c = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     ri = tl.arange(0, BT)
     live = ri < T
     if COMMIT:
         live = live & (ri <= tl.load(idx_ptr + bb))
-    # every load first: none depends on another, and their latency then overlaps the system's solve
-    tile = offs_k[:, None] * V + offs_v[None, :]
-    head = (b64 * HV + h) * (K * V)
-    S = tl.load(state_ptr + head + tile)
-    kt = tl.load(k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=live[:, None], other=0.0)
+    k_rows = k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h + offs_c[None, :]
+    q_rows = q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h + offs_c[None, :]
+    s_tile = state_ptr + (b64 * HV + h) * (K * V) + offs_c[:, None] * V + offs_v[None, :]
     vt = tl.load(v_ptr + b64 * sv_b + ri[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=live[:, None], other=0.0)
     xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
     xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0)
-    if not COMMIT:
-        qt = tl.load(
-            q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=live[:, None], other=0.0
-        )
-    kt, g, cum, beta, inv, w = _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, PREC)
+    # the raw products over K: k k^T, q k^T and the squared norms
+    kk = tl.zeros((BT, BT), tl.float32)
+    qk = tl.zeros((BT, BT), tl.float32)
+    ksq = tl.zeros((BT,), tl.float32)
+    qsq = tl.zeros((BT,), tl.float32)
+    for c in range(K // BK):
+        kc = tl.load(k_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
+        kk += tl.dot(kc, tl.trans(kc), input_precision="tf32x3")
+        ksq += tl.reduce(kc * kc, 1, _add)
+        if not COMMIT:
+            qc = tl.load(q_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
+            qk += tl.dot(qc, tl.trans(kc), input_precision=PREC)
+            qsq += tl.reduce(qc * qc, 1, _add)
+    rk = tl.rsqrt(ksq + 1e-6)
+    g, beta, cum = _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h)
+    lower = ri[:, None] > ri[None, :]
+    decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
+    a_mat = tl.where(lower, kk * (beta * rk)[:, None] * rk[None, :] * decay, 0.0)
+    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
     u = tl.dot(inv, vt.to(tl.float32) * beta[:, None], input_precision=PREC)
+    # W = inv diag(rk beta e^cum) k_raw: the [BT, BT] factor applied to each chunk of the raw keys
+    w_of_k = inv * (rk * beta * tl.exp(cum))[None, :]
     if COMMIT:
-        v_new = u - tl.dot(w, S, input_precision=PREC)
+        ks = tl.zeros((BT, BV), tl.float32)  # k_raw S
+        for c in range(K // BK):
+            kc = tl.load(k_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
+            ks += tl.dot(kc, tl.load(s_tile + c * BK * V), input_precision=PREC)
+        v_new = u - tl.dot(w_of_k, ks, input_precision=PREC)
         last = tl.reduce(g, 0, _add)
-        k_tail = kt * tl.exp(last - cum)[:, None]
-        S = S * tl.exp(last) + tl.dot(tl.trans(k_tail), v_new, input_precision=PREC)
-        # in place: every thread must have read its slice of the old state before any writes
+        tail = rk * tl.exp(last - cum)  # the normed keys decayed to the block's end, as a row scaling
+        # in place: every thread must have read the old state (the products above) before any writes
         tl.debug_barrier()
-        tl.store(state_ptr + head + tile, S)
+        for c in range(K // BK):
+            kc = tl.load(k_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32) * tail[:, None]
+            s_c = tl.load(s_tile + c * BK * V)
+            s_c = s_c * tl.exp(last) + tl.dot(tl.trans(kc), v_new, input_precision=PREC)
+            tl.debug_barrier()
+            tl.store(s_tile + c * BK * V, s_c)
     else:
-        qt = qt.to(tl.float32)
-        qt = qt * (tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale)[:, None]
+        rq = tl.rsqrt(qsq + 1e-6) * scale
         incl = ri[:, None] >= ri[None, :]
-        attn = tl.dot(qt, tl.trans(kt), input_precision=PREC) * tl.exp(
-            tl.where(incl, cum[:, None] - cum[None, :], float("-inf"))
-        )
-        # o = (q e^cum) S + attn (U - W S) = (q e^cum - attn W) S + attn U: one product with the state, not two
-        q_eff = qt * tl.exp(cum)[:, None] - tl.dot(attn, w, input_precision=PREC)
-        o = tl.dot(q_eff, S, input_precision=PREC) + tl.dot(attn, u, input_precision=PREC)
+        attn = qk * rq[:, None] * rk[None, :] * tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
+        # o = (q e^cum) S + attn (U - W S) = (q e^cum - attn W) S + attn U: one product with the state, not two;
+        # q e^cum - attn W = diag(rq e^cum) q_raw - (attn w_of_k) k_raw, chunk by chunk
+        q_scale = rq * tl.exp(cum)
+        k_mix = tl.dot(attn, w_of_k, input_precision=PREC)
+        o = tl.dot(attn, u, input_precision=PREC)
+        for c in range(K // BK):
+            qc = tl.load(q_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
+            kc = tl.load(k_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
+            q_eff = qc * q_scale[:, None] - tl.dot(k_mix, kc, input_precision=PREC)
+            o += tl.dot(q_eff, tl.load(s_tile + c * BK * V), input_precision=PREC)
         tl.store(
             o_ptr + ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :],
             o.to(o_ptr.dtype.element_ty),
@@ -804,7 +843,7 @@ ALGORITHMS = ("recurrent", "chunked")
 PRECISIONS = ("tf32x3", "ieee")  # the chunked block's products: about fp32 (3 tf32 passes), or fp32 FMAs
 
 
-def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, num_warps, precision, scale):
+def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, block_k, num_warps, precision, scale):
     """One launch of _gdn_block_kernel: verify (idx None, writes out) or commit (idx given, updates state)."""
     bsz, seq, hv, dv = v.shape
     dk = k.shape[-1]
@@ -814,20 +853,25 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, num_w
     _check(dk >= 16, "k", f"head dim {dk} < 16 (tl.dot minimum)")
     _check(_pow2(bv) and bv >= 16 and dv % bv == 0, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
     _check(precision in PRECISIONS, "precision", f"{precision!r} not in {'/'.join(PRECISIONS)}")
+    bk = block_k or dk
+    _check(_pow2(bk) and bk >= 16 and dk % bk == 0, "block_k", f"{bk} must be a power of two >= 16 dividing K={dk}")
     commit = idx is not None
     _gdn_block_kernel[(bsz * hv, dv // bv)](
         q, k, v, a, b, a_log, dt_bias, state, out, idx if commit else state, seq, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
         HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=(bt // 16).bit_length() - 1,
-        COMMIT=commit, PREC=precision, num_warps=num_warps or 4,
+        BK=bk, COMMIT=commit, PREC=precision, num_warps=num_warps or 4,
     )  # fmt: skip
 
 
-def _check_algorithm(algorithm: str, depth: int, unroll: bool | None, precision: str | None) -> bool:
+def _check_algorithm(
+    algorithm: str, depth: int, unroll: bool | None, precision: str | None, block_k: int | None
+) -> bool:
     """Whether the chunked block runs; its options and the recurrent kernel's are not mixed."""
     _check(algorithm in ALGORITHMS, "algorithm", f"{algorithm!r} not in {'/'.join(ALGORITHMS)}")
     if algorithm == "recurrent":
         _check(precision is None, "precision", "only the chunked algorithm takes a dot precision")
+        _check(block_k is None, "block_k", "only the chunked algorithm walks K in chunks")
         return False
     _check(depth == 0, "capture", "the chunked algorithm captures no states (replay: capture 0)")
     _check(not unroll, "unroll", "unrolling is an option of the recurrent algorithm")
@@ -853,27 +897,28 @@ def gdn_verify(
     unroll: bool | None = None,
     algorithm: str = "recurrent",
     precision: str | None = None,
+    block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A verify block: o, and the states after the first `capture` positions (DEFAULT_CAPTURE when None; 0 = replay).
 
     Leaves state unchanged; gdn_commit then makes the state after the accepted position current. Returns
     (o, states) with states [B, capture, HV, K, V] in capture_dtype (None when capture is 0).
     algorithm: "recurrent" (position by position, the decode step's arithmetic) or "chunked" (the block as one
-    UT/WY chunk on the tensor cores, products in `precision`, default tf32x3; capture 0 only): the same function,
-    rounded differently.
+    UT/WY chunk on the tensor cores, products in `precision`, default tf32x3, K walked in chunks of block_k, default
+    all of K; capture 0 only): the same function, rounded differently.
     """
     seq = k.shape[1]
     depth = DEFAULT_CAPTURE if capture is None else capture
     _check(0 <= depth <= seq, "capture", f"{depth} not in 0..{seq}")
-    if _check_algorithm(algorithm, depth, unroll, precision):
+    if _check_algorithm(algorithm, depth, unroll, precision, block_k):
         bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
         if out is None:
             out = torch.empty(bsz, seq, hv, dv, dtype=v.dtype, device=v.device)
         _check(tuple(out.shape) == (bsz, seq, hv, dv) and out.is_contiguous(), "out", f"expected {(bsz, seq, hv, dv)}")
         if seq > 0:
             _gdn_block(
-                q, k, v, a, b, a_log, dt_bias, state, out, None, block_v=block_v, num_warps=num_warps,
-                precision=precision or PRECISIONS[0], scale=dk**-0.5,
+                q, k, v, a, b, a_log, dt_bias, state, out, None, block_v=block_v, block_k=block_k,
+                num_warps=num_warps, precision=precision or PRECISIONS[0], scale=dk**-0.5,
             )  # fmt: skip
         return out, None
     if depth > 0 and states is None:
@@ -917,6 +962,7 @@ def gdn_commit(
     unroll: bool | None = None,
     algorithm: str = "recurrent",
     precision: str | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
     """In place: state[b] becomes the state after block position idx[b] (-1 keeps it), per request.
 
@@ -941,11 +987,11 @@ def gdn_commit(
         depth = states.shape[1]
     _check((window is None) == (x is None), "x", "window and x go together")
     idx32 = idx.to(torch.int32)
-    if _check_algorithm(algorithm, depth, unroll, precision):
+    if _check_algorithm(algorithm, depth, unroll, precision, block_k):
         if seq > 0:
             _gdn_block(
-                k, k, v, a, b, a_log, dt_bias, state, v, idx32, block_v=block_v, num_warps=num_warps,
-                precision=precision or PRECISIONS[0], scale=1.0,
+                k, k, v, a, b, a_log, dt_bias, state, v, idx32, block_v=block_v, block_k=block_k,
+                num_warps=num_warps, precision=precision or PRECISIONS[0], scale=1.0,
             )  # fmt: skip
         if window is not None:
             conv_window_commit(window, x, idx32)
