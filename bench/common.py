@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -10,6 +11,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dflash_compiler"
+
+
+def source_digest(root: Path = PACKAGE) -> str:
+    """sha256 (16 hex digits) of the package's sources and tuning databases (.py, .toml, .jsonl under root, by
+    relative path): what ran, where a copied tree's .git may name an older commit than its files. The same on a
+    checkout of the commit that holds these files."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml", ".jsonl") and p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def git_commit() -> str:
@@ -103,6 +116,7 @@ def write_results(path: str | Path, rows: list[dict], **extra: object) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),
         "commit": git_commit(),
+        "source_digest": source_digest(),
         **extra,
         "rows": rows,
     }

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import e2e  # noqa: E402
 import e2e_models  # noqa: E402
-from common import write_results  # noqa: E402
+from common import source_digest, write_results  # noqa: E402
 
 
 def test_weight_bytes_match_the_27b_figures():
@@ -224,3 +224,20 @@ def test_a_runner_through_an_artifact_of_random_weights(tmp_path, capsys):
     with pytest.raises(SystemExit):
         e2e.main(["--size", "tiny", "--via-artifact", str(tmp_path), "--glue", "inductor", "--floors-only"])
     assert "--via-artifact: the artifact's graphs run as compiled" in capsys.readouterr().err
+
+
+def test_results_name_the_sources_that_ran(tmp_path):
+    """Every result JSON carries a digest of the package's sources and databases: equal for equal files (as on a
+    checkout of the commit that ran), different when one file differs, whatever commit a copied .git names."""
+    doc = write_results(tmp_path / "r.json", [])
+    assert doc["source_digest"] == source_digest() == json.loads((tmp_path / "r.json").read_text())["source_digest"]
+    tree = tmp_path / "pkg"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.py").write_text("x = 1\n")
+    (tree / "sub" / "db.jsonl").write_text("{}\n")
+    (tree / "notes.md").write_text("not a source")
+    first = source_digest(tree)
+    (tree / "notes.md").write_text("changed, still not a source")
+    assert source_digest(tree) == first
+    (tree / "sub" / "db.jsonl").write_text('{"time_us": 1}\n')
+    assert source_digest(tree) != first
