@@ -728,6 +728,14 @@ def _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state):
     return bsz, seq, heads, hv, dk, dv
 
 
+def _gdn_out(out: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    """The output o [B, T, HV, V] in v's dtype: `out` checked, or a new tensor."""
+    if out is None:
+        return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _check(tuple(out.shape) == tuple(v.shape) and out.is_contiguous(), "out", f"expected {tuple(v.shape)}")
+    return out
+
+
 def _recurrent_config(
     bsz: int,
     seq: int,
@@ -780,9 +788,7 @@ def gdn_recurrent(
     are unrolled with per-step loads (True) or run as a loop over inputs loaded a block at a time (False).
     """
     bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
-    if out is None:
-        out = torch.empty(bsz, seq, hv, dv, dtype=v.dtype, device=v.device)
-    _check(tuple(out.shape) == (bsz, seq, hv, dv) and out.is_contiguous(), "out", f"expected {(bsz, seq, hv, dv)}")
+    out = _gdn_out(out, v)
     depth = 0
     if states is not None:
         depth = states.shape[1] if states.dim() == 5 else -1
@@ -912,9 +918,7 @@ def gdn_verify(
     _check(0 <= depth <= seq, "capture", f"{depth} not in 0..{seq}")
     if _check_algorithm(algorithm, depth, unroll, precision, block_k):
         bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
-        if out is None:
-            out = torch.empty(bsz, seq, hv, dv, dtype=v.dtype, device=v.device)
-        _check(tuple(out.shape) == (bsz, seq, hv, dv) and out.is_contiguous(), "out", f"expected {(bsz, seq, hv, dv)}")
+        out = _gdn_out(out, v)
         if seq > 0:
             _gdn_block(
                 q, k, v, a, b, a_log, dt_bias, state, out, None, block_v=block_v, block_k=block_k,
@@ -1077,9 +1081,7 @@ def gdn_chunked(
     bv = min(block_v, dv)
     _check(_pow2(bv) and bv >= 16, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
     _check(precision in ("tf32", "ieee", "tf32x3"), "precision", f"{precision!r} not in tf32/ieee/tf32x3")
-    if out is None:
-        out = torch.empty(bsz, seq, hv, dv, dtype=v.dtype, device=v.device)
-    _check(tuple(out.shape) == (bsz, seq, hv, dv) and out.is_contiguous(), "out", f"expected {(bsz, seq, hv, dv)}")
+    out = _gdn_out(out, v)
     if final_state is None:
         final_state = torch.empty_like(state)
     _check(

@@ -96,6 +96,20 @@ def _scales(sc, zw, row0, FORMAT: tl.constexpr, FP8_DOT: tl.constexpr, BLOCK_N: 
     return sc, corr
 
 
+def _int4_decode_asm(magic: int, one: int, offset: int, packed: str) -> str:
+    """PTX for one word's pair of nibbles as (MAGIC + q) * 1 - (MAGIC + 8) = q - 8 in a packed half type: the
+    constants are the type's MAGIC, 1.0 and -(MAGIC + 8) in both halves."""
+    return (
+        f"{{ .reg .b32 t, one, off; lop3.b32 t, $2, 0x000F000F, {magic:#010X}, 0xEA; mov.b32 one, {one:#010X}; "
+        f"mov.b32 off, {offset:#010X}; fma.rn.{packed} t, t, one, off; mov.b32 {{$0, $1}}, t; }}"
+    ).replace("0X", "0x")
+
+
+# bf16: MAGIC 128 (0x4300), 1.0 (0x3F80), -136 (0xC308); fp16: MAGIC 1024 (0x6400), 1.0 (0x3C00), -1032 (0xE408)
+_INT4_DECODE_BF16 = tl.constexpr(_int4_decode_asm(0x43004300, 0x3F803F80, 0xC308C308, "bf16x2"))
+_INT4_DECODE_F16 = tl.constexpr(_int4_decode_asm(0x64006400, 0x3C003C00, 0xE408E408, "f16x2"))
+
+
 @triton.jit
 def _int4_plane(words, j: tl.constexpr, F32: tl.constexpr, magic_bits, offset, half_dtype: tl.constexpr,
                 operand_dtype: tl.constexpr, HW_DECODE: tl.constexpr):  # fmt: skip
@@ -107,20 +121,11 @@ def _int4_plane(words, j: tl.constexpr, F32: tl.constexpr, magic_bits, offset, h
         return tl.reshape(tl.join(lo, hi), (words.shape[0], 32))
     if HW_DECODE:
         # mask, magic and the - (MAGIC + 8) as one LOP3 and one packed FMA per word, the pair unpacked as it lies
-        # in the register (the split and join below cost a repack per pair). The constants are magic_bits and
-        # -offset (bf16 0x43004300 / -136, fp16 0x64006400 / -1032), written out: the asm is a literal string.
-        if half_dtype == tl.bfloat16:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, one, off; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA; mov.b32 one, 0x3F803F80; "
-                "mov.b32 off, 0xC308C308; fma.rn.bf16x2 t, t, one, off; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r", [words >> (4 * j)], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1,
-            )  # fmt: skip
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, one, off; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA; mov.b32 one, 0x3C003C00; "
-                "mov.b32 off, 0xE408E408; fma.rn.f16x2 t, t, one, off; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r", [words >> (4 * j)], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
-            )  # fmt: skip
+        # in the register (the split and join below cost a repack per pair)
+        asm: tl.constexpr = _INT4_DECODE_BF16 if half_dtype == tl.bfloat16 else _INT4_DECODE_F16
+        lo, hi = tl.inline_asm_elementwise(
+            asm, "=h,=h,r", [words >> (4 * j)], dtype=(half_dtype.value, half_dtype.value), is_pure=True, pack=1
+        )
         return tl.reshape(tl.join(lo, hi), (words.shape[0], 32)).to(operand_dtype)
     pair = ((words >> (4 * j)) & 0x000F000F) | magic_bits
     lo = pair.to(tl.uint16).to(half_dtype, bitcast=True)
