@@ -241,6 +241,12 @@ def test_chunked_block_options_are_its_own():
         gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, block_k=8, algorithm="chunked")
     with pytest.raises(ValueError, match="^block_k:"):
         gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, block_k=16)
+    long = _gdn_inputs(1, 65, **SMALL, dtype=torch.float32, gen=gen)
+    with pytest.raises(ValueError, match="^k: the chunked block takes at most 64 positions, got 65"):
+        gdn.gdn_verify(*long, capture=0, algorithm="chunked")
+    narrow = _gdn_inputs(1, 3, heads=2, hv=6, dk=8, dv=16, dtype=torch.float32, gen=gen)
+    with pytest.raises(ValueError, match="^k: head dim 8 < 16"):
+        gdn.gdn_verify(*narrow, capture=0, algorithm="chunked")
 
 
 @pytest.mark.parametrize(
