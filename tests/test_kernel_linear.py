@@ -390,6 +390,89 @@ def test_linear_with_fused_sigmoid_gate(fmt, epilogue, split):
         linear(x, weight, gate=gate[:, :-1])
 
 
+TMA_GRIDS = {"tile": {}, "split": {"split_k": 3}, "stream-k": {"programs": 7}}
+
+
+@pytest.mark.parametrize("grid", TMA_GRIDS)
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_tma_linear_dense(m, epilogue, grid):
+    """The TMA kernel (tiles fetched whole, zero-filled past N, M and K): odd N, K ending inside a chunk, M over
+    one tile, every epilogue, whole, split and stream-K tiles; NaN-poisoned outputs must all be written."""
+    gen = torch.Generator().manual_seed(80 + m)
+    n = 42 if epilogue == "swiglu" else 37
+    weight = make_weight("dense", n, 200, gen)
+    x = torch.randn(m, 200, generator=gen).to(DEVICE, torch.float16)
+    n_out = n // 2 if epilogue == "swiglu" else n
+    residual = torch.randn(m, n_out, generator=gen).to(DEVICE, torch.float16) if epilogue == "residual" else None
+    config = LinearConfig(block_n=16, block_m=16, block_k=64, num_stages=2, tma=True, **TMA_GRIDS[grid])
+    run_and_check(x, weight, residual=residual, swiglu=epilogue == "swiglu", config=config)
+
+
+@pytest.mark.parametrize("grid", TMA_GRIDS)
+def test_tma_linear_with_fused_norm_and_gate(grid):
+    """The TMA kernel scales its x tiles by the RMSNorm weight (1 / RMS on the finished rows, shared tiles
+    included) or by sigmoid(gate), as the pointer kernel does."""
+    gen = torch.Generator().manual_seed(85)
+    n, k, m = 29, 200, 5
+    weight = make_weight("dense", n, k, gen)
+    x = (torch.randn(m, k, generator=gen) * 4).to(DEVICE, torch.float16)
+    config = LinearConfig(block_n=16, block_m=16, block_k=64, num_stages=2, tma=True, **TMA_GRIDS[grid])
+    for zero_centered in (False, True):
+        g = (torch.randn(k, generator=gen) * 0.3 + (0 if zero_centered else 1)).to(DEVICE, torch.float16)
+        out = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+        y = linear(x, weight, out=out, config=config, norm=linear_mod.RowNorm(g, 1e-6, zero_centered))
+        ref = reference(ops.rms_norm(x, g, 1e-6, zero_centered), weight)
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(y).all() and err < 3e-3, f"norm (zero_centered={zero_centered}): {err:.2e}"
+    gate = (torch.randn(m, 2 * k, generator=gen) * 2).to(DEVICE, torch.float16)[:, k:]
+    out = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+    y = linear(x, weight, out=out, config=config, gate=gate)
+    ref = reference(x.float() * torch.sigmoid(gate.float()), weight)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(y).all() and err < 3e-3, f"gate: {err:.2e}"
+
+
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+def test_tma_linear_fp8_channel_quantizes_x_per_token(epilogue):
+    """FP8 per-channel weights through the TMA kernel: x quantized in front with one scale per token, the row and
+    token scales applied once per tile share; against the reference on x quantized the same way."""
+    gen = torch.Generator().manual_seed(86)
+    n, k, m = (42 if epilogue == "swiglu" else 37), 384, 5
+    weight = make_weight("fp8_channel", n, k, gen)
+    x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(DEVICE, torch.float16)
+    n_out = n // 2 if epilogue == "swiglu" else n
+    residual = torch.randn(m, n_out, generator=gen).to(DEVICE, torch.float16) if epilogue == "residual" else None
+    xq = wf.dequantize_fp8_activations(*wf.quantize_fp8_activations(x, group=k), group=k)
+    ref = reference(xq, weight, residual, epilogue == "swiglu")
+    for block_k, grid in itertools.product((128, 256), TMA_GRIDS.values()):
+        config = LinearConfig(block_n=16, block_m=16, block_k=block_k, num_stages=2, tma=True, **grid)
+        out = torch.full((m, n_out), float("nan"), dtype=x.dtype, device=DEVICE)
+        y = linear(x, weight, residual=residual, swiglu=epilogue == "swiglu", out=out, fp8_dot=True, config=config)
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(y).all() and err < 3e-3, f"block_k {block_k}, {grid}: relative error {err:.2e}"
+
+
+def test_tma_linear_refuses_what_it_cannot_fetch():
+    gen = torch.Generator().manual_seed(87)
+    x = torch.randn(4, 256, generator=gen).to(DEVICE, torch.float16)
+    tma = LinearConfig(block_n=16, block_m=16, block_k=64, num_stages=2, tma=True)
+    cases = [
+        (make_weight("int4_sym", 32, 256, gen), dataclasses.replace(tma, block_k=128), "tma takes dense weights"),
+        (make_weight("fp8_block", 32, 256, gen), dataclasses.replace(tma, block_k=128), "tma takes dense weights"),
+        (make_weight("fp8_channel", 32, 256, gen), dataclasses.replace(tma, block_k=128, prequant_x=True),
+         "tma is its own variant"),
+        (make_weight("dense", 32, 256, gen, dtype=torch.float32), tma, "tma with dense weights needs bf16/fp16"),
+        (make_weight("dense", 32, 256, gen), dataclasses.replace(tma, block_k=256), "at most 256 bytes"),
+    ]  # fmt: skip
+    for weight, config, message in cases:
+        with pytest.raises(ValueError, match=f"^config: .*{message}"):
+            linear(x, weight, fp8_dot=True, config=config)
+    odd = torch.randn(4, 260, generator=gen).to(DEVICE, torch.float16)[:, :252]  # rows of 520 bytes
+    with pytest.raises(ValueError, match="^x: tma needs 16-byte aligned rows"):
+        linear(odd, make_weight("dense", 32, 252, gen), config=tma)
+
+
 def test_linear_default_config_and_repeat():
     """The heuristic config runs, and a split launch leaves its counters ready for the next (same result)."""
     gen = torch.Generator().manual_seed(40)
@@ -734,3 +817,31 @@ def test_an_outgrown_workspace_stays_allocated():
     large, _ = linear_mod._workspace(dev, (1 << 16) + 1, 1 << 12)
     assert large.numel() == (1 << 16) + 1 and any(t is small for t in linear_mod._RETIRED)
     linear_mod._WORKSPACES.pop(dev, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["none", "residual", "swiglu"])
+@pytest.mark.parametrize("m,n,k", [(1, 5120, 6144), (16, 2048, 17408), (40, 3072, 5200)])
+@pytest.mark.parametrize("fmt", ["dense", "fp8_channel"])
+def test_gpu_tma_linear(fmt, m, n, k, epilogue):
+    """The TMA kernel at real shapes in bf16: dense weights against the fp32 product, FP8 per-channel weights
+    against the reference on x quantized per token; stream-K, split and whole tiles, FP8 in chunks of 128 and 256;
+    the fused RMSNorm for dense weights."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm90+")
+    gen = torch.Generator().manual_seed(88)
+    weight = make_weight(fmt, 2 * n if epilogue == "swiglu" else n, k, gen, dtype=torch.bfloat16)
+    x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16) if epilogue == "residual" else None
+    fp8 = fmt == "fp8_channel"
+    xq = wf.dequantize_fp8_activations(*wf.quantize_fp8_activations(x, group=k), group=k) if fp8 else x
+    ref = reference(xq, weight, residual, epilogue == "swiglu")
+    g = (torch.randn(k, generator=gen) * 0.3 + 1).to(DEVICE, torch.bfloat16)
+    normed_ref = reference(ops.rms_norm(x, g, 1e-6, False), weight, residual, epilogue == "swiglu")
+    for block_k, grid in itertools.product((128, 256) if fp8 else (128,), ({"programs": 264}, {"split_k": 3}, {})):
+        config = LinearConfig(block_n=64, block_m=16, block_k=block_k, num_stages=4, tma=True, **grid)
+        for norm, want in ((None, ref), *(() if fp8 else ((linear_mod.RowNorm(g, 1e-6), normed_ref),))):
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+            y = linear(x, weight, residual=residual, swiglu=epilogue == "swiglu", out=out, config=config, norm=norm)
+            err = ((y.float() - want).norm() / want.norm()).item()
+            assert torch.isfinite(y).all() and err < 1e-2, f"{block_k}, {grid}, norm {norm is not None}: {err:.2e}"

@@ -439,12 +439,26 @@ def test_the_linear_alternatives_switch_each_variant_on_and_try_whole_64_row_til
     sm90 = space_for(qkv, load_profile("sm90"))
     default = sm90.default()
     tiles = {"block_n": 64, "num_warps": 4, "num_stages": 6, "grid": "tile"}
+    tma = {"tma": True, "fp8_dot": True}
+    stream = {"block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4, "grid": "sk2"}
     assert sm90.alternatives() == [
-        {**default, "prequant_x": True}, {**default, **tiles}, {**default, **tiles, "prequant_x": True}
+        {**default, "prequant_x": True}, {**default, **tma},
+        {**default, **tiles}, {**default, **tiles, "prequant_x": True}, {**default, **tiles, **tma},
+        {**default, **stream, **tma},
     ]  # fmt: skip
-    # no FP8 tensor cores on sm80: no pre-quantized x
+    # no FP8 tensor cores nor TMA on sm80: no pre-quantized x, no TMA kernel
     sm80 = space_for(qkv, load_profile("sm80"))
     assert sm80.alternatives() == [{**sm80.default(), **tiles}]
+    assert sm80.choices()["tma"] == [False] and sm80.choices()["block_k"] == [128]
+    # dense bf16 on sm90: the TMA kernel in chunks of 128 inputs (256 bytes)
+    dense = space_for(LinearShape(16, 5120, 6144, "bf16"), load_profile("sm90"))
+    assert {**dense.default(), **stream, "block_k": 128, "tma": True} in dense.alternatives()
+    assert dense.limits({**dense.default(), "tma": True, "block_k": 256}) == (
+        "the TMA kernel fetches at most 256 bytes of a row per tile"
+    )
+    assert sm90.limits({**default, "tma": True, "prequant_x": True, "fp8_dot": True}) == (
+        "the TMA kernel is its own variant (FP8 weights quantize x per token)"
+    )
     int4 = space_for(LinearShape(16, 34816, 5120, "int4_sym", "swiglu"), load_profile("sm90"))
     changed = [{k for k in p if p[k] != int4.default()[k]} for p in int4.alternatives()]
     assert {"prequant_x"} in changed and {"int4_chunk_dot"} in changed

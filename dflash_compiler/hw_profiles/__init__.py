@@ -87,6 +87,11 @@ class HardwareProfile:
         return self.compute_capability == (9, 0)
 
     @property
+    def tensor_memory_accelerator(self) -> bool:
+        """TMA: tiles copied between global and shared memory by one instruction (sm90 and later)."""
+        return self.compute_capability is not None and self.compute_capability >= (9, 0)
+
+    @property
     def fp4_tensor_cores(self) -> bool:
         """Native FP4 (e2m1, MXFP4/NVFP4) dots (sm100 and sm120)."""
         return "fp4_e2m1" in self.tensor_core_dtypes

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dflash_compiler.codegen.triton.device import gpu_facts
 from dflash_compiler.codegen.weight_formats import DenseWeight, FP8BlockWeight, FP8ChannelWeight, Int4Weight
@@ -320,6 +321,30 @@ def _finish(
         tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
+@triton.jit
+def _finish_shared_tiles(
+    start, end, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
+    M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
+    EPILOGUE: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """After a program's chunks [start, end): arrive at the tiles it shares with others, at most two (the one it
+    starts in and the one it ends in)."""
+    tile_a = start // chunks_per_tile
+    if (start != tile_a * chunks_per_tile) | (end < (tile_a + 1) * chunks_per_tile):
+        _finish(
+            tile_a, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
+            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
+            EPILOGUE, NORM, BLOCK_N, BLOCK_M, BLOCK_K,
+        )  # fmt: skip
+    tile_b = (end - 1) // chunks_per_tile
+    if (tile_b != tile_a) & (end < (tile_b + 1) * chunks_per_tile):
+        _finish(
+            tile_b, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
+            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
+            EPILOGUE, NORM, BLOCK_N, BLOCK_M, BLOCK_K,
+        )  # fmt: skip
+
+
 # Only K and the weight/activation row strides keep Triton's divisibility specialization (it makes the row loads
 # 16-byte vectors); the other integers would otherwise multiply the compiled variants across shapes and grids.
 @triton.jit(
@@ -520,21 +545,130 @@ def _linear_kernel(
         pid_m = pid_m_nx
         kc = kc_nx
         sc, zw, up_sc, up_zw = sc_nx, zw_nx, up_sc_nx, up_zw_nx
-    # A program shares at most two tiles with others: the one it starts in and the one it ends in.
-    tile_a = start // chunks_per_tile
-    if (start != tile_a * chunks_per_tile) | (end < (tile_a + 1) * chunks_per_tile):
-        _finish(
-            tile_a, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
-            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
-            EPILOGUE, NORM, BLOCK_N, BLOCK_M, BLOCK_K,
-        )  # fmt: skip
-    tile_b = (end - 1) // chunks_per_tile
-    if (tile_b != tile_a) & (end < (tile_b + 1) * chunks_per_tile):
-        _finish(
-            tile_b, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
-            M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
-            EPILOGUE, NORM, BLOCK_N, BLOCK_M, BLOCK_K,
-        )  # fmt: skip
+    _finish_shared_tiles(
+        start, end, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
+        M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
+        EPILOGUE, NORM, BLOCK_N, BLOCK_M, BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit(
+    do_not_specialize=[
+        "M", "N_OUT", "UP_ROW", "stride_rm", "stride_ym", "stride_am", "stride_xsm", "num_m_tiles",
+        "chunks_per_tile", "total_chunks", "slots",
+    ]
+)  # fmt: skip
+def _linear_tma_kernel(
+    w_desc,
+    x_desc,
+    s_ptr,
+    xs_ptr,
+    stride_xsm,
+    r_ptr,
+    y_ptr,
+    ws_ptr,
+    cnt_ptr,
+    x_ptr,
+    g_ptr,
+    norm_eps,
+    a_ptr,
+    M,
+    N_OUT,
+    K,
+    UP_ROW,
+    stride_xm,
+    stride_rm,
+    stride_ym,
+    stride_am,
+    num_m_tiles,
+    chunks_per_tile,
+    total_chunks,
+    slots,
+    FP8: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    NORM: tl.constexpr,
+    GATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The stream-K GEMM of _linear_kernel with its weight and activation tiles fetched by the tensor memory
+    accelerator (Hopper): one instruction per tile, zero-filled past the tensors' edges, no per-thread address or
+    mask arithmetic. Dense weights, or FP8 per-channel weights against x quantized per token (W8A8), whose scales
+    apply once per tile."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    start = (pid.to(tl.int64) * total_chunks // programs).to(tl.int32)
+    end = ((pid + 1).to(tl.int64) * total_chunks // programs).to(tl.int32)
+    ROWS: tl.constexpr = 2 * BLOCK_N if EPILOGUE == 2 else BLOCK_N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    ss = tl.zeros((BLOCK_M,), tl.float32)  # the fused RMSNorm's sum of squares of the tile's rows so far
+    for c in range(start, end):
+        # tile coordinates from the chunk index alone (m varies fastest across tiles), so the pipeliner can
+        # compute the loads of later chunks ahead
+        tile = c // chunks_per_tile
+        kc = c - tile * chunks_per_tile
+        pid_n = tile // num_m_tiles
+        pid_m = tile - pid_n * num_m_tiles
+        row0 = pid_n * BLOCK_N
+        m0 = pid_m * BLOCK_M
+        k0 = kc * BLOCK_K
+        xt = x_desc.load([m0, k0])  # [BLOCK_M, BLOCK_K]
+        if GATE:  # x * sigmoid(gate), elementwise (the gated attention's output in front of o_proj)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            at = tl.load(
+                a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+                mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            xt = (xt.to(tl.float32) * tl.sigmoid(at)).to(xt.dtype)
+        if NORM != 0:
+            xf = xt.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+            k_ok = k0 + tl.arange(0, BLOCK_K) < K
+            g = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K), mask=k_ok, other=0.0).to(tl.float32)
+            if NORM == 2:
+                g = tl.where(k_ok, 1.0 + g, 0.0)
+            xt = (xf * g[None, :]).to(xt.dtype)
+        acc = tl.dot(w_desc.load([row0, k0]), tl.trans(xt), acc)
+        if EPILOGUE == 2:
+            acc_up = tl.dot(w_desc.load([row0 + UP_ROW, k0]), tl.trans(xt), acc_up)
+        tile_end = kc == chunks_per_tile - 1
+        if tile_end | (c == end - 1):
+            offs_n = row0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N_OUT
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            if FP8:  # the share's sums, in FP8 units, times the row and token scales
+                xs_tok = tl.load(xs_ptr + offs_m * stride_xsm, mask=m_ok, other=0.0)
+                acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None] * xs_tok[None, :]
+                if EPILOGUE == 2:
+                    up_scale = tl.load(s_ptr + UP_ROW + offs_n, mask=n_ok, other=0.0)
+                    acc_up = acc_up * up_scale[:, None] * xs_tok[None, :]
+            if tile_end & (c - kc >= start):  # the whole tile: its rows' sums of squares are complete
+                rstd = ss
+                if NORM != 0:
+                    rstd = tl.rsqrt(ss / K + norm_eps)
+                _store(
+                    acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, rstd, EPILOGUE, NORM,
+                )  # fmt: skip
+            else:
+                # A share of a tile: park it in this program's workspace slot; it is summed after the loop.
+                first = ((tile.to(tl.int64) * chunks_per_tile + 1) * programs - 1) // total_chunks
+                r = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+                base = ws_ptr + (tile.to(tl.int64) * slots + (pid - first)) * (ROWS * BLOCK_M)
+                tl.store(base + r, acc)
+                if EPILOGUE == 2:
+                    tl.store(base + BLOCK_N * BLOCK_M + r, acc_up)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            ss = tl.zeros((BLOCK_M,), tl.float32)
+    _finish_shared_tiles(
+        start, end, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
+        M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, 1, norm_eps,
+        EPILOGUE, NORM, BLOCK_N, BLOCK_M, BLOCK_K,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -686,6 +820,10 @@ class LinearConfig:
     # operand is decoded in registers (INT4, FP8 scaled per chunk) waits for each wgmma to finish before the next
     # can start; mma.sync needs no such wait, at the cost of more instructions per product. No effect elsewhere.
     mma_sync: bool = False
+    # Hopper: the weight and activation tiles fetched by the tensor memory accelerator (_linear_tma_kernel), for
+    # dense bf16/fp16 weights, or FP8 per-channel weights against x quantized per token in front (W8A8, as
+    # x_per_token). One instruction per tile instead of every thread's loads, address and mask arithmetic.
+    tma: bool = False
 
 
 Weight = DenseWeight | FP8ChannelWeight | FP8BlockWeight | Int4Weight
@@ -787,6 +925,27 @@ def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Ten
     return ws, cnt
 
 
+def _check_tma(x: torch.Tensor, weight: Weight, fp8: bool, config: LinearConfig) -> None:
+    """The TMA kernel's conditions on its operands and config (one-line errors naming what fails)."""
+    facts = gpu_facts(x.device)
+    if facts is not None and facts.capability < (9, 0):
+        raise ValueError(f"config: tma needs the tensor memory accelerator (sm90+), not sm{facts.capability[0]}"
+                         f"{facts.capability[1]}")  # fmt: skip
+    if config.prequant_x or config.x_per_token or config.int4_chunk_dot or config.mma_sync:
+        raise ValueError("config: tma is its own variant (FP8 weights quantize x per token); it takes no other")
+    if isinstance(weight, DenseWeight):
+        if x.dtype not in (torch.bfloat16, torch.float16) or weight.weight.dtype != x.dtype:
+            raise ValueError(
+                f"config: tma with dense weights needs bf16/fp16 x and weights alike, got x {x.dtype} and weight "
+                f"{weight.weight.dtype}"
+            )
+    elif not (isinstance(weight, FP8ChannelWeight) and fp8 and x.dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError("config: tma takes dense weights, or FP8 per-channel weights with the FP8 dot and bf16/fp16 x")
+    element = 1 if fp8 else x.element_size()
+    if config.block_k * element > 256:
+        raise ValueError(f"config: tma fetches at most 256 bytes of a row per tile, block_k {config.block_k} is more")
+
+
 def _fp8_hardware(device: torch.device) -> bool:
     """Whether the GPU that kernels for `device` are built for has FP8 tensor cores and converts fp32 to e4m3 in
     hardware (sm89+)."""
@@ -837,7 +996,10 @@ def linear(
     if isinstance(weight, (FP8ChannelWeight, FP8BlockWeight)):
         fp8 = _fp8_hardware(x.device) if fp8_dot is None else fp8_dot
     # The INT4 loop reads x in planes and a pre-quantized x is read as it is: a prologue runs in front of them.
-    prologue_in_front = isinstance(weight, Int4Weight) or (fp8 and config is not None and config.prequant_x)
+    tma = config is not None and config.tma
+    if tma:
+        _check_tma(x, weight, fp8, config)
+    prologue_in_front = isinstance(weight, Int4Weight) or (fp8 and config is not None and (config.prequant_x or tma))
     w4a8 = isinstance(weight, Int4Weight) and config is not None and config.prequant_x
     if config is not None and config.int4_chunk_dot and not isinstance(weight, Int4Weight):
         raise ValueError("config: int4_chunk_dot is a variant of the INT4 kernel, for INT4 weights")
@@ -910,7 +1072,7 @@ def linear(
     if w.device != x.device or w.stride(1) != 1:
         raise ValueError(f"weight: expected contiguous rows on {x.device}, got {w.device}")
     # A chunk is one scale group, except for W8A8 per token and channel, whose scales apply once per tile.
-    per_tile_scales = fmt == FP8_CHANNEL and config.x_per_token
+    per_tile_scales = fmt == FP8_CHANNEL and (config.x_per_token or config.tma)
     if fmt != DENSE and not (config.block_k == 128 or (per_tile_scales and config.block_k % 128 == 0)):
         raise ValueError(
             f"config: block_k must be 128 for quantized weights (a multiple of 128 with x_per_token), "
@@ -933,6 +1095,32 @@ def linear(
         x.device, 0 if whole_tiles else tiles * slots * rows * config.block_m, 0 if whole_tiles else tiles
     )
     dummy = out
+    if tma:
+        x_in = x
+        xs = dummy
+        if fp8:
+            x, xs = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=True)
+        for name, t in (("x", x), ("weight", w)):  # what a TMA descriptor takes
+            if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+                raise ValueError(f"{name}: tma needs 16-byte aligned rows with contiguous columns, got strides "
+                                 f"{t.stride()}")  # fmt: skip
+        bm, bn, bk = config.block_m, config.block_n, config.block_k
+        _linear_tma_kernel[(programs,)](
+            TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk]),
+            TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk]),
+            s if s is not None else dummy, xs, xs.stride(0) if fp8 else 0,
+            residual if residual is not None else dummy, out, ws, cnt,
+            x_in, norm.weight if norm is not None else dummy, norm.eps if norm is not None else 0.0,
+            gate if gate is not None else dummy,
+            m, n_out, k, n_out if swiglu else 0,
+            x_in.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+            gate.stride(0) if gate is not None else 0,
+            m_tiles, chunks, total, slots,
+            FP8=fp8, EPILOGUE=EPI_SWIGLU if swiglu else EPI_RESIDUAL if residual is not None else EPI_NONE,
+            NORM=0 if norm is None else 2 if norm.zero_centered else 1, GATE=gate is not None,
+            BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        return out
     x_fp8 = config.prequant_x and (fp8 or fmt == INT4)
     xs = dummy
     dot_dtype = _DOT_DTYPES[x.dtype]
