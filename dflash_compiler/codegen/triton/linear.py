@@ -601,69 +601,68 @@ def _linear_tma_kernel(
     start = (pid.to(tl.int64) * total_chunks // programs).to(tl.int32)
     end = ((pid + 1).to(tl.int64) * total_chunks // programs).to(tl.int32)
     ROWS: tl.constexpr = 2 * BLOCK_N if EPILOGUE == 2 else BLOCK_N
-    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    ss = tl.zeros((BLOCK_M,), tl.float32)  # the fused RMSNorm's sum of squares of the tile's rows so far
-    for c in range(start, end):
-        # tile coordinates from the chunk index alone (m varies fastest across tiles), so the pipeliner can
-        # compute the loads of later chunks ahead
-        tile = c // chunks_per_tile
-        kc = c - tile * chunks_per_tile
+    # The program's chunks tile by tile: an inner loop over one tile's share with fixed coordinates, which the
+    # pipeliner streams as a plain split-K loop (at most three tiles per program, so it drains rarely).
+    seg = start
+    while seg < end:
+        tile = seg // chunks_per_tile
+        tile_first = tile * chunks_per_tile
+        seg_end = tl.minimum(end, tile_first + chunks_per_tile)
         pid_n = tile // num_m_tiles
         pid_m = tile - pid_n * num_m_tiles
         row0 = pid_n * BLOCK_N
         m0 = pid_m * BLOCK_M
-        k0 = kc * BLOCK_K
-        xt = x_desc.load([m0, k0])  # [BLOCK_M, BLOCK_K]
-        if GATE:  # x * sigmoid(gate), elementwise (the gated attention's output in front of o_proj)
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            at = tl.load(
-                a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
-                mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
-            ).to(tl.float32)  # fmt: skip
-            xt = (xt.to(tl.float32) * tl.sigmoid(at)).to(xt.dtype)
-        if NORM != 0:
-            xf = xt.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
-            k_ok = k0 + tl.arange(0, BLOCK_K) < K
-            g = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K), mask=k_ok, other=0.0).to(tl.float32)
-            if NORM == 2:
-                g = tl.where(k_ok, 1.0 + g, 0.0)
-            xt = (xf * g[None, :]).to(xt.dtype)
-        acc = tl.dot(w_desc.load([row0, k0]), tl.trans(xt), acc)
-        if EPILOGUE == 2:
-            acc_up = tl.dot(w_desc.load([row0 + UP_ROW, k0]), tl.trans(xt), acc_up)
-        tile_end = kc == chunks_per_tile - 1
-        if tile_end | (c == end - 1):
-            offs_n = row0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N_OUT
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < M
-            if FP8:  # the share's sums, in FP8 units, times the row and token scales
-                xs_tok = tl.load(xs_ptr + offs_m * stride_xsm, mask=m_ok, other=0.0)
-                acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None] * xs_tok[None, :]
-                if EPILOGUE == 2:
-                    up_scale = tl.load(s_ptr + UP_ROW + offs_n, mask=n_ok, other=0.0)
-                    acc_up = acc_up * up_scale[:, None] * xs_tok[None, :]
-            if tile_end & (c - kc >= start):  # the whole tile: its rows' sums of squares are complete
-                rstd = ss
-                if NORM != 0:
-                    rstd = tl.rsqrt(ss / K + norm_eps)
-                _store(
-                    acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, rstd, EPILOGUE, NORM,
-                )  # fmt: skip
-            else:
-                # A share of a tile: park it in this program's workspace slot; it is summed after the loop.
-                first = ((tile.to(tl.int64) * chunks_per_tile + 1) * programs - 1) // total_chunks
-                r = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-                base = ws_ptr + (tile.to(tl.int64) * slots + (pid - first)) * (ROWS * BLOCK_M)
-                tl.store(base + r, acc)
-                if EPILOGUE == 2:
-                    tl.store(base + BLOCK_N * BLOCK_M + r, acc_up)
-            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            ss = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        ss = tl.zeros((BLOCK_M,), tl.float32)  # the fused RMSNorm's sum of squares of the tile's rows so far
+        for c in range(seg - tile_first, seg_end - tile_first):
+            k0 = c * BLOCK_K
+            xt = x_desc.load([m0, k0])  # [BLOCK_M, BLOCK_K]
+            if GATE:  # x * sigmoid(gate), elementwise (the gated attention's output in front of o_proj)
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                at = tl.load(
+                    a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
+                ).to(tl.float32)  # fmt: skip
+                xt = (xt.to(tl.float32) * tl.sigmoid(at)).to(xt.dtype)
+            if NORM != 0:
+                xf = xt.to(tl.float32)
+                ss += tl.sum(xf * xf, 1)
+                k_ok = k0 + tl.arange(0, BLOCK_K) < K
+                g = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K), mask=k_ok, other=0.0).to(tl.float32)
+                if NORM == 2:
+                    g = tl.where(k_ok, 1.0 + g, 0.0)
+                xt = (xf * g[None, :]).to(xt.dtype)
+            acc = tl.dot(w_desc.load([row0, k0]), tl.trans(xt), acc)
+            if EPILOGUE == 2:
+                acc_up = tl.dot(w_desc.load([row0 + UP_ROW, k0]), tl.trans(xt), acc_up)
+        offs_n = row0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_OUT
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        if FP8:  # the share's sums, in FP8 units, times the row and token scales
+            xs_tok = tl.load(xs_ptr + offs_m * stride_xsm, mask=m_ok, other=0.0)
+            acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None] * xs_tok[None, :]
+            if EPILOGUE == 2:
+                up_scale = tl.load(s_ptr + UP_ROW + offs_n, mask=n_ok, other=0.0)
+                acc_up = acc_up * up_scale[:, None] * xs_tok[None, :]
+        if (seg == tile_first) & (seg_end == tile_first + chunks_per_tile):  # the whole tile
+            rstd = ss
+            if NORM != 0:  # its rows' sums of squares are complete
+                rstd = tl.rsqrt(ss / K + norm_eps)
+            _store(
+                acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, rstd, EPILOGUE, NORM,
+            )  # fmt: skip
+        else:
+            # A share of a tile: park it in this program's workspace slot; it is summed after the loop.
+            first = ((tile.to(tl.int64) * chunks_per_tile + 1) * programs - 1) // total_chunks
+            r = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+            base = ws_ptr + (tile.to(tl.int64) * slots + (pid - first)) * (ROWS * BLOCK_M)
+            tl.store(base + r, acc)
+            if EPILOGUE == 2:
+                tl.store(base + BLOCK_N * BLOCK_M + r, acc_up)
+        seg = seg_end
     _finish_shared_tiles(
         start, end, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
         M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, 1, norm_eps,
