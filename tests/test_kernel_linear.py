@@ -473,6 +473,60 @@ def test_tma_linear_refuses_what_it_cannot_fetch():
         linear(odd, make_weight("dense", 32, 252, gen), config=tma)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["per_group", "per_row"])
+@pytest.mark.parametrize("prologue", ["norm", "zero_centered_norm", "gate", "gate_then_norm"])
+def test_quantize_x_applies_the_ops_in_front_of_the_gemm(prologue, per_row):
+    """quantize_x_fp8 with norm / gate gives the values of those ops run in front and then quantized (one launch
+    instead of two or three): nearly every FP8 byte equal, the rest one step apart where a sum's order differs."""
+    from dflash_compiler.codegen.triton.fused_ops import rms_norm
+
+    gen = torch.Generator().manual_seed(89)
+    m, k = 5, 1352  # K over one 1024-wide block and not a multiple of 128
+    x = (torch.randn(m, k, generator=gen) * 4).to(DEVICE, torch.float16)
+    zero_centered = prologue == "zero_centered_norm"
+    g = (torch.randn(k, generator=gen) * 0.3 + (0 if zero_centered else 1)).to(DEVICE, torch.float16)
+    gate = (torch.randn(m, 2 * k, generator=gen) * 2).to(DEVICE, torch.float16)[:, k:] if "gate" in prologue else None
+    norm = linear_mod.RowNorm(g, 1e-6, zero_centered) if "norm" in prologue else None
+    want = x if gate is None else x * torch.sigmoid(gate)
+    if norm is not None:
+        want = rms_norm(want, g, 1e-6, zero_centered=zero_centered)
+    q, scales = linear_mod.quantize_x_fp8(x, per_row, norm=norm, gate=gate)
+    q0, scales0 = linear_mod.quantize_x_fp8(want, per_row)
+    group = k if per_row else 128
+    got = wf.dequantize_fp8_activations(q, scales, group=group)
+    ref = wf.dequantize_fp8_activations(q0, scales0, group=group)
+    same = (q.view(torch.uint8) == q0.view(torch.uint8)).float().mean().item()
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert same > 0.99 and err < 1e-2, f"{same:.4f} of the bytes equal, relative error {err:.2e}"
+    assert torch.allclose(scales, scales0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["prequant", "tma"])
+def test_fp8_linears_quantizing_x_in_front_apply_norm_and_gate_there(variant):
+    """FP8 weights with x quantized in front (per group, or per token for the TMA kernel): the fused norm and gate
+    give the product of the normed / gated x, as the ops run separately would."""
+    gen = torch.Generator().manual_seed(90)
+    m, n, k = 5, 37, 384
+    weight = make_weight("fp8_channel", n, k, gen)
+    x = (torch.randn(m, k, generator=gen) * 4).to(DEVICE, torch.float16)
+    g = (torch.randn(k, generator=gen) * 0.3 + 1).to(DEVICE, torch.float16)
+    gate = (torch.randn(m, k, generator=gen) * 2).to(DEVICE, torch.float16)
+    extra = {"tma": True, "block_k": 256} if variant == "tma" else {"prequant_x": True}
+    config = LinearConfig(block_n=16, block_m=16, num_stages=2, programs=5, **extra)
+    per_token = variant == "tma"
+    for kwargs, xin in (
+        ({"norm": linear_mod.RowNorm(g, 1e-6)}, ops.rms_norm(x, g, 1e-6)),
+        ({"gate": gate}, x * torch.sigmoid(gate)),
+    ):
+        xq = wf.dequantize_fp8_activations(*wf.quantize_fp8_activations(xin, group=k if per_token else 128),
+                                           group=k if per_token else 128)  # fmt: skip
+        ref = reference(xq, weight)
+        out = torch.full((m, n), float("nan"), dtype=x.dtype, device=DEVICE)
+        y = linear(x, weight, out=out, fp8_dot=True, config=config, **kwargs)
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(y).all() and err < 1e-2, f"{list(kwargs)}: relative error {err:.2e}"
+
+
 def test_linear_default_config_and_repeat():
     """The heuristic config runs, and a split launch leaves its counters ready for the next (same result)."""
     gen = torch.Generator().manual_seed(40)

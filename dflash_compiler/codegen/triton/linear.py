@@ -708,15 +708,53 @@ def _to_e4m3(v, HW_E4M3: tl.constexpr):
 
 
 @triton.jit
-def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUPS: tl.constexpr,
-                       HW_E4M3: tl.constexpr):  # fmt: skip
+def _x_prologue(xf, k, ok, g_ptr, a_row, stride_ak, rstd, NORM: tl.constexpr, GATE: tl.constexpr, DTYPE: tl.constexpr):
+    """The values x would have after the prologue ops that run in front of a GEMM, with their roundings to x's
+    dtype: x * sigmoid(gate) as torch computes it (fused_ops' callers), then fused_ops.rms_norm's arithmetic."""
+    if GATE:
+        a = tl.load(a_row + k * stride_ak, mask=ok, other=0.0).to(tl.float32)
+        xf = (xf * tl.sigmoid(a).to(DTYPE).to(tl.float32)).to(DTYPE).to(tl.float32)
+    if NORM != 0:
+        w = tl.load(g_ptr + k, mask=ok, other=0.0).to(tl.float32)
+        if NORM == 2:
+            xf = (xf * rstd * (1.0 + w)).to(DTYPE).to(tl.float32)
+        else:
+            xf = ((xf * rstd).to(DTYPE).to(tl.float32) * w).to(DTYPE).to(tl.float32)
+    return xf
+
+
+@triton.jit
+def _x_row_rstd(x_row, a_row, stride_ak, K, eps, GATE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """1 / RMS of one row of x (gated first if GATE), for the norm in front of the quantization."""
+    ss = tl.zeros((BLOCK,), tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        xf = _x_prologue(
+            tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32), k, k < K, x_row, a_row, stride_ak, 0.0,
+            0, GATE, DTYPE,
+        )  # fmt: skip
+        ss += xf * xf
+    return tl.rsqrt(tl.sum(ss, 0) / K + eps)
+
+
+@triton.jit
+def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, g_ptr, a_ptr, eps, K, stride_xm, stride_qm, stride_sm, stride_am,
+                       stride_ak, GROUPS: tl.constexpr, HW_E4M3: tl.constexpr, NORM: tl.constexpr,
+                       GATE: tl.constexpr):  # fmt: skip
     """x [M, K] -> FP8 e4m3 per token and 128-input group (q [M, K], scales s [M, K / 128]), with the same
-    arithmetic as the GEMM's in-loop quantization, so either path gives the same result."""
+    arithmetic as the GEMM's in-loop quantization, so either path gives the same result; the gate and the norm in
+    front of the GEMM applied first (NORM, GATE: as _x_prologue)."""
     m = tl.program_id(0).to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    a_row = a_ptr + m * stride_am
+    rstd = 0.0
+    if NORM != 0:
+        rstd = _x_row_rstd(x_ptr + m * stride_xm, a_row, stride_ak, K, eps, GATE, dtype, 1024)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     k = g[:, None] * 128 + tl.arange(0, 128)[None, :]
     ok = k < K
     xf = tl.load(x_ptr + m * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
+    xf = _x_prologue(xf, k, ok, g_ptr, a_row, stride_ak, rstd, NORM, GATE, dtype)
     amax = tl.max(tl.abs(xf), axis=1)
     inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 0.0)
     tl.store(q_ptr + m * stride_qm + k, _to_e4m3(xf * inv[:, None], HW_E4M3), mask=ok)
@@ -724,41 +762,67 @@ def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, 
 
 
 @triton.jit
-def _quantize_x_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, HW_E4M3: tl.constexpr):
+def _quantize_x_rows_kernel(x_ptr, q_ptr, s_ptr, g_ptr, a_ptr, eps, K, stride_xm, stride_qm, stride_am, stride_ak,
+                            BLOCK: tl.constexpr, HW_E4M3: tl.constexpr, NORM: tl.constexpr,
+                            GATE: tl.constexpr):  # fmt: skip
     """x [M, K] -> FP8 e4m3 with one scale per row (the vendor GEMM's per-token scales), as
-    weight_formats.quantize_fp8_activations(x, group=K) computes it: the row's amax, then the values."""
+    weight_formats.quantize_fp8_activations(x, group=K) computes it: the row's amax, then the values; the gate and
+    the norm in front of the GEMM applied first."""
     m = tl.program_id(0).to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    x_row = x_ptr + m * stride_xm
+    a_row = a_ptr + m * stride_am
+    rstd = 0.0
+    if NORM != 0:
+        rstd = _x_row_rstd(x_row, a_row, stride_ak, K, eps, GATE, dtype, BLOCK)
     amax = tl.zeros((BLOCK,), tl.float32)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)))
+        xf = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        xf = _x_prologue(xf, k, k < K, g_ptr, a_row, stride_ak, rstd, NORM, GATE, dtype)
+        amax = tl.maximum(amax, tl.abs(xf))
     top = tl.max(amax, 0)
     inv = tl.where(top > 0, tl.math.div_rn(448.0, top), 0.0)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
-        xf = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        xf = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        xf = _x_prologue(xf, k, k < K, g_ptr, a_row, stride_ak, rstd, NORM, GATE, dtype)
         tl.store(q_ptr + m * stride_qm + k, _to_e4m3(xf * inv, HW_E4M3), mask=k < K)
     tl.store(s_ptr + m, tl.math.div_rn(top, 448.0))
 
 
-def quantize_x_fp8(x: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_x_fp8(
+    x: torch.Tensor,
+    per_row: bool = False,
+    *,
+    norm: RowNorm | None = None,
+    gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (contiguous rows) -> (FP8 values [M, K], fp32 scales [M, ceil(K / 128)]), per token and group of
     128 inputs; per_row: one scale per token ([M, 1]). One launch either way, with the arithmetic of
-    weight_formats.quantize_fp8_activations."""
+    weight_formats.quantize_fp8_activations, applied to x * sigmoid(gate) (gate [M, K]) and then the RMSNorm `norm`
+    where given: the same values as those ops run in front, without their launches."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    g = norm.weight if norm is not None else x
+    a = gate if gate is not None else x
+    prologue = dict(
+        NORM=0 if norm is None else 2 if norm.zero_centered else 1, GATE=gate is not None,
+        HW_E4M3=_fp8_hardware(x.device), num_warps=4,
+    )  # fmt: skip
+    eps = norm.eps if norm is not None else 0.0
     if per_row:
         scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
         _quantize_x_rows_kernel[(m,)](
-            x, q, scales, k, x.stride(0), q.stride(0), BLOCK=1024, HW_E4M3=_fp8_hardware(x.device), num_warps=4
+            x, q, scales, g, a, eps, k, x.stride(0), q.stride(0), a.stride(0), a.stride(1), BLOCK=1024, **prologue
         )
         return q, scales
     groups = triton.cdiv(k, 128)
     scales = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     per_program = 8
     _quantize_x_kernel[(m, triton.cdiv(groups, per_program))](
-        x, q, scales, k, x.stride(0), q.stride(0), scales.stride(0), GROUPS=per_program,
-        HW_E4M3=_fp8_hardware(x.device), num_warps=4,
+        x, q, scales, g, a, eps, k, x.stride(0), q.stride(0), scales.stride(0), a.stride(0), a.stride(1),
+        GROUPS=per_program, **prologue,
     )  # fmt: skip
     return q, scales
 
@@ -998,8 +1062,10 @@ def linear(
     tma = config is not None and config.tma
     if tma:
         _check_tma(x, weight, fp8, config)
-    prologue_in_front = isinstance(weight, Int4Weight) or (fp8 and config is not None and (config.prequant_x or tma))
     w4a8 = isinstance(weight, Int4Weight) and config is not None and config.prequant_x
+    # x quantized to FP8 by a launch in front of the GEMM, which applies the gate and the norm on the way
+    quantized_in_front = w4a8 or (fp8 and config is not None and (config.prequant_x or tma))
+    prologue_in_front = isinstance(weight, Int4Weight) and not w4a8
     if config is not None and config.int4_chunk_dot and not isinstance(weight, Int4Weight):
         raise ValueError("config: int4_chunk_dot is a variant of the INT4 kernel, for INT4 weights")
     if (
@@ -1017,6 +1083,8 @@ def linear(
             )
         if prologue_in_front:
             x, gate = x * torch.sigmoid(gate), None
+    if quantized_in_front and x.stride(1) != 1:
+        x = x.contiguous()
     if norm is not None:
         if norm.weight.shape != (k,) or norm.weight.stride(0) != 1:
             raise ValueError(f"norm: expected a contiguous [{k}] weight, got {tuple(norm.weight.shape)}")
@@ -1098,7 +1166,8 @@ def linear(
         x_in = x
         xs = dummy
         if fp8:
-            x, xs = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=True)
+            x, xs = quantize_x_fp8(x, per_row=True, norm=norm, gate=gate)
+            norm = gate = None
         for name, t in (("x", x), ("weight", w)):  # what a TMA descriptor takes
             if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
                 raise ValueError(f"{name}: tma needs 16-byte aligned rows with contiguous columns, got strides "
@@ -1124,7 +1193,8 @@ def linear(
     xs = dummy
     dot_dtype = _DOT_DTYPES[x.dtype]
     if x_fp8:
-        x, xs = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=config.x_per_token)
+        x, xs = quantize_x_fp8(x, per_row=config.x_per_token, norm=norm, gate=gate)
+        norm = gate = None
     with _dots_as_mma_sync(config.mma_sync):
         _linear_kernel[(programs,)](
             x, w, s if s is not None else dummy, z if z is not None else dummy,
