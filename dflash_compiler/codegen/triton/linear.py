@@ -322,6 +322,21 @@ def _finish(
 
 
 @triton.jit
+def _park(
+    acc, acc_up, tile, pid, programs, total_chunks, chunks_per_tile, slots, ws_ptr,
+    EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """A program's share of a tile, parked in its workspace slot of the tile; _finish sums the slots."""
+    ROWS: tl.constexpr = 2 * BLOCK_N if EPILOGUE == 2 else BLOCK_N
+    first = ((tile.to(tl.int64) * chunks_per_tile + 1) * programs - 1) // total_chunks
+    r = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    base = ws_ptr + (tile.to(tl.int64) * slots + (pid - first)) * (ROWS * BLOCK_M)
+    tl.store(base + r, acc)
+    if EPILOGUE == 2:
+        tl.store(base + BLOCK_N * BLOCK_M + r, acc_up)
+
+
+@triton.jit
 def _finish_shared_tiles(
     start, end, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
     M, N_OUT, r_ptr, y_ptr, stride_rm, stride_ym, x_ptr, K, stride_xm, stride_xk, norm_eps,
@@ -409,7 +424,6 @@ def _linear_kernel(
     programs = tl.num_programs(0)
     start = (pid.to(tl.int64) * total_chunks // programs).to(tl.int32)
     end = ((pid + 1).to(tl.int64) * total_chunks // programs).to(tl.int32)
-    ROWS: tl.constexpr = 2 * BLOCK_N if EPILOGUE == 2 else BLOCK_N
     # In-tile offsets, the same for every chunk: the loop only moves scalar base pointers.
     if FORMAT == 3:
         w_offs = tl.arange(0, BLOCK_N)[:, None] * stride_wn + tl.arange(0, 16)[None, :]
@@ -529,14 +543,10 @@ def _linear_kernel(
                     acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, rstd, EPILOGUE, NORM,
                 )  # fmt: skip
             else:
-                # A share of a tile: park it in this program's workspace slot; it is summed after the loop.
-                tile = pid_n * num_m_tiles + pid_m
-                first = ((tile.to(tl.int64) * chunks_per_tile + 1) * programs - 1) // total_chunks
-                r = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-                base = ws_ptr + (tile.to(tl.int64) * slots + (pid - first)) * (ROWS * BLOCK_M)
-                tl.store(base + r, acc)
-                if EPILOGUE == 2:
-                    tl.store(base + BLOCK_N * BLOCK_M + r, acc_up)
+                _park(
+                    acc, acc_up, pid_n * num_m_tiles + pid_m, pid, programs, total_chunks, chunks_per_tile, slots,
+                    ws_ptr, EPILOGUE, BLOCK_N, BLOCK_M,
+                )  # fmt: skip
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             ss = tl.zeros((BLOCK_M,), tl.float32)
@@ -600,7 +610,6 @@ def _linear_tma_kernel(
     programs = tl.num_programs(0)
     start = (pid.to(tl.int64) * total_chunks // programs).to(tl.int32)
     end = ((pid + 1).to(tl.int64) * total_chunks // programs).to(tl.int32)
-    ROWS: tl.constexpr = 2 * BLOCK_N if EPILOGUE == 2 else BLOCK_N
     # The program's chunks tile by tile: an inner loop over one tile's share with fixed coordinates, which the
     # pipeliner streams as a plain split-K loop (at most three tiles per program, so it drains rarely).
     seg = start
@@ -655,13 +664,10 @@ def _linear_tma_kernel(
                 acc, acc_up, offs_n, n_ok, offs_m, M, r_ptr, y_ptr, stride_rm, stride_ym, rstd, EPILOGUE, NORM,
             )  # fmt: skip
         else:
-            # A share of a tile: park it in this program's workspace slot; it is summed after the loop.
-            first = ((tile.to(tl.int64) * chunks_per_tile + 1) * programs - 1) // total_chunks
-            r = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-            base = ws_ptr + (tile.to(tl.int64) * slots + (pid - first)) * (ROWS * BLOCK_M)
-            tl.store(base + r, acc)
-            if EPILOGUE == 2:
-                tl.store(base + BLOCK_N * BLOCK_M + r, acc_up)
+            _park(
+                acc, acc_up, tile, pid, programs, total_chunks, chunks_per_tile, slots, ws_ptr, EPILOGUE, BLOCK_N,
+                BLOCK_M,
+            )  # fmt: skip
         seg = seg_end
     _finish_shared_tiles(
         start, end, programs, total_chunks, chunks_per_tile, slots, num_m_tiles, ws_ptr, cnt_ptr,
