@@ -440,11 +440,11 @@ def test_the_linear_alternatives_switch_each_variant_on_and_try_whole_64_row_til
     default = sm90.default()
     tiles = {"block_n": 64, "num_warps": 4, "num_stages": 6, "grid": "tile"}
     tma = {"tma": True, "fp8_dot": True}
-    stream = {"block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4, "grid": "sk2"}
+    stream = {"block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4}
     assert sm90.alternatives() == [
         {**default, "prequant_x": True}, {**default, **tma},
         {**default, **tiles}, {**default, **tiles, "prequant_x": True}, {**default, **tiles, **tma},
-        {**default, **stream, **tma},
+        {**default, **stream, "grid": "tile", **tma}, {**default, **stream, "grid": "split2", **tma},
     ]  # fmt: skip
     # no FP8 tensor cores nor TMA on sm80: no pre-quantized x, no TMA kernel
     sm80 = space_for(qkv, load_profile("sm80"))
@@ -452,7 +452,7 @@ def test_the_linear_alternatives_switch_each_variant_on_and_try_whole_64_row_til
     assert sm80.choices()["tma"] == [False] and sm80.choices()["block_k"] == [128]
     # dense bf16 on sm90: the TMA kernel in chunks of 128 inputs (256 bytes)
     dense = space_for(LinearShape(16, 5120, 6144, "bf16"), load_profile("sm90"))
-    assert {**dense.default(), **stream, "block_k": 128, "tma": True} in dense.alternatives()
+    assert {**dense.default(), **stream, "grid": "tile", "block_k": 128, "tma": True} in dense.alternatives()
     assert dense.limits({**dense.default(), "tma": True, "block_k": 256}) == (
         "the TMA kernel fetches at most 256 bytes of a row per tile"
     )

@@ -315,8 +315,9 @@ class LinearSpace(Space):
         tiles = {"block_n": 64, "num_warps": 4, "num_stages": 6, "grid": "tile"}
         points = [{**default, **v} for v in variants] + [{**default, **tiles, **v} for v in [{}, *variants]]
         if True in choices["tma"]:
-            # on the H200, 64-row tiles with K split to about two programs per SM (FP8: chunks of 256) took the
-            # 16-row gdn.out_proj to 10.1 µs in FP8 and 17.7 in bf16 against 18.7 and 19 through pointer loads
+            # on the H200, 64-row tiles of 4 stages (FP8: chunks of 256), one program per tile or K split in two,
+            # were the TMA kernel's best points for the 16-row gdn.out_proj and qkv in FP8 (17.0 and 25.3 µs with
+            # x's quantization, bench/results/tma-linear-h200.json)
             bk = (
                 256
                 if self._fp8() and 256 in choices["block_k"]
@@ -324,8 +325,9 @@ class LinearSpace(Space):
                 if 128 in choices["block_k"]
                 else default["block_k"]
             )
-            stream = {"block_n": 64, "block_k": bk, "num_warps": 4, "num_stages": 4, "grid": "sk2"}
-            points.append({**default, **off, **stream, "fp8_dot": self._fp8(), "tma": True})
+            for grid in ("tile", "split2"):
+                stream = {"block_n": 64, "block_k": bk, "num_warps": 4, "num_stages": 4, "grid": grid}
+                points.append({**default, **off, **stream, "fp8_dot": self._fp8(), "tma": True})
         out = []
         for point in points:
             in_space = all(point[name] in choices[name] for name in point if name != "lowering")
