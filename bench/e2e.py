@@ -253,6 +253,18 @@ class Measured:
     finished_early: int  # requests that finished inside the timed window (the batch shrank)
     launches: tuple[int, int] | None = None  # op calls of the compiled step graph before / after the passes
     op_profile: list[dict] | None = None
+    gdn_tuned: dict | None = None  # the step graph's GDN ops: their tuned (lowering, config) by batch size
+
+
+def tuned_gdn(gm) -> dict:
+    """The tuned choices by batch size that a lowered step graph's GDN verify and commit nodes dispatch
+    (graph/compiler.py's lower records them in each node's meta), one entry per op."""
+    found = {}
+    for node in gm.graph.nodes:
+        lowering = node.meta.get("lowering", {})
+        if lowering.get("op") in ("gdn_verify", "gdn_commit"):
+            found.setdefault(lowering["op"], lowering.get("tuned", {}))
+    return found
 
 
 def _sync() -> None:
@@ -338,6 +350,7 @@ def measure(
         finished_early=finished,
         launches=(graph.launches_before, graph.launches) if graph is not None else None,
         op_profile=profiled,
+        gdn_tuned=tuned_gdn(graph.gm) if graph is not None else None,
     )
 
 
@@ -477,6 +490,8 @@ def make_row(
             row["finished_early"] = m.finished_early
         if m.op_profile is not None:
             row["op_profile"] = m.op_profile
+        if m.gdn_tuned:
+            row["gdn_tuned"] = m.gdn_tuned
     if note:
         row["profile_note"] = note
     return row

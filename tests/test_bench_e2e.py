@@ -241,3 +241,21 @@ def test_results_name_the_sources_that_ran(tmp_path):
     assert source_digest(tree) == first
     (tree / "sub" / "db.jsonl").write_text('{"time_us": 1}\n')
     assert source_digest(tree) != first
+
+
+def test_rows_name_the_gdn_configs_their_step_dispatched():
+    """tuned_gdn reads the choices lower() recorded on the GDN nodes of a step graph (one entry per op)."""
+    import torch.fx as fx
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    tuned = {"16": {"lowering": "triton", "config": {"algorithm": "chunked", "block_k": 32}}}
+    for meta in ({"op": "gdn_verify", "impl": "triton", "tuned": tuned},
+                 {"op": "gdn_verify", "impl": "triton", "tuned": tuned},
+                 {"op": "gdn_commit", "impl": "triton"},
+                 {"op": "linear", "impl": "triton", "tuned": {"16": {}}}):  # fmt: skip
+        node = graph.call_function(torch.neg, (x,))
+        node.meta["lowering"] = meta
+    graph.output(x)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert e2e.tuned_gdn(gm) == {"gdn_verify": tuned, "gdn_commit": {}}
