@@ -268,6 +268,10 @@ class LinearSpace(Space):
             return False
         return s.fmt == s.act or (s.fmt == "fp8_channel" and p.fp8_tensor_cores)
 
+    def _tma_element_bytes(self) -> int:
+        """Bytes per element of the rows the TMA kernel fetches (FP8 x is quantized in front)."""
+        return 1 if self._fp8() else DTYPES[self.shape.act].itemsize
+
     def _block_k_choices(self) -> list[int]:
         s = self.shape
         if s.dense:
@@ -318,12 +322,8 @@ class LinearSpace(Space):
             # on the H200, 64-row tiles of 4 stages (FP8: chunks of 256), one program per tile or K split in two,
             # were the TMA kernel's best points for the 16-row gdn.out_proj and qkv in FP8 (17.0 and 25.3 µs with
             # x's quantization, bench/results/tma-linear-h200.json)
-            bk = (
-                256
-                if self._fp8() and 256 in choices["block_k"]
-                else 128
-                if 128 in choices["block_k"]
-                else default["block_k"]
+            bk = max(
+                (b for b in choices["block_k"] if b * self._tma_element_bytes() <= 256), default=default["block_k"]
             )
             for grid in ("tile", "split2"):
                 stream = {"block_n": 64, "block_k": bk, "num_warps": 4, "num_stages": 4, "grid": grid}
@@ -436,9 +436,9 @@ class LinearSpace(Space):
                 return "the TMA kernel is its own variant (FP8 weights quantize x per token)"
             if self._fp8() and not params["fp8_dot"]:
                 return "the TMA kernel runs FP8 weights on the FP8 dot"
-            if params["block_k"] * (1 if self._fp8() else DTYPES[s.act].itemsize) > 256:
+            if params["block_k"] * self._tma_element_bytes() > 256:
                 return "the TMA kernel fetches at most 256 bytes of a row per tile"
-            if (s.k * (1 if self._fp8() else DTYPES[s.act].itemsize)) % 16:
+            if (s.k * self._tma_element_bytes()) % 16:
                 return "the TMA kernel needs rows of 16-byte multiples"
         if params["fp8_dot"] and not (self._fp8() and p.fp8_tensor_cores):
             return "the FP8 dot needs FP8 weights and FP8 tensor cores"
