@@ -471,6 +471,14 @@ def test_tma_linear_refuses_what_it_cannot_fetch():
     odd = torch.randn(4, 260, generator=gen).to(DEVICE, torch.float16)[:, :252]  # rows of 520 bytes
     with pytest.raises(ValueError, match="^x: tma needs 16-byte aligned rows"):
         linear(odd, make_weight("dense", 32, 252, gen), config=tma)
+    x248 = torch.randn(4, 248, generator=gen).to(DEVICE, torch.float16)  # rows of 496 bytes
+    sliced = wf.DenseWeight(make_weight("dense", 32, 252, gen).weight[:, :248])  # rows 504 bytes apart
+    with pytest.raises(ValueError, match="^weight: tma needs 16-byte aligned rows"):
+        linear(x248, sliced, config=tma)
+    from dflash_compiler.codegen.triton.device import GpuFacts, compiling_for
+
+    with compiling_for(GpuFacts((8, 0), 108)), pytest.raises(ValueError, match="^config: tma needs .* not sm80$"):
+        linear(x, make_weight("dense", 32, 256, gen), config=tma)
 
 
 # bf16 on the GPU only: Triton's interpreter mishandles bf16 casts
