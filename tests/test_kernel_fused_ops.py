@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dflash_compiler.codegen.triton.fused_ops import context_kv_project, gated_rms_norm, qk_norm_rope, rms_norm
+from dflash_compiler.codegen.triton.fused_ops import context_kv_project, gated_rms_norm, qk_norm_rope, rms_norm, swiglu
+from dflash_compiler.graph.ops import swiglu as swiglu_ref
 from dflash_compiler.models.ops import apply_rope, rope_cos_sin
 from dflash_compiler.models.ops import gated_rms_norm as gated_rms_norm_ref
 from dflash_compiler.models.ops import rms_norm as rms_norm_ref
@@ -76,6 +77,23 @@ def test_gated_rms_norm(dtype, tokens, heads, d):
     _close(gated_rms_norm(x, wide[..., :d], w, EPS), gated_rms_norm_ref(x, wide[..., :d], w, EPS), dtype)
     with pytest.raises(ValueError, match="gate"):
         gated_rms_norm(x, gate[:, :1], w, EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, n", [(1, 1), (5, 37), (19, 2500)])
+def test_swiglu_over_a_gemm_output(dtype, m, n):
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    wide = _rand(m, 2 * n + 3, dtype=dtype, gen=gen, scale=3.0)
+    y = wide[:, : 2 * n]  # rows with a stride longer than their width
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    got = swiglu(y, out=out)
+    assert got is out
+    torch.testing.assert_close(got, swiglu_ref(y[:, :n], y[:, n:]), rtol=1e-3 if dtype == torch.float16 else 1e-5,
+                               atol=1e-3 if dtype == torch.float16 else 1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="y:"):
+        swiglu(wide[:, : 2 * n + 1])
+    with pytest.raises(ValueError, match="out:"):
+        swiglu(y, out=torch.empty(m, n + 1, dtype=dtype, device=DEVICE))
 
 
 def test_rms_norm_3d_input():

@@ -28,18 +28,20 @@ def supports(x: torch.Tensor, weight) -> bool:
     return False
 
 
-def _matmul(x: torch.Tensor, weight) -> torch.Tensor:
+def _matmul(x: torch.Tensor, weight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T in x's dtype, into out where given (the GEMM writes it: no copy)."""
     if isinstance(weight, DenseWeight):
-        return x @ weight.weight.t()
+        return torch.mm(x, weight.weight.t(), out=out)
     if x.is_cuda:  # one Triton launch; the CPU (tests: Triton's interpreter mis-casts FP8) takes the torch ops
         from .triton.linear import quantize_x_fp8
 
         xq, scale_x = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=True)  # [M, 1] scales
     else:
         xq, scale_x = quantize_fp8_activations(x, group=x.shape[1])
-    return torch._scaled_mm(
-        xq, weight.qweight.t(), scale_a=scale_x, scale_b=weight.scale.view(1, -1), out_dtype=x.dtype
-    )
+    scales = dict(scale_a=scale_x, scale_b=weight.scale.view(1, -1), out_dtype=x.dtype)
+    if out is None:
+        return torch._scaled_mm(xq, weight.qweight.t(), **scales)
+    return torch._scaled_mm(xq, weight.qweight.t(), **scales, out=out)
 
 
 def linear(
@@ -54,21 +56,26 @@ def linear(
     norm=None,
     gate=None,
 ) -> torch.Tensor:
-    """y = x @ W^T, then + residual or silu(gate) * up for W = [gate; up] (epilogue in fp32, one cast). norm
-    (codegen/triton/linear.RowNorm): the RMSNorm kernel runs on x first; gate: x * sigmoid(gate) first."""
+    """y = x @ W^T, then + residual or silu(gate) * up for W = [gate; up] (the GEMM's output rounded to x's dtype,
+    the epilogue in fp32 and rounded once). norm (codegen/triton/linear.RowNorm): the RMSNorm kernel runs on x first;
+    gate: x * sigmoid(gate) first. Without an epilogue the GEMM writes out itself; the residual is one add, SwiGLU
+    one Triton launch (on CUDA)."""
     if gate is not None:
         x = x * torch.sigmoid(gate)
     if norm is not None:
         from .triton.fused_ops import rms_norm
 
         x = rms_norm(x, norm.weight, norm.eps, zero_centered=norm.zero_centered)
-    y = _matmul(x, weight)
     if swiglu:
-        gate, up = y.float().chunk(2, dim=-1)
-        y = (F.silu(gate) * up).to(x.dtype)
-    elif residual is not None:
-        y = (y.float() + residual.float()).to(x.dtype)
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
+        y = _matmul(x, weight)
+        if y.is_cuda:
+            from .triton.fused_ops import swiglu as swiglu_rows
+
+            return swiglu_rows(y, out=out)
+        gate_half, up = y.float().chunk(2, dim=-1)
+        y = (F.silu(gate_half) * up).to(x.dtype)
+        return y if out is None else out.copy_(y)
+    if residual is not None:  # torch's add of half-precision tensors computes in fp32 and rounds once
+        y = _matmul(x, weight)
+        return torch.add(y, residual) if out is None else torch.add(y, residual, out=out)
+    return _matmul(x, weight, out=out)

@@ -1,6 +1,6 @@
-"""Fused small ops: RMSNorm (+ residual add), the Gated DeltaNet's gated output RMSNorm, per-head q/k norm +
-partial RoPE + output-gate split with an optional KV-cache write, and the drafter's context K/V for all layers in
-one pass.
+"""Fused small ops: RMSNorm (+ residual add), the Gated DeltaNet's gated output RMSNorm, SwiGLU over a GEMM's
+[gate | up] output, per-head q/k norm + partial RoPE + output-gate split with an optional KV-cache write, and the
+drafter's context K/V for all layers in one pass.
 
 RoPE is NeoX rotate-half on the first rot = cos.shape[-1] dims; cos/sin rows come from ops.rope_cos_sin (one row
 per token), so any rotary scaling is the caller's. Rounding follows ops.rms_norm: the norm output is rounded to
@@ -175,6 +175,35 @@ def gated_rms_norm(
         BLOCK=block,
         num_warps=4,
     )
+    return out
+
+
+@triton.jit
+def _swiglu_kernel(Y, OUT, stride_y, stride_o, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    gate = tl.load(Y + row * stride_y + offs, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(Y + row * stride_y + N + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + offs, (gate * tl.sigmoid(gate) * up).to(OUT.dtype.element_ty), mask=ok)
+
+
+def swiglu(y: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up for y = [gate | up] [M, 2N] -> [M, N], in fp32 and rounded once (ops.swiglu): the epilogue
+    of a GEMM that cannot apply it, in one launch."""
+    if y.dim() != 2 or y.shape[1] % 2 or y.stride(1) != 1 or y.dtype not in (torch.float16, torch.bfloat16,
+                                                                              torch.float32):  # fmt: skip
+        raise ValueError(f"y: expected a float [M, 2N] tensor with contiguous rows, got {y.dtype} {tuple(y.shape)}")
+    m, n = y.shape[0], y.shape[1] // 2
+    if out is None:
+        out = torch.empty(m, n, device=y.device, dtype=y.dtype)
+    elif out.shape != (m, n) or out.dtype != y.dtype or out.stride(1) != 1:
+        raise ValueError(f"out: expected {y.dtype} [{m}, {n}] with contiguous rows, got {out.dtype} "
+                         f"{tuple(out.shape)}")  # fmt: skip
+    if m and n:
+        block = min(2048, triton.next_power_of_2(n))
+        _swiglu_kernel[(m, triton.cdiv(n, block))](y, out, y.stride(0), out.stride(0), n, BLOCK=block,
+                                                   num_warps=4)  # fmt: skip
     return out
 
 
