@@ -533,8 +533,9 @@ def _merge(path: Path, rows: list[dict]) -> list[dict]:
     return old + rows
 
 
-def _ablate(without_passes: str, prologues: bool, untuned: bool) -> dict:
-    """Leaves fusion passes out of the default pipeline, adds the prologue fusions to it, or leaves the tuning
+def _ablate(without_passes: str, prologues: bool | None, untuned: bool) -> dict:
+    """Leaves fusion passes out of the default pipeline, puts the prologue fusions in it or leaves them out for
+    every quantization (None: the pipeline's default, graph/passes.py PROLOGUE_QUANTS), or leaves the tuning
     database out of the lowering, for this process: what each buys, measured in the same run conditions. Returns
     what was changed, for the results."""
     from dflash_compiler.graph import compiler, passes
@@ -544,13 +545,12 @@ def _ablate(without_passes: str, prologues: bool, untuned: bool) -> dict:
     for name in names:
         if name not in known:
             raise SystemExit(f"--without-passes: unknown pass {name!r} (known: {', '.join(known)})")
-    pipeline = [p for p in passes.FUSION_PASSES if p.__name__ not in names]
-    if prologues:
-        pipeline[-1:-1] = passes.PROLOGUE_PASSES  # before dead-code elimination, as default_passes puts them
-    passes.FUSION_PASSES = tuple(pipeline)
+    passes.FUSION_PASSES = tuple(p for p in passes.FUSION_PASSES if p.__name__ not in names)
+    if prologues is not None:
+        passes.PROLOGUE_QUANTS = compiler.QUANTS if prologues else ()
     if untuned:
         compiler.chooser_for = lambda backend, device, profile=None: None
-    return {"passes_left_out": names, "prologue_passes": prologues, "untuned": untuned}
+    return {"passes_left_out": names, "prologue_quants": list(passes.PROLOGUE_QUANTS), "untuned": untuned}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -579,7 +579,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tflops", type=float, default=700.0, help="bf16 TFLOP/s for --floors-only")
     p.add_argument("--append", action="store_true", help="keep rows of --out that this run does not replace")
     p.add_argument("--without-passes", default="", help="fusion passes to leave out, comma-separated (ablation)")
-    p.add_argument("--prologues", action="store_true", help="add the prologue fusions (fuse_norm, fuse_gate)")
+    p.add_argument(
+        "--prologues",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the prologue fusions (fuse_norm, fuse_gate) for every quantization, or for none (default: the "
+        "pipeline's choice per quantization)",
+    )
     p.add_argument("--untuned", action="store_true", help="lower with the launchers' defaults, not the tuning database")
     from dflash_compiler.runtime.options import add_glue
 

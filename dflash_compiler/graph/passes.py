@@ -419,19 +419,23 @@ FUSION_PASSES = (
     fuse_residual,
     eliminate_dead,
 )
-# Correct and tested, but not in the default pipeline: on the H200 the Triton linear with these prologues took
-# 21.3 ms of GPU time per Qwen3.5-27B AR step against 14.4 ms without them (the norm kernels they remove take
-# 0.28 ms), so they pay only once the kernel's prologue keeps its loads pipelined.
+# The prologue fusions remove the norm and gate launches in front of linears. Where the linear's kernel computes
+# them in its loop they cost more than they save: on the H200 the Triton linear with these prologues took 21.3 ms of
+# GPU time per Qwen3.5-27B BF16 AR step against 14.4 ms without them (the norm kernels they remove take 0.28 ms).
+# Where x is quantized to FP8 in front of the GEMM (the tuned FP8 per-channel linears at decode sizes) the
+# quantizing launch applies them: one launch instead of two (DFlash FP8 step at concurrency 1, 11.87 to 11.65 ms).
 PROLOGUE_PASSES = (fuse_norm, fuse_gate)
+PROLOGUE_QUANTS = ("fp8",)  # the quantizations whose pipeline has them by default
 
 
 def default_passes(
-    quant: str = "bf16", prologues: bool = False, moments: dict[str, torch.Tensor] | None = None
+    quant: str = "bf16", prologues: bool | None = None, moments: dict[str, torch.Tensor] | None = None
 ) -> list[Callable[[fx.GraphModule, Weights], int]]:
-    """The pipeline: fusions (with the prologue fusions if asked), then quantization of what is left dense (fused
-    weights are quantized whole; moments: INT4's calibration statistics, graph/calibrate.py)."""
+    """The pipeline: fusions (with the prologue fusions if asked, by default for PROLOGUE_QUANTS), then quantization
+    of what is left dense (fused weights are quantized whole; moments: INT4's calibration statistics,
+    graph/calibrate.py)."""
     passes = list(FUSION_PASSES)
-    if prologues:
+    if quant in PROLOGUE_QUANTS if prologues is None else prologues:
         passes[-1:-1] = PROLOGUE_PASSES  # before dead-code elimination
     if quant != "bf16":
         passes.append(quantize(quant, moments))
