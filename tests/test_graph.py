@@ -146,6 +146,22 @@ def test_the_full_quantized_pipeline_equals_quantization_alone(pair, quant):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_prologue_fusions_are_in_the_fp8_pipeline_by_default():
+    """FP8 quantizes x in front of its GEMMs, and that launch applies the norm and gate; elsewhere they run in the
+    GEMM's loop and stay out unless asked for."""
+
+    def names(**kw):
+        return [p.__name__ for p in P.default_passes(**kw)]
+
+    assert {"fuse_norm", "fuse_gate"} <= set(names(quant="fp8"))
+    for quant in ("bf16", "fp8_block", "int4"):
+        assert not {"fuse_norm", "fuse_gate"} & set(names(quant=quant)), quant
+    assert "fuse_norm" not in names(quant="fp8", prologues=False)
+    assert "fuse_norm" in names(quant="bf16", prologues=True)
+    ordered = names(quant="fp8")
+    assert ordered.index("fuse_gate") < ordered.index("eliminate_dead") < ordered.index("quantize_fp8")
+
+
 def test_ir_of_the_tiny_pair():
     """The step graph of the shipped pair: its op nodes counted before and after the passes, from the configs."""
     target = load_target(DEFAULT_PAIR / "target")
