@@ -259,3 +259,21 @@ def test_rows_name_the_gdn_configs_their_step_dispatched():
     graph.output(x)
     gm = fx.GraphModule(torch.nn.Module(), graph)
     assert e2e.tuned_gdn(gm) == {"gdn_verify": tuned, "gdn_commit": {}}
+
+
+@pytest.mark.parametrize("prologues", [None, True, False])
+def test_ablation_sets_the_prologue_fusions_per_run(monkeypatch, prologues):
+    """--prologues / --no-prologues put the prologue fusions in every quantization's pipeline or in none; without
+    either the pipeline keeps its own choice. A pass left out is out of every pipeline."""
+    from dflash_compiler.graph import compiler, passes
+
+    for name in ("FUSION_PASSES", "PROLOGUE_QUANTS"):
+        monkeypatch.setattr(passes, name, getattr(passes, name))
+    monkeypatch.setattr(compiler, "chooser_for", compiler.chooser_for)
+    changed = e2e._ablate("fuse_residual", prologues, untuned=False)
+    with_norm = {q for q in compiler.QUANTS if passes.fuse_norm in passes.default_passes(q)}
+    assert with_norm == {None: {"fp8"}, True: set(compiler.QUANTS), False: set()}[prologues]
+    assert changed["prologue_quants"] == sorted(with_norm, key=compiler.QUANTS.index)
+    assert all(passes.fuse_residual not in passes.default_passes(q) for q in compiler.QUANTS)
+    with pytest.raises(SystemExit, match="--without-passes: unknown pass 'fuse_nothing'"):
+        e2e._ablate("fuse_nothing", None, untuned=False)

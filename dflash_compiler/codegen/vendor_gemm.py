@@ -11,8 +11,8 @@ through the Triton kernel). `supports` says which calls this lowering takes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..models import ops
 from .weight_formats import DenseWeight, FP8ChannelWeight, quantize_fp8_activations
 
 
@@ -38,10 +38,9 @@ def _matmul(x: torch.Tensor, weight, out: torch.Tensor | None = None) -> torch.T
         xq, scale_x = quantize_x_fp8(x if x.stride(1) == 1 else x.contiguous(), per_row=True)  # [M, 1] scales
     else:
         xq, scale_x = quantize_fp8_activations(x, group=x.shape[1])
-    scales = dict(scale_a=scale_x, scale_b=weight.scale.view(1, -1), out_dtype=x.dtype)
-    if out is None:
-        return torch._scaled_mm(xq, weight.qweight.t(), **scales)
-    return torch._scaled_mm(xq, weight.qweight.t(), **scales, out=out)
+    return torch._scaled_mm(
+        xq, weight.qweight.t(), scale_a=scale_x, scale_b=weight.scale.view(1, -1), out_dtype=x.dtype, out=out
+    )
 
 
 def linear(
@@ -72,8 +71,7 @@ def linear(
             from .triton.fused_ops import swiglu as swiglu_rows
 
             return swiglu_rows(y, out=out)
-        gate_half, up = y.float().chunk(2, dim=-1)
-        y = (F.silu(gate_half) * up).to(x.dtype)
+        y = ops.swiglu(*y.float().chunk(2, dim=-1)).to(x.dtype)
         return y if out is None else out.copy_(y)
     if residual is not None:  # torch's add of half-precision tensors computes in fp32 and rounds once
         y = _matmul(x, weight)

@@ -435,7 +435,9 @@ def default_passes(
     of what is left dense (fused weights are quantized whole; moments: INT4's calibration statistics,
     graph/calibrate.py)."""
     passes = list(FUSION_PASSES)
-    if quant in PROLOGUE_QUANTS if prologues is None else prologues:
+    if prologues is None:
+        prologues = quant in PROLOGUE_QUANTS
+    if prologues:
         passes[-1:-1] = PROLOGUE_PASSES  # before dead-code elimination
     if quant != "bf16":
         passes.append(quantize(quant, moments))
