@@ -57,10 +57,11 @@ def graph_time_us(
     return measured_us(fn, rotations, device, min_calls=min_calls, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
-def kernel_times(run: Callable[[], object], calls: int = 4) -> list[dict]:
+def kernel_times(run: Callable[[], object], calls: int = 4, timeline: dict | None = None) -> list[dict]:
     """GPU time per kernel over `calls` calls of run, from torch.profiler's device events (Triton kernels under their
     own names, vendor and ATen kernels under theirs, cut to 80 characters): [{kernel, gpu_us_per_call,
-    launches_per_call}], longest first. Run eagerly (no CUDA graph), so that every kernel is its own launch."""
+    launches_per_call}], longest first. Eagerly every kernel is its own launch; under CUDA graph replay the profiler
+    sees the graph's kernels too, with their real spacing. timeline, if given, receives device_gaps() per call."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -71,15 +72,41 @@ def kernel_times(run: Callable[[], object], calls: int = 4) -> list[dict]:
             run()
         sync()
     kernels: dict[str, list[float]] = {}
+    spans = []
     for e in prof.events():
         if e.device_type == DeviceType.CUDA and e.device_time_total > 0:
             entry = kernels.setdefault(e.name[:80], [0.0, 0])
             entry[0] += e.device_time_total
             entry[1] += 1
+            spans.append((e.time_range.start, e.time_range.end))
+    if timeline is not None:
+        timeline.update({k: round(v / calls, 1) for k, v in device_gaps(spans).items()})
     return [
         {"kernel": name, "gpu_us_per_call": round(us / calls, 1), "launches_per_call": n / calls}
         for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])
     ]
+
+
+GAP_BINS_US = (5.0, 20.0)
+
+
+def device_gaps(spans: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """The device's busy time (the union of the kernels' [start, end) in µs) and its idle time between kernels,
+    binned by gap length: under 5 µs (a launch after the one before), 5-20 µs, and over 20 µs (the host between
+    steps)."""
+    busy, idle = 0.0, [0.0, 0.0, 0.0]
+    end = None
+    for start, stop in sorted(spans):
+        if end is None or start >= end:
+            if end is not None:
+                gap = start - end
+                idle[sum(gap >= b for b in GAP_BINS_US)] += gap
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return {"busy_us": busy, "idle_under_5us": idle[0], "idle_5_to_20us": idle[1], "idle_over_20us": idle[2]}
 
 
 def rotations_for(bytes_per_set: int, l2_bytes: int = 50 * 2**20) -> int:

@@ -252,7 +252,7 @@ class Measured:
     prefill_steps: int
     finished_early: int  # requests that finished inside the timed window (the batch shrank)
     launches: tuple[int, int] | None = None  # op calls of the compiled step graph before / after the passes
-    op_profile: list[dict] | None = None
+    op_profile: dict | None = None  # {kernels: [...], timeline_us_per_step: {...}}
     gdn_tuned: dict | None = None  # the step graph's GDN ops: their tuned (lowering, config) by batch size
 
 
@@ -272,16 +272,19 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def op_profile(runner, steps: int = 4) -> list[dict]:
-    """GPU time per kernel per step (common.kernel_times over `steps` steps), on a runner without CUDA graphs."""
+def op_profile(runner, steps: int = 4) -> dict:
+    """GPU time per kernel per step (common.kernel_times over `steps` steps) and the device's busy and idle time
+    per step (with CUDA graphs: the gaps between the graph's kernels)."""
+    timeline: dict = {}
     rows = [
         {"kernel": r["kernel"], "gpu_us_per_step": r["gpu_us_per_call"], "calls_per_step": r["launches_per_call"]}
-        for r in kernel_times(runner.step, steps)
+        for r in kernel_times(runner.step, steps, timeline)
     ]
-    print(f"  kernel profile: {sum(r['gpu_us_per_step'] for r in rows) / 1e3:.2f} ms of GPU time per step", flush=True)
+    print(f"  kernel profile: {sum(r['gpu_us_per_step'] for r in rows) / 1e3:.2f} ms of GPU time per step; "
+          f"timeline per step (µs): {timeline}", flush=True)  # fmt: skip
     for r in rows[:16]:
         print(f"    {r['kernel'][:48]:48s} {r['gpu_us_per_step'] / 1e3:7.3f} ms  {r['calls_per_step']:6.0f} calls")
-    return rows
+    return {"kernels": rows, "timeline_us_per_step": timeline}
 
 
 def measure(
@@ -571,7 +574,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-ar", action="store_true")
     p.add_argument("--no-dflash", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--op-profile", action="store_true", help="GPU time per op (use with --no-cuda-graphs)")
+    p.add_argument(
+        "--op-profile", action="store_true", help="GPU time per op and the device's idle time per step (any graphs)"
+    )
     p.add_argument("--skip-transformers", action="store_true", help="no transformers generate() baseline")
     p.add_argument("--hf-new-tokens", type=int, default=32)
     p.add_argument("--floors-only", action="store_true", help="print the floors (assumed bandwidth/rate, no GPU)")
