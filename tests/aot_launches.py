@@ -97,8 +97,9 @@ def gdns(device="cpu"):
     a_log = torch.randn(hv, generator=gen).to(device)
     dt_bias = torch.randn(hv, generator=gen).to(device)
     state = torch.randn(b, hv, dk, dv, generator=gen).to(device)
-    o, _ = gdn.gdn_verify(q, k, v, a, bb, a_log, dt_bias, state)
-    gdn.gdn_commit(state, torch.tensor([3, 15], device=device), k, v, a, bb, a_log, dt_bias)
+    deltas = torch.empty(b, t, hv, dv, device=device)
+    o, _ = gdn.gdn_verify(q, k, v, a, bb, a_log, dt_bias, state, deltas=deltas)
+    gdn.gdn_commit_deltas(state, torch.tensor([3, 15], device=device), k, deltas, a, a_log, dt_bias)
     return [("gdn_verify", o, None), ("gdn_commit", state, None)]
 
 

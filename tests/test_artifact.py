@@ -245,7 +245,7 @@ from dflash_compiler.tuning import choice
 
 CONFIGS = {  # a database with GDN verify and commit configs for every batch size
     "gdn_verify": {"block_v": 16, "num_warps": 1, "unroll": True},
-    "gdn_commit": {"algorithm": "chunked", "block_v": 16, "num_warps": 4, "precision": "tf32x3"},
+    "gdn_commit": {"block_k": 16, "block_v": 32, "num_warps": 2, "precision": "ieee"},
 }
 
 def choose(self, op, shape_key, fmt):
@@ -261,7 +261,7 @@ print("compiled")
 
 
 def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
-    """Database GDN configs, the recurrent kernel's for the verify and the chunked block for the commit: the sm90
+    """Database GDN configs, the recurrent kernel's for the verify and the delta commit's: the sm90
     artifact's plan records them on the step's nodes and its kernels hold each specialized as tuned (so a load of
     the tuned step compiles nothing)."""
     from dflash_compiler.codegen.triton import aot
@@ -274,9 +274,9 @@ def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
     assert verify and all(row["tuned"]["1"] == {"lowering": "triton", "config": config} for row in verify)
     records, _ = aot.load_records(out / "kernels" / "records.json")
     commit = [row for row in doc["plan"] if row["op"] == "gdn_commit"]
-    chunked = {"algorithm": "chunked", "block_v": 16, "num_warps": 4, "precision": "tf32x3"}
-    assert commit and all(row["tuned"]["1"] == {"lowering": "triton", "config": chunked} for row in commit)
-    recurrent, block = [], []
+    tuned_commit = {"block_k": 16, "block_v": 32, "num_warps": 2, "precision": "ieee"}
+    assert commit and all(row["tuned"]["1"] == {"lowering": "triton", "config": tuned_commit} for row in commit)
+    recurrent, block, commits = [], [], []
     for r in records:
         spec = json.loads(r.spec)
         names = list(spec["signature"])
@@ -284,9 +284,12 @@ def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
         if r.name.endswith("._gdn_recurrent_kernel"):
             recurrent.append((constants["COMMIT"], constants["BV"], constants["UNROLL"], spec["options"]["num_warps"]))
         elif r.name.endswith("._gdn_block_kernel"):
-            block.append((constants["COMMIT"], constants["BV"], constants["PREC"], spec["options"]["num_warps"]))
+            block.append(constants["COMMIT"])
+        elif r.name.endswith("._gdn_delta_commit_kernel"):
+            commits.append((constants["BK"], constants["BV"], constants["PREC"], spec["options"]["num_warps"]))
     assert (False, 16, True, 1) in recurrent and not any(c for c, *_ in recurrent)  # the verify, as tuned
-    assert block and set(block) == {(True, 16, "tf32x3", 4)}  # the commit, as tuned
+    assert not any(block)  # no replay commit
+    assert commits and set(commits) == {(16, 32, "ieee", 2)}  # the commit, as tuned
 
 
 STAND_IN_LOAD = """

@@ -295,6 +295,7 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
     """A tuned GDN verify entry (the recurrent kernel's V slice, warps, unrolling, or the chunked block) at the
     step's batch size, and a commit entry at another: the verify nodes call the kernel with that config, the commit
     nodes with the launcher's default; the plan records each; the step computes what the reference does."""
+    commit_config = {"block_k": 16, "block_v": 16, "num_warps": 2, "precision": "ieee"}
     from dflash_compiler.codegen.triton import gdn as t_gdn
     from dflash_compiler.graph.ops import triton_implementations
     from dflash_compiler.hw_profiles.database import Entry, TuningDB
@@ -309,16 +310,17 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
     dims = (BLOCK, cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
             cfg.linear_value_head_dim, "fp32")  # fmt: skip
     db = TuningDB("cpu", tmp_path / "cpu")
-    for shape in (GDNShape(2, *dims), GDNCommitShape(1, *dims)):
-        db.record(Entry(shape.op, shape.key, shape.fmt, "triton", config, True, time_us=1.0, platform="cpu"))
+    for shape, tuned in ((GDNShape(2, *dims), config), (GDNCommitShape(1, *dims), commit_config)):
+        db.record(Entry(shape.op, shape.key, shape.fmt, "triton", tuned, True, time_us=1.0, platform="cpu"))
     db.save()
     used = []
-    for name in ("gdn_verify", "gdn_commit"):
+    for name in ("gdn_verify", "gdn_commit_deltas"):
         launcher = getattr(t_gdn, name)
+        keys = config if name == "gdn_verify" else commit_config
 
-        def spy(*args, _name=name, _launcher=launcher, **kwargs):
+        def spy(*args, _name=name, _launcher=launcher, _keys=keys, **kwargs):
             batch = args[0 if _name == "gdn_verify" else 2].shape[0]
-            used.append((_name, batch, {k: kwargs.get(k) for k in config}))
+            used.append((_name, batch, {k: kwargs.get(k) for k in _keys}))
             return _launcher(*args, **kwargs)
 
         monkeypatch.setattr(t_gdn, name, spy)
@@ -335,12 +337,14 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
         row["tuned"] == {"2": {"lowering": "triton", "config": config}} for row in tuned if row["op"] == "gdn_verify"
     )
     assert all(
-        row["tuned"] == {"1": {"lowering": "triton", "config": config}} for row in tuned if row["op"] == "gdn_commit"
+        row["tuned"] == {"1": {"lowering": "triton", "config": commit_config}}
+        for row in tuned
+        if row["op"] == "gdn_commit"
     )
     verify = [(batch, kw) for name, batch, kw in used if name == "gdn_verify"]
-    commit = [(batch, kw) for name, batch, kw in used if name == "gdn_commit"]
+    commit = [(batch, kw) for name, batch, kw in used if name == "gdn_commit_deltas"]
     assert verify and all(call == (2, config) for call in verify)
-    assert commit and all(batch == 2 and kw == dict.fromkeys(config) for batch, kw in commit)
+    assert commit and all(batch == 2 and kw == dict.fromkeys(commit_config) for batch, kw in commit)
 
 
 def test_a_tvm_lowering_without_tvm_installed_is_a_one_line_error(monkeypatch):

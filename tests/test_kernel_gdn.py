@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dflash_compiler.codegen import reference
 from dflash_compiler.codegen.triton import gdn
 from dflash_compiler.models import ops
 
@@ -221,6 +222,62 @@ def test_chunked_verify_and_commit(bsz, seq, dtype, block_v, block_k):
     assert torch.equal(window, window_ref)
 
 
+@pytest.mark.parametrize(
+    ("bsz", "seq", "dtype", "algorithm", "block_v", "block_k"),
+    [(3, 1, torch.float32, "recurrent", 16, None), (3, 7, torch.float16, "recurrent", 32, None),
+     (2, 16, torch.float32, "chunked", 16, None), (3, 5, torch.float16, "chunked", 32, 16),
+     (3, 16, torch.float32, "recurrent", 16, None)],
+)  # fmt: skip
+def test_verify_deltas_then_commit_from_them(bsz, seq, dtype, algorithm, block_v, block_k):
+    """Each verify form writes the update rows of every position (into a NaN-filled buffer) as the reference
+    recurrence forms them; the commit builds from them, in one step, the state after each request's accepted
+    position (one keeps its state bit for bit) as the position-by-position reference reaches it, in K and V
+    slices and either precision, and commits the conv window."""
+    gen = torch.Generator().manual_seed(700 + seq * 4 + bsz)
+    heads, hv, dk, dv = 2, 6, 32, 32
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads, hv, dk, dv, dtype=dtype, gen=gen)
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    deltas_ref = torch.empty(bsz, seq, hv, dv, device=DEV)
+    _, states_ref = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=True, deltas=deltas_ref)
+    deltas = _nan(bsz, seq, hv, dv)
+    live = state.clone()
+    options = {"algorithm": algorithm, "block_v": block_v}
+    if algorithm == "chunked":
+        options.update(block_k=block_k, precision="ieee")
+    gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, live, capture=0, deltas=deltas, **options)
+    _close("deltas", deltas, deltas_ref, 1e-4)
+    assert torch.equal(live, state), "verify must leave the state unchanged"
+    idx = _accepted(bsz, seq, gen)
+    idx[0] = seq + 3  # past the block: the block's last position
+    last = idx.clamp(max=seq - 1)
+    window = torch.randn(bsz, 40, 3, generator=gen).to(DEV, dtype)
+    x = torch.randn(bsz, seq, 40, generator=gen).to(DEV, dtype)
+    window_ref = reference.conv_window_commit(window.clone(), x, idx)
+    for slices, precision in (({"block_k": 16, "block_v": 32}, "ieee"), ({"block_k": 32, "block_v": 16}, "tf32x3")):
+        got, win = state.clone(), window.clone()
+        gdn.gdn_commit_deltas(got, idx, k, deltas, a, a_log, dt_bias, window=win, x=x, precision=precision, **slices)
+        _close(f"committed state {slices} {precision}", got, _ref_after(states_ref, state, last), 1e-4)
+        if bsz > 2:
+            assert torch.equal(got[1], state[1]), "idx -1 keeps the state bit for bit"
+        assert torch.equal(win, window_ref)
+
+
+def test_delta_commit_names_what_is_wrong():
+    gen = torch.Generator().manual_seed(9)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(2, 4, 2, 6, 32, 32, dtype=torch.float32, gen=gen)
+    deltas, idx = torch.zeros(2, 4, 6, 32, device=DEV), torch.tensor([1, 2], device=DEV)
+    with pytest.raises(ValueError, match="deltas: expected contiguous fp32"):
+        gdn.gdn_commit_deltas(state, idx, k, deltas.half(), a, a_log, dt_bias)
+    with pytest.raises(ValueError, match="deltas: expected contiguous fp32"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas[:, :3])
+    with pytest.raises(ValueError, match="idx: expected \\[2\\] integer indices"):
+        gdn.gdn_commit_deltas(state, idx.float(), k, deltas, a, a_log, dt_bias)
+    with pytest.raises(ValueError, match="block_k: 48 must be a power of two"):
+        gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, block_k=48)
+    with pytest.raises(ValueError, match="x: window and x go together"):
+        gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=torch.zeros(2, 40, 3, device=DEV))
+
+
 def test_chunked_block_options_are_its_own():
     gen = torch.Generator().manual_seed(5)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(1, 3, **SMALL, dtype=torch.float32, gen=gen)
@@ -338,6 +395,29 @@ def test_gpu_chunked_verify_commit_real_dims(bsz, precision, block_k):
     assert (o.float() - recurrent.float()).abs().max().item() <= 2 * 2**-8 * o_ref.abs().max().item()
     idx = torch.randint(-1, seq, (bsz,), generator=gen).to(DEV)
     gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, algorithm="chunked", precision=precision, block_k=block_k)
+    _close("committed state", live, _ref_after(states_ref, state, idx), 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("bsz", "algorithm", "config"), [
+    (1, "recurrent", {}), (16, "chunked", {"block_k": 32, "block_v": 128}), (3, "chunked", {"block_k": 16}),
+    (16, "chunked", {"block_k": 64, "block_v": 64, "num_warps": 8, "precision": "ieee"}),
+])  # fmt: skip
+def test_gpu_verify_deltas_then_commit_real_dims(bsz, algorithm, config):
+    """The update rows at the real dims in bf16 and the state built from them, against the position-by-position
+    reference to about fp32 accuracy."""
+    seq = 16
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    deltas_ref = torch.empty(bsz, seq, 48, 128, device=DEV)
+    _, states_ref = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=True, deltas=deltas_ref)
+    deltas = _nan(bsz, seq, 48, 128)
+    gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas, algorithm=algorithm)
+    _close("deltas", deltas, deltas_ref, 1e-4)
+    idx = torch.randint(-1, seq, (bsz,), generator=gen).to(DEV)
+    live = state.clone()
+    gdn.gdn_commit_deltas(live, idx, k, deltas, a, a_log, dt_bias, **config)
     _close("committed state", live, _ref_after(states_ref, state, idx), 1e-4)
 
 

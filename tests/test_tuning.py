@@ -617,9 +617,12 @@ def test_measurement_checks_every_config_against_the_reference():
         case.measure("triton", {**config, "block_n": 16})
     assert case.measure("triton", {**config, "block_n": 32}) > 0
 
-    commit = make_case(GDNCommitShape(3, 4, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
-    for unroll in (False, True):  # both loop forms commit the reference's states
-        assert commit.measure("triton", {"block_v": 16, "num_warps": 1, "unroll": unroll}) > 0
+    commit = make_case(GDNCommitShape(3, 5, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
+    for slices in ({"block_k": 16, "block_v": 32}, {"block_k": 16, "block_v": 16}):  # each commits the reference's
+        for precision in ("tf32x3", "ieee"):
+            assert commit.measure("triton", {**slices, "num_warps": 2, "precision": precision}) > 0
+    with pytest.raises(ConfigFailed, match="launch failed: ValueError: block_v: 64 must be a power of two >= 16"):
+        commit.measure("triton", {"block_k": 16, "block_v": 64, "num_warps": 2, "precision": "ieee"})
     draft = make_case(DraftAttentionShape(2, 4, 4, 2, 16, 70, "fp16"), load_profile("cpu"), "cpu")
     space = space_for(draft.shape, draft.profile)
     assert draft.measure(*space.config({**space.default(), "num_splits": 2})) > 0

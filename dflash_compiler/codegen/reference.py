@@ -269,20 +269,22 @@ def gdn_recurrent(
     out=None,
     states=None,
     final_state=None,
+    deltas=None,
     block_v=None,
     num_warps=None,
     unroll=None,
 ) -> torch.Tensor:
     """The gated delta rule over T positions (gates, q/k l2norm and the Dk^-0.5 q scale inside). Returns o
     [B, T, HV, V]; states [B, D, HV, K, V] receives the states after positions 0..D-1, final_state the state after
-    T-1 (it may be state itself). state is otherwise left unchanged."""
+    T-1 (it may be state itself), deltas [B, T, HV, V] fp32 each position's update row (gdn_commit_deltas). state
+    is otherwise left unchanged."""
     if k.shape[1] == 0:
         if final_state is not None:
             final_state.copy_(state)
         return _emit(v.new_empty(v.shape), out)
     depth = 0 if states is None else states.shape[1]
     g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
-    o, s = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=depth > 0)
+    o, s = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=depth > 0, deltas=deltas)
     if depth > 0:
         states.copy_(s[:, :depth])
         s = s[:, -1]
@@ -305,6 +307,7 @@ def gdn_verify(
     capture_dtype=torch.float32,
     out=None,
     states=None,
+    deltas=None,
     block_v=None,
     num_warps=None,
     unroll=None,
@@ -313,13 +316,33 @@ def gdn_verify(
     block_k=None,
 ):
     """A verify block: (o, the states after the first `capture` positions in capture_dtype, or None for 0).
-    Leaves state unchanged; gdn_commit then makes the state after the accepted position current."""
+    Leaves state unchanged; gdn_commit then makes the state after the accepted position current (or, from the
+    update rows written to deltas [B, T, HV, V] fp32, gdn_commit_deltas)."""
     depth = DEFAULT_CAPTURE if capture is None else capture
     if depth == 0:
         states = None
     elif states is None:
         states = torch.empty(state.shape[0], depth, *state.shape[1:], dtype=capture_dtype, device=state.device)
-    return gdn_recurrent(q, k, v, a, b, a_log, dt_bias, state, out=out, states=states), states
+    return gdn_recurrent(q, k, v, a, b, a_log, dt_bias, state, out=out, states=states, deltas=deltas), states
+
+
+def gdn_commit_deltas(
+    state, idx, k, deltas, a, a_log, dt_bias, *, window=None, x=None, block_k=None, block_v=None, num_warps=None,
+    precision=None,
+) -> torch.Tensor:  # fmt: skip
+    """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), from the block's
+    initial state, raw keys k [B, T, H, K], the update rows deltas [B, T, HV, V] a verify wrote and raw gate inputs
+    a [B, T, HV] (ops.gated_delta_commit: no step is replayed). With window and the block's raw conv input x, the
+    conv window is committed too (conv_window_commit, with idx unclamped)."""
+    seq = k.shape[1]
+    if seq > 0:
+        last = idx.long().clamp(max=seq - 1)
+        g = ops.gdn_log_decay(a, a_log, dt_bias)
+        s = ops.gated_delta_commit(state, last.clamp(min=0), k, deltas, g)
+        state.copy_(torch.where((last >= 0)[:, None, None, None], s, state))
+    if window is not None:
+        conv_window_commit(window, x, idx)
+    return state
 
 
 def gdn_commit(

@@ -325,27 +325,33 @@ def _(window, x, idx):
 
 @torch.library.custom_op("dflash::gdn_verify", mutates_args=())
 def gdn_verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor,
-               state: Tensor) -> Tensor:  # fmt: skip
-    """The gated delta rule over a verify block from state (left unchanged): o [N, T, HV, V]."""
-    o, _ = reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0)
-    return o
+               state: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The gated delta rule over a verify block from state (left unchanged): (o [N, T, HV, V], each position's
+    update row deltas [N, T, HV, V] fp32, from which gdn_commit builds the state after any position)."""
+    deltas = _new_deltas(v)
+    o, _ = reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas)
+    return o, deltas
+
+
+def _new_deltas(v: Tensor) -> Tensor:
+    return torch.empty(v.shape, dtype=torch.float32, device=v.device)
 
 
 @gdn_verify.register_fake
 def _(q, k, v, a, b, a_log, dt_bias, state):
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
+    return torch.empty_like(v, memory_format=torch.contiguous_format), _new_deltas(v)
 
 
 @torch.library.custom_op("dflash::gdn_commit", mutates_args=("state", "window"))
-def gdn_commit(state: Tensor, idx: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Tensor,
-               dt_bias: Tensor, window: Tensor, x: Tensor) -> None:  # fmt: skip
-    """state[n] and window[n] become those after block position idx[n] (-1 keeps them), by replaying the block's
-    saved k/v/a/b and conv input x."""
-    reference.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, window=window, x=x)
+def gdn_commit(state: Tensor, idx: Tensor, k: Tensor, deltas: Tensor, a: Tensor, a_log: Tensor, dt_bias: Tensor,
+               window: Tensor, x: Tensor) -> None:  # fmt: skip
+    """state[n] and window[n] become those after block position idx[n] (-1 keeps them), from the block's keys, the
+    update rows its verify returned, its gate inputs a and its conv input x (nothing is replayed)."""
+    reference.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=window, x=x)
 
 
 @gdn_commit.register_fake
-def _(state, idx, k, v, a, b, a_log, dt_bias, window, x):
+def _(state, idx, k, deltas, a, a_log, dt_bias, window, x):
     return None
 
 
@@ -476,12 +482,13 @@ def _register_cuda_kernels() -> None:
 
     @kernel(gdn_verify)
     def _(q, k, v, a, b, a_log, dt_bias, state):
-        o, _ = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0)
-        return o
+        deltas = _new_deltas(v)
+        o, _ = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas)
+        return o, deltas
 
     @kernel(gdn_commit)
-    def _(state, idx, k, v, a, b, a_log, dt_bias, window, x):
-        t_gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, window=window, x=x)
+    def _(state, idx, k, deltas, a, a_log, dt_bias, window, x):
+        t_gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=window, x=x)
 
     @kernel(gdn_prefill)
     def _(q, k, v, a, b, a_log, dt_bias, state, window, x):
@@ -574,12 +581,14 @@ class TunedGDN:
             config = self.configs.get(q.shape[0])
             if config is None:
                 return self.default(*args)
-            return t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, **config)[0]
-        state, idx, k, v, a, b, a_log, dt_bias, window, x = args
+            deltas = _new_deltas(v)
+            o, _ = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas, **config)
+            return o, deltas
+        state, idx, k, deltas, a, a_log, dt_bias, window, x = args
         config = self.configs.get(k.shape[0])
         if config is None:
             return self.default(*args)
-        t_gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, window=window, x=x, **config)
+        t_gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=window, x=x, **config)
 
 
 class TunedLinear:

@@ -88,8 +88,12 @@ def gdn_gates(
     a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-decay g = -exp(A_log) * softplus(a + dt_bias) (<= 0) and beta = sigmoid(b), both fp32."""
-    g = -a_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    return g, b.float().sigmoid()
+    return gdn_log_decay(a, a_log, dt_bias), b.float().sigmoid()
+
+
+def gdn_log_decay(a: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """g = -exp(A_log) * softplus(a + dt_bias) (<= 0), fp32."""
+    return -a_log.float().exp() * F.softplus(a.float() + dt_bias.float())
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -112,12 +116,15 @@ def gated_delta_rule_recurrent(
     beta: torch.Tensor,
     state: torch.Tensor,
     all_states: bool = False,
+    deltas: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule, one token at a time.
 
     q/k [B, T, H, Dk], v [B, T, HV, Dv], g/beta [B, T, HV], state [B, HV, Dk, Dv] (fp32).
     Returns (o [B, T, HV, Dv] in v's dtype, states): states is [B, T, HV, Dk, Dv], the state after every
-    position, when all_states, else the final state [B, HV, Dk, Dv].
+    position, when all_states, else the final state [B, HV, Dk, Dv]. deltas [B, T, HV, Dv] fp32, if given, receives
+    each position's update row d_t = beta_t (v_t - (e^g_t S_t-1)^T k_t): S_t = e^g_t S_t-1 + k_t d_t^T
+    (gated_delta_commit rebuilds any position's state from them).
     """
     qh, kh = _prepare_qk(q, k, v.shape[2])
     vf = v.float()
@@ -128,12 +135,31 @@ def gated_delta_rule_recurrent(
         kt = kh[:, t]
         u = torch.einsum("bhkv,bhk->bhv", s, kt)
         delta = beta[:, t].float()[..., None] * (vf[:, t] - u)
+        if deltas is not None:
+            deltas[:, t] = delta
         s = s + kt[..., :, None] * delta[..., None, :]
         outs.append(torch.einsum("bhkv,bhk->bhv", s, qh[:, t]))
         if all_states:
             states.append(s)
     o = torch.stack(outs, dim=1).to(v.dtype)
     return o, (torch.stack(states, dim=1) if all_states else s)
+
+
+def gated_delta_commit(
+    state: torch.Tensor, last: torch.Tensor, k: torch.Tensor, deltas: torch.Tensor, g: torch.Tensor
+) -> torch.Tensor:
+    """The state after block position last[b] (0 <= last[b] < T) from the block's initial state [B, HV, Dk, Dv] and
+    its per-position keys k [B, T, H, Dk] (raw), update rows deltas [B, T, HV, Dv] and log decays g [B, T, HV]:
+    S e^(c_last) + sum over t <= last of e^(c_last - c_t) k_t d_t^T, with c the running sum of g (the recurrence
+    unrolled: every update decays by the gates after it)."""
+    kh = _l2norm(k.float()).repeat_interleave(deltas.shape[2] // k.shape[2], dim=2)
+    t = torch.arange(k.shape[1], device=k.device)
+    live = (t[None, :] <= last.long()[:, None])[..., None]  # [B, T, 1]
+    cum = torch.where(live, g.float(), 0.0).cumsum(1)
+    c_last = cum[:, -1]  # [B, HV]: gates past last are 0
+    weight = torch.where(live, (c_last[:, None] - cum).exp(), 0.0)  # [B, T, HV]
+    update = torch.einsum("bthk,bthv->bhkv", kh * weight[..., None], deltas.float())
+    return state.float() * c_last.exp()[..., None, None] + update
 
 
 def gated_delta_rule_chunked(

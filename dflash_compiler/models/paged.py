@@ -86,7 +86,7 @@ class VerifyOut:
     logits: torch.Tensor  # [N, T, V]
     features: torch.Tensor | None  # [N*T, taps*H]
     positions: torch.Tensor  # [N, T]
-    saved: list  # per GDN layer: (k, v, a, b, x) for the replay commit
+    saved: list  # per GDN layer: (k, deltas, a, x) for the commit
     table: torch.Tensor  # [N, P] the block table the block was written through
     lens: torch.Tensor  # [N] cache lengths before the block
 

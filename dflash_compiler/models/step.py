@@ -1,7 +1,7 @@
 """One speculative step over pooled state, for every running request at once, defined on the models.
 
 verify each row's block `[anchor, d1..d(w-1)]` on the target -> accept on device -> commit (KV length; the GDN
-state of the accepted position, replayed from the block's saved inputs) -> write the verified tokens' tapped
+state of the accepted position, built from the update rows the verify returned) -> write the verified tokens' tapped
 features into the drafter's context K/V -> draft the next block. Every input and output lives in `Pools` and
 nothing reads a value back to the host, so the compiler traces each phase (graph/) and the runtime captures the
 compiled step as a CUDA graph per batch bucket.

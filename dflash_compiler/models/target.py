@@ -3,7 +3,7 @@
 The forward is `TargetModel.paged_forward`, written in the IR's ops (`torch.ops.dflash.*`) over pooled state
 (`Pools`: a paged KV cache and GDN state rows). It runs eagerly on any device and is what the compiler traces:
 prefill advances the state in place; verify writes the block's K/V and leaves the GDN states as they are,
-returning what `paged_commit` replays to make any block position current, so rejected drafts never need a re-run.
+returning what `paged_commit` needs to make any block position current, so rejected drafts never need a re-run.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class GatedDeltaNet(nn.Module):
 
     def paged(self, x, state, window, n: int, mode: str, saved: list) -> torch.Tensor:
         """Token rows x [N*T, H] of N requests' blocks over their state rows (state [N, HV, K, V], window
-        [N, C, W-1]). mode "verify" leaves both as they are and appends what the replay commit needs to saved;
+        [N, C, W-1]). mode "verify" leaves both as they are and appends what the commit needs to saved;
         "prefill" advances them in place. Returns the mixer's output rows (before the residual)."""
         cfg = self.cfg
         hv, kd = cfg.linear_num_value_heads, cfg.gdn_key_dim
@@ -127,8 +127,8 @@ class GatedDeltaNet(nn.Module):
         v = y[..., 2 * kd :].view(n, t, hv, cfg.linear_value_head_dim)
         a_log, dt_bias = self.A_log.float(), self.dt_bias.float()
         if mode == "verify":
-            o = dflash.gdn_verify(q, k, v, a, b, a_log, dt_bias, state)
-            saved.append((k, v, a, b, mixed))
+            o, deltas = dflash.gdn_verify(q, k, v, a, b, a_log, dt_bias, state)
+            saved.append((k, deltas, a, mixed))
         else:
             o = dflash.gdn_prefill(q, k, v, a, b, a_log, dt_bias, state, window, mixed)
         o = dflash.gated_rms_norm(o.reshape(n * t, hv, -1), z.view(n * t, hv, -1), self.norm.weight, cfg.rms_norm_eps)
@@ -175,7 +175,7 @@ class TargetModel(nn.Module):
         """Runs blocks tokens [N, T] of the requests in `pools` (a row view, Pools.rows) at positions lens[n] + t
         over their pages through `table`, in the IR's ops. Attention K/V of every block position is written.
 
-        mode "verify" leaves the GDN states as they are and returns what the replay commit needs (autoregressive
+        mode "verify" leaves the GDN states as they are and returns what the commit needs (autoregressive
         decoding is a verify of one token); "prefill" advances them in place. max_len bounds cache length + block.
         """
         cfg = self.cfg
@@ -214,10 +214,10 @@ class TargetModel(nn.Module):
 
     def paged_commit(self, pools: Pools, vout: VerifyOut, idx: torch.Tensor) -> None:
         """Makes block position idx[n] (int32, -1 keeps the row as it is) current in the GDN state rows and conv
-        windows of the requests verified in vout, replaying the block's saved inputs. KV needs nothing: the verify
+        windows of the requests verified in vout, from the block's keys and update rows. KV needs nothing: the verify
         wrote it, and positions past the cache length are never read."""
-        for j, (k, v, a, b, x) in enumerate(vout.saved):
+        for j, (k, deltas, a, x) in enumerate(vout.saved):
             gdn = self.layers[self.cfg.gdn_layers[j]].linear_attn
             dflash.gdn_commit(
-                pools.gdn_state[j], idx, k, v, a, b, gdn.A_log.float(), gdn.dt_bias.float(), pools.conv_window[j], x
+                pools.gdn_state[j], idx, k, deltas, a, gdn.A_log.float(), gdn.dt_bias.float(), pools.conv_window[j], x
             )

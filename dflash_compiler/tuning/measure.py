@@ -346,8 +346,9 @@ class GDNCase(Case):
 
 
 class GDNCommitCase(GDNCase):
-    """Each set commits a different accepted index per request into its own state (left as it was for -1); the
-    checked run starts from the set's initial state, the timed ones from whatever the previous commit left."""
+    """Each set commits a different accepted index per request into its own state (left as it was for -1), from
+    update rows its set's verify wrote; the checked run starts from the set's initial state, the timed ones from
+    whatever the previous commit left."""
 
     def __init__(
         self, shape: GDNCommitShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
@@ -355,10 +356,13 @@ class GDNCommitCase(GDNCase):
         super().__init__(shape, profile, device, seed, max_rotations)
         s = shape
         self.initial = [inputs[7].clone() for inputs in self.sets]
-        self.idx = []
-        for _ in self.sets:
+        self.idx, self.deltas = [], []
+        for q, k, v, a, b, a_log, dt_bias, state, _ in self.sets:
             idx = torch.randint(0, s.t, (s.batch,), generator=self.gen, device=self.device)
             self.idx.append(torch.where(torch.arange(s.batch, device=self.device) == 1, -1, idx))
+            deltas = torch.empty(s.batch, s.t, s.hv, s.dv, device=self.device)
+            reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas)
+            self.deltas.append(deltas)
 
     def poison(self, i: int) -> None:
         self.sets[i][7].copy_(self.initial[i])
@@ -369,10 +373,11 @@ class GDNCommitCase(GDNCase):
     def run(self, lowering: str, config: dict, i: int):
         q, k, v, a, b, a_log, dt_bias, state, _ = self.sets[i]
         if lowering == "reference":
-            return reference.gdn_commit(self.initial[i].clone(), self.idx[i], k, v, a, b, a_log, dt_bias)
-        from ..codegen.triton.gdn import gdn_commit
+            return reference.gdn_commit_deltas(self.initial[i].clone(), self.idx[i], k, self.deltas[i], a, a_log,
+                                               dt_bias)  # fmt: skip
+        from ..codegen.triton.gdn import gdn_commit_deltas
 
-        return gdn_commit(state, self.idx[i], k, v, a, b, a_log, dt_bias, **config)
+        return gdn_commit_deltas(state, self.idx[i], k, self.deltas[i], a, a_log, dt_bias, **config)
 
 
 class GDNChunkedCase(GDNCase):

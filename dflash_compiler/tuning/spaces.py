@@ -571,13 +571,14 @@ class GDNChunkedShape(GDNShape):
 
 @dataclass(frozen=True)
 class GDNCommitShape(GDNShape):
-    """The commit of an accepted position: the block's steps replayed from its initial state (capture 0)."""
+    """The commit of an accepted position: the state after it, built from the block's initial state and the update
+    rows its verify wrote."""
 
     op = "gdn_commit"
 
 
 class GDNSpace(Space):
-    """codegen/triton/gdn.py's verify or commit launch: the algorithm (position by position, or the block as one
+    """codegen/triton/gdn.py's verify launch: the algorithm (position by position, or the block as one
     UT/WY chunk on the tensor cores), the V slice per program, warps; for the recurrent kernel unrolled steps or
     the block-prefetch loop, for the chunked block its dot precision."""
 
@@ -598,8 +599,7 @@ class GDNSpace(Space):
 
     def launcher_default(self) -> Params:
         s = self.shape
-        commit = s.op == "gdn_commit"
-        cfg = gdn_kernels._recurrent_config(s.batch, s.t, s.dv, commit, False, None, None, None)
+        cfg = gdn_kernels._recurrent_config(s.batch, s.t, s.dv, False, False, None, None, None)
         return {
             "lowering": "triton", "algorithm": "recurrent", "block_v": cfg["BV"], "num_warps": cfg["num_warps"],
             "unroll": cfg["UNROLL"], "precision": gdn_kernels.PRECISIONS[0], "block_k": s.dk,
@@ -658,6 +658,42 @@ class GDNSpace(Space):
             regs = params["block_k"] * params["block_v"] + 2 * rows * params["block_k"]
             return _accumulator_check(regs, params["num_warps"], self.profile, "the chunked block")
         return _accumulator_check(s.dk * params["block_v"], params["num_warps"], self.profile, "the state slice")
+
+
+class GDNCommitSpace(Space):
+    """codegen/triton/gdn.py's gdn_commit_deltas: the state slice per program (K and V), warps, and its product's
+    precision."""
+
+    op = "gdn_commit"
+
+    def choices(self) -> dict[str, list]:
+        return self._with_default(
+            {
+                "lowering": _lowerings(self.profile),
+                "block_k": _upto([16, 32, 64, 128], self.shape.dk),
+                "block_v": _upto([16, 32, 64, 128], self.shape.dv),
+                "num_warps": [1, 2, 4, 8],
+                "precision": list(gdn_kernels.PRECISIONS),
+            }
+        )
+
+    def launcher_default(self) -> Params:
+        s = self.shape
+        return {"lowering": "triton", **gdn_kernels.commit_config(s.batch, s.dk, s.dv), "precision": "tf32x3"}
+
+    def limits(self, params: Params) -> str | None:
+        s = self.shape
+        if params["lowering"] != "triton":
+            return None
+        if s.t > 64:
+            return f"a commit takes at most 64 positions (t={s.t})"
+        for name, dim in (("block_k", s.dk), ("block_v", s.dv)):
+            if params[name] > dim or dim % params[name]:
+                return f"{name} {params[name]} does not divide {dim}"
+        # the state slice, the block's update rows of that V slice and its keys of that K slice, in registers
+        rows = max(16, _p2(s.t))
+        regs = params["block_k"] * params["block_v"] + rows * (params["block_v"] + params["block_k"] + s.dk)
+        return _accumulator_check(regs, params["num_warps"], self.profile, "the commit's state slice")
 
 
 class GDNChunkedSpace(Space):
@@ -761,7 +797,7 @@ SPACES: dict[str, type[Space]] = {
     "verify_attention": AttentionSpace,
     "draft_attention": AttentionSpace,
     "gdn_verify": GDNSpace,
-    "gdn_commit": GDNSpace,
+    "gdn_commit": GDNCommitSpace,
     "gdn_chunked": GDNChunkedSpace,
     "greedy_accept": AcceptSpace,
 }

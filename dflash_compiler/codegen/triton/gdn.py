@@ -127,6 +127,7 @@ def _gdn_recurrent_kernel(
     final_ptr,
     o_ptr,
     idx_ptr,
+    delta_ptr,
     T,
     D,
     scale,
@@ -155,12 +156,14 @@ def _gdn_recurrent_kernel(
     CAPTURE: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     UNROLL: tl.constexpr,
+    DELTAS: tl.constexpr,
 ):
     """One (request, value head, V slice) per program; the [K, BV] state slice stays in registers.
 
     Verify (COMMIT False): run positions 0..T-1 from state, write o, the states after positions < D (CAPTURE) and
-    the final state (STORE_FINAL). Commit (COMMIT True): make the state after position idx[b] current, starting
-    from the captured state of position min(idx[b], D-1) (or state) and replaying the steps after it.
+    the final state (STORE_FINAL), and each position's update row delta (DELTAS). Commit (COMMIT True): make the
+    state after position idx[b] current, starting from the captured state of position min(idx[b], D-1) (or state)
+    and replaying the steps after it.
     """
     pid_bh = tl.program_id(0)  # requests x heads in the first grid axis: the others stop at 65535
     pid_v = tl.program_id(1)
@@ -210,6 +213,8 @@ def _gdn_recurrent_kernel(
                 vr = tl.load(v_base + tc * sv_t).to(tl.float32)
                 ks = tl.reduce(S * kr[:, None], 0, _add)
                 delta = beta_i * (vr - alpha_i * ks)
+                if DELTAS:
+                    tl.store(delta_ptr + ((b64 * T + t) * HV + h) * V + offs_v, delta, mask=(offs_v * 0 + t) < t_end)
                 if not COMMIT:
                     qr = tl.load(q_base + tc * sq_t + offs_k).to(tl.float32)
                     qr = qr * (tl.rsqrt(tl.reduce(qr * qr, 0, _add) + 1e-6) * scale)
@@ -260,6 +265,8 @@ def _gdn_recurrent_kernel(
                 # so both reductions run over the same registers before the update
                 ks = tl.reduce(S * kr[:, None], 0, _add)
                 delta = beta_i * (vr - alpha_i * ks)
+                if DELTAS:
+                    tl.store(delta_ptr + ((b64 * T + t) * HV + h) * V + offs_v, delta)
                 if not COMMIT:
                     qr = tl.load(q_base + t * sq_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rq, 0.0), 0, _add)
                     qs = tl.reduce(S * qr[:, None], 0, _add)
@@ -347,6 +354,7 @@ def _gdn_block_kernel(
     state_ptr,
     o_ptr,
     idx_ptr,
+    delta_ptr,
     T,
     scale,
     sq_b,
@@ -375,12 +383,15 @@ def _gdn_block_kernel(
     BK: tl.constexpr,
     COMMIT: tl.constexpr,
     PREC: tl.constexpr,
+    DELTAS: tl.constexpr,
 ):
     """A whole verify block as one chunk of the UT/WY form, for one (request, value head, V slice): no step waits
     for the one before, the products run on the tensor cores.
 
     With A the strictly lower (beta k k^T) * decay, W = (I + A)^-1 (beta e^cum k) and U = (I + A)^-1 (beta v), the
-    block's corrected values are v_new = U - W S. Verify (COMMIT False): o = (q e^cum) S + ((q k^T) * decay) v_new.
+    block's corrected values are v_new = U - W S. Verify (COMMIT False): o = (q e^cum) S + ((q k^T) * decay) v_new,
+    and with DELTAS the rows v_new themselves (each position's update row, from which gdn_commit_deltas builds the
+    state after any position).
     Commit (COMMIT True): positions after idx[b] get no write and no decay (beta 0, gate 0), so the state after
     the block is the state after idx[b]: S e^cum_last + (k e^(cum_last - cum))^T v_new, written in place (idx[b] =
     -1 leaves it as it was).
@@ -454,16 +465,83 @@ def _gdn_block_kernel(
         q_scale = rq * tl.exp(cum)
         k_mix = tl.dot(attn, w_of_k, input_precision=PREC)
         o = tl.dot(attn, u, input_precision=PREC)
+        ks = tl.zeros((BT, BV), tl.float32)  # k_raw S, for the update rows
         for c in range(K // BK):
             qc = tl.load(q_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
             kc = tl.load(k_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
             q_eff = qc * q_scale[:, None] - tl.dot(k_mix, kc, input_precision=PREC)
-            o += tl.dot(q_eff, tl.load(s_tile + c * BK * V), input_precision=PREC)
-        tl.store(
-            o_ptr + ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :],
-            o.to(o_ptr.dtype.element_ty),
-            mask=live[:, None],
-        )
+            s_c = tl.load(s_tile + c * BK * V)
+            o += tl.dot(q_eff, s_c, input_precision=PREC)
+            if DELTAS:
+                ks += tl.dot(kc, s_c, input_precision=PREC)
+        rows_out = ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :]
+        tl.store(o_ptr + rows_out, o.to(o_ptr.dtype.element_ty), mask=live[:, None])
+        if DELTAS:
+            tl.store(delta_ptr + rows_out, u - tl.dot(w_of_k, ks, input_precision=PREC), mask=live[:, None])
+
+
+@triton.jit
+def _gdn_delta_commit_kernel(
+    k_ptr,
+    delta_ptr,
+    a_ptr,
+    a_log_ptr,
+    dt_bias_ptr,
+    state_ptr,
+    idx_ptr,
+    T,
+    sk_b,
+    sk_t,
+    sk_h,
+    sa_b,
+    sa_t,
+    sa_h,
+    HV: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One (request, value head, V slice, K slice) per program: the state after position last = min(idx[b], T-1),
+    S e^c_last + (k_hat e^(c_last - c))^T d over positions <= last, from the update rows d a verify wrote (c: the
+    running sum of the log decays). One read and one write of the state slice and one [BK, BT] x [BT, BV] product:
+    no step waits for the one before. idx[b] = -1 leaves the state as it was."""
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    hq = h // G
+    b64 = bb.to(tl.int64)
+    last = tl.minimum(tl.load(idx_ptr + bb), T - 1)
+    ri = tl.arange(0, BT)
+    live = ri <= last
+    offs_kf = tl.arange(0, K)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    k_rows = k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h
+    # the keys' l2 norms over all of K; this program's K slice is read again (from cache) for the product
+    kf = tl.load(k_rows + offs_kf[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    rk = tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6)
+    xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0).to(tl.float32)
+    xa = xa + tl.load(dt_bias_ptr + h).to(tl.float32)
+    g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
+    g = tl.where(live, g, 0.0)
+    cum = tl.associative_scan(g, 0, _add)
+    c_last = tl.reduce(g, 0, _add)
+    weight = tl.where(live, rk * tl.exp(c_last - cum), 0.0)
+    kc = tl.load(k_rows + offs_k[None, :], mask=live[:, None], other=0.0).to(tl.float32) * weight[:, None]
+    d = tl.load(delta_ptr + ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :], mask=live[:, None], other=0.0)
+    s_tile = state_ptr + (b64 * HV + h) * (K * V) + offs_k[:, None] * V + offs_v[None, :]
+    keep = (offs_k[:, None] * 0 + last) >= 0
+    s = tl.load(s_tile, mask=keep, other=0.0)
+    s = s * tl.exp(c_last) + tl.dot(tl.trans(kc), d, input_precision=PREC)
+    # in place: every thread must have read its part of the old slice before any writes
+    tl.debug_barrier()
+    tl.store(s_tile, s, mask=keep)
 
 
 @triton.jit
@@ -728,6 +806,15 @@ def _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state):
     return bsz, seq, heads, hv, dk, dv
 
 
+def _check_deltas(deltas: torch.Tensor | None, v: torch.Tensor) -> None:
+    if deltas is not None:
+        _check(
+            tuple(deltas.shape) == tuple(v.shape) and deltas.dtype == torch.float32 and deltas.is_contiguous(),
+            "deltas",
+            f"expected contiguous fp32 {tuple(v.shape)}, got {tuple(deltas.shape)} {deltas.dtype}",
+        )
+
+
 def _gdn_out(out: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
     """The output o [B, T, HV, V] in v's dtype: `out` checked, or a new tensor."""
     if out is None:
@@ -773,6 +860,7 @@ def gdn_recurrent(
     out: torch.Tensor | None = None,
     states: torch.Tensor | None = None,
     final_state: torch.Tensor | None = None,
+    deltas: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
     unroll: bool | None = None,
@@ -783,7 +871,8 @@ def gdn_recurrent(
     dt_bias [HV], state [B, HV, K, V] fp32 (read, left unchanged unless final_state is state).
     Returns o [B, T, HV, V] in v's dtype. states [B, D, HV, K, V] (fp32, or bf16 to halve the bytes at the cost of
     rounding the state), D <= T, receives the state after each of positions 0..D-1; final_state [B, HV, K, V] fp32
-    receives the state after position T-1 (decode passes state itself).
+    receives the state after position T-1 (decode passes state itself); deltas [B, T, HV, V] fp32 each position's
+    update row (gdn_commit_deltas).
     Tuning (None: the measured defaults): block_v, the V slice per program; num_warps; unroll, whether the steps
     are unrolled with per-step loads (True) or run as a loop over inputs loaded a block at a time (False).
     """
@@ -807,6 +896,7 @@ def gdn_recurrent(
             "final_state",
             f"expected contiguous fp32 {tuple(state.shape)}",
         )
+    _check_deltas(deltas, v)
     if seq == 0:
         if final_state is not None and final_state.data_ptr() != state.data_ptr():
             final_state.copy_(state)
@@ -825,6 +915,7 @@ def gdn_recurrent(
         final_state if final_state is not None else state,
         out,
         state,
+        deltas if deltas is not None else state,
         seq,
         depth,
         dk**-0.5,
@@ -840,6 +931,7 @@ def gdn_recurrent(
         COMMIT=False,
         CAPTURE=depth > 0,
         STORE_FINAL=final_state is not None,
+        DELTAS=deltas is not None,
         **cfg,
     )
     return out
@@ -849,8 +941,10 @@ ALGORITHMS = ("recurrent", "chunked")
 PRECISIONS = ("tf32x3", "ieee")  # the chunked block's products: about fp32 (3 tf32 passes), or fp32 FMAs
 
 
-def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, block_k, num_warps, precision, scale):
-    """One launch of _gdn_block_kernel: verify (idx None, writes out) or commit (idx given, updates state)."""
+def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, block_k, num_warps, precision, scale,
+               deltas=None):  # fmt: skip
+    """One launch of _gdn_block_kernel: verify (idx None, writes out, and deltas if given) or commit (idx given,
+    updates state)."""
     bsz, seq, hv, dv = v.shape
     dk = k.shape[-1]
     bt = max(16, triton.next_power_of_2(seq))
@@ -863,10 +957,11 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, block
     _check(_pow2(bk) and bk >= 16 and dk % bk == 0, "block_k", f"{bk} must be a power of two >= 16 dividing K={dk}")
     commit = idx is not None
     _gdn_block_kernel[(bsz * hv, dv // bv)](
-        q, k, v, a, b, a_log, dt_bias, state, out, idx if commit else state, seq, scale,
+        q, k, v, a, b, a_log, dt_bias, state, out, idx if commit else state,
+        deltas if deltas is not None else state, seq, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
         HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=(bt // 16).bit_length() - 1,
-        BK=bk, COMMIT=commit, PREC=precision, num_warps=num_warps or 4,
+        BK=bk, COMMIT=commit, PREC=precision, DELTAS=deltas is not None, num_warps=num_warps or 4,
     )  # fmt: skip
 
 
@@ -898,6 +993,7 @@ def gdn_verify(
     capture_dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
     states: torch.Tensor | None = None,
+    deltas: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
     unroll: bool | None = None,
@@ -911,7 +1007,8 @@ def gdn_verify(
     (o, states) with states [B, capture, HV, K, V] in capture_dtype (None when capture is 0).
     algorithm: "recurrent" (position by position, the decode step's arithmetic) or "chunked" (the block as one
     UT/WY chunk on the tensor cores, products in `precision`, default tf32x3, K walked in chunks of block_k, default
-    all of K; capture 0 only): the same function, rounded differently.
+    all of K; capture 0 only): the same function, rounded differently. deltas [B, T, HV, V] fp32, if given,
+    receives each position's update row, from which gdn_commit_deltas builds the state after any position.
     """
     seq = k.shape[1]
     depth = DEFAULT_CAPTURE if capture is None else capture
@@ -919,10 +1016,11 @@ def gdn_verify(
     if _check_algorithm(algorithm, depth, unroll, precision, block_k):
         bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
         out = _gdn_out(out, v)
+        _check_deltas(deltas, v)
         if seq > 0:
             _gdn_block(
                 q, k, v, a, b, a_log, dt_bias, state, out, None, block_v=block_v, block_k=block_k,
-                num_warps=num_warps, precision=precision or PRECISIONS[0], scale=dk**-0.5,
+                num_warps=num_warps, precision=precision or PRECISIONS[0], scale=dk**-0.5, deltas=deltas,
             )  # fmt: skip
         return out, None
     if depth > 0 and states is None:
@@ -941,6 +1039,7 @@ def gdn_verify(
         state,
         out=out,
         states=states,
+        deltas=deltas,
         block_v=block_v,
         num_warps=num_warps,
         unroll=unroll,
@@ -1014,6 +1113,7 @@ def gdn_commit(
         state,
         v,
         idx32,
+        state,
         seq,
         depth,
         1.0,
@@ -1029,8 +1129,82 @@ def gdn_commit(
         COMMIT=True,
         CAPTURE=False,
         STORE_FINAL=False,
+        DELTAS=False,
         **cfg,
     )
+    if window is not None:
+        conv_window_commit(window, x, idx32)
+    return state
+
+
+def commit_config(bsz: int, dk: int, dv: int) -> dict:
+    """gdn_commit_deltas's launch defaults: the whole V row per program and K in slices of 32, 4 warps (every state
+    element is read and written once whatever the split; slices keep a program's registers low and give a
+    batch-1 commit 48 x 4 programs at Qwen3.5-27B's 48 heads)."""
+    return dict(block_k=min(dk, 32), block_v=dv, num_warps=4)
+
+
+def gdn_commit_deltas(
+    state: torch.Tensor,
+    idx: torch.Tensor,
+    k: torch.Tensor,
+    deltas: torch.Tensor,
+    a: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    window: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+    block_k: int | None = None,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+    precision: str | None = None,
+) -> torch.Tensor:
+    """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), per request, from
+    the block's initial state (the verify left it unchanged), its raw keys k [B, T, H, K], the update rows deltas
+    [B, T, HV, V] fp32 the verify wrote and raw gate inputs a [B, T, HV]: one launch that reads and writes each
+    state once, replaying nothing. With window [B, C, W-1] and the block's raw conv input x [B, T, C], the conv
+    window is committed too. block_k / block_v: the state slice per program; precision: the product's (as the
+    chunked block's)."""
+    _check(k.dim() == 4 and k.stride(3) == 1, "k", f"expected [B, T, H, K] with contiguous K, got {tuple(k.shape)}")
+    bsz, seq, heads, dk = k.shape
+    _check(
+        deltas.dim() == 4 and deltas.shape[:2] == (bsz, seq) and deltas.dtype == torch.float32
+        and deltas.is_contiguous(),
+        "deltas",
+        f"expected contiguous fp32 [{bsz}, {seq}, HV, V], got {tuple(deltas.shape)} {deltas.dtype}",
+    )  # fmt: skip
+    hv, dv = deltas.shape[2], deltas.shape[3]
+    _check(hv % heads == 0, "deltas", f"{hv} value heads are not a multiple of {heads} key heads")
+    _check(
+        _pow2(dk) and _pow2(dv) and dk >= 16 and dv >= 16,
+        "k",
+        f"head dims must be powers of two >= 16, got K={dk} V={dv}",
+    )
+    _check(tuple(a.shape) == (bsz, seq, hv), "a", f"expected {(bsz, seq, hv)}, got {tuple(a.shape)}")
+    for name, t in (("a_log", a_log), ("dt_bias", dt_bias)):
+        _check(tuple(t.shape) == (hv,) and t.is_contiguous(), name, f"expected contiguous [{hv}]")
+    _check(
+        tuple(state.shape) == (bsz, hv, dk, dv) and state.dtype == torch.float32 and state.is_contiguous(),
+        "state",
+        f"expected contiguous fp32 {(bsz, hv, dk, dv)}, got {tuple(state.shape)} {state.dtype}",
+    )
+    _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", f"expected [{bsz}] integer indices")
+    _check(seq <= 64, "k", f"a commit takes at most 64 positions, got {seq}")
+    _check((window is None) == (x is None), "x", "window and x go together")
+    cfg = commit_config(bsz, dk, dv)
+    bk, bv = block_k or cfg["block_k"], block_v or cfg["block_v"]
+    _check(_pow2(bk) and bk >= 16 and dk % bk == 0, "block_k", f"{bk} must be a power of two >= 16 dividing K={dk}")
+    _check(_pow2(bv) and bv >= 16 and dv % bv == 0, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
+    prec = precision or PRECISIONS[0]
+    _check(prec in PRECISIONS, "precision", f"{prec!r} not in {'/'.join(PRECISIONS)}")
+    idx32 = idx.to(torch.int32)
+    if seq > 0:
+        _gdn_delta_commit_kernel[(bsz * hv, dv // bv, dk // bk)](
+            k, deltas, a, a_log, dt_bias, state, idx32, seq, *k.stride()[:3], *a.stride(),
+            HV=hv, G=hv // heads, K=dk, V=dv, BK=bk, BV=bv, BT=max(16, triton.next_power_of_2(seq)), PREC=prec,
+            num_warps=num_warps or cfg["num_warps"],
+        )  # fmt: skip
     if window is not None:
         conv_window_commit(window, x, idx32)
     return state
