@@ -90,13 +90,14 @@ def test_every_kernel_family_compiles_across_the_profiles(built):
     assert names[90] == [
         "fused_ops._qk_norm_rope_kernel",
         "fused_ops._rms_norm_kernel",
+        "gdn._gdn_delta_commit_kernel",
         "gdn._gdn_recurrent_kernel",
         "linear._linear_kernel",
     ]
     assert names[100] == ["attention._attention_kernel", "linear._linear_kernel"]
     assert names[120] == ["fused_ops._rms_norm_kernel", "linear._linear_kernel"]
-    gdn = [_spec_constants(r)["COMMIT"] for r in _records(built, 90) if r.name.endswith("_gdn_recurrent_kernel")]
-    assert sorted(gdn) == [False, True]  # verify and commit
+    gdn = [_spec_constants(r) for r in _records(built, 90) if r.name.endswith("_gdn_recurrent_kernel")]
+    assert [(c["COMMIT"], c["DELTAS"]) for c in gdn] == [(False, True)]  # the verify, with its update rows
 
 
 def test_launchers_see_the_profiles_gpu(built):

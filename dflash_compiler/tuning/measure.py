@@ -327,19 +327,32 @@ class GDNCase(Case):
             state = self.rand(s.batch, s.hv, s.dk, s.dv, scale=0.3)
             out = torch.empty(s.batch, s.t, s.hv, s.dv, dtype=dtype, device=self.device)
             self.sets.append((q, k, v, ba[..., s.hv :], ba[..., : s.hv], a_log, dt_bias, state, out))
+        # a verify's update rows (fp32), written as the step's verify writes them
+        verify = shape.op == "gdn_verify"
+        self.update_rows = [torch.empty(s.batch, s.t, s.hv, s.dv, device=self.device) for _ in self.sets if verify]
 
     def poison(self, i: int) -> None:
         self.sets[i][-1].fill_(float("nan"))
+        if self.update_rows:
+            self.update_rows[i].fill_(float("nan"))
 
     def run(self, lowering: str, config: dict, i: int):
         *inputs, out = self.sets[i]
         if lowering == "reference":
-            return reference.gdn_verify(*inputs, capture=0)[0]
+            deltas = torch.empty_like(self.update_rows[i])
+            return reference.gdn_verify(*inputs, capture=0, deltas=deltas)[0], deltas
         from ..codegen.triton.gdn import gdn_verify
 
-        return gdn_verify(*inputs, capture=0, out=out, **config)[0]
+        return gdn_verify(*inputs, capture=0, out=out, deltas=self.update_rows[i], **config)[0], self.update_rows[i]
 
     def compare(self, got, want) -> str | None:
+        for name, g, w in zip(("o", "update rows"), got, want):
+            wrong = self._compare_tensor(g, w)
+            if wrong:
+                return f"{name}: {wrong}"
+        return None
+
+    def _compare_tensor(self, got, want) -> str | None:
         err = _relative_error(got, want)
         tol = self.tolerance("triton", {})
         return None if err <= tol else f"relative error {err:.3g} over {tol:g}"
@@ -379,6 +392,9 @@ class GDNCommitCase(GDNCase):
 
         return gdn_commit_deltas(state, self.idx[i], k, self.deltas[i], a, a_log, dt_bias, **config)
 
+    def compare(self, got, want) -> str | None:
+        return self._compare_tensor(got, want)
+
 
 class GDNChunkedCase(GDNCase):
     """The chunked prefill: its output and final state, both checked."""
@@ -406,7 +422,7 @@ class GDNChunkedCase(GDNCase):
 
     def compare(self, got, want) -> str | None:
         for name, g, w in (("output", got[0], want[0]), ("final state", got[1], want[1])):
-            wrong = super().compare(g, w)
+            wrong = self._compare_tensor(g, w)
             if wrong is not None:
                 return f"{name}: {wrong}"
         return None
