@@ -797,7 +797,13 @@ def _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state):
     hv, dv = v.shape[2], v.shape[3]
     _check(hv % heads == 0, "v", f"{hv} value heads are not a multiple of {heads} qk heads")
     _check(_pow2(dk) and _pow2(dv), "k", f"head dims must be powers of two, got K={dk} V={dv}")
-    for name, t in (("a", a), ("b", b)):
+    _check_gates_and_state({"a": a, "b": b}, a_log, dt_bias, state, bsz, seq, hv, dk, dv)
+    return bsz, seq, heads, hv, dk, dv
+
+
+def _check_gates_and_state(gates: dict, a_log, dt_bias, state, bsz, seq, hv, dk, dv) -> None:
+    """The per-position gate inputs [B, T, HV], the per-head a_log / dt_bias [HV] and the fp32 state rows."""
+    for name, t in gates.items():
         _check(tuple(t.shape) == (bsz, seq, hv), name, f"expected {(bsz, seq, hv)}, got {tuple(t.shape)}")
     for name, t in (("a_log", a_log), ("dt_bias", dt_bias)):
         _check(tuple(t.shape) == (hv,) and t.is_contiguous(), name, f"expected contiguous [{hv}]")
@@ -806,7 +812,6 @@ def _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state):
         "state",
         f"expected contiguous fp32 {(bsz, hv, dk, dv)}, got {tuple(state.shape)} {state.dtype}",
     )
-    return bsz, seq, heads, hv, dk, dv
 
 
 def _check_deltas(deltas: torch.Tensor | None, v: torch.Tensor) -> None:
@@ -1184,14 +1189,7 @@ def gdn_commit_deltas(
         "k",
         f"head dims must be powers of two >= 16, got K={dk} V={dv}",
     )
-    _check(tuple(a.shape) == (bsz, seq, hv), "a", f"expected {(bsz, seq, hv)}, got {tuple(a.shape)}")
-    for name, t in (("a_log", a_log), ("dt_bias", dt_bias)):
-        _check(tuple(t.shape) == (hv,) and t.is_contiguous(), name, f"expected contiguous [{hv}]")
-    _check(
-        tuple(state.shape) == (bsz, hv, dk, dv) and state.dtype == torch.float32 and state.is_contiguous(),
-        "state",
-        f"expected contiguous fp32 {(bsz, hv, dk, dv)}, got {tuple(state.shape)} {state.dtype}",
-    )
+    _check_gates_and_state({"a": a}, a_log, dt_bias, state, bsz, seq, hv, dk, dv)
     _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", f"expected [{bsz}] integer indices")
     _check(seq <= 64, "k", f"a commit takes at most 64 positions, got {seq}")
     _check((window is None) == (x is None), "x", "window and x go together")
