@@ -1,9 +1,9 @@
 """Gated DeltaNet kernels at Qwen3.5-27B shapes, one GDN layer (the model has 48): conv update, verify recurrence
-with every rollback strategy, commit, decode and chunked prefill, against the PyTorch reference and against the
-floor (bytes / copy bandwidth). Everything is timed as CUDA-graph replays, as the runtime runs it (an eager launch
-costs more than most of these kernels): ours as one graph of one call per rotating input set, the reference as a
-graph of one call. The recurrent kernel's launch parameters are swept first and the best per (mode, batch) is
-used for the other rows (its config is recorded in each row).
+with every rollback strategy (captured states, replay, update rows), commit, decode and chunked prefill, against
+the PyTorch reference and against the floor (bytes / copy bandwidth). Everything is timed as CUDA-graph replays,
+as the runtime runs it (an eager launch costs more than most of these kernels): ours as one graph of one call per
+rotating input set, the reference as a graph of one call. The recurrent kernel's launch parameters are swept first
+and the best per (mode, batch) is used for the other rows (its config is recorded in each row).
 
     python bench/bench_gdn.py [--out bench/results/kernels-gdn-h100.json] [--no-sweep]
 """
@@ -114,6 +114,8 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
     cap32 = torch.empty(batch, BLOCK, HV, DK, DV, device=DEV)
     cap16 = torch.empty(batch, BLOCK, HV, DK, DV, device=DEV, dtype=torch.bfloat16)
     cap8 = torch.empty(batch, 8, HV, DK, DV, device=DEV)
+    rows_buf = torch.empty(batch, BLOCK, HV, DV, device=DEV)  # the update rows (the step's strategy)
+    rows_bytes = rows_buf.numel() * 4
     idx_last = torch.full((batch,), BLOCK - 1, device=DEV, dtype=torch.int32)
     state_rw = batch * STATE_BYTES
     io_bytes = _input_bytes(batch, BLOCK) + batch * BLOCK * HV * DV * 2  # q/k/v/a/b in, o out
@@ -122,6 +124,7 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
     floors = dict(
         capture=state_rw + BLOCK * state_rw + io_bytes,
         replay=state_rw + io_bytes,
+        deltas=state_rw + io_bytes + rows_bytes,
         commit=2 * state_rw + _input_bytes(batch, BLOCK, with_q=False),
     )
 
@@ -134,6 +137,12 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
             s["q"], s["k"], s["v"], s["a"], s["b"], a_log, dt_bias, s["state"], capture=capture, out=o_buf,
             states=states, **kw,
         )  # fmt: skip
+
+    def commit_deltas(i, idx):
+        s = sets[i]
+        return gdn.gdn_commit_deltas(
+            s["state"], idx, s["k"], rows_buf, s["a"], a_log, dt_bias, window=s["window"], x=s["x"]
+        )
 
     # Commits write the state in place: harmless for timing (the values stay finite, the cost does not depend on
     # them). Without window/x this is the state commit alone.
@@ -194,7 +203,12 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
         "replay": rows.add(
             "verify_replay", batch, timed(verify, 0, **rep_kw), None, floors["replay"], config=cfg_of("replay")
         ),
+        "deltas": rows.add(
+            "verify_deltas", batch, timed(verify, 0, deltas=rows_buf, **rep_kw), None, floors["deltas"],
+            config=cfg_of("replay"), note="writes the update rows the delta commit reads",
+        ),
     }  # fmt: skip
+    verify(0, 0, deltas=rows_buf, **rep_kw)  # finite update rows for the delta commits below
     rows.add(
         "verify_capture_bf16", batch, timed(verify, BLOCK, cap16, **cap_kw), None,
         state_rw + BLOCK * state_rw // 2 + io_bytes, config=cfg_of("capture"),
@@ -212,6 +226,11 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
 
         def ref_copy(idx=idx):
             s0["state"].copy_(cap32[torch.arange(batch, device=DEV), idx.long()])
+            ref_window(idx)
+
+        def ref_deltas(idx=idx):
+            s0["state"].copy_(ops.gated_delta_commit(s0["state"], idx.long(), s0["k"], rows_buf,
+                                                     ops.gdn_log_decay(s0["a"], a_log, dt_bias)))  # fmt: skip
             ref_window(idx)
 
         def ref_replay(steps=steps, idx=idx):
@@ -236,6 +255,11 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
                 _safe(lambda f=ref_replay: _ref_us(f)),
                 2 * state_rw + _input_bytes(batch, steps, with_q=False) + conv_commit_bytes, idx=last,
                 config=cfg_of("commit"),
+            ),
+            "deltas": rows.add(
+                f"commit_deltas_{label}", batch, timed(commit_deltas, idx), _safe(lambda f=ref_deltas: _ref_us(f)),
+                2 * state_rw + rows_bytes + batch * BLOCK * (HEADS * DK + HV) * 2 + conv_commit_bytes, idx=last,
+                config="launcher default",
             ),
         }  # fmt: skip
         # per-step totals (verify + commit) of each strategy: what DEFAULT_CAPTURE is chosen by
