@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import e2e  # noqa: E402
 import e2e_models  # noqa: E402
-from common import source_digest, write_results  # noqa: E402
+from common import device_gaps, source_digest, write_results  # noqa: E402
 
 
 def test_weight_bytes_match_the_27b_figures():
@@ -277,3 +277,12 @@ def test_ablation_sets_the_prologue_fusions_per_run(monkeypatch, prologues):
     assert all(passes.fuse_residual not in passes.default_passes(q) for q in compiler.QUANTS)
     with pytest.raises(SystemExit, match="--without-passes: unknown pass 'fuse_nothing'"):
         e2e._ablate("fuse_nothing", None, untuned=False)
+
+
+def test_device_gaps_merge_overlaps_and_bin_the_idle_time():
+    """Busy time is the union of the kernels' intervals (overlapping kernels count once); each gap between them
+    lands in its length's bin."""
+    spans = [(0.0, 10.0), (2.0, 6.0), (12.0, 20.0), (19.0, 25.0), (35.0, 40.0), (100.0, 101.0)]
+    got = device_gaps(list(reversed(spans)))  # in any order
+    assert got == {"busy_us": 29.0, "idle_under_5us": 2.0, "idle_5_to_20us": 10.0, "idle_over_20us": 60.0}
+    assert device_gaps([]) == {"busy_us": 0.0, "idle_under_5us": 0.0, "idle_5_to_20us": 0.0, "idle_over_20us": 0.0}
