@@ -276,6 +276,24 @@ def test_delta_commit_names_what_is_wrong():
         gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, block_k=48)
     with pytest.raises(ValueError, match="x: window and x go together"):
         gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=torch.zeros(2, 40, 3, device=DEV))
+    with pytest.raises(ValueError, match="a: expected \\(2, 4, 6\\)"):
+        gdn.gdn_commit_deltas(state, idx, k, deltas, a[:, :3], a_log, dt_bias)
+    with pytest.raises(ValueError, match="state: expected contiguous fp32"):
+        gdn.gdn_commit_deltas(state.half(), idx, k, deltas, a, a_log, dt_bias)
+    with pytest.raises(ValueError, match="block_v: 64 must be a power of two >= 16 dividing V=32"):
+        gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, block_v=64)
+    with pytest.raises(ValueError, match="precision: 'tf32' not in"):
+        gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, precision="tf32")
+    with pytest.raises(ValueError, match="deltas: 5 value heads are not a multiple of 2 key heads"):
+        gdn.gdn_commit_deltas(state, idx, k, deltas[:, :, :5].contiguous(), a, a_log, dt_bias)
+    long_k = torch.zeros(2, 65, 2, 32, device=DEV)
+    with pytest.raises(ValueError, match="k: a commit takes at most 64 positions, got 65"):
+        gdn.gdn_commit_deltas(
+            state, idx, long_k, torch.zeros(2, 65, 6, 32, device=DEV), torch.zeros(2, 65, 6, device=DEV), a_log,
+            dt_bias,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="k: head dims must be powers of two >= 16, got K=8"):
+        gdn.gdn_commit_deltas(state, idx, k[..., :8].contiguous(), deltas, a, a_log, dt_bias)
 
 
 def test_chunked_block_options_are_its_own():

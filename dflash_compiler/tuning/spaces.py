@@ -679,7 +679,7 @@ class GDNCommitSpace(Space):
 
     def launcher_default(self) -> Params:
         s = self.shape
-        return {"lowering": "triton", **gdn_kernels.commit_config(s.batch, s.dk, s.dv), "precision": "tf32x3"}
+        return {"lowering": "triton", **gdn_kernels.commit_config(s.dk, s.dv), "precision": "tf32x3"}
 
     def limits(self, params: Params) -> str | None:
         s = self.shape

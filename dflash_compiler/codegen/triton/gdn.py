@@ -316,12 +316,17 @@ def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h):
-    """The log decays g = -e^a_log softplus(a + dt_bias), beta = sigmoid(b) and the running sum of g of a chunk's
-    rows (0 where not `live`)."""
+def _chunk_log_decays(xa, live, a_log_ptr, dt_bias_ptr, h):
+    """The log decays g = -e^a_log softplus(a + dt_bias) of a chunk's rows (0 where not `live`)."""
     xa = xa.to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
     g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
-    g = tl.where(live, g, 0.0)
+    return tl.where(live, g, 0.0)
+
+
+@triton.jit
+def _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h):
+    """The log decays g, beta = sigmoid(b) and the running sum of g of a chunk's rows (0 where not `live`)."""
+    g = _chunk_log_decays(xa, live, a_log_ptr, dt_bias_ptr, h)
     beta = tl.where(live, 1.0 / (1.0 + tl.exp(-xb.to(tl.float32))), 0.0)
     return g, beta, tl.associative_scan(g, 0, _add)
 
@@ -529,10 +534,8 @@ def _gdn_delta_commit_kernel(
     # the keys' l2 norms over all of K; this program's K slice is read again (from cache) for the product
     kf = tl.load(k_rows + offs_kf[None, :], mask=live[:, None], other=0.0).to(tl.float32)
     rk = tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6)
-    xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0).to(tl.float32)
-    xa = xa + tl.load(dt_bias_ptr + h).to(tl.float32)
-    g = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)) * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
-    g = tl.where(live, g, 0.0)
+    xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
+    g = _chunk_log_decays(xa, live, a_log_ptr, dt_bias_ptr, h)
     cum = tl.associative_scan(g, 0, _add)
     c_last = tl.reduce(g, 0, _add)
     weight = tl.where(live, rk * tl.exp(c_last - cum), 0.0)
@@ -1145,7 +1148,7 @@ def gdn_commit(
     return state
 
 
-def commit_config(bsz: int, dk: int, dv: int) -> dict:
+def commit_config(dk: int, dv: int) -> dict:
     """gdn_commit_deltas's launch defaults: the whole V row per program and K in slices of 32, 4 warps (every state
     element is read and written once whatever the split; slices keep a program's registers low and give a
     batch-1 commit 48 x 4 programs at Qwen3.5-27B's 48 heads)."""
@@ -1193,7 +1196,7 @@ def gdn_commit_deltas(
     _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", f"expected [{bsz}] integer indices")
     _check(seq <= 64, "k", f"a commit takes at most 64 positions, got {seq}")
     _check((window is None) == (x is None), "x", "window and x go together")
-    cfg = commit_config(bsz, dk, dv)
+    cfg = commit_config(dk, dv)
     bk, bv = block_k or cfg["block_k"], block_v or cfg["block_v"]
     _check(_pow2(bk) and bk >= 16 and dk % bk == 0, "block_k", f"{bk} must be a power of two >= 16 dividing K={dk}")
     _check(_pow2(bv) and bv >= 16 and dv % bv == 0, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
