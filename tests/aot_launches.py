@@ -107,10 +107,11 @@ def accepts(device="cpu"):
     gen = _gen()
     logits = torch.randn(3, 16, 1000, generator=gen).to(device)
     draft = logits[:, :15].argmax(-1)
+    draft_ref = draft.clone()
     draft[1, 4] = (draft[1, 4] + 1) % 1000
     res = accept.greedy_accept(draft, logits)
     expected = torch.tensor([15, 4, 15], device=device)
-    return [("greedy_accept", res.num_accepted, expected)]
+    return [("greedy_accept", res.num_accepted, expected), ("argmax", accept.argmax(logits[:, :15]), draft_ref)]
 
 
 def every_family(device="cpu"):

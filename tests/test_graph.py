@@ -2,15 +2,18 @@
 dequantized weights, and the lowering of every op node."""
 
 import copy
+import operator
 
 import pytest
 import torch
 from checkpoints import VOCAB, write_drafter, write_qwen35
+from torch import fx
 
 from dflash_compiler.errors import DFlashError
+from dflash_compiler.graph import ops as dflash_ops
 from dflash_compiler.graph import passes as P
 from dflash_compiler.graph.compiler import CompiledStep, StepGraphs, compile_step, new_pools
-from dflash_compiler.graph.ir import op_counts
+from dflash_compiler.graph.ir import dead_after, op_arguments, op_counts
 from dflash_compiler.graph.trace import weight_sources
 from dflash_compiler.models.loader import load_drafter, load_target
 from dflash_compiler.models.paged import PAGE_SIZE
@@ -114,6 +117,59 @@ def test_the_full_pipeline_preserves_the_step_and_removes_launches(pair, unpasse
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     g = compiled.graph("step")
     assert g.launches < g.launches_before
+
+
+def test_linears_whose_residual_is_dead_add_into_its_memory(pair, unpassed, monkeypatch):
+    """The lowering lets a linear accumulate into its residual's memory where nothing reads that memory later: in
+    the step every residual linear but those whose residual is a tapped layer output (read again by the drafter's
+    context features). The reference lowering then writes in place, and the step's results are bit for bit those
+    of the lowering without it."""
+    from dflash_compiler.graph import compiler as C
+
+    compiled = _compile(*pair, passes=None)
+    in_place = _run(compiled)
+    gm = compiled.graph("step").gm
+    schema = torch.ops.dflash.linear.default._schema
+    linears = [n for n in gm.graph.nodes if n.meta.get("lowering", {}).get("op") == "linear"]
+    residual_linears = [n for n in linears if op_arguments(n, schema)["residual"] is not None]
+    kept = [n for n in residual_linears if not n.meta["lowering"].get("residual_in_place")]
+    assert len(residual_linears) > len(kept) > 0
+    taps = {a for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default for a in n.args[0]}
+    assert all(op_arguments(n, schema)["residual"] in taps for n in kept)
+    assert len(kept) == len(pair[1].cfg.target_layer_ids)
+    assert any(isinstance(n.target, dflash_ops.TunedLinear) and n.target.residual_in_place for n in residual_linears)
+    monkeypatch.setattr(C, "_residual_dead_after", lambda node, args: False)
+    for got, want in zip(_run(_compile(*pair, passes=None)), in_place):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(in_place, unpassed):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dead_after_sees_views_later_readers_graph_inputs_and_shared_inputs():
+    aten = torch.ops.aten
+    g = fx.Graph()
+    a, w = g.placeholder("a"), g.placeholder("w")
+    h = g.call_function(aten.add.Tensor, (a, a))
+    hv = g.call_function(aten.view.default, (h, [-1]))
+    halves = g.call_function(aten.split.Tensor, (h, 1))
+    half = g.call_function(operator.getitem, (halves, 0))
+    x = g.call_function(aten.mul.Tensor, (a, 2.0))
+    lin = g.call_function(torch.ops.dflash.linear.default, (x, w), {"residual": h})
+    reader = g.call_function(aten.mul.Tensor, (hv, 3.0))
+    g.output((lin, reader, half))
+    assert not dead_after(h, lin)  # a view of it is read after the linear
+    reader.replace_all_uses_with(lin)
+    g.erase_node(reader)
+    assert not dead_after(h, lin)  # an element of its split is a graph output
+    g.output_node().args = ((lin,),)
+    g.erase_node(half)
+    g.erase_node(halves)
+    assert dead_after(h, lin) and dead_after(hv, lin)
+    assert not dead_after(h, lin, besides=(hv,))  # the linear reads it through another argument
+    assert not dead_after(a, lin)  # a graph input's memory is not the graph's to overwrite
+    to = g.call_function(aten.to.dtype, (h, torch.float32))
+    to.prepend(lin)
+    assert not dead_after(to, lin)  # to() may return its input itself
 
 
 @pytest.mark.parametrize("quant", ["fp8", "fp8_block", "int4"])

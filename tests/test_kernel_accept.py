@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dflash_compiler.codegen.triton.accept import greedy_accept, rejection_accept
+from dflash_compiler.codegen.triton.accept import argmax, greedy_accept, rejection_accept
 from dflash_compiler.runtime.sampling import SamplingParams, probabilities
 from dflash_compiler.runtime.sampling import greedy_accept as greedy_ref
 from dflash_compiler.runtime.sampling import rejection_accept as rejection_ref
@@ -90,6 +90,26 @@ def test_greedy_ties_take_first_index():
     res = greedy_accept(drafts, logits, block_v=32, chunk=64)
     assert res.num_accepted.tolist() == [2] and res.bonus.tolist() == [7]
     assert res.tokens.tolist() == [[7, 3, 7]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,block_v,chunk", [((3, 15, 333), 32, 64), ((7, 1000), None, None), ((1, 2, 5), 4, 4)])
+def test_argmax_equals_torch(dtype, shape, block_v, chunk):
+    """Rows split over chunks of the vocabulary: the first index of the maximum, as torch.argmax, for any leading
+    dims; ties across chunks, rows of -inf and a strided last dim included."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    logits = (torch.randn(*shape, generator=gen) * 4).to(DEVICE, dtype)
+    flat = logits.view(-1, shape[-1])
+    flat[0, -1] = flat[0, 0] = flat[0].max() + 1  # a tie between the first and the last chunk
+    flat[-1] = float("-inf")
+    got = argmax(logits, block_v=block_v, chunk=chunk)
+    assert got.dtype == torch.int64 and got.shape == logits.shape[:-1]
+    assert torch.equal(got, logits.argmax(-1))
+    assert int(got.view(-1)[0]) == 0 and int(got.view(-1)[-1]) == 0
+    wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(DEVICE, dtype)[..., ::2]
+    assert torch.equal(argmax(wide, block_v=block_v, chunk=chunk), wide.argmax(-1))
+    with pytest.raises(ValueError, match="logits"):
+        argmax(logits.long())
 
 
 def _probs(n_req, rows, vocab, gen, sharp):

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dflash_compiler.codegen.triton.fused_ops import context_kv_project, gated_rms_norm, qk_norm_rope, rms_norm, swiglu
+from dflash_compiler.codegen.triton.fused_ops import (
+    _token_head_rows,
+    context_kv_project,
+    gated_rms_norm,
+    qk_norm_rope,
+    rms_norm,
+    swiglu,
+)
 from dflash_compiler.graph.ops import swiglu as swiglu_ref
 from dflash_compiler.models.ops import apply_rope, rope_cos_sin
 from dflash_compiler.models.ops import gated_rms_norm as gated_rms_norm_ref
@@ -75,6 +82,13 @@ def test_gated_rms_norm(dtype, tokens, heads, d):
     # a strided gate (a slice of a wider projection) reads the same values
     wide = _rand(tokens, heads, 2 * d, dtype=dtype, gen=gen)
     _close(gated_rms_norm(x, wide[..., :d], w, EPS), gated_rms_norm_ref(x, wide[..., :d], w, EPS), dtype)
+    # x and gate as head columns of wider token rows (z in the fused GDN input projection's output): read in place
+    proj = _rand(tokens, 3 * heads * d + 5, dtype=dtype, gen=gen, scale=2.0)
+    z = proj[:, heads * d + 3 : 2 * heads * d + 3].view(tokens, heads, d)
+    xs = proj[:, 1 : heads * d + 1].view(tokens, heads, d)
+    assert _token_head_rows(z, heads, d).data_ptr() == z.data_ptr()
+    out = torch.full_like(x, float("nan"))
+    _close(gated_rms_norm(xs, z, w, EPS, out=out), gated_rms_norm_ref(xs, z, w, EPS), dtype)
     with pytest.raises(ValueError, match="gate"):
         gated_rms_norm(x, gate[:, :1], w, EPS)
 

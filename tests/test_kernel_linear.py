@@ -266,6 +266,25 @@ def test_linear_epilogues(fmt, epilogue, split):
     run_and_check(x, weight, residual=residual, swiglu=epilogue == "swiglu", config=_config(fmt, split))
 
 
+@pytest.mark.parametrize("config", [
+    LinearConfig(block_n=16, block_m=16, num_stages=2),
+    LinearConfig(block_n=16, block_m=16, num_stages=2, split_k=3),
+    LinearConfig(block_n=16, block_m=16, block_k=128, num_stages=2, programs=7),
+], ids=["tiles", "split", "shared_tiles"])  # fmt: skip
+@pytest.mark.parametrize("fmt", ["dense", "fp8_block", "int4_asym"])
+def test_residual_in_place_writes_into_the_residual(fmt, config):
+    """residual_in_place: the residual's tensor holds x @ W^T + residual, whichever program finishes a tile."""
+    gen = torch.Generator().manual_seed(23)
+    weight = make_weight(fmt, 45, 1100, gen)
+    x = torch.randn(5, 1100, generator=gen).to(DEVICE, torch.float16)
+    residual = torch.randn(5, 45, generator=gen).to(DEVICE, torch.float16)
+    want = reference(x, weight, residual)
+    got = linear(x, weight, residual=residual, config=config, residual_in_place=True)
+    assert got.data_ptr() == residual.data_ptr()
+    err = ((got.float() - want).norm() / want.norm()).item()
+    assert err < 2e-3, f"relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_linear_whole_tiles(fmt):
     """N and K multiples of the tile: the launcher drops the edge masks."""

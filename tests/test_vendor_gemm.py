@@ -27,6 +27,30 @@ def test_dense_matches_reference(epilogue, dtype, device):
     torch.testing.assert_close(vendor_gemm.linear(x, w, **kwargs), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_residual_in_place_accumulates_into_the_residual(dtype, device):
+    """A dead residual takes the sum in the GEMM (beta = 1): the result is the residual's tensor, the reference's
+    values (rounded once), and x and the weight are left as they were."""
+    gen = torch.Generator().manual_seed(2)
+    m, n, k = 67, 40, 72
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    w = DenseWeight((torch.randn(n, k, generator=gen) / k**0.5).to(device, dtype))
+    residual = torch.randn(m, n, generator=gen).to(device, dtype)
+    want = reference.linear(x, w, residual=residual.clone())
+    x0, w0 = x.clone(), w.weight.clone()
+    got = vendor_gemm.linear(x, w, residual=residual, residual_in_place=True)
+    assert got.data_ptr() == residual.data_ptr()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert torch.equal(x, x0) and torch.equal(w.weight, w0)
+    # the reference lowering writes in place too (what the CPU step tests run)
+    residual2 = want.clone()
+    again = reference.linear(x, w, residual=residual2, residual_in_place=True)
+    assert again.data_ptr() == residual2.data_ptr()
+    torch.testing.assert_close(again, reference.linear(x, w, residual=want), rtol=0, atol=0)
+
+
 def test_fp8_channel_matches_reference_within_activation_rounding():
     """On CUDA (where the runtime uses it) in bf16, else on CPU in fp32."""
     gen = torch.Generator().manual_seed(1)

@@ -27,6 +27,7 @@ from dflash_compiler.runtime import sampling
 
 __all__ = [
     "AcceptResult",
+    "argmax",
     "causal_conv1d_update",
     "context_kv_project",
     "context_kv_write",
@@ -54,11 +55,15 @@ def _emit(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def linear(
-    x, weight, *, residual=None, swiglu=False, out=None, fp8_dot=None, config=None, norm=None, gate=None
-) -> torch.Tensor:
+    x, weight, *, residual=None, swiglu=False, out=None, fp8_dot=None, config=None, norm=None, gate=None,
+    residual_in_place=False,
+) -> torch.Tensor:  # fmt: skip
     """y = x @ W^T in fp32 for any weight format, then silu(gate) * up (W = [gate; up]) or + residual, in fp32,
     rounded once to x's dtype. norm (codegen/triton/linear.RowNorm): ops.rms_norm of x first, rounded to x's
-    dtype, as the unfused norm would leave it; gate: x * sigmoid(gate) first, in x's dtype, likewise."""
+    dtype, as the unfused norm would leave it; gate: x * sigmoid(gate) first, in x's dtype, likewise.
+    residual_in_place: the result is written into the residual's memory (the vendor GEMM's in-place form)."""
+    if residual_in_place and residual is not None and out is None:
+        out = residual
     if gate is not None:
         x = x * torch.sigmoid(gate)
     if norm is not None:
@@ -427,6 +432,11 @@ def _committed(draft_tokens: torch.Tensor, accepted: torch.Tensor, bonus: torch.
     a = accepted[:, None]
     tokens = torch.where(j < a, drafts, torch.where(j == a, bonus[:, None], -1))
     return AcceptResult(accepted, bonus, tokens)
+
+
+def argmax(logits, *, block_v=None, chunk=None) -> torch.Tensor:
+    """The index of the first maximum over the last dim, int64 (torch.argmax)."""
+    return logits.argmax(-1)
 
 
 def greedy_accept(draft_tokens, logits, *, block_v=None, chunk=None) -> AcceptResult:

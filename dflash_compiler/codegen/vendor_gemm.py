@@ -54,11 +54,13 @@ def linear(
     config=None,
     norm=None,
     gate=None,
+    residual_in_place: bool = False,
 ) -> torch.Tensor:
     """y = x @ W^T, then + residual or silu(gate) * up for W = [gate; up] (the GEMM's output rounded to x's dtype,
     the epilogue in fp32 and rounded once). norm (codegen/triton/linear.RowNorm): the RMSNorm kernel runs on x first;
     gate: x * sigmoid(gate) first. Without an epilogue the GEMM writes out itself; the residual is one add, SwiGLU
-    one Triton launch (on CUDA)."""
+    one Triton launch (on CUDA). residual_in_place (the residual is dead after this call): dense weights accumulate
+    into the residual's memory in the GEMM (beta = 1, rounded once, no add launch), the result is that tensor."""
     if gate is not None:
         x = x * torch.sigmoid(gate)
     if norm is not None:
@@ -73,6 +75,8 @@ def linear(
             return swiglu_rows(y, out=out)
         y = ops.swiglu(*y.float().chunk(2, dim=-1)).to(x.dtype)
         return y if out is None else out.copy_(y)
+    if residual is not None and residual_in_place and out is None and isinstance(weight, DenseWeight):
+        return residual.addmm_(x, weight.weight.t())
     if residual is not None:  # torch's add of half-precision tensors computes in fp32 and rounds once
         y = _matmul(x, weight)
         return torch.add(y, residual) if out is None else torch.add(y, residual, out=out)

@@ -29,7 +29,7 @@ from ..models.target import TargetModel
 from . import ops as dflash_ops
 from .cache import TraceCache
 from .calibrate import linear_input_moments
-from .ir import Weights, is_dflash, kernel_launches, op_arguments, op_counts
+from .ir import Weights, dead_after, is_dflash, kernel_launches, op_arguments, op_counts
 from .passes import default_passes, run_passes
 from .trace import bind_weights, trace, weight_names, weight_sources
 
@@ -318,6 +318,7 @@ def lower(
     (codegen/inductor.py). gdn_dims: (verify width, key heads, value heads, key dim, value dim) of the graph's GDN
     ops, whose tuned configs the chooser gives by batch size."""
     count = 0
+    linears = []
     for node in gm.graph.nodes:
         if isinstance(node.kwargs.get("device"), torch.device):
             node.update_kwarg("device", device)
@@ -332,12 +333,29 @@ def lower(
         node.meta["lowering"] = {"op": op, "impl": backend}
         if tuned:
             node.meta["lowering"]["tuned"] = {str(m): {"lowering": lw, "config": c} for m, (lw, c) in tuned.items()}
+        if op == "linear":
+            linears.append((node, node.target._schema, tuned))
         node.target = dflash_ops.implementation(op, backend, tuned)
         count += 1
-    gm.recompile()
     if glue == "inductor":
+        gm.recompile()
         lower_glue(gm)
+    # after the glue's regions, which may move reads: the order of the final graph decides what is dead
+    for node, schema, tuned in linears:
+        if _residual_dead_after(node, op_arguments(node, schema)):
+            node.meta["lowering"]["residual_in_place"] = True
+            node.target = dflash_ops.implementation("linear", backend, tuned, residual_in_place=True)
+    gm.recompile()
     return count
+
+
+def _residual_dead_after(node: fx.Node, args: dict) -> bool:
+    """Whether a linear node (its arguments by name: args) may take the sum into its residual's memory: no later
+    node reads that memory and the node's other activations do not share it (ir.dead_after)."""
+    residual = args["residual"]
+    if residual is None or args["bias"] is not None:
+        return False
+    return dead_after(residual, node, besides=(args["x"], args["x_gate"]))
 
 
 def linear_calls(node: fx.Node, weights: dict[str, torch.Tensor], act_dtype: torch.dtype) -> list[tuple]:

@@ -10,8 +10,9 @@ a step, releasing each source as soon as nothing else needs it.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,10 +98,11 @@ def _attr_name(qualified: str) -> str:
     return "p_" + qualified.replace(".", "_")
 
 
-def op_arguments(node: fx.Node) -> dict:
-    """An op node's arguments by name (from its schema), defaults filled in."""
+def op_arguments(node: fx.Node, schema=None) -> dict:
+    """An op node's arguments by name (from its op's schema, or the given one once the node is lowered), defaults
+    filled in."""
     out = {}
-    for i, arg in enumerate(node.target._schema.arguments):
+    for i, arg in enumerate((schema or node.target._schema).arguments):
         if i < len(node.args):
             out[arg.name] = node.args[i]
         elif arg.name in node.kwargs:
@@ -176,3 +178,59 @@ _VIEW_OPS = {
 
 def _is_view(target: torch._ops.OpOverload) -> bool:
     return target._opname in _VIEW_OPS
+
+
+# ATen ops whose result is always a new tensor (to, contiguous and the like may return their input itself)
+_FRESH_ATEN = {"embedding", "add", "sub", "mul", "div", "cat", "clone", "_to_copy", "index_select", "where"}
+
+
+def _views(node: fx.Node, source: fx.Node) -> bool:
+    """Whether node is a view of source (a view op on it, or an element of a split of it)."""
+    if node.op != "call_function" or not node.args or node.args[0] is not source:
+        return False
+    return node.target is operator.getitem or (isinstance(node.target, torch._ops.OpOverload) and _is_view(node.target))
+
+
+def _alias_root(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and _is_view(node.target):
+        node = node.args[0]
+    return node
+
+
+def _aliases(root: fx.Node) -> list[fx.Node]:
+    """root and every node that is a view of it, through chains of views."""
+    out, todo = [], [root]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo += [u for u in n.users if _views(u, n)]
+    return out
+
+
+def _owns_memory(root: fx.Node) -> bool:
+    """Whether root's tensor is memory of its own that the graph made: a lowered linear's output or a fresh ATen
+    result (not a graph input, a weight, or an op result that may alias its inputs)."""
+    if root.op != "call_function":
+        return False
+    if is_dflash(root):
+        return root.target._opname == "linear"
+    if "lowering" in root.meta:
+        return root.meta["lowering"]["op"] == "linear"
+    return (
+        isinstance(root.target, torch._ops.OpOverload)
+        and root.target.namespace == "aten"
+        and root.target._opname in _FRESH_ATEN
+    )
+
+
+def dead_after(value: fx.Node, node: fx.Node, *, besides: Sequence[fx.Node] = ()) -> bool:
+    """Whether node may overwrite value's memory: the memory is the graph's own (_owns_memory), nothing reads it
+    (through any view) after node, and none of the tensors in besides (node's other inputs) shares it."""
+    root = _alias_root(value)
+    if not _owns_memory(root):
+        return False
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    aliases = _aliases(root)
+    if any(order[u] > order[node] for a in aliases for u in a.users):
+        return False
+    return all(_alias_root(b) is not root for b in besides if isinstance(b, fx.Node))

@@ -13,8 +13,6 @@ qzeros or None, group_size).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -62,7 +60,10 @@ def _linear_epilogue(y: Tensor, bias: Tensor | None, residual: Tensor | None) ->
 
 
 def _run_linear(impl, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu, norm_weight=None,
-                norm_eps=0.0, norm_zero_centered=False, x_gate=None) -> Tensor:  # fmt: skip
+                norm_eps=0.0, norm_zero_centered=False, x_gate=None, residual_in_place=False) -> Tensor:  # fmt: skip
+    """impl(x, W, ...) of a linear node's arguments. residual_in_place: the residual is dead after this call
+    (graph/ir.dead_after), so a lowering that would add it in a launch of its own may accumulate into its memory
+    instead (the vendor GEMM with beta = 1); the others ignore it."""
     from ..codegen.triton.linear import RowNorm
 
     w = weight_format(fmt, weight, scale, zeros, x.shape[1], group_size)
@@ -70,7 +71,8 @@ def _run_linear(impl, x, weight, scale, zeros, bias, residual, fmt, group_size, 
     if x_gate is not None and norm is not None:  # one prologue per launch: the gate goes first, apart
         x, x_gate = x * torch.sigmoid(x_gate), None
     if bias is None:
-        return impl(x, w, residual=residual, swiglu=swiglu, norm=norm, gate=x_gate)
+        extra = {"residual_in_place": True} if residual_in_place and residual is not None else {}
+        return impl(x, w, residual=residual, swiglu=swiglu, norm=norm, gate=x_gate, **extra)
     return _linear_epilogue(impl(x, w, swiglu=swiglu, norm=norm, gate=x_gate), bias, residual)
 
 
@@ -375,6 +377,17 @@ def _(q, k, v, a, b, a_log, dt_bias, state, window, x):
     return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("dflash::argmax", mutates_args=())
+def argmax(logits: Tensor) -> Tensor:
+    """The index of the first maximum over the last dim, int64 (the greedy token of each row of logits)."""
+    return reference.argmax(logits)
+
+
+@argmax.register_fake
+def _(logits):
+    return logits.new_empty(logits.shape[:-1], dtype=torch.long)
+
+
 @torch.library.custom_op("dflash::greedy_accept", mutates_args=())
 def greedy_accept(draft_tokens: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     """(accepted [N], bonus [N]): the longest prefix of the drafts equal to the target's argmax, and the argmax
@@ -417,7 +430,6 @@ def _register_cuda_kernels() -> None:
     from ..codegen.triton import attention as t_attention
     from ..codegen.triton import fused_ops as t_fused
     from ..codegen.triton import gdn as t_gdn
-    from ..codegen.triton import linear as t_linear
 
     def kernel(op):
         def register(fn):
@@ -427,15 +439,10 @@ def _register_cuda_kernels() -> None:
 
         return register
 
-    def linear_by_rows(x, w, **kwargs):
-        if x.shape[0] >= VENDOR_GEMM_MIN_ROWS:
-            return _vendor_or_triton(x, w, **kwargs)
-        return t_linear.linear(x, w, **kwargs)
-
     @kernel(linear)
     def _(x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128, swiglu=False,
           norm_weight=None, norm_eps=0.0, norm_zero_centered=False, x_gate=None):  # fmt: skip
-        return _run_linear(linear_by_rows, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu,
+        return _run_linear(_linear_by_rows, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu,
                            norm_weight, norm_eps, norm_zero_centered, x_gate)  # fmt: skip
 
     @kernel(rms_norm)
@@ -494,6 +501,10 @@ def _register_cuda_kernels() -> None:
     def _(q, k, v, a, b, a_log, dt_bias, state, window, x):
         return _gdn_prefill(t_gdn, q, k, v, a, b, a_log, dt_bias, state, window, x)
 
+    @kernel(argmax)
+    def _(logits):
+        return t_accept.argmax(logits)
+
     @kernel(greedy_accept)
     def _(draft_tokens, logits):
         res = t_accept.greedy_accept(draft_tokens, logits)
@@ -536,6 +547,7 @@ OPS = {
         gdn_verify,
         gdn_commit,
         gdn_prefill,
+        argmax,
         greedy_accept,
         rejection_accept,
     )  # fmt: skip
@@ -543,22 +555,25 @@ OPS = {
 BACKENDS = ("reference", "triton")
 
 
-def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | None = None):
+def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | None = None,
+                   residual_in_place: bool = False):  # fmt: skip
     """The Python function implementing dflash op `op` with `backend`: "reference" (PyTorch, any device) or
     "triton" (the kernels; ops without a kernel use their reference). tuned: on the Triton backend, the tuning
     database's (lowering, config) by row bucket for a linear (tuning/spaces.py M_BUCKETS), by batch size for a
-    GDN verify or commit."""
+    GDN verify or commit. residual_in_place: a linear whose residual is dead after it (_run_linear)."""
     custom = OPS[op]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if op == "linear" and (residual_in_place or (tuned and backend == "triton")):
+        on_cuda = backend == "triton" and "linear" in TRITON_IMPLEMENTATIONS
+        return TunedLinear(tuned if backend == "triton" else {}, _linear_by_rows if on_cuda else reference.linear,
+                           residual_in_place)  # fmt: skip
     if backend == "reference":
         return custom._init_fn
-    if backend == "triton":
-        default = TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
-        if tuned and op == "linear":
-            return TunedLinear(tuned, default)
-        if tuned and op in TunedGDN.OPS:
-            return TunedGDN(op, tuned, default)
-        return default
-    raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    default = TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
+    if tuned and op in TunedGDN.OPS:
+        return TunedGDN(op, tuned, default)
+    return default
 
 
 class TunedGDN:
@@ -594,10 +609,11 @@ class TunedGDN:
 class TunedLinear:
     """A linear node's implementation with the tuning database's choices: each call takes the (lowering, config)
     of its row count's bucket (the vendor GEMM, the Triton kernel with that config, or the PyTorch lowering);
-    buckets without a tuned entry run the default. The choice is made at dispatch, i.e. once per captured graph."""
+    buckets without a tuned entry run the fallback (the backend's default dispatch). The choice is made at
+    dispatch, i.e. once per captured graph. residual_in_place: the node's residual is dead after it (_run_linear)."""
 
-    def __init__(self, tuned: dict[int, tuple[str, dict]], default):
-        self.tuned, self.default = dict(tuned), default
+    def __init__(self, tuned: dict[int, tuple[str, dict]], fallback, residual_in_place: bool = False):
+        self.tuned, self.fallback, self.residual_in_place = dict(tuned), fallback, residual_in_place
         self.impls = {m: _tuned_impl(*choice) for m, choice in self.tuned.items()}
         self.__name__ = "linear_tuned"
 
@@ -608,12 +624,20 @@ class TunedLinear:
 
     def __call__(self, x, weight, scale=None, zeros=None, bias=None, residual=None, fmt="dense", group_size=128,
                  swiglu=False, norm_weight=None, norm_eps=0.0, norm_zero_centered=False, x_gate=None):  # fmt: skip
-        args = (x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu, norm_weight, norm_eps,
-                norm_zero_centered, x_gate)  # fmt: skip
         from ..tuning.spaces import m_bucket
 
-        impl = self.impls.get(m_bucket(x.shape[0]))
-        return self.default(*args) if impl is None else _run_linear(impl, *args)
+        impl = self.impls.get(m_bucket(x.shape[0]), self.fallback)
+        return _run_linear(impl, x, weight, scale, zeros, bias, residual, fmt, group_size, swiglu, norm_weight,
+                           norm_eps, norm_zero_centered, x_gate, self.residual_in_place)  # fmt: skip
+
+
+def _linear_by_rows(x, w, **kwargs):
+    """The CUDA default: the vendor GEMM from VENDOR_GEMM_MIN_ROWS rows, the Triton kernel below."""
+    from ..codegen.triton import linear as t_linear
+
+    if x.shape[0] >= VENDOR_GEMM_MIN_ROWS:
+        return _vendor_or_triton(x, w, **kwargs)
+    return t_linear.linear(x, w, **kwargs)
 
 
 def _vendor_or_triton(x, w, **kwargs):
@@ -621,7 +645,9 @@ def _vendor_or_triton(x, w, **kwargs):
     from ..codegen import vendor_gemm
     from ..codegen.triton import linear as t_linear
 
-    return (vendor_gemm.linear if vendor_gemm.supports(x, w) else t_linear.linear)(x, w, **kwargs)
+    if vendor_gemm.supports(x, w):
+        return vendor_gemm.linear(x, w, **kwargs)
+    return t_linear.linear(x, w, **kwargs)
 
 
 def _tuned_impl(lowering: str, config: dict):
@@ -643,7 +669,10 @@ def _tuned_impl(lowering: str, config: dict):
             )
         from ..codegen.tvm.linear import static_linear
 
-        return functools.partial(static_linear, **config)
+        def tvm_linear(x, w, residual_in_place=False, **kw):  # its epilogue adds the residual as it writes
+            return static_linear(x, w, **config, **kw)
+
+        return tvm_linear
     if lowering == "triton":
         fields = dict(config)
         fp8_dot = fields.pop("fp8_dot", None)

@@ -80,7 +80,7 @@ class SpeculativeStep(nn.Module):
         n = act.shape[0]
         drafts = self._verified(pools.tokens)[:, 1:]
         if b == 1:
-            bonus = logits[:, 0].argmax(-1)
+            bonus = dflash.argmax(logits[:, 0])
             if sampled:
                 probs = self._probs(pools, logits[:, 0])
                 drawn = sampling.sample_from(probs, torch.rand(n, device=logits.device))
@@ -101,7 +101,7 @@ class SpeculativeStep(nn.Module):
                 u = torch.rand(n, 1, device=logits.device)
                 profile = pools.profile if b == self.block_size else pools.profile[: b - 1]
                 accepted = (u < profile).sum(-1)
-                bonus = logits.argmax(-1).gather(1, accepted.unsqueeze(1)).squeeze(1)
+                bonus = dflash.argmax(logits).gather(1, accepted.unsqueeze(1)).squeeze(1)
         idx = torch.where(act, accepted, -1).to(torch.int32)
         self.target.paged_commit(pools, vout, idx)
         out = torch.cat((drafts, drafts[:, :1]), dim=1) if b > 1 else bonus.unsqueeze(1).clone()
@@ -137,7 +137,7 @@ class SpeculativeStep(nn.Module):
         embeds = torch.nn.functional.embedding(block, self.target.embed_tokens.weight)
         hidden = self.drafter.paged_draft(pools.ctx_k, pools.ctx_v, embeds, lens, table, self.max_len)
         logits = project(hidden, self.target.lm_head).view(n, b - 1, -1)
-        drafts = logits.argmax(-1)
+        drafts = dflash.argmax(logits)
         if sampled:
             q = self._probs(pools, logits)
             drawn = sampling.sample_from(q, torch.rand(n, b - 1, device=logits.device))

@@ -80,6 +80,19 @@ def _greedy_finalize_kernel(
     tl.store(TOKENS + n * BS + j, tokens.to(tl.int64), mask=j < BS)
 
 
+@triton.jit
+def _argmax_finalize_kernel(PV, PI, OUT, NCH: tl.constexpr, NCH_P2: tl.constexpr):
+    """One row: the smallest index among its chunks' maxima."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, NCH_P2)
+    ok = c < NCH
+    pv = tl.load(PV + row * NCH + c, mask=ok, other=float("-inf"))
+    pi = tl.load(PI + row * NCH + c, mask=ok, other=0)
+    best = tl.max(pv, 0)
+    idx = tl.min(tl.where((pv == best) & ok, pi, 2147483647), 0)
+    tl.store(OUT + row, idx.to(tl.int64))
+
+
 def _chunking(vocab: int, block_v: int | None, chunk: int | None) -> tuple[int, int]:
     block_v = block_v or min(2048, triton.next_power_of_2(vocab))
     chunk = chunk or max(block_v, min(16384, triton.cdiv(triton.cdiv(vocab, 32), block_v) * block_v))
@@ -95,6 +108,35 @@ def _check_draft(draft_tokens: torch.Tensor, n_req: int, bs: int) -> None:
         raise ValueError("draft_tokens: last dim must be contiguous")
 
 
+def _argmax_partials(rows: torch.Tensor, block_v: int | None, chunk: int | None):
+    """Per (row, chunk of the vocabulary) of rows [R, V]: the chunk's max and its first index."""
+    vocab = rows.shape[1]
+    block_v, chunk = _chunking(vocab, block_v, chunk)
+    nch = triton.cdiv(vocab, chunk)
+    pv = torch.empty((rows.shape[0], nch), device=rows.device, dtype=torch.float32)
+    pi = torch.empty((rows.shape[0], nch), device=rows.device, dtype=torch.int32)
+    if rows.shape[0]:
+        _argmax_partial_kernel[(rows.shape[0], nch)](
+            rows, pv, pi, rows.stride(0), vocab, NCH=nch, CHUNK=chunk, BLOCK_V=block_v, num_warps=4
+        )
+    return pv, pi, nch
+
+
+def argmax(logits: torch.Tensor, *, block_v: int | None = None, chunk: int | None = None) -> torch.Tensor:
+    """The index of the first maximum over the last dim (int64; torch.argmax for logits without NaN), every row
+    split over the vocabulary in chunks so that a few rows still fill the GPU."""
+    if logits.dim() < 1 or logits.shape[-1] == 0 or not logits.is_floating_point():
+        raise ValueError(f"logits: expected a float tensor with a non-empty last dim, got {tuple(logits.shape)}")
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    pv, pi, nch = _argmax_partials(rows, block_v, chunk)
+    out = torch.empty(rows.shape[0], device=logits.device, dtype=torch.int64)
+    if rows.shape[0]:
+        _argmax_finalize_kernel[(rows.shape[0],)](pv, pi, out, NCH=nch, NCH_P2=triton.next_power_of_2(nch))
+    return out.view(logits.shape[:-1])
+
+
 def greedy_accept(
     draft_tokens: torch.Tensor, logits: torch.Tensor, *, block_v: int | None = None, chunk: int | None = None
 ) -> AcceptResult:
@@ -103,14 +145,7 @@ def greedy_accept(
         raise ValueError(f"logits: expected float [N, Bs, V] with a contiguous last dim, got {tuple(logits.shape)}")
     n_req, bs, vocab = logits.shape
     _check_draft(draft_tokens, n_req, bs)
-    block_v, chunk = _chunking(vocab, block_v, chunk)
-    nch = triton.cdiv(vocab, chunk)
-    rows = logits.reshape(n_req * bs, vocab)
-    pv = torch.empty((n_req * bs, nch), device=logits.device, dtype=torch.float32)
-    pi = torch.empty((n_req * bs, nch), device=logits.device, dtype=torch.int32)
-    _argmax_partial_kernel[(n_req * bs, nch)](
-        rows, pv, pi, rows.stride(0), vocab, NCH=nch, CHUNK=chunk, BLOCK_V=block_v, num_warps=4
-    )
+    pv, pi, nch = _argmax_partials(logits.reshape(n_req * bs, vocab), block_v, chunk)
     out = AcceptResult(
         torch.empty(n_req, device=logits.device, dtype=torch.int64),
         torch.empty(n_req, device=logits.device, dtype=torch.int64),

@@ -113,26 +113,38 @@ def _gated_rms_norm_kernel(
     G,
     W,
     Y,
-    stride_x,
-    stride_g,
+    stride_xt,
+    stride_xh,
+    stride_gt,
+    stride_gh,
     stride_y,
     rows,
+    H,
     D,
     eps,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """ROWS rows of D per program: y = rms_norm(x) * w, then * silu(g), rounded where ops.gated_rms_norm rounds."""
+    """ROWS rows of D per program: y = rms_norm(x) * w, then * silu(g), rounded where ops.gated_rms_norm rounds.
+    Row r is head r % H of token r // H, so x and g may be column slices of wider rows (z of the fused input GEMM)."""
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    t = r // H
+    h = r - t * H
     offs = tl.arange(0, BLOCK)[None, :]
     ok = (r < rows) & (offs < D)
-    x = tl.load(X + r * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(X + t * stride_xt + h * stride_xh + offs, mask=ok, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
     w = tl.load(W + offs, mask=offs < D, other=0.0).to(tl.float32)
     normed = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
     scaled = (normed * w).to(Y.dtype.element_ty).to(tl.float32)
-    g = tl.load(G + r * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(G + t * stride_gt + h * stride_gh + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(Y + r * stride_y + offs, (scaled * (g * tl.sigmoid(g))).to(Y.dtype.element_ty), mask=ok)
+
+
+def _token_head_rows(t: torch.Tensor, heads: int, d: int) -> torch.Tensor:
+    """t as [tokens, heads, d] with unit stride over d, a view where the layout allows (a copy otherwise)."""
+    t3 = t.reshape(-1, heads, d)
+    return t3 if t3.stride(-1) == 1 else t3.contiguous()
 
 
 def gated_rms_norm(
@@ -146,29 +158,29 @@ def gated_rms_norm(
         raise ValueError(f"gate: expected {tuple(x.shape)}, got {tuple(gate.shape)}")
     if weight.shape != (d,):
         raise ValueError(f"weight: expected [{d}], got {tuple(weight.shape)}")
-    x2 = x.reshape(-1, d)
-    g2 = gate.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if g2.stride(-1) != 1:
-        g2 = g2.contiguous()
+    heads = x.shape[-2] if x.dim() > 1 else 1
+    x3 = _token_head_rows(x, heads, d)
+    g3 = _token_head_rows(gate, heads, d)
     if out is None:
         out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {x.dtype} {tuple(x.shape)}")
     y2 = out.view(-1, d)
-    rows = x2.shape[0]
+    rows = y2.shape[0]
     block = triton.next_power_of_2(d)
     per_program = max(1, min(16, 4096 // block))
     _gated_rms_norm_kernel[(triton.cdiv(rows, per_program),)](
-        x2,
-        g2,
+        x3,
+        g3,
         weight,
         y2,
-        x2.stride(0),
-        g2.stride(0),
+        x3.stride(0),
+        x3.stride(1),
+        g3.stride(0),
+        g3.stride(1),
         y2.stride(0),
         rows,
+        heads,
         d,
         eps,
         ROWS=per_program,

@@ -1036,6 +1036,7 @@ def linear(
     config: LinearConfig | None = None,
     norm: RowNorm | None = None,
     gate: torch.Tensor | None = None,
+    residual_in_place: bool = False,
 ) -> torch.Tensor:
     """y = x @ W^T (x [M, K] bf16/fp16/fp32), then + residual [M, N] or silu(gate) * up for W = [gate; up].
 
@@ -1043,7 +1044,8 @@ def linear(
     sm89+), else decode the weights to x's dtype. Output dtype is x's; out, if given, must be [M, N_out] of it.
     norm: an RMSNorm of x's rows in front of the GEMM: its weight scales x's inputs in the prologue and 1 / RMS(x)
     the finished rows, before the epilogue (for INT4 weights the norm kernel runs first). gate [M, K]: the GEMM
-    reads x * sigmoid(gate) (not together with norm).
+    reads x * sigmoid(gate) (not together with norm). residual_in_place: the result is written into the residual's
+    memory (each element of the residual is read by the program that then stores it).
     """
     if x.dim() != 2 or x.dtype not in _DOT_DTYPES:
         raise ValueError(f"x: expected a 2-D bf16/fp16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
@@ -1099,7 +1101,7 @@ def linear(
 
             x, norm = rms_norm(x, norm.weight, norm.eps, zero_centered=norm.zero_centered), None
     if out is None:
-        out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+        out = residual if residual_in_place and residual is not None else x.new_empty(m, n_out)
     elif out.shape != (m, n_out) or out.dtype != x.dtype or out.stride(1) != 1:
         raise ValueError(
             f"out: expected {x.dtype} [{m}, {n_out}] with contiguous rows, got {out.dtype} {tuple(out.shape)}"
