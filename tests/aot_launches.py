@@ -99,8 +99,12 @@ def gdns(device="cpu"):
     state = torch.randn(b, hv, dk, dv, generator=gen).to(device)
     deltas = torch.empty(b, t, hv, dv, device=device)
     o, _ = gdn.gdn_verify(q, k, v, a, bb, a_log, dt_bias, state, deltas=deltas)
-    gdn.gdn_commit_deltas(state, torch.tensor([3, 15], device=device), k, deltas, a, a_log, dt_bias)
-    return [("gdn_verify", o, None), ("gdn_commit", state, None)]
+    window = torch.randn(b, 160, 3, generator=gen).to(DTYPE).to(device)
+    x = torch.randn(b, t, 160, generator=gen).to(DTYPE).to(device)
+    idx = torch.tensor([3, 15], device=device)
+    window_ref = ops.conv_window_after(torch.cat((window, x.transpose(1, 2)), -1), idx, 4)
+    gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=window, x=x)  # as the step commits
+    return [("gdn_verify", o, None), ("gdn_commit", state, None), ("conv_window_commit", window, window_ref)]
 
 
 def accepts(device="cpu"):

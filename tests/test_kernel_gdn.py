@@ -232,7 +232,7 @@ def test_verify_deltas_then_commit_from_them(bsz, seq, dtype, algorithm, block_v
     """Each verify form writes the update rows of every position (into a NaN-filled buffer) as the reference
     recurrence forms them; the commit builds from them, in one step, the state after each request's accepted
     position (one keeps its state bit for bit) as the position-by-position reference reaches it, in K and V
-    slices and either precision, and commits the conv window."""
+    slices and either precision, and commits the conv window in the same launch."""
     gen = torch.Generator().manual_seed(700 + seq * 4 + bsz)
     heads, hv, dk, dv = 2, 6, 32, 32
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads, hv, dk, dv, dtype=dtype, gen=gen)
@@ -250,8 +250,9 @@ def test_verify_deltas_then_commit_from_them(bsz, seq, dtype, algorithm, block_v
     idx = _accepted(bsz, seq, gen)
     idx[0] = seq + 3  # past the block: the block's last position
     last = idx.clamp(max=seq - 1)
-    window = torch.randn(bsz, 40, 3, generator=gen).to(DEV, dtype)
-    x = torch.randn(bsz, seq, 40, generator=gen).to(DEV, dtype)
+    # 300 channels: three tiles of the commit's conv programs, the last one partial
+    window = torch.randn(bsz, 300, 3, generator=gen).to(DEV, dtype)
+    x = torch.randn(bsz, seq, 300, generator=gen).to(DEV, dtype)
     window_ref = reference.conv_window_commit(window.clone(), x, idx)
     for slices, precision in (({"block_k": 16, "block_v": 32}, "ieee"), ({"block_k": 32, "block_v": 16}, "tf32x3")):
         got, win = state.clone(), window.clone()

@@ -90,11 +90,9 @@ def _conv_kernel(
 
 
 @triton.jit
-def _conv_commit_kernel(
-    x_ptr, win_ptr, idx_ptr, T, C, sx_b, sx_t, W1: tl.constexpr, W1P: tl.constexpr, BC: tl.constexpr
-):
-    pid_c = tl.program_id(0)
-    b = tl.program_id(1)
+def _conv_commit_tile(x_ptr, win_ptr, idx_ptr, pid_c, b, T, C, sx_b, sx_t, W1: tl.constexpr, W1P: tl.constexpr,
+                      BC: tl.constexpr):  # fmt: skip
+    """Channels [pid_c BC, +BC) of request b's conv window become the window after block position idx[b]."""
     b64 = b.to(tl.int64)
     last = tl.load(idx_ptr + b)
     offs_c = pid_c * BC + tl.arange(0, BC)
@@ -114,6 +112,13 @@ def _conv_commit_kernel(
     # the window is updated in place: every thread must have read before any writes
     tl.debug_barrier()
     tl.store(win_ptr + (b64 * C + offs_c[:, None]) * W1 + offs_j[None, :], val, mask=cmask)
+
+
+@triton.jit
+def _conv_commit_kernel(
+    x_ptr, win_ptr, idx_ptr, T, C, sx_b, sx_t, W1: tl.constexpr, W1P: tl.constexpr, BC: tl.constexpr
+):
+    _conv_commit_tile(x_ptr, win_ptr, idx_ptr, tl.program_id(0), tl.program_id(1), T, C, sx_b, sx_t, W1, W1P, BC)
 
 
 @triton.jit
@@ -489,37 +494,16 @@ def _gdn_block_kernel(
 
 
 @triton.jit
-def _gdn_delta_commit_kernel(
-    k_ptr,
-    delta_ptr,
-    a_ptr,
-    a_log_ptr,
-    dt_bias_ptr,
-    state_ptr,
-    idx_ptr,
-    T,
-    sk_b,
-    sk_t,
-    sk_h,
-    sa_b,
-    sa_t,
-    sa_h,
-    HV: tl.constexpr,
-    G: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    BT: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """One (request, value head, V slice, K slice) per program: the state after position last = min(idx[b], T-1),
+def _delta_commit_tile(
+    k_ptr, delta_ptr, a_ptr, a_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, pid_bh, pid_v, pid_k, T,
+    sk_b, sk_t, sk_h, sa_b, sa_t, sa_h,
+    HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One (request, value head, V slice, K slice): the state after position last = min(idx[b], T-1),
     S e^c_last + (k_hat e^(c_last - c))^T d over positions <= last, from the update rows d a verify wrote (c: the
     running sum of the log decays). One read and one write of the state slice and one [BK, BT] x [BT, BV] product:
     no step waits for the one before. idx[b] = -1 leaves the state as it was."""
-    pid_bh = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_k = tl.program_id(2)
     bb = pid_bh // HV
     h = pid_bh % HV
     hq = h // G
@@ -548,6 +532,33 @@ def _gdn_delta_commit_kernel(
     # in place: every thread must have read its part of the old slice before any writes
     tl.debug_barrier()
     tl.store(s_tile, s, mask=keep)
+
+
+@triton.jit
+def _gdn_delta_commit_kernel(
+    k_ptr, delta_ptr, a_ptr, a_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, T, sk_b, sk_t, sk_h, sa_b, sa_t, sa_h,
+    x_ptr, win_ptr, STATE_ROWS, B, C, sx_b, sx_t,
+    HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr, W1: tl.constexpr, W1P: tl.constexpr,
+    BC: tl.constexpr,
+):  # fmt: skip
+    """The state slices (program rows below STATE_ROWS = B HV) and, with CONV, the conv windows' channel tiles in
+    the programs after them (numbered across the V and K slice axes): the whole commit of a GDN layer in one
+    launch."""
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if CONV and pid_bh >= STATE_ROWS:
+        tile = ((pid_bh - STATE_ROWS) * (V // BV) + pid_v) * (K // BK) + pid_k
+        tiles_per_request = tl.cdiv(C, BC)
+        if tile < tiles_per_request * B:
+            _conv_commit_tile(x_ptr, win_ptr, idx_ptr, tile % tiles_per_request, tile // tiles_per_request, T, C,
+                              sx_b, sx_t, W1, W1P, BC)  # fmt: skip
+    else:
+        _delta_commit_tile(
+            k_ptr, delta_ptr, a_ptr, a_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, pid_bh, pid_v, pid_k, T,
+            sk_b, sk_t, sk_h, sa_b, sa_t, sa_h, HV, G, K, V, BK, BV, BT, PREC,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -764,18 +775,26 @@ def causal_conv1d_update(
     return out
 
 
-def conv_window_commit(window: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """In place: window[b] becomes the conv window after block position idx[b] of x [B, T, C] (-1 keeps it)."""
+CONV_COMMIT_BLOCK = 128  # channels per program of a conv window commit
+
+
+def _check_window(window: torch.Tensor, x: torch.Tensor, bsz: int) -> None:
     _check(x.dim() == 3 and x.stride(2) == 1, "x", f"expected [B, T, C] with contiguous channels, got {tuple(x.shape)}")
-    bsz, seq, chans = x.shape
+    chans = x.shape[2]
     _check(
         window.dim() == 3 and window.shape[:2] == (bsz, chans) and window.is_contiguous(),
         "window",
         f"expected contiguous [{bsz}, {chans}, W-1], got {tuple(window.shape)}",
     )
+
+
+def conv_window_commit(window: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """In place: window[b] becomes the conv window after block position idx[b] of x [B, T, C] (-1 keeps it)."""
+    bsz, seq, chans = x.shape
+    _check_window(window, x, bsz)
     _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", "expected [B] integer indices")
     w1 = window.shape[2]
-    bc = 128
+    bc = CONV_COMMIT_BLOCK
     _conv_commit_kernel[(triton.cdiv(chans, bc), bsz)](
         x,
         window,
@@ -1203,14 +1222,23 @@ def gdn_commit_deltas(
     prec = precision or PRECISIONS[0]
     _check(prec in PRECISIONS, "precision", f"{prec!r} not in {'/'.join(PRECISIONS)}")
     idx32 = idx.to(torch.int32)
-    if seq > 0:
-        _gdn_delta_commit_kernel[(bsz * hv, dv // bv, dk // bk)](
-            k, deltas, a, a_log, dt_bias, state, idx32, seq, *k.stride()[:3], *a.stride(),
-            HV=hv, G=hv // heads, K=dk, V=dv, BK=bk, BV=bv, BT=max(16, triton.next_power_of_2(seq)), PREC=prec,
-            num_warps=num_warps or cfg["num_warps"],
-        )  # fmt: skip
     if window is not None:
-        conv_window_commit(window, x, idx32)
+        _check_window(window, x, bsz)
+    if seq == 0:
+        return state
+    conv = window is not None
+    slices = (dv // bv) * (dk // bk)
+    chans = x.shape[2] if conv else 0
+    # the conv windows' tiles ride in extra program rows, numbered across the slice axes
+    conv_rows = triton.cdiv(triton.cdiv(chans, CONV_COMMIT_BLOCK) * bsz, slices) if conv else 0
+    _gdn_delta_commit_kernel[(bsz * hv + conv_rows, dv // bv, dk // bk)](
+        k, deltas, a, a_log, dt_bias, state, idx32, seq, *k.stride()[:3], *a.stride(),
+        x if conv else state, window if conv else state, bsz * hv, bsz, chans,
+        *(x.stride()[:2] if conv else (0, 0)),
+        HV=hv, G=hv // heads, K=dk, V=dv, BK=bk, BV=bv, BT=max(16, triton.next_power_of_2(seq)), PREC=prec,
+        CONV=conv, W1=window.shape[2] if conv else 1, W1P=triton.next_power_of_2(window.shape[2]) if conv else 1,
+        BC=CONV_COMMIT_BLOCK, num_warps=num_warps or cfg["num_warps"],
+    )  # fmt: skip
     return state
 
 
