@@ -226,7 +226,8 @@ def test_chunked_verify_and_commit(bsz, seq, dtype, block_v, block_k):
     ("bsz", "seq", "dtype", "algorithm", "block_v", "block_k"),
     [(3, 1, torch.float32, "recurrent", 16, None), (3, 7, torch.float16, "recurrent", 32, None),
      (2, 16, torch.float32, "chunked", 16, None), (3, 5, torch.float16, "chunked", 32, 16),
-     (3, 16, torch.float32, "recurrent", 16, None)],
+     (3, 16, torch.float32, "recurrent", 16, None), (3, 11, torch.float16, "factored", 16, 16),
+     (2, 23, torch.float32, "factored", 32, None)],
 )  # fmt: skip
 def test_verify_deltas_then_commit_from_them(bsz, seq, dtype, algorithm, block_v, block_k):
     """Each verify form writes the update rows of every position (into a NaN-filled buffer) as the reference
@@ -242,9 +243,17 @@ def test_verify_deltas_then_commit_from_them(bsz, seq, dtype, algorithm, block_v
     deltas = _nan(bsz, seq, hv, dv)
     live = state.clone()
     options = {"algorithm": algorithm, "block_v": block_v}
-    if algorithm == "chunked":
+    if algorithm != "recurrent":
         options.update(block_k=block_k, precision="ieee")
-    gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, live, capture=0, deltas=deltas, **options)
+    if algorithm == "factored":
+        # fp16 inputs with tf32x3: the state products' two-pass split
+        options.update(factor_warps=2, precision="tf32x3" if dtype == torch.float16 else "ieee")
+    o_ref = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state)[0]
+    o, _ = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, live, capture=0, deltas=deltas, out=_nan(bsz, seq, hv, dv, dtype=dtype),
+        **options,
+    )  # fmt: skip
+    _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 2e-3)
     _close("deltas", deltas, deltas_ref, 1e-4)
     assert torch.equal(live, state), "verify must leave the state unchanged"
     idx = _accepted(bsz, seq, gen)
@@ -317,6 +326,10 @@ def test_chunked_block_options_are_its_own():
         gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, block_k=8, algorithm="chunked")
     with pytest.raises(ValueError, match="^block_k:"):
         gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, block_k=16)
+    with pytest.raises(ValueError, match="^factor_warps: only the factored algorithm"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, algorithm="chunked", factor_warps=2)
+    with pytest.raises(ValueError, match="^algorithm: 'factored' not in recurrent/chunked"):
+        gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, algorithm="factored")
     long = _gdn_inputs(1, 65, **SMALL, dtype=torch.float32, gen=gen)
     with pytest.raises(ValueError, match="^k: the chunked block takes at most 64 positions, got 65"):
         gdn.gdn_verify(*long, capture=0, algorithm="chunked")
@@ -421,6 +434,7 @@ def test_gpu_chunked_verify_commit_real_dims(bsz, precision, block_k):
 @pytest.mark.parametrize(("bsz", "algorithm", "config"), [
     (1, "recurrent", {}), (16, "chunked", {"block_k": 32, "block_v": 128}), (3, "chunked", {"block_k": 16}),
     (16, "chunked", {"block_k": 64, "block_v": 64, "num_warps": 8, "precision": "ieee"}),
+    (1, "factored", {"block_k": 32}), (16, "factored", {"block_k": 32, "block_v": 128}),
 ])  # fmt: skip
 def test_gpu_verify_deltas_then_commit_real_dims(bsz, algorithm, config):
     """The update rows at the real dims in bf16 and the state built from them, against the position-by-position
@@ -438,6 +452,32 @@ def test_gpu_verify_deltas_then_commit_real_dims(bsz, algorithm, config):
     live = state.clone()
     gdn.gdn_commit_deltas(live, idx, k, deltas, a, a_log, dt_bias, **config)
     _close("committed state", live, _ref_after(states_ref, state, idx), 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("bsz", "config"), [
+    (1, {"block_k": 128, "block_v": 32}), (16, {"block_k": 32, "block_v": 128, "factor_warps": 2}),
+    (5, {"block_k": 64, "block_v": 64, "num_warps": 8, "factor_warps": 1, "precision": "ieee"}),
+    (16, {"block_k": 16, "block_v": 16, "num_warps": 2, "factor_warps": 8}),
+])  # fmt: skip
+def test_gpu_factored_verify_real_dims(bsz, config):
+    """The factored verify at the real dims in bf16: o and the update rows (into NaN-filled buffers) against the
+    position-by-position reference, and o within bf16 rounding of the one-launch chunked block."""
+    seq = 16
+    gen = torch.Generator().manual_seed(11 + bsz)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    deltas_ref = torch.empty(bsz, seq, 48, 128, device=DEV)
+    o_ref, _ = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, deltas=deltas_ref)
+    deltas = _nan(bsz, seq, 48, 128)
+    o, _ = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas, algorithm="factored",
+        out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16), **config,
+    )  # fmt: skip
+    _close("o", o.float(), o_ref.float(), 1e-2)
+    _close("deltas", deltas, deltas_ref, 1e-4)
+    chunked, _ = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, algorithm="chunked")
+    assert (o.float() - chunked.float()).abs().max().item() <= 2 * 2**-8 * o_ref.abs().max().item()
 
 
 @pytest.mark.gpu

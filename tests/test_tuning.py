@@ -226,7 +226,7 @@ def test_other_families_prune_what_cannot_run():
     gdn = space_for(GDNShape(1, 16, 16, 48, 128, 128), cpu)
     assert gdn.choices()["block_v"] == [16, 32, 64, 128]
     recurrent = {"lowering": "triton", "algorithm": "recurrent", "block_v": 128, "num_warps": 1, "unroll": False,
-                 "precision": "tf32x3", "block_k": 128}  # fmt: skip
+                 "precision": "tf32x3", "block_k": 128, "factor_warps": 4}  # fmt: skip
     assert "registers per thread" in gdn.check(recurrent)
     chunked = {**recurrent, "algorithm": "chunked", "block_v": 32, "num_warps": 4}
     assert gdn.check(chunked) is None
@@ -240,9 +240,20 @@ def test_other_families_prune_what_cannot_run():
     )
     assert "block_k is an option of the chunked block" in gdn.check({**recurrent, "block_v": 16, "block_k": 32})
     assert gdn.config({**recurrent, "block_v": 16}) == ("triton", {"block_v": 16, "num_warps": 1, "unroll": False})
-    assert [(p["block_k"], p["block_v"]) for p in gdn.alternatives()] == [
-        (bk, bv) for bk in (128, 32) for bv in (16, 32, 64, 128)
-    ]
+    factored = {**chunked, "algorithm": "factored", "block_k": 32, "factor_warps": 2}
+    assert gdn.check(factored) is None
+    assert gdn.config(factored) == (
+        "triton",
+        {"algorithm": "factored", "block_v": 32, "num_warps": 4, "precision": "tf32x3", "block_k": 32,
+         "factor_warps": 2},
+    )  # fmt: skip
+    assert "factor_warps is an option of the factored block" in gdn.check({**chunked, "factor_warps": 2})
+    assert "option of the recurrent kernel" in gdn.check({**factored, "unroll": True})
+    long_block = space_for(GDNShape(1, 64, 16, 48, 128, 128), cpu)
+    assert "the factors launch needs" in long_block.check({**factored, "block_k": 128, "factor_warps": 1})
+    assert [(p["algorithm"], p["block_k"], p["block_v"], p["factor_warps"]) for p in gdn.alternatives()] == [
+        ("chunked", bk, bv, 4) for bk in (128, 32) for bv in (16, 32, 64, 128)
+    ] + [("factored", 32, bv, 1) for _ in (2, 4) for bv in (16, 32, 64, 128)]
     acc = space_for(AcceptShape(2, 16, 4096), cpu)
     assert "not a multiple of block_v" in acc.check({"lowering": "triton", "block_v": 4096, "chunk": 2048})
 

@@ -319,6 +319,7 @@ def gdn_verify(
     algorithm="recurrent",
     precision=None,
     block_k=None,
+    factor_warps=None,
 ):
     """A verify block: (o, the states after the first `capture` positions in capture_dtype, or None for 0).
     Leaves state unchanged; gdn_commit then makes the state after the accepted position current (or, from the

@@ -578,11 +578,14 @@ class GDNCommitShape(GDNShape):
 
 
 class GDNSpace(Space):
-    """codegen/triton/gdn.py's verify launch: the algorithm (position by position, or the block as one
-    UT/WY chunk on the tensor cores), the V slice per program, warps; for the recurrent kernel unrolled steps or
-    the block-prefetch loop, for the chunked block its dot precision."""
+    """codegen/triton/gdn.py's verify launch: the algorithm (position by position; the block as one UT/WY chunk on
+    the tensor cores, in one launch or factored into a per-head factors launch and a per-V-slice state launch),
+    the V slice per program, warps; for the recurrent kernel unrolled steps or the block-prefetch loop, for the
+    chunked block its dot precision and K chunk, for the factored one the factors launch's warps."""
 
     op = "gdn_verify"
+    CHUNKED = ("chunked", "factored")
+    FACTOR_WARPS = 4  # the value a point that has no factors launch carries
 
     def choices(self) -> dict[str, list]:
         return self._with_default(
@@ -594,6 +597,7 @@ class GDNSpace(Space):
                 "unroll": [False, True],
                 "precision": list(gdn_kernels.PRECISIONS),
                 "block_k": _upto([16, 32, 64, 128], self.shape.dk),
+                "factor_warps": [1, 2, 4, 8],
             }
         )
 
@@ -603,19 +607,27 @@ class GDNSpace(Space):
         return {
             "lowering": "triton", "algorithm": "recurrent", "block_v": cfg["BV"], "num_warps": cfg["num_warps"],
             "unroll": cfg["UNROLL"], "precision": gdn_kernels.PRECISIONS[0], "block_k": s.dk,
+            "factor_warps": self.FACTOR_WARPS,
         }  # fmt: skip
 
     def alternatives(self) -> list[Params]:
         """The chunked block at each V slice with 4 warps, K whole and in chunks of 32 (at K = 128 on sm90, 231-255
-        registers per thread against 95-125, cross-compiled): a TPE run over the recurrent kernel's larger share of
-        the space may not reach them."""
+        registers per thread against 95-125, cross-compiled), and the factored block at each V slice with K in
+        chunks of 32, 2 or 4 warps, and one warp for its factors (the best on the H200 at batch 16): a TPE run
+        over the recurrent kernel's larger share of the space may not reach them."""
         default = self.default()
         if default["lowering"] != "triton":
             return []
         choices = self.choices()
+        base = {**default, "unroll": False, "num_warps": 4}
+        bk32 = min(32, self.shape.dk)
         points = [
-            {**default, "algorithm": "chunked", "unroll": False, "block_v": bv, "num_warps": 4, "block_k": bk}
-            for bk in dict.fromkeys([self.shape.dk, min(32, self.shape.dk)])
+            {**base, "algorithm": "chunked", "block_v": bv, "block_k": bk}
+            for bk in dict.fromkeys([self.shape.dk, bk32])
+            for bv in choices["block_v"]
+        ] + [
+            {**base, "algorithm": "factored", "block_v": bv, "block_k": bk32, "num_warps": nw, "factor_warps": 1}
+            for nw in (2, 4)
             for bv in choices["block_v"]
         ]
         return [p for p in points if p["block_k"] in choices["block_k"] and self.check(p) is None]
@@ -624,22 +636,27 @@ class GDNSpace(Space):
         """The options of the chosen algorithm only (a recurrent config stores no algorithm, as before it had one)."""
         lowering, config = super().config(params)
         if lowering == "triton":
-            if config.pop("algorithm") == "recurrent":
-                del config["precision"], config["block_k"]
+            algorithm = config.pop("algorithm")
+            if algorithm == "recurrent":
+                del config["precision"], config["block_k"], config["factor_warps"]
             else:
-                config = {**config, "algorithm": "chunked"}
+                config = {**config, "algorithm": algorithm}
                 del config["unroll"]
+                if algorithm == "chunked":
+                    del config["factor_warps"]
         return lowering, config
 
     def waste(self, params: Params) -> str | None:
         if params["lowering"] != "triton":
             return None
-        if params["algorithm"] == "chunked" and params["unroll"]:
+        if params["algorithm"] in self.CHUNKED and params["unroll"]:
             return "unroll is an option of the recurrent kernel (the same chunked point without it)"
         if params["algorithm"] == "recurrent" and params["precision"] != gdn_kernels.PRECISIONS[0]:
             return "precision is an option of the chunked block (the same recurrent point without it)"
         if params["algorithm"] == "recurrent" and params["block_k"] != self.shape.dk:
             return "block_k is an option of the chunked block (the same recurrent point without it)"
+        if params["algorithm"] != "factored" and params["factor_warps"] != self.FACTOR_WARPS:
+            return "factor_warps is an option of the factored block (the same point without it)"
         return None
 
     def limits(self, params: Params) -> str | None:
@@ -648,7 +665,7 @@ class GDNSpace(Space):
             return None
         if params["block_v"] > s.dv or s.dv % params["block_v"]:
             return f"block_v {params['block_v']} does not divide V={s.dv}"
-        if params["algorithm"] == "chunked":
+        if params["algorithm"] in self.CHUNKED:
             if s.t > 64 or s.dk < 16:
                 return f"the chunked block takes at most 64 positions and K >= 16 (t={s.t}, K={s.dk})"
             if s.dk % params["block_k"]:
@@ -656,7 +673,12 @@ class GDNSpace(Space):
             # a K chunk of the state slice, and of the block's keys and queries (fp32), in registers
             rows = max(16, _p2(s.t))
             regs = params["block_k"] * params["block_v"] + 2 * rows * params["block_k"]
-            return _accumulator_check(regs, params["num_warps"], self.profile, "the chunked block")
+            state_check = _accumulator_check(regs, params["num_warps"], self.profile, "the chunked block")
+            if state_check or params["algorithm"] == "chunked":
+                return state_check
+            # the factors launch: a K chunk of the keys and queries and a few [rows, rows] factors
+            regs = 2 * rows * params["block_k"] + 6 * rows * rows
+            return _accumulator_check(regs, params["factor_warps"], self.profile, "the factors launch")
         return _accumulator_check(s.dk * params["block_v"], params["num_warps"], self.profile, "the state slice")
 
 

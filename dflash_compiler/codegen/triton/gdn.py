@@ -356,6 +356,52 @@ def _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr,
 
 
 @triton.jit
+def _block_products(q_rows, k_rows, live, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                    QUERIES: tl.constexpr, RAW_PREC: tl.constexpr):  # fmt: skip
+    """The raw products over K of a block's keys and queries (rows not `live` read as 0): k k^T, q k^T (with
+    QUERIES) and the keys' and queries' inverse l2 norms. RAW_PREC: tf32 is exact for 16-bit inputs."""
+    offs_c = tl.arange(0, BK)
+    kk = tl.zeros((BT, BT), tl.float32)
+    qk = tl.zeros((BT, BT), tl.float32)
+    ksq = tl.zeros((BT,), tl.float32)
+    qsq = tl.zeros((BT,), tl.float32)
+    for c in range(K // BK):
+        kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        kk += tl.dot(kc, tl.trans(kc), input_precision=RAW_PREC)
+        ksq += tl.reduce(kc * kc, 1, _add)
+        if QUERIES:
+            qc = tl.load(q_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+            qk += tl.dot(qc, tl.trans(kc), input_precision=RAW_PREC)
+            qsq += tl.reduce(qc * qc, 1, _add)
+    return kk, qk, tl.rsqrt(ksq + 1e-6), tl.rsqrt(qsq + 1e-6)
+
+
+@triton.jit
+def _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
+    """A block's gates (log decays g, beta, their running sum cum) and (I + A)^-1, A the strictly lower
+    (beta k_hat k_hat^T) * decay, from the raw k k^T and the keys' inverse norms rk."""
+    g, beta, cum = _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h)
+    lower = ri[:, None] > ri[None, :]
+    decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
+    a_mat = tl.where(lower, kk * (beta * rk)[:, None] * rk[None, :] * decay, 0.0)
+    return g, beta, cum, _ut_inverse(a_mat, ri, SB, LEVELS)
+
+
+@triton.jit
+def _verify_mixes(qk, rq, rk, beta, cum, inv, ri, scale, PREC: tl.constexpr):
+    """The [BT, BT] factors of a verify block, none of which depends on the state or the values:
+    U = m_u v, W = w_of_k k_raw, o = attn U + (diag(q_scale) q_raw - k_mix k_raw) S, and the update rows U - W S.
+    (o = (q e^cum) S + attn (U - W S) folded into one product with the state.)"""
+    w_of_k = inv * (rk * beta * tl.exp(cum))[None, :]
+    m_u = inv * beta[None, :]
+    rq = rq * scale
+    incl = ri[:, None] >= ri[None, :]
+    attn = qk * rq[:, None] * rk[None, :] * tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
+    k_mix = tl.dot(attn, w_of_k, input_precision=PREC)
+    return w_of_k, m_u, attn, k_mix, rq * tl.exp(cum)
+
+
+@triton.jit
 def _gdn_block_kernel(
     q_ptr,
     k_ptr,
@@ -396,6 +442,7 @@ def _gdn_block_kernel(
     BK: tl.constexpr,
     COMMIT: tl.constexpr,
     PREC: tl.constexpr,
+    RAW_PREC: tl.constexpr,
     DELTAS: tl.constexpr,
 ):
     """A whole verify block as one chunk of the UT/WY form, for one (request, value head, V slice): no step waits
@@ -425,38 +472,22 @@ def _gdn_block_kernel(
     live = ri < T
     if COMMIT:
         live = live & (ri <= tl.load(idx_ptr + bb))
-    k_rows = k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h + offs_c[None, :]
-    q_rows = q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h + offs_c[None, :]
+    k_rows = k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h
+    q_rows = q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h
     s_tile = state_ptr + (b64 * HV + h) * (K * V) + offs_c[:, None] * V + offs_v[None, :]
     vt = tl.load(v_ptr + b64 * sv_b + ri[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=live[:, None], other=0.0)
     xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
     xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0)
-    # the raw products over K: k k^T, q k^T and the squared norms
-    kk = tl.zeros((BT, BT), tl.float32)
-    qk = tl.zeros((BT, BT), tl.float32)
-    ksq = tl.zeros((BT,), tl.float32)
-    qsq = tl.zeros((BT,), tl.float32)
-    for c in range(K // BK):
-        kc = tl.load(k_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
-        kk += tl.dot(kc, tl.trans(kc), input_precision="tf32x3")
-        ksq += tl.reduce(kc * kc, 1, _add)
-        if not COMMIT:
-            qc = tl.load(q_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
-            qk += tl.dot(qc, tl.trans(kc), input_precision=PREC)
-            qsq += tl.reduce(qc * qc, 1, _add)
-    rk = tl.rsqrt(ksq + 1e-6)
-    g, beta, cum = _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h)
-    lower = ri[:, None] > ri[None, :]
-    decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
-    a_mat = tl.where(lower, kk * (beta * rk)[:, None] * rk[None, :] * decay, 0.0)
-    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
-    u = tl.dot(inv, vt.to(tl.float32) * beta[:, None], input_precision=PREC)
-    # W = inv diag(rk beta e^cum) k_raw: the [BT, BT] factor applied to each chunk of the raw keys
-    w_of_k = inv * (rk * beta * tl.exp(cum))[None, :]
+    kk, qk, rk, rq = _block_products(q_rows, k_rows, live, K, BK, BT, not COMMIT, RAW_PREC)
+    g, beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
+    vt = vt.to(tl.float32)
     if COMMIT:
+        u = tl.dot(inv, vt * beta[:, None], input_precision=PREC)
+        # W = inv diag(rk beta e^cum) k_raw: the [BT, BT] factor applied to each chunk of the raw keys
+        w_of_k = inv * (rk * beta * tl.exp(cum))[None, :]
         ks = tl.zeros((BT, BV), tl.float32)  # k_raw S
         for c in range(K // BK):
-            kc = tl.load(k_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
+            kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
             ks += tl.dot(kc, tl.load(s_tile + c * BK * V), input_precision=PREC)
         v_new = u - tl.dot(w_of_k, ks, input_precision=PREC)
         last = tl.reduce(g, 0, _add)
@@ -464,24 +495,20 @@ def _gdn_block_kernel(
         # in place: every thread must have read the old state (the products above) before any writes
         tl.debug_barrier()
         for c in range(K // BK):
-            kc = tl.load(k_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32) * tail[:, None]
+            kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+            kc = kc * tail[:, None]
             s_c = tl.load(s_tile + c * BK * V)
             s_c = s_c * tl.exp(last) + tl.dot(tl.trans(kc), v_new, input_precision=PREC)
             tl.debug_barrier()
             tl.store(s_tile + c * BK * V, s_c)
     else:
-        rq = tl.rsqrt(qsq + 1e-6) * scale
-        incl = ri[:, None] >= ri[None, :]
-        attn = qk * rq[:, None] * rk[None, :] * tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
-        # o = (q e^cum) S + attn (U - W S) = (q e^cum - attn W) S + attn U: one product with the state, not two;
-        # q e^cum - attn W = diag(rq e^cum) q_raw - (attn w_of_k) k_raw, chunk by chunk
-        q_scale = rq * tl.exp(cum)
-        k_mix = tl.dot(attn, w_of_k, input_precision=PREC)
+        w_of_k, m_u, attn, k_mix, q_scale = _verify_mixes(qk, rq, rk, beta, cum, inv, ri, scale, PREC)
+        u = tl.dot(m_u, vt, input_precision=PREC)
         o = tl.dot(attn, u, input_precision=PREC)
         ks = tl.zeros((BT, BV), tl.float32)  # k_raw S, for the update rows
         for c in range(K // BK):
-            qc = tl.load(q_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
-            kc = tl.load(k_rows + c * BK, mask=live[:, None], other=0.0).to(tl.float32)
+            qc = tl.load(q_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+            kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
             q_eff = qc * q_scale[:, None] - tl.dot(k_mix, kc, input_precision=PREC)
             s_c = tl.load(s_tile + c * BK * V)
             o += tl.dot(q_eff, s_c, input_precision=PREC)
@@ -491,6 +518,99 @@ def _gdn_block_kernel(
         tl.store(o_ptr + rows_out, o.to(o_ptr.dtype.element_ty), mask=live[:, None])
         if DELTAS:
             tl.store(delta_ptr + rows_out, u - tl.dot(w_of_k, ks, input_precision=PREC), mask=live[:, None])
+
+
+@triton.jit
+def _gdn_factors_kernel(
+    q_ptr, k_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, fac_ptr, T, scale,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sa_b, sa_t, sa_h, sb_b, sb_t, sb_h,
+    HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr, LEVELS: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, RAW_PREC: tl.constexpr,
+):  # fmt: skip
+    """The factored verify's first launch, one program per (request, value head): the block's [BT, BT] factors
+    (m_o = attn m_u, m_u, k_mix, w_of_k, then q_scale), which the state launch applies to each V slice. They
+    depend on neither the state nor the values, so the chain of small products runs once per head rather than
+    once per V slice, and the state launch is left its loads and products."""
+    pid_bh = tl.program_id(0)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    hq = h // G
+    b64 = bb.to(tl.int64)
+    ri = tl.arange(0, BT)
+    live = ri < T
+    k_rows = k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h
+    q_rows = q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h
+    xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
+    xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0)
+    kk, qk, rk, rq = _block_products(q_rows, k_rows, live, K, BK, BT, True, RAW_PREC)
+    g, beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
+    w_of_k, m_u, attn, k_mix, q_scale = _verify_mixes(qk, rq, rk, beta, cum, inv, ri, scale, PREC)
+    m_o = tl.dot(attn, m_u, input_precision=PREC)
+    base = fac_ptr + pid_bh.to(tl.int64) * (4 * BT * BT + BT)
+    square = ri[:, None] * BT + ri[None, :]
+    tl.store(base + square, m_o)
+    tl.store(base + BT * BT + square, m_u)
+    tl.store(base + 2 * BT * BT + square, k_mix)
+    tl.store(base + 3 * BT * BT + square, w_of_k)
+    tl.store(base + 4 * BT * BT + ri, q_scale)
+
+
+@triton.jit
+def _state_dot(s_t, x_t, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """s_t [BV, BK] fp32 times x_t [BK, N]. SPLIT (x exact in tf32, as 16-bit inputs are): two tf32 passes over
+    s = hi + lo, hi its mantissa cut to tf32's 10 bits and lo = s - hi exact, which is as accurate as tf32x3's
+    three (its third pass, lo(x) hi(s), is zero)."""
+    if SPLIT:
+        hi = (s_t.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return tl.dot(hi, x_t, input_precision="tf32") + tl.dot(s_t - hi, x_t, input_precision="tf32")
+    return tl.dot(s_t, x_t, input_precision=PREC)
+
+
+@triton.jit
+def _gdn_state_products_kernel(
+    q_ptr, k_ptr, v_ptr, state_ptr, fac_ptr, o_ptr, delta_ptr, T,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, DELTAS: tl.constexpr,
+):  # fmt: skip
+    """The factored verify's second launch, one program per (request, value head, V slice): with the factors of
+    _gdn_factors_kernel, o = m_o v + diag(q_scale) (q_raw S) - k_mix (k_raw S) and the update rows
+    m_u v - w_of_k (k_raw S). Computed transposed, S^T [BV, K] times q_raw^T and k_raw^T: the V slice is the
+    products' M (a block has 16 positions, too few rows to fill the tensor cores), and the raw keys and queries
+    enter the products unscaled, so that for 16-bit inputs they are exact in tf32 (SPLIT)."""
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    hq = h // G
+    b64 = bb.to(tl.int64)
+    offs_c = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    ri = tl.arange(0, BT)
+    live = ri < T
+    q_cols = q_ptr + b64 * sq_b + ri[None, :] * sq_t + hq * sq_h + offs_c[:, None]
+    k_cols = k_ptr + b64 * sk_b + ri[None, :] * sk_t + hq * sk_h + offs_c[:, None]
+    s_rows = state_ptr + (b64 * HV + h) * (K * V) + offs_c[None, :] * V + offs_v[:, None]
+    qs = tl.zeros((BV, BT), tl.float32)  # (q_raw S)^T
+    ks = tl.zeros((BV, BT), tl.float32)  # (k_raw S)^T
+    for c in range(K // BK):
+        qc = tl.load(q_cols + c * BK, mask=live[None, :], other=0.0).to(tl.float32)
+        kc = tl.load(k_cols + c * BK, mask=live[None, :], other=0.0).to(tl.float32)
+        s_t = tl.load(s_rows + c * BK * V)
+        qs += _state_dot(s_t, qc, PREC, SPLIT)
+        ks += _state_dot(s_t, kc, PREC, SPLIT)
+    base = fac_ptr + pid_bh.to(tl.int64) * (4 * BT * BT + BT)
+    square_t = ri[None, :] * BT + ri[:, None]  # a factor's transpose
+    vt = tl.load(v_ptr + b64 * sv_b + ri[None, :] * sv_t + h * sv_h + offs_v[:, None], mask=live[None, :], other=0.0)
+    vt = vt.to(tl.float32)
+    o = tl.dot(vt, tl.load(base + square_t), input_precision=PREC) + qs * tl.load(base + 4 * BT * BT + ri)[None, :]
+    o -= tl.dot(ks, tl.load(base + 2 * BT * BT + square_t), input_precision=PREC)
+    rows_out = ((b64 * T + ri[None, :]) * HV + h) * V + offs_v[:, None]
+    tl.store(o_ptr + rows_out, o.to(o_ptr.dtype.element_ty), mask=live[None, :])
+    if DELTAS:
+        rows = tl.dot(vt, tl.load(base + BT * BT + square_t), input_precision=PREC)
+        rows -= tl.dot(ks, tl.load(base + 3 * BT * BT + square_t), input_precision=PREC)
+        tl.store(delta_ptr + rows_out, rows, mask=live[None, :])
 
 
 @triton.jit
@@ -732,6 +852,9 @@ def _chunk_output_kernel(
     )
 
 
+CONV_BLOCK_T, CONV_BLOCK_C, CONV_WARPS = 8, 64, 2  # the conv update's tile: positions, channels; its warps
+
+
 def causal_conv1d_update(
     x: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -754,8 +877,10 @@ def causal_conv1d_update(
     _check(tuple(out.shape) == tuple(x.shape) and out.stride(2) == 1, "out", "expected x's shape")
     if seq == 0:
         return out
-    bt = min(16, triton.next_power_of_2(seq))
-    bc = 128
+    # 8 positions x 64 channels on 2 warps: on the H200 at 27B shapes (16 positions, 10240 channels) 3.8 µs at
+    # batch 1 and 10.8 at batch 16 against 4.4 and 15.1 for 16 x 128 on 4 (CUDA-graph replays)
+    bt = min(CONV_BLOCK_T, triton.next_power_of_2(seq))
+    bc = CONV_BLOCK_C
     grid = (triton.cdiv(chans, bc), triton.cdiv(seq, bt), bsz)
     _conv_kernel[grid](
         x,
@@ -771,6 +896,7 @@ def causal_conv1d_update(
         W=width,
         BT=bt,
         BC=bc,
+        num_warps=CONV_WARPS,
     )
     return out
 
@@ -967,14 +1093,21 @@ def gdn_recurrent(
     return out
 
 
-ALGORITHMS = ("recurrent", "chunked")
+# recurrent: position by position; chunked: the block as one UT/WY chunk in one launch; factored: the same chunk
+# with its state-free [T, T] factors built once per head in a first launch and applied per V slice in a second
+ALGORITHMS = ("recurrent", "chunked", "factored")
 PRECISIONS = ("tf32x3", "ieee")  # the chunked block's products: about fp32 (3 tf32 passes), or fp32 FMAs
 
 
+def _raw_precision(k: torch.Tensor, precision: str) -> str:
+    """The precision of the raw q/k products: one tf32 pass is exact for 16-bit inputs (10 mantissa bits)."""
+    return "tf32" if k.element_size() == 2 else precision
+
+
 def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, block_k, num_warps, precision, scale,
-               deltas=None):  # fmt: skip
+               deltas=None, factored=False, factor_warps=None):  # fmt: skip
     """One launch of _gdn_block_kernel: verify (idx None, writes out, and deltas if given) or commit (idx given,
-    updates state)."""
+    updates state); or, factored (verify only), the factors' launch and the state products' launch."""
     bsz, seq, hv, dv = v.shape
     dk = k.shape[-1]
     bt = max(16, triton.next_power_of_2(seq))
@@ -986,20 +1119,44 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, block
     bk = block_k or dk
     _check(_pow2(bk) and bk >= 16 and dk % bk == 0, "block_k", f"{bk} must be a power of two >= 16 dividing K={dk}")
     commit = idx is not None
+    raw_precision = _raw_precision(k, precision)
+    levels = (bt // 16).bit_length() - 1
+    if factored:
+        factors = torch.empty(bsz * hv, 4 * bt * bt + bt, dtype=torch.float32, device=v.device)
+        _gdn_factors_kernel[(bsz * hv,)](
+            q, k, a, b, a_log, dt_bias, factors, seq, scale,
+            *q.stride()[:3], *k.stride()[:3], *a.stride(), *b.stride(),
+            HV=hv, G=hv // k.shape[2], K=dk, BT=bt, SB=16, LEVELS=levels, BK=bk, PREC=precision,
+            RAW_PREC=raw_precision, num_warps=factor_warps or 4,
+        )  # fmt: skip
+        _gdn_state_products_kernel[(bsz * hv, dv // bv)](
+            q, k, v, state, factors, out, deltas if deltas is not None else state, seq,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, BK=bk, PREC=precision,
+            SPLIT=precision == "tf32x3" and raw_precision == "tf32", DELTAS=deltas is not None,
+            num_warps=num_warps or 4,
+        )  # fmt: skip
+        return
     _gdn_block_kernel[(bsz * hv, dv // bv)](
         q, k, v, a, b, a_log, dt_bias, state, out, idx if commit else state,
         deltas if deltas is not None else state, seq, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
-        HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=(bt // 16).bit_length() - 1,
-        BK=bk, COMMIT=commit, PREC=precision, DELTAS=deltas is not None, num_warps=num_warps or 4,
+        HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=levels,
+        BK=bk, COMMIT=commit, PREC=precision, RAW_PREC=raw_precision, DELTAS=deltas is not None,
+        num_warps=num_warps or 4,
     )  # fmt: skip
 
 
 def _check_algorithm(
-    algorithm: str, depth: int, unroll: bool | None, precision: str | None, block_k: int | None
-) -> bool:
-    """Whether the chunked block runs; its options and the recurrent kernel's are not mixed."""
-    _check(algorithm in ALGORITHMS, "algorithm", f"{algorithm!r} not in {'/'.join(ALGORITHMS)}")
+    algorithm: str, depth: int, unroll: bool | None, precision: str | None, block_k: int | None,
+    factor_warps: int | None = None, *, commit: bool = False,
+) -> bool:  # fmt: skip
+    """Whether the chunked block runs (in one launch or factored); its options and the recurrent kernel's are not
+    mixed. A commit has no factored form (the update rows' commit is gdn_commit_deltas)."""
+    algorithms = tuple(a for a in ALGORITHMS if not (commit and a == "factored"))
+    _check(algorithm in algorithms, "algorithm", f"{algorithm!r} not in {'/'.join(algorithms)}")
+    if algorithm != "factored":
+        _check(factor_warps is None, "factor_warps", "only the factored algorithm has a factors launch")
     if algorithm == "recurrent":
         _check(precision is None, "precision", "only the chunked algorithm takes a dot precision")
         _check(block_k is None, "block_k", "only the chunked algorithm walks K in chunks")
@@ -1030,6 +1187,7 @@ def gdn_verify(
     algorithm: str = "recurrent",
     precision: str | None = None,
     block_k: int | None = None,
+    factor_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A verify block: o, and the states after the first `capture` positions (DEFAULT_CAPTURE when None; 0 = replay).
 
@@ -1037,13 +1195,15 @@ def gdn_verify(
     (o, states) with states [B, capture, HV, K, V] in capture_dtype (None when capture is 0).
     algorithm: "recurrent" (position by position, the decode step's arithmetic) or "chunked" (the block as one
     UT/WY chunk on the tensor cores, products in `precision`, default tf32x3, K walked in chunks of block_k, default
-    all of K; capture 0 only): the same function, rounded differently. deltas [B, T, HV, V] fp32, if given,
+    all of K; capture 0 only) or "factored" (the chunked block in two launches: its state-free [T, T] factors once
+    per head with factor_warps warps, then the state products per V slice): the same function, rounded
+    differently. deltas [B, T, HV, V] fp32, if given,
     receives each position's update row, from which gdn_commit_deltas builds the state after any position.
     """
     seq = k.shape[1]
     depth = DEFAULT_CAPTURE if capture is None else capture
     _check(0 <= depth <= seq, "capture", f"{depth} not in 0..{seq}")
-    if _check_algorithm(algorithm, depth, unroll, precision, block_k):
+    if _check_algorithm(algorithm, depth, unroll, precision, block_k, factor_warps):
         bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
         out = _gdn_out(out, v)
         _check_deltas(deltas, v)
@@ -1051,6 +1211,7 @@ def gdn_verify(
             _gdn_block(
                 q, k, v, a, b, a_log, dt_bias, state, out, None, block_v=block_v, block_k=block_k,
                 num_warps=num_warps, precision=precision or PRECISIONS[0], scale=dk**-0.5, deltas=deltas,
+                factored=algorithm == "factored", factor_warps=factor_warps,
             )  # fmt: skip
         return out, None
     if depth > 0 and states is None:
@@ -1120,7 +1281,7 @@ def gdn_commit(
         depth = states.shape[1]
     _check((window is None) == (x is None), "x", "window and x go together")
     idx32 = idx.to(torch.int32)
-    if _check_algorithm(algorithm, depth, unroll, precision, block_k):
+    if _check_algorithm(algorithm, depth, unroll, precision, block_k, commit=True):
         if seq > 0:
             _gdn_block(
                 k, k, v, a, b, a_log, dt_bias, state, v, idx32, block_v=block_v, block_k=block_k,
