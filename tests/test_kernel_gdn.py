@@ -263,7 +263,11 @@ def test_verify_deltas_then_commit_from_them(bsz, seq, dtype, algorithm, block_v
     window = torch.randn(bsz, 300, 3, generator=gen).to(DEV, dtype)
     x = torch.randn(bsz, seq, 300, generator=gen).to(DEV, dtype)
     window_ref = reference.conv_window_commit(window.clone(), x, idx)
-    for slices, precision in (({"block_k": 16, "block_v": 32}, "ieee"), ({"block_k": 32, "block_v": 16}, "tf32x3")):
+    for slices, precision in (
+        ({"block_k": 16, "block_v": 32}, "ieee"), ({"block_k": 32, "block_v": 16}, "tf32x3"),
+        ({"block_k": 16, "block_v": 32, "v_major": True}, "ieee"),
+        ({"block_k": 32, "block_v": 16, "v_major": True}, "tf32x3"),
+    ):  # fmt: skip
         got, win = state.clone(), window.clone()
         gdn.gdn_commit_deltas(got, idx, k, deltas, a, a_log, dt_bias, window=win, x=x, precision=precision, **slices)
         _close(f"committed state {slices} {precision}", got, _ref_after(states_ref, state, last), 1e-4)
@@ -435,6 +439,9 @@ def test_gpu_chunked_verify_commit_real_dims(bsz, precision, block_k):
     (1, "recurrent", {}), (16, "chunked", {"block_k": 32, "block_v": 128}), (3, "chunked", {"block_k": 16}),
     (16, "chunked", {"block_k": 64, "block_v": 64, "num_warps": 8, "precision": "ieee"}),
     (1, "factored", {"block_k": 32}), (16, "factored", {"block_k": 32, "block_v": 128}),
+    (16, "factored", {"block_k": 64, "block_v": 64, "v_major": True}),
+    (3, "chunked", {"block_k": 32, "block_v": 32, "num_warps": 2, "v_major": True}),
+    (16, "factored", {"block_k": 128, "block_v": 128, "num_warps": 8, "v_major": True, "precision": "ieee"}),
 ])  # fmt: skip
 def test_gpu_verify_deltas_then_commit_real_dims(bsz, algorithm, config):
     """The update rows at the real dims in bf16 and the state built from them, against the position-by-position

@@ -254,6 +254,14 @@ def test_other_families_prune_what_cannot_run():
     assert [(p["algorithm"], p["block_k"], p["block_v"], p["factor_warps"]) for p in gdn.alternatives()] == [
         ("chunked", bk, bv, 4) for bk in (128, 32) for bv in (16, 32, 64, 128)
     ] + [("factored", 32, bv, 1) for _ in (2, 4) for bv in (16, 32, 64, 128)]
+    commit = space_for(GDNCommitShape(16, 16, 16, 48, 128, 128), cpu)
+    assert commit.default()["v_major"] is False
+    assert [(p["block_v"], p["block_k"], p["num_warps"]) for p in commit.alternatives()] == [
+        (64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 16, 4), (128, 32, 4), (128, 64, 4), (128, 64, 8)
+    ]  # fmt: skip
+    assert all(p["v_major"] for p in commit.alternatives())
+    assert commit.config({**commit.default(), "v_major": True})[1]["v_major"] is True
+    assert "registers per thread" in commit.check({**commit.default(), "block_k": 128, "block_v": 128, "num_warps": 1})
     acc = space_for(AcceptShape(2, 16, 4096), cpu)
     assert "not a multiple of block_v" in acc.check({"lowering": "triton", "block_v": 4096, "chunk": 2048})
 

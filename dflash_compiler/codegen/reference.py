@@ -334,7 +334,7 @@ def gdn_verify(
 
 def gdn_commit_deltas(
     state, idx, k, deltas, a, a_log, dt_bias, *, window=None, x=None, block_k=None, block_v=None, num_warps=None,
-    precision=None,
+    precision=None, v_major=None,
 ) -> torch.Tensor:  # fmt: skip
     """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), from the block's
     initial state, raw keys k [B, T, H, K], the update rows deltas [B, T, HV, V] a verify wrote and raw gate inputs

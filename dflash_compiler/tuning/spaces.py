@@ -683,8 +683,8 @@ class GDNSpace(Space):
 
 
 class GDNCommitSpace(Space):
-    """codegen/triton/gdn.py's gdn_commit_deltas: the state slice per program (K and V), warps, and its product's
-    precision."""
+    """codegen/triton/gdn.py's gdn_commit_deltas: the state slice per program (K and V), warps, its product's
+    precision, and its orientation (the V slice as the product's M)."""
 
     op = "gdn_commit"
 
@@ -696,12 +696,30 @@ class GDNCommitSpace(Space):
                 "block_v": _upto([16, 32, 64, 128], self.shape.dv),
                 "num_warps": [1, 2, 4, 8],
                 "precision": list(gdn_kernels.PRECISIONS),
+                "v_major": [False, True],
             }
         )
 
     def launcher_default(self) -> Params:
         s = self.shape
-        return {"lowering": "triton", **gdn_kernels.commit_config(s.dk, s.dv), "precision": "tf32x3"}
+        return {"lowering": "triton", **gdn_kernels.commit_config(s.dk, s.dv), "precision": "tf32x3", "v_major": False}
+
+    def alternatives(self) -> list[Params]:
+        """The transposed slice with 64 or 128 values as M (the tensor cores' warpgroup tile) and K in slices of 16
+        to 64, 4 warps, and 128 x 64 on 8: a short TPE run over the whole space may not reach them."""
+        default = self.default()
+        if default["lowering"] != "triton":
+            return []
+        choices = self.choices()
+        points = [
+            {**default, "v_major": True, "block_v": bv, "block_k": bk, "num_warps": 4}
+            for bv in (64, 128)
+            for bk in (16, 32, 64)
+        ] + [{**default, "v_major": True, "block_v": 128, "block_k": 64, "num_warps": 8}]
+        return [
+            p for p in points
+            if p["block_v"] in choices["block_v"] and p["block_k"] in choices["block_k"] and self.check(p) is None
+        ]  # fmt: skip
 
     def limits(self, params: Params) -> str | None:
         s = self.shape

@@ -618,12 +618,15 @@ def _delta_commit_tile(
     k_ptr, delta_ptr, a_ptr, a_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, pid_bh, pid_v, pid_k, T,
     sk_b, sk_t, sk_h, sa_b, sa_t, sa_h,
     HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BT: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, PREC: tl.constexpr, V_MAJOR: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """One (request, value head, V slice, K slice): the state after position last = min(idx[b], T-1),
     S e^c_last + (k_hat e^(c_last - c))^T d over positions <= last, from the update rows d a verify wrote (c: the
     running sum of the log decays). One read and one write of the state slice and one [BK, BT] x [BT, BV] product:
-    no step waits for the one before. idx[b] = -1 leaves the state as it was."""
+    no step waits for the one before. idx[b] = -1 leaves the state as it was.
+    V_MAJOR: the slice is computed transposed, S^T e^c_last + (d diag(w))^T k_raw, so that the V slice is the
+    product's M and the raw keys enter unscaled (exact in tf32 for 16-bit keys: SPLIT, two passes over the
+    weighted rows' hi and lo parts)."""
     bb = pid_bh // HV
     h = pid_bh % HV
     hq = h // G
@@ -643,12 +646,21 @@ def _delta_commit_tile(
     cum = tl.associative_scan(g, 0, _add)
     c_last = tl.reduce(g, 0, _add)
     weight = tl.where(live, rk * tl.exp(c_last - cum), 0.0)
-    kc = tl.load(k_rows + offs_k[None, :], mask=live[:, None], other=0.0).to(tl.float32) * weight[:, None]
-    d = tl.load(delta_ptr + ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :], mask=live[:, None], other=0.0)
-    s_tile = state_ptr + (b64 * HV + h) * (K * V) + offs_k[:, None] * V + offs_v[None, :]
-    keep = (offs_k[:, None] * 0 + last) >= 0
-    s = tl.load(s_tile, mask=keep, other=0.0)
-    s = s * tl.exp(c_last) + tl.dot(tl.trans(kc), d, input_precision=PREC)
+    kc = tl.load(k_rows + offs_k[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    rows = delta_ptr + ((b64 * T + ri) * HV + h) * V
+    state = state_ptr + (b64 * HV + h) * (K * V)
+    if V_MAJOR:
+        d_t = tl.load(rows[None, :] + offs_v[:, None], mask=live[None, :], other=0.0) * weight[None, :]
+        s_tile = state + offs_k[None, :] * V + offs_v[:, None]
+        keep = (offs_v[:, None] * 0 + last) >= 0
+        s = tl.load(s_tile, mask=keep, other=0.0)
+        s = s * tl.exp(c_last) + _state_dot(d_t, kc, PREC, SPLIT)
+    else:
+        d = tl.load(rows[:, None] + offs_v[None, :], mask=live[:, None], other=0.0)
+        s_tile = state + offs_k[:, None] * V + offs_v[None, :]
+        keep = (offs_k[:, None] * 0 + last) >= 0
+        s = tl.load(s_tile, mask=keep, other=0.0)
+        s = s * tl.exp(c_last) + tl.dot(tl.trans(kc * weight[:, None]), d, input_precision=PREC)
     # in place: every thread must have read its part of the old slice before any writes
     tl.debug_barrier()
     tl.store(s_tile, s, mask=keep)
@@ -660,7 +672,7 @@ def _gdn_delta_commit_kernel(
     x_ptr, win_ptr, STATE_ROWS, B, C, sx_b, sx_t,
     HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr, W1: tl.constexpr, W1P: tl.constexpr,
-    BC: tl.constexpr,
+    BC: tl.constexpr, V_MAJOR: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """The state slices (program rows below STATE_ROWS = B HV) and, with CONV, the conv windows' channel tiles in
     the programs after them (numbered across the V and K slice axes): the whole commit of a GDN layer in one
@@ -677,7 +689,7 @@ def _gdn_delta_commit_kernel(
     else:
         _delta_commit_tile(
             k_ptr, delta_ptr, a_ptr, a_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, pid_bh, pid_v, pid_k, T,
-            sk_b, sk_t, sk_h, sa_b, sa_t, sa_h, HV, G, K, V, BK, BV, BT, PREC,
+            sk_b, sk_t, sk_h, sa_b, sa_t, sa_h, HV, G, K, V, BK, BV, BT, PREC, V_MAJOR, SPLIT,
         )  # fmt: skip
 
 
@@ -1350,13 +1362,14 @@ def gdn_commit_deltas(
     block_v: int | None = None,
     num_warps: int | None = None,
     precision: str | None = None,
+    v_major: bool | None = None,
 ) -> torch.Tensor:
     """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), per request, from
     the block's initial state (the verify left it unchanged), its raw keys k [B, T, H, K], the update rows deltas
     [B, T, HV, V] fp32 the verify wrote and raw gate inputs a [B, T, HV]: one launch that reads and writes each
     state once, replaying nothing. With window [B, C, W-1] and the block's raw conv input x [B, T, C], the conv
     window is committed too. block_k / block_v: the state slice per program; precision: the product's (as the
-    chunked block's)."""
+    chunked block's); v_major: the slice computed transposed (the V slice as the product's M)."""
     _check(k.dim() == 4 and k.stride(3) == 1, "k", f"expected [B, T, H, K] with contiguous K, got {tuple(k.shape)}")
     bsz, seq, heads, dk = k.shape
     _check(
@@ -1398,7 +1411,8 @@ def gdn_commit_deltas(
         *(x.stride()[:2] if conv else (0, 0)),
         HV=hv, G=hv // heads, K=dk, V=dv, BK=bk, BV=bv, BT=max(16, triton.next_power_of_2(seq)), PREC=prec,
         CONV=conv, W1=window.shape[2] if conv else 1, W1P=triton.next_power_of_2(window.shape[2]) if conv else 1,
-        BC=CONV_COMMIT_BLOCK, num_warps=num_warps or cfg["num_warps"],
+        BC=CONV_COMMIT_BLOCK, V_MAJOR=bool(v_major), SPLIT=prec == "tf32x3" and _raw_precision(k, prec) == "tf32",
+        num_warps=num_warps or cfg["num_warps"],
     )  # fmt: skip
     return state
 
