@@ -1,9 +1,9 @@
-"""Gated DeltaNet kernels at Qwen3.5-27B shapes, one GDN layer (the model has 48): conv update, verify recurrence
-with every rollback strategy (captured states, replay, update rows), commit, decode and chunked prefill, against
+"""Gated DeltaNet kernels at Qwen3.5-27B shapes, one GDN layer (the model has 48): conv update, verify writing the
+update rows (recurrent, chunked and factored), the commit from them, decode and chunked prefill, against
 the PyTorch reference and against the floor (bytes / copy bandwidth). Everything is timed as CUDA-graph replays,
 as the runtime runs it (an eager launch costs more than most of these kernels): ours as one graph of one call per
 rotating input set, the reference as a graph of one call. The recurrent kernel's launch parameters are swept first
-and the best per (mode, batch) is used for the other rows (its config is recorded in each row).
+and the best per batch is used for the other rows (its config is recorded in each row).
 
     python bench/bench_gdn.py [--out bench/results/kernels-gdn-h100.json] [--no-sweep]
 """
@@ -104,6 +104,15 @@ class _Rows(list):
         return r
 
 
+# the chunked and factored verify and the commit orientations beside the recurrent kernel: (name, options)
+VERIFY_FORMS = [
+    ("chunked", dict(algorithm="chunked", block_k=32, block_v=128, num_warps=4)),
+    ("factored", dict(algorithm="factored", block_k=32, block_v=64, num_warps=2, factor_warps=1)),
+]
+COMMIT_FORMS = [("k_major", dict(block_k=32, block_v=128, num_warps=4)),
+                ("v_major", dict(block_k=32, block_v=128, num_warps=4, v_major=True))]  # fmt: skip
+
+
 def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
     a_log, dt_bias, conv_w = params["a_log"], params["dt_bias"], params["conv_w"]
     n = rotations_for(batch * (STATE_BYTES + 2 * BLOCK * CHANS * 2))
@@ -111,68 +120,45 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
     s0 = sets[0]
     o_buf = torch.empty(batch, BLOCK, HV, DV, device=DEV, dtype=torch.bfloat16)
     y_buf = torch.empty(batch, BLOCK, CHANS, device=DEV, dtype=torch.bfloat16)
-    cap32 = torch.empty(batch, BLOCK, HV, DK, DV, device=DEV)
-    cap16 = torch.empty(batch, BLOCK, HV, DK, DV, device=DEV, dtype=torch.bfloat16)
-    cap8 = torch.empty(batch, 8, HV, DK, DV, device=DEV)
-    rows_buf = torch.empty(batch, BLOCK, HV, DV, device=DEV)  # the update rows (the step's strategy)
+    rows_buf = torch.empty(batch, BLOCK, HV, DV, device=DEV)  # the update rows the commit reads
     rows_bytes = rows_buf.numel() * 4
-    idx_last = torch.full((batch,), BLOCK - 1, device=DEV, dtype=torch.int32)
     state_rw = batch * STATE_BYTES
     io_bytes = _input_bytes(batch, BLOCK) + batch * BLOCK * HV * DV * 2  # q/k/v/a/b in, o out
     window_bytes = batch * CHANS * (WIDTH - 1) * 2
     conv_commit_bytes = 2 * window_bytes + batch * (WIDTH - 1) * CHANS * 2
-    floors = dict(
-        capture=state_rw + BLOCK * state_rw + io_bytes,
-        replay=state_rw + io_bytes,
-        deltas=state_rw + io_bytes + rows_bytes,
-        commit=2 * state_rw + _input_bytes(batch, BLOCK, with_q=False),
-    )
+    verify_floor = state_rw + io_bytes + rows_bytes
 
     def timed(fn, *args, **kw):
         return _safe(lambda: graph_time_us(lambda i: fn(i, *args, **kw), n, min_calls=1, rep_ms=100))
 
-    def verify(i, capture, states=None, **kw):
+    def verify(i, **kw):
         s = sets[i]
         return gdn.gdn_verify(
-            s["q"], s["k"], s["v"], s["a"], s["b"], a_log, dt_bias, s["state"], capture=capture, out=o_buf,
-            states=states, **kw,
-        )  # fmt: skip
-
-    def commit_deltas(i, idx):
-        s = sets[i]
-        return gdn.gdn_commit_deltas(
-            s["state"], idx, s["k"], rows_buf, s["a"], a_log, dt_bias, window=s["window"], x=s["x"]
+            s["q"], s["k"], s["v"], s["a"], s["b"], a_log, dt_bias, s["state"], out=o_buf, deltas=rows_buf, **kw
         )
 
     # Commits write the state in place: harmless for timing (the values stay finite, the cost does not depend on
-    # them). Without window/x this is the state commit alone.
-    def commit(i, idx, states, conv=True, **kw):
+    # them).
+    def commit(i, idx, **kw):
         s = sets[i]
-        return gdn.gdn_commit(
-            s["state"], idx, s["k"], s["v"], s["a"], s["b"], a_log, dt_bias, states=states,
-            window=s["window"] if conv else None, x=s["x"] if conv else None, **kw,
-        )  # fmt: skip
+        return gdn.gdn_commit_deltas(
+            s["state"], idx, s["k"], rows_buf, s["a"], a_log, dt_bias, window=s["window"], x=s["x"], **kw
+        )
 
-    # the recurrent kernel's launch parameters, per mode
-    best = {"capture": {}, "replay": {}, "commit": {}}
+    # the recurrent kernel's launch parameters
+    best: dict = {}
     if sweep:
-        scores = {m: [] for m in best}
+        scores = []
         for unroll, bv, warps in SWEEP:
             kw = dict(unroll=unroll, block_v=bv, num_warps=warps)
-            cfg = f"unroll={unroll} block_v={bv} num_warps={warps}"
-            for mode, us in (
-                ("capture", timed(verify, BLOCK, cap32, **kw)),
-                ("replay", timed(verify, 0, **kw)),
-                ("commit", timed(commit, idx_last, None, conv=False, **kw)),
-            ):
-                rows.add(f"sweep_{mode}", batch, us, None, floors[mode], config=cfg)
-                if us:
-                    scores[mode].append((us, kw))
-        best = {m: min(v, key=lambda x: x[0])[1] if v else {} for m, v in scores.items()}
-
-    def cfg_of(mode):
-        kw = best[mode]
-        return " ".join(f"{k}={v}" for k, v in kw.items()) or "default"
+            us = timed(verify, **kw)
+            rows.add(
+                "sweep_verify", batch, us, None, verify_floor, config=f"unroll={unroll} block_v={bv} num_warps={warps}"
+            )
+            if us:
+                scores.append((us, kw))
+        best = min(scores, key=lambda x: x[0])[1] if scores else {}
+    best_cfg = " ".join(f"{k}={v}" for k, v in best.items()) or "default"
 
     def conv(i):
         return gdn.causal_conv1d_update(sets[i]["x"], sets[i]["window"], conv_w, y_buf)
@@ -185,97 +171,52 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
         2 * batch * BLOCK * CHANS * 2 + window_bytes + CHANS * WIDTH * 2,
     )  # fmt: skip
 
-    # verify: the recurrence over the block with each rollback strategy
+    # verify: o and the update rows of every position, by each algorithm
     def ref_verify():
         gg, beta = ops.gdn_gates(s0["a"], s0["b"], a_log, dt_bias)
-        return ops.gated_delta_rule_recurrent(s0["q"], s0["k"], s0["v"], gg, beta, s0["state"], all_states=True)
+        return ops.gated_delta_rule_recurrent(s0["q"], s0["k"], s0["v"], gg, beta, s0["state"], deltas=rows_buf)
 
-    cap_kw, rep_kw, com_kw = best["capture"], best["replay"], best["commit"]
-    v_rows = {
-        "capture_fp32": rows.add(
-            "verify_capture_fp32", batch, timed(verify, BLOCK, cap32, **cap_kw), _safe(lambda: _ref_us(ref_verify)),
-            floors["capture"], config=cfg_of("capture"), note="target: <= 1.5x floor",
-        ),
-        "capture8_fp32": rows.add(
-            "verify_capture8_fp32", batch, timed(verify, 8, cap8, **cap_kw), None, state_rw + 8 * state_rw + io_bytes,
-            config=cfg_of("capture"),
-        ),
-        "replay": rows.add(
-            "verify_replay", batch, timed(verify, 0, **rep_kw), None, floors["replay"], config=cfg_of("replay")
-        ),
-        "deltas": rows.add(
-            "verify_deltas", batch, timed(verify, 0, deltas=rows_buf, **rep_kw), None, floors["deltas"],
-            config=cfg_of("replay"), note="writes the update rows the delta commit reads",
-        ),
-    }  # fmt: skip
-    verify(0, 0, deltas=rows_buf, **rep_kw)  # finite update rows for the delta commits below
-    rows.add(
-        "verify_capture_bf16", batch, timed(verify, BLOCK, cap16, **cap_kw), None,
-        state_rw + BLOCK * state_rw // 2 + io_bytes, config=cfg_of("capture"),
-        note="lossy: rounds the committed state to bf16",
-    )  # fmt: skip
+    v_rows = {"recurrent": rows.add(
+        "verify_recurrent", batch, timed(verify, **best), _safe(lambda: _ref_us(ref_verify)), verify_floor,
+        config=best_cfg,
+    )}  # fmt: skip
+    for name, kw in VERIFY_FORMS:
+        cfg = " ".join(f"{k}={v}" for k, v in kw.items())
+        v_rows[name] = rows.add(f"verify_{name}", batch, timed(verify, **kw), None, verify_floor, config=cfg)
+    verify(0, **best)  # finite update rows for the commits below
 
-    # commit: the state and the conv window after accepted index idx[b]
+    # commit: the state and the conv window after accepted index idx[b], from the update rows
     def ref_window(idx):
         ext = torch.cat((s0["window"], s0["x"].transpose(1, 2)), -1)
         s0["window"].copy_(ops.conv_window_after(ext, idx.long(), WIDTH))
 
     for label, last in (("last", BLOCK - 1), ("typical", TYPICAL_IDX)):
         idx = torch.full((batch,), last, device=DEV, dtype=torch.int32)
-        steps = last + 1
 
-        def ref_copy(idx=idx):
-            s0["state"].copy_(cap32[torch.arange(batch, device=DEV), idx.long()])
-            ref_window(idx)
-
-        def ref_deltas(idx=idx):
+        def ref_commit(idx=idx):
             s0["state"].copy_(ops.gated_delta_commit(s0["state"], idx.long(), s0["k"], rows_buf,
                                                      ops.gdn_log_decay(s0["a"], a_log, dt_bias)))  # fmt: skip
             ref_window(idx)
 
-        def ref_replay(steps=steps, idx=idx):
-            gg, beta = ops.gdn_gates(s0["a"][:, :steps], s0["b"][:, :steps], a_log, dt_bias)
-            kk, vv = s0["k"][:, :steps], s0["v"][:, :steps]
-            s0["state"].copy_(ops.gated_delta_rule_recurrent(kk, kk, vv, gg, beta, s0["state"])[1])
-            ref_window(idx)
-
-        c_rows = {
-            "capture_fp32": rows.add(
-                f"commit_capture_{label}", batch, timed(commit, idx, cap32, **com_kw),
-                _safe(lambda f=ref_copy: _ref_us(f)), 2 * state_rw + conv_commit_bytes, idx=last,
-                config=cfg_of("commit"),
-            ),
-            "capture8_fp32": rows.add(
-                f"commit_capture8_{label}", batch, timed(commit, idx, cap8, **com_kw), None,
-                2 * state_rw + _input_bytes(batch, max(0, steps - 8), with_q=False) + conv_commit_bytes, idx=last,
-                config=cfg_of("commit"),
-            ),
-            "replay": rows.add(
-                f"commit_replay_{label}", batch, timed(commit, idx, None, **com_kw),
-                _safe(lambda f=ref_replay: _ref_us(f)),
-                2 * state_rw + _input_bytes(batch, steps, with_q=False) + conv_commit_bytes, idx=last,
-                config=cfg_of("commit"),
-            ),
-            "deltas": rows.add(
-                f"commit_deltas_{label}", batch, timed(commit_deltas, idx), _safe(lambda f=ref_deltas: _ref_us(f)),
-                2 * state_rw + rows_bytes + batch * BLOCK * (HEADS * DK + HV) * 2 + conv_commit_bytes, idx=last,
-                config="launcher default",
-            ),
-        }  # fmt: skip
-        # per-step totals (verify + commit) of each strategy: what DEFAULT_CAPTURE is chosen by
+        commit_floor = 2 * state_rw + rows_bytes + batch * BLOCK * (HEADS * DK + HV) * 2 + conv_commit_bytes
+        c_rows = {}
+        for name, kw in COMMIT_FORMS:
+            c_rows[name] = rows.add(
+                f"commit_{name}_{label}", batch, timed(commit, idx, **kw), _safe(lambda f=ref_commit: _ref_us(f)),
+                commit_floor, idx=last, config=" ".join(f"{k}={v}" for k, v in kw.items()),
+            )  # fmt: skip
+        # per-step totals (verify + commit) of each verify algorithm with the faster commit
+        c_best = min((r for r in c_rows.values() if r["ours_us"]), key=lambda r: r["ours_us"], default=None)
         for name, v_row in v_rows.items():
-            c_row = c_rows[name]
-            if v_row["ours_us"] and c_row["ours_us"]:
-                ref = v_row["torch_us"] + c_row["torch_us"] if v_row["torch_us"] and c_row["torch_us"] else None
+            if v_row["ours_us"] and c_best:
                 rows.append(
                     dict(
                         op=f"step_{name}_{label}",
                         shape=v_row["shape"],
                         dtype="bf16",
-                        ours_us=v_row["ours_us"] + c_row["ours_us"],
-                        torch_us=ref,
-                        floor_us=v_row["floor_us"] + c_row["floor_us"],
-                        note="verify + commit",
+                        ours_us=v_row["ours_us"] + c_best["ours_us"],
+                        floor_us=v_row["floor_us"] + c_best["floor_us"],
+                        note=f"verify + {c_best['op']}",
                     )
                 )
 
@@ -287,7 +228,7 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
         s = dsets[i]
         gdn.gdn_recurrent(
             s["q"], s["k"], s["v"], s["a"], s["b"], a_log, dt_bias, s["state"], out=o1, final_state=s["state"],
-            **rep_kw,
+            **best,
         )  # fmt: skip
 
     def ref_decode():
@@ -297,7 +238,7 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
 
     rows.add(
         "decode_in_place", batch, timed(decode), _safe(lambda: _ref_us(ref_decode)),
-        2 * state_rw + _input_bytes(batch, 1) + batch * HV * DV * 2, seq=1, config=cfg_of("replay"),
+        2 * state_rw + _input_bytes(batch, 1) + batch * HV * DV * 2, seq=1, config=best_cfg,
     )  # fmt: skip
 
 

@@ -98,7 +98,7 @@ def gdns(device="cpu"):
     dt_bias = torch.randn(hv, generator=gen).to(device)
     state = torch.randn(b, hv, dk, dv, generator=gen).to(device)
     deltas = torch.empty(b, t, hv, dv, device=device)
-    o, _ = gdn.gdn_verify(q, k, v, a, bb, a_log, dt_bias, state, deltas=deltas)
+    o = gdn.gdn_verify(q, k, v, a, bb, a_log, dt_bias, state, deltas=deltas)
     window = torch.randn(b, 160, 3, generator=gen).to(DTYPE).to(device)
     x = torch.randn(b, t, 160, generator=gen).to(DTYPE).to(device)
     idx = torch.tensor([3, 15], device=device)

@@ -102,7 +102,7 @@ def test_every_kernel_family_compiles_across_the_profiles(built):
     assert names[100] == ["attention._attention_kernel", "linear._linear_kernel"]
     assert names[120] == ["fused_ops._rms_norm_kernel", "linear._linear_kernel"]
     gdn = [_spec_constants(r) for r in _records(built, 90) if r.name.endswith("_gdn_recurrent_kernel")]
-    assert [(c["COMMIT"], c["DELTAS"]) for c in gdn] == [(False, True)]  # the verify, with its update rows
+    assert [(c["DELTAS"], c["STORE_FINAL"]) for c in gdn] == [(True, False)]  # the verify, with its update rows
 
 
 def test_launchers_see_the_profiles_gpu(built):

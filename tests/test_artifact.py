@@ -276,19 +276,16 @@ def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
     commit = [row for row in doc["plan"] if row["op"] == "gdn_commit"]
     tuned_commit = {"block_k": 16, "block_v": 32, "num_warps": 2, "precision": "ieee"}
     assert commit and all(row["tuned"]["1"] == {"lowering": "triton", "config": tuned_commit} for row in commit)
-    recurrent, block, commits = [], [], []
+    recurrent, commits = [], []
     for r in records:
         spec = json.loads(r.spec)
         names = list(spec["signature"])
         constants = {names[key[0]]: val for key, val in zip(spec["constant_keys"], spec["constant_vals"])}
         if r.name.endswith("._gdn_recurrent_kernel"):
-            recurrent.append((constants["COMMIT"], constants["BV"], constants["UNROLL"], spec["options"]["num_warps"]))
-        elif r.name.endswith("._gdn_block_kernel"):
-            block.append(constants["COMMIT"])
+            recurrent.append((constants["DELTAS"], constants["BV"], constants["UNROLL"], spec["options"]["num_warps"]))
         elif r.name.endswith("._gdn_delta_commit_kernel"):
             commits.append((constants["BK"], constants["BV"], constants["PREC"], spec["options"]["num_warps"]))
-    assert (False, 16, True, 1) in recurrent and not any(c for c, *_ in recurrent)  # the verify, as tuned
-    assert not any(block)  # no replay commit
+    assert (True, 16, True, 1) in recurrent  # the verify with its update rows, as tuned
     assert commits and set(commits) == {(16, 32, "ieee", 2)}  # the commit, as tuned
 
 

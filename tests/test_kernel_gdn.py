@@ -115,59 +115,23 @@ SMALL = dict(heads=2, hv=6, dk=16, dv=16)
         (torch.float16, 3, 16, True),
     ],
 )
-def test_verify_capture_and_commit(dtype, bsz, seq, unroll):
-    """Both loop forms of the recurrent kernel (unroll), a state capture of every position, then a commit."""
+def test_recurrent_verify_both_loop_forms(dtype, bsz, seq, unroll):
+    """Both loop forms of the recurrent kernel (unroll): o and the update rows (into NaN-filled buffers), the state
+    left as it was, then the commit built from the rows."""
     gen = torch.Generator().manual_seed(100 + seq * 4 + bsz)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **SMALL, dtype=dtype, gen=gen)
     o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
-    hv, dk, dv = SMALL["hv"], SMALL["dk"], SMALL["dv"]
+    hv, dv = SMALL["hv"], SMALL["dv"]
     live = state.clone()
-    o, states = gdn.gdn_verify(
-        q, k, v, a, b, a_log, dt_bias, live, capture=seq, out=_nan(bsz, seq, hv, dv, dtype=dtype),
-        states=_nan(bsz, seq, hv, dk, dv), unroll=unroll,
-    )  # fmt: skip
+    deltas = _nan(bsz, seq, hv, dv)
+    o = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, live, out=_nan(bsz, seq, hv, dv, dtype=dtype), deltas=deltas, unroll=unroll
+    )
     _close("o", o.float(), o_ref.float(), 1e-5 if dtype == torch.float32 else 2e-3)
-    _close("states", states, states_ref, 1e-5)
     assert torch.equal(live, state), "verify must leave the state unchanged"
-
     idx = _accepted(bsz, seq, gen)
-    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states, unroll=unroll)
+    gdn.gdn_commit_deltas(live, idx, k, deltas, a, a_log, dt_bias)
     _close("committed state", live, _ref_after(states_ref, state, idx), 1e-5)
-
-
-@pytest.mark.parametrize(
-    ("capture", "dtype", "unroll"),
-    [(0, torch.float32, True), (0, torch.float32, False), (3, torch.float32, True), (3, torch.float16, False)],
-)  # fmt: skip
-def test_commit_replay(capture, dtype, unroll):
-    """capture 0: replay every accepted step from the initial state; 3: from the last captured state at or before
-    the accepted position. Requests accept different positions, one keeps its state."""
-    bsz, seq = 3, 7
-    gen = torch.Generator().manual_seed(7 + capture)
-    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)
-    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
-    live = state.clone()
-    o, states = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, live, capture=capture, block_v=16, unroll=unroll)
-    assert (states is None) == (capture == 0)
-    _close("o", o.float(), o_ref.float(), 1e-5 if dtype == torch.float32 else 2e-3)
-    idx = torch.tensor([5, -1, 1], device=DEV)
-    window = torch.randn(bsz, 40, 3, generator=gen).to(DEV, dtype)
-    x = torch.randn(bsz, seq, 40, generator=gen).to(DEV, dtype)
-    window_ref = ops.conv_window_after(torch.cat((window, x.transpose(1, 2)), -1), idx, 4)
-    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states, window=window, x=x, block_v=16, unroll=unroll)
-    _close("committed state", live, _ref_after(states_ref, state, idx), 1e-5)
-    assert torch.equal(window, window_ref)
-
-
-def test_verify_partial_capture():
-    """A capture shallower than the block writes only its first positions."""
-    bsz, seq, depth = 2, 7, 4
-    gen = torch.Generator().manual_seed(11)
-    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **SMALL, dtype=torch.float32, gen=gen)
-    _, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
-    _, states = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=depth)
-    assert states.shape == (bsz, depth, 6, 16, 16)
-    _close("states", states, states_ref[:, :depth], 1e-5)
 
 
 @pytest.mark.parametrize(("seq", "unroll"), [(1, True), (5, True), (5, False)])
@@ -193,33 +157,19 @@ def test_recurrent_final_state_in_place(seq, unroll):
     [(3, 1, torch.float32, 16, None), (3, 7, torch.float32, 16, 16), (2, 16, torch.float32, 32, None),
      (3, 16, torch.float16, 16, 16), (2, 23, torch.float32, 16, 16)],
 )  # fmt: skip
-def test_chunked_verify_and_commit(bsz, seq, dtype, block_v, block_k):
+def test_chunked_verify(bsz, seq, dtype, block_v, block_k):
     """The verify block as one UT/WY chunk (shorter than 16, 16, and over 16: two 16-row blocks merged), K whole
-    or in chunks: its output, then commits of different accepted positions (one keeps its state), against the
-    position-by-position reference."""
+    or in chunks: its output against the position-by-position reference, the state left as it was."""
     gen = torch.Generator().manual_seed(300 + seq * 4 + bsz)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=32, dv=32, dtype=dtype, gen=gen)
-    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    o_ref, _ = _reference(q, k, v, a, b, a_log, dt_bias, state)
     live = state.clone()
-    o, states = gdn.gdn_verify(
-        q, k, v, a, b, a_log, dt_bias, live, capture=0, out=_nan(bsz, seq, 6, 32, dtype=dtype), block_v=block_v,
+    o = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, live, out=_nan(bsz, seq, 6, 32, dtype=dtype), block_v=block_v,
         block_k=block_k, algorithm="chunked", precision="ieee",
     )  # fmt: skip
-    assert states is None
     _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 2e-3)
     assert torch.equal(live, state), "verify must leave the state unchanged"
-    idx = _accepted(bsz, seq, gen)
-    window = torch.randn(bsz, 40, 3, generator=gen).to(DEV, dtype)
-    x = torch.randn(bsz, seq, 40, generator=gen).to(DEV, dtype)
-    window_ref = ops.conv_window_after(torch.cat((window, x.transpose(1, 2)), -1), idx, 4)
-    gdn.gdn_commit(
-        live, idx, k, v, a, b, a_log, dt_bias, window=window, x=x, block_v=block_v, block_k=block_k,
-        algorithm="chunked", precision="ieee",
-    )  # fmt: skip
-    _close("committed state", live, _ref_after(states_ref, state, idx), 1e-4)
-    if bsz > 2:
-        assert torch.equal(live[1], state[1]), "idx -1 keeps the state bit for bit"
-    assert torch.equal(window, window_ref)
 
 
 @pytest.mark.parametrize(
@@ -249,8 +199,8 @@ def test_verify_deltas_then_commit_from_them(bsz, seq, dtype, algorithm, block_v
         # fp16 inputs with tf32x3: the state products' two-pass split
         options.update(factor_warps=2, precision="tf32x3" if dtype == torch.float16 else "ieee")
     o_ref = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state)[0]
-    o, _ = gdn.gdn_verify(
-        q, k, v, a, b, a_log, dt_bias, live, capture=0, deltas=deltas, out=_nan(bsz, seq, hv, dv, dtype=dtype),
+    o = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, live, deltas=deltas, out=_nan(bsz, seq, hv, dv, dtype=dtype),
         **options,
     )  # fmt: skip
     _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 2e-3)
@@ -283,7 +233,7 @@ def test_delta_commit_names_what_is_wrong():
     with pytest.raises(ValueError, match="deltas: expected contiguous fp32"):
         gdn.gdn_commit_deltas(state, idx, k, deltas.half(), a, a_log, dt_bias)
     with pytest.raises(ValueError, match="deltas: expected contiguous fp32"):
-        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas[:, :3])
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas[:, :3])
     with pytest.raises(ValueError, match="idx: expected \\[2\\] integer indices"):
         gdn.gdn_commit_deltas(state, idx.float(), k, deltas, a, a_log, dt_bias)
     with pytest.raises(ValueError, match="block_k: 48 must be a power of two"):
@@ -315,31 +265,26 @@ def test_chunked_block_options_are_its_own():
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(1, 3, **SMALL, dtype=torch.float32, gen=gen)
     with pytest.raises(ValueError, match="^algorithm:"):
         gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, algorithm="wy")
-    with pytest.raises(ValueError, match="^capture:"):
-        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=2, algorithm="chunked")
     with pytest.raises(ValueError, match="^unroll:"):
-        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, unroll=True, algorithm="chunked")
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, unroll=True, algorithm="chunked")
     with pytest.raises(ValueError, match="^precision:"):
-        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, precision="ieee")
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, precision="ieee")
     with pytest.raises(ValueError, match="^precision:"):
-        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, algorithm="chunked", precision="tf32")
-    idx = torch.zeros(1, dtype=torch.long, device=DEV)
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, algorithm="chunked", precision="tf32")
     with pytest.raises(ValueError, match="^block_v:"):
-        gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, block_v=8, algorithm="chunked")
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, block_v=8, algorithm="chunked")
     with pytest.raises(ValueError, match="^block_k:"):
-        gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, block_k=8, algorithm="chunked")
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, block_k=8, algorithm="factored")
     with pytest.raises(ValueError, match="^block_k:"):
-        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, block_k=16)
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, block_k=16)
     with pytest.raises(ValueError, match="^factor_warps: only the factored algorithm"):
-        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, algorithm="chunked", factor_warps=2)
-    with pytest.raises(ValueError, match="^algorithm: 'factored' not in recurrent/chunked"):
-        gdn.gdn_commit(state, idx, k, v, a, b, a_log, dt_bias, algorithm="factored")
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, algorithm="chunked", factor_warps=2)
     long = _gdn_inputs(1, 65, **SMALL, dtype=torch.float32, gen=gen)
     with pytest.raises(ValueError, match="^k: the chunked block takes at most 64 positions, got 65"):
-        gdn.gdn_verify(*long, capture=0, algorithm="chunked")
+        gdn.gdn_verify(*long, algorithm="chunked")
     narrow = _gdn_inputs(1, 3, heads=2, hv=6, dk=8, dv=16, dtype=torch.float32, gen=gen)
     with pytest.raises(ValueError, match="^k: head dim 8 < 16"):
-        gdn.gdn_verify(*narrow, capture=0, algorithm="chunked")
+        gdn.gdn_verify(*narrow, algorithm="chunked")
 
 
 @pytest.mark.parametrize(
@@ -369,12 +314,11 @@ def test_bad_inputs_name_the_parameter():
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(1, 3, **SMALL, dtype=torch.float32, gen=gen)
     with pytest.raises(ValueError, match="^state:"):
         gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state.double())
-    with pytest.raises(ValueError, match="^capture:"):
-        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=4)
     with pytest.raises(ValueError, match="^a:"):
         gdn.gdn_verify(q, k, v, a[:, :2], b, a_log, dt_bias, state)
     with pytest.raises(ValueError, match="^idx:"):
-        gdn.gdn_commit(state, torch.zeros(2, dtype=torch.long, device=DEV), k, v, a, b, a_log, dt_bias)
+        gdn.gdn_commit_deltas(state, torch.zeros(2, dtype=torch.long, device=DEV), k, _nan(1, 3, 6, 16), a, a_log,
+                              dt_bias)  # fmt: skip
     with pytest.raises(ValueError, match="^window:"):
         gdn.causal_conv1d_update(torch.randn(1, 3, 8, device=DEV), torch.randn(1, 8, 2, device=DEV), torch.randn(8, 4))
     with pytest.raises(ValueError, match="^chunk_size:"):
@@ -388,50 +332,22 @@ REAL = dict(heads=16, hv=48, dk=128, dv=128)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("capture_dtype", "unroll"), [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)]
-)
-def test_gpu_verify_commit_real_dims(capture_dtype, unroll):
-    bsz, seq = 3, 16
-    gen = torch.Generator().manual_seed(1)
-    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
-    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
-    for capture in (0, 6, seq):
-        live = state.clone()
-        o, states = gdn.gdn_verify(
-            q, k, v, a, b, a_log, dt_bias, live, capture=capture, capture_dtype=capture_dtype,
-            out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16), unroll=unroll,
-        )  # fmt: skip
-        _close("o", o.float(), o_ref.float(), 1e-2)
-        if capture:
-            _close("states", states.float(), states_ref[:, :capture], 1e-2 if capture_dtype == torch.bfloat16 else 1e-4)
-        idx = torch.tensor([15, -1, 4], device=DEV)
-        gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, states=states, unroll=unroll)
-        tol = 1e-2 if capture_dtype == torch.bfloat16 and capture else 1e-4
-        _close(f"committed state (capture {capture})", live, _ref_after(states_ref, state, idx), tol)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
     ("bsz", "precision", "block_k"), [(3, "tf32x3", None), (16, "tf32x3", 32), (3, "ieee", 64), (3, "tf32x3", 16)]
 )
-def test_gpu_chunked_verify_commit_real_dims(bsz, precision, block_k):
-    """The chunked verify block and commit at the real dims in bf16, against the position-by-position reference
-    to about fp32 accuracy (the state is what every later step reads)."""
+def test_gpu_chunked_verify_real_dims(bsz, precision, block_k):
+    """The chunked verify block at the real dims in bf16, against the position-by-position reference, and within
+    bf16 rounding of the recurrent kernel."""
     seq = 16
     gen = torch.Generator().manual_seed(2)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
-    o_ref, states_ref = _reference(q, k, v, a, b, a_log, dt_bias, state)
-    live = state.clone()
-    o, _ = gdn.gdn_verify(
-        q, k, v, a, b, a_log, dt_bias, live, capture=0, out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
+    o_ref, _ = _reference(q, k, v, a, b, a_log, dt_bias, state)
+    o = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
         algorithm="chunked", precision=precision, block_k=block_k,
     )  # fmt: skip
     _close("o", o.float(), o_ref.float(), 1e-2)
-    recurrent, _ = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, live, capture=0)
+    recurrent = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state)
     assert (o.float() - recurrent.float()).abs().max().item() <= 2 * 2**-8 * o_ref.abs().max().item()
-    idx = torch.randint(-1, seq, (bsz,), generator=gen).to(DEV)
-    gdn.gdn_commit(live, idx, k, v, a, b, a_log, dt_bias, algorithm="chunked", precision=precision, block_k=block_k)
-    _close("committed state", live, _ref_after(states_ref, state, idx), 1e-4)
 
 
 @pytest.mark.gpu
@@ -453,7 +369,7 @@ def test_gpu_verify_deltas_then_commit_real_dims(bsz, algorithm, config):
     deltas_ref = torch.empty(bsz, seq, 48, 128, device=DEV)
     _, states_ref = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=True, deltas=deltas_ref)
     deltas = _nan(bsz, seq, 48, 128)
-    gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas, algorithm=algorithm)
+    gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas, algorithm=algorithm)
     _close("deltas", deltas, deltas_ref, 1e-4)
     idx = torch.randint(-1, seq, (bsz,), generator=gen).to(DEV)
     live = state.clone()
@@ -477,13 +393,13 @@ def test_gpu_factored_verify_real_dims(bsz, config):
     deltas_ref = torch.empty(bsz, seq, 48, 128, device=DEV)
     o_ref, _ = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, deltas=deltas_ref)
     deltas = _nan(bsz, seq, 48, 128)
-    o, _ = gdn.gdn_verify(
-        q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas, algorithm="factored",
+    o = gdn.gdn_verify(
+        q, k, v, a, b, a_log, dt_bias, state, deltas=deltas, algorithm="factored",
         out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16), **config,
     )  # fmt: skip
     _close("o", o.float(), o_ref.float(), 1e-2)
     _close("deltas", deltas, deltas_ref, 1e-4)
-    chunked, _ = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, algorithm="chunked")
+    chunked = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, algorithm="chunked")
     assert (o.float() - chunked.float()).abs().max().item() <= 2 * 2**-8 * o_ref.abs().max().item()
 
 

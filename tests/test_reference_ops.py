@@ -345,54 +345,42 @@ def test_conv_update_and_window_commit(dtype):
     assert torch.equal(rw[1], window[1])
 
 
-@pytest.mark.parametrize(
-    "dtype,capture,capture_dtype",
-    [
-        (torch.float32, 5, torch.float32),
-        (torch.float32, 3, torch.float32),
-        (torch.float32, 0, torch.float32),
-        (torch.float16, 3, torch.float32),
-        (torch.float32, 5, torch.bfloat16),
-    ],
-)
-def test_gdn_verify_and_commit(dtype, capture, capture_dtype):
-    """Verify with a full, partial or no capture, then commit different positions per request (replaying past the
-    capture, one request keeping its state) with the conv window."""
-    gen = torch.Generator().manual_seed(9 + capture)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gdn_verify_and_commit_deltas(dtype):
+    """Verify writing the update rows, then commit different positions per request (one keeping its state, one
+    past the block) with the conv window: the launchers and the references alike."""
+    gen = torch.Generator().manual_seed(9)
     bsz, seq = 4, 5
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, dtype, gen)
     runs = []
-    for mod, (st, out) in zip((gdn, ref), _twins(state, _nan(bsz, seq, HV, DV, dtype=dtype))):
-        o, states = mod.gdn_verify(
-            q, k, v, a, b, a_log, dt_bias, st, capture=capture, capture_dtype=capture_dtype, out=out
-        )
+    for mod, (st, out, deltas) in zip(
+        (gdn, ref), _twins(state, _nan(bsz, seq, HV, DV, dtype=dtype), _nan(bsz, seq, HV, DV))
+    ):
+        o = mod.gdn_verify(q, k, v, a, b, a_log, dt_bias, st, out=out, deltas=deltas)
         assert o is out and torch.equal(st, state), "verify leaves the state unchanged"
-        assert (states is None) == (capture == 0)
-        runs.append((o, states, st))
-    (ko, ks, kst), (ro, rs, rst) = runs
+        runs.append((o, deltas, st))
+    (ko, kd, kst), (ro, rd, rst) = runs
     _same(ro, ko, TOL[dtype])
-    if capture:
-        assert rs.shape == (bsz, capture, HV, DK, DV) and rs.dtype == capture_dtype
-        _same(rs, ks, TOL[capture_dtype])
+    _same(rd, kd, 1e-5)
 
-    idx = torch.tensor([4, -1, 1, 2], device=DEV)
+    idx = torch.tensor([4, -1, 1, 7], device=DEV)
     window = _rand(bsz, 40, 3, gen=gen, dtype=dtype)
     x = _rand(bsz, seq, 40, gen=gen, dtype=dtype)
     (kwin,), (rwin,) = _twins(window)
-    assert gdn.gdn_commit(kst, idx, k, v, a, b, a_log, dt_bias, states=ks, window=kwin, x=x) is kst
-    assert ref.gdn_commit(rst, idx, k, v, a, b, a_log, dt_bias, states=rs, window=rwin, x=x) is rst
-    _same(rst, kst, TOL[capture_dtype] if capture else 1e-5)
+    assert gdn.gdn_commit_deltas(kst, idx, k, kd, a, a_log, dt_bias, window=kwin, x=x) is kst
+    assert ref.gdn_commit_deltas(rst, idx, k, rd, a, a_log, dt_bias, window=rwin, x=x) is rst
+    _same(rst, kst, 1e-5)
     assert torch.equal(rst[1], state[1])
     _same(rwin, kwin, 0.0)
 
 
-def test_gdn_recurrent_capture_and_final_state_in_place():
+def test_gdn_recurrent_final_state_in_place():
     gen = torch.Generator().manual_seed(10)
     bsz, seq = 3, 5
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, torch.float32, gen)
-    twins = _twins(state, _nan(bsz, seq, HV, DV), _nan(bsz, 2, HV, DK, DV))
-    for mod, (st, out, states) in zip((gdn, ref), twins):
-        assert mod.gdn_recurrent(q, k, v, a, b, a_log, dt_bias, st, out=out, states=states, final_state=st) is out
+    twins = _twins(state, _nan(bsz, seq, HV, DV))
+    for mod, (st, out) in zip((gdn, ref), twins):
+        assert mod.gdn_recurrent(q, k, v, a, b, a_log, dt_bias, st, out=out, final_state=st) is out
     for got, want in zip(*twins):
         _same(want, got, 1e-5)
     o = ref.gdn_recurrent(q, k, v, a, b, a_log, dt_bias, state)

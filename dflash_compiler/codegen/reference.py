@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from dflash_compiler.codegen.triton.accept import AcceptResult
-from dflash_compiler.codegen.triton.gdn import DEFAULT_CAPTURE
 from dflash_compiler.models import ops
 from dflash_compiler.runtime import sampling
 
@@ -34,7 +33,7 @@ __all__ = [
     "conv_window_commit",
     "draft_attention",
     "gdn_chunked",
-    "gdn_commit",
+    "gdn_commit_deltas",
     "gdn_recurrent",
     "gdn_verify",
     "greedy_accept",
@@ -272,7 +271,6 @@ def gdn_recurrent(
     state,
     *,
     out=None,
-    states=None,
     final_state=None,
     deltas=None,
     block_v=None,
@@ -280,56 +278,26 @@ def gdn_recurrent(
     unroll=None,
 ) -> torch.Tensor:
     """The gated delta rule over T positions (gates, q/k l2norm and the Dk^-0.5 q scale inside). Returns o
-    [B, T, HV, V]; states [B, D, HV, K, V] receives the states after positions 0..D-1, final_state the state after
-    T-1 (it may be state itself), deltas [B, T, HV, V] fp32 each position's update row (gdn_commit_deltas). state
-    is otherwise left unchanged."""
+    [B, T, HV, V]; final_state receives the state after T-1 (it may be state itself), deltas [B, T, HV, V] fp32
+    each position's update row (gdn_commit_deltas). state is otherwise left unchanged."""
     if k.shape[1] == 0:
         if final_state is not None:
             final_state.copy_(state)
         return _emit(v.new_empty(v.shape), out)
-    depth = 0 if states is None else states.shape[1]
     g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
-    o, s = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=depth > 0, deltas=deltas)
-    if depth > 0:
-        states.copy_(s[:, :depth])
-        s = s[:, -1]
+    o, s = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, deltas=deltas)
     if final_state is not None:
         final_state.copy_(s)
     return _emit(o, out)
 
 
 def gdn_verify(
-    q,
-    k,
-    v,
-    a,
-    b,
-    a_log,
-    dt_bias,
-    state,
-    *,
-    capture=None,
-    capture_dtype=torch.float32,
-    out=None,
-    states=None,
-    deltas=None,
-    block_v=None,
-    num_warps=None,
-    unroll=None,
-    algorithm="recurrent",
-    precision=None,
-    block_k=None,
-    factor_warps=None,
-):
-    """A verify block: (o, the states after the first `capture` positions in capture_dtype, or None for 0).
-    Leaves state unchanged; gdn_commit then makes the state after the accepted position current (or, from the
-    update rows written to deltas [B, T, HV, V] fp32, gdn_commit_deltas)."""
-    depth = DEFAULT_CAPTURE if capture is None else capture
-    if depth == 0:
-        states = None
-    elif states is None:
-        states = torch.empty(state.shape[0], depth, *state.shape[1:], dtype=capture_dtype, device=state.device)
-    return gdn_recurrent(q, k, v, a, b, a_log, dt_bias, state, out=out, states=states, deltas=deltas), states
+    q, k, v, a, b, a_log, dt_bias, state, *, out=None, deltas=None, block_v=None, num_warps=None, unroll=None,
+    algorithm="recurrent", precision=None, block_k=None, factor_warps=None,
+) -> torch.Tensor:  # fmt: skip
+    """A verify block: o; state is left unchanged. deltas [B, T, HV, V] fp32, if given, receives each position's
+    update row, from which gdn_commit_deltas makes the state after the accepted position current."""
+    return gdn_recurrent(q, k, v, a, b, a_log, dt_bias, state, out=out, deltas=deltas)
 
 
 def gdn_commit_deltas(
@@ -345,51 +313,6 @@ def gdn_commit_deltas(
         last = idx.long().clamp(max=seq - 1)
         g = ops.gdn_log_decay(a, a_log, dt_bias)
         s = ops.gated_delta_commit(state, last.clamp(min=0), k, deltas, g)
-        state.copy_(torch.where((last >= 0)[:, None, None, None], s, state))
-    if window is not None:
-        conv_window_commit(window, x, idx)
-    return state
-
-
-def gdn_commit(
-    state,
-    idx,
-    k,
-    v,
-    a,
-    b,
-    a_log,
-    dt_bias,
-    *,
-    states=None,
-    window=None,
-    x=None,
-    block_v=None,
-    num_warps=None,
-    unroll=None,
-    algorithm="recurrent",
-    precision=None,
-    block_k=None,
-) -> torch.Tensor:
-    """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), starting from the
-    last captured state at or before it (states [B, D, ...] from gdn_verify, or the block's initial state) and
-    replaying the block's saved k/v/a/b after it. With window and the block's raw conv input x, the conv window is
-    committed too (conv_window_commit, with idx unclamped)."""
-    bsz, seq = k.shape[:2]
-    if seq > 0:
-        depth = 0 if states is None else states.shape[1]
-        last = idx.long().clamp(max=seq - 1)
-        start = last.clamp(max=depth - 1)  # the captured state replay starts after (-1: the initial state)
-        s0 = state
-        if depth > 0:
-            captured = states[torch.arange(bsz, device=state.device), start.clamp(min=0)].float()
-            s0 = torch.where((start >= 0)[:, None, None, None], captured, state)
-        t = torch.arange(seq, device=k.device)
-        live = ((t > start[:, None]) & (t <= last[:, None]))[..., None]  # [B, T, 1]
-        g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
-        # a step outside (start, last] leaves the state as it is: decay exp(0) = 1, beta 0
-        g, beta = torch.where(live, g, 0.0), torch.where(live, beta, 0.0)
-        _, s = ops.gated_delta_rule_recurrent(k, k, v, g, beta, s0)
         state.copy_(torch.where((last >= 0)[:, None, None, None], s, state))
     if window is not None:
         conv_window_commit(window, x, idx)

@@ -331,7 +331,7 @@ def gdn_verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Ten
     """The gated delta rule over a verify block from state (left unchanged): (o [N, T, HV, V], each position's
     update row deltas [N, T, HV, V] fp32, from which gdn_commit builds the state after any position)."""
     deltas = _new_deltas(v)
-    o, _ = reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas)
+    o = reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas)
     return o, deltas
 
 
@@ -490,7 +490,7 @@ def _register_cuda_kernels() -> None:
     @kernel(gdn_verify)
     def _(q, k, v, a, b, a_log, dt_bias, state):
         deltas = _new_deltas(v)
-        o, _ = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas)
+        o = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas)
         return o, deltas
 
     @kernel(gdn_commit)
@@ -597,7 +597,7 @@ class TunedGDN:
             if config is None:
                 return self.default(*args)
             deltas = _new_deltas(v)
-            o, _ = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas, **config)
+            o = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas, **config)
             return o, deltas
         state, idx, k, deltas, a, a_log, dt_bias, window, x = args
         config = self.configs.get(k.shape[0])

@@ -340,10 +340,10 @@ class GDNCase(Case):
         *inputs, out = self.sets[i]
         if lowering == "reference":
             deltas = torch.empty_like(self.update_rows[i])
-            return reference.gdn_verify(*inputs, capture=0, deltas=deltas)[0], deltas
+            return reference.gdn_verify(*inputs, deltas=deltas), deltas
         from ..codegen.triton.gdn import gdn_verify
 
-        return gdn_verify(*inputs, capture=0, out=out, deltas=self.update_rows[i], **config)[0], self.update_rows[i]
+        return gdn_verify(*inputs, out=out, deltas=self.update_rows[i], **config), self.update_rows[i]
 
     def compare(self, got, want) -> str | None:
         for name, g, w in zip(("o", "update rows"), got, want):
@@ -374,7 +374,7 @@ class GDNCommitCase(GDNCase):
             idx = torch.randint(0, s.t, (s.batch,), generator=self.gen, device=self.device)
             self.idx.append(torch.where(torch.arange(s.batch, device=self.device) == 1, -1, idx))
             deltas = torch.empty(s.batch, s.t, s.hv, s.dv, device=self.device)
-            reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, capture=0, deltas=deltas)
+            reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas)
             self.deltas.append(deltas)
 
     def poison(self, i: int) -> None:

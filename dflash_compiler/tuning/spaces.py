@@ -603,7 +603,7 @@ class GDNSpace(Space):
 
     def launcher_default(self) -> Params:
         s = self.shape
-        cfg = gdn_kernels._recurrent_config(s.batch, s.t, s.dv, False, False, None, None, None)
+        cfg = gdn_kernels._recurrent_config(s.t, s.dv, None, None, None)
         return {
             "lowering": "triton", "algorithm": "recurrent", "block_v": cfg["BV"], "num_warps": cfg["num_warps"],
             "unroll": cfg["UNROLL"], "precision": gdn_kernels.PRECISIONS[0], "block_k": s.dk,

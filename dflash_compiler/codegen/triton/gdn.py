@@ -9,10 +9,8 @@ Rollback. After a verify block of T tokens the engine keeps the state after acce
 d_t = beta_t (v_t - (e^g_t S_t-1)^T k_t) ([B, T, HV, V] fp32, 16 x 24 KiB per request and layer at Qwen3.5-27B),
 and gdn_commit_deltas makes the state after idx[b] in one step, S e^c_idx + sum over t <= idx of
 e^(c_idx - c_t) k_t d_t^T: it reads the initial state once and writes it once, and no step waits for the one before
-(on the H200 at batch 16, 34 µs against 55 µs for the chunked replay; bench/results/gdn-deltas-h200.json has the
-verify's cost of writing the rows). The kernels also keep the capture / replay forms: the verify may capture the
-states after the first `capture` positions, and gdn_commit starts from the last captured state at or before idx[b]
-(or the initial state) and replays the rest from the block's inputs.
+(on the H200 at batch 16, 34 µs against 55 µs for replaying the block's steps from the initial state up to idx[b];
+bench/results/gdn-deltas-h200.json has the verify's cost of writing the rows).
 
 The conv commit reads the block's raw input x (kept by the caller until the commit) instead of a copy of it: the
 extended input would write (W-1+T)*C values per block and per-position windows (W-1)*T*C, while the window after
@@ -31,12 +29,6 @@ from .device import gpu_facts
 # cumsum): Triton's interpreter re-patches the language on every call of a library @jit function (about 5 ms each),
 # which would make the CPU tests of the step-by-step loops below take minutes.
 _add = tl.standard._sum_combine
-
-# Verify-time capture depth when the caller names none: 0 is replay (see the module docstring). Measured on the H100
-# at Qwen3.5-27B shapes, one layer, verify + commit of a 16-token block (bench/results/kernels-gdn-h100.json,
-# step_* rows): replay 23.8 us at batch 1 and 176 us at batch 16 for a typical accepted index (7), against 30.4 and
-# 364 us for capturing every state and 24.1 and 296 us for capturing 8.
-DEFAULT_CAPTURE = 0
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -131,13 +123,10 @@ def _gdn_recurrent_kernel(
     a_log_ptr,
     dt_bias_ptr,
     state_ptr,
-    states_ptr,
     final_ptr,
     o_ptr,
-    idx_ptr,
     delta_ptr,
     T,
-    D,
     scale,
     sq_b,
     sq_t,
@@ -160,18 +149,14 @@ def _gdn_recurrent_kernel(
     V: tl.constexpr,
     BV: tl.constexpr,
     BT: tl.constexpr,
-    COMMIT: tl.constexpr,
-    CAPTURE: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     UNROLL: tl.constexpr,
     DELTAS: tl.constexpr,
 ):
     """One (request, value head, V slice) per program; the [K, BV] state slice stays in registers.
 
-    Verify (COMMIT False): run positions 0..T-1 from state, write o, the states after positions < D (CAPTURE) and
-    the final state (STORE_FINAL), and each position's update row delta (DELTAS). Commit (COMMIT True): make the
-    state after position idx[b] current, starting from the captured state of position min(idx[b], D-1) (or state)
-    and replaying the steps after it.
+    Runs positions 0..T-1 from state, writes o, the final state (STORE_FINAL) and each position's update row
+    delta (DELTAS).
     """
     pid_bh = tl.program_id(0)  # requests x heads in the first grid axis: the others stop at 65535
     pid_v = tl.program_id(1)
@@ -184,19 +169,7 @@ def _gdn_recurrent_kernel(
     offs_t = tl.arange(0, BT)
     tile = offs_k[:, None] * V + offs_v[None, :]
     head = (b64 * HV + h) * (K * V)
-    if COMMIT:
-        last = tl.minimum(tl.load(idx_ptr + bb), T - 1)
-        t_end = last + 1
-        start = tl.minimum(last, D - 1)
-        t_begin = start + 1
-        if start >= 0:
-            S = tl.load(states_ptr + ((b64 * D + start) * HV + h) * (K * V) + tile).to(tl.float32)
-        else:
-            S = tl.load(state_ptr + head + tile, mask=(tile * 0 + last) >= 0, other=0.0)
-    else:
-        t_begin = 0
-        t_end = T
-        S = tl.load(state_ptr + head + tile)
+    S = tl.load(state_ptr + head + tile)
     neg_a = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))
     dtb = tl.load(dt_bias_ptr + h).to(tl.float32)
     k_base = k_ptr + b64 * sk_b + hq * sk_h
@@ -207,12 +180,12 @@ def _gdn_recurrent_kernel(
     if UNROLL:
         # BT steps unrolled with each step's own loads: none depends on the state, so the compiler can issue them
         # ahead of the sequential chain (the state update, two reductions over K) instead of waiting per step.
-        # Steps past t_end re-read the last live row and leave the state unchanged (alpha 1, beta 0).
-        for t0 in range(t_begin, t_end, BT):
+        # Steps past T re-read the last live row and leave the state unchanged (alpha 1, beta 0).
+        for t0 in range(0, T, BT):
             for i in tl.static_range(BT):
                 t = t0 + i
-                live = t < t_end
-                tc = tl.minimum(t, t_end - 1)
+                live = t < T
+                tc = tl.minimum(t, T - 1)
                 kr = tl.load(k_base + tc * sk_t + offs_k).to(tl.float32)
                 kr = kr * tl.rsqrt(tl.reduce(kr * kr, 0, _add) + 1e-6)
                 xa = tl.load(a_base + tc * sa_t).to(tl.float32) + dtb
@@ -222,37 +195,29 @@ def _gdn_recurrent_kernel(
                 ks = tl.reduce(S * kr[:, None], 0, _add)
                 delta = beta_i * (vr - alpha_i * ks)
                 if DELTAS:
-                    tl.store(delta_ptr + ((b64 * T + t) * HV + h) * V + offs_v, delta, mask=(offs_v * 0 + t) < t_end)
-                if not COMMIT:
-                    qr = tl.load(q_base + tc * sq_t + offs_k).to(tl.float32)
-                    qr = qr * (tl.rsqrt(tl.reduce(qr * qr, 0, _add) + 1e-6) * scale)
-                    qs = tl.reduce(S * qr[:, None], 0, _add)
-                    o = alpha_i * qs + tl.reduce(kr * qr, 0, _add) * delta
-                    tl.store(
-                        o_ptr + ((b64 * T + t) * HV + h) * V + offs_v,
-                        o.to(o_ptr.dtype.element_ty),
-                        mask=(offs_v * 0 + t) < t_end,
-                    )
+                    tl.store(delta_ptr + ((b64 * T + t) * HV + h) * V + offs_v, delta, mask=(offs_v * 0 + t) < T)
+                qr = tl.load(q_base + tc * sq_t + offs_k).to(tl.float32)
+                qr = qr * (tl.rsqrt(tl.reduce(qr * qr, 0, _add) + 1e-6) * scale)
+                qs = tl.reduce(S * qr[:, None], 0, _add)
+                o = alpha_i * qs + tl.reduce(kr * qr, 0, _add) * delta
+                tl.store(
+                    o_ptr + ((b64 * T + t) * HV + h) * V + offs_v,
+                    o.to(o_ptr.dtype.element_ty),
+                    mask=(offs_v * 0 + t) < T,
+                )
                 S = S * alpha_i + kr[:, None] * delta[None, :]
-                if CAPTURE:
-                    tl.store(
-                        states_ptr + ((b64 * D + t) * HV + h) * (K * V) + tile,
-                        S.to(states_ptr.dtype.element_ty),
-                        mask=(tile * 0 + t) < D,
-                    )
     else:
-        for t0 in range(t_begin, t_end, BT):
+        for t0 in range(0, T, BT):
             # Everything that does not depend on the state is loaded for BT positions up front, so the sequential loop
             # below waits on no device-memory latency: the norms and gates as vectors, v as a tile, and the k/q rows
             # are re-read per step from L1 (the tile loads brought them in).
             rows = t0 + offs_t
-            rmask = rows < t_end
+            rmask = rows < T
             kt = tl.load(k_base + rows[:, None] * sk_t + offs_k[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
             rk = tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)
-            if not COMMIT:
-                qt = tl.load(q_base + rows[:, None] * sq_t + offs_k[None, :], mask=rmask[:, None], other=0.0)
-                qt = qt.to(tl.float32)
-                rq = tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale
+            qt = tl.load(q_base + rows[:, None] * sq_t + offs_k[None, :], mask=rmask[:, None], other=0.0)
+            qt = qt.to(tl.float32)
+            rq = tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale
             xa = tl.load(a_base + rows * sa_t, mask=rmask, other=0.0).to(tl.float32) + dtb
             alpha = tl.exp(neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa))))
             beta = 1.0 / (
@@ -262,7 +227,7 @@ def _gdn_recurrent_kernel(
             vt = tl.load(
                 v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0
             ).to(tl.float32)
-            for i in range(0, tl.minimum(BT, t_end - t0)):
+            for i in range(0, tl.minimum(BT, T - t0)):
                 t = t0 + i
                 sel = offs_t == i
                 alpha_i = tl.reduce(tl.where(sel, alpha, 0.0), 0, _add)
@@ -275,22 +240,12 @@ def _gdn_recurrent_kernel(
                 delta = beta_i * (vr - alpha_i * ks)
                 if DELTAS:
                     tl.store(delta_ptr + ((b64 * T + t) * HV + h) * V + offs_v, delta)
-                if not COMMIT:
-                    qr = tl.load(q_base + t * sq_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rq, 0.0), 0, _add)
-                    qs = tl.reduce(S * qr[:, None], 0, _add)
-                    o = alpha_i * qs + tl.reduce(kr * qr, 0, _add) * delta
-                    tl.store(o_ptr + ((b64 * T + t) * HV + h) * V + offs_v, o.to(o_ptr.dtype.element_ty))
+                qr = tl.load(q_base + t * sq_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rq, 0.0), 0, _add)
+                qs = tl.reduce(S * qr[:, None], 0, _add)
+                o = alpha_i * qs + tl.reduce(kr * qr, 0, _add) * delta
+                tl.store(o_ptr + ((b64 * T + t) * HV + h) * V + offs_v, o.to(o_ptr.dtype.element_ty))
                 S = S * alpha_i + kr[:, None] * delta[None, :]
-                if CAPTURE:  # noqa: SIM102 (a constexpr branch: pruned at compile time when nothing is captured)
-                    if t < D:
-                        tl.store(
-                            states_ptr + ((b64 * D + t) * HV + h) * (K * V) + tile, S.to(states_ptr.dtype.element_ty)
-                        )
-    if COMMIT:
-        # in place: every thread must have read its slice of the old state before any writes
-        tl.debug_barrier()
-        tl.store(state_ptr + head + tile, S, mask=(tile * 0 + last) >= 0)
-    elif STORE_FINAL:
+    if STORE_FINAL:
         tl.debug_barrier()
         tl.store(final_ptr + head + tile, S)
 
@@ -356,10 +311,9 @@ def _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr,
 
 
 @triton.jit
-def _block_products(q_rows, k_rows, live, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-                    QUERIES: tl.constexpr, RAW_PREC: tl.constexpr):  # fmt: skip
-    """The raw products over K of a block's keys and queries (rows not `live` read as 0): k k^T, q k^T (with
-    QUERIES) and the keys' and queries' inverse l2 norms. RAW_PREC: tf32 is exact for 16-bit inputs."""
+def _block_products(q_rows, k_rows, live, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, RAW_PREC: tl.constexpr):
+    """The raw products over K of a block's keys and queries (rows not `live` read as 0): k k^T, q k^T and the
+    keys' and queries' inverse l2 norms. RAW_PREC: tf32 is exact for 16-bit inputs."""
     offs_c = tl.arange(0, BK)
     kk = tl.zeros((BT, BT), tl.float32)
     qk = tl.zeros((BT, BT), tl.float32)
@@ -369,22 +323,21 @@ def _block_products(q_rows, k_rows, live, K: tl.constexpr, BK: tl.constexpr, BT:
         kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
         kk += tl.dot(kc, tl.trans(kc), input_precision=RAW_PREC)
         ksq += tl.reduce(kc * kc, 1, _add)
-        if QUERIES:
-            qc = tl.load(q_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            qk += tl.dot(qc, tl.trans(kc), input_precision=RAW_PREC)
-            qsq += tl.reduce(qc * qc, 1, _add)
+        qc = tl.load(q_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        qk += tl.dot(qc, tl.trans(kc), input_precision=RAW_PREC)
+        qsq += tl.reduce(qc * qc, 1, _add)
     return kk, qk, tl.rsqrt(ksq + 1e-6), tl.rsqrt(qsq + 1e-6)
 
 
 @triton.jit
 def _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
-    """A block's gates (log decays g, beta, their running sum cum) and (I + A)^-1, A the strictly lower
+    """A block's gates (beta, the running sum cum of the log decays) and (I + A)^-1, A the strictly lower
     (beta k_hat k_hat^T) * decay, from the raw k k^T and the keys' inverse norms rk."""
-    g, beta, cum = _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h)
+    _, beta, cum = _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h)
     lower = ri[:, None] > ri[None, :]
     decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
     a_mat = tl.where(lower, kk * (beta * rk)[:, None] * rk[None, :] * decay, 0.0)
-    return g, beta, cum, _ut_inverse(a_mat, ri, SB, LEVELS)
+    return beta, cum, _ut_inverse(a_mat, ri, SB, LEVELS)
 
 
 @triton.jit
@@ -412,7 +365,6 @@ def _gdn_block_kernel(
     dt_bias_ptr,
     state_ptr,
     o_ptr,
-    idx_ptr,
     delta_ptr,
     T,
     scale,
@@ -440,7 +392,6 @@ def _gdn_block_kernel(
     SB: tl.constexpr,
     LEVELS: tl.constexpr,
     BK: tl.constexpr,
-    COMMIT: tl.constexpr,
     PREC: tl.constexpr,
     RAW_PREC: tl.constexpr,
     DELTAS: tl.constexpr,
@@ -449,17 +400,14 @@ def _gdn_block_kernel(
     for the one before, the products run on the tensor cores.
 
     With A the strictly lower (beta k k^T) * decay, W = (I + A)^-1 (beta e^cum k) and U = (I + A)^-1 (beta v), the
-    block's corrected values are v_new = U - W S. Verify (COMMIT False): o = (q e^cum) S + ((q k^T) * decay) v_new,
-    and with DELTAS the rows v_new themselves (each position's update row, from which gdn_commit_deltas builds the
-    state after any position).
-    Commit (COMMIT True): positions after idx[b] get no write and no decay (beta 0, gate 0), so the state after
-    the block is the state after idx[b]: S e^cum_last + (k e^(cum_last - cum))^T v_new, written in place (idx[b] =
-    -1 leaves it as it was).
+    block's corrected values are v_new = U - W S: o = (q e^cum) S + ((q k^T) * decay) v_new, and with DELTAS the
+    rows v_new themselves (each position's update row, from which gdn_commit_deltas builds the state after any
+    position).
 
     K is walked in chunks of BK, so that no [BT, K] operand is held (each warp of a product holds all of its rows
     and their tf32x3 parts: at BK = K = 128 the kernel took 231-255 registers per thread on sm90). The l2 norms
-    are applied to the [BT, BT] products of the raw keys and queries, and W, the queries' correction and the
-    keys' decay to the end are row scalings and [BT, BT] products applied to each chunk."""
+    are applied to the [BT, BT] products of the raw keys and queries, and W and the queries' correction are row
+    scalings and [BT, BT] products applied to each chunk."""
     pid_bh = tl.program_id(0)
     pid_v = tl.program_id(1)
     bb = pid_bh // HV
@@ -470,54 +418,31 @@ def _gdn_block_kernel(
     offs_v = pid_v * BV + tl.arange(0, BV)
     ri = tl.arange(0, BT)
     live = ri < T
-    if COMMIT:
-        live = live & (ri <= tl.load(idx_ptr + bb))
     k_rows = k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h
     q_rows = q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h
     s_tile = state_ptr + (b64 * HV + h) * (K * V) + offs_c[:, None] * V + offs_v[None, :]
     vt = tl.load(v_ptr + b64 * sv_b + ri[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=live[:, None], other=0.0)
     xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
     xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0)
-    kk, qk, rk, rq = _block_products(q_rows, k_rows, live, K, BK, BT, not COMMIT, RAW_PREC)
-    g, beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
+    kk, qk, rk, rq = _block_products(q_rows, k_rows, live, K, BK, BT, RAW_PREC)
+    beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
     vt = vt.to(tl.float32)
-    if COMMIT:
-        u = tl.dot(inv, vt * beta[:, None], input_precision=PREC)
-        # W = inv diag(rk beta e^cum) k_raw: the [BT, BT] factor applied to each chunk of the raw keys
-        w_of_k = inv * (rk * beta * tl.exp(cum))[None, :]
-        ks = tl.zeros((BT, BV), tl.float32)  # k_raw S
-        for c in range(K // BK):
-            kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            ks += tl.dot(kc, tl.load(s_tile + c * BK * V), input_precision=PREC)
-        v_new = u - tl.dot(w_of_k, ks, input_precision=PREC)
-        last = tl.reduce(g, 0, _add)
-        tail = rk * tl.exp(last - cum)  # the normed keys decayed to the block's end, as a row scaling
-        # in place: every thread must have read the old state (the products above) before any writes
-        tl.debug_barrier()
-        for c in range(K // BK):
-            kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            kc = kc * tail[:, None]
-            s_c = tl.load(s_tile + c * BK * V)
-            s_c = s_c * tl.exp(last) + tl.dot(tl.trans(kc), v_new, input_precision=PREC)
-            tl.debug_barrier()
-            tl.store(s_tile + c * BK * V, s_c)
-    else:
-        w_of_k, m_u, attn, k_mix, q_scale = _verify_mixes(qk, rq, rk, beta, cum, inv, ri, scale, PREC)
-        u = tl.dot(m_u, vt, input_precision=PREC)
-        o = tl.dot(attn, u, input_precision=PREC)
-        ks = tl.zeros((BT, BV), tl.float32)  # k_raw S, for the update rows
-        for c in range(K // BK):
-            qc = tl.load(q_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            q_eff = qc * q_scale[:, None] - tl.dot(k_mix, kc, input_precision=PREC)
-            s_c = tl.load(s_tile + c * BK * V)
-            o += tl.dot(q_eff, s_c, input_precision=PREC)
-            if DELTAS:
-                ks += tl.dot(kc, s_c, input_precision=PREC)
-        rows_out = ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :]
-        tl.store(o_ptr + rows_out, o.to(o_ptr.dtype.element_ty), mask=live[:, None])
+    w_of_k, m_u, attn, k_mix, q_scale = _verify_mixes(qk, rq, rk, beta, cum, inv, ri, scale, PREC)
+    u = tl.dot(m_u, vt, input_precision=PREC)
+    o = tl.dot(attn, u, input_precision=PREC)
+    ks = tl.zeros((BT, BV), tl.float32)  # k_raw S, for the update rows
+    for c in range(K // BK):
+        qc = tl.load(q_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        q_eff = qc * q_scale[:, None] - tl.dot(k_mix, kc, input_precision=PREC)
+        s_c = tl.load(s_tile + c * BK * V)
+        o += tl.dot(q_eff, s_c, input_precision=PREC)
         if DELTAS:
-            tl.store(delta_ptr + rows_out, u - tl.dot(w_of_k, ks, input_precision=PREC), mask=live[:, None])
+            ks += tl.dot(kc, s_c, input_precision=PREC)
+    rows_out = ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :]
+    tl.store(o_ptr + rows_out, o.to(o_ptr.dtype.element_ty), mask=live[:, None])
+    if DELTAS:
+        tl.store(delta_ptr + rows_out, u - tl.dot(w_of_k, ks, input_precision=PREC), mask=live[:, None])
 
 
 @triton.jit
@@ -542,8 +467,8 @@ def _gdn_factors_kernel(
     q_rows = q_ptr + b64 * sq_b + ri[:, None] * sq_t + hq * sq_h
     xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
     xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0)
-    kk, qk, rk, rq = _block_products(q_rows, k_rows, live, K, BK, BT, True, RAW_PREC)
-    g, beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
+    kk, qk, rk, rq = _block_products(q_rows, k_rows, live, K, BK, BT, RAW_PREC)
+    beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
     w_of_k, m_u, attn, k_mix, q_scale = _verify_mixes(qk, rq, rk, beta, cum, inv, ri, scale, PREC)
     m_o = tl.dot(attn, m_u, input_precision=PREC)
     base = fac_ptr + pid_bh.to(tl.int64) * (4 * BT * BT + BT)
@@ -991,28 +916,14 @@ def _gdn_out(out: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _recurrent_config(
-    bsz: int,
-    seq: int,
-    dv: int,
-    commit: bool,
-    capture: bool,
-    block_v: int | None,
-    num_warps: int | None,
-    unroll: bool | None,
-) -> dict:
+def _recurrent_config(seq: int, dv: int, block_v: int | None, num_warps: int | None, unroll: bool | None) -> dict:
     """Launch parameters of the recurrent kernel; what the caller leaves as None comes from the H100 sweep
-    (bench/results/kernels-gdn-h100.json, sweep_* rows): the block-prefetch loop beat the unrolled form in every
-    mode, by 1.3x to 3x, and one warp on a 16-wide V slice was fastest except when a large batch captures states,
-    where a 32-wide slice with 4 warps wrote them at 1.12x their floor (16-wide, 1 warp: 1.19x). Only batch 1 and
-    16 were measured: the switch sits between them."""
-    wide = capture and bsz > 4
-    bv = block_v or min(dv, 32 if wide else 16)
+    (bench/results/kernels-gdn-h100.json, sweep_* rows): the block-prefetch loop beat the unrolled form by 1.3x to
+    3x, and one warp on a 16-wide V slice was fastest."""
+    bv = block_v or min(dv, 16)
     _check(_pow2(bv) and dv % bv == 0, "block_v", f"{bv} must be a power of two dividing V={dv}")
-    unroll = bool(unroll)
-    # an unrolled commit runs whole blocks of BT steps, so a shorter block wastes fewer steps past idx[b]
-    bt = min(8 if commit and unroll else 16, triton.next_power_of_2(max(seq, 1)))
-    return dict(BV=bv, BT=bt, UNROLL=unroll, num_warps=num_warps or (4 if wide else 1))
+    bt = min(16, triton.next_power_of_2(max(seq, 1)))
+    return dict(BV=bv, BT=bt, UNROLL=bool(unroll), num_warps=num_warps or 1)
 
 
 def gdn_recurrent(
@@ -1026,7 +937,6 @@ def gdn_recurrent(
     state: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
-    states: torch.Tensor | None = None,
     final_state: torch.Tensor | None = None,
     deltas: torch.Tensor | None = None,
     block_v: int | None = None,
@@ -1037,27 +947,13 @@ def gdn_recurrent(
 
     q/k [B, T, H, K] (post-conv, any strides with contiguous K), v [B, T, HV, V], raw a/b [B, T, HV], a_log and
     dt_bias [HV], state [B, HV, K, V] fp32 (read, left unchanged unless final_state is state).
-    Returns o [B, T, HV, V] in v's dtype. states [B, D, HV, K, V] (fp32, or bf16 to halve the bytes at the cost of
-    rounding the state), D <= T, receives the state after each of positions 0..D-1; final_state [B, HV, K, V] fp32
-    receives the state after position T-1 (decode passes state itself); deltas [B, T, HV, V] fp32 each position's
-    update row (gdn_commit_deltas).
+    Returns o [B, T, HV, V] in v's dtype. final_state [B, HV, K, V] fp32 receives the state after position T-1
+    (decode passes state itself); deltas [B, T, HV, V] fp32 each position's update row (gdn_commit_deltas).
     Tuning (None: the measured defaults): block_v, the V slice per program; num_warps; unroll, whether the steps
     are unrolled with per-step loads (True) or run as a loop over inputs loaded a block at a time (False).
     """
     bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
     out = _gdn_out(out, v)
-    depth = 0
-    if states is not None:
-        depth = states.shape[1] if states.dim() == 5 else -1
-        _check(
-            states.dim() == 5
-            and depth <= seq
-            and tuple(states.shape[2:]) == (hv, dk, dv)
-            and states.shape[0] == bsz
-            and states.is_contiguous(),
-            "states",
-            f"expected contiguous [{bsz}, D<={seq}, {hv}, {dk}, {dv}], got {tuple(states.shape)}",
-        )
     if final_state is not None:
         _check(
             final_state.shape == state.shape and final_state.dtype == torch.float32 and final_state.is_contiguous(),
@@ -1069,7 +965,7 @@ def gdn_recurrent(
         if final_state is not None and final_state.data_ptr() != state.data_ptr():
             final_state.copy_(state)
         return out
-    cfg = _recurrent_config(bsz, seq, dv, False, depth > 0, block_v, num_warps, unroll)
+    cfg = _recurrent_config(seq, dv, block_v, num_warps, unroll)
     _gdn_recurrent_kernel[(bsz * hv, dv // cfg["BV"])](
         q,
         k,
@@ -1079,13 +975,10 @@ def gdn_recurrent(
         a_log,
         dt_bias,
         state,
-        states if states is not None else state,
         final_state if final_state is not None else state,
         out,
-        state,
         deltas if deltas is not None else state,
         seq,
-        depth,
         dk**-0.5,
         *q.stride()[:3],
         *k.stride()[:3],
@@ -1096,8 +989,6 @@ def gdn_recurrent(
         G=hv // heads,
         K=dk,
         V=dv,
-        COMMIT=False,
-        CAPTURE=depth > 0,
         STORE_FINAL=final_state is not None,
         DELTAS=deltas is not None,
         **cfg,
@@ -1116,10 +1007,10 @@ def _raw_precision(k: torch.Tensor, precision: str) -> str:
     return "tf32" if k.element_size() == 2 else precision
 
 
-def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, block_k, num_warps, precision, scale,
+def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, *, block_v, block_k, num_warps, precision, scale,
                deltas=None, factored=False, factor_warps=None):  # fmt: skip
-    """One launch of _gdn_block_kernel: verify (idx None, writes out, and deltas if given) or commit (idx given,
-    updates state); or, factored (verify only), the factors' launch and the state products' launch."""
+    """The chunked verify block: one launch of _gdn_block_kernel, or, factored, the factors' launch and the state
+    products' launch. Writes out, and deltas if given."""
     bsz, seq, hv, dv = v.shape
     dk = k.shape[-1]
     bt = max(16, triton.next_power_of_2(seq))
@@ -1130,7 +1021,6 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, block
     _check(precision in PRECISIONS, "precision", f"{precision!r} not in {'/'.join(PRECISIONS)}")
     bk = block_k or dk
     _check(_pow2(bk) and bk >= 16 and dk % bk == 0, "block_k", f"{bk} must be a power of two >= 16 dividing K={dk}")
-    commit = idx is not None
     raw_precision = _raw_precision(k, precision)
     levels = (bt // 16).bit_length() - 1
     if factored:
@@ -1150,32 +1040,11 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, idx, *, block_v, block
         )  # fmt: skip
         return
     _gdn_block_kernel[(bsz * hv, dv // bv)](
-        q, k, v, a, b, a_log, dt_bias, state, out, idx if commit else state,
-        deltas if deltas is not None else state, seq, scale,
+        q, k, v, a, b, a_log, dt_bias, state, out, deltas if deltas is not None else state, seq, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
         HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=levels,
-        BK=bk, COMMIT=commit, PREC=precision, RAW_PREC=raw_precision, DELTAS=deltas is not None,
-        num_warps=num_warps or 4,
+        BK=bk, PREC=precision, RAW_PREC=raw_precision, DELTAS=deltas is not None, num_warps=num_warps or 4,
     )  # fmt: skip
-
-
-def _check_algorithm(
-    algorithm: str, depth: int, unroll: bool | None, precision: str | None, block_k: int | None,
-    factor_warps: int | None = None, *, commit: bool = False,
-) -> bool:  # fmt: skip
-    """Whether the chunked block runs (in one launch or factored); its options and the recurrent kernel's are not
-    mixed. A commit has no factored form (the update rows' commit is gdn_commit_deltas)."""
-    algorithms = tuple(a for a in ALGORITHMS if not (commit and a == "factored"))
-    _check(algorithm in algorithms, "algorithm", f"{algorithm!r} not in {'/'.join(algorithms)}")
-    if algorithm != "factored":
-        _check(factor_warps is None, "factor_warps", "only the factored algorithm has a factors launch")
-    if algorithm == "recurrent":
-        _check(precision is None, "precision", "only the chunked algorithm takes a dot precision")
-        _check(block_k is None, "block_k", "only the chunked algorithm walks K in chunks")
-        return False
-    _check(depth == 0, "capture", "the chunked algorithm captures no states (replay: capture 0)")
-    _check(not unroll, "unroll", "unrolling is an option of the recurrent algorithm")
-    return True
 
 
 def gdn_verify(
@@ -1188,10 +1057,7 @@ def gdn_verify(
     dt_bias: torch.Tensor,
     state: torch.Tensor,
     *,
-    capture: int | None = None,
-    capture_dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
-    states: torch.Tensor | None = None,
     deltas: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
@@ -1200,144 +1066,37 @@ def gdn_verify(
     precision: str | None = None,
     block_k: int | None = None,
     factor_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A verify block: o, and the states after the first `capture` positions (DEFAULT_CAPTURE when None; 0 = replay).
-
-    Leaves state unchanged; gdn_commit then makes the state after the accepted position current. Returns
-    (o, states) with states [B, capture, HV, K, V] in capture_dtype (None when capture is 0).
-    algorithm: "recurrent" (position by position, the decode step's arithmetic) or "chunked" (the block as one
-    UT/WY chunk on the tensor cores, products in `precision`, default tf32x3, K walked in chunks of block_k, default
-    all of K; capture 0 only) or "factored" (the chunked block in two launches: its state-free [T, T] factors once
-    per head with factor_warps warps, then the state products per V slice): the same function, rounded
-    differently. deltas [B, T, HV, V] fp32, if given,
-    receives each position's update row, from which gdn_commit_deltas builds the state after any position.
-    """
-    seq = k.shape[1]
-    depth = DEFAULT_CAPTURE if capture is None else capture
-    _check(0 <= depth <= seq, "capture", f"{depth} not in 0..{seq}")
-    if _check_algorithm(algorithm, depth, unroll, precision, block_k, factor_warps):
-        bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
-        out = _gdn_out(out, v)
-        _check_deltas(deltas, v)
-        if seq > 0:
-            _gdn_block(
-                q, k, v, a, b, a_log, dt_bias, state, out, None, block_v=block_v, block_k=block_k,
-                num_warps=num_warps, precision=precision or PRECISIONS[0], scale=dk**-0.5, deltas=deltas,
-                factored=algorithm == "factored", factor_warps=factor_warps,
-            )  # fmt: skip
-        return out, None
-    if depth > 0 and states is None:
-        hv, dk, dv = state.shape[1:]
-        states = torch.empty(state.shape[0], depth, hv, dk, dv, dtype=capture_dtype, device=state.device)
-    elif depth == 0:
-        states = None
-    o = gdn_recurrent(
-        q,
-        k,
-        v,
-        a,
-        b,
-        a_log,
-        dt_bias,
-        state,
-        out=out,
-        states=states,
-        deltas=deltas,
-        block_v=block_v,
-        num_warps=num_warps,
-        unroll=unroll,
-    )
-    return o, states
-
-
-def gdn_commit(
-    state: torch.Tensor,
-    idx: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    *,
-    states: torch.Tensor | None = None,
-    window: torch.Tensor | None = None,
-    x: torch.Tensor | None = None,
-    block_v: int | None = None,
-    num_warps: int | None = None,
-    unroll: bool | None = None,
-    algorithm: str = "recurrent",
-    precision: str | None = None,
-    block_k: int | None = None,
 ) -> torch.Tensor:
-    """In place: state[b] becomes the state after block position idx[b] (-1 keeps it), per request.
+    """A verify block: o [B, T, HV, V] in v's dtype; state is left unchanged. deltas [B, T, HV, V] fp32, if given,
+    receives each position's update row, from which gdn_commit_deltas builds the state after the accepted position.
 
-    state is the block's initial state (gdn_verify left it unchanged); k/v/a/b are the verify block's inputs and
-    states its capture (or None). Positions past the capture are replayed. With window [B, C, W-1] and the block's
-    raw conv input x [B, T, C], the conv window is committed too. algorithm and precision: as for gdn_verify (the
-    chunked block writes the state after idx[b] from the initial one in one step).
+    algorithm: "recurrent" (position by position, the decode step's arithmetic; block_v, num_warps, unroll),
+    "chunked" (the block as one UT/WY chunk on the tensor cores, products in `precision`, default tf32x3, K walked
+    in chunks of block_k, default all of K) or "factored" (the chunked block in two launches: its state-free [T, T]
+    factors once per head with factor_warps warps, then the state products per V slice): the same function,
+    rounded differently.
     """
-    bsz, seq, _, hv, dk, dv = _check_gdn_inputs(None, k, v, a, b, a_log, dt_bias, state)
-    _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", f"expected [{bsz}] integer indices")
-    depth = 0
-    if states is not None:
-        _check(
-            states.dim() == 5
-            and states.shape[0] == bsz
-            and states.shape[1] <= seq
-            and tuple(states.shape[2:]) == (hv, dk, dv)
-            and states.is_contiguous(),
-            "states",
-            f"expected contiguous [{bsz}, D<={seq}, {hv}, {dk}, {dv}], got {tuple(states.shape)}",
-        )
-        depth = states.shape[1]
-    _check((window is None) == (x is None), "x", "window and x go together")
-    idx32 = idx.to(torch.int32)
-    if _check_algorithm(algorithm, depth, unroll, precision, block_k, commit=True):
-        if seq > 0:
-            _gdn_block(
-                k, k, v, a, b, a_log, dt_bias, state, v, idx32, block_v=block_v, block_k=block_k,
-                num_warps=num_warps, precision=precision or PRECISIONS[0], scale=1.0,
-            )  # fmt: skip
-        if window is not None:
-            conv_window_commit(window, x, idx32)
-        return state
-    cfg = _recurrent_config(bsz, seq, dv, True, False, block_v, num_warps, unroll)
-    _gdn_recurrent_kernel[(bsz * hv, dv // cfg["BV"])](
-        k,
-        k,
-        v,
-        a,
-        b,
-        a_log,
-        dt_bias,
-        state,
-        states if states is not None else state,
-        state,
-        v,
-        idx32,
-        state,
-        seq,
-        depth,
-        1.0,
-        *k.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *a.stride(),
-        *b.stride(),
-        HV=hv,
-        G=hv // k.shape[2],
-        K=dk,
-        V=dv,
-        COMMIT=True,
-        CAPTURE=False,
-        STORE_FINAL=False,
-        DELTAS=False,
-        **cfg,
-    )
-    if window is not None:
-        conv_window_commit(window, x, idx32)
-    return state
+    _check(algorithm in ALGORITHMS, "algorithm", f"{algorithm!r} not in {'/'.join(ALGORITHMS)}")
+    if algorithm != "factored":
+        _check(factor_warps is None, "factor_warps", "only the factored algorithm has a factors launch")
+    if algorithm == "recurrent":
+        _check(precision is None, "precision", "only the chunked algorithm takes a dot precision")
+        _check(block_k is None, "block_k", "only the chunked algorithm walks K in chunks")
+        return gdn_recurrent(
+            q, k, v, a, b, a_log, dt_bias, state, out=out, deltas=deltas, block_v=block_v, num_warps=num_warps,
+            unroll=unroll,
+        )  # fmt: skip
+    _check(not unroll, "unroll", "unrolling is an option of the recurrent algorithm")
+    bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
+    out = _gdn_out(out, v)
+    _check_deltas(deltas, v)
+    if seq > 0:
+        _gdn_block(
+            q, k, v, a, b, a_log, dt_bias, state, out, block_v=block_v, block_k=block_k, num_warps=num_warps,
+            precision=precision or PRECISIONS[0], scale=dk**-0.5, deltas=deltas, factored=algorithm == "factored",
+            factor_warps=factor_warps,
+        )  # fmt: skip
+    return out
 
 
 def commit_config(dk: int, dv: int) -> dict:
