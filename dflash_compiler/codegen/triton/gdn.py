@@ -41,6 +41,16 @@ def _pow2(n: int) -> bool:
 
 
 @triton.jit
+def _head_program(HV: tl.constexpr, G: tl.constexpr):
+    """A (request, value head) program's indices from grid axis 0 (requests x heads there: the other axes stop at
+    65535): (the program id, the request, its value head, that head's key head, the request as int64)."""
+    pid_bh = tl.program_id(0)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    return pid_bh, bb, h, h // G, bb.to(tl.int64)
+
+
+@triton.jit
 def _conv_kernel(
     x_ptr,
     win_ptr,
@@ -158,12 +168,8 @@ def _gdn_recurrent_kernel(
     Runs positions 0..T-1 from state, writes o, the final state (STORE_FINAL) and each position's update row
     delta (DELTAS).
     """
-    pid_bh = tl.program_id(0)  # requests x heads in the first grid axis: the others stop at 65535
+    pid_bh, bb, h, hq, b64 = _head_program(HV, G)
     pid_v = tl.program_id(1)
-    bb = pid_bh // HV
-    h = pid_bh % HV
-    hq = h // G
-    b64 = bb.to(tl.int64)
     offs_k = tl.arange(0, K)
     offs_v = pid_v * BV + tl.arange(0, BV)
     offs_t = tl.arange(0, BT)
@@ -408,12 +414,8 @@ def _gdn_block_kernel(
     and their tf32x3 parts: at BK = K = 128 the kernel took 231-255 registers per thread on sm90). The l2 norms
     are applied to the [BT, BT] products of the raw keys and queries, and W and the queries' correction are row
     scalings and [BT, BT] products applied to each chunk."""
-    pid_bh = tl.program_id(0)
+    pid_bh, bb, h, hq, b64 = _head_program(HV, G)
     pid_v = tl.program_id(1)
-    bb = pid_bh // HV
-    h = pid_bh % HV
-    hq = h // G
-    b64 = bb.to(tl.int64)
     offs_c = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     ri = tl.arange(0, BT)
@@ -456,11 +458,7 @@ def _gdn_factors_kernel(
     (m_o = attn m_u, m_u, k_mix, w_of_k, then q_scale), which the state launch applies to each V slice. They
     depend on neither the state nor the values, so the chain of small products runs once per head rather than
     once per V slice, and the state launch is left its loads and products."""
-    pid_bh = tl.program_id(0)
-    bb = pid_bh // HV
-    h = pid_bh % HV
-    hq = h // G
-    b64 = bb.to(tl.int64)
+    pid_bh, bb, h, hq, b64 = _head_program(HV, G)
     ri = tl.arange(0, BT)
     live = ri < T
     k_rows = k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h
@@ -503,12 +501,8 @@ def _gdn_state_products_kernel(
     m_u v - w_of_k (k_raw S). Computed transposed, S^T [BV, K] times q_raw^T and k_raw^T: the V slice is the
     products' M (a block has 16 positions, too few rows to fill the tensor cores), and the raw keys and queries
     enter the products unscaled, so that for 16-bit inputs they are exact in tf32 (SPLIT)."""
-    pid_bh = tl.program_id(0)
+    pid_bh, bb, h, hq, b64 = _head_program(HV, G)
     pid_v = tl.program_id(1)
-    bb = pid_bh // HV
-    h = pid_bh % HV
-    hq = h // G
-    b64 = bb.to(tl.int64)
     offs_c = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     ri = tl.arange(0, BT)
