@@ -1,5 +1,6 @@
 """Gated DeltaNet kernels at Qwen3.5-27B shapes, one GDN layer (the model has 48): conv update, verify writing the
-update rows (recurrent, chunked and factored), the commit from them, decode and chunked prefill, against
+update rows (recurrent, chunked and factored), the commit from them, the layer commit, each verify over a pending
+block (the step's GDN work with the layer commit: step_* rows), decode and chunked prefill, against
 the PyTorch reference and against the floor (bytes / copy bandwidth). Everything is timed as CUDA-graph replays,
 as the runtime runs it (an eager launch costs more than most of these kernels): ours as one graph of one call per
 rotating input set, the reference as a graph of one call. The recurrent kernel's launch parameters are swept first
@@ -137,13 +138,25 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
             s["q"], s["k"], s["v"], s["a"], s["b"], a_log, dt_bias, s["state"], out=o_buf, deltas=rows_buf, **kw
         )
 
-    # Commits write the state in place: harmless for timing (the values stay finite, the cost does not depend on
-    # them).
+    # Commits and pending verifies write the state in place: harmless for timing (the values stay finite, the cost
+    # does not depend on them).
     def commit(i, idx, **kw):
         s = sets[i]
-        return gdn.gdn_commit_deltas(
-            s["state"], idx, s["k"], rows_buf, s["a"], a_log, dt_bias, window=s["window"], x=s["x"], **kw
-        )
+        return gdn.gdn_commit_deltas(s["state"], idx, s["k"], rows_buf, s["a"], a_log, dt_bias, **kw)
+
+    keys_buf = torch.empty(batch, BLOCK, HEADS, DK, device=DEV, dtype=torch.bfloat16)
+    gates_buf = torch.empty(batch, BLOCK, HV, device=DEV, dtype=torch.bfloat16)
+
+    def layer_commit(i, idx):
+        s = sets[i]
+        gdn.gdn_commit(s["window"], idx, s["x"], s["k"], s["a"], keys_buf, gates_buf)
+
+    def pending_verify(i, idx, **kw):
+        s = sets[i]
+        return gdn.gdn_verify(
+            s["q"], s["k"], s["v"], s["a"], s["b"], a_log, dt_bias, s["state"], out=o_buf, pending_keys=keys_buf,
+            pending_gates=gates_buf, pending_rows=rows_buf, pending_idx=idx, **kw,
+        )  # fmt: skip
 
     # the recurrent kernel's launch parameters
     best: dict = {}
@@ -176,47 +189,54 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
         gg, beta = ops.gdn_gates(s0["a"], s0["b"], a_log, dt_bias)
         return ops.gated_delta_rule_recurrent(s0["q"], s0["k"], s0["v"], gg, beta, s0["state"], deltas=rows_buf)
 
-    v_rows = {"recurrent": rows.add(
+    rows.add(
         "verify_recurrent", batch, timed(verify, **best), _safe(lambda: _ref_us(ref_verify)), verify_floor,
         config=best_cfg,
-    )}  # fmt: skip
+    )  # fmt: skip
     for name, kw in VERIFY_FORMS:
         cfg = " ".join(f"{k}={v}" for k, v in kw.items())
-        v_rows[name] = rows.add(f"verify_{name}", batch, timed(verify, **kw), None, verify_floor, config=cfg)
+        rows.add(f"verify_{name}", batch, timed(verify, **kw), None, verify_floor, config=cfg)
     verify(0, **best)  # finite update rows for the commits below
 
-    # commit: the state and the conv window after accepted index idx[b], from the update rows
-    def ref_window(idx):
-        ext = torch.cat((s0["window"], s0["x"].transpose(1, 2)), -1)
-        s0["window"].copy_(ops.conv_window_after(ext, idx.long(), WIDTH))
+    keys_buf.copy_(s0["k"])
+    gates_buf.copy_(s0["a"])
 
+    # the pending block's commit on its own (what the recurrent and chunked verifies launch first), the layer
+    # commit (conv window, the block's keys and gates kept), and each verify over a pending block: a step's GDN work
     for label, last in (("last", BLOCK - 1), ("typical", TYPICAL_IDX)):
         idx = torch.full((batch,), last, device=DEV, dtype=torch.int32)
 
         def ref_commit(idx=idx):
             s0["state"].copy_(ops.gated_delta_commit(s0["state"], idx.long(), s0["k"], rows_buf,
                                                      ops.gdn_log_decay(s0["a"], a_log, dt_bias)))  # fmt: skip
-            ref_window(idx)
 
-        commit_floor = 2 * state_rw + rows_bytes + batch * BLOCK * (HEADS * DK + HV) * 2 + conv_commit_bytes
-        c_rows = {}
+        keys_bytes = batch * BLOCK * (HEADS * DK + HV) * 2
+        commit_floor = 2 * state_rw + rows_bytes + keys_bytes
         for name, kw in COMMIT_FORMS:
-            c_rows[name] = rows.add(
+            rows.add(
                 f"commit_{name}_{label}", batch, timed(commit, idx, **kw), _safe(lambda f=ref_commit: _ref_us(f)),
                 commit_floor, idx=last, config=" ".join(f"{k}={v}" for k, v in kw.items()),
             )  # fmt: skip
-        # per-step totals (verify + commit) of each verify algorithm with the faster commit
-        c_best = min((r for r in c_rows.values() if r["ours_us"]), key=lambda r: r["ours_us"], default=None)
-        for name, v_row in v_rows.items():
-            if v_row["ours_us"] and c_best:
+        layer = rows.add(
+            f"layer_commit_{label}", batch, timed(layer_commit, idx), None, conv_commit_bytes + 2 * keys_bytes, idx=last
+        )
+        # the verify's bytes, the state written back, the pending rows and keys read
+        pending_floor = verify_floor + state_rw + rows_bytes + keys_bytes
+        for name, kw in [("recurrent", best), *VERIFY_FORMS]:
+            cfg = " ".join(f"{k}={v}" for k, v in kw.items()) or "default"
+            v_row = rows.add(
+                f"pending_verify_{name}_{label}", batch, timed(pending_verify, idx, **kw), None, pending_floor,
+                idx=last, config=cfg,
+            )  # fmt: skip
+            if v_row["ours_us"] and layer["ours_us"]:
                 rows.append(
                     dict(
                         op=f"step_{name}_{label}",
                         shape=v_row["shape"],
                         dtype="bf16",
-                        ours_us=v_row["ours_us"] + c_best["ours_us"],
-                        floor_us=v_row["floor_us"] + c_best["floor_us"],
-                        note=f"verify + {c_best['op']}",
+                        ours_us=v_row["ours_us"] + layer["ours_us"],
+                        floor_us=v_row["floor_us"] + layer["floor_us"],
+                        note=f"{v_row['op']} + {layer['op']}",
                     )
                 )
 

@@ -9,8 +9,8 @@ slots, so its first 15 are used.
 
 Each row has its floor: the bytes one step must read (target weights at the format's size, scales included, the
 lm_head in the row's format as the runtime converts it; the drafter's weights, and the lm_head again for the
-draft; K/V of every request at the measured context length; every request's GDN state, read and written, and
-read once more by the replaying commit of a DFlash step) over the copy bandwidth measured in the same run, or,
+draft; K/V of every request at the measured context length; every request's GDN state, read and written once)
+over the copy bandwidth measured in the same run, or,
 where larger, the step's matmul FLOPs over the bf16 matmul rate measured in the same run. ratio = tokens/s over
 the floor's tokens/s. A step-time breakdown (verify, accept+commit, draft, and the gaps between them) comes from
 the runtime replaying each phase alone.
@@ -189,10 +189,9 @@ def step_cost(
     """Fewest bytes and FLOPs of one decoding step of `concurrency` requests at mean KV length `context`.
 
     mode "ar": each request verifies 1 token. mode "dflash": each verifies verify_width tokens (default the block,
-    block_size tokens), commits tau on average (the commit replays the accepted prefix from the state it read, so
-    the GDN state is read twice and written once), appends tau context features to the drafter and drafts one whole
-    block (drafter layers on block_size queries, then the target's lm_head on block_size-1 slots). Activations are
-    left out (MBs).
+    block_size tokens), commits tau on average (the GDN state is read and written once either way), appends tau
+    context features to the drafter and drafts one whole block (drafter layers on block_size queries, then the
+    target's lm_head on block_size-1 slots). Activations are left out (MBs).
     """
     c = concurrency
     t = 1 if mode == "ar" else verify_width or sh.block_size
@@ -202,8 +201,7 @@ def step_cost(
     b["target_weights"] = sh.target_weight_bytes(quant)
     b["embedding_rows"] = c * t * sh.hidden * 2
     b["kv"] = c * sh.kv_bytes_per_token * (context + t)  # read the context, write the block
-    state_passes = 2 if mode == "ar" else 3
-    b["gdn_state"] = c * state_passes * (sh.gdn_state_bytes + sh.gdn_conv_bytes)
+    b["gdn_state"] = c * 2 * (sh.gdn_state_bytes + sh.gdn_conv_bytes)
     target_params = sum(n * k for _, n, k in sh.target_linears)
     f["target_matmul"] = 2 * target_params * c * t
     f["attention"] = sh.n_attn * 4 * sh.attn_qk_dim * (context + (t + 1) / 2) * c * t
@@ -257,12 +255,12 @@ class Measured:
 
 
 def tuned_gdn(gm) -> dict:
-    """The tuned choices by batch size that a lowered step graph's GDN verify and commit nodes dispatch
-    (graph/compiler.py's lower records them in each node's meta), one entry per op."""
+    """The tuned choices by batch size that a lowered step graph's GDN verify nodes dispatch (graph/compiler.py's
+    lower records them in each node's meta)."""
     found = {}
     for node in gm.graph.nodes:
         lowering = node.meta.get("lowering", {})
-        if lowering.get("op") in ("gdn_verify", "gdn_commit"):
+        if lowering.get("op") == "gdn_verify":
             found.setdefault(lowering["op"], lowering.get("tuned", {}))
     return found
 

@@ -88,7 +88,9 @@ def attentions(device="cpu"):
 
 
 def gdns(device="cpu"):
-    """A verify block of 16 tokens and the commit of an accepted position, 2 requests."""
+    """Two verify blocks of 16 tokens, 2 requests, as the step runs them: the first writes the update rows of the
+    pending block, the second (factored) makes its accepted position current first, and the layer commit keeps the
+    block's keys and gates and moves the conv window."""
     gen = _gen()
     b, t, h, hv, dk, dv = 2, 16, 2, 4, 64, 64
     q, k = (torch.randn(b, t, h, dk, generator=gen).to(DTYPE).to(device) for _ in range(2))
@@ -97,14 +99,18 @@ def gdns(device="cpu"):
     a_log = torch.randn(hv, generator=gen).to(device)
     dt_bias = torch.randn(hv, generator=gen).to(device)
     state = torch.randn(b, hv, dk, dv, generator=gen).to(device)
-    deltas = torch.empty(b, t, hv, dv, device=device)
-    o = gdn.gdn_verify(q, k, v, a, bb, a_log, dt_bias, state, deltas=deltas)
+    rows = torch.empty(b, t, hv, dv, device=device)
+    gdn.gdn_verify(q, k, v, a, bb, a_log, dt_bias, state, deltas=rows)
+    keys, gates = k.clone(), a.clone()
+    pending = dict(pending_keys=keys, pending_gates=gates, pending_rows=rows,
+                   pending_idx=torch.tensor([3, -1], device=device))  # fmt: skip
+    o = gdn.gdn_verify(q, k, v, a, bb, a_log, dt_bias, state, **pending, algorithm="factored")
     window = torch.randn(b, 160, 3, generator=gen).to(DTYPE).to(device)
     x = torch.randn(b, t, 160, generator=gen).to(DTYPE).to(device)
     idx = torch.tensor([3, 15], device=device)
     window_ref = ops.conv_window_after(torch.cat((window, x.transpose(1, 2)), -1), idx, 4)
-    gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=window, x=x)  # as the step commits
-    return [("gdn_verify", o, None), ("gdn_commit", state, None), ("conv_window_commit", window, window_ref)]
+    gdn.gdn_commit(window, idx, x, k, a, keys, gates)  # as the step commits
+    return [("gdn_verify", o, None), ("gdn_verify state", state, None), ("gdn_commit", window, window_ref)]
 
 
 def accepts(device="cpu"):

@@ -95,8 +95,10 @@ def test_every_kernel_family_compiles_across_the_profiles(built):
     assert names[90] == [
         "fused_ops._qk_norm_rope_kernel",
         "fused_ops._rms_norm_kernel",
-        "gdn._gdn_delta_commit_kernel",
+        "gdn._gdn_commit_kernel",
+        "gdn._gdn_factors_kernel",
         "gdn._gdn_recurrent_kernel",
+        "gdn._gdn_state_products_kernel",
         "linear._linear_kernel",
     ]
     assert names[100] == ["attention._attention_kernel", "linear._linear_kernel"]

@@ -243,9 +243,8 @@ import sys
 from dflash_compiler.artifact.build import compile_artifact
 from dflash_compiler.tuning import choice
 
-CONFIGS = {  # a database with GDN verify and commit configs for every batch size
+CONFIGS = {  # a database with a GDN verify config for every batch size
     "gdn_verify": {"block_v": 16, "num_warps": 1, "unroll": True},
-    "gdn_commit": {"block_k": 16, "block_v": 32, "num_warps": 2, "precision": "ieee"},
 }
 
 def choose(self, op, shape_key, fmt):
@@ -261,9 +260,9 @@ print("compiled")
 
 
 def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
-    """Database GDN configs, the recurrent kernel's for the verify and the delta commit's: the sm90
-    artifact's plan records them on the step's nodes and its kernels hold each specialized as tuned (so a load of
-    the tuned step compiles nothing)."""
+    """A database GDN verify config (the recurrent kernel's): the sm90 artifact's plan records it on the step's
+    nodes and its kernels hold it specialized as tuned, with the pending block's commit that the recurrent verify
+    launches first and the layer commit (so a load of the tuned step compiles nothing)."""
     from dflash_compiler.codegen.triton import aot
 
     out = tmp_path / "gdn-sm90"
@@ -274,9 +273,8 @@ def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
     assert verify and all(row["tuned"]["1"] == {"lowering": "triton", "config": config} for row in verify)
     records, _ = aot.load_records(out / "kernels" / "records.json")
     commit = [row for row in doc["plan"] if row["op"] == "gdn_commit"]
-    tuned_commit = {"block_k": 16, "block_v": 32, "num_warps": 2, "precision": "ieee"}
-    assert commit and all(row["tuned"]["1"] == {"lowering": "triton", "config": tuned_commit} for row in commit)
-    recurrent, commits = [], []
+    assert commit and not any("tuned" in row for row in commit)
+    recurrent, commits, layer_commits = [], [], 0
     for r in records:
         spec = json.loads(r.spec)
         names = list(spec["signature"])
@@ -284,9 +282,11 @@ def test_tuned_gdn_configs_are_compiled_ahead(tmp_path, cache, starts):
         if r.name.endswith("._gdn_recurrent_kernel"):
             recurrent.append((constants["DELTAS"], constants["BV"], constants["UNROLL"], spec["options"]["num_warps"]))
         elif r.name.endswith("._gdn_delta_commit_kernel"):
-            commits.append((constants["BK"], constants["BV"], constants["PREC"], spec["options"]["num_warps"]))
+            commits.append((constants["PREC"], constants["V_MAJOR"], spec["options"]["num_warps"]))
+        layer_commits += r.name.endswith("._gdn_commit_kernel")
     assert (True, 16, True, 1) in recurrent  # the verify with its update rows, as tuned
-    assert commits and set(commits) == {(16, 32, "ieee", 2)}  # the commit, as tuned
+    assert commits and set(commits) == {("tf32x3", False, 4)}  # the pending block's commit, at its defaults
+    assert layer_commits
 
 
 STAND_IN_LOAD = """

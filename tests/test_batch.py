@@ -130,6 +130,9 @@ def test_each_bucket_verifies_at_its_own_width(prompts):
         target, drafter, verify_width={1: 16, 2: 6, 4: 3}, max_batch=4, max_seq_len=160, buckets=(1, 2, 4)
     )
     assert runner.verify_widths == {1: 16, 2: 6, 4: 3}
+    pools = runner.pools  # a row's GDN buffers as the memory plan counts them (the pending block at the widest)
+    per_row = [getattr(pools, f)[:, 0] for f in pools._LAYER_ROW_FIELDS]
+    assert runner.model.row_bytes() == sum(t.numel() * t.element_size() for t in per_row)
     got, _ = _serve(runner, requests, late_from=2)
     assert got == expected
     assert {"step", "step@w6", "step@w3"} <= set(runner.model.compiled.graphs)

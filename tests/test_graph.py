@@ -51,7 +51,7 @@ def _run(compiled: CompiledStep, seed: int = 0) -> list[torch.Tensor]:
         view.draft_probs = None
         compiled.graph("step")(view)
     return [pools.tokens, pools.out_tokens, pools.out_count, pools.cache_lens, pools.gdn_state, pools.conv_window,
-            *pools.k_cache, pools.ctx_k]  # fmt: skip
+            pools.gdn_keys, pools.gdn_rows, pools.gdn_pending, *pools.k_cache, pools.ctx_k]  # fmt: skip
 
 
 class EagerStep:
@@ -344,19 +344,19 @@ def test_a_linear_tuned_to_tvm_runs_a_tvm_kernel_of_its_shapes(pair, unpassed, t
     [
         {"block_v": 16, "num_warps": 1, "unroll": True},
         {"algorithm": "chunked", "block_v": 16, "num_warps": 4, "precision": "ieee"},
+        {"algorithm": "factored", "block_v": 16, "num_warps": 2, "precision": "ieee", "factor_warps": 1},
     ],
-    ids=["recurrent", "chunked"],
+    ids=["recurrent", "chunked", "factored"],
 )
 def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, tmp_path, monkeypatch, config):
-    """A tuned GDN verify entry (the recurrent kernel's V slice, warps, unrolling, or the chunked block) at the
-    step's batch size, and a commit entry at another: the verify nodes call the kernel with that config, the commit
-    nodes with the launcher's default; the plan records each; the step computes what the reference does."""
-    commit_config = {"block_k": 16, "block_v": 16, "num_warps": 2, "precision": "ieee"}
+    """A tuned GDN verify entry (the recurrent kernel's V slice, warps, unrolling, the chunked or the factored
+    block) at the step's batch size: the verify nodes call the kernel with that config, the plan records it (the
+    layer commits have nothing to tune), and the step computes what the reference does."""
     from dflash_compiler.codegen.triton import gdn as t_gdn
     from dflash_compiler.graph.ops import triton_implementations
     from dflash_compiler.hw_profiles.database import Entry, TuningDB
     from dflash_compiler.tuning.choice import Chooser
-    from dflash_compiler.tuning.spaces import GDNCommitShape, GDNShape
+    from dflash_compiler.tuning.spaces import GDNShape
 
     triton_implementations()  # the untuned nodes' default: the Triton launcher (registered on first use here)
     target, drafter = pair
@@ -366,20 +366,17 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
     dims = (BLOCK, cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
             cfg.linear_value_head_dim, "fp32")  # fmt: skip
     db = TuningDB("cpu", tmp_path / "cpu")
-    for shape, tuned in ((GDNShape(2, *dims), config), (GDNCommitShape(1, *dims), commit_config)):
-        db.record(Entry(shape.op, shape.key, shape.fmt, "triton", tuned, True, time_us=1.0, platform="cpu"))
+    shape = GDNShape(2, *dims)
+    db.record(Entry(shape.op, shape.key, shape.fmt, "triton", config, True, time_us=1.0, platform="cpu"))
     db.save()
     used = []
-    for name in ("gdn_verify", "gdn_commit_deltas"):
-        launcher = getattr(t_gdn, name)
-        keys = config if name == "gdn_verify" else commit_config
+    launcher = t_gdn.gdn_verify
 
-        def spy(*args, _name=name, _launcher=launcher, _keys=keys, **kwargs):
-            batch = args[0 if _name == "gdn_verify" else 2].shape[0]
-            used.append((_name, batch, {k: kwargs.get(k) for k in _keys}))
-            return _launcher(*args, **kwargs)
+    def spy(*args, **kwargs):
+        used.append((args[0].shape[0], {k: kwargs.get(k) for k in config}, kwargs.get("pending_idx") is not None))
+        return launcher(*args, **kwargs)
 
-        monkeypatch.setattr(t_gdn, name, spy)
+    monkeypatch.setattr(t_gdn, "gdn_verify", spy)
     compiled = CompiledStep(
         graphs, weight_sources(real), "triton", torch.device("cpu"), tuning=Chooser("cpu", root=tmp_path)
     )
@@ -388,19 +385,10 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
     tuned = [
         row for row in compiled.plan() if row["graph"] == "step" and row["op"].startswith("gdn_") and "tuned" in row
     ]
-    assert len(tuned) == 2 * len(cfg.gdn_layers)
-    assert all(
-        row["tuned"] == {"2": {"lowering": "triton", "config": config}} for row in tuned if row["op"] == "gdn_verify"
-    )
-    assert all(
-        row["tuned"] == {"1": {"lowering": "triton", "config": commit_config}}
-        for row in tuned
-        if row["op"] == "gdn_commit"
-    )
-    verify = [(batch, kw) for name, batch, kw in used if name == "gdn_verify"]
-    commit = [(batch, kw) for name, batch, kw in used if name == "gdn_commit_deltas"]
-    assert verify and all(call == (2, config) for call in verify)
-    assert commit and all(batch == 2 and kw == dict.fromkeys(commit_config) for batch, kw in commit)
+    assert len(tuned) == len(cfg.gdn_layers)
+    assert all(row["op"] == "gdn_verify" and row["tuned"] == {"2": {"lowering": "triton", "config": config}}
+               for row in tuned)  # fmt: skip
+    assert used and all(call == (2, config, True) for call in used)
 
 
 def test_a_tvm_lowering_without_tvm_installed_is_a_one_line_error(monkeypatch):

@@ -41,7 +41,8 @@ def _run(step: CompiledStep) -> list[torch.Tensor]:
     for _ in range(2):
         step.graph("step")(view)
     return [logits, pools.tokens, pools.out_tokens, pools.out_count, pools.cache_lens, pools.gdn_state,
-            pools.conv_window, *pools.k_cache, pools.ctx_k]  # fmt: skip
+            pools.conv_window, pools.gdn_keys, pools.gdn_rows, pools.gdn_pending, *pools.k_cache,
+            pools.ctx_k]  # fmt: skip
 
 
 def _reloaded(compiled: CompiledStep) -> CompiledStep:

@@ -183,7 +183,7 @@ def test_verify_deltas_then_commit_from_them(bsz, seq, dtype, algorithm, block_v
     """Each verify form writes the update rows of every position (into a NaN-filled buffer) as the reference
     recurrence forms them; the commit builds from them, in one step, the state after each request's accepted
     position (one keeps its state bit for bit) as the position-by-position reference reaches it, in K and V
-    slices and either precision, and commits the conv window in the same launch."""
+    slices, either precision and either orientation."""
     gen = torch.Generator().manual_seed(700 + seq * 4 + bsz)
     heads, hv, dk, dv = 2, 6, 32, 32
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads, hv, dk, dv, dtype=dtype, gen=gen)
@@ -209,21 +209,113 @@ def test_verify_deltas_then_commit_from_them(bsz, seq, dtype, algorithm, block_v
     idx = _accepted(bsz, seq, gen)
     idx[0] = seq + 3  # past the block: the block's last position
     last = idx.clamp(max=seq - 1)
-    # 300 channels: three tiles of the commit's conv programs, the last one partial
-    window = torch.randn(bsz, 300, 3, generator=gen).to(DEV, dtype)
-    x = torch.randn(bsz, seq, 300, generator=gen).to(DEV, dtype)
-    window_ref = reference.conv_window_commit(window.clone(), x, idx)
     for slices, precision in (
         ({"block_k": 16, "block_v": 32}, "ieee"), ({"block_k": 32, "block_v": 16}, "tf32x3"),
         ({"block_k": 16, "block_v": 32, "v_major": True}, "ieee"),
         ({"block_k": 32, "block_v": 16, "v_major": True}, "tf32x3"),
     ):  # fmt: skip
-        got, win = state.clone(), window.clone()
-        gdn.gdn_commit_deltas(got, idx, k, deltas, a, a_log, dt_bias, window=win, x=x, precision=precision, **slices)
+        got = state.clone()
+        gdn.gdn_commit_deltas(got, idx, k, deltas, a, a_log, dt_bias, precision=precision, **slices)
         _close(f"committed state {slices} {precision}", got, _ref_after(states_ref, state, last), 1e-4)
         if bsz > 2:
             assert torch.equal(got[1], state[1]), "idx -1 keeps the state bit for bit"
-        assert torch.equal(win, window_ref)
+
+
+def _pending_block(bsz, width, heads, hv, dk, dv, dtype, gen, state):
+    """A pending block as the step leaves it: a verified block of `width` positions (its raw keys, gate inputs and
+    the update rows its verify wrote from `state`), each request's accepted position (one past the block, one -1
+    when the batch has room), and the reference state after it."""
+    q, k, v, a, b, a_log, dt_bias, _ = _gdn_inputs(bsz, width, heads, hv, dk, dv, dtype=dtype, gen=gen)
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    rows = torch.empty(bsz, width, hv, dv, device=DEV)
+    _, states = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state, all_states=True, deltas=rows)
+    idx = _accepted(bsz, width, gen)
+    idx[0] = width + 2
+    after = _ref_after(states, state, idx.clamp(max=width - 1))
+    pending = dict(pending_keys=k.contiguous(), pending_gates=a.contiguous(), pending_rows=rows, pending_idx=idx)
+    return pending, after, (a_log, dt_bias)
+
+
+@pytest.mark.parametrize(
+    ("bsz", "seq", "width", "dtype", "options"),
+    [(3, 5, 7, torch.float32, {}), (3, 16, 16, torch.float16, {"block_v": 32, "unroll": True}),
+     (2, 9, 16, torch.float32, {"algorithm": "chunked", "block_v": 16, "precision": "ieee"}),
+     (3, 11, 11, torch.float16, {"algorithm": "factored", "block_v": 16, "block_k": 16, "factor_warps": 2}),
+     (3, 6, 23, torch.float32, {"algorithm": "factored", "block_v": 32, "precision": "ieee"}),
+     (4, 16, 16, torch.float16, {"algorithm": "factored", "block_v": 32, "precision": "tf32x3"})],
+)  # fmt: skip
+def test_verify_makes_the_pending_block_current_first(bsz, seq, width, dtype, options):
+    """A verify over a pending block (the last verified one, `width` wide, up to each request's accepted
+    position): the state becomes the reference's state after that position (bit for bit where there is none), o is
+    the verify of the new block from it, and the new block's update rows replace the pending rows' first `seq`
+    positions (the rest untouched), as the reference verify writes them. Outputs start as NaN."""
+    gen = torch.Generator().manual_seed(40 + seq * 3 + width)
+    heads, hv, dk, dv = 2, 6, 32, 32
+    state0 = torch.randn(bsz, hv, dk, dv, generator=gen).to(DEV) * 0.3
+    pending, after, (a_log, dt_bias) = _pending_block(bsz, width, heads, hv, dk, dv, dtype, gen, state0)
+    q, k, v, a, b, _, _, _ = _gdn_inputs(bsz, seq, heads, hv, dk, dv, dtype=dtype, gen=gen)
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    rows_ref = torch.empty(bsz, seq, hv, dv, device=DEV)
+    o_ref, _ = ops.gated_delta_rule_recurrent(q, k, v, g, beta, after, deltas=rows_ref)
+    # rows past each request's accepted position are never read: NaN there would reach the state
+    past = torch.arange(width, device=DEV)[None, :] > pending["pending_idx"][:, None]
+    pending["pending_rows"][past] = float("nan")
+    tail = pending["pending_rows"][:, seq:].clone()
+    state = state0.clone()
+    o = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, hv, dv, dtype=dtype), **pending,
+                       **options)  # fmt: skip
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    _close("state", state, after, 1e-4)
+    if bsz > 2:
+        assert torch.equal(state[1], state0[1]), "no pending block: the state stays bit for bit"
+    _close("o", o.float(), o_ref.float(), tol)
+    _close("update rows", pending["pending_rows"][:, :seq], rows_ref, 1e-4)
+    torch.testing.assert_close(pending["pending_rows"][:, seq:], tail, rtol=0, atol=0, equal_nan=True)
+
+
+def test_layer_commit_keeps_the_block_and_moves_the_window():
+    """gdn_commit: the conv window after each request's position (one past the block, one -1), and the block's raw
+    keys (strided views into the conv output) and gate inputs in the pending buffers' first T positions, the rest
+    untouched; at 300 channels (three conv tiles, the last partial) and 3 x 32 key values (a partial key tile)."""
+    gen = torch.Generator().manual_seed(5)
+    bsz, seq, width, heads, hv, dk, dv = 3, 5, 8, 3, 6, 32, 16
+    q, k, v, a, b, *_ = _gdn_inputs(bsz, seq, heads, hv, dk, dv, dtype=torch.float16, gen=gen)
+    window = torch.randn(bsz, 300, 3, generator=gen).to(DEV, torch.float16)
+    x = torch.randn(bsz, seq, 300, generator=gen).to(DEV, torch.float16)
+    idx = torch.tensor([seq + 4, -1, 2], device=DEV)
+    window_ref = reference.conv_window_commit(window.clone(), x, idx)
+    keys = torch.randn(bsz, width, heads, dk, generator=gen).to(DEV, torch.float16)
+    gates = torch.randn(bsz, width, hv, generator=gen).to(DEV, torch.float16)
+    keys_tail, gates_tail = keys[:, seq:].clone(), gates[:, seq:].clone()
+    gdn.gdn_commit(window, idx, x, k, a, keys, gates)
+    assert torch.equal(window, window_ref)
+    assert torch.equal(keys[:, :seq], k) and torch.equal(keys[:, seq:], keys_tail)
+    assert torch.equal(gates[:, :seq], a) and torch.equal(gates[:, seq:], gates_tail)
+    with pytest.raises(ValueError, match="^keys: expected contiguous"):
+        gdn.gdn_commit(window, idx, x, k, a, keys[:, :4].contiguous(), gates)
+    with pytest.raises(ValueError, match="^gates: expected contiguous"):
+        gdn.gdn_commit(window, idx, x, k, a, keys, gates.float())
+
+
+def test_pending_block_inputs_name_what_is_wrong():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(2, 4, 2, 6, 32, 32, dtype=torch.float32, gen=gen)
+    pending, _, _ = _pending_block(2, 4, 2, 6, 32, 32, torch.float32, gen, state)
+    with pytest.raises(ValueError, match="^pending_keys: pending_keys, _gates, _rows and _idx go together"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, pending_keys=pending["pending_keys"])
+    with pytest.raises(ValueError, match="^deltas: with a pending block the update rows go to pending_rows"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=torch.empty(2, 4, 6, 32, device=DEV), **pending)
+    with pytest.raises(ValueError, match="^pending_rows: expected contiguous torch.float32"):
+        gdn.gdn_verify(
+            q, k, v, a, b, a_log, dt_bias, state, **{**pending, "pending_rows": pending["pending_rows"].half()}
+        )
+    narrow = {name: t[:, :3].contiguous() if t.dim() > 1 else t for name, t in pending.items()}
+    with pytest.raises(ValueError, match="^pending_keys: the pending block holds 3 positions, the verify 4"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, **narrow)
+    with pytest.raises(ValueError, match="^pending_idx: expected \\[2\\] integers"):
+        gdn.gdn_verify(
+            q, k, v, a, b, a_log, dt_bias, state, **{**pending, "pending_idx": pending["pending_idx"].float()}
+        )
 
 
 def test_delta_commit_names_what_is_wrong():
@@ -232,14 +324,12 @@ def test_delta_commit_names_what_is_wrong():
     deltas, idx = torch.zeros(2, 4, 6, 32, device=DEV), torch.tensor([1, 2], device=DEV)
     with pytest.raises(ValueError, match="deltas: expected contiguous fp32"):
         gdn.gdn_commit_deltas(state, idx, k, deltas.half(), a, a_log, dt_bias)
-    with pytest.raises(ValueError, match="deltas: expected contiguous fp32"):
+    with pytest.raises(ValueError, match="deltas: expected fp32 \\(2, 4, 6, 32\\) with contiguous rows"):
         gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas[:, :3])
     with pytest.raises(ValueError, match="idx: expected \\[2\\] integer indices"):
         gdn.gdn_commit_deltas(state, idx.float(), k, deltas, a, a_log, dt_bias)
     with pytest.raises(ValueError, match="block_k: 48 must be a power of two"):
         gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, block_k=48)
-    with pytest.raises(ValueError, match="x: window and x go together"):
-        gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=torch.zeros(2, 40, 3, device=DEV))
     with pytest.raises(ValueError, match="a: expected \\(2, 4, 6\\)"):
         gdn.gdn_commit_deltas(state, idx, k, deltas, a[:, :3], a_log, dt_bias)
     with pytest.raises(ValueError, match="state: expected contiguous fp32"):
@@ -401,6 +491,34 @@ def test_gpu_factored_verify_real_dims(bsz, config):
     _close("deltas", deltas, deltas_ref, 1e-4)
     chunked = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, algorithm="chunked")
     assert (o.float() - chunked.float()).abs().max().item() <= 2 * 2**-8 * o_ref.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("bsz", "options"), [
+    (16, {"algorithm": "factored", "block_k": 32, "block_v": 64, "num_warps": 2, "factor_warps": 1}),
+    (16, {"algorithm": "factored", "block_k": 64, "block_v": 128, "num_warps": 4, "factor_warps": 2}),
+    (3, {"algorithm": "factored", "block_k": 128, "block_v": 32}),
+    (1, {"algorithm": "chunked", "block_k": 128, "block_v": 32, "num_warps": 4}),
+    (3, {}),
+])  # fmt: skip
+def test_gpu_verify_over_a_pending_block_real_dims(bsz, options):
+    """The verify over a pending block at the real dims in bf16 (16 positions each): the state after the pending
+    block's accepted positions to about fp32 accuracy, o within bf16 rounding and the new update rows, against the
+    position-by-position reference."""
+    seq = 16
+    gen = torch.Generator().manual_seed(21 + bsz)
+    state0 = torch.randn(bsz, 48, 128, 128, generator=gen).to(DEV) * 0.3
+    pending, after, (a_log, dt_bias) = _pending_block(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen, state=state0)
+    q, k, v, a, b, _, _, _ = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
+    g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
+    rows_ref = torch.empty(bsz, seq, 48, 128, device=DEV)
+    o_ref, _ = ops.gated_delta_rule_recurrent(q, k, v, g, beta, after, deltas=rows_ref)
+    state = state0.clone()
+    o = gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
+                       **pending, **options)  # fmt: skip
+    _close("state", state, after, 1e-4)
+    _close("o", o.float(), o_ref.float(), 1e-2)
+    _close("update rows", pending["pending_rows"], rows_ref, 1e-4)
 
 
 @pytest.mark.gpu

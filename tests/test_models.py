@@ -49,7 +49,7 @@ def test_decode_and_verify_on_a_cache_match_transformers(pair, new_tokens):
     first = ref(input_ids=ids[:, :prompt_len], use_cache=True)
     expected = ref(input_ids=ids[:, prompt_len:], past_key_values=first.past_key_values, use_cache=True).logits
 
-    pools = eager.request_pools(ours, 1, 48)
+    pools = eager.request_pools(ours, 1, 48, new_tokens)
     eager.prefill(ours, pools, ids[:, :prompt_len])
     verify = eager.verify(ours, pools, ids[:, prompt_len:])
     _close(verify.logits, expected)
@@ -71,7 +71,7 @@ def test_verify_states_equal_token_by_token_decoding(tmp_path):
     ids = torch.randint(0, VOCAB, (batch, prompt_len + block))
 
     def prefill():
-        pools = eager.request_pools(model, batch, 32)
+        pools = eager.request_pools(model, batch, 32, block)
         eager.prefill(model, pools, ids[:, :prompt_len])
         return pools
 
@@ -88,7 +88,7 @@ def test_verify_states_equal_token_by_token_decoding(tmp_path):
         step = eager.verify(model, stepwise, ids[:, prompt_len + t : prompt_len + t + 1])
         _close(step.logits[:, 0], verify.logits[:, t])
         eager.commit(model, stepwise, step, torch.zeros(batch, dtype=torch.long))
-        _close(after_verify.gdn_state, stepwise.gdn_state)
+        _close(eager.gdn_states(model, after_verify), eager.gdn_states(model, stepwise))
         _close(after_verify.conv_window, stepwise.conv_window)
         assert torch.equal(after_verify.cache_lens, stepwise.cache_lens)
     # ragged acceptance: each request selects its own position; -1 leaves a request as it was
@@ -96,7 +96,7 @@ def test_verify_states_equal_token_by_token_decoding(tmp_path):
     ragged = committed(index)
     for b, i in enumerate(index.tolist()):
         single = committed(torch.full((batch,), i)) if i >= 0 else prefill()
-        _close(ragged.gdn_state[:, b], single.gdn_state[:, b])
+        _close(eager.gdn_states(model, ragged)[:, b], eager.gdn_states(model, single)[:, b])
         _close(ragged.conv_window[:, b], single.conv_window[:, b])
         assert ragged.cache_lens[b] == single.cache_lens[b] == prompt_len + i + 1
 

@@ -348,7 +348,8 @@ def test_conv_update_and_window_commit(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gdn_verify_and_commit_deltas(dtype):
     """Verify writing the update rows, then commit different positions per request (one keeping its state, one
-    past the block) with the conv window: the launchers and the references alike."""
+    past the block); the layer commit (conv window, the block's keys and gates kept); and a verify over that
+    pending block: the launchers and the references alike."""
     gen = torch.Generator().manual_seed(9)
     bsz, seq = 4, 5
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, dtype, gen)
@@ -364,14 +365,32 @@ def test_gdn_verify_and_commit_deltas(dtype):
     _same(rd, kd, 1e-5)
 
     idx = torch.tensor([4, -1, 1, 7], device=DEV)
+    (kc,), (rc,) = _twins(state)
+    assert gdn.gdn_commit_deltas(kc, idx, k, kd, a, a_log, dt_bias) is kc
+    assert ref.gdn_commit_deltas(rc, idx, k, rd, a, a_log, dt_bias) is rc
+    _same(rc, kc, 1e-5)
+    assert torch.equal(rc[1], state[1])
+
     window = _rand(bsz, 40, 3, gen=gen, dtype=dtype)
     x = _rand(bsz, seq, 40, gen=gen, dtype=dtype)
-    (kwin,), (rwin,) = _twins(window)
-    assert gdn.gdn_commit_deltas(kst, idx, k, kd, a, a_log, dt_bias, window=kwin, x=x) is kst
-    assert ref.gdn_commit_deltas(rst, idx, k, rd, a, a_log, dt_bias, window=rwin, x=x) is rst
-    _same(rst, kst, 1e-5)
-    assert torch.equal(rst[1], state[1])
-    _same(rwin, kwin, 0.0)
+    pending = []
+    for mod, (win, keys, gates) in zip(
+        (gdn, ref), _twins(window, _nan(*k.shape, dtype=dtype), _nan(*a.shape, dtype=dtype))
+    ):
+        mod.gdn_commit(win, idx, x, k, a, keys, gates)
+        pending.append((win, keys, gates))
+    for kt, rt in zip(*pending):
+        _same(rt, kt, 0.0)
+    # the next block over that pending one: the committed state, then this block's rows in place of the old
+    q2, k2, v2, a2, b2, *_ = _gdn_inputs(bsz, seq, dtype, gen)
+    outs = []
+    for mod, (st, rows), (_, keys, gates) in zip((gdn, ref), _twins(state, kd), pending):
+        o = mod.gdn_verify(q2, k2, v2, a2, b2, a_log, dt_bias, st, pending_keys=keys, pending_gates=gates,
+                           pending_rows=rows, pending_idx=idx)  # fmt: skip
+        outs.append((o, st, rows))
+    for kt, rt, tol in zip(*outs, (TOL[dtype], 1e-5, 1e-5)):
+        _same(rt, kt, tol)
+    _same(outs[1][1], rc, 1e-5)
 
 
 def test_gdn_recurrent_final_state_in_place():

@@ -27,7 +27,6 @@ from dflash_compiler.tuning.spaces import (
     AttentionShape,
     DraftAttentionShape,
     GDNChunkedShape,
-    GDNCommitShape,
     GDNShape,
     LinearShape,
     Space,
@@ -103,7 +102,6 @@ SHAPES_27B = [
     AttentionShape(16, 16, 24, 4, 256, 4096),
     DraftAttentionShape(4, 16, 32, 8, 128, 4096),
     GDNShape(16, 16, 16, 48, 128, 128),
-    GDNCommitShape(1, 16, 16, 48, 128, 128),
     GDNChunkedShape(1, 512, 16, 48, 128, 128),
     AcceptShape(4, 16, 248320),
 ]
@@ -254,14 +252,6 @@ def test_other_families_prune_what_cannot_run():
     assert [(p["algorithm"], p["block_k"], p["block_v"], p["factor_warps"]) for p in gdn.alternatives()] == [
         ("chunked", bk, bv, 4) for bk in (128, 32) for bv in (16, 32, 64, 128)
     ] + [("factored", 32, bv, 1) for _ in (2, 4) for bv in (16, 32, 64, 128)]
-    commit = space_for(GDNCommitShape(16, 16, 16, 48, 128, 128), cpu)
-    assert commit.default()["v_major"] is False
-    assert [(p["block_v"], p["block_k"], p["num_warps"]) for p in commit.alternatives()] == [
-        (64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 16, 4), (128, 32, 4), (128, 64, 4), (128, 64, 8)
-    ]  # fmt: skip
-    assert all(p["v_major"] for p in commit.alternatives())
-    assert commit.config({**commit.default(), "v_major": True})[1]["v_major"] is True
-    assert "registers per thread" in commit.check({**commit.default(), "block_k": 128, "block_v": 128, "num_warps": 1})
     acc = space_for(AcceptShape(2, 16, 4096), cpu)
     assert "not a multiple of block_v" in acc.check({"lowering": "triton", "block_v": 4096, "chunk": 2048})
 
@@ -286,7 +276,6 @@ def test_the_calls_of_the_27b_pair():
     assert ("target.attn.qkv", "m16_n14336_k5120_none_xbf16") in by_name  # gated q 2 x 6144 + k, v 1024 each
     assert ("drafter.fc", "m16_n5120_k25600_none_xbf16") in by_name  # 5 tapped layers
     assert ("target.attn.verify", "b16_t16_hq24_hkv4_d256_ctx4096") in by_name
-    assert ("target.gdn.commit", "b1_t16_h16_hv48_k128_v128") in by_name
     assert ("prefill.gdn.chunked", "b1_t512_h16_hv48_k128_v128") in by_name
     assert ("prefill.mlp.gate_up", "m512_n34816_k5120_swiglu_xbf16") in by_name
     assert ("prefill.attn", "b1_t512_hq24_hkv4_d256_ctx4096") in by_name
@@ -636,12 +625,24 @@ def test_measurement_checks_every_config_against_the_reference():
         case.measure("triton", {**config, "block_n": 16})
     assert case.measure("triton", {**config, "block_n": 32}) > 0
 
-    commit = make_case(GDNCommitShape(3, 5, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
-    for slices in ({"block_k": 16, "block_v": 32}, {"block_k": 16, "block_v": 16}):  # each commits the reference's
-        for precision in ("tf32x3", "ieee"):
-            assert commit.measure("triton", {**slices, "num_warps": 2, "precision": precision}) > 0
-    with pytest.raises(ConfigFailed, match="launch failed: ValueError: block_v: 64 must be a power of two >= 16"):
-        commit.measure("triton", {"block_k": 16, "block_v": 64, "num_warps": 2, "precision": "ieee"})
+    # the verify makes a pending block current first: its output, the state and the new update rows are checked
+    verify = make_case(GDNShape(3, 5, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
+    for config in ({"block_v": 16, "num_warps": 1}, {"algorithm": "chunked", "block_v": 16, "precision": "ieee"},
+                   {"algorithm": "factored", "block_v": 32, "precision": "tf32x3", "factor_warps": 1}):  # fmt: skip
+        assert verify.measure("triton", config) > 0
+    run_verify = verify.run
+
+    def loses_a_state(lowering, config, i):
+        o, state, rows = run_verify(lowering, config, i)
+        if lowering == "triton":
+            state[2] = 0.0
+        return o, state, rows
+
+    verify.run = loses_a_state
+    with pytest.raises(ConfigFailed, match="wrong result: state: relative error"):
+        verify.measure("triton", {"block_v": 32, "num_warps": 2})
+    with pytest.raises(ConfigFailed, match="launch failed: ValueError: block_v: 64 must be a power of two"):
+        verify.measure("triton", {"block_v": 64, "num_warps": 2})
     draft = make_case(DraftAttentionShape(2, 4, 4, 2, 16, 70, "fp16"), load_profile("cpu"), "cpu")
     space = space_for(draft.shape, draft.profile)
     assert draft.measure(*space.config({**space.default(), "num_splits": 2})) > 0

@@ -33,6 +33,7 @@ __all__ = [
     "conv_window_commit",
     "draft_attention",
     "gdn_chunked",
+    "gdn_commit",
     "gdn_commit_deltas",
     "gdn_recurrent",
     "gdn_verify",
@@ -292,31 +293,46 @@ def gdn_recurrent(
 
 
 def gdn_verify(
-    q, k, v, a, b, a_log, dt_bias, state, *, out=None, deltas=None, block_v=None, num_warps=None, unroll=None,
-    algorithm="recurrent", precision=None, block_k=None, factor_warps=None,
+    q, k, v, a, b, a_log, dt_bias, state, *, out=None, deltas=None, pending_keys=None, pending_gates=None,
+    pending_rows=None, pending_idx=None, block_v=None, num_warps=None, unroll=None, algorithm="recurrent",
+    precision=None, block_k=None, factor_warps=None,
 ) -> torch.Tensor:  # fmt: skip
-    """A verify block: o; state is left unchanged. deltas [B, T, HV, V] fp32, if given, receives each position's
-    update row, from which gdn_commit_deltas makes the state after the accepted position current."""
+    """A verify block: o. deltas [B, T, HV, V] fp32, if given, receives each position's update row, from which
+    gdn_commit_deltas makes the state after the accepted position current. With a pending block (keys, gates,
+    update rows [B, P, ...] and accepted position pending_idx, -1 for none) the state first becomes the state
+    after that position, in place, and this block's rows replace the pending rows' first T; without one the
+    state is left unchanged."""
+    if pending_keys is not None:
+        if pending_rows.shape[1] < k.shape[1]:
+            raise ValueError(f"pending_rows: holds {pending_rows.shape[1]} positions, the verify block {k.shape[1]}")
+        gdn_commit_deltas(state, pending_idx, pending_keys, pending_rows, pending_gates, a_log, dt_bias)
+        deltas = pending_rows[:, : k.shape[1]]
     return gdn_recurrent(q, k, v, a, b, a_log, dt_bias, state, out=out, deltas=deltas)
 
 
 def gdn_commit_deltas(
-    state, idx, k, deltas, a, a_log, dt_bias, *, window=None, x=None, block_k=None, block_v=None, num_warps=None,
-    precision=None, v_major=None,
+    state, idx, k, deltas, a, a_log, dt_bias, *, block_k=None, block_v=None, num_warps=None, precision=None,
+    v_major=None,
 ) -> torch.Tensor:  # fmt: skip
     """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), from the block's
     initial state, raw keys k [B, T, H, K], the update rows deltas [B, T, HV, V] a verify wrote and raw gate inputs
-    a [B, T, HV] (ops.gated_delta_commit: no step is replayed). With window and the block's raw conv input x, the
-    conv window is committed too (conv_window_commit, with idx unclamped)."""
+    a [B, T, HV] (ops.gated_delta_commit: no step is replayed)."""
     seq = k.shape[1]
     if seq > 0:
         last = idx.long().clamp(max=seq - 1)
         g = ops.gdn_log_decay(a, a_log, dt_bias)
         s = ops.gated_delta_commit(state, last.clamp(min=0), k, deltas, g)
         state.copy_(torch.where((last >= 0)[:, None, None, None], s, state))
-    if window is not None:
-        conv_window_commit(window, x, idx)
     return state
+
+
+def gdn_commit(window, idx, x, k, a, keys, gates) -> None:
+    """A GDN layer's commit: the conv window after block position idx[b] (conv_window_commit), and the block's raw
+    keys and gate inputs kept as the pending block's (keys [B, P, H, K], gates [B, P, HV]; the verify wrote its
+    update rows), which the next verify makes current in the state."""
+    conv_window_commit(window, x, idx)
+    keys[:, : k.shape[1]].copy_(k)
+    gates[:, : a.shape[1]].copy_(a)
 
 
 def gdn_chunked(

@@ -50,12 +50,14 @@ def new_context(drafter_cfg: DrafterConfig, pages: int, device, dtype) -> tuple[
 def new_pools(
     step: SpeculativeStep, rows: int, pages: int, pages_per_row: int, device, dtype, sampled: bool = False
 ) -> Pools:
-    """Zeroed pools for a step's models: `rows` request rows, `pages` KV pages of PAGE_SIZE tokens."""
+    """Zeroed pools for a step's models: `rows` request rows, `pages` KV pages of PAGE_SIZE tokens, no pending GDN
+    block."""
     cfg, b = step.target.cfg, step.block_size
     n_gdn = len(cfg.gdn_layers)
     kv = (pages, cfg.num_kv_heads, PAGE_SIZE, cfg.head_dim)
     ctx_k, ctx_v = new_context(step.drafter.cfg, pages, device, dtype) if step.drafter is not None else (None, None)
     state = (n_gdn, rows, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+    pending = (n_gdn, rows, b)  # the pending block: as wide as the widest verify
     draft_probs = None
     if sampled and b > 1:
         draft_probs = torch.zeros(rows, b - 1, cfg.vocab_size, device=device)
@@ -73,6 +75,10 @@ def new_pools(
         conv_window=torch.zeros(
             n_gdn, rows, cfg.gdn_conv_dim, max(cfg.linear_conv_kernel_dim - 1, 0), device=device, dtype=dtype
         ),
+        gdn_keys=torch.zeros(pending + (cfg.linear_num_key_heads, cfg.linear_key_head_dim), device=device, dtype=dtype),
+        gdn_gates=torch.zeros(pending + (cfg.linear_num_value_heads,), device=device, dtype=dtype),
+        gdn_rows=torch.zeros(pending + state[2:3] + state[4:], device=device),
+        gdn_pending=torch.full((rows,), -1, dtype=torch.int32, device=device),
         k_cache=[torch.zeros(kv, device=device, dtype=dtype) for _ in cfg.attention_layers],
         v_cache=[torch.zeros(kv, device=device, dtype=dtype) for _ in cfg.attention_layers],
         ctx_k=ctx_k,
@@ -392,16 +398,15 @@ def linear_choices(calls: list[tuple], tuning) -> dict[int, tuple[str, dict]]:
 
 
 def gdn_choices(op: str, dims: tuple[int, int, int, int, int], act_dtype, tuning) -> dict[int, tuple[str, dict]]:
-    """The tuned (lowering, config) by batch size of a GDN verify or commit (op) of dims (verify width, key heads,
-    value heads, key dim, value dim), for the runtime's batch buckets (sizes without a tuned entry: absent)."""
+    """The tuned (lowering, config) by batch size of a GDN verify (op) of dims (verify width, key heads, value
+    heads, key dim, value dim), for the runtime's batch buckets (sizes without a tuned entry: absent)."""
     from ..runtime.batch import BUCKETS
-    from ..tuning.spaces import DTYPES, GDNCommitShape, GDNShape
+    from ..tuning.spaces import DTYPES, GDNShape
 
     act = next(name for name, dtype in DTYPES.items() if dtype == act_dtype)
-    shape_of = GDNShape if op == "gdn_verify" else GDNCommitShape
     choices = {}
     for batch in BUCKETS:
-        shape = shape_of(batch, *dims, act)
+        shape = GDNShape(batch, *dims, act)
         choice = tuning.choose(shape.op, shape.key, shape.fmt)
         if choice.tuned:
             choices[batch] = (choice.lowering, dict(choice.config))

@@ -325,47 +325,51 @@ def _(window, x, idx):
     return None
 
 
-@torch.library.custom_op("dflash::gdn_verify", mutates_args=())
+@torch.library.custom_op("dflash::gdn_verify", mutates_args=("state", "rows"))
 def gdn_verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor,
-               state: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The gated delta rule over a verify block from state (left unchanged): (o [N, T, HV, V], each position's
-    update row deltas [N, T, HV, V] fp32, from which gdn_commit builds the state after any position)."""
-    deltas = _new_deltas(v)
-    o = reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas)
-    return o, deltas
+               state: Tensor, keys: Tensor, gates: Tensor, rows: Tensor, pending: Tensor) -> Tensor:  # fmt: skip
+    """The gated delta rule over a verify block: o [N, T, HV, V]. The pending block (the last verified one: its raw
+    keys [N, P, H, K], gate inputs [N, P, HV], update rows [N, P, HV, V] fp32 and accepted position pending[n], -1
+    for none) is first made current in state, in place; this block's update rows then replace rows[:, :T], from
+    which the next verify makes any of its positions current (gdn_commit keeps its keys and gates)."""
+    return reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, **_pending(keys, gates, rows, pending))
 
 
-def _new_deltas(v: Tensor) -> Tensor:
-    return torch.empty(v.shape, dtype=torch.float32, device=v.device)
+def _pending(keys: Tensor, gates: Tensor, rows: Tensor, pending: Tensor) -> dict:
+    return dict(pending_keys=keys, pending_gates=gates, pending_rows=rows, pending_idx=pending)
 
 
 @gdn_verify.register_fake
-def _(q, k, v, a, b, a_log, dt_bias, state):
-    return torch.empty_like(v, memory_format=torch.contiguous_format), _new_deltas(v)
+def _(q, k, v, a, b, a_log, dt_bias, state, keys, gates, rows, pending):
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("dflash::gdn_commit", mutates_args=("state", "window"))
-def gdn_commit(state: Tensor, idx: Tensor, k: Tensor, deltas: Tensor, a: Tensor, a_log: Tensor, dt_bias: Tensor,
-               window: Tensor, x: Tensor) -> None:  # fmt: skip
-    """state[n] and window[n] become those after block position idx[n] (-1 keeps them), from the block's keys, the
-    update rows its verify returned, its gate inputs a and its conv input x (nothing is replayed)."""
-    reference.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=window, x=x)
+@torch.library.custom_op("dflash::gdn_commit", mutates_args=("window", "keys", "gates"))
+def gdn_commit(window: Tensor, idx: Tensor, x: Tensor, k: Tensor, a: Tensor, keys: Tensor, gates: Tensor) -> None:
+    """A GDN layer's commit after its verify: window[n] becomes the conv window after block position idx[n] (-1
+    keeps it) of the block's conv input x, and the block's raw keys k and gate inputs a become the pending block's
+    (its update rows are in place already); the step sets the pending position, and the next verify makes it
+    current in the state. Nothing is replayed."""
+    reference.gdn_commit(window, idx, x, k, a, keys, gates)
 
 
 @gdn_commit.register_fake
-def _(state, idx, k, deltas, a, a_log, dt_bias, window, x):
+def _(window, idx, x, k, a, keys, gates):
     return None
 
 
 @torch.library.custom_op("dflash::gdn_prefill", mutates_args=("state", "window"))
 def gdn_prefill(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor,
-                state: Tensor, window: Tensor, x: Tensor) -> Tensor:  # fmt: skip
-    """The chunked gated delta rule over a prefill chunk: returns o; state and the conv window advance in place to
-    the chunk's last position."""
-    return _gdn_prefill(reference, q, k, v, a, b, a_log, dt_bias, state, window, x)
+                state: Tensor, window: Tensor, x: Tensor, keys: Tensor, gates: Tensor, rows: Tensor,
+                pending: Tensor) -> Tensor:  # fmt: skip
+    """The chunked gated delta rule over a prefill chunk: returns o; state (the pending block made current first)
+    and the conv window advance in place to the chunk's last position. The caller then clears the pending
+    position."""
+    return _gdn_prefill(reference, q, k, v, a, b, a_log, dt_bias, state, window, x, keys, gates, rows, pending)
 
 
-def _gdn_prefill(impl, q, k, v, a, b, a_log, dt_bias, state, window, x) -> Tensor:
+def _gdn_prefill(impl, q, k, v, a, b, a_log, dt_bias, state, window, x, keys, gates, rows, pending) -> Tensor:
+    impl.gdn_commit_deltas(state, pending, keys, rows, gates, a_log, dt_bias)
     o, _ = impl.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, final_state=state)
     last = torch.full((x.shape[0],), x.shape[1] - 1, dtype=torch.int32, device=x.device)
     impl.conv_window_commit(window, x, last)
@@ -373,7 +377,7 @@ def _gdn_prefill(impl, q, k, v, a, b, a_log, dt_bias, state, window, x) -> Tenso
 
 
 @gdn_prefill.register_fake
-def _(q, k, v, a, b, a_log, dt_bias, state, window, x):
+def _(q, k, v, a, b, a_log, dt_bias, state, window, x, keys, gates, rows, pending):
     return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
@@ -488,18 +492,16 @@ def _register_cuda_kernels() -> None:
         t_gdn.conv_window_commit(window, x, idx)
 
     @kernel(gdn_verify)
-    def _(q, k, v, a, b, a_log, dt_bias, state):
-        deltas = _new_deltas(v)
-        o = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas)
-        return o, deltas
+    def _(q, k, v, a, b, a_log, dt_bias, state, keys, gates, rows, pending):
+        return t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, **_pending(keys, gates, rows, pending))
 
     @kernel(gdn_commit)
-    def _(state, idx, k, deltas, a, a_log, dt_bias, window, x):
-        t_gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=window, x=x)
+    def _(window, idx, x, k, a, keys, gates):
+        t_gdn.gdn_commit(window, idx, x, k, a, keys, gates)
 
     @kernel(gdn_prefill)
-    def _(q, k, v, a, b, a_log, dt_bias, state, window, x):
-        return _gdn_prefill(t_gdn, q, k, v, a, b, a_log, dt_bias, state, window, x)
+    def _(q, k, v, a, b, a_log, dt_bias, state, window, x, keys, gates, rows, pending):
+        return _gdn_prefill(t_gdn, q, k, v, a, b, a_log, dt_bias, state, window, x, keys, gates, rows, pending)
 
     @kernel(argmax)
     def _(logits):
@@ -560,7 +562,7 @@ def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | N
     """The Python function implementing dflash op `op` with `backend`: "reference" (PyTorch, any device) or
     "triton" (the kernels; ops without a kernel use their reference). tuned: on the Triton backend, the tuning
     database's (lowering, config) by row bucket for a linear (tuning/spaces.py M_BUCKETS), by batch size for a
-    GDN verify or commit. residual_in_place: a linear whose residual is dead after it (_run_linear)."""
+    GDN verify. residual_in_place: a linear whose residual is dead after it (_run_linear)."""
     custom = OPS[op]
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -577,33 +579,25 @@ def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | N
 
 
 class TunedGDN:
-    """A GDN verify or commit node's implementation with the tuning database's configs by batch size (the recurrent
-    kernel's V slice, warps and unrolling); batch sizes without a tuned entry run the launcher's default. The
-    choice is made at dispatch, i.e. once per captured graph."""
+    """A GDN verify node's implementation with the tuning database's configs by batch size (the algorithm and its
+    launch parameters); batch sizes without a tuned entry run the launcher's default. The choice is made at
+    dispatch, i.e. once per captured graph."""
 
-    OPS = ("gdn_verify", "gdn_commit")
+    OPS = ("gdn_verify",)
 
     def __init__(self, op: str, tuned: dict[int, tuple[str, dict]], default):
         self.op, self.default = op, default
         self.configs = {batch: config for batch, (lowering, config) in tuned.items() if lowering == "triton"}
         self.__name__ = f"{op}_tuned"
 
-    def __call__(self, *args):
+    def __call__(self, q, k, v, a, b, a_log, dt_bias, state, keys, gates, rows, pending):
         from ..codegen.triton import gdn as t_gdn
 
-        if self.op == "gdn_verify":
-            q, k, v, a, b, a_log, dt_bias, state = args
-            config = self.configs.get(q.shape[0])
-            if config is None:
-                return self.default(*args)
-            deltas = _new_deltas(v)
-            o = t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas, **config)
-            return o, deltas
-        state, idx, k, deltas, a, a_log, dt_bias, window, x = args
-        config = self.configs.get(k.shape[0])
+        config = self.configs.get(q.shape[0])
         if config is None:
-            return self.default(*args)
-        t_gdn.gdn_commit_deltas(state, idx, k, deltas, a, a_log, dt_bias, window=window, x=x, **config)
+            return self.default(q, k, v, a, b, a_log, dt_bias, state, keys, gates, rows, pending)
+        pend = _pending(keys, gates, rows, pending)
+        return t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, **pend, **config)
 
 
 class TunedLinear:

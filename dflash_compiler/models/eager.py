@@ -20,11 +20,12 @@ def own_pages(rows: int, max_len: int, device) -> torch.Tensor:
     return (torch.arange(rows * per_row, dtype=torch.int32, device=device) + 1).view(rows, per_row)
 
 
-def request_pools(target: TargetModel, rows: int, max_len: int) -> Pools:
-    """The target's state for `rows` requests of up to max_len positions each: every row active, cache length 0."""
+def request_pools(target: TargetModel, rows: int, max_len: int, verify_width: int = 1) -> Pools:
+    """The target's state for `rows` requests of up to max_len positions each, verifying blocks of up to
+    verify_width tokens: every row active, cache length 0."""
     weight = target.embed_tokens.weight
     table = own_pages(rows, max_len, weight.device)
-    step = SpeculativeStep(target, None, 1, max_len)
+    step = SpeculativeStep(target, None, verify_width, max_len)
     pools = new_pools(step, rows, table.numel() + 1, table.shape[1], weight.device, weight.dtype)
     pools.block_table.copy_(table)
     pools.active.fill_(True)
@@ -57,6 +58,19 @@ def commit(target: TargetModel, pools: Pools, vout: VerifyOut, accepted: torch.T
     idx = accepted.to(torch.int32)
     target.paged_commit(pools, vout, idx)
     pools.cache_lens.copy_(torch.where(idx >= 0, vout.lens + idx + 1, pools.cache_lens))
+
+
+def gdn_states(target: TargetModel, pools: Pools) -> torch.Tensor:
+    """The GDN state rows [layers, R, HV, K, V] with their pending blocks made current: a copy (the pools keep
+    them pending)."""
+    from ..codegen import reference
+
+    states = pools.gdn_state.clone()
+    for j, i in enumerate(target.cfg.gdn_layers):
+        gdn = target.layers[i].linear_attn
+        reference.gdn_commit_deltas(states[j], pools.gdn_pending, pools.gdn_keys[j], pools.gdn_rows[j],
+                                    pools.gdn_gates[j], gdn.A_log.float(), gdn.dt_bias.float())  # fmt: skip
+    return states
 
 
 def forward_rows(target: TargetModel, tokens: torch.Tensor, taps: tuple[int, ...] = ()) -> VerifyOut:

@@ -2,6 +2,11 @@
 
 The state of up to `rows` requests lives in fixed buffers: a paged KV cache (target and drafter context share the
 page table; page 0 is scratch), GDN state and conv-window rows, per-row sampling settings and the step's outputs.
+
+A row's GDN state is `gdn_state` advanced by its pending block: the last verified block's raw keys, gate inputs and
+update rows (`gdn_keys`, `gdn_gates`, `gdn_rows`) up to its accepted position `gdn_pending` (-1: none). The step
+commits by setting that position; the next verify makes it current while it reads the state (one write of the
+state, not a read and a write of its own), and a prefill makes it current before it advances.
 `Pools.rows(sl)` is the same state seen through a row range (views), which is what the step functions take.
 """
 
@@ -33,6 +38,10 @@ class Pools:
     out_count: torch.Tensor  # [R] int32
     gdn_state: torch.Tensor  # [layers, R, HV, K, V] fp32
     conv_window: torch.Tensor  # [layers, R, C, W-1]
+    gdn_keys: torch.Tensor  # [layers, R, P, H, K]: the pending block's raw keys (P: the widest verify)
+    gdn_gates: torch.Tensor  # [layers, R, P, HV]: its raw gate inputs a
+    gdn_rows: torch.Tensor  # [layers, R, P, HV, V] fp32: its update rows
+    gdn_pending: torch.Tensor  # [R] int32: its accepted position, -1 = no pending block
     k_cache: list[torch.Tensor]  # per attention layer [pages, Hkv, PAGE, D]
     v_cache: list[torch.Tensor]
     ctx_k: torch.Tensor | None  # drafter context [layers, pages, Hkv, PAGE, D]
@@ -41,8 +50,8 @@ class Pools:
     draft_probs: torch.Tensor | None = None  # [R, B-1, V] fp32, for sampled rows
 
     _ROW_FIELDS = ("tokens", "cache_lens", "active", "block_table", "temperature", "top_k", "top_p", "out_tokens",
-                   "out_count", "draft_probs")  # fmt: skip
-    _LAYER_ROW_FIELDS = ("gdn_state", "conv_window")
+                   "out_count", "gdn_pending", "draft_probs")  # fmt: skip
+    _LAYER_ROW_FIELDS = ("gdn_state", "conv_window", "gdn_keys", "gdn_gates", "gdn_rows")
 
     def row_tensors(self) -> list[torch.Tensor]:
         """Every buffer indexed by row first (what moves when a request changes rows)."""
@@ -51,8 +60,15 @@ class Pools:
     def move_row(self, src: int, dst: int) -> None:
         for t in self.row_tensors():
             t[dst].copy_(t[src])
-        self.gdn_state[:, dst].copy_(self.gdn_state[:, src])
-        self.conv_window[:, dst].copy_(self.conv_window[:, src])
+        for f in self._LAYER_ROW_FIELDS:
+            t = getattr(self, f)
+            t[:, dst].copy_(t[:, src])
+
+    def clear_row(self, row: int) -> None:
+        """Row `row` starts a request: zero GDN state and conv window, no pending block."""
+        self.gdn_state[:, row].zero_()
+        self.conv_window[:, row].zero_()
+        self.gdn_pending[row] = -1
 
     def rows(self, sl: slice) -> Pools:
         """The pools seen through rows `sl` (views: writes reach the pools)."""
@@ -86,7 +102,7 @@ class VerifyOut:
     logits: torch.Tensor  # [N, T, V]
     features: torch.Tensor | None  # [N*T, taps*H]
     positions: torch.Tensor  # [N, T]
-    saved: list  # per GDN layer: (k, deltas, a, x) for the commit
+    saved: list  # per GDN layer: (k, a, x) for the commit
     table: torch.Tensor  # [N, P] the block table the block was written through
     lens: torch.Tensor  # [N] cache lengths before the block
 

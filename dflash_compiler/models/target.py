@@ -2,8 +2,9 @@
 
 The forward is `TargetModel.paged_forward`, written in the IR's ops (`torch.ops.dflash.*`) over pooled state
 (`Pools`: a paged KV cache and GDN state rows). It runs eagerly on any device and is what the compiler traces:
-prefill advances the state in place; verify writes the block's K/V and leaves the GDN states as they are,
-returning what `paged_commit` needs to make any block position current, so rejected drafts never need a re-run.
+prefill advances the state in place; verify writes the block's K/V and its GDN update rows, returning what
+`paged_commit` needs to keep any block position (it becomes the rows' pending block, which the next verify makes
+current while it reads the state), so rejected drafts never need a re-run.
 """
 
 from __future__ import annotations
@@ -110,10 +111,11 @@ class GatedDeltaNet(nn.Module):
         self.norm.weight = nn.Parameter(torch.ones(cfg.linear_value_head_dim))
         self.out_proj = nn.Linear(cfg.gdn_value_dim, h, bias=False)
 
-    def paged(self, x, state, window, n: int, mode: str, saved: list) -> torch.Tensor:
-        """Token rows x [N*T, H] of N requests' blocks over their state rows (state [N, HV, K, V], window
-        [N, C, W-1]). mode "verify" leaves both as they are and appends what the commit needs to saved;
-        "prefill" advances them in place. Returns the mixer's output rows (before the residual)."""
+    def paged(self, x, pools: Pools, layer: int, n: int, mode: str, saved: list) -> torch.Tensor:
+        """Token rows x [N*T, H] of N requests' blocks over their GDN rows of `layer` in pools (a row view): the state
+        with its pending block, the conv window. mode "verify" makes the pending block current in the state, writes
+        this block's update rows as the next pending block's and appends what the commit needs to saved; "prefill"
+        advances state and window in place. Returns the mixer's output rows (before the residual)."""
         cfg = self.cfg
         hv, kd = cfg.linear_num_value_heads, cfg.gdn_key_dim
         mixed = project(x, self.in_proj_qkv).view(n, -1, cfg.gdn_conv_dim)
@@ -121,16 +123,18 @@ class GatedDeltaNet(nn.Module):
         z = project(x, self.in_proj_z)
         b = project(x, self.in_proj_b).view(n, t, hv)
         a = project(x, self.in_proj_a).view(n, t, hv)
+        state, window = pools.gdn_state[layer], pools.conv_window[layer]
+        pending = (pools.gdn_keys[layer], pools.gdn_gates[layer], pools.gdn_rows[layer], pools.gdn_pending)
         y = dflash.causal_conv1d_update(mixed, window, self.conv1d.weight[:, 0].contiguous())
         q = y[..., :kd].view(n, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
         k = y[..., kd : 2 * kd].view(n, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
         v = y[..., 2 * kd :].view(n, t, hv, cfg.linear_value_head_dim)
         a_log, dt_bias = self.A_log.float(), self.dt_bias.float()
         if mode == "verify":
-            o, deltas = dflash.gdn_verify(q, k, v, a, b, a_log, dt_bias, state)
-            saved.append((k, deltas, a, mixed))
+            o = dflash.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, *pending)
+            saved.append((k, a, mixed))
         else:
-            o = dflash.gdn_prefill(q, k, v, a, b, a_log, dt_bias, state, window, mixed)
+            o = dflash.gdn_prefill(q, k, v, a, b, a_log, dt_bias, state, window, mixed, *pending)
         o = dflash.gated_rms_norm(o.reshape(n * t, hv, -1), z.view(n * t, hv, -1), self.norm.weight, cfg.rms_norm_eps)
         return project(o.view(n * t, cfg.gdn_value_dim), self.out_proj)
 
@@ -190,8 +194,7 @@ class TargetModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = dflash.rms_norm(h, layer.input_layernorm.weight, eps, zc)
             if layer.is_gdn:
-                state, window = pools.gdn_state[i_gdn], pools.conv_window[i_gdn]
-                h = h + layer.linear_attn.paged(x, state, window, n, mode, saved)
+                h = h + layer.linear_attn.paged(x, pools, i_gdn, n, mode, saved)
                 i_gdn += 1
             else:
                 kc, vc = pools.k_cache[i_attn], pools.v_cache[i_attn]
@@ -200,6 +203,8 @@ class TargetModel(nn.Module):
             h = h + layer.mlp.paged(dflash.rms_norm(h, layer.post_attention_layernorm.weight, eps, zc))
             if i in taps:
                 tapped[i] = h
+        if mode == "prefill" and cfg.gdn_layers:
+            pools.gdn_pending.fill_(-1)  # every layer's prefill made it current
         last = len(self.layers) - 1
         if last in taps:
             # Upstream taps hidden_states[layer + 1], and transformers' last entry is after the final norm.
@@ -213,11 +218,11 @@ class TargetModel(nn.Module):
         return VerifyOut(logits.view(n, -1, logits.shape[-1]), features, positions, saved, table, lens)
 
     def paged_commit(self, pools: Pools, vout: VerifyOut, idx: torch.Tensor) -> None:
-        """Makes block position idx[n] (int32, -1 keeps the row as it is) current in the GDN state rows and conv
-        windows of the requests verified in vout, from the block's keys and update rows. KV needs nothing: the verify
-        wrote it, and positions past the cache length are never read."""
-        for j, (k, deltas, a, x) in enumerate(vout.saved):
-            gdn = self.layers[self.cfg.gdn_layers[j]].linear_attn
-            dflash.gdn_commit(
-                pools.gdn_state[j], idx, k, deltas, a, gdn.A_log.float(), gdn.dt_bias.float(), pools.conv_window[j], x
-            )
+        """Keeps block position idx[n] (int32, -1 keeps the row as it is) of the requests verified in vout: their conv
+        windows move to it, and the block becomes their GDN rows' pending block up to it (its keys and gates kept
+        here, its update rows by the verify), which the next verify or prefill makes current in the state. KV needs
+        nothing: the verify wrote it, and positions past the cache length are never read."""
+        for j, (k, a, x) in enumerate(vout.saved):
+            dflash.gdn_commit(pools.conv_window[j], idx, x, k, a, pools.gdn_keys[j], pools.gdn_gates[j])
+        if vout.saved:
+            pools.gdn_pending.copy_(idx)

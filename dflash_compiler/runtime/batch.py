@@ -477,8 +477,7 @@ class BatchRunner:
         p.block_table[row].copy_(table)
         p.cache_lens[row] = 0
         p.active[row] = False
-        p.gdn_state[:, row].zero_()
-        p.conv_window[:, row].zero_()
+        p.clear_row(row)
         p.temperature[row] = req.params.temperature
         p.top_k[row] = req.params.top_k
         p.top_p[row] = req.params.top_p

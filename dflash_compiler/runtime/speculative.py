@@ -130,7 +130,7 @@ class SpeculativeDecoder:
 
         t0 = time.perf_counter()
         n = len(prompt)
-        pools = eager.request_pools(target, 1, cache_len)  # this request's KV pages and GDN state row
+        pools = eager.request_pools(target, 1, cache_len, bs)  # this request's KV pages and GDN state row
         draft_state = self.proposer.new_state(1, cache_len) if self.taps else None  # this request's drafter context
         ids = torch.tensor([prompt], device=device)
         for i in range(0, n, PREFILL_CHUNK):  # in chunks, as the batched runtime prefills

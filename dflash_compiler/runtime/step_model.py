@@ -78,11 +78,13 @@ class StepModel:
         return per * PAGE_SIZE * self.dtype.itemsize
 
     def row_bytes(self) -> int:
-        """Bytes of one row's GDN state and conv window."""
-        cfg = self.cfg
-        state = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
-        conv = cfg.gdn_conv_dim * max(cfg.linear_conv_kernel_dim - 1, 0) * self.dtype.itemsize
-        return len(cfg.gdn_layers) * (state + conv)
+        """Bytes of one row's GDN state, conv window and pending block (keys, gates, update rows)."""
+        cfg, width, act = self.cfg, self.step_def.block_size, self.dtype.itemsize
+        hv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        state = hv * dk * dv * 4
+        conv = cfg.gdn_conv_dim * max(cfg.linear_conv_kernel_dim - 1, 0) * act
+        pending = width * ((cfg.linear_num_key_heads * dk + hv) * act + hv * dv * 4)
+        return len(cfg.gdn_layers) * (state + conv + pending)
 
     def new_pools(self, rows: int, pages: int, pages_per_row: int) -> Pools:
         if pages_per_row * PAGE_SIZE != -(-self.max_len // PAGE_SIZE) * PAGE_SIZE:

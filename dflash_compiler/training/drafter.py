@@ -224,7 +224,7 @@ def _decode_batch(target, drafter, prompts, budget, block_size, stops) -> list[l
     proposer = DFlashProposer(drafter, target, block_size)
     cache_len = plen + budget + block_size
     ids = torch.tensor([list(p) for p in prompts], device=device)
-    pools = eager.request_pools(target, n, cache_len)
+    pools = eager.request_pools(target, n, cache_len, block_size)
     out = eager.prefill(target, pools, ids, taps, last_only=True)
     draft_state = proposer.add_context(proposer.new_state(n, cache_len), out.features.view(n, plen, -1), out.positions)
     anchor = out.logits[:, -1].argmax(-1)

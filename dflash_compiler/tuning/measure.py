@@ -23,7 +23,6 @@ from .spaces import (
     AttentionShape,
     DraftAttentionShape,
     GDNChunkedShape,
-    GDNCommitShape,
     GDNShape,
     LinearShape,
 )
@@ -327,26 +326,43 @@ class GDNCase(Case):
             state = self.rand(s.batch, s.hv, s.dk, s.dv, scale=0.3)
             out = torch.empty(s.batch, s.t, s.hv, s.dv, dtype=dtype, device=self.device)
             self.sets.append((q, k, v, ba[..., s.hv :], ba[..., : s.hv], a_log, dt_bias, state, out))
-        # a verify's update rows (fp32), written as the step's verify writes them
-        verify = shape.op == "gdn_verify"
-        self.update_rows = [torch.empty(s.batch, s.t, s.hv, s.dv, device=self.device) for _ in self.sets if verify]
+        self.pending, self.initial = [], []
+        if shape.op != "gdn_verify":
+            return
+        # as in the step: a pending block (the previous verify's keys, gates and update rows, a random accepted
+        # position per request, none for request 1) made current in the state, this block's rows replacing its own
+        for q, k, v, a, b, a_log, dt_bias, state, _ in self.sets:
+            keys, gates = k.clone(), a.clone()
+            rows = torch.empty(s.batch, s.t, s.hv, s.dv, device=self.device)
+            reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=rows)
+            idx = torch.randint(0, s.t, (s.batch,), generator=self.gen, device=self.device, dtype=torch.int32)
+            idx = torch.where(torch.arange(s.batch, device=self.device) == 1, -1, idx)
+            self.pending.append(dict(pending_keys=keys, pending_gates=gates, pending_rows=rows, pending_idx=idx))
+            self.initial.append((state.clone(), rows.clone()))
 
     def poison(self, i: int) -> None:
         self.sets[i][-1].fill_(float("nan"))
-        if self.update_rows:
-            self.update_rows[i].fill_(float("nan"))
+        if self.initial:
+            state, rows = self.initial[i]
+            self.sets[i][7].copy_(state)
+            self.pending[i]["pending_rows"].copy_(rows)
 
     def run(self, lowering: str, config: dict, i: int):
         *inputs, out = self.sets[i]
+        pending = self.pending[i]
         if lowering == "reference":
-            deltas = torch.empty_like(self.update_rows[i])
-            return reference.gdn_verify(*inputs, deltas=deltas), deltas
+            # from the set's initial state and rows, which the runs below advance
+            state, rows = (t.clone() for t in self.initial[i])
+            inputs[7] = state
+            o = reference.gdn_verify(*inputs, **{**pending, "pending_rows": rows})
+            return o, state, rows
         from ..codegen.triton.gdn import gdn_verify
 
-        return gdn_verify(*inputs, out=out, deltas=self.update_rows[i], **config), self.update_rows[i]
+        o = gdn_verify(*inputs, out=out, **pending, **config)
+        return o, inputs[7], pending["pending_rows"]
 
     def compare(self, got, want) -> str | None:
-        for name, g, w in zip(("o", "update rows"), got, want):
+        for name, g, w in zip(("o", "state", "update rows"), got, want):
             wrong = self._compare_tensor(g, w)
             if wrong:
                 return f"{name}: {wrong}"
@@ -356,44 +372,6 @@ class GDNCase(Case):
         err = _relative_error(got, want)
         tol = self.tolerance("triton", {})
         return None if err <= tol else f"relative error {err:.3g} over {tol:g}"
-
-
-class GDNCommitCase(GDNCase):
-    """Each set commits a different accepted index per request into its own state (left as it was for -1), from
-    update rows its set's verify wrote; the checked run starts from the set's initial state, the timed ones from
-    whatever the previous commit left."""
-
-    def __init__(
-        self, shape: GDNCommitShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
-    ):
-        super().__init__(shape, profile, device, seed, max_rotations)
-        s = shape
-        self.initial = [inputs[7].clone() for inputs in self.sets]
-        self.idx, self.deltas = [], []
-        for q, k, v, a, b, a_log, dt_bias, state, _ in self.sets:
-            idx = torch.randint(0, s.t, (s.batch,), generator=self.gen, device=self.device)
-            self.idx.append(torch.where(torch.arange(s.batch, device=self.device) == 1, -1, idx))
-            deltas = torch.empty(s.batch, s.t, s.hv, s.dv, device=self.device)
-            reference.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, deltas=deltas)
-            self.deltas.append(deltas)
-
-    def poison(self, i: int) -> None:
-        self.sets[i][7].copy_(self.initial[i])
-
-    def tolerance(self, lowering: str, config: dict) -> float:
-        return 1e-4  # the state is fp32 whatever the inputs' dtype, and every later step reads it
-
-    def run(self, lowering: str, config: dict, i: int):
-        q, k, v, a, b, a_log, dt_bias, state, _ = self.sets[i]
-        if lowering == "reference":
-            return reference.gdn_commit_deltas(self.initial[i].clone(), self.idx[i], k, self.deltas[i], a, a_log,
-                                               dt_bias)  # fmt: skip
-        from ..codegen.triton.gdn import gdn_commit_deltas
-
-        return gdn_commit_deltas(state, self.idx[i], k, self.deltas[i], a, a_log, dt_bias, **config)
-
-    def compare(self, got, want) -> str | None:
-        return self._compare_tensor(got, want)
 
 
 class GDNChunkedCase(GDNCase):
@@ -465,7 +443,6 @@ CASES = {
     "verify_attention": AttentionCase,
     "draft_attention": DraftAttentionCase,
     "gdn_verify": GDNCase,
-    "gdn_commit": GDNCommitCase,
     "gdn_chunked": GDNChunkedCase,
     "greedy_accept": AcceptCase,
 }

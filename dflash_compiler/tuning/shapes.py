@@ -19,7 +19,6 @@ from .spaces import (
     AttentionShape,
     DraftAttentionShape,
     GDNChunkedShape,
-    GDNCommitShape,
     GDNShape,
     LinearShape,
     m_bucket,
@@ -35,9 +34,7 @@ class Call:
     """One tunable call: a name (where in the model it runs) and its shape."""
 
     name: str
-    shape: (
-        LinearShape | AttentionShape | DraftAttentionShape | GDNShape | GDNCommitShape | GDNChunkedShape | AcceptShape
-    )
+    shape: LinearShape | AttentionShape | DraftAttentionShape | GDNShape | GDNChunkedShape | AcceptShape
 
     @property
     def op(self) -> str:
@@ -114,7 +111,6 @@ def model_calls(
             linear("target.gdn.out_proj", rows, h, t.gdn_value_dim, "residual")
             dims = (batch, block, t.linear_num_key_heads, hv, t.linear_key_head_dim, t.linear_value_head_dim, act)
             calls.setdefault(("gdn", dims), Call("target.gdn.verify", GDNShape(*dims)))
-            calls.setdefault(("gdn_commit", dims), Call("target.gdn.commit", GDNCommitShape(*dims)))
         if t.attention_layers:
             qw = t.num_heads * t.head_dim * (2 if t.attn_output_gate else 1)
             linear("target.attn.qkv", rows, qw + 2 * t.num_kv_heads * t.head_dim, h)
@@ -142,7 +138,7 @@ def model_calls(
 
 
 def select(calls: Sequence[Call], ops: Sequence[str] | None) -> list[Call]:
-    """The calls named by `ops`: an op family (linear, verify_attention, draft_attention, gdn_verify, gdn_commit,
+    """The calls named by `ops`: an op family (linear, verify_attention, draft_attention, gdn_verify,
     gdn_chunked, greedy_accept) or a call name (target.mlp.down), each matching every batch size."""
     if not ops:
         return list(calls)

@@ -1,7 +1,7 @@
 """Search spaces per kernel family, built from the launchers' own configs, with the configs that cannot run on a
 profile pruned before they launch.
 
-A shape (LinearShape, AttentionShape, DraftAttentionShape, GDNShape, GDNCommitShape, GDNChunkedShape, AcceptShape)
+A shape (LinearShape, AttentionShape, DraftAttentionShape, GDNShape, GDNChunkedShape, AcceptShape)
 is one tunable call: its `key` is the database's shape key and parses back (`parse_shape`). A space is discrete:
 `choices` lists every parameter's values (always including the launcher's default), `suggest` draws a point from an
 Optuna trial (the lowering first: only the Triton lowering has further parameters), `check` says why a point is
@@ -569,14 +569,6 @@ class GDNChunkedShape(GDNShape):
     op = "gdn_chunked"
 
 
-@dataclass(frozen=True)
-class GDNCommitShape(GDNShape):
-    """The commit of an accepted position: the state after it, built from the block's initial state and the update
-    rows its verify wrote."""
-
-    op = "gdn_commit"
-
-
 class GDNSpace(Space):
     """codegen/triton/gdn.py's verify launch: the algorithm (position by position; the block as one UT/WY chunk on
     the tensor cores, in one launch or factored into a per-head factors launch and a per-V-slice state launch),
@@ -682,60 +674,6 @@ class GDNSpace(Space):
         return _accumulator_check(s.dk * params["block_v"], params["num_warps"], self.profile, "the state slice")
 
 
-class GDNCommitSpace(Space):
-    """codegen/triton/gdn.py's gdn_commit_deltas: the state slice per program (K and V), warps, its product's
-    precision, and its orientation (the V slice as the product's M)."""
-
-    op = "gdn_commit"
-
-    def choices(self) -> dict[str, list]:
-        return self._with_default(
-            {
-                "lowering": _lowerings(self.profile),
-                "block_k": _upto([16, 32, 64, 128], self.shape.dk),
-                "block_v": _upto([16, 32, 64, 128], self.shape.dv),
-                "num_warps": [1, 2, 4, 8],
-                "precision": list(gdn_kernels.PRECISIONS),
-                "v_major": [False, True],
-            }
-        )
-
-    def launcher_default(self) -> Params:
-        s = self.shape
-        return {"lowering": "triton", **gdn_kernels.commit_config(s.dk, s.dv), "precision": "tf32x3", "v_major": False}
-
-    def alternatives(self) -> list[Params]:
-        """The transposed slice with 64 or 128 values as M (the tensor cores' warpgroup tile) and K in slices of 16
-        to 64, 4 warps, and 128 x 64 on 8: a short TPE run over the whole space may not reach them."""
-        default = self.default()
-        if default["lowering"] != "triton":
-            return []
-        choices = self.choices()
-        points = [
-            {**default, "v_major": True, "block_v": bv, "block_k": bk, "num_warps": 4}
-            for bv in (64, 128)
-            for bk in (16, 32, 64)
-        ] + [{**default, "v_major": True, "block_v": 128, "block_k": 64, "num_warps": 8}]
-        return [
-            p for p in points
-            if p["block_v"] in choices["block_v"] and p["block_k"] in choices["block_k"] and self.check(p) is None
-        ]  # fmt: skip
-
-    def limits(self, params: Params) -> str | None:
-        s = self.shape
-        if params["lowering"] != "triton":
-            return None
-        if s.t > 64:
-            return f"a commit takes at most 64 positions (t={s.t})"
-        for name, dim in (("block_k", s.dk), ("block_v", s.dv)):
-            if params[name] > dim or dim % params[name]:
-                return f"{name} {params[name]} does not divide {dim}"
-        # the state slice, the block's update rows of that V slice and its keys of that K slice, in registers
-        rows = max(16, _p2(s.t))
-        regs = params["block_k"] * params["block_v"] + rows * (params["block_v"] + params["block_k"] + s.dk)
-        return _accumulator_check(regs, params["num_warps"], self.profile, "the commit's state slice")
-
-
 class GDNChunkedSpace(Space):
     """codegen/triton/gdn.py's gdn_chunked: the chunk length, the V slice of the scan and its dot precision (the
     accuracy of each is checked against the reference like any result)."""
@@ -837,7 +775,6 @@ SPACES: dict[str, type[Space]] = {
     "verify_attention": AttentionSpace,
     "draft_attention": AttentionSpace,
     "gdn_verify": GDNSpace,
-    "gdn_commit": GDNCommitSpace,
     "gdn_chunked": GDNChunkedSpace,
     "greedy_accept": AcceptSpace,
 }
@@ -848,7 +785,6 @@ _KEYS = {
     "verify_attention": (AttentionShape, _ATTENTION_KEY),
     "draft_attention": (DraftAttentionShape, _ATTENTION_KEY),
     "gdn_verify": (GDNShape, _GDN_KEY),
-    "gdn_commit": (GDNCommitShape, _GDN_KEY),
     "gdn_chunked": (GDNChunkedShape, _GDN_KEY),
     "greedy_accept": (AcceptShape, r"b(?P<batch>\d+)_bs(?P<bs>\d+)_v(?P<vocab>\d+)"),
 }

@@ -2,15 +2,16 @@
 rollback needs), the commit of an accepted position, and the chunked form for prefill.
 
 References: models/ops.py causal_conv1d, conv_window_after, gdn_gates, gated_delta_rule_recurrent,
-gated_delta_rule_chunked.
+gated_delta_commit, gated_delta_rule_chunked.
 
-Rollback. After a verify block of T tokens the engine keeps the state after accepted position idx[b]. The step
-(graph/ops.py's gdn_verify and gdn_commit) does it from update rows: the verify writes each position's
-d_t = beta_t (v_t - (e^g_t S_t-1)^T k_t) ([B, T, HV, V] fp32, 16 x 24 KiB per request and layer at Qwen3.5-27B),
-and gdn_commit_deltas makes the state after idx[b] in one step, S e^c_idx + sum over t <= idx of
-e^(c_idx - c_t) k_t d_t^T: it reads the initial state once and writes it once, and no step waits for the one before
-(on the H200 at batch 16, 34 µs against 55 µs for replaying the block's steps from the initial state up to idx[b];
-bench/results/gdn-deltas-h200.json has the verify's cost of writing the rows).
+Rollback. After a verify block of T tokens the engine keeps the state after accepted position idx[b]. The verify
+writes each position's update row d_t = beta_t (v_t - (e^g_t S_t-1)^T k_t) ([B, T, HV, V] fp32, 16 x 24 KiB per
+request and layer at Qwen3.5-27B), and the state after idx[b] is S e^c_idx + sum over t <= idx of
+e^(c_idx - c_t) k_t d_t^T (gdn_commit_deltas): the initial state read once and written once, no step waiting for
+the one before. The step does not launch that on its own: the block stays pending (its keys and gate inputs kept
+by gdn_commit, its rows where the verify wrote them, idx[b] in the pools), and the next verify's state launch
+applies it to each state slice it reads, writes the slice back and goes on with its products. The commit so costs
+one write of the state on top of the read every verify does.
 
 The conv commit reads the block's raw input x (kept by the caller until the commit) instead of a copy of it: the
 extended input would write (W-1+T)*C values per block and per-position windows (W-1)*T*C, while the window after
@@ -153,6 +154,7 @@ def _gdn_recurrent_kernel(
     sb_b,
     sb_t,
     sb_h,
+    sd_b,
     HV: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
@@ -201,7 +203,7 @@ def _gdn_recurrent_kernel(
                 ks = tl.reduce(S * kr[:, None], 0, _add)
                 delta = beta_i * (vr - alpha_i * ks)
                 if DELTAS:
-                    tl.store(delta_ptr + ((b64 * T + t) * HV + h) * V + offs_v, delta, mask=(offs_v * 0 + t) < T)
+                    tl.store(delta_ptr + b64 * sd_b + (t * HV + h) * V + offs_v, delta, mask=(offs_v * 0 + t) < T)
                 qr = tl.load(q_base + tc * sq_t + offs_k).to(tl.float32)
                 qr = qr * (tl.rsqrt(tl.reduce(qr * qr, 0, _add) + 1e-6) * scale)
                 qs = tl.reduce(S * qr[:, None], 0, _add)
@@ -245,7 +247,7 @@ def _gdn_recurrent_kernel(
                 ks = tl.reduce(S * kr[:, None], 0, _add)
                 delta = beta_i * (vr - alpha_i * ks)
                 if DELTAS:
-                    tl.store(delta_ptr + ((b64 * T + t) * HV + h) * V + offs_v, delta)
+                    tl.store(delta_ptr + b64 * sd_b + (t * HV + h) * V + offs_v, delta)
                 qr = tl.load(q_base + t * sq_t + offs_k).to(tl.float32) * tl.reduce(tl.where(sel, rq, 0.0), 0, _add)
                 qs = tl.reduce(S * qr[:, None], 0, _add)
                 o = alpha_i * qs + tl.reduce(kr * qr, 0, _add) * delta
@@ -389,6 +391,7 @@ def _gdn_block_kernel(
     sb_b,
     sb_t,
     sb_h,
+    sd_b,
     HV: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
@@ -444,20 +447,25 @@ def _gdn_block_kernel(
     rows_out = ((b64 * T + ri[:, None]) * HV + h) * V + offs_v[None, :]
     tl.store(o_ptr + rows_out, o.to(o_ptr.dtype.element_ty), mask=live[:, None])
     if DELTAS:
-        tl.store(delta_ptr + rows_out, u - tl.dot(w_of_k, ks, input_precision=PREC), mask=live[:, None])
+        rows_d = b64 * sd_b + (ri[:, None] * HV + h) * V + offs_v[None, :]
+        tl.store(delta_ptr + rows_d, u - tl.dot(w_of_k, ks, input_precision=PREC), mask=live[:, None])
 
 
 @triton.jit
 def _gdn_factors_kernel(
     q_ptr, k_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, fac_ptr, T, scale,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sa_b, sa_t, sa_h, sb_b, sb_t, sb_h,
+    pk_ptr, pa_ptr, pidx_ptr, TP, spk_b, spk_t, spk_h, spa_b, spa_t, spa_h,
     HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr, LEVELS: tl.constexpr,
-    BK: tl.constexpr, PREC: tl.constexpr, RAW_PREC: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, RAW_PREC: tl.constexpr, FAC: tl.constexpr, PENDING: tl.constexpr,
+    BTP: tl.constexpr,
 ):  # fmt: skip
     """The factored verify's first launch, one program per (request, value head): the block's [BT, BT] factors
     (m_o = attn m_u, m_u, k_mix, w_of_k, then q_scale), which the state launch applies to each V slice. They
     depend on neither the state nor the values, so the chain of small products runs once per head rather than
-    once per V slice, and the state launch is left its loads and products."""
+    once per V slice, and the state launch is left its loads and products.
+    PENDING: also the pending block's commit weights (positions <= pidx[b] of TP: the keys' inverse norms times
+    e^(c_last - c_t), then e^c_last), with which the state launch first makes that block's position current."""
     pid_bh, bb, h, hq, b64 = _head_program(HV, G)
     ri = tl.arange(0, BT)
     live = ri < T
@@ -469,13 +477,28 @@ def _gdn_factors_kernel(
     beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
     w_of_k, m_u, attn, k_mix, q_scale = _verify_mixes(qk, rq, rk, beta, cum, inv, ri, scale, PREC)
     m_o = tl.dot(attn, m_u, input_precision=PREC)
-    base = fac_ptr + pid_bh.to(tl.int64) * (4 * BT * BT + BT)
+    base = fac_ptr + pid_bh.to(tl.int64) * FAC
     square = ri[:, None] * BT + ri[None, :]
     tl.store(base + square, m_o)
     tl.store(base + BT * BT + square, m_u)
     tl.store(base + 2 * BT * BT + square, k_mix)
     tl.store(base + 3 * BT * BT + square, w_of_k)
     tl.store(base + 4 * BT * BT + ri, q_scale)
+    if PENDING:
+        rp = tl.arange(0, BTP)
+        plive = rp <= tl.minimum(tl.load(pidx_ptr + bb), TP - 1)  # none when pidx[b] = -1
+        offs_c = tl.arange(0, BK)
+        p_rows = pk_ptr + b64 * spk_b + rp[:, None] * spk_t + hq * spk_h + offs_c[None, :]
+        ksq = tl.zeros((BTP,), tl.float32)
+        for c in range(K // BK):
+            kc = tl.load(p_rows + c * BK, mask=plive[:, None], other=0.0).to(tl.float32)
+            ksq += tl.reduce(kc * kc, 1, _add)
+        pxa = tl.load(pa_ptr + b64 * spa_b + rp * spa_t + h * spa_h, mask=plive, other=0.0)
+        g = _chunk_log_decays(pxa, plive, a_log_ptr, dt_bias_ptr, h)
+        c_last = tl.reduce(g, 0, _add)
+        weight = tl.where(plive, tl.rsqrt(ksq + 1e-6) * tl.exp(c_last - tl.associative_scan(g, 0, _add)), 0.0)
+        tl.store(base + 4 * BT * BT + BT + rp, weight)
+        tl.store(base + 4 * BT * BT + BT + BTP, tl.exp(c_last))
 
 
 @triton.jit
@@ -492,33 +515,53 @@ def _state_dot(s_t, x_t, PREC: tl.constexpr, SPLIT: tl.constexpr):
 @triton.jit
 def _gdn_state_products_kernel(
     q_ptr, k_ptr, v_ptr, state_ptr, fac_ptr, o_ptr, delta_ptr, T,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, pk_ptr, pidx_ptr, TP, spk_b, spk_t, spk_h,
     HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, DELTAS: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, DELTAS: tl.constexpr, FAC: tl.constexpr,
+    PENDING: tl.constexpr, BTP: tl.constexpr,
 ):  # fmt: skip
     """The factored verify's second launch, one program per (request, value head, V slice): with the factors of
     _gdn_factors_kernel, o = m_o v + diag(q_scale) (q_raw S) - k_mix (k_raw S) and the update rows
     m_u v - w_of_k (k_raw S). Computed transposed, S^T [BV, K] times q_raw^T and k_raw^T: the V slice is the
     products' M (a block has 16 positions, too few rows to fill the tensor cores), and the raw keys and queries
-    enter the products unscaled, so that for 16-bit inputs they are exact in tf32 (SPLIT)."""
+    enter the products unscaled, so that for 16-bit inputs they are exact in tf32 (SPLIT).
+
+    PENDING: the state is first advanced to the pending block's position pidx[b] (its raw keys pk, its update
+    rows in delta_ptr, which this program then overwrites with the block's own, and the factors launch's weights):
+    S^T e^c_last + (d diag(w))^T k_raw per [BV, BK] chunk, written back (pidx[b] >= 0) and used for the products.
+    The commit so costs the state one write on top of the verify's read."""
     pid_bh, bb, h, hq, b64 = _head_program(HV, G)
     pid_v = tl.program_id(1)
     offs_c = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     ri = tl.arange(0, BT)
     live = ri < T
+    base = fac_ptr + pid_bh.to(tl.int64) * FAC
     q_cols = q_ptr + b64 * sq_b + ri[None, :] * sq_t + hq * sq_h + offs_c[:, None]
     k_cols = k_ptr + b64 * sk_b + ri[None, :] * sk_t + hq * sk_h + offs_c[:, None]
     s_rows = state_ptr + (b64 * HV + h) * (K * V) + offs_c[None, :] * V + offs_v[:, None]
+    if PENDING:
+        last = tl.minimum(tl.load(pidx_ptr + bb), TP - 1)
+        rp = tl.arange(0, BTP)
+        plive = rp <= last
+        weight = tl.load(base + 4 * BT * BT + BT + rp)
+        d_t = tl.load(delta_ptr + b64 * sd_b + (rp[None, :] * HV + h) * V + offs_v[:, None], mask=plive[None, :],
+                      other=0.0) * weight[None, :]  # fmt: skip
+        decay = tl.load(base + 4 * BT * BT + BT + BTP)
+        p_rows = pk_ptr + b64 * spk_b + rp[:, None] * spk_t + hq * spk_h + offs_c[None, :]
+        keep = (offs_v[:, None] * 0 + offs_c[None, :] * 0 + last) >= 0
     qs = tl.zeros((BV, BT), tl.float32)  # (q_raw S)^T
     ks = tl.zeros((BV, BT), tl.float32)  # (k_raw S)^T
     for c in range(K // BK):
         qc = tl.load(q_cols + c * BK, mask=live[None, :], other=0.0).to(tl.float32)
         kc = tl.load(k_cols + c * BK, mask=live[None, :], other=0.0).to(tl.float32)
         s_t = tl.load(s_rows + c * BK * V)
+        if PENDING:
+            kp = tl.load(p_rows + c * BK, mask=plive[:, None], other=0.0).to(tl.float32)
+            s_t = s_t * decay + _state_dot(d_t, kp, PREC, SPLIT)
+            tl.store(s_rows + c * BK * V, s_t, mask=keep)
         qs += _state_dot(s_t, qc, PREC, SPLIT)
         ks += _state_dot(s_t, kc, PREC, SPLIT)
-    base = fac_ptr + pid_bh.to(tl.int64) * (4 * BT * BT + BT)
     square_t = ri[None, :] * BT + ri[:, None]  # a factor's transpose
     vt = tl.load(v_ptr + b64 * sv_b + ri[None, :] * sv_t + h * sv_h + offs_v[:, None], mask=live[None, :], other=0.0)
     vt = vt.to(tl.float32)
@@ -529,7 +572,10 @@ def _gdn_state_products_kernel(
     if DELTAS:
         rows = tl.dot(vt, tl.load(base + BT * BT + square_t), input_precision=PREC)
         rows -= tl.dot(ks, tl.load(base + 3 * BT * BT + square_t), input_precision=PREC)
-        tl.store(delta_ptr + rows_out, rows, mask=live[None, :])
+        if PENDING:
+            # the pending rows are overwritten in place: every thread must have read its part first
+            tl.debug_barrier()
+        tl.store(delta_ptr + b64 * sd_b + (ri[None, :] * HV + h) * V + offs_v[:, None], rows, mask=live[None, :])
 
 
 @triton.jit
@@ -588,28 +634,43 @@ def _delta_commit_tile(
 @triton.jit
 def _gdn_delta_commit_kernel(
     k_ptr, delta_ptr, a_ptr, a_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, T, sk_b, sk_t, sk_h, sa_b, sa_t, sa_h,
-    x_ptr, win_ptr, STATE_ROWS, B, C, sx_b, sx_t,
     HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BT: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr, W1: tl.constexpr, W1P: tl.constexpr,
-    BC: tl.constexpr, V_MAJOR: tl.constexpr, SPLIT: tl.constexpr,
+    BT: tl.constexpr, PREC: tl.constexpr, V_MAJOR: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """The state slices (program rows below STATE_ROWS = B HV) and, with CONV, the conv windows' channel tiles in
-    the programs after them (numbered across the V and K slice axes): the whole commit of a GDN layer in one
-    launch."""
-    pid_bh = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    if CONV and pid_bh >= STATE_ROWS:
-        tile = ((pid_bh - STATE_ROWS) * (V // BV) + pid_v) * (K // BK) + pid_k
-        tiles_per_request = tl.cdiv(C, BC)
-        if tile < tiles_per_request * B:
-            _conv_commit_tile(x_ptr, win_ptr, idx_ptr, tile % tiles_per_request, tile // tiles_per_request, T, C,
-                              sx_b, sx_t, W1, W1P, BC)  # fmt: skip
+    _delta_commit_tile(
+        k_ptr, delta_ptr, a_ptr, a_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, tl.program_id(0), tl.program_id(1),
+        tl.program_id(2), T, sk_b, sk_t, sk_h, sa_b, sa_t, sa_h, HV, G, K, V, BK, BV, BT, PREC, V_MAJOR, SPLIT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _block_rows_copy(src_ptr, dst_ptr, b64, pid_n, T, N, ss_b, ss_t, P, BT: tl.constexpr, BN: tl.constexpr):
+    """Columns [pid_n BN, +BN) of request b's T rows of src (each row N contiguous values) into dst [B, P, N]."""
+    ri = tl.arange(0, BT)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask = (ri < T)[:, None] & (offs_n < N)[None, :]
+    vals = tl.load(src_ptr + b64 * ss_b + ri[:, None] * ss_t + offs_n[None, :], mask=mask)
+    tl.store(dst_ptr + (b64 * P + ri[:, None]) * N + offs_n[None, :], vals, mask=mask)
+
+
+@triton.jit
+def _gdn_commit_kernel(
+    x_ptr, win_ptr, idx_ptr, k_ptr, a_ptr, keys_ptr, gates_ptr, T, C, KN, HV, P, CONV_TILES, KEY_TILES,
+    sx_b, sx_t, sk_b, sk_t, sa_b, sa_t,
+    W1: tl.constexpr, W1P: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+    BHV: tl.constexpr,
+):  # fmt: skip
+    """One request (axis 1) of a GDN layer's commit: its conv window's channel tiles, then the tiles that keep
+    the block's raw keys and gate inputs as the pending block (the next verify makes its accepted position
+    current in the state)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    if pid < CONV_TILES:
+        _conv_commit_tile(x_ptr, win_ptr, idx_ptr, pid, b, T, C, sx_b, sx_t, W1, W1P, BC)
+    elif pid < CONV_TILES + KEY_TILES:
+        _block_rows_copy(k_ptr, keys_ptr, b.to(tl.int64), pid - CONV_TILES, T, KN, sk_b, sk_t, P, BT, BN)
     else:
-        _delta_commit_tile(
-            k_ptr, delta_ptr, a_ptr, a_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, pid_bh, pid_v, pid_k, T,
-            sk_b, sk_t, sk_h, sa_b, sa_t, sa_h, HV, G, K, V, BK, BV, BT, PREC, V_MAJOR, SPLIT,
-        )  # fmt: skip
+        _block_rows_copy(a_ptr, gates_ptr, b.to(tl.int64), 0, T, HV, sa_b, sa_t, P, BT, BHV)
 
 
 @triton.jit
@@ -894,12 +955,16 @@ def _check_gates_and_state(gates: dict, a_log, dt_bias, state, bsz, seq, hv, dk,
 
 
 def _check_deltas(deltas: torch.Tensor | None, v: torch.Tensor) -> None:
+    """deltas [B, T, HV, V] fp32, each request's rows contiguous (the batch stride may be larger: the first T
+    positions of a wider buffer)."""
     if deltas is not None:
+        _, _, hv, dv = v.shape
         _check(
-            tuple(deltas.shape) == tuple(v.shape) and deltas.dtype == torch.float32 and deltas.is_contiguous(),
+            tuple(deltas.shape) == tuple(v.shape) and deltas.dtype == torch.float32
+            and deltas.stride()[1:] == (hv * dv, dv, 1),
             "deltas",
-            f"expected contiguous fp32 {tuple(v.shape)}, got {tuple(deltas.shape)} {deltas.dtype}",
-        )
+            f"expected fp32 {tuple(v.shape)} with contiguous rows, got {tuple(deltas.shape)} {deltas.dtype}",
+        )  # fmt: skip
 
 
 def _gdn_out(out: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
@@ -979,6 +1044,7 @@ def gdn_recurrent(
         *v.stride()[:3],
         *a.stride(),
         *b.stride(),
+        deltas.stride(0) if deltas is not None else 0,
         HV=hv,
         G=hv // heads,
         K=dk,
@@ -1002,9 +1068,10 @@ def _raw_precision(k: torch.Tensor, precision: str) -> str:
 
 
 def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, *, block_v, block_k, num_warps, precision, scale,
-               deltas=None, factored=False, factor_warps=None):  # fmt: skip
+               deltas=None, factored=False, factor_warps=None, pending=None):  # fmt: skip
     """The chunked verify block: one launch of _gdn_block_kernel, or, factored, the factors' launch and the state
-    products' launch. Writes out, and deltas if given."""
+    products' launch (which apply pending = (keys, gates, idx) first, its rows in deltas). Writes out, and deltas
+    if given."""
     bsz, seq, hv, dv = v.shape
     dk = k.shape[-1]
     bt = max(16, triton.next_power_of_2(seq))
@@ -1017,28 +1084,58 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, *, block_v, block_k, n
     _check(_pow2(bk) and bk >= 16 and dk % bk == 0, "block_k", f"{bk} must be a power of two >= 16 dividing K={dk}")
     raw_precision = _raw_precision(k, precision)
     levels = (bt // 16).bit_length() - 1
+    sd_b = deltas.stride(0) if deltas is not None else 0
     if factored:
-        factors = torch.empty(bsz * hv, 4 * bt * bt + bt, dtype=torch.float32, device=v.device)
+        keys, gates, idx = pending if pending is not None else (k, a, state)
+        width = keys.shape[1] if pending is not None else 1
+        btp = max(16, triton.next_power_of_2(width))
+        fac = 4 * bt * bt + bt + (btp + 1 if pending is not None else 0)
+        factors = torch.empty(bsz * hv, fac, dtype=torch.float32, device=v.device)
         _gdn_factors_kernel[(bsz * hv,)](
             q, k, a, b, a_log, dt_bias, factors, seq, scale,
             *q.stride()[:3], *k.stride()[:3], *a.stride(), *b.stride(),
+            keys, gates, idx, width, *keys.stride()[:3], *gates.stride(),
             HV=hv, G=hv // k.shape[2], K=dk, BT=bt, SB=16, LEVELS=levels, BK=bk, PREC=precision,
-            RAW_PREC=raw_precision, num_warps=factor_warps or 4,
+            RAW_PREC=raw_precision, FAC=fac, PENDING=pending is not None, BTP=btp, num_warps=factor_warps or 4,
         )  # fmt: skip
         _gdn_state_products_kernel[(bsz * hv, dv // bv)](
             q, k, v, state, factors, out, deltas if deltas is not None else state, seq,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], sd_b, keys, idx, width, *keys.stride()[:3],
             HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, BK=bk, PREC=precision,
-            SPLIT=precision == "tf32x3" and raw_precision == "tf32", DELTAS=deltas is not None,
-            num_warps=num_warps or 4,
+            SPLIT=precision == "tf32x3" and raw_precision == "tf32", DELTAS=deltas is not None, FAC=fac,
+            PENDING=pending is not None, BTP=btp, num_warps=num_warps or 4,
         )  # fmt: skip
         return
     _gdn_block_kernel[(bsz * hv, dv // bv)](
         q, k, v, a, b, a_log, dt_bias, state, out, deltas if deltas is not None else state, seq, scale,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(), sd_b,
         HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=levels,
         BK=bk, PREC=precision, RAW_PREC=raw_precision, DELTAS=deltas is not None, num_warps=num_warps or 4,
     )  # fmt: skip
+
+
+def _check_pending(keys, gates, rows, idx, k, a, bsz, seq, hv, dv):
+    """The pending block's buffers (all or none): raw keys [B, P, H, K] in k's dtype, gate inputs [B, P, HV] in
+    a's, update rows [B, P, HV, V] fp32, all contiguous, P >= T, and idx [B] (-1: no pending block)."""
+    given = [t is not None for t in (keys, gates, rows, idx)]
+    _check(all(given) or not any(given), "pending_keys", "pending_keys, _gates, _rows and _idx go together")
+    if keys is None:
+        return None
+    width = keys.shape[1] if keys.dim() == 4 else -1
+    expect = {
+        "pending_keys": (keys, (bsz, width, *k.shape[2:]), k.dtype),
+        "pending_gates": (gates, (bsz, width, hv), a.dtype),
+        "pending_rows": (rows, (bsz, width, hv, dv), torch.float32),
+    }
+    for name, (t, shape, dtype) in expect.items():
+        _check(
+            tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous(),
+            name,
+            f"expected contiguous {dtype} {shape}, got {tuple(t.shape)} {t.dtype}",
+        )
+    _check(seq <= width <= 64, "pending_keys", f"the pending block holds {width} positions, the verify {seq} (<= 64)")
+    _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "pending_idx", f"expected [{bsz}] integers")
+    return keys, gates, rows, idx.to(torch.int32)
 
 
 def gdn_verify(
@@ -1053,6 +1150,10 @@ def gdn_verify(
     *,
     out: torch.Tensor | None = None,
     deltas: torch.Tensor | None = None,
+    pending_keys: torch.Tensor | None = None,
+    pending_gates: torch.Tensor | None = None,
+    pending_rows: torch.Tensor | None = None,
+    pending_idx: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
     unroll: bool | None = None,
@@ -1061,8 +1162,14 @@ def gdn_verify(
     block_k: int | None = None,
     factor_warps: int | None = None,
 ) -> torch.Tensor:
-    """A verify block: o [B, T, HV, V] in v's dtype; state is left unchanged. deltas [B, T, HV, V] fp32, if given,
-    receives each position's update row, from which gdn_commit_deltas builds the state after the accepted position.
+    """A verify block: o [B, T, HV, V] in v's dtype. deltas [B, T, HV, V] fp32, if given, receives each position's
+    update row, from which gdn_commit_deltas builds the state after the accepted position.
+
+    With a pending block (the last verified block, not yet in the state: its raw keys, gate inputs, update rows and
+    accepted position pending_idx[b], -1 for none) state[b] first becomes the state after that position, in place,
+    and this block's update rows replace the pending rows' first T positions (deltas must then be None). The
+    factored algorithm does it inside its state launch; the others launch gdn_commit_deltas first.
+    Without one, state is left unchanged.
 
     algorithm: "recurrent" (position by position, the decode step's arithmetic; block_v, num_warps, unroll),
     "chunked" (the block as one UT/WY chunk on the tensor cores, products in `precision`, default tf32x3, K walked
@@ -1076,19 +1183,29 @@ def gdn_verify(
     if algorithm == "recurrent":
         _check(precision is None, "precision", "only the chunked algorithm takes a dot precision")
         _check(block_k is None, "block_k", "only the chunked algorithm walks K in chunks")
+    else:
+        _check(not unroll, "unroll", "unrolling is an option of the recurrent algorithm")
+    bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
+    pending = _check_pending(pending_keys, pending_gates, pending_rows, pending_idx, k, a, bsz, seq, hv, dv)
+    if pending is not None:
+        _check(deltas is None, "deltas", "with a pending block the update rows go to pending_rows")
+        keys, gates, rows, idx = pending
+        deltas = rows[:, :seq]
+        if algorithm != "factored" or seq == 0:
+            gdn_commit_deltas(state, idx, keys, rows, gates, a_log, dt_bias)
+            pending = None
+    if algorithm == "recurrent":
         return gdn_recurrent(
             q, k, v, a, b, a_log, dt_bias, state, out=out, deltas=deltas, block_v=block_v, num_warps=num_warps,
             unroll=unroll,
         )  # fmt: skip
-    _check(not unroll, "unroll", "unrolling is an option of the recurrent algorithm")
-    bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
     out = _gdn_out(out, v)
     _check_deltas(deltas, v)
     if seq > 0:
         _gdn_block(
             q, k, v, a, b, a_log, dt_bias, state, out, block_v=block_v, block_k=block_k, num_warps=num_warps,
             precision=precision or PRECISIONS[0], scale=dk**-0.5, deltas=deltas, factored=algorithm == "factored",
-            factor_warps=factor_warps,
+            factor_warps=factor_warps, pending=None if pending is None else (keys, gates, idx),
         )  # fmt: skip
     return out
 
@@ -1109,8 +1226,6 @@ def gdn_commit_deltas(
     a_log: torch.Tensor,
     dt_bias: torch.Tensor,
     *,
-    window: torch.Tensor | None = None,
-    x: torch.Tensor | None = None,
     block_k: int | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
@@ -1118,11 +1233,10 @@ def gdn_commit_deltas(
     v_major: bool | None = None,
 ) -> torch.Tensor:
     """In place: state[b] becomes the state after block position min(idx[b], T-1) (-1 keeps it), per request, from
-    the block's initial state (the verify left it unchanged), its raw keys k [B, T, H, K], the update rows deltas
-    [B, T, HV, V] fp32 the verify wrote and raw gate inputs a [B, T, HV]: one launch that reads and writes each
-    state once, replaying nothing. With window [B, C, W-1] and the block's raw conv input x [B, T, C], the conv
-    window is committed too. block_k / block_v: the state slice per program; precision: the product's (as the
-    chunked block's); v_major: the slice computed transposed (the V slice as the product's M)."""
+    the block's initial state, its raw keys k [B, T, H, K], the update rows deltas [B, T, HV, V] fp32 its verify
+    wrote and raw gate inputs a [B, T, HV]: one launch that reads and writes each state once, replaying nothing.
+    block_k / block_v: the state slice per program; precision: the product's (as the chunked block's); v_major:
+    the slice computed transposed (the V slice as the product's M)."""
     _check(k.dim() == 4 and k.stride(3) == 1, "k", f"expected [B, T, H, K] with contiguous K, got {tuple(k.shape)}")
     bsz, seq, heads, dk = k.shape
     _check(
@@ -1141,33 +1255,68 @@ def gdn_commit_deltas(
     _check_gates_and_state({"a": a}, a_log, dt_bias, state, bsz, seq, hv, dk, dv)
     _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", f"expected [{bsz}] integer indices")
     _check(seq <= 64, "k", f"a commit takes at most 64 positions, got {seq}")
-    _check((window is None) == (x is None), "x", "window and x go together")
     cfg = commit_config(dk, dv)
     bk, bv = block_k or cfg["block_k"], block_v or cfg["block_v"]
     _check(_pow2(bk) and bk >= 16 and dk % bk == 0, "block_k", f"{bk} must be a power of two >= 16 dividing K={dk}")
     _check(_pow2(bv) and bv >= 16 and dv % bv == 0, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
     prec = precision or PRECISIONS[0]
     _check(prec in PRECISIONS, "precision", f"{prec!r} not in {'/'.join(PRECISIONS)}")
-    idx32 = idx.to(torch.int32)
-    if window is not None:
-        _check_window(window, x, bsz)
     if seq == 0:
         return state
-    conv = window is not None
-    slices = (dv // bv) * (dk // bk)
-    chans = x.shape[2] if conv else 0
-    # the conv windows' tiles ride in extra program rows, numbered across the slice axes
-    conv_rows = triton.cdiv(triton.cdiv(chans, CONV_COMMIT_BLOCK) * bsz, slices) if conv else 0
-    _gdn_delta_commit_kernel[(bsz * hv + conv_rows, dv // bv, dk // bk)](
-        k, deltas, a, a_log, dt_bias, state, idx32, seq, *k.stride()[:3], *a.stride(),
-        x if conv else state, window if conv else state, bsz * hv, bsz, chans,
-        *(x.stride()[:2] if conv else (0, 0)),
+    _gdn_delta_commit_kernel[(bsz * hv, dv // bv, dk // bk)](
+        k, deltas, a, a_log, dt_bias, state, idx.to(torch.int32), seq, *k.stride()[:3], *a.stride(),
         HV=hv, G=hv // heads, K=dk, V=dv, BK=bk, BV=bv, BT=max(16, triton.next_power_of_2(seq)), PREC=prec,
-        CONV=conv, W1=window.shape[2] if conv else 1, W1P=triton.next_power_of_2(window.shape[2]) if conv else 1,
-        BC=CONV_COMMIT_BLOCK, V_MAJOR=bool(v_major), SPLIT=prec == "tf32x3" and _raw_precision(k, prec) == "tf32",
+        V_MAJOR=bool(v_major), SPLIT=prec == "tf32x3" and _raw_precision(k, prec) == "tf32",
         num_warps=num_warps or cfg["num_warps"],
     )  # fmt: skip
     return state
+
+
+COMMIT_KEY_BLOCK = 256  # key values per position and program of a commit's pending copy
+
+
+def gdn_commit(
+    window: torch.Tensor,
+    idx: torch.Tensor,
+    x: torch.Tensor,
+    k: torch.Tensor,
+    a: torch.Tensor,
+    keys: torch.Tensor,
+    gates: torch.Tensor,
+) -> None:
+    """A GDN layer's commit after its verify, in one launch: window [B, C, W-1] becomes the conv window after block
+    position idx[b] of the raw conv input x [B, T, C] (-1 keeps it), and the block's raw keys k [B, T, H, K] and
+    gate inputs a [B, T, HV] go to the pending block's keys [B, P, H, K] and gates [B, P, HV] (P >= T), whose
+    update rows the verify wrote: the next verify makes position idx[b] current in the state."""
+    bsz, seq, chans = x.shape
+    _check_window(window, x, bsz)
+    _check(tuple(idx.shape) == (bsz,) and not idx.is_floating_point(), "idx", "expected [B] integer indices")
+    _check(k.dim() == 4 and k.shape[:2] == (bsz, seq) and k.stride(3) == 1 and k.stride(2) == k.shape[3], "k",
+           f"expected [{bsz}, {seq}, H, K] with contiguous heads, got {tuple(k.shape)}")  # fmt: skip
+    _check(a.dim() == 3 and a.shape[:2] == (bsz, seq) and a.stride(2) == 1, "a", f"expected [{bsz}, {seq}, HV]")
+    width = keys.shape[1] if keys.dim() == 4 else -1
+    _check(
+        keys.is_contiguous() and tuple(keys.shape) == (bsz, width, *k.shape[2:]) and keys.dtype == k.dtype
+        and width >= seq,
+        "keys",
+        f"expected contiguous {k.dtype} [{bsz}, P >= {seq}, {k.shape[2]}, {k.shape[3]}], got {tuple(keys.shape)}",
+    )  # fmt: skip
+    _check(
+        gates.is_contiguous() and tuple(gates.shape) == (bsz, width, a.shape[2]) and gates.dtype == a.dtype,
+        "gates",
+        f"expected contiguous {a.dtype} [{bsz}, {width}, {a.shape[2]}], got {tuple(gates.shape)}",
+    )
+    if seq == 0:
+        return
+    key_values = k.shape[2] * k.shape[3]
+    conv_tiles, key_tiles = triton.cdiv(chans, CONV_COMMIT_BLOCK), triton.cdiv(key_values, COMMIT_KEY_BLOCK)
+    w1 = window.shape[2]
+    _gdn_commit_kernel[(conv_tiles + key_tiles + 1, bsz)](
+        x, window, idx.to(torch.int32), k, a, keys, gates, seq, chans, key_values, a.shape[2], width, conv_tiles,
+        key_tiles, *x.stride()[:2], *k.stride()[:2], *a.stride()[:2],
+        W1=w1, W1P=triton.next_power_of_2(w1), BC=CONV_COMMIT_BLOCK, BT=triton.next_power_of_2(seq),
+        BN=COMMIT_KEY_BLOCK, BHV=triton.next_power_of_2(a.shape[2]),
+    )  # fmt: skip
 
 
 def prepare_shared_bytes(chunk_size: int, dk: int) -> int:
