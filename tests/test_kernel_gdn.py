@@ -295,6 +295,10 @@ def test_layer_commit_keeps_the_block_and_moves_the_window():
         gdn.gdn_commit(window, idx, x, k, a, keys[:, :4].contiguous(), gates)
     with pytest.raises(ValueError, match="^gates: expected contiguous"):
         gdn.gdn_commit(window, idx, x, k, a, keys, gates.float())
+    with pytest.raises(ValueError, match="^k: expected \\[3, 5, H, K\\] with contiguous heads"):
+        gdn.gdn_commit(window, idx, x, k.transpose(2, 3), a, keys, gates)
+    with pytest.raises(ValueError, match="^a: expected \\[3, 5, HV\\]"):
+        gdn.gdn_commit(window, idx, x, k, a[:, :4], keys, gates)
 
 
 def test_pending_block_inputs_name_what_is_wrong():

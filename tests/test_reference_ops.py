@@ -391,6 +391,9 @@ def test_gdn_verify_and_commit_deltas(dtype):
     for kt, rt, tol in zip(*outs, (TOL[dtype], 1e-5, 1e-5)):
         _same(rt, kt, tol)
     _same(outs[1][1], rc, 1e-5)
+    with pytest.raises(ValueError, match="^pending_rows: holds 3 positions, the verify block 5"):
+        ref.gdn_verify(q2, k2, v2, a2, b2, a_log, dt_bias, state.clone(), pending_keys=keys[:, :3],
+                       pending_gates=gates[:, :3], pending_rows=kd[:, :3], pending_idx=idx)  # fmt: skip
 
 
 def test_gdn_recurrent_final_state_in_place():

@@ -319,6 +319,23 @@ def _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr,
 
 
 @triton.jit
+def _commit_weights(k_rows, xa, live, a_log_ptr, dt_bias_ptr, h, K: tl.constexpr, BK: tl.constexpr,
+                    BT: tl.constexpr):  # fmt: skip
+    """A committed block's per-position weights and its total log decay c_last: the state after its last `live`
+    position is S e^c_last + sum_t weight_t k_raw_t d_t^T, weight_t = e^(c_last - c_t) / |k_t| (0 where not live).
+    k_rows [BT, 1]: pointers to each position's raw keys (K contiguous values); xa [BT]: raw gate inputs a."""
+    offs_c = tl.arange(0, BK)
+    ksq = tl.zeros((BT,), tl.float32)
+    for c in range(K // BK):
+        kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        ksq += tl.reduce(kc * kc, 1, _add)
+    g = _chunk_log_decays(xa, live, a_log_ptr, dt_bias_ptr, h)
+    c_last = tl.reduce(g, 0, _add)
+    weight = tl.where(live, tl.rsqrt(ksq + 1e-6) * tl.exp(c_last - tl.associative_scan(g, 0, _add)), 0.0)
+    return weight, c_last
+
+
+@triton.jit
 def _block_products(q_rows, k_rows, live, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, RAW_PREC: tl.constexpr):
     """The raw products over K of a block's keys and queries (rows not `live` read as 0): k k^T, q k^T and the
     keys' and queries' inverse l2 norms. RAW_PREC: tf32 is exact for 16-bit inputs."""
@@ -487,16 +504,9 @@ def _gdn_factors_kernel(
     if PENDING:
         rp = tl.arange(0, BTP)
         plive = rp <= tl.minimum(tl.load(pidx_ptr + bb), TP - 1)  # none when pidx[b] = -1
-        offs_c = tl.arange(0, BK)
-        p_rows = pk_ptr + b64 * spk_b + rp[:, None] * spk_t + hq * spk_h + offs_c[None, :]
-        ksq = tl.zeros((BTP,), tl.float32)
-        for c in range(K // BK):
-            kc = tl.load(p_rows + c * BK, mask=plive[:, None], other=0.0).to(tl.float32)
-            ksq += tl.reduce(kc * kc, 1, _add)
+        p_rows = pk_ptr + b64 * spk_b + rp[:, None] * spk_t + hq * spk_h
         pxa = tl.load(pa_ptr + b64 * spa_b + rp * spa_t + h * spa_h, mask=plive, other=0.0)
-        g = _chunk_log_decays(pxa, plive, a_log_ptr, dt_bias_ptr, h)
-        c_last = tl.reduce(g, 0, _add)
-        weight = tl.where(plive, tl.rsqrt(ksq + 1e-6) * tl.exp(c_last - tl.associative_scan(g, 0, _add)), 0.0)
+        weight, c_last = _commit_weights(p_rows, pxa, plive, a_log_ptr, dt_bias_ptr, h, K, BK, BTP)
         tl.store(base + 4 * BT * BT + BT + rp, weight)
         tl.store(base + 4 * BT * BT + BT + BTP, tl.exp(c_last))
 
@@ -599,18 +609,12 @@ def _delta_commit_tile(
     last = tl.minimum(tl.load(idx_ptr + bb), T - 1)
     ri = tl.arange(0, BT)
     live = ri <= last
-    offs_kf = tl.arange(0, K)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     k_rows = k_ptr + b64 * sk_b + ri[:, None] * sk_t + hq * sk_h
-    # the keys' l2 norms over all of K; this program's K slice is read again (from cache) for the product
-    kf = tl.load(k_rows + offs_kf[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-    rk = tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6)
     xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
-    g = _chunk_log_decays(xa, live, a_log_ptr, dt_bias_ptr, h)
-    cum = tl.associative_scan(g, 0, _add)
-    c_last = tl.reduce(g, 0, _add)
-    weight = tl.where(live, rk * tl.exp(c_last - cum), 0.0)
+    # the keys' l2 norms over all of K; this program's K slice is read again (from cache) for the product
+    weight, c_last = _commit_weights(k_rows, xa, live, a_log_ptr, dt_bias_ptr, h, K, BK, BT)
     kc = tl.load(k_rows + offs_k[None, :], mask=live[:, None], other=0.0).to(tl.float32)
     rows = delta_ptr + ((b64 * T + ri) * HV + h) * V
     state = state_ptr + (b64 * HV + h) * (K * V)
