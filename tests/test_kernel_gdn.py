@@ -316,6 +316,8 @@ def test_pending_block_inputs_name_what_is_wrong():
     narrow = {name: t[:, :3].contiguous() if t.dim() > 1 else t for name, t in pending.items()}
     with pytest.raises(ValueError, match="^pending_keys: the pending block holds 3 positions, the verify 4"):
         gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, **narrow)
+    with pytest.raises(ValueError, match="^num_stages: only the chunked algorithms pipeline a K loop"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, num_stages=2, **pending)
     with pytest.raises(ValueError, match="^pending_idx: expected \\[2\\] integers"):
         gdn.gdn_verify(
             q, k, v, a, b, a_log, dt_bias, state, **{**pending, "pending_idx": pending["pending_idx"].float()}

@@ -221,10 +221,14 @@ def test_other_families_prune_what_cannot_run():
     ok = {**attn.default(), "num_splits": 4, "block_n": 32}
     assert attn.check(ok) is None
     assert "shorter than block_n 128" in attn.check({**ok, "num_splits": 8, "block_n": 128})
+    # the output tile in head-dim slices: the default takes all of it, narrower slices fit where it does not
+    assert attn.default()["block_dv"] == 256 and attn.choices()["block_dv"] == [64, 128, 256]
+    wide = {**ok, "block_m": 128, "num_warps": 2}
+    assert "registers per thread" in attn.check(wide) and attn.check({**wide, "block_dv": 64}) is None
     gdn = space_for(GDNShape(1, 16, 16, 48, 128, 128), cpu)
     assert gdn.choices()["block_v"] == [16, 32, 64, 128]
     recurrent = {"lowering": "triton", "algorithm": "recurrent", "block_v": 128, "num_warps": 1, "unroll": False,
-                 "precision": "tf32x3", "block_k": 128, "factor_warps": 4}  # fmt: skip
+                 "precision": "tf32x3", "block_k": 128, "factor_warps": 4, "num_stages": 3}  # fmt: skip
     assert "registers per thread" in gdn.check(recurrent)
     chunked = {**recurrent, "algorithm": "chunked", "block_v": 32, "num_warps": 4}
     assert gdn.check(chunked) is None
@@ -246,6 +250,9 @@ def test_other_families_prune_what_cannot_run():
          "factor_warps": 2},
     )  # fmt: skip
     assert "factor_warps is an option of the factored block" in gdn.check({**chunked, "factor_warps": 2})
+    # the K loop's stages: named where they differ from the launcher's, an option of the chunked forms only
+    assert gdn.config({**factored, "num_stages": 1})[1]["num_stages"] == 1
+    assert "num_stages is an option of the chunked block" in gdn.check({**recurrent, "block_v": 16, "num_stages": 2})
     assert "option of the recurrent kernel" in gdn.check({**factored, "unroll": True})
     long_block = space_for(GDNShape(1, 64, 16, 48, 128, 128), cpu)
     assert "the factors launch needs" in long_block.check({**factored, "block_k": 128, "factor_warps": 1})
@@ -628,7 +635,8 @@ def test_measurement_checks_every_config_against_the_reference():
     # the verify makes a pending block current first: its output, the state and the new update rows are checked
     verify = make_case(GDNShape(3, 5, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
     for config in ({"block_v": 16, "num_warps": 1}, {"algorithm": "chunked", "block_v": 16, "precision": "ieee"},
-                   {"algorithm": "factored", "block_v": 32, "precision": "tf32x3", "factor_warps": 1}):  # fmt: skip
+                   {"algorithm": "factored", "block_v": 32, "precision": "tf32x3", "factor_warps": 1},
+                   {"algorithm": "factored", "block_v": 32, "precision": "tf32x3", "num_stages": 1}):  # fmt: skip
         assert verify.measure("triton", config) > 0
     run_verify = verify.run
 

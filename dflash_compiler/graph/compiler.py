@@ -336,6 +336,8 @@ def lower(
             tuned = linear_choices(linear_calls(node, weights, act_dtype), tuning)
         elif op in dflash_ops.TunedGDN.OPS and backend == "triton" and tuning is not None and gdn_dims is not None:
             tuned = gdn_choices(op, gdn_dims, act_dtype, tuning)
+        elif op in dflash_ops.TunedAttention.OPS and backend == "triton" and tuning is not None:
+            tuned = attention_choices(node, act_dtype, tuning)
         node.meta["lowering"] = {"op": op, "impl": backend}
         if tuned:
             node.meta["lowering"]["tuned"] = {str(m): {"lowering": lw, "config": c} for m, (lw, c) in tuned.items()}
@@ -407,6 +409,30 @@ def gdn_choices(op: str, dims: tuple[int, int, int, int, int], act_dtype, tuning
     choices = {}
     for batch in BUCKETS:
         shape = GDNShape(batch, *dims, act)
+        choice = tuning.choose(shape.op, shape.key, shape.fmt)
+        if choice.tuned:
+            choices[batch] = (choice.lowering, dict(choice.config))
+    return choices
+
+
+def attention_choices(node: fx.Node, act_dtype, tuning) -> dict[int, tuple[str, dict]]:
+    """The tuned (lowering, config) by batch size of an attention node (verify, or the drafter's full layers), its
+    dims from the traced q and KV cache, at the context the lowering's attention configs are tuned for
+    (ATTENTION_CONTEXT: a captured step serves every context with one launch config). Windowed or causal draft
+    layers have no tuned entries."""
+    from ..runtime.batch import BUCKETS
+    from ..tuning.spaces import ATTENTION_CONTEXT, DTYPES, AttentionShape, DraftAttentionShape
+
+    args = op_arguments(node)
+    if args.get("causal") or args.get("window"):
+        return {}
+    _, t, hq, d = args["q"].meta["val"].shape
+    hkv = args["k_cache"].meta["val"].shape[1]
+    act = next(name for name, dtype in DTYPES.items() if dtype == act_dtype)
+    kind = AttentionShape if node.target._opname == "verify_attention" else DraftAttentionShape
+    choices = {}
+    for batch in BUCKETS:
+        shape = kind(batch, int(t), int(hq), int(hkv), int(d), ATTENTION_CONTEXT, act)
         choice = tuning.choose(shape.op, shape.key, shape.fmt)
         if choice.tuned:
             choices[batch] = (choice.lowering, dict(choice.config))

@@ -562,7 +562,7 @@ def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | N
     """The Python function implementing dflash op `op` with `backend`: "reference" (PyTorch, any device) or
     "triton" (the kernels; ops without a kernel use their reference). tuned: on the Triton backend, the tuning
     database's (lowering, config) by row bucket for a linear (tuning/spaces.py M_BUCKETS), by batch size for a
-    GDN verify. residual_in_place: a linear whose residual is dead after it (_run_linear)."""
+    GDN verify or an attention. residual_in_place: a linear whose residual is dead after it (_run_linear)."""
     custom = OPS[op]
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -575,7 +575,37 @@ def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | N
     default = TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
     if tuned and op in TunedGDN.OPS:
         return TunedGDN(op, tuned, default)
+    if tuned and op in TunedAttention.OPS:
+        return TunedAttention(op, tuned, default)
     return default
+
+
+class TunedAttention:
+    """A verify or draft attention node's implementation with the tuning database's configs by batch size (tile,
+    head-dim slice, split count); batch sizes without a tuned entry run the launcher's default. The choice is
+    made at dispatch, i.e. once per captured graph."""
+
+    OPS = ("verify_attention", "draft_attention")
+
+    def __init__(self, op: str, tuned: dict[int, tuple[str, dict]], default):
+        self.op, self.default = op, default
+        self.configs = {batch: config for batch, (lowering, config) in tuned.items() if lowering == "triton"}
+        self.__name__ = f"{op}_tuned"
+
+    def __call__(self, q, *args):
+        from ..codegen.triton import attention as t_attention
+
+        config = self.configs.get(q.shape[0])
+        if config is None:
+            return self.default(q, *args)
+        launch = dict(num_splits=config["num_splits"], config=t_attention.tuned_config(config))
+        if self.op == "verify_attention":
+            k_cache, v_cache, cache_lens, block_table, max_len = args
+            return t_attention.verify_attention(q, k_cache, v_cache, cache_lens, block_table=block_table,
+                                                max_len=max_len, **launch)  # fmt: skip
+        k_block, v_block, k_cache, v_cache, ctx_lens, block_table, causal, window, max_len = args
+        return t_attention.draft_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, block_table=block_table,
+                                           causal=causal, window=window, max_len=max_len, **launch)  # fmt: skip
 
 
 class TunedGDN:

@@ -29,6 +29,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .spaces import ATTENTION_CONTEXT
+
     p = argparse.ArgumentParser(prog="dflash-tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", default="auto", help="hardware profile: sm80, sm90, sm100, sm120, cpu or auto")
     p.add_argument("--quant", default="bf16", choices=("bf16", "fp8", "int4"))
@@ -43,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size", type=int, help="tokens per request in each call (default: the drafter's block; 1: the rows of "
         "autoregressive decoding)",
     )  # fmt: skip
-    p.add_argument("--context", type=int, default=4096, help="context length of the attention calls (4096)")
+    p.add_argument("--context", type=int, default=ATTENTION_CONTEXT,
+                   help=f"context length of the attention calls (default {ATTENTION_CONTEXT}: the one the compiler "
+                   "takes attention configs from)")  # fmt: skip
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk of the prefill calls (0: none)")
     p.add_argument(
         "--runtime", action="store_true", help="also run the runtime study: on the checkpoints' weights and real "

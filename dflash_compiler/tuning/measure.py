@@ -261,12 +261,11 @@ class AttentionCase(Case):
         q, k, v, lens, table, out = self.sets[i]
         if lowering == "reference":
             return reference.verify_attention(q, k, v, lens, block_table=table)
-        from ..codegen.triton.attention import AttentionConfig, verify_attention
+        from ..codegen.triton.attention import tuned_config, verify_attention
 
-        cfg = AttentionConfig(config["block_m"], config["block_n"], config["num_warps"], config["num_stages"])
         return verify_attention(
             q, k, v, lens, block_table=table, out=out, num_splits=config["num_splits"], max_len=self.shape.context,
-            config=cfg,
+            config=tuned_config(config),
         )  # fmt: skip
 
     def compare(self, got, want) -> str | None:
@@ -296,12 +295,11 @@ class DraftAttentionCase(AttentionCase):
         kb, vb = self.blocks[i]
         if lowering == "reference":
             return reference.draft_attention(q, kb, vb, k, v, lens, block_table=table)
-        from ..codegen.triton.attention import AttentionConfig, draft_attention
+        from ..codegen.triton.attention import draft_attention, tuned_config
 
-        cfg = AttentionConfig(config["block_m"], config["block_n"], config["num_warps"], config["num_stages"])
         return draft_attention(
             q, kb, vb, k, v, lens, block_table=table, out=out, num_splits=config["num_splits"],
-            max_len=self.shape.context, config=cfg,
+            max_len=self.shape.context, config=tuned_config(config),
         )  # fmt: skip
 
 

@@ -461,6 +461,9 @@ class LinearSpace(Space):
 
 # ---- attention -------------------------------------------------------------------------------------------------
 
+# the context length of the attention calls the lowering takes its tuned configs from (and the tuner's default)
+ATTENTION_CONTEXT = 4096
+
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -509,6 +512,8 @@ class AttentionSpace(Space):
                 "num_warps": [2, 4, 8],
                 "num_stages": [1, 2, 3, 4],
                 "num_splits": [1, 2, 4, 8, 16, 32, 64],
+                # the output's head-dim slice per program: a smaller accumulator, scores computed once per slice
+                "block_dv": [v for v in (32, 64, 128, 256) if 4 * v >= self.shape.d and v <= self.shape.d],
             }
         )
 
@@ -520,7 +525,7 @@ class AttentionSpace(Space):
             splits = attention_kernels.default_num_splits(
                 units, s.context, torch.device("cpu"), self._ctas(cfg.num_warps)
             )
-        return {"lowering": "triton", **cfg.__dict__, "num_splits": splits}
+        return {"lowering": "triton", **cfg.__dict__, "block_dv": cfg.block_dv or s.d, "num_splits": splits}
 
     def waste(self, params: Params) -> str | None:
         s = self.shape
@@ -536,9 +541,8 @@ class AttentionSpace(Space):
             return f"{params['num_splits']} splits of {s.context} keys are shorter than block_n {params['block_n']}"
         # the pipelined K and V tiles alone (a lower bound: a launch that still runs out fails as a trial)
         smem = 2 * params["num_stages"] * params["block_n"] * s.d * DTYPES[s.fmt].itemsize
-        return _accumulator_check(params["block_m"] * s.d, params["num_warps"], p, "the output tile") or _smem_check(
-            smem, p
-        )
+        acc = params["block_m"] * params.get("block_dv", s.d)
+        return _accumulator_check(acc, params["num_warps"], p, "the output tile") or _smem_check(smem, p)
 
 
 # ---- Gated DeltaNet verify -------------------------------------------------------------------------------------
@@ -573,7 +577,8 @@ class GDNSpace(Space):
     """codegen/triton/gdn.py's verify launch: the algorithm (position by position; the block as one UT/WY chunk on
     the tensor cores, in one launch or factored into a per-head factors launch and a per-V-slice state launch),
     the V slice per program, warps; for the recurrent kernel unrolled steps or the block-prefetch loop, for the
-    chunked block its dot precision and K chunk, for the factored one the factors launch's warps."""
+    chunked block its dot precision, K chunk and the K loop's pipeline stages, for the factored one the factors
+    launch's warps."""
 
     op = "gdn_verify"
     CHUNKED = ("chunked", "factored")
@@ -590,6 +595,7 @@ class GDNSpace(Space):
                 "precision": list(gdn_kernels.PRECISIONS),
                 "block_k": _upto([16, 32, 64, 128], self.shape.dk),
                 "factor_warps": [1, 2, 4, 8],
+                "num_stages": [1, 2, 3, 4],
             }
         )
 
@@ -599,7 +605,7 @@ class GDNSpace(Space):
         return {
             "lowering": "triton", "algorithm": "recurrent", "block_v": cfg["BV"], "num_warps": cfg["num_warps"],
             "unroll": cfg["UNROLL"], "precision": gdn_kernels.PRECISIONS[0], "block_k": s.dk,
-            "factor_warps": self.FACTOR_WARPS,
+            "factor_warps": self.FACTOR_WARPS, "num_stages": gdn_kernels.BLOCK_STAGES,
         }  # fmt: skip
 
     def alternatives(self) -> list[Params]:
@@ -630,12 +636,14 @@ class GDNSpace(Space):
         if lowering == "triton":
             algorithm = config.pop("algorithm")
             if algorithm == "recurrent":
-                del config["precision"], config["block_k"], config["factor_warps"]
+                del config["precision"], config["block_k"], config["factor_warps"], config["num_stages"]
             else:
                 config = {**config, "algorithm": algorithm}
                 del config["unroll"]
                 if algorithm == "chunked":
                     del config["factor_warps"]
+                if config["num_stages"] == gdn_kernels.BLOCK_STAGES:  # named only where it differs, as before
+                    del config["num_stages"]
         return lowering, config
 
     def waste(self, params: Params) -> str | None:
@@ -649,6 +657,8 @@ class GDNSpace(Space):
             return "block_k is an option of the chunked block (the same recurrent point without it)"
         if params["algorithm"] != "factored" and params["factor_warps"] != self.FACTOR_WARPS:
             return "factor_warps is an option of the factored block (the same point without it)"
+        if params["algorithm"] == "recurrent" and params["num_stages"] != gdn_kernels.BLOCK_STAGES:
+            return "num_stages is an option of the chunked block (the same recurrent point without it)"
         return None
 
     def limits(self, params: Params) -> str | None:

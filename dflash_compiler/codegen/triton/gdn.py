@@ -1071,8 +1071,11 @@ def _raw_precision(k: torch.Tensor, precision: str) -> str:
     return "tf32" if k.element_size() == 2 else precision
 
 
+BLOCK_STAGES = 3  # software-pipelining stages of the chunked block's and the state products' K loop (Triton's own)
+
+
 def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, *, block_v, block_k, num_warps, precision, scale,
-               deltas=None, factored=False, factor_warps=None, pending=None):  # fmt: skip
+               deltas=None, factored=False, factor_warps=None, pending=None, num_stages=None):  # fmt: skip
     """The chunked verify block: one launch of _gdn_block_kernel, or, factored, the factors' launch and the state
     products' launch (which apply pending = (keys, gates, idx) first, its rows in deltas). Writes out, and deltas
     if given."""
@@ -1107,7 +1110,7 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, *, block_v, block_k, n
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], sd_b, keys, idx, width, *keys.stride()[:3],
             HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, BK=bk, PREC=precision,
             SPLIT=precision == "tf32x3" and raw_precision == "tf32", DELTAS=deltas is not None, FAC=fac,
-            PENDING=pending is not None, BTP=btp, num_warps=num_warps or 4,
+            PENDING=pending is not None, BTP=btp, num_warps=num_warps or 4, num_stages=num_stages or BLOCK_STAGES,
         )  # fmt: skip
         return
     _gdn_block_kernel[(bsz * hv, dv // bv)](
@@ -1115,6 +1118,7 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, *, block_v, block_k, n
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(), sd_b,
         HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=levels,
         BK=bk, PREC=precision, RAW_PREC=raw_precision, DELTAS=deltas is not None, num_warps=num_warps or 4,
+        num_stages=num_stages or BLOCK_STAGES,
     )  # fmt: skip
 
 
@@ -1165,6 +1169,7 @@ def gdn_verify(
     precision: str | None = None,
     block_k: int | None = None,
     factor_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """A verify block: o [B, T, HV, V] in v's dtype. deltas [B, T, HV, V] fp32, if given, receives each position's
     update row, from which gdn_commit_deltas builds the state after the accepted position.
@@ -1178,8 +1183,8 @@ def gdn_verify(
     algorithm: "recurrent" (position by position, the decode step's arithmetic; block_v, num_warps, unroll),
     "chunked" (the block as one UT/WY chunk on the tensor cores, products in `precision`, default tf32x3, K walked
     in chunks of block_k, default all of K) or "factored" (the chunked block in two launches: its state-free [T, T]
-    factors once per head with factor_warps warps, then the state products per V slice): the same function,
-    rounded differently.
+    factors once per head with factor_warps warps, then the state products per V slice; both chunked forms
+    pipeline their K loop over num_stages stages): the same function, rounded differently.
     """
     _check(algorithm in ALGORITHMS, "algorithm", f"{algorithm!r} not in {'/'.join(ALGORITHMS)}")
     if algorithm != "factored":
@@ -1187,6 +1192,7 @@ def gdn_verify(
     if algorithm == "recurrent":
         _check(precision is None, "precision", "only the chunked algorithm takes a dot precision")
         _check(block_k is None, "block_k", "only the chunked algorithm walks K in chunks")
+        _check(num_stages is None, "num_stages", "only the chunked algorithms pipeline a K loop")
     else:
         _check(not unroll, "unroll", "unrolling is an option of the recurrent algorithm")
     bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
@@ -1209,7 +1215,7 @@ def gdn_verify(
         _gdn_block(
             q, k, v, a, b, a_log, dt_bias, state, out, block_v=block_v, block_k=block_k, num_warps=num_warps,
             precision=precision or PRECISIONS[0], scale=dk**-0.5, deltas=deltas, factored=algorithm == "factored",
-            factor_warps=factor_warps, pending=None if pending is None else (keys, gates, idx),
+            factor_warps=factor_warps, pending=None if pending is None else (keys, gates, idx), num_stages=num_stages,
         )  # fmt: skip
     return out
 
