@@ -295,7 +295,7 @@ def gdn_recurrent(
 def gdn_verify(
     q, k, v, a, b, a_log, dt_bias, state, *, out=None, deltas=None, pending_keys=None, pending_gates=None,
     pending_rows=None, pending_idx=None, block_v=None, num_warps=None, unroll=None, algorithm="recurrent",
-    precision=None, block_k=None, factor_warps=None,
+    precision=None, block_k=None, factor_warps=None, num_stages=None,
 ) -> torch.Tensor:  # fmt: skip
     """A verify block: o. deltas [B, T, HV, V] fp32, if given, receives each position's update row, from which
     gdn_commit_deltas makes the state after the accepted position current. With a pending block (keys, gates,

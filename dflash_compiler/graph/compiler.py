@@ -281,13 +281,26 @@ class CompiledStep:
             missing = [n for n in weight_names(gm) if n not in self.weights]
             if missing:
                 raise DFlashError(f"graph {name}: weights {missing[:3]} were not built with the step")
-            cfg = self.step.target.cfg
-            gdn_dims = (split_width(name)[1] or self.step.block_size, cfg.linear_num_key_heads,
-                        cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)  # fmt: skip
-            lower(gm, self.backend, self.device, self.tuning, self.weights, self.act_dtype, self.glue, gdn_dims)
+            lower(gm, self.backend, self.device, self.tuning, self.weights, self.act_dtype, self.glue,
+                  self._tuned_dims(name))  # fmt: skip
             bind_weights(gm, self.weights)
             self.graphs[name] = CompiledGraph(name, gm, template.passes, template.ops_before, template.launches_before)
         return self.graphs[name]
+
+    def _tuned_dims(self, name: str) -> dict[str, tuple]:
+        """The dims by op that graph `name`'s tuned ops are looked up with (lower's tuned_dims): the GDN verify's,
+        and in the step graphs the verify and draft attention's."""
+        cfg, width = self.step.target.cfg, split_width(name)[1] or self.step.block_size
+        dims = {
+            "gdn_verify": (width, cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                           cfg.linear_value_head_dim),
+        }  # fmt: skip
+        if name.startswith("step"):
+            dims["verify_attention"] = (width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            if self.step.drafter is not None:
+                d = self.step.drafter.cfg
+                dims["draft_attention"] = (self.step.block_size, d.num_heads, d.num_kv_heads, d.head_dim)
+        return dims
 
     def plan(self) -> list[dict]:
         """Every op node of every lowered graph with its implementation."""
@@ -314,15 +327,16 @@ def lower(
     weights=None,
     act_dtype=None,
     glue="aten",
-    gdn_dims: tuple[int, int, int, int, int] | None = None,
+    tuned_dims: dict[str, tuple] | None = None,
 ) -> int:
     """Gives every dflash op node its implementation (the node calls that function from now on), and places the
     tensors the graph creates (traced on meta) on device. tuning: a chooser (tuning/choice.py) whose tuned
     entries give the Triton backend's linears their lowering and config per row bucket, looked up by the shapes
     of their weights (by name) and the activation dtype; the choices are recorded in meta["lowering"]["tuned"].
     glue: "aten" runs the glue between the ops as ATen calls, "inductor" as TorchInductor regions
-    (codegen/inductor.py). gdn_dims: (verify width, key heads, value heads, key dim, value dim) of the graph's GDN
-    ops, whose tuned configs the chooser gives by batch size."""
+    (codegen/inductor.py). tuned_dims: by op, the dims of the graph's GDN verify (verify width, key heads, value
+    heads, key dim, value dim) and attention ops (block queries, query heads, KV heads, head dim), whose tuned
+    configs the chooser gives by batch size (ops without dims keep the launchers' defaults)."""
     count = 0
     linears = []
     for node in gm.graph.nodes:
@@ -334,10 +348,11 @@ def lower(
         tuned = None
         if op == "linear" and backend == "triton" and tuning is not None:
             tuned = linear_choices(linear_calls(node, weights, act_dtype), tuning)
-        elif op in dflash_ops.TunedGDN.OPS and backend == "triton" and tuning is not None and gdn_dims is not None:
-            tuned = gdn_choices(op, gdn_dims, act_dtype, tuning)
-        elif op in dflash_ops.TunedAttention.OPS and backend == "triton" and tuning is not None:
-            tuned = attention_choices(node, act_dtype, tuning)
+        elif backend == "triton" and tuning is not None and op in (tuned_dims or {}):
+            if op in dflash_ops.TunedGDN.OPS:
+                tuned = gdn_choices(op, tuned_dims[op], act_dtype, tuning)
+            elif not (op_arguments(node).get("causal") or op_arguments(node).get("window")):
+                tuned = attention_choices(op, tuned_dims[op], act_dtype, tuning)
         node.meta["lowering"] = {"op": op, "impl": backend}
         if tuned:
             node.meta["lowering"]["tuned"] = {str(m): {"lowering": lw, "config": c} for m, (lw, c) in tuned.items()}
@@ -415,24 +430,19 @@ def gdn_choices(op: str, dims: tuple[int, int, int, int, int], act_dtype, tuning
     return choices
 
 
-def attention_choices(node: fx.Node, act_dtype, tuning) -> dict[int, tuple[str, dict]]:
-    """The tuned (lowering, config) by batch size of an attention node (verify, or the drafter's full layers), its
-    dims from the traced q and KV cache, at the context the lowering's attention configs are tuned for
-    (ATTENTION_CONTEXT: a captured step serves every context with one launch config). Windowed or causal draft
-    layers have no tuned entries."""
+def attention_choices(op: str, dims: tuple[int, int, int, int], act_dtype, tuning) -> dict[int, tuple[str, dict]]:
+    """The tuned (lowering, config) by batch size of a verify or draft attention (op; the drafter's full layers:
+    windowed ones are not in the space) of dims (block queries, query heads, KV heads, head dim), at the context
+    the lowering's attention configs are tuned for (ATTENTION_CONTEXT: a captured step serves every context with
+    one launch config)."""
     from ..runtime.batch import BUCKETS
     from ..tuning.spaces import ATTENTION_CONTEXT, DTYPES, AttentionShape, DraftAttentionShape
 
-    args = op_arguments(node)
-    if args.get("causal") or args.get("window"):
-        return {}
-    _, t, hq, d = args["q"].meta["val"].shape
-    hkv = args["k_cache"].meta["val"].shape[1]
     act = next(name for name, dtype in DTYPES.items() if dtype == act_dtype)
-    kind = AttentionShape if node.target._opname == "verify_attention" else DraftAttentionShape
+    kind = AttentionShape if op == "verify_attention" else DraftAttentionShape
     choices = {}
     for batch in BUCKETS:
-        shape = kind(batch, int(t), int(hq), int(hkv), int(d), ATTENTION_CONTEXT, act)
+        shape = kind(batch, *dims, ATTENTION_CONTEXT, act)
         choice = tuning.choose(shape.op, shape.key, shape.fmt)
         if choice.tuned:
             choices[batch] = (choice.lowering, dict(choice.config))
