@@ -392,8 +392,8 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
 
 
 def test_the_lowering_takes_the_databases_attention_configs_by_batch(pair, unpassed, tmp_path, monkeypatch):
-    """Tuned verify and draft attention entries at the step's batch size (a tile, a head-dim slice and a split
-    count, at the context the lowering reads): the attention nodes launch with them, the plan records them, and the
+    """Tuned verify and draft attention entries at the step's batch size (a tile and a split count, at the
+    context the lowering reads): the attention nodes launch with them, the plan records them, and the
     step computes what the reference does."""
     from dflash_compiler.codegen.triton import attention as t_attention
     from dflash_compiler.graph.ops import triton_implementations
@@ -408,10 +408,8 @@ def test_the_lowering_takes_the_databases_attention_configs_by_batch(pair, unpas
     graphs = _TRACED.setdefault((repr(target.cfg), repr(drafter.cfg)), StepGraphs(real)).with_passes("bf16")
     db = TuningDB("cpu", tmp_path / "cpu")
     configs = {
-        "verify_attention": {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1, "block_dv": 16,
-                             "num_splits": 3},
-        "draft_attention": {"block_m": 16, "block_n": 32, "num_warps": 2, "num_stages": 1, "block_dv": 16,
-                            "num_splits": 2},
+        "verify_attention": {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1, "num_splits": 3},
+        "draft_attention": {"block_m": 16, "block_n": 32, "num_warps": 2, "num_stages": 1, "num_splits": 2},
     }  # fmt: skip
     shapes = (
         AttentionShape(2, BLOCK, t.num_heads, t.num_kv_heads, t.head_dim, ATTENTION_CONTEXT, "fp32"),
@@ -427,7 +425,7 @@ def test_the_lowering_takes_the_databases_attention_configs_by_batch(pair, unpas
 
         def spy(*args, _name=name, _launcher=launcher, **kwargs):
             cfg = kwargs.get("config")
-            used.append((_name, args[0].shape[0], kwargs.get("num_splits"), cfg and cfg.block_dv))
+            used.append((_name, args[0].shape[0], kwargs.get("num_splits"), cfg and cfg.block_n))
             return _launcher(*args, **kwargs)
 
         monkeypatch.setattr(t_attention, name, spy)
@@ -447,7 +445,7 @@ def test_the_lowering_takes_the_databases_attention_configs_by_batch(pair, unpas
         assert all(r == {"2": {"lowering": "triton", "config": configs[op]}} for r in rows if r)
     # every verify at batch 2 launches as tuned; the drafter's full layers do, its sliding ones keep the default
     assert {c for c in used if c[:2] == ("verify_attention", 2)} == {("verify_attention", 2, 3, 16)}
-    assert ("draft_attention", 2, 2, 16) in used
+    assert ("draft_attention", 2, 2, 32) in used
 
 
 def test_a_tvm_lowering_without_tvm_installed_is_a_one_line_error(monkeypatch):

@@ -177,36 +177,6 @@ def test_draft_paged(page, causal, window):
     _check(out, _ref_draft(q, kb, vb, k, v, lens, causal, window), dtype)
 
 
-@pytest.mark.parametrize("block_dv,num_splits", [(16, 1), (32, 3)])
-def test_verify_paged_in_head_dim_slices(block_dv, num_splits):
-    dtype = torch.float16
-    gen = torch.Generator().manual_seed(block_dv + num_splits)
-    n_req, t, hq, hkv, d, s_max = 3, 5, 6, 2, 64, 100
-    lens = torch.tensor([61, 0, 95 - t], dtype=torch.int32, device=DEVICE)
-    q = _rand(n_req, t, hq, d, dtype=dtype, gen=gen)
-    k, v = _make_cache(n_req, hkv, s_max, d, (lens + t).tolist(), dtype, gen)
-    kp, vp, bt = _to_paged(k, v, 16, gen)
-    cfg = AttentionConfig(16, 16, 4, 1, block_dv=block_dv)
-    out = verify_attention(q, kp, vp, lens, block_table=bt, out=_poisoned(q), num_splits=num_splits, config=cfg)
-    _check(out, _ref_verify(q, k, v, lens), dtype)
-
-
-@pytest.mark.parametrize("causal,window", [(False, 0), (True, 9)])
-def test_draft_in_head_dim_slices(causal, window):
-    dtype = torch.float32
-    gen = torch.Generator().manual_seed(window)
-    n_req, t, hq, hkv, d, s_max = 2, 6, 4, 2, 32, 50
-    lens = torch.tensor([43, 3], dtype=torch.int32, device=DEVICE)
-    q = _rand(n_req, t, hq, d, dtype=dtype, gen=gen)
-    kb = _rand(n_req, t, hkv, d, dtype=dtype, gen=gen)
-    vb = _rand(n_req, t, hkv, d, dtype=dtype, gen=gen)
-    k, v = _make_cache(n_req, hkv, s_max, d, lens.tolist(), dtype, gen)
-    cfg = AttentionConfig(16, 16, 4, 1, block_dv=16)
-    out = draft_attention(q, kb, vb, k, v, lens, causal=causal, window=window, out=_poisoned(q), num_splits=2,
-                          config=cfg)  # fmt: skip
-    _check(out, _ref_draft(q, kb, vb, k, v, lens, causal, window), dtype)
-
-
 def test_rejects_bad_inputs():
     q = torch.randn(2, 3, 4, 16, device=DEVICE)
     k = torch.randn(2, 3, 20, 16, device=DEVICE)
@@ -218,9 +188,6 @@ def test_rejects_bad_inputs():
         verify_attention(q, k, k, lens[:1])
     with pytest.raises(ValueError, match="block_table"):
         verify_attention(q, k, k, lens, block_table=torch.zeros(2, 3, dtype=torch.int64, device=DEVICE))
-    for block_dv in (8, 24, 32):
-        with pytest.raises(ValueError, match="block_dv"):
-            verify_attention(q, k, k, lens, config=AttentionConfig(16, 16, 4, 1, block_dv=block_dv))
 
 
 @pytest.mark.gpu

@@ -221,10 +221,6 @@ def test_other_families_prune_what_cannot_run():
     ok = {**attn.default(), "num_splits": 4, "block_n": 32}
     assert attn.check(ok) is None
     assert "shorter than block_n 128" in attn.check({**ok, "num_splits": 8, "block_n": 128})
-    # the output tile in head-dim slices: the default takes all of it, narrower slices fit where it does not
-    assert attn.default()["block_dv"] == 256 and attn.choices()["block_dv"] == [64, 128, 256]
-    wide = {**ok, "block_m": 128, "num_warps": 2}
-    assert "registers per thread" in attn.check(wide) and attn.check({**wide, "block_dv": 64}) is None
     gdn = space_for(GDNShape(1, 16, 16, 48, 128, 128), cpu)
     assert gdn.choices()["block_v"] == [16, 32, 64, 128]
     recurrent = {"lowering": "triton", "algorithm": "recurrent", "block_v": 128, "num_warps": 1, "unroll": False,

@@ -512,8 +512,6 @@ class AttentionSpace(Space):
                 "num_warps": [2, 4, 8],
                 "num_stages": [1, 2, 3, 4],
                 "num_splits": [1, 2, 4, 8, 16, 32, 64],
-                # the output's head-dim slice per program: a smaller accumulator, scores computed once per slice
-                "block_dv": [v for v in (32, 64, 128, 256) if 4 * v >= self.shape.d and v <= self.shape.d],
             }
         )
 
@@ -525,7 +523,7 @@ class AttentionSpace(Space):
             splits = attention_kernels.default_num_splits(
                 units, s.context, torch.device("cpu"), self._ctas(cfg.num_warps)
             )
-        return {"lowering": "triton", **cfg.__dict__, "block_dv": cfg.block_dv or s.d, "num_splits": splits}
+        return {"lowering": "triton", **cfg.__dict__, "num_splits": splits}
 
     def waste(self, params: Params) -> str | None:
         s = self.shape
@@ -541,8 +539,9 @@ class AttentionSpace(Space):
             return f"{params['num_splits']} splits of {s.context} keys are shorter than block_n {params['block_n']}"
         # the pipelined K and V tiles alone (a lower bound: a launch that still runs out fails as a trial)
         smem = 2 * params["num_stages"] * params["block_n"] * s.d * DTYPES[s.fmt].itemsize
-        acc = params["block_m"] * params.get("block_dv", s.d)
-        return _accumulator_check(acc, params["num_warps"], p, "the output tile") or _smem_check(smem, p)
+        return _accumulator_check(params["block_m"] * s.d, params["num_warps"], p, "the output tile") or _smem_check(
+            smem, p
+        )
 
 
 # ---- Gated DeltaNet verify -------------------------------------------------------------------------------------

@@ -7,10 +7,9 @@ Layouts (last dim contiguous, other strides free):
                                   can be passed as pool.transpose(1, 2)
   block K/V    [N, T, Hkv, D]     the draft block's own keys and values (draft attention only)
 
-One program owns one (request, KV head, query-row tile, output head-dim slice, KV split): the rows are every
-(query, head) pair of the head's GQA group, so each KV byte is read once per request and slice. With several
-splits each program writes a partial output and its log-sum-exp, and a second kernel merges them
-(flash-decoding).
+One program owns one (request, KV head, query-row tile, KV split): the rows are every (query, head) pair of the
+head's GQA group, so each KV byte is read once per request. With several splits each program writes a partial
+output and its log-sum-exp, and a second kernel merges them (flash-decoding).
 """
 
 from __future__ import annotations
@@ -29,22 +28,15 @@ _LOG2E = 1.4426950408889634
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """block_dv: the output's head-dim slice per program (None: all of it). Narrower slices run more programs, each
-    with a smaller accumulator, and recompute the scores once per slice."""
-
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    block_dv: int | None = None
 
 
 def tuned_config(config: dict) -> AttentionConfig:
-    """The AttentionConfig of a tuning database entry's config (its num_splits is the launch's own argument; entries
-    without block_dv take all of the head dim)."""
-    return AttentionConfig(
-        config["block_m"], config["block_n"], config["num_warps"], config["num_stages"], config.get("block_dv")
-    )
+    """The AttentionConfig of a tuning database entry's config (its num_splits is the launch's own argument)."""
+    return AttentionConfig(config["block_m"], config["block_n"], config["num_warps"], config["num_stages"])
 
 
 @triton.jit
@@ -94,7 +86,6 @@ def _tile(
     hi,
     qk_scale,
     d,
-    dv,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
@@ -104,10 +95,10 @@ def _tile(
     if MASKED:
         valid = offs < hi
         k = tl.load(K + krows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(V + vrows[:, None] + dv[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(V + vrows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     else:
         k = tl.load(K + krows[:, None] + d[None, :])
-        v = tl.load(V + vrows[:, None] + dv[None, :])
+        v = tl.load(V + vrows[:, None] + d[None, :])
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         allowed = valid[None, :]
@@ -176,21 +167,18 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
 ):
     # T (queries per request) is a runtime value: a prefill chunk of any length reuses one compiled kernel
     NUM_M = tl.cdiv(T * GROUPS, BLOCK_M)
-    NUM_DV: tl.constexpr = HEAD_DIM // BLOCK_DV
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = tl.program_id(2)
-    kvh = pid // (NUM_M * NUM_DV)
-    rows = (pid // NUM_DV % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    kvh = pid // NUM_M
+    rows = (pid % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T * GROUPS
     t_q = rows // GROUPS
     head = kvh * GROUPS + rows % GROUPS
     d = tl.arange(0, HEAD_DIM)
-    dv = (pid % NUM_DV) * BLOCK_DV + tl.arange(0, BLOCK_DV)
 
     q_ptrs = Q + n.to(tl.int64) * stride_qn + t_q[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
@@ -222,7 +210,7 @@ def _attention_kernel(
 
     K_h = K + kvh.to(tl.int64) * stride_kh
     V_h = V + kvh.to(tl.int64) * stride_vh
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -231,36 +219,19 @@ def _attention_kernel(
             offs, krows = _kv_rows(n, s0, BT, stride_btn, stride_kp, stride_ks, hi, PAGED, PAGE, True, BLOCK_N)
             offs, vrows = _kv_rows(n, s0, BT, stride_btn, stride_vp, stride_vs, hi, PAGED, PAGE, True, BLOCK_N)
             acc, m_i, l_i = _tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                K_h,
-                V_h,
-                krows,
-                vrows,
-                offs,
-                qpos,
-                hi,
-                qk_scale,
-                d,
-                dv,
-                True,
-                CAUSAL,
-                WINDOW,
-                PRECISION,
+                acc, m_i, l_i, q, K_h, V_h, krows, vrows, offs, qpos, hi, qk_scale, d, True, CAUSAL, WINDOW, PRECISION
             )
     for s0 in range(m1, m2, BLOCK_N):
         offs, krows = _kv_rows(n, s0, BT, stride_btn, stride_kp, stride_ks, hi, PAGED, PAGE, False, BLOCK_N)
         offs, vrows = _kv_rows(n, s0, BT, stride_btn, stride_vp, stride_vs, hi, PAGED, PAGE, False, BLOCK_N)
         acc, m_i, l_i = _tile(
-            acc, m_i, l_i, q, K_h, V_h, krows, vrows, offs, qpos, hi, qk_scale, d, dv, False, CAUSAL, WINDOW, PRECISION
+            acc, m_i, l_i, q, K_h, V_h, krows, vrows, offs, qpos, hi, qk_scale, d, False, CAUSAL, WINDOW, PRECISION
         )
     for s0 in range(m2, b, BLOCK_N):
         offs, krows = _kv_rows(n, s0, BT, stride_btn, stride_kp, stride_ks, hi, PAGED, PAGE, True, BLOCK_N)
         offs, vrows = _kv_rows(n, s0, BT, stride_btn, stride_vp, stride_vs, hi, PAGED, PAGE, True, BLOCK_N)
         acc, m_i, l_i = _tile(
-            acc, m_i, l_i, q, K_h, V_h, krows, vrows, offs, qpos, hi, qk_scale, d, dv, True, CAUSAL, WINDOW, PRECISION
+            acc, m_i, l_i, q, K_h, V_h, krows, vrows, offs, qpos, hi, qk_scale, d, True, CAUSAL, WINDOW, PRECISION
         )
 
     # the draft block's own keys, held outside the cache, go to the last split; the constexpr test stays
@@ -270,7 +241,7 @@ def _attention_kernel(
             tk = tl.arange(0, BLOCK_T)
             tk_ok = tk < T
             kb_ptrs = KB + n.to(tl.int64) * stride_kbn + tk[:, None] * stride_kbt + kvh * stride_kbh + d[None, :]
-            vb_ptrs = VB + n.to(tl.int64) * stride_vbn + tk[:, None] * stride_vbt + kvh * stride_vbh + dv[None, :]
+            vb_ptrs = VB + n.to(tl.int64) * stride_vbn + tk[:, None] * stride_vbt + kvh * stride_vbh + d[None, :]
             kb = tl.load(kb_ptrs, mask=tk_ok[:, None], other=0.0)
             vb = tl.load(vb_ptrs, mask=tk_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * qk_scale
@@ -290,7 +261,7 @@ def _attention_kernel(
 
     if not SPLIT:
         o = acc / l_i[:, None]
-        o_ptrs = Out + n.to(tl.int64) * stride_on + t_q[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :]
+        o_ptrs = Out + n.to(tl.int64) * stride_on + t_q[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
         has = l_i > 0.0
@@ -298,7 +269,7 @@ def _attention_kernel(
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         # partials are [N, T, Hq, NUM_SPLITS, D] and [N, T, Hq, NUM_SPLITS]
         prow = ((n.to(tl.int64) * T + t_q) * HQ + head) * NUM_SPLITS + split
-        tl.store(OP + prow[:, None] * HEAD_DIM + dv[None, :], o.to(OP.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(OP + prow[:, None] * HEAD_DIM + d[None, :], o.to(OP.dtype.element_ty), mask=row_ok[:, None])
         tl.store(LSE + prow, lse, mask=row_ok)
 
 
@@ -429,13 +400,9 @@ def _attention(
     groups = hq // hkv
     cfg = config or default_config(t * groups, d)
     num_m = triton.cdiv(t * groups, cfg.block_m)
-    block_dv = cfg.block_dv or d
-    if block_dv & (block_dv - 1) or not 16 <= block_dv <= d:
-        raise ValueError(f"config: block_dv {block_dv} must be a power of two in 16..{d} (head_dim)")
     if num_splits is None:
         ctas = 1 if cfg.num_warps >= 8 else 2  # tiles use most of the register file
-        units = n_req * hkv * num_m * (d // block_dv)
-        num_splits = default_num_splits(units, max_len or capacity, q.device, ctas)
+        num_splits = default_num_splits(n_req * hkv * num_m, max_len or capacity, q.device, ctas)
     if not 1 <= num_splits <= 128:
         raise ValueError(f"num_splits: {num_splits} outside 1..128")
     if paged and page < cfg.block_n and cfg.block_n % page:
@@ -450,7 +417,7 @@ def _attention(
     kb = k_block if has_block else q
     vb = v_block if has_block else q
     bt = block_table if paged else lens
-    grid = (hkv * num_m * (d // block_dv), num_splits, n_req)
+    grid = (hkv * num_m, num_splits, n_req)
     _attention_kernel[grid](
         q,
         k_cache,
@@ -497,7 +464,6 @@ def _attention(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_T=max(16, triton.next_power_of_2(t)),
-        BLOCK_DV=block_dv,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
