@@ -391,15 +391,16 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
     assert used and all(call == (2, config, True) for call in used)
 
 
-def test_the_lowering_takes_the_databases_attention_configs_by_batch(pair, unpassed, tmp_path, monkeypatch):
-    """Tuned verify and draft attention entries at the step's batch size (a tile and a split count, at the
-    context the lowering reads): the attention nodes launch with them, the plan records them, and the
-    step computes what the reference does."""
+def test_the_lowering_takes_the_databases_attention_and_conv_configs_by_batch(pair, unpassed, tmp_path, monkeypatch):
+    """Tuned verify and draft attention entries (a tile and a split count, at the context the lowering reads) and a
+    conv update entry (its tile and warps) at the step's batch size: the nodes launch with them, the plan records
+    them, and the step computes what the reference does."""
     from dflash_compiler.codegen.triton import attention as t_attention
+    from dflash_compiler.codegen.triton import gdn as t_gdn
     from dflash_compiler.graph.ops import triton_implementations
     from dflash_compiler.hw_profiles.database import Entry, TuningDB
     from dflash_compiler.tuning.choice import Chooser
-    from dflash_compiler.tuning.spaces import ATTENTION_CONTEXT, AttentionShape, DraftAttentionShape
+    from dflash_compiler.tuning.spaces import ATTENTION_CONTEXT, AttentionShape, ConvShape, DraftAttentionShape
 
     triton_implementations()
     target, drafter = pair
@@ -410,25 +411,29 @@ def test_the_lowering_takes_the_databases_attention_configs_by_batch(pair, unpas
     configs = {
         "verify_attention": {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1, "num_splits": 3},
         "draft_attention": {"block_m": 16, "block_n": 32, "num_warps": 2, "num_stages": 1, "num_splits": 2},
+        "causal_conv1d_update": {"block_t": 2, "block_c": 32, "num_warps": 1},
     }  # fmt: skip
     shapes = (
         AttentionShape(2, BLOCK, t.num_heads, t.num_kv_heads, t.head_dim, ATTENTION_CONTEXT, "fp32"),
         DraftAttentionShape(2, BLOCK, d.num_heads, d.num_kv_heads, d.head_dim, ATTENTION_CONTEXT, "fp32"),
+        ConvShape(2, BLOCK, t.gdn_conv_dim, t.linear_conv_kernel_dim, "fp32"),
     )
     for shape in shapes:
         db.record(Entry(shape.op, shape.key, shape.fmt, "triton", configs[shape.op], True, time_us=1.0,
                         platform="cpu"))  # fmt: skip
     db.save()
     used = []
-    for name in configs:
-        launcher = getattr(t_attention, name)
+    for module, name in ((t_attention, "verify_attention"), (t_attention, "draft_attention"),
+                         (t_gdn, "causal_conv1d_update")):  # fmt: skip
+        launcher = getattr(module, name)
 
         def spy(*args, _name=name, _launcher=launcher, **kwargs):
             cfg = kwargs.get("config")
-            used.append((_name, args[0].shape[0], kwargs.get("num_splits"), cfg and cfg.block_n))
+            tile = kwargs.get("block_c") if _name == "causal_conv1d_update" else cfg and cfg.block_n
+            used.append((_name, args[0].shape[0], kwargs.get("num_splits"), tile))
             return _launcher(*args, **kwargs)
 
-        monkeypatch.setattr(t_attention, name, spy)
+        monkeypatch.setattr(module, name, spy)
     compiled = CompiledStep(
         graphs, weight_sources(real), "triton", torch.device("cpu"), tuning=Chooser("cpu", root=tmp_path)
     )
@@ -439,12 +444,15 @@ def test_the_lowering_takes_the_databases_attention_configs_by_batch(pair, unpas
         if row["graph"] == "step" and row["op"] in configs:
             tuned.setdefault(row["op"], []).append(row.get("tuned"))
     assert len(tuned["verify_attention"]) == len(t.attention_layers)
+    assert len(tuned["causal_conv1d_update"]) == len(t.gdn_layers) and all(tuned["causal_conv1d_update"])
     draft_full = sum(not c for c in d.causal_layers) if d.causal_layers else d.num_hidden_layers
     assert len([r for r in tuned["draft_attention"] if r]) == draft_full > 0
     for op, rows in tuned.items():
         assert all(r == {"2": {"lowering": "triton", "config": configs[op]}} for r in rows if r)
-    # every verify at batch 2 launches as tuned; the drafter's full layers do, its sliding ones keep the default
+    # every verify and conv at batch 2 launches as tuned; the drafter's full layers do, its sliding ones keep the
+    # default
     assert {c for c in used if c[:2] == ("verify_attention", 2)} == {("verify_attention", 2, 3, 16)}
+    assert {c for c in used if c[:2] == ("causal_conv1d_update", 2)} == {("causal_conv1d_update", 2, None, 32)}
     assert ("draft_attention", 2, 2, 32) in used
 
 

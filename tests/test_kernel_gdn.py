@@ -85,14 +85,16 @@ def test_conv_update_and_commit(dtype, bsz, seq):
     assert torch.equal(committed, ops.conv_window_after(extended, idx, width))
 
 
-def test_conv_update_strided_input():
-    """x as a strided slice of a wider projection output."""
+@pytest.mark.parametrize("tile", [{}, {"block_t": 1, "block_c": 16, "num_warps": 1},
+                                  {"block_t": 4, "block_c": 256, "num_warps": 4}])  # fmt: skip
+def test_conv_update_strided_input(tile):
+    """x as a strided slice of a wider projection output, at the default tile and at tuning points."""
     gen = torch.Generator().manual_seed(5)
     wide = torch.randn(2, 5, 300, generator=gen).to(DEV)
     x = wide[..., 50:250]
     window = torch.randn(2, 200, 3, generator=gen).to(DEV)
     weight = torch.randn(200, 4, generator=gen).to(DEV)
-    y = gdn.causal_conv1d_update(x, window, weight, out=_nan(2, 5, 200))
+    y = gdn.causal_conv1d_update(x, window, weight, out=_nan(2, 5, 200), **tile)
     y_ref, _ = ops.causal_conv1d(x.transpose(1, 2), window, weight)
     _close("y", y, y_ref.transpose(1, 2), 1e-5)
 
@@ -419,6 +421,11 @@ def test_bad_inputs_name_the_parameter():
         gdn.causal_conv1d_update(torch.randn(1, 3, 8, device=DEV), torch.randn(1, 8, 2, device=DEV), torch.randn(8, 4))
     with pytest.raises(ValueError, match="^chunk_size:"):
         gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, chunk_size=48)
+    x, window, weight = torch.randn(1, 3, 32, device=DEV), torch.randn(1, 32, 3, device=DEV), torch.randn(32, 4)
+    with pytest.raises(ValueError, match="^block_t: 3 must be a power of two <= 64"):
+        gdn.causal_conv1d_update(x, window, weight.to(DEV), block_t=3)
+    with pytest.raises(ValueError, match="^block_c: 8 must be a power of two >= 16"):
+        gdn.causal_conv1d_update(x, window, weight.to(DEV), block_c=8)
 
 
 # ------------------------------------------------------------------------------------------ GPU, real dims

@@ -25,6 +25,7 @@ from dflash_compiler.tuning.measure import ConfigFailed, LinearCase, make_case
 from dflash_compiler.tuning.spaces import (
     AcceptShape,
     AttentionShape,
+    ConvShape,
     DraftAttentionShape,
     GDNChunkedShape,
     GDNShape,
@@ -103,6 +104,7 @@ SHAPES_27B = [
     DraftAttentionShape(4, 16, 32, 8, 128, 4096),
     GDNShape(16, 16, 16, 48, 128, 128),
     GDNChunkedShape(1, 512, 16, 48, 128, 128),
+    ConvShape(16, 16, 10240, 4),
     AcceptShape(4, 16, 248320),
 ]
 
@@ -255,6 +257,12 @@ def test_other_families_prune_what_cannot_run():
     assert [(p["algorithm"], p["block_k"], p["block_v"], p["factor_warps"]) for p in gdn.alternatives()] == [
         ("chunked", bk, bv, 4) for bk in (128, 32) for bv in (16, 32, 64, 128)
     ] + [("factored", 32, bv, 1) for _ in (2, 4) for bv in (16, 32, 64, 128)]
+    conv = space_for(ConvShape(1, 16, 10240, 4), cpu)
+    assert conv.default() == {"lowering": "triton", "block_t": 8, "block_c": 64, "num_warps": 2}
+    assert conv.choices()["block_t"] == [1, 2, 4, 8, 16]
+    assert "leaves threads of 8 warps idle" in conv.check({**conv.default(), "block_t": 1, "block_c": 64,
+                                                           "num_warps": 8})  # fmt: skip
+    assert parse_shape("causal_conv1d_update", "b16_t16_c10240_w4", "bf16") == ConvShape(16, 16, 10240, 4)
     acc = space_for(AcceptShape(2, 16, 4096), cpu)
     assert "not a multiple of block_v" in acc.check({"lowering": "triton", "block_v": 4096, "chunk": 2048})
 
@@ -280,6 +288,7 @@ def test_the_calls_of_the_27b_pair():
     assert ("drafter.fc", "m16_n5120_k25600_none_xbf16") in by_name  # 5 tapped layers
     assert ("target.attn.verify", "b16_t16_hq24_hkv4_d256_ctx4096") in by_name
     assert ("prefill.gdn.chunked", "b1_t512_h16_hv48_k128_v128") in by_name
+    assert by_name[("target.gdn.conv", "b16_t16_c10240_w4")].op == "causal_conv1d_update"  # q, k 2048 + v 6144
     assert ("prefill.mlp.gate_up", "m512_n34816_k5120_swiglu_xbf16") in by_name
     assert ("prefill.attn", "b1_t512_hq24_hkv4_d256_ctx4096") in by_name
     assert by_name[("drafter.attn", "b16_t16_hq32_hkv8_d128_ctx4096")].op == "draft_attention"
@@ -650,6 +659,12 @@ def test_measurement_checks_every_config_against_the_reference():
     draft = make_case(DraftAttentionShape(2, 4, 4, 2, 16, 70, "fp16"), load_profile("cpu"), "cpu")
     space = space_for(draft.shape, draft.profile)
     assert draft.measure(*space.config({**space.default(), "num_splits": 2})) > 0
+    conv = make_case(ConvShape(3, 5, 100, 4, "fp32"), load_profile("cpu"), "cpu")
+    conv_space = space_for(conv.shape, conv.profile)
+    assert conv.measure(*conv_space.config(conv_space.default())) > 0
+    assert conv.measure("triton", {"block_t": 2, "block_c": 128, "num_warps": 4}) > 0
+    with pytest.raises(ConfigFailed, match="launch failed: ValueError: block_c: 24 must be a power of two"):
+        conv.measure("triton", {"block_t": 2, "block_c": 24, "num_warps": 1})
     chunked = make_case(GDNChunkedShape(1, 40, 2, 4, 16, 32, "fp32"), load_profile("cpu"), "cpu")
     assert chunked.measure("triton", {"chunk_size": 16, "block_v": 32, "precision": "ieee"}) > 0
     with pytest.raises(ConfigFailed, match="launch failed: ValueError: chunk_size: 8 not in 16/32/64/128"):

@@ -244,7 +244,7 @@ def draft_attention(
 # ---- Gated DeltaNet ------------------------------------------------------------------------------------------------
 
 
-def causal_conv1d_update(x, window, weight, out=None) -> torch.Tensor:
+def causal_conv1d_update(x, window, weight, out=None, *, block_t=None, block_c=None, num_warps=None) -> torch.Tensor:
     """silu(depthwise causal conv1d) of x [B, T, C] continuing from window [B, C, W-1]; weight [C, W]. In fp32,
     rounded to x's dtype. The window is not modified (see conv_window_commit)."""
     y, _ = ops.causal_conv1d(x.transpose(1, 2).float(), window.float(), weight.float())

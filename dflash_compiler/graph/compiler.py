@@ -288,12 +288,13 @@ class CompiledStep:
         return self.graphs[name]
 
     def _tuned_dims(self, name: str) -> dict[str, tuple]:
-        """The dims by op that graph `name`'s tuned ops are looked up with (lower's tuned_dims): the GDN verify's,
-        and in the step graphs the verify and draft attention's."""
+        """The dims by op that graph `name`'s tuned ops are looked up with (lower's tuned_dims): the GDN verify's
+        and conv update's, and in the step graphs the verify and draft attention's."""
         cfg, width = self.step.target.cfg, split_width(name)[1] or self.step.block_size
         dims = {
             "gdn_verify": (width, cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                            cfg.linear_value_head_dim),
+            "causal_conv1d_update": (width, cfg.gdn_conv_dim, cfg.linear_conv_kernel_dim),
         }  # fmt: skip
         if name.startswith("step"):
             dims["verify_attention"] = (width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
@@ -334,9 +335,8 @@ def lower(
     entries give the Triton backend's linears their lowering and config per row bucket, looked up by the shapes
     of their weights (by name) and the activation dtype; the choices are recorded in meta["lowering"]["tuned"].
     glue: "aten" runs the glue between the ops as ATen calls, "inductor" as TorchInductor regions
-    (codegen/inductor.py). tuned_dims: by op, the dims of the graph's GDN verify (verify width, key heads, value
-    heads, key dim, value dim) and attention ops (block queries, query heads, KV heads, head dim), whose tuned
-    configs the chooser gives by batch size (ops without dims keep the launchers' defaults)."""
+    (codegen/inductor.py). tuned_dims: by op, the dims of the graph's ops whose tuned configs the chooser gives by
+    batch size (batch_choices; ops without dims keep the launchers' defaults)."""
     count = 0
     linears = []
     for node in gm.graph.nodes:
@@ -349,10 +349,10 @@ def lower(
         if op == "linear" and backend == "triton" and tuning is not None:
             tuned = linear_choices(linear_calls(node, weights, act_dtype), tuning)
         elif backend == "triton" and tuning is not None and op in (tuned_dims or {}):
-            if op in dflash_ops.TunedGDN.OPS:
-                tuned = gdn_choices(op, tuned_dims[op], act_dtype, tuning)
-            elif not (op_arguments(node).get("causal") or op_arguments(node).get("window")):
-                tuned = attention_choices(op, tuned_dims[op], act_dtype, tuning)
+            args = op_arguments(node)
+            # the drafter's sliding (causal, windowed) layers are not in the attention space
+            if op != "draft_attention" or not (args["causal"] or args["window"]):
+                tuned = batch_choices(op, tuned_dims[op], act_dtype, tuning)
         node.meta["lowering"] = {"op": op, "impl": backend}
         if tuned:
             node.meta["lowering"]["tuned"] = {str(m): {"lowering": lw, "config": c} for m, (lw, c) in tuned.items()}
@@ -414,35 +414,25 @@ def linear_choices(calls: list[tuple], tuning) -> dict[int, tuple[str, dict]]:
     return choices
 
 
-def gdn_choices(op: str, dims: tuple[int, int, int, int, int], act_dtype, tuning) -> dict[int, tuple[str, dict]]:
-    """The tuned (lowering, config) by batch size of a GDN verify (op) of dims (verify width, key heads, value
-    heads, key dim, value dim), for the runtime's batch buckets (sizes without a tuned entry: absent)."""
+def batch_choices(op: str, dims: tuple, act_dtype, tuning) -> dict[int, tuple[str, dict]]:
+    """The tuned (lowering, config) by batch size, for the runtime's batch buckets (sizes without a tuned entry:
+    absent), of a GDN verify (dims: verify width, key heads, value heads, key dim, value dim), a conv update (verify
+    width, channels, taps) or a verify or draft attention (block queries, query heads, KV heads, head dim; at the
+    context the lowering's attention configs are tuned for, ATTENTION_CONTEXT: a captured step serves every context
+    with one launch config)."""
     from ..runtime.batch import BUCKETS
-    from ..tuning.spaces import DTYPES, GDNShape
+    from ..tuning import spaces
 
-    act = next(name for name, dtype in DTYPES.items() if dtype == act_dtype)
+    act = next(name for name, dtype in spaces.DTYPES.items() if dtype == act_dtype)
+    shape_at = {
+        "gdn_verify": lambda batch: spaces.GDNShape(batch, *dims, act),
+        "causal_conv1d_update": lambda batch: spaces.ConvShape(batch, *dims, act),
+        "verify_attention": lambda batch: spaces.AttentionShape(batch, *dims, spaces.ATTENTION_CONTEXT, act),
+        "draft_attention": lambda batch: spaces.DraftAttentionShape(batch, *dims, spaces.ATTENTION_CONTEXT, act),
+    }[op]
     choices = {}
     for batch in BUCKETS:
-        shape = GDNShape(batch, *dims, act)
-        choice = tuning.choose(shape.op, shape.key, shape.fmt)
-        if choice.tuned:
-            choices[batch] = (choice.lowering, dict(choice.config))
-    return choices
-
-
-def attention_choices(op: str, dims: tuple[int, int, int, int], act_dtype, tuning) -> dict[int, tuple[str, dict]]:
-    """The tuned (lowering, config) by batch size of a verify or draft attention (op; the drafter's full layers:
-    windowed ones are not in the space) of dims (block queries, query heads, KV heads, head dim), at the context
-    the lowering's attention configs are tuned for (ATTENTION_CONTEXT: a captured step serves every context with
-    one launch config)."""
-    from ..runtime.batch import BUCKETS
-    from ..tuning.spaces import ATTENTION_CONTEXT, DTYPES, AttentionShape, DraftAttentionShape
-
-    act = next(name for name, dtype in DTYPES.items() if dtype == act_dtype)
-    kind = AttentionShape if op == "verify_attention" else DraftAttentionShape
-    choices = {}
-    for batch in BUCKETS:
-        shape = kind(batch, *dims, ATTENTION_CONTEXT, act)
+        shape = shape_at(batch)
         choice = tuning.choose(shape.op, shape.key, shape.fmt)
         if choice.tuned:
             choices[batch] = (choice.lowering, dict(choice.config))

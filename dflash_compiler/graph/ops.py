@@ -562,7 +562,8 @@ def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | N
     """The Python function implementing dflash op `op` with `backend`: "reference" (PyTorch, any device) or
     "triton" (the kernels; ops without a kernel use their reference). tuned: on the Triton backend, the tuning
     database's (lowering, config) by row bucket for a linear (tuning/spaces.py M_BUCKETS), by batch size for a
-    GDN verify or an attention. residual_in_place: a linear whose residual is dead after it (_run_linear)."""
+    GDN verify, a conv update or an attention (TunedByBatch). residual_in_place: a linear whose residual is dead
+    after it (_run_linear)."""
     custom = OPS[op]
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -573,31 +574,54 @@ def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | N
     if backend == "reference":
         return custom._init_fn
     default = TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
-    if tuned and op in TunedGDN.OPS:
-        return TunedGDN(op, tuned, default)
-    if tuned and op in TunedAttention.OPS:
-        return TunedAttention(op, tuned, default)
+    for tuned_op in (TunedGDN, TunedAttention, TunedConv):
+        if tuned and op in tuned_op.OPS:
+            return tuned_op(op, tuned, default)
     return default
 
 
-class TunedAttention:
-    """A verify or draft attention node's implementation with the tuning database's configs by batch size (tile,
-    head-dim slice, split count); batch sizes without a tuned entry run the launcher's default. The choice is
-    made at dispatch, i.e. once per captured graph."""
+class TunedByBatch:
+    """An op node's implementation with the tuning database's Triton configs by batch size (its first argument's
+    leading dimension); batch sizes without a tuned entry run the launcher's default. The choice is made at
+    dispatch, i.e. once per captured graph."""
 
-    OPS = ("verify_attention", "draft_attention")
+    OPS: tuple[str, ...] = ()
 
     def __init__(self, op: str, tuned: dict[int, tuple[str, dict]], default):
         self.op, self.default = op, default
         self.configs = {batch: config for batch, (lowering, config) in tuned.items() if lowering == "triton"}
         self.__name__ = f"{op}_tuned"
 
-    def __call__(self, q, *args):
+    def __call__(self, first, *args):
+        config = self.configs.get(first.shape[0])
+        if config is None:
+            return self.default(first, *args)
+        return self.launch(config, first, *args)
+
+    def launch(self, config: dict, *args):
+        raise NotImplementedError
+
+
+class TunedGDN(TunedByBatch):
+    """A GDN verify with its tuned algorithm and launch parameters."""
+
+    OPS = ("gdn_verify",)
+
+    def launch(self, config, q, k, v, a, b, a_log, dt_bias, state, keys, gates, rows, pending):
+        from ..codegen.triton import gdn as t_gdn
+
+        pend = _pending(keys, gates, rows, pending)
+        return t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, **pend, **config)
+
+
+class TunedAttention(TunedByBatch):
+    """A verify or draft attention with its tuned tile and split count."""
+
+    OPS = ("verify_attention", "draft_attention")
+
+    def launch(self, config, q, *args):
         from ..codegen.triton import attention as t_attention
 
-        config = self.configs.get(q.shape[0])
-        if config is None:
-            return self.default(q, *args)
         launch = dict(num_splits=config["num_splits"], config=t_attention.tuned_config(config))
         if self.op == "verify_attention":
             k_cache, v_cache, cache_lens, block_table, max_len = args
@@ -608,26 +632,15 @@ class TunedAttention:
                                            causal=causal, window=window, max_len=max_len, **launch)  # fmt: skip
 
 
-class TunedGDN:
-    """A GDN verify node's implementation with the tuning database's configs by batch size (the algorithm and its
-    launch parameters); batch sizes without a tuned entry run the launcher's default. The choice is made at
-    dispatch, i.e. once per captured graph."""
+class TunedConv(TunedByBatch):
+    """A GDN conv update with its tuned tile and warps."""
 
-    OPS = ("gdn_verify",)
+    OPS = ("causal_conv1d_update",)
 
-    def __init__(self, op: str, tuned: dict[int, tuple[str, dict]], default):
-        self.op, self.default = op, default
-        self.configs = {batch: config for batch, (lowering, config) in tuned.items() if lowering == "triton"}
-        self.__name__ = f"{op}_tuned"
-
-    def __call__(self, q, k, v, a, b, a_log, dt_bias, state, keys, gates, rows, pending):
+    def launch(self, config, x, window, weight):
         from ..codegen.triton import gdn as t_gdn
 
-        config = self.configs.get(q.shape[0])
-        if config is None:
-            return self.default(q, k, v, a, b, a_log, dt_bias, state, keys, gates, rows, pending)
-        pend = _pending(keys, gates, rows, pending)
-        return t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, **pend, **config)
+        return t_gdn.causal_conv1d_update(x, window, weight, **config)
 
 
 class TunedLinear:

@@ -21,6 +21,7 @@ from .spaces import (
     DTYPES,
     AcceptShape,
     AttentionShape,
+    ConvShape,
     DraftAttentionShape,
     GDNChunkedShape,
     GDNShape,
@@ -112,8 +113,10 @@ class Case:
         raise NotImplementedError
 
     def compare(self, got, want) -> str | None:
-        """Why got is wrong against want (None if it is right)."""
-        raise NotImplementedError
+        """Why got is wrong against want (None if it is right): by default, its relative error over the tolerance."""
+        err = _relative_error(got, want)
+        tol = self.tolerance("triton", {})
+        return None if err <= tol else f"relative error {err:.3g} over {tol:g}"
 
     def poison(self, i: int) -> None:
         """Fills the outputs of set i with NaN, so that an output the launch leaves unwritten shows."""
@@ -268,11 +271,6 @@ class AttentionCase(Case):
             config=tuned_config(config),
         )  # fmt: skip
 
-    def compare(self, got, want) -> str | None:
-        err = _relative_error(got, want)
-        tol = self.tolerance("triton", {})
-        return None if err <= tol else f"relative error {err:.3g} over {tol:g}"
-
 
 class DraftAttentionCase(AttentionCase):
     """The block's own keys and values beside the cached context (context - t keys, so that t + cached = context)."""
@@ -301,6 +299,37 @@ class DraftAttentionCase(AttentionCase):
             q, kb, vb, k, v, lens, block_table=table, out=out, num_splits=config["num_splits"],
             max_len=self.shape.context, config=tuned_config(config),
         )  # fmt: skip
+
+
+class ConvCase(Case):
+    """The conv update over a verify block, its input a strided slice of the in-projection's rows (as in the
+    step: the conv channels come first, the gate and value inputs follow)."""
+
+    def __init__(
+        self, shape: ConvShape, profile: HardwareProfile, device, seed: int = 0, max_rotations: int | None = None
+    ):
+        super().__init__(shape, profile, device, seed, max_rotations)
+        s = shape
+        dtype = DTYPES[s.fmt]
+        self.rotations = self._rotations(2 * s.batch * s.t * s.channels * dtype.itemsize)
+        self.weight = self.rand(s.channels, s.width, dtype=dtype, scale=0.5)
+        self.sets = []
+        for _ in range(self.rotations):
+            rows = self.rand(s.batch, s.t, s.channels + 64, dtype=dtype)  # wider rows: x is a strided view
+            window = self.rand(s.batch, s.channels, s.width - 1, dtype=dtype)
+            self.sets.append((rows[..., : s.channels], window, torch.empty(s.batch, s.t, s.channels, dtype=dtype,
+                                                                           device=self.device)))  # fmt: skip
+
+    def poison(self, i: int) -> None:
+        self.sets[i][-1].fill_(float("nan"))
+
+    def run(self, lowering: str, config: dict, i: int):
+        x, window, out = self.sets[i]
+        if lowering == "reference":
+            return reference.causal_conv1d_update(x, window, self.weight)
+        from ..codegen.triton.gdn import causal_conv1d_update
+
+        return causal_conv1d_update(x, window, self.weight, out=out, **config)
 
 
 class GDNCase(Case):
@@ -442,6 +471,7 @@ CASES = {
     "draft_attention": DraftAttentionCase,
     "gdn_verify": GDNCase,
     "gdn_chunked": GDNChunkedCase,
+    "causal_conv1d_update": ConvCase,
     "greedy_accept": AcceptCase,
 }
 

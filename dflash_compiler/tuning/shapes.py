@@ -17,6 +17,7 @@ from ..models.config import DrafterConfig, TargetConfig
 from .spaces import (
     AcceptShape,
     AttentionShape,
+    ConvShape,
     DraftAttentionShape,
     GDNChunkedShape,
     GDNShape,
@@ -34,7 +35,7 @@ class Call:
     """One tunable call: a name (where in the model it runs) and its shape."""
 
     name: str
-    shape: LinearShape | AttentionShape | DraftAttentionShape | GDNShape | GDNChunkedShape | AcceptShape
+    shape: LinearShape | AttentionShape | DraftAttentionShape | GDNShape | GDNChunkedShape | ConvShape | AcceptShape
 
     @property
     def op(self) -> str:
@@ -111,6 +112,8 @@ def model_calls(
             linear("target.gdn.out_proj", rows, h, t.gdn_value_dim, "residual")
             dims = (batch, block, t.linear_num_key_heads, hv, t.linear_key_head_dim, t.linear_value_head_dim, act)
             calls.setdefault(("gdn", dims), Call("target.gdn.verify", GDNShape(*dims)))
+            conv = ConvShape(batch, block, t.gdn_conv_dim, t.linear_conv_kernel_dim, act)
+            calls.setdefault(("conv", conv.key), Call("target.gdn.conv", conv))
         if t.attention_layers:
             qw = t.num_heads * t.head_dim * (2 if t.attn_output_gate else 1)
             linear("target.attn.qkv", rows, qw + 2 * t.num_kv_heads * t.head_dim, h)
@@ -139,7 +142,8 @@ def model_calls(
 
 def select(calls: Sequence[Call], ops: Sequence[str] | None) -> list[Call]:
     """The calls named by `ops`: an op family (linear, verify_attention, draft_attention, gdn_verify,
-    gdn_chunked, greedy_accept) or a call name (target.mlp.down), each matching every batch size."""
+    gdn_chunked, causal_conv1d_update, greedy_accept) or a call name (target.mlp.down), each matching every batch
+    size."""
     if not ops:
         return list(calls)
     known = {c.op for c in calls} | {c.name for c in calls}

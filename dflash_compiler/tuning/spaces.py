@@ -1,7 +1,7 @@
 """Search spaces per kernel family, built from the launchers' own configs, with the configs that cannot run on a
 profile pruned before they launch.
 
-A shape (LinearShape, AttentionShape, DraftAttentionShape, GDNShape, GDNChunkedShape, AcceptShape)
+A shape (LinearShape, AttentionShape, DraftAttentionShape, GDNShape, GDNChunkedShape, ConvShape, AcceptShape)
 is one tunable call: its `key` is the database's shape key and parses back (`parse_shape`). A space is discrete:
 `choices` lists every parameter's values (always including the launcher's default), `suggest` draws a point from an
 Optuna trial (the lowering first: only the Triton lowering has further parameters), `check` says why a point is
@@ -721,6 +721,59 @@ class GDNChunkedSpace(Space):
         return acc or _smem_check(gdn_kernels.prepare_shared_bytes(params["chunk_size"], s.dk), self.profile)
 
 
+# ---- GDN causal conv ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """The GDN layer's depthwise causal conv over a verify block: batch requests of t positions, channels wide,
+    width taps."""
+
+    batch: int
+    t: int
+    channels: int
+    width: int
+    fmt: str = "bf16"  # x / y dtype
+    op = "causal_conv1d_update"
+
+    @property
+    def key(self) -> str:
+        return f"b{self.batch}_t{self.t}_c{self.channels}_w{self.width}"
+
+
+class ConvSpace(Space):
+    """codegen/triton/gdn.py's conv update: positions x channels per program, warps."""
+
+    op = "causal_conv1d_update"
+
+    def choices(self) -> dict[str, list]:
+        return self._with_default(
+            {
+                "lowering": _lowerings(self.profile),
+                "block_t": _upto([1, 2, 4, 8, 16], _p2(self.shape.t)),
+                "block_c": _upto([16, 32, 64, 128, 256, 512], _p2(self.shape.channels)),
+                "num_warps": [1, 2, 4, 8],
+            }
+        )
+
+    def launcher_default(self) -> Params:
+        bt = min(gdn_kernels.CONV_BLOCK_T, _p2(self.shape.t))
+        return {"lowering": "triton", "block_t": bt, "block_c": gdn_kernels.CONV_BLOCK_C,
+                "num_warps": gdn_kernels.CONV_WARPS}  # fmt: skip
+
+    def waste(self, params: Params) -> str | None:
+        if params["lowering"] == "triton" and params["block_t"] * params["block_c"] < params["num_warps"] * 32:
+            return (
+                f"a {params['block_t']} x {params['block_c']} tile leaves threads of {params['num_warps']} warps idle"
+            )
+        return None
+
+    def limits(self, params: Params) -> str | None:
+        if params["lowering"] != "triton":
+            return None
+        return _accumulator_check(params["block_t"] * params["block_c"], params["num_warps"], self.profile, "the tile")
+
+
 # ---- greedy acceptance ---------------------------------------------------------------------------------------
 
 
@@ -785,6 +838,7 @@ SPACES: dict[str, type[Space]] = {
     "draft_attention": AttentionSpace,
     "gdn_verify": GDNSpace,
     "gdn_chunked": GDNChunkedSpace,
+    "causal_conv1d_update": ConvSpace,
     "greedy_accept": AcceptSpace,
 }
 _ATTENTION_KEY = r"b(?P<batch>\d+)_t(?P<t>\d+)_hq(?P<hq>\d+)_hkv(?P<hkv>\d+)_d(?P<d>\d+)_ctx(?P<context>\d+)"
@@ -795,6 +849,7 @@ _KEYS = {
     "draft_attention": (DraftAttentionShape, _ATTENTION_KEY),
     "gdn_verify": (GDNShape, _GDN_KEY),
     "gdn_chunked": (GDNChunkedShape, _GDN_KEY),
+    "causal_conv1d_update": (ConvShape, r"b(?P<batch>\d+)_t(?P<t>\d+)_c(?P<channels>\d+)_w(?P<width>\d+)"),
     "greedy_accept": (AcceptShape, r"b(?P<batch>\d+)_bs(?P<bs>\d+)_v(?P<vocab>\d+)"),
 }
 

@@ -852,11 +852,19 @@ CONV_BLOCK_T, CONV_BLOCK_C, CONV_WARPS = 8, 64, 2  # the conv update's tile: pos
 
 
 def causal_conv1d_update(
-    x: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    window: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    block_t: int | None = None,
+    block_c: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """silu(depthwise causal conv1d) of x [B, T, C] continuing from window [B, C, W-1]; weight [C, W].
 
-    Returns y [B, T, C] in x's dtype. The window is not modified (see conv_window_commit).
+    Returns y [B, T, C] in x's dtype. The window is not modified (see conv_window_commit). block_t x block_c:
+    positions x channels per program (powers of two), on num_warps warps.
     """
     _check(x.dim() == 3 and x.stride(2) == 1, "x", f"expected [B, T, C] with contiguous channels, got {tuple(x.shape)}")
     bsz, seq, chans = x.shape
@@ -875,8 +883,10 @@ def causal_conv1d_update(
         return out
     # 8 positions x 64 channels on 2 warps: on the H200 at 27B shapes (16 positions, 10240 channels) 3.8 µs at
     # batch 1 and 10.8 at batch 16 against 4.4 and 15.1 for 16 x 128 on 4 (CUDA-graph replays)
-    bt = min(CONV_BLOCK_T, triton.next_power_of_2(seq))
-    bc = CONV_BLOCK_C
+    bt = block_t or min(CONV_BLOCK_T, triton.next_power_of_2(seq))
+    bc = block_c or CONV_BLOCK_C
+    _check(_pow2(bt) and bt <= 64, "block_t", f"{bt} must be a power of two <= 64")
+    _check(_pow2(bc) and bc >= 16, "block_c", f"{bc} must be a power of two >= 16")
     grid = (triton.cdiv(chans, bc), triton.cdiv(seq, bt), bsz)
     _conv_kernel[grid](
         x,
@@ -892,7 +902,7 @@ def causal_conv1d_update(
         W=width,
         BT=bt,
         BC=bc,
-        num_warps=CONV_WARPS,
+        num_warps=num_warps or CONV_WARPS,
     )
     return out
 
