@@ -1,7 +1,7 @@
 """Every kernel benchmark in one run: the copy bandwidth measured once, then the linear, attention/fused/accept and
 GDN kernels at Qwen3.5-27B shapes, into one table and bench/results/kernels-h100.json.
 
-    python bench/kernels.py [--out bench/results/kernels-h100.json]
+    python bench/bench_kernels.py [--out bench/results/kernels-h100.json]
 """
 
 from __future__ import annotations
