@@ -417,6 +417,7 @@ def test_the_lowering_takes_the_databases_attention_and_conv_configs_by_batch(pa
         AttentionShape(2, BLOCK, t.num_heads, t.num_kv_heads, t.head_dim, ATTENTION_CONTEXT, "fp32"),
         DraftAttentionShape(2, BLOCK, d.num_heads, d.num_kv_heads, d.head_dim, ATTENTION_CONTEXT, "fp32"),
         ConvShape(2, BLOCK, t.gdn_conv_dim, t.linear_conv_kernel_dim, "fp32"),
+        ConvShape(1, BLOCK, t.gdn_conv_dim, t.linear_conv_kernel_dim, "fp32"),  # batch 1: the step's, not prefill's
     )
     for shape in shapes:
         db.record(Entry(shape.op, shape.key, shape.fmt, "triton", configs[shape.op], True, time_us=1.0,
@@ -447,8 +448,13 @@ def test_the_lowering_takes_the_databases_attention_and_conv_configs_by_batch(pa
     assert len(tuned["causal_conv1d_update"]) == len(t.gdn_layers) and all(tuned["causal_conv1d_update"])
     draft_full = sum(not c for c in d.causal_layers) if d.causal_layers else d.num_hidden_layers
     assert len([r for r in tuned["draft_attention"] if r]) == draft_full > 0
+    conv_tuned = {"lowering": "triton", "config": configs["causal_conv1d_update"]}
+    assert all(r == {"1": conv_tuned, "2": conv_tuned} for r in tuned.pop("causal_conv1d_update"))
     for op, rows in tuned.items():
         assert all(r == {"2": {"lowering": "triton", "config": configs[op]}} for r in rows if r)
+    # the prefill graph runs a chunk's shapes, which the by-batch entries do not describe
+    prefill = [row for row in compiled.plan() if row["graph"] == "prefill" and row["op"] in configs]
+    assert prefill and not any("tuned" in row for row in prefill)
     # every verify and conv at batch 2 launches as tuned; the drafter's full layers do, its sliding ones keep the
     # default
     assert {c for c in used if c[:2] == ("verify_attention", 2)} == {("verify_attention", 2, 3, 16)}

@@ -288,19 +288,20 @@ class CompiledStep:
         return self.graphs[name]
 
     def _tuned_dims(self, name: str) -> dict[str, tuple]:
-        """The dims by op that graph `name`'s tuned ops are looked up with (lower's tuned_dims): the GDN verify's
-        and conv update's, and in the step graphs the verify and draft attention's."""
+        """The dims by op that graph `name`'s tuned ops are looked up with (lower's tuned_dims): in the step graphs
+        the GDN verify's, the conv update's and the verify attention's at the graph's verify width, and the draft
+        attention's at the drafter's block in the step and join graphs. The prefill graph runs its chunk's shapes,
+        which the by-batch entries do not describe: it keeps the launchers' defaults."""
         cfg, width = self.step.target.cfg, split_width(name)[1] or self.step.block_size
-        dims = {
-            "gdn_verify": (width, cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                           cfg.linear_value_head_dim),
-            "causal_conv1d_update": (width, cfg.gdn_conv_dim, cfg.linear_conv_kernel_dim),
-        }  # fmt: skip
+        dims = {}
         if name.startswith("step"):
+            dims["gdn_verify"] = (width, cfg.linear_num_key_heads, cfg.linear_num_value_heads,
+                                  cfg.linear_key_head_dim, cfg.linear_value_head_dim)  # fmt: skip
+            dims["causal_conv1d_update"] = (width, cfg.gdn_conv_dim, cfg.linear_conv_kernel_dim)
             dims["verify_attention"] = (width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-            if self.step.drafter is not None:
-                d = self.step.drafter.cfg
-                dims["draft_attention"] = (self.step.block_size, d.num_heads, d.num_kv_heads, d.head_dim)
+        if self.step.drafter is not None and name.startswith(("step", "join")):
+            d = self.step.drafter.cfg
+            dims["draft_attention"] = (self.step.block_size, d.num_heads, d.num_kv_heads, d.head_dim)
         return dims
 
     def plan(self) -> list[dict]:

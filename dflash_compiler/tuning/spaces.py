@@ -757,9 +757,7 @@ class ConvSpace(Space):
         )
 
     def launcher_default(self) -> Params:
-        bt = min(gdn_kernels.CONV_BLOCK_T, _p2(self.shape.t))
-        return {"lowering": "triton", "block_t": bt, "block_c": gdn_kernels.CONV_BLOCK_C,
-                "num_warps": gdn_kernels.CONV_WARPS}  # fmt: skip
+        return {"lowering": "triton", **gdn_kernels.conv_config(self.shape.t)}
 
     def waste(self, params: Params) -> str | None:
         if params["lowering"] == "triton" and params["block_t"] * params["block_c"] < params["num_warps"] * 32:

@@ -851,6 +851,11 @@ def _chunk_output_kernel(
 CONV_BLOCK_T, CONV_BLOCK_C, CONV_WARPS = 8, 64, 2  # the conv update's tile: positions, channels; its warps
 
 
+def conv_config(seq: int) -> dict:
+    """causal_conv1d_update's launch defaults for a block of seq positions."""
+    return dict(block_t=min(CONV_BLOCK_T, triton.next_power_of_2(seq)), block_c=CONV_BLOCK_C, num_warps=CONV_WARPS)
+
+
 def causal_conv1d_update(
     x: torch.Tensor,
     window: torch.Tensor,
@@ -883,8 +888,8 @@ def causal_conv1d_update(
         return out
     # 8 positions x 64 channels on 2 warps: on the H200 at 27B shapes (16 positions, 10240 channels) 3.8 µs at
     # batch 1 and 10.8 at batch 16 against 4.4 and 15.1 for 16 x 128 on 4 (CUDA-graph replays)
-    bt = block_t or min(CONV_BLOCK_T, triton.next_power_of_2(seq))
-    bc = block_c or CONV_BLOCK_C
+    cfg = conv_config(seq)
+    bt, bc = block_t or cfg["block_t"], block_c or cfg["block_c"]
     _check(_pow2(bt) and bt <= 64, "block_t", f"{bt} must be a power of two <= 64")
     _check(_pow2(bc) and bc >= 16, "block_c", f"{bc} must be a power of two >= 16")
     grid = (triton.cdiv(chans, bc), triton.cdiv(seq, bt), bsz)
@@ -902,7 +907,7 @@ def causal_conv1d_update(
         W=width,
         BT=bt,
         BC=bc,
-        num_warps=num_warps or CONV_WARPS,
+        num_warps=num_warps or cfg["num_warps"],
     )
     return out
 
