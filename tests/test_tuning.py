@@ -789,6 +789,55 @@ def test_runtime_study_three_trials_on_the_tiny_pair(tmp_path):
         RuntimeSpace([1], 16, widths=[32])
 
 
+def test_the_runtime_study_measures_every_width_then_composes_the_best_per_bucket(tmp_path):
+    """A toy throughput in which each level's tokens/s depends on its own width alone, with a different best width
+    per level: after the default and one trial per width, the chosen config holds each level's best."""
+    from dflash_compiler.tuning.runtime import RuntimeSpace, chosen_config, runtime_study
+
+    best_width = {1: 16, 8: 4, 16: 8, 3: 4, 4: 8}
+
+    def throughput(config, concurrencies):
+        return {c: 100.0 * c - abs(config.width(c) - best_width[c]) for c in concurrencies}
+
+    space = RuntimeSpace([1, 8, 16], 16, widths=[4, 8], prefill_chunks=[512])
+    study = runtime_study(space, throughput, storage=open_storage(tmp_path / "rt.journal"), study_name="rt",
+                          n_trials=3)  # fmt: skip
+    assert [sorted({v for k, v in t.params.items() if k.startswith("width")}) for t in study.trials] == [[16], [8], [4]]
+    assert {t.params["prefill_chunk"] for t in study.trials} == {512}
+    config, value = chosen_config(study, space, max_batch=16)
+    assert [config.width(c) for c in (1, 8, 16)] == [16, 4, 8]  # no single trial held this point
+    assert value == pytest.approx((100 + 800 + 1600) / 3) and value > study.best_value
+    # levels 3 and 4 share bucket 4 (default buckets 1, 2, 4, ...): their best widths differ, so they keep the
+    # best trial's
+    shared = RuntimeSpace([3, 4], 16, widths=[4, 8], prefill_chunks=[512])
+    study = runtime_study(shared, throughput, storage=open_storage(tmp_path / "rt2.journal"), study_name="rt2",
+                          n_trials=3)  # fmt: skip
+    config, value = chosen_config(study, shared, max_batch=4)
+    assert config.width(3) == config.width(4) == study.best_params["width_c3"]
+    assert value == pytest.approx(study.best_value)
+    with pytest.raises(DFlashError, match=r"parameter 'prefill_chunks' must list chunk sizes >= 1, got \[0\]"):
+        RuntimeSpace([1], 16, prefill_chunks=[0])
+
+
+def test_the_steady_objective_times_a_full_batch_and_cancels_it():
+    from dflash_compiler.runtime.engine import DEFAULT_PAIR
+    from dflash_compiler.tuning.runtime import STEADY_WARMUP, RuntimeConfig, checkpoint_models, pair_throughput
+
+    models = checkpoint_models(DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter")
+    steps, block = 3, 16
+    throughput = pair_throughput(models, [[5, 6, 7], [8, 9]], max_new_tokens=(STEADY_WARMUP + steps + 1) * block,
+                                 max_batch=2, max_seq_len=128, steady_steps=steps)  # fmt: skip
+    per_level = throughput(RuntimeConfig(((1, 4), (2, 4)), "default", 512), [1, 2])
+    assert set(per_level) == {1, 2} and min(per_level.values()) > 0
+    # a budget the timed steps can run out of is refused, not measured short
+    short = pair_throughput(models, [[5, 6, 7]], max_new_tokens=4, max_batch=1, max_seq_len=64, steady_steps=steps)
+    with pytest.raises(DFlashError, match=r"parameter 'max_new_tokens': 4 tokens per request ran out during the 2 \+ "
+                       r"3 steady steps at concurrency 1"):  # fmt: skip
+        short(RuntimeConfig(((1, 16),), "default", 512), [1])
+    with pytest.raises(DFlashError, match=r"parameter 'steady_steps' must be >= 0, got -1"):
+        pair_throughput(models, [[5]], max_new_tokens=4, max_batch=1, steady_steps=-1)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_runtime_study_frees_each_runner_before_building_the_next(device):
     """Each runner is gone before the next one's models are built (a 27B study ran out of memory on its third
@@ -945,7 +994,19 @@ def test_the_runtime_study_on_random_weights_at_a_configs_shapes(tmp_path, capsy
     assert not TuningDB.load("cpu", tmp_path / "db").entries("linear")  # the runtime study alone
     (run,) = TuningDB.load("cpu", tmp_path / "db").entries("runtime")
     assert run.shape_key == "qwen3_5_text-h256-l8-v4096_c1-2" and set(run.config["widths"]) == {"1", "2"}
-    assert run.metrics["tokens_per_s"] > 0 and run.trials == 2
+    assert run.metrics["tokens_per_s"] > 0 and run.trials == 2 and run.metrics["steady_steps"] == 0
+    # the steady objective, in a study of its own: the budget follows from the steps, the chunk stays 512
+    steady = [a for a in args if a not in ("--max-new-tokens", "6")]
+    steady[steady.index(str(tmp_path / "t.journal"))] = str(tmp_path / "steady.journal")
+    assert main([*steady, "--acceptance-profile", "humaneval_bf16_vllm", "--runtime-only", "--steady-steps", "2"]) == 0
+    runs = TuningDB.load("cpu", tmp_path / "db").entries("runtime")
+    (run,) = [r for r in runs if r.metrics["steady_steps"] == 2]
+    assert run.config["prefill_chunk"] == 512 and run.metrics["tokens_per_s"] > 0
+    assert {k for k in run.metrics if k.startswith("tokens_per_s_c")} == {
+        f"tokens_per_s_c{c}_w{w}" for c in (1, 2) for w in (4, 16)
+    }
+    assert main([*steady, "--acceptance-profile", "humaneval_bf16_vllm", "--runtime-only", "--steady-steps", "-1"]) == 2
+    assert "parameter 'steady-steps' must be >= 0, got -1" in capsys.readouterr().err
     capsys.readouterr()
     assert main([*args, "--acceptance-profile", "mmlu"]) == 2
     assert "parameter 'acceptance-profile': 'mmlu' is not one of humaneval_bf16_vllm" in capsys.readouterr().err

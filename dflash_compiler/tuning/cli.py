@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda v: v.split(","),
         help="CUDA-graph bucket sets the runtime study tries, of default,pow2,fine (default: all)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request in the runtime study")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per request in the runtime study (default 32; with "
+                   "--steady-steps, enough for the warm-up and the timed steps at the whole block)")  # fmt: skip
+    p.add_argument("--steady-steps", type=int, default=0, help="runtime study objective: the decoding rate of a full "
+                   "batch over this many timed steps, without prefill or tail (default 0: requests served to "
+                   "completion, prefill included)")  # fmt: skip
     p.add_argument("--db", help="directory holding the profiles' databases (default: the package's hw_profiles/)")
     p.add_argument("--plots", help="directory for the PNG plots (default: next to the storage)")
     p.add_argument("--seed", type=int, default=0)
@@ -196,6 +200,8 @@ def _run(args) -> int:
         raise DFlashError("parameter 'runtime': the runtime study needs a drafter (--drafter, or --shapes)")
     if args.runtime_only and not args.runtime:
         raise DFlashError("parameter 'runtime-only': it needs --runtime")
+    if args.steady_steps < 0:
+        raise DFlashError(f"parameter 'steady-steps' must be >= 0, got {args.steady_steps}")
     if args.acceptance_profile is not None:
         from .runtime import acceptance_profiles
 
@@ -264,9 +270,13 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
     from ..runtime.engine import DEFAULT_PAIR, load_tokenizer
     from .choice import runtime_model_key
     from .runtime import (
+        DEFAULT_PREFILL_CHUNK,
+        PREFILL_CHUNKS,
+        STEADY_WARMUP,
         RuntimeSpace,
         acceptance_profiles,
         checkpoint_models,
+        chosen_config,
         pair_throughput,
         random_models,
         runtime_study,
@@ -287,17 +297,23 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
         models = random_models(target_cfg, drafter_cfg, str(device), dtype)
         gen = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(0, target_cfg.vocab_size, (64,), generator=gen).tolist() for _ in range(8)]
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = (STEADY_WARMUP + args.steady_steps + 1) * drafter_cfg.block_size if args.steady_steps else 32
     throughput = pair_throughput(
-        models, prompts, max_new_tokens=args.max_new_tokens, max_batch=max(args.concurrency), quant=args.quant,
-        acceptance_profile=profile_rates,
+        models, prompts, max_new_tokens=max_new, max_batch=max(args.concurrency), quant=args.quant,
+        acceptance_profile=profile_rates, max_seq_len=64 + max_new + 2 * drafter_cfg.block_size,
+        steady_steps=args.steady_steps,
     )  # fmt: skip
-    space = RuntimeSpace(args.concurrency, drafter_cfg.block_size, args.widths, args.graph_buckets)
+    # a steady measurement times no prefill: the chunk stays the default
+    chunks = (DEFAULT_PREFILL_CHUNK,) if args.steady_steps else PREFILL_CHUNKS
+    space = RuntimeSpace(args.concurrency, drafter_cfg.block_size, args.widths, args.graph_buckets, chunks)
     model = runtime_model_key(target_cfg)
     name = f"{profile.name}:runtime:{model}:{args.quant}"
     study = runtime_study(
         space, throughput, storage=storage, study_name=name, n_trials=args.runtime_trials, seed=args.seed
     )
-    best = study.best_trial
+    chosen, chosen_value = chosen_config(study, space, max(args.concurrency))
     default = next((t for t in study.trials if t.user_attrs.get("default") and t.value is not None), None)
     table = widths_table(study, space)
     db.record(
@@ -306,11 +322,12 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
             shape_key=f"{model}_c{'-'.join(map(str, space.concurrencies))}",
             fmt=args.quant,
             lowering="triton" if profile.is_cuda else "reference",
-            config=space.config(best.params).as_dict(),
+            config=chosen.as_dict(),
             tuned=True,
             trials=len(study.trials),
             metrics={
-                "tokens_per_s": best.value,
+                "tokens_per_s": chosen_value,
+                "steady_steps": args.steady_steps,  # 0: requests served to completion
                 **({"default_tokens_per_s": default.value} if default is not None else {}),
                 **{f"tokens_per_s_c{c}_w{w}": v for c, row in table.items() for w, v in row.items()},
             },
@@ -321,9 +338,9 @@ def _runtime(args, profile, device, target_dir, drafter_dir, drafter_cfg, storag
     _save_study_plots(study, plots)
     _save_runtime_plot(table, plots / f"{_slug(name)}-tokens-per-s.png", name)
     for c, row in table.items():
-        chosen = space.config(best.params).width(c)
+        width = chosen.width(c)
         alts = ", ".join(f"width {w}: {v:.1f}" for w, v in sorted(row.items()))
-        print(f"concurrency {c}: width {chosen} chosen; tokens/s {alts}")
+        print(f"concurrency {c}: width {width} chosen; tokens/s {alts}")
 
 
 def tune_main() -> None:

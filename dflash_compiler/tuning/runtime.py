@@ -3,9 +3,12 @@ chunk, against end-to-end tokens/s.
 
 The objective is a callable from a RuntimeConfig to tokens/s per concurrency level; `pair_throughput` builds one
 from a real model pair on the batched runtime (`BatchRunner`), with the pair's own acceptance or a simulated
-acceptance profile (for random weights at real shapes). The study maximises the mean tokens/s over the
+acceptance profile (for random weights at real shapes): requests served to completion, or (steady_steps) the
+decoding of a full batch, timed over a fixed number of steps. The study maximises the mean tokens/s over the
 concurrency levels; each level's figure is kept in its trial (`tokens_per_s`), so the width chosen per bucket and
-the figures of the alternatives can be read back (and plotted) from the study.
+the figures of the alternatives can be read back (and plotted) from the study. A level's figure depends only on
+the width of its own bucket, so after the default the study measures every width at every level at once (one
+trial per width), and `chosen_config` composes the best width of each bucket from those measurements.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ GRAPH_BUCKET_SETS = {
 }
 PREFILL_CHUNKS = (128, 256, 512, 1024)
 DEFAULT_PREFILL_CHUNK = 512
+STEADY_WARMUP = 2  # untimed steps of a steady measurement after every request decodes
 
 
 ACCEPTANCE_PROFILES = Path(__file__).resolve().parents[1] / "assets" / "acceptance_profiles.json"
@@ -75,6 +79,7 @@ class RuntimeSpace:
         max_width: int,
         widths: Sequence[int] | None = None,
         graph_bucket_sets: Sequence[str] | None = None,
+        prefill_chunks: Sequence[int] = PREFILL_CHUNKS,
     ):
         if not concurrencies or any(c < 1 for c in concurrencies):
             raise DFlashError(f"parameter 'concurrency' must list batch sizes >= 1, got {list(concurrencies)}")
@@ -90,15 +95,23 @@ class RuntimeSpace:
             raise DFlashError(
                 f"parameter 'widths' must lie in 1..{max_width} (the drafter's block), got {list(widths)}"
             )
+        if not prefill_chunks or any(c < 1 for c in prefill_chunks):
+            raise DFlashError(f"parameter 'prefill_chunks' must list chunk sizes >= 1, got {list(prefill_chunks)}")
         self.concurrencies = tuple(sorted(set(concurrencies)))
         self.max_width = max_width
         self.widths = sorted({w for w in widths if w <= max_width} | {max_width})
+        self.prefill_chunks = sorted(set(prefill_chunks))
 
     def default(self) -> dict:
+        return self.uniform(self.max_width)
+
+    def uniform(self, width: int) -> dict:
+        """The default point with every level at `width`."""
+        chunk = DEFAULT_PREFILL_CHUNK if DEFAULT_PREFILL_CHUNK in self.prefill_chunks else self.prefill_chunks[0]
         return {
-            **{f"width_c{c}": self.max_width for c in self.concurrencies},
+            **{f"width_c{c}": width for c in self.concurrencies},
             "graph_buckets": "default" if "default" in self.graph_bucket_sets else self.graph_bucket_sets[0],
-            "prefill_chunk": DEFAULT_PREFILL_CHUNK,
+            "prefill_chunk": chunk,
         }
 
     def suggest(self, trial: optuna.Trial) -> RuntimeConfig:
@@ -106,7 +119,7 @@ class RuntimeSpace:
         return RuntimeConfig(
             widths,
             trial.suggest_categorical("graph_buckets", self.graph_bucket_sets),
-            trial.suggest_categorical("prefill_chunk", list(PREFILL_CHUNKS)),
+            trial.suggest_categorical("prefill_chunk", self.prefill_chunks),
         )
 
     def config(self, params: dict) -> RuntimeConfig:
@@ -183,15 +196,53 @@ def pair_throughput(
     quant: str = "bf16",
     acceptance_profile: Sequence[float] | None = None,
     max_seq_len: int = 1024,
+    steady_steps: int = 0,
 ) -> Callable[[RuntimeConfig, Sequence[int]], dict[int, float]]:
     """An objective over a model source (checkpoint_models, random_models) on the batched runtime, one runner of
     max_batch rows serving every level: for each concurrency c, c requests (the prompts in turn) served to
     completion at the width the config gives c's bucket; tokens/s = generated tokens over wall time (graph
     captures and an untimed warm-up pass happen before the timing). Levels of width 1 run on an autoregressive
-    runner (no drafter)."""
+    runner (no drafter).
+
+    steady_steps > 0: the decoding rate of a full batch instead, without prefill or the batch's tail. The c
+    requests (max_new_tokens each) are prefilled and stepped STEADY_WARMUP times untimed, then steady_steps steps
+    are timed and their tokens counted, and the requests are cancelled. Requests served to completion spend much
+    of a short run in prefill and in the tail, where fewer than c are decoding; this is the rate the speculative
+    step itself sets, and it varies far less from trial to trial."""
     from ..runtime.batch import runner_buckets
 
+    if steady_steps < 0:
+        raise DFlashError(f"parameter 'steady_steps' must be >= 0, got {steady_steps}")
     runners = _Runners(models, max_batch, max_seq_len, quant, acceptance_profile)
+
+    def steady(runner, concurrency: int) -> float:
+        torch.manual_seed(0)  # the same draws in every trial (simulated acceptance, sampling)
+        rids = [runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens) for i in range(concurrency)]
+        produced = dict.fromkeys(rids, 0)
+        while runner.has_work and not all(produced.values()):  # prefill until every request decodes
+            for ev in runner.step():
+                produced[ev.request_id] += len(ev.tokens)
+        for _ in range(STEADY_WARMUP):
+            runner.step()
+        sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda *_: None)
+        sync(runner.device)
+        generated, finished, start = 0, 0, time.perf_counter()
+        for _ in range(steady_steps):
+            for ev in runner.step():
+                generated += len(ev.tokens)
+                finished += ev.finished and ev.finish_reason != "cancelled"
+        sync(runner.device)
+        elapsed = time.perf_counter() - start
+        for rid in rids:
+            runner.cancel(rid)
+        while runner.has_work:
+            runner.step()
+        if finished:
+            raise DFlashError(
+                f"parameter 'max_new_tokens': {max_new_tokens} tokens per request ran out during the "
+                f"{STEADY_WARMUP} + {steady_steps} steady steps at concurrency {concurrency}"
+            )
+        return generated / elapsed
 
     def serve(runner, concurrency: int) -> float:
         # An untimed pass first: the prefill's kernels compile on their first shapes, and the timed pass must
@@ -235,7 +286,7 @@ def pair_throughput(
             runner.prefill_chunk = config.prefill_chunk
             if is_speculative:
                 runner.set_verify_width(widths)
-            out.update({c: serve(runner, c) for c in levels})
+            out.update({c: (steady if steady_steps else serve)(runner, c) for c in levels})
         return {c: out[c] for c in concurrencies}
 
     return measure
@@ -261,6 +312,8 @@ def runtime_study(
     )
     fail_dead_trials(study, storage)
     study.enqueue_trial(space.default(), user_attrs={"default": True}, skip_if_exists=True)
+    for width in reversed(space.widths[:-1]):  # then every width at every level: the whole widths table
+        study.enqueue_trial(space.uniform(width), skip_if_exists=True)
     from .study import WORKER
 
     def objective(trial: optuna.Trial) -> float:
@@ -288,3 +341,32 @@ def widths_table(study: optuna.Study, space: RuntimeSpace) -> dict[int, dict[int
             if value is not None and width is not None:
                 table[c][width] = max(value, table[c].get(width, 0.0))
     return table
+
+
+def chosen_config(study: optuna.Study, space: RuntimeSpace, max_batch: int) -> tuple[RuntimeConfig, float]:
+    """The study's answer and its mean tokens/s: the best trial's bucket set and prefill chunk, with each level at
+    the width that gave it the most tokens/s among the trials of that bucket set and chunk. A level's figure
+    depends only on its bucket's width, so the composed point's figures are the measured ones. Levels that share
+    a bucket share a width: where their best widths differ, they keep the best trial's."""
+    from ..runtime.batch import runner_buckets
+
+    best = study.best_trial
+    same = [
+        t
+        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if t.params.get("graph_buckets") == best.params["graph_buckets"]
+        and t.params.get("prefill_chunk") == best.params["prefill_chunk"]
+    ]
+    buckets = runner_buckets(max_batch, GRAPH_BUCKET_SETS[best.params["graph_buckets"]])
+    params, values = dict(best.params), {}
+    for c in space.concurrencies:
+        measured = [(t.user_attrs["tokens_per_s"][str(c)], t.params[f"width_c{c}"]) for t in same]
+        values[c], params[f"width_c{c}"] = max(measured)
+    bucket_of = {c: next((b for b in buckets if b >= c), buckets[-1]) for c in space.concurrencies}
+    for c in space.concurrencies:
+        shared = [d for d in space.concurrencies if bucket_of[d] == bucket_of[c]]
+        if len({params[f"width_c{d}"] for d in shared}) > 1:
+            for d in shared:
+                params[f"width_c{d}"] = best.params[f"width_c{d}"]
+                values[d] = best.user_attrs["tokens_per_s"][str(d)]
+    return space.config(params), sum(values.values()) / len(values)
