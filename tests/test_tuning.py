@@ -819,16 +819,30 @@ def test_the_runtime_study_measures_every_width_then_composes_the_best_per_bucke
         RuntimeSpace([1], 16, prefill_chunks=[0])
 
 
-def test_the_steady_objective_times_a_full_batch_and_cancels_it():
+def test_the_steady_objective_times_a_full_batch_and_cancels_it(monkeypatch):
+    import itertools
+
     from dflash_compiler.runtime.engine import DEFAULT_PAIR
+    from dflash_compiler.tuning import runtime
     from dflash_compiler.tuning.runtime import STEADY_WARMUP, RuntimeConfig, checkpoint_models, pair_throughput
 
+    # one second between the timer's readings: the steady figure is then tokens per timed window
+    clock = itertools.count()
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     models = checkpoint_models(DEFAULT_PAIR / "target", DEFAULT_PAIR / "drafter")
     steps, block = 3, 16
-    throughput = pair_throughput(models, [[5, 6, 7], [8, 9]], max_new_tokens=(STEADY_WARMUP + steps + 1) * block,
-                                 max_batch=2, max_seq_len=128, steady_steps=steps)  # fmt: skip
-    per_level = throughput(RuntimeConfig(((1, 4), (2, 4)), "default", 512), [1, 2])
-    assert set(per_level) == {1, 2} and min(per_level.values()) > 0
+    budget = (STEADY_WARMUP + steps + 1) * block
+    config = RuntimeConfig(((1, 4), (2, 4)), "default", 512)
+    real = pair_throughput(models, [[5, 6, 7], [8, 9]], max_new_tokens=budget, max_batch=2, max_seq_len=128,
+                           steady_steps=steps)  # fmt: skip
+    per_level = real(config, [1, 2])
+    # real acceptance: the tokens committed, between one and the width (4) per request and step
+    assert set(per_level) == {1, 2}
+    assert all(steps * c <= per_level[c] <= 4 * steps * c for c in (1, 2))
+    simulated = pair_throughput(models, [[5, 6, 7], [8, 9]], max_new_tokens=budget, max_batch=2, max_seq_len=128,
+                                steady_steps=steps, acceptance_profile=[0.5] * 15)  # fmt: skip
+    # at the profile's mean for width 4: 1 + 3 x 0.5 tokens per request and step
+    assert simulated(config, [1, 2]) == {1: 2.5 * steps, 2: 2 * 2.5 * steps}
     # a budget the timed steps can run out of is refused, not measured short
     short = pair_throughput(models, [[5, 6, 7]], max_new_tokens=4, max_batch=1, max_seq_len=64, steady_steps=steps)
     with pytest.raises(DFlashError, match=r"parameter 'max_new_tokens': 4 tokens per request ran out during the 2 \+ "

@@ -206,16 +206,18 @@ def pair_throughput(
 
     steady_steps > 0: the decoding rate of a full batch instead, without prefill or the batch's tail. The c
     requests (max_new_tokens each) are prefilled and stepped STEADY_WARMUP times untimed, then steady_steps steps
-    are timed and their tokens counted, and the requests are cancelled. Requests served to completion spend much
-    of a short run in prefill and in the tail, where fewer than c are decoding; this is the rate the speculative
-    step itself sets, and it varies far less from trial to trial."""
+    are timed and the requests are cancelled. Requests served to completion spend much of a short run in prefill
+    and in the tail, where fewer than c are decoding; this is the rate the speculative step itself sets, and it
+    varies far less from trial to trial. With a simulated profile the rate is taken at the profile's mean
+    acceptance for the level's width (c (1 + sum of its first width - 1 rates) tokens per timed step), so that a
+    few steps' draws do not decide between widths; with real acceptance, the tokens committed."""
     from ..runtime.batch import runner_buckets
 
     if steady_steps < 0:
         raise DFlashError(f"parameter 'steady_steps' must be >= 0, got {steady_steps}")
     runners = _Runners(models, max_batch, max_seq_len, quant, acceptance_profile)
 
-    def steady(runner, concurrency: int) -> float:
+    def steady(runner, concurrency: int, width: int) -> float:
         torch.manual_seed(0)  # the same draws in every trial (simulated acceptance, sampling)
         rids = [runner.add_request(list(prompts[i % len(prompts)]), max_new_tokens) for i in range(concurrency)]
         produced = dict.fromkeys(rids, 0)
@@ -242,6 +244,8 @@ def pair_throughput(
                 f"parameter 'max_new_tokens': {max_new_tokens} tokens per request ran out during the "
                 f"{STEADY_WARMUP} + {steady_steps} steady steps at concurrency {concurrency}"
             )
+        if acceptance_profile is not None:
+            return concurrency * (1 + sum(acceptance_profile[: width - 1])) * steady_steps / elapsed
         return generated / elapsed
 
     def serve(runner, concurrency: int) -> float:
@@ -286,7 +290,10 @@ def pair_throughput(
             runner.prefill_chunk = config.prefill_chunk
             if is_speculative:
                 runner.set_verify_width(widths)
-            out.update({c: (steady if steady_steps else serve)(runner, c) for c in levels})
+            if steady_steps:
+                out.update({c: steady(runner, c, config.width(c)) for c in levels})
+            else:
+                out.update({c: serve(runner, c) for c in levels})
         return {c: out[c] for c in concurrencies}
 
     return measure
