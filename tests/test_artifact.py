@@ -438,8 +438,9 @@ def test_an_artifact_takes_the_tuned_widths(tmp_path, cache, starts, monkeypatch
                     config={"widths": {"1": 16, "2": 6}}, device="cpu", platform="cpu"))  # fmt: skip
     db.save()
     monkeypatch.setattr(database, "PROFILE_DIR", tmp_path / "db")
+    # the default at the drafter's own block: the study's widths
     out = build.compile_artifact(tmp_path / "tuned", gpu="cpu", graphs=GREEDY_GRAPHS.split(","), max_batch=2,
-                                 max_seq_len=96, verify_width="tuned", cache_dir=cache, progress=False)  # fmt: skip
+                                 max_seq_len=96, cache_dir=cache, progress=False)  # fmt: skip
     assert load_artifact(out).verify_widths == {1: 16, 2: 6}
 
 

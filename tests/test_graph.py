@@ -99,7 +99,9 @@ def test_each_pass_alone_preserves_the_step(pair, unpassed, p):
 
 
 @pytest.mark.parametrize(
-    "p", [P.merge_slices, P.fuse_swiglu, P.fuse_residual, P.fuse_norm, P.fuse_gate], ids=lambda p: p.__name__
+    "p",
+    [P.merge_slices, P.fuse_swiglu, P.fuse_residual, P.fuse_norm, P.fuse_gate, P.fuse_attention_gate],
+    ids=lambda p: p.__name__,
 )
 def test_each_epilogue_pass_preserves_the_step(pair, unpassed, p):
     """These rewrite what fuse_parallel leaves (slices of one GEMM) or a linear's neighbours: measured after it."""
@@ -216,6 +218,8 @@ def test_prologue_fusions_are_in_the_fp8_pipeline_by_default():
     assert "fuse_norm" in names(quant="bf16", prologues=True)
     ordered = names(quant="fp8")
     assert ordered.index("fuse_gate") < ordered.index("eliminate_dead") < ordered.index("quantize_fp8")
+    # the gate goes to the linear's prologue where the pipeline has one, else to the attention's epilogue
+    assert ordered.index("fuse_gate") < ordered.index("fuse_attention_gate")
 
 
 def test_ir_of_the_tiny_pair():
@@ -236,6 +240,10 @@ def test_ir_of_the_tiny_pair():
     assert after["linear"] == 2 * n_gdn + 2 * n_attn + 2 * (n_gdn + n_attn) + 2 + 1 + 1 + 2 * n_dr + 2 * n_dr
     assert after["gdn_verify"] == after["gdn_commit"] == n_gdn
     assert after["verify_attention"] == after["qk_norm_rope_write"] == n_attn
+    # the gated attention's output gate: a sigmoid and a multiply per attention layer before the passes, then the
+    # attention's own argument
+    assert before.get("aten.sigmoid", 0) >= n_attn and "aten.sigmoid" not in after
+    assert step.passes["fuse_attention_gate"] == n_attn
     assert after["draft_attention"] == after["qk_norm_rope"] == n_dr
     assert after["context_kv_write"] == 1 and after["greedy_accept"] == 1
     assert (

@@ -177,6 +177,39 @@ def test_draft_paged(page, causal, window):
     _check(out, _ref_draft(q, kb, vb, k, v, lens, causal, window), dtype)
 
 
+def _gated(o, gate):
+    """The model's gated attention output, o * sigmoid(gate), gate in rows [N*T, Hq*D]."""
+    return (o.float() * torch.sigmoid(gate.float()).view(o.shape)).to(o.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,num_splits,page", [(1, 1, None), (5, 3, None), (7, 1, 16), (13, 2, 64)])
+def test_verify_with_the_output_gate(dtype, t, num_splits, page):
+    """The gate applied in the epilogue (one split) or in the splits' combine, from rows with a stride wider than
+    Hq*D (the gate is a slice of the q projection's output)."""
+    from dflash_compiler.codegen import reference
+
+    gen = torch.Generator().manual_seed(t * 7 + num_splits)
+    n_req, hq, hkv, d, s_max = 3, 6, 2, 32, 100
+    lens = torch.tensor([0, 41, s_max - t], dtype=torch.int32, device=DEVICE)
+    q = _rand(n_req, t, hq, d, dtype=dtype, gen=gen)
+    k, v = _make_cache(n_req, hkv, s_max, d, (lens + t).tolist(), dtype, gen)
+    gate = _rand(n_req * t, 3 * hq * d, dtype=dtype, gen=gen)[:, hq * d : 2 * hq * d]  # rows of stride 3 Hq D
+    want = _gated(_ref_verify(q, k, v, lens), gate)
+    if page is None:
+        out = verify_attention(q, k, v, lens, out=_poisoned(q), num_splits=num_splits, gate=gate)
+        ref = reference.verify_attention(q, k, v, lens, gate=gate)
+    else:
+        kp, vp, bt = _to_paged(k, v, page, gen)
+        out = verify_attention(q, kp, vp, lens, block_table=bt, out=_poisoned(q), num_splits=num_splits, gate=gate)
+        ref = reference.verify_attention(q, kp, vp, lens, block_table=bt, gate=gate)
+    _check(out, want, dtype)
+    _check(ref, want, dtype)
+    assert (out.float() - _ref_verify(q, k, v, lens).float()).abs().max() > 0.1  # the gate did something
+    with pytest.raises(ValueError, match=rf"gate: expected .*\[{n_req * t}, {hq * d}\] with contiguous rows"):
+        verify_attention(q, k, v, lens, gate=gate[:, : hq * d - 1])
+
+
 def test_rejects_bad_inputs():
     q = torch.randn(2, 3, 4, 16, device=DEVICE)
     k = torch.randn(2, 3, 20, 16, device=DEVICE)
@@ -208,6 +241,11 @@ def test_verify_bf16_qwen35_shapes(paged):
     # every split count must give the same function
     out1 = verify_attention(q, k, v, lens, num_splits=1)
     _check(out1, _ref_verify(q, k, v, lens), dtype)
+    # the output gate, in the epilogue and in the combine
+    gate = _rand(n_req * t, hq * d, dtype=dtype, gen=gen)
+    for splits in (1, None):
+        gated = verify_attention(q, k, v, lens, num_splits=splits, gate=gate, out=_poisoned(q))
+        _check(gated, _gated(_ref_verify(q, k, v, lens), gate), dtype)
 
 
 @pytest.mark.gpu

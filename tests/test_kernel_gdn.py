@@ -242,6 +242,8 @@ def _pending_block(bsz, width, heads, hv, dk, dv, dtype, gen, state):
     ("bsz", "seq", "width", "dtype", "options"),
     [(3, 5, 7, torch.float32, {}), (3, 16, 16, torch.float16, {"block_v": 32, "unroll": True}),
      (2, 9, 16, torch.float32, {"algorithm": "chunked", "block_v": 16, "precision": "ieee"}),
+     (3, 7, 11, torch.float32, {"algorithm": "chunked", "block_v": 16, "block_k": 16, "fused_commit": True}),
+     (3, 16, 16, torch.float16, {"algorithm": "chunked", "block_v": 32, "precision": "tf32x3", "fused_commit": True}),
      (3, 11, 11, torch.float16, {"algorithm": "factored", "block_v": 16, "block_k": 16, "factor_warps": 2}),
      (3, 6, 23, torch.float32, {"algorithm": "factored", "block_v": 32, "precision": "ieee"}),
      (4, 16, 16, torch.float16, {"algorithm": "factored", "block_v": 32, "precision": "tf32x3"})],
@@ -320,6 +322,8 @@ def test_pending_block_inputs_name_what_is_wrong():
         gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, **narrow)
     with pytest.raises(ValueError, match="^num_stages: only the chunked algorithms pipeline a K loop"):
         gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, num_stages=2, **pending)
+    with pytest.raises(ValueError, match="^fused_commit: an option of the chunked algorithm"):
+        gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, algorithm="factored", fused_commit=True, **pending)
     with pytest.raises(ValueError, match="^pending_idx: expected \\[2\\] integers"):
         gdn.gdn_verify(
             q, k, v, a, b, a_log, dt_bias, state, **{**pending, "pending_idx": pending["pending_idx"].float()}
@@ -512,6 +516,8 @@ def test_gpu_factored_verify_real_dims(bsz, config):
     (16, {"algorithm": "factored", "block_k": 64, "block_v": 128, "num_warps": 4, "factor_warps": 2}),
     (3, {"algorithm": "factored", "block_k": 128, "block_v": 32}),
     (1, {"algorithm": "chunked", "block_k": 128, "block_v": 32, "num_warps": 4}),
+    (1, {"algorithm": "chunked", "block_k": 128, "block_v": 32, "num_warps": 4, "fused_commit": True}),
+    (1, {"algorithm": "chunked", "block_k": 32, "block_v": 16, "num_warps": 4, "fused_commit": True}),
     (3, {}),
 ])  # fmt: skip
 def test_gpu_verify_over_a_pending_block_real_dims(bsz, options):

@@ -226,7 +226,8 @@ def test_other_families_prune_what_cannot_run():
     gdn = space_for(GDNShape(1, 16, 16, 48, 128, 128), cpu)
     assert gdn.choices()["block_v"] == [16, 32, 64, 128]
     recurrent = {"lowering": "triton", "algorithm": "recurrent", "block_v": 128, "num_warps": 1, "unroll": False,
-                 "precision": "tf32x3", "block_k": 128, "factor_warps": 4, "num_stages": 3}  # fmt: skip
+                 "precision": "tf32x3", "block_k": 128, "factor_warps": 4, "num_stages": 3,
+                 "fused_commit": False}  # fmt: skip
     assert "registers per thread" in gdn.check(recurrent)
     chunked = {**recurrent, "algorithm": "chunked", "block_v": 32, "num_warps": 4}
     assert gdn.check(chunked) is None
@@ -254,9 +255,15 @@ def test_other_families_prune_what_cannot_run():
     assert "option of the recurrent kernel" in gdn.check({**factored, "unroll": True})
     long_block = space_for(GDNShape(1, 64, 16, 48, 128, 128), cpu)
     assert "the factors launch needs" in long_block.check({**factored, "block_k": 128, "factor_warps": 1})
-    assert [(p["algorithm"], p["block_k"], p["block_v"], p["factor_warps"]) for p in gdn.alternatives()] == [
-        ("chunked", bk, bv, 4) for bk in (128, 32) for bv in (16, 32, 64, 128)
-    ] + [("factored", 32, bv, 1) for _ in (2, 4) for bv in (16, 32, 64, 128)]
+    # the pending block's commit inside the single-launch block: named in its config where set
+    assert gdn.config({**chunked, "fused_commit": True})[1]["fused_commit"] is True
+    assert "fused_commit" not in gdn.config(chunked)[1]
+    assert "fused_commit is an option of the single-launch" in gdn.check({**factored, "fused_commit": True})
+    alternatives = [(p["algorithm"], p["block_k"], p["block_v"], p["factor_warps"], p["fused_commit"])
+                    for p in gdn.alternatives()]  # fmt: skip
+    assert alternatives == [
+        ("chunked", bk, bv, 4, fused) for fused in (False, True) for bk in (128, 32) for bv in (16, 32, 64, 128)
+    ] + [("factored", 32, bv, 1, False) for _ in (2, 4) for bv in (16, 32, 64, 128)]
     conv = space_for(ConvShape(1, 16, 10240, 4), cpu)
     assert conv.default() == {"lowering": "triton", "block_t": 8, "block_c": 64, "num_warps": 2}
     assert conv.choices()["block_t"] == [1, 2, 4, 8, 16]
@@ -912,10 +919,32 @@ def test_the_engine_verifies_at_the_tuned_widths(tmp_path, monkeypatch):
         assert engine.serving.runner.verify_widths == {1: 16, 2: 6, 4: 4}
     finally:
         engine.close()
+    # the default on the batched runtime at the drafter's block; a block of the caller's own is verified whole
+    for block, widths in ((None, {1: 16, 2: 6, 4: 4}), (8, {1: 8, 2: 8, 4: 8})):
+        engine = Engine.from_pretrained(runtime="batched", max_batch=4, max_seq_len=96, block_size=block)
+        try:
+            assert engine.serving.runner.verify_widths == widths
+        finally:
+            engine.close()
     db.record(Entry(shape_key=f"{tiny}_c8", fmt="bf16", config={"widths": [8]}, date="2026-12-02", **base))
     db.save()
     with pytest.raises(DFlashError, match=rf"runtime.jsonl: entry {tiny}_c8 bf16: field 'config.widths' must be an"):
         tuned_verify_widths(tiny, "bf16", "cpu", tmp_path)
+
+
+def test_missing_tuned_widths_warn_only_when_asked_for(tmp_path, caplog):
+    import logging
+
+    from dflash_compiler.models.config import TargetConfig
+    from dflash_compiler.runtime.engine import DEFAULT_PAIR
+    from dflash_compiler.tuning import choice
+
+    cfg = TargetConfig.from_dir(DEFAULT_PAIR / "target")
+    with caplog.at_level(logging.INFO, logger=choice.log.name):
+        assert choice.tuned_widths_or_block(cfg, "bf16", "cpu", asked=False) is None
+        assert choice.tuned_widths_or_block(cfg, "bf16", "cpu") is None
+    assert [r.levelname for r in caplog.records] == ["INFO", "WARNING"]
+    assert "no runtime study of qwen3_5_text-h256-l8-v4096 in bf16 on profile cpu" in caplog.records[1].getMessage()
 
 
 def test_batch_runner_runs_at_its_bucket_set():

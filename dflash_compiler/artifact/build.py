@@ -82,8 +82,9 @@ def compile_artifact(
     prefill_lengths: the prefill chunk lengths whose kernels are compiled ahead (default 1..512, every chunk the
     runtime can run). cache_dir: where traces are kept between compiles (default $DFLASH_CACHE_DIR or
     ~/.cache/dflash-compiler). verify_width: the verify width of every batch bucket, or by batch size (runtime/batch.py
-    BatchRunner), or "tuned" (the widths the profile's runtime study chose for the model); each bucket's step graph is
-    compiled at its width and the runner of the artifact uses them. calibration (quant "int4"): prompts, as text or
+    BatchRunner), or "tuned" (the widths the profile's runtime study chose for the model: the default at the
+    drafter's own block, the whole block where no study is recorded); each bucket's step graph is compiled at its
+    width and the runner of the artifact uses them. calibration (quant "int4"): prompts, as text or
     token ids, whose activations guide the INT4 quantizer (graph/calibrate.py). random_weights: a seed; the models
     get seeded random weights (models/random_init.py: for benchmarks at real shapes, target and drafter directories
     need only their config.json), and the artifact names the seed instead of holding the weights, which a load
@@ -137,8 +138,10 @@ def compile_artifact(
                 target_model, drafter_model = random_pair(target_cfg, drafter_cfg, random_weights, "cpu", dtype)
             block = resolve_block_size(block_size, drafter_model.cfg.block_size if drafter_model else None)
             buckets = runner_buckets(max_batch)
-            if verify_width == "tuned":
-                verify_width = tuned_widths_or_block(target_model.cfg, quant, profile) if block > 1 else None
+            by_default = verify_width is None and block_size is None  # at the drafter's own block
+            if verify_width == "tuned" or by_default:
+                asked = not by_default
+                verify_width = tuned_widths_or_block(target_model.cfg, quant, profile, asked) if block > 1 else None
             widths = bucket_widths(verify_width, buckets, block)
             max_seq_len = min(max_seq_len, target_model.cfg.max_position_embeddings)
             max_len = step_max_len(max_seq_len, block)

@@ -199,15 +199,20 @@ def verify_attention(
     num_splits=None,
     max_len=None,
     config=None,
+    gate=None,
 ) -> torch.Tensor:
     """Request n has L = cache_lens[n] cached keys and its T block keys already written at L..L+T-1; query t sits
-    at position L+t and sees keys 0..L+t (the last `window` of them if set). q/out [N, T, Hq, D]."""
+    at position L+t and sees keys 0..L+t (the last `window` of them if set). q/out [N, T, Hq, D]. gate
+    [N*T, Hq*D]: the output is o * sigmoid(gate)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = _cache_keys(k_cache, block_table), _cache_keys(v_cache, block_table)
     lens = cache_lens.long()[:, None]
     kpos = torch.arange(k.shape[2], device=q.device).expand(q.shape[0], -1)
     qpos = lens + torch.arange(q.shape[1], device=q.device)
-    return _attend(q, k, v, kpos, kpos < lens + q.shape[1], qpos, True, window, scale, out)
+    if gate is None:
+        return _attend(q, k, v, kpos, kpos < lens + q.shape[1], qpos, True, window, scale, out)
+    o = _attend(q, k, v, kpos, kpos < lens + q.shape[1], qpos, True, window, scale, None)
+    return _emit((o.float() * torch.sigmoid(gate.float()).view(o.shape)).to(o.dtype), out)
 
 
 def draft_attention(
@@ -295,7 +300,7 @@ def gdn_recurrent(
 def gdn_verify(
     q, k, v, a, b, a_log, dt_bias, state, *, out=None, deltas=None, pending_keys=None, pending_gates=None,
     pending_rows=None, pending_idx=None, block_v=None, num_warps=None, unroll=None, algorithm="recurrent",
-    precision=None, block_k=None, factor_warps=None, num_stages=None,
+    precision=None, block_k=None, factor_warps=None, num_stages=None, fused_commit=False,
 ) -> torch.Tensor:  # fmt: skip
     """A verify block: o. deltas [B, T, HV, V] fp32, if given, receives each position's update row, from which
     gdn_commit_deltas makes the state after the accepted position current. With a pending block (keys, gates,

@@ -269,14 +269,22 @@ def _(kv, k_norm, cos, sin, k_cache, v_cache, seq_idx, positions, block_table, e
 
 @torch.library.custom_op("dflash::verify_attention", mutates_args=())
 def verify_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, block_table: Tensor, max_len: int
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_lens: Tensor,
+    block_table: Tensor,
+    max_len: int,
+    gate: Tensor | None = None,
 ) -> Tensor:
-    """Causal attention of a verify block q [N, T, Hq, D] over paged keys (its own already written)."""
-    return reference.verify_attention(q, k_cache, v_cache, cache_lens, block_table=block_table, max_len=max_len)
+    """Causal attention of a verify block q [N, T, Hq, D] over paged keys (its own already written); with gate
+    [N*T, Hq*D] (graph/passes.py fuse_attention_gate), times sigmoid(gate)."""
+    return reference.verify_attention(q, k_cache, v_cache, cache_lens, block_table=block_table, max_len=max_len,
+                                      gate=gate)  # fmt: skip
 
 
 @verify_attention.register_fake
-def _(q, k_cache, v_cache, cache_lens, block_table, max_len):
+def _(q, k_cache, v_cache, cache_lens, block_table, max_len, gate=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -475,8 +483,9 @@ def _register_cuda_kernels() -> None:
                                  block_table=block_table)  # fmt: skip
 
     @kernel(verify_attention)
-    def _(q, k_cache, v_cache, cache_lens, block_table, max_len):
-        return t_attention.verify_attention(q, k_cache, v_cache, cache_lens, block_table=block_table, max_len=max_len)
+    def _(q, k_cache, v_cache, cache_lens, block_table, max_len, gate=None):
+        return t_attention.verify_attention(q, k_cache, v_cache, cache_lens, block_table=block_table, max_len=max_len,
+                                            gate=gate)  # fmt: skip
 
     @kernel(draft_attention)
     def _(q, k_block, v_block, k_cache, v_cache, ctx_lens, block_table, causal, window, max_len):
@@ -624,9 +633,9 @@ class TunedAttention(TunedByBatch):
 
         launch = dict(num_splits=config["num_splits"], config=t_attention.tuned_config(config))
         if self.op == "verify_attention":
-            k_cache, v_cache, cache_lens, block_table, max_len = args
+            k_cache, v_cache, cache_lens, block_table, max_len, *gate = args
             return t_attention.verify_attention(q, k_cache, v_cache, cache_lens, block_table=block_table,
-                                                max_len=max_len, **launch)  # fmt: skip
+                                                max_len=max_len, gate=gate[0] if gate else None, **launch)  # fmt: skip
         k_block, v_block, k_cache, v_cache, ctx_lens, block_table, causal, window, max_len = args
         return t_attention.draft_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, block_table=block_table,
                                            causal=causal, window=window, max_len=max_len, **launch)  # fmt: skip

@@ -9,6 +9,8 @@ fuse_swiglu        silu(gate) * up of a fused [gate; up] linear moves into that 
 fuse_residual      `h + linear(x)` moves into the linear's epilogue
 fuse_norm          an RMSNorm read only by linears moves into their prologue
 fuse_gate          `x * sigmoid(gate)` read only by linears moves into their prologue
+fuse_attention_gate  `attention * sigmoid(gate)` (the gated attention's output) moves into the verify attention's
+                   epilogue
 quantize           dense linears take FP8 (per channel or 128x128 block) or INT4 (group 128) weights, by
                    round-to-nearest
 eliminate_dead     nodes whose results nothing reads, and the weights nothing reads
@@ -29,6 +31,7 @@ from .ir import Recipe, Weights, is_dflash, op_arguments
 
 aten = torch.ops.aten
 dflash_linear = torch.ops.dflash.linear.default
+_VERIFY_ATTENTION = torch.ops.dflash.verify_attention.default
 
 
 def _set_weight(gm: fx.GraphModule, weights: Weights, recipe: Recipe, anchor: fx.Node) -> fx.Node:
@@ -272,29 +275,58 @@ def _shape(node) -> tuple | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def fuse_gate(gm: fx.GraphModule, weights: Weights) -> int:
-    """`x * sigmoid(gate)` read only by linears as their input (the gated attention's output before o_proj) moves
-    into those linears' prologue."""
-    count = 0
+def _sigmoid_gates(gm: fx.GraphModule):
+    """(node, x, sig, gate) for each `node = x * sig`, sig = sigmoid(gate), all of one shape (no broadcasting)."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (aten.mul.Tensor, operator.mul) or len(node.args) != 2:
             continue
         for x, sig in (node.args, node.args[::-1]):
             if not (isinstance(sig, fx.Node) and sig.target is aten.sigmoid.default and isinstance(x, fx.Node)):
                 continue
-            gate = sig.args[0]
-            if _shape(x) is None or not _shape(x) == _shape(gate) == _shape(node):  # no broadcasting
-                continue
-            readers = _prologue_readers(node)
-            if not readers:
-                continue
-            for r in readers:
-                _set_linear(r, x=x, x_gate=gate)
-            gm.graph.erase_node(node)
-            if not sig.users:
-                gm.graph.erase_node(sig)
-            count += 1
-            break
+            if _shape(x) is not None and _shape(x) == _shape(sig.args[0]) == _shape(node):
+                yield node, x, sig, sig.args[0]
+                break
+
+
+def _erase_gate(gm: fx.GraphModule, node: fx.Node, sig: fx.Node) -> None:
+    gm.graph.erase_node(node)
+    if not sig.users:
+        gm.graph.erase_node(sig)
+
+
+def fuse_gate(gm: fx.GraphModule, weights: Weights) -> int:
+    """`x * sigmoid(gate)` read only by linears as their input (the gated attention's output before o_proj) moves
+    into those linears' prologue."""
+    count = 0
+    for node, x, sig, gate in _sigmoid_gates(gm):
+        readers = _prologue_readers(node)
+        if not readers:
+            continue
+        for r in readers:
+            _set_linear(r, x=x, x_gate=gate)
+        _erase_gate(gm, node, sig)
+        count += 1
+    return count
+
+
+def fuse_attention_gate(gm: fx.GraphModule, weights: Weights) -> int:
+    """`reshape(verify_attention(...)) * sigmoid(gate)` with gate the [N*T, Hq*D] rows the reshape gives (the gated
+    attention's output gate) becomes the attention's own gate argument: its epilogue (or its splits' combine)
+    applies it, and the two elementwise launches go. Runs after fuse_gate, which takes the gate into a linear's
+    prologue where that pipeline has one."""
+    count = 0
+    for node, x, sig, gate in _sigmoid_gates(gm):
+        if x.target not in (aten.reshape.default, aten.view.default) or len(x.users) != 1:
+            continue
+        att = x.args[0]
+        if not (isinstance(att, fx.Node) and att.target is _VERIFY_ATTENTION and len(att.users) == 1):
+            continue
+        if len(att.args) != 6 or att.kwargs or not _is_before(gate, att):  # the gate must exist where it runs
+            continue
+        att.args = (*att.args, gate)
+        node.replace_all_uses_with(x)
+        _erase_gate(gm, node, sig)
+        count += 1
     return count
 
 
@@ -417,6 +449,7 @@ FUSION_PASSES = (
     merge_slices,
     fuse_swiglu,
     fuse_residual,
+    fuse_attention_gate,
     eliminate_dead,
 )
 # The prologue fusions remove the norm and gate launches in front of linears. Where the linear's kernel computes
@@ -437,8 +470,9 @@ def default_passes(
     passes = list(FUSION_PASSES)
     if prologues is None:
         prologues = quant in PROLOGUE_QUANTS
-    if prologues:
-        passes[-1:-1] = PROLOGUE_PASSES  # before dead-code elimination
+    if prologues:  # before the attention gate's fusion (the gate goes to a prologue first) and dead-code elimination
+        at = next((i for i, p in enumerate(passes) if p in (fuse_attention_gate, eliminate_dead)), len(passes))
+        passes[at:at] = PROLOGUE_PASSES
     if quant != "bf16":
         passes.append(quantize(quant, moments))
     return passes

@@ -65,14 +65,15 @@ def calibration_ids(prompts: Sequence[str | Sequence[int]], tokenizer) -> list[l
     return out
 
 
-def _tuned_widths(target: str | Path, quant: str, device: torch.device) -> dict[int, int] | None:
+def _tuned_widths(target: str | Path, quant: str, device: torch.device, asked: bool) -> dict[int, int] | None:
     """The verify widths this device's profile recorded for the target (tuning/choice.py)."""
     from ..hw_profiles import profile_for_device
     from ..models.config import TargetConfig
     from ..tuning.choice import tuned_widths_or_block
 
     profile = profile_for_device(torch.cuda.get_device_properties(device)) if device.type == "cuda" else "cpu"
-    return tuned_widths_or_block(TargetConfig.from_dir(target), "bf16" if quant == "none" else quant, profile)
+    quant = "bf16" if quant == "none" else quant
+    return tuned_widths_or_block(TargetConfig.from_dir(target), quant, profile, asked)
 
 
 def _stop_strings(stop: str | Sequence[str]) -> tuple[str, ...]:
@@ -215,7 +216,8 @@ class Engine:
         its traces are kept on disk by content hash (cache_dir, default $DFLASH_CACHE_DIR or
         ~/.cache/dflash-compiler), so a later start of the same models and shapes does not trace again.
         verify_width "tuned": the widths per batch size that `dflash-tune --runtime` recorded for this model and
-        quant on this device's profile."""
+        quant on this device's profile; the default on the batched runtime at the drafter's own block (the whole
+        block where no study is recorded)."""
         if target is None:
             if not (DEFAULT_PAIR / "target").is_dir():
                 raise DFlashError("parameter 'target' is required (no default model pair is installed)")
@@ -223,8 +225,10 @@ class Engine:
             drafter = drafter if drafter is not None else DEFAULT_PAIR / "drafter"
         device = check_device(device)
         dtype = parse_dtype(dtype)
-        if verify_width == "tuned":
-            verify_width = _tuned_widths(target, quant, device) if drafter else None
+        batched = runtime == "batched" or (runtime == "auto" and device.type == "cuda")
+        by_default = verify_width is None and batched and block_size is None
+        if verify_width == "tuned" or by_default:
+            verify_width = _tuned_widths(target, quant, device, asked=not by_default) if drafter else None
         target_model = load_target(target, device=device, dtype=dtype)
         drafter_model = load_drafter(drafter, target_model.cfg, device=device, dtype=dtype) if drafter else None
         tokenizer = load_tokenizer(target, drafter)

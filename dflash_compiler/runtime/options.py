@@ -35,7 +35,8 @@ def add_verify_width(parser, what: str = "") -> None:
     parser.add_argument(
         "--verify-width", type=verify_width_arg, default=None, help=f"{what}tokens verified per request and step: "
         "one width (8), by batch size (1:16,16:8), or tuned (what dflash-tune --runtime chose on the GPU profile); "
-        "the drafter drafts its whole block (default: all of it)",
+        "the drafter drafts its whole block (default: tuned on the batched runtime at the drafter's block, where the "
+        "profile records a study of the model; else all of it)",
     )  # fmt: skip
 
 

@@ -129,12 +129,17 @@ def tuned_verify_widths(
     return widths or None
 
 
-def tuned_widths_or_block(target_cfg, quant: str, profile: str | HardwareProfile) -> dict[int, int] | None:
-    """tuned_verify_widths for a target configuration; None (logged: every bucket verifies the whole draft block)
-    when the profile records no runtime study of it."""
+def tuned_widths_or_block(
+    target_cfg, quant: str, profile: str | HardwareProfile, asked: bool = True
+) -> dict[int, int] | None:
+    """tuned_verify_widths for a target configuration; None (logged, as a warning when the tuned widths were asked
+    for rather than taken by default: every bucket verifies the whole draft block) when the profile records no
+    runtime study of it."""
     model = runtime_model_key(target_cfg)
     widths = tuned_verify_widths(model, quant, profile)
     if widths is None:
         name = profile if isinstance(profile, str) else profile.name
-        log.warning("no runtime study of %s in %s on profile %s: verifying the whole draft block", model, quant, name)
+        (log.warning if asked else log.info)(
+            "no runtime study of %s in %s on profile %s: verifying the whole draft block", model, quant, name
+        )
     return widths

@@ -576,8 +576,9 @@ class GDNSpace(Space):
     """codegen/triton/gdn.py's verify launch: the algorithm (position by position; the block as one UT/WY chunk on
     the tensor cores, in one launch or factored into a per-head factors launch and a per-V-slice state launch),
     the V slice per program, warps; for the recurrent kernel unrolled steps or the block-prefetch loop, for the
-    chunked block its dot precision, K chunk and the K loop's pipeline stages, for the factored one the factors
-    launch's warps."""
+    chunked block its dot precision, K chunk and the K loop's pipeline stages, for the single-launch one whether
+    the pending block's commit runs inside it (fused_commit) or in a launch of its own, for the factored one the
+    factors launch's warps."""
 
     op = "gdn_verify"
     CHUNKED = ("chunked", "factored")
@@ -595,6 +596,7 @@ class GDNSpace(Space):
                 "block_k": _upto([16, 32, 64, 128], self.shape.dk),
                 "factor_warps": [1, 2, 4, 8],
                 "num_stages": [1, 2, 3, 4],
+                "fused_commit": [False, True],
             }
         )
 
@@ -604,7 +606,7 @@ class GDNSpace(Space):
         return {
             "lowering": "triton", "algorithm": "recurrent", "block_v": cfg["BV"], "num_warps": cfg["num_warps"],
             "unroll": cfg["UNROLL"], "precision": gdn_kernels.PRECISIONS[0], "block_k": s.dk,
-            "factor_warps": self.FACTOR_WARPS, "num_stages": gdn_kernels.BLOCK_STAGES,
+            "factor_warps": self.FACTOR_WARPS, "num_stages": gdn_kernels.BLOCK_STAGES, "fused_commit": False,
         }  # fmt: skip
 
     def alternatives(self) -> list[Params]:
@@ -619,7 +621,8 @@ class GDNSpace(Space):
         base = {**default, "unroll": False, "num_warps": 4}
         bk32 = min(32, self.shape.dk)
         points = [
-            {**base, "algorithm": "chunked", "block_v": bv, "block_k": bk}
+            {**base, "algorithm": "chunked", "block_v": bv, "block_k": bk, "fused_commit": fused}
+            for fused in (False, True)
             for bk in dict.fromkeys([self.shape.dk, bk32])
             for bv in choices["block_v"]
         ] + [
@@ -634,6 +637,8 @@ class GDNSpace(Space):
         lowering, config = super().config(params)
         if lowering == "triton":
             algorithm = config.pop("algorithm")
+            if not (algorithm == "chunked" and config["fused_commit"]):  # named only where it is set, as before
+                del config["fused_commit"]
             if algorithm == "recurrent":
                 del config["precision"], config["block_k"], config["factor_warps"], config["num_stages"]
             else:
@@ -658,6 +663,8 @@ class GDNSpace(Space):
             return "factor_warps is an option of the factored block (the same point without it)"
         if params["algorithm"] == "recurrent" and params["num_stages"] != gdn_kernels.BLOCK_STAGES:
             return "num_stages is an option of the chunked block (the same recurrent point without it)"
+        if params["algorithm"] != "chunked" and params["fused_commit"]:
+            return "fused_commit is an option of the single-launch chunked block (the same point without it)"
         return None
 
     def limits(self, params: Params) -> str | None:

@@ -121,6 +121,15 @@ def _tile(
 
 
 @triton.jit
+def _output_gate(o, Gate, n, T, t, head, d, stride_gr, HEAD_DIM: tl.constexpr, row_ok):
+    """o * sigmoid(gate) for rows (request n, position t, head) of o, the gate in rows [N*T, Hq*D] (the gated
+    query's second half, as the q projection leaves it), in fp32 before o is rounded to its dtype."""
+    g_ptrs = Gate + (n * T + t).to(tl.int64)[:, None] * stride_gr + head[:, None] * HEAD_DIM + d[None, :]
+    g = tl.load(g_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    return o * (1.0 / (1.0 + tl.exp(-g)))
+
+
+@triton.jit
 def _attention_kernel(
     Q,
     K,
@@ -128,6 +137,7 @@ def _attention_kernel(
     KB,
     VB,
     Out,
+    Gate,
     OP,
     LSE,
     LENS,
@@ -152,6 +162,7 @@ def _attention_kernel(
     stride_on,
     stride_ot,
     stride_oh,
+    stride_gr,
     stride_btn,
     T,
     GROUPS: tl.constexpr,
@@ -167,6 +178,7 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     # T (queries per request) is a runtime value: a prefill chunk of any length reuses one compiled kernel
     NUM_M = tl.cdiv(T * GROUPS, BLOCK_M)
@@ -261,6 +273,8 @@ def _attention_kernel(
 
     if not SPLIT:
         o = acc / l_i[:, None]
+        if GATED:
+            o = _output_gate(o, Gate, n, T, t_q, head, d, stride_gr, HEAD_DIM, row_ok)
         o_ptrs = Out + n.to(tl.int64) * stride_on + t_q[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
@@ -278,9 +292,11 @@ def _combine_kernel(
     OP,
     LSE,
     Out,
+    Gate,
     stride_on,
     stride_ot,
     stride_oh,
+    stride_gr,
     total_rows,
     NUM_SPLITS,
     T,
@@ -288,6 +304,7 @@ def _combine_kernel(
     HEAD_DIM: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     """Merge split partials: out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max), BLOCK_R rows a program.
     All splits of a row are loaded at once: a loop over splits would serialise their load latencies."""
@@ -306,6 +323,8 @@ def _combine_kernel(
     n = rows // (T * HQ)
     t = (rows // HQ) % T
     h = rows % HQ
+    if GATED:
+        o = _output_gate(o, Gate, n, T, t, h, d, stride_gr, HEAD_DIM, row_ok)
     o_ptrs = Out + n.to(tl.int64)[:, None] * stride_on + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
     tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
@@ -356,8 +375,9 @@ def _check_cache(name: str, cache: torch.Tensor, hkv: int, d: int, dtype: torch.
 
 
 def _attention(
-    q, k_cache, v_cache, lens, k_block, v_block, block_table, causal, window, scale, out, num_splits, max_len, config
-):
+    q, k_cache, v_cache, lens, k_block, v_block, block_table, causal, window, scale, out, num_splits, max_len, config,
+    gate=None,
+):  # fmt: skip
     if q.dim() != 4 or q.stride(3) != 1:
         raise ValueError(f"q: expected [N, T, Hq, D] with a contiguous last dim, got {tuple(q.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -392,6 +412,11 @@ def _attention(
         for name, x in (("k_block", k_block), ("v_block", v_block)):
             if x.shape != (n_req, t, hkv, d) or x.dtype != q.dtype or x.stride(3) != 1:
                 raise ValueError(f"{name}: expected {q.dtype} [{n_req}, {t}, {hkv}, {d}], got {tuple(x.shape)}")
+    if gate is not None and (
+        gate.shape != (n_req * t, hq * d) or gate.dtype != q.dtype or gate.stride(1) != 1 or gate.stride(0) < hq * d
+    ):
+        raise ValueError(f"gate: expected {q.dtype} [{n_req * t}, {hq * d}] with contiguous rows, got {gate.dtype} "
+                         f"{tuple(gate.shape)}")  # fmt: skip
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(3) != 1:
@@ -425,6 +450,7 @@ def _attention(
         kb,
         vb,
         out,
+        q if gate is None else gate,
         op,
         lse,
         lens,
@@ -449,6 +475,7 @@ def _attention(
         out.stride(0),
         out.stride(1),
         out.stride(2),
+        0 if gate is None else gate.stride(0),
         bt.stride(0),
         T=t,
         GROUPS=groups,
@@ -464,6 +491,7 @@ def _attention(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_T=max(16, triton.next_power_of_2(t)),
+        GATED=gate is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -475,9 +503,11 @@ def _attention(
             op,
             lse,
             out,
+            q if gate is None else gate,
             out.stride(0),
             out.stride(1),
             out.stride(2),
+            0 if gate is None else gate.stride(0),
             total_rows,
             num_splits,
             T=t,
@@ -485,6 +515,7 @@ def _attention(
             HEAD_DIM=d,
             SPLITS_P2=splits_p2,
             BLOCK_R=block_r,
+            GATED=gate is not None,
             num_warps=4,
         )
     return out
@@ -503,16 +534,20 @@ def verify_attention(
     num_splits: int | None = None,
     max_len: int | None = None,
     config: AttentionConfig | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Target verify attention. Request n has cache_lens[n] = L cached keys and its T block keys already written
     at L..L+T-1; query t sits at position L+t and sees keys 0..L+t (and only the last `window` of them if set).
 
     max_len (a host bound on L+T, default the cache capacity) sizes the default split count without a device sync.
+    gate [N*T, Hq*D] (a gated attention's output gate): the output is o * sigmoid(gate), applied before o is
+    rounded to its dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _attention(
-        q, k_cache, v_cache, cache_lens, None, None, block_table, True, window, scale, out, num_splits, max_len, config
-    )
+        q, k_cache, v_cache, cache_lens, None, None, block_table, True, window, scale, out, num_splits, max_len, config,
+        gate,
+    )  # fmt: skip
 
 
 def draft_attention(

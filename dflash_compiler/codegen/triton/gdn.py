@@ -409,6 +409,16 @@ def _gdn_block_kernel(
     sb_t,
     sb_h,
     sd_b,
+    pk_ptr,
+    pa_ptr,
+    pidx_ptr,
+    TP,
+    spk_b,
+    spk_t,
+    spk_h,
+    spa_b,
+    spa_t,
+    spa_h,
     HV: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
@@ -421,6 +431,8 @@ def _gdn_block_kernel(
     PREC: tl.constexpr,
     RAW_PREC: tl.constexpr,
     DELTAS: tl.constexpr,
+    PENDING: tl.constexpr,
+    BTP: tl.constexpr,
 ):
     """A whole verify block as one chunk of the UT/WY form, for one (request, value head, V slice): no step waits
     for the one before, the products run on the tensor cores.
@@ -433,7 +445,12 @@ def _gdn_block_kernel(
     K is walked in chunks of BK, so that no [BT, K] operand is held (each warp of a product holds all of its rows
     and their tf32x3 parts: at BK = K = 128 the kernel took 231-255 registers per thread on sm90). The l2 norms
     are applied to the [BT, BT] products of the raw keys and queries, and W and the queries' correction are row
-    scalings and [BT, BT] products applied to each chunk."""
+    scalings and [BT, BT] products applied to each chunk.
+
+    PENDING: the state slice is first advanced to the pending block's position pidx[b] (its raw keys pk, gate
+    inputs pa and update rows in delta_ptr, which this program then overwrites with the block's own), chunk by
+    chunk as it is read, S e^c_last + k_raw^T (diag(w) d), and written back (pidx[b] >= 0): the commit in the
+    block's own launch, as the factored form's state launch does it."""
     pid_bh, bb, h, hq, b64 = _head_program(HV, G)
     pid_v = tl.program_id(1)
     offs_c = tl.arange(0, BK)
@@ -446,6 +463,17 @@ def _gdn_block_kernel(
     vt = tl.load(v_ptr + b64 * sv_b + ri[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=live[:, None], other=0.0)
     xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
     xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0)
+    if PENDING:
+        last = tl.minimum(tl.load(pidx_ptr + bb), TP - 1)
+        rp = tl.arange(0, BTP)
+        plive = rp <= last  # none when pidx[b] = -1
+        p_rows = pk_ptr + b64 * spk_b + rp[:, None] * spk_t + hq * spk_h
+        pxa = tl.load(pa_ptr + b64 * spa_b + rp * spa_t + h * spa_h, mask=plive, other=0.0)
+        weight, c_last = _commit_weights(p_rows, pxa, plive, a_log_ptr, dt_bias_ptr, h, K, BK, BTP)
+        d_w = tl.load(delta_ptr + b64 * sd_b + (rp[:, None] * HV + h) * V + offs_v[None, :], mask=plive[:, None],
+                      other=0.0) * weight[:, None]  # fmt: skip
+        decay = tl.exp(c_last)
+        keep = (offs_c[:, None] * 0 + offs_v[None, :] * 0 + last) >= 0
     kk, qk, rk, rq = _block_products(q_rows, k_rows, live, K, BK, BT, RAW_PREC)
     beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
     vt = vt.to(tl.float32)
@@ -458,6 +486,10 @@ def _gdn_block_kernel(
         kc = tl.load(k_rows + c * BK + offs_c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
         q_eff = qc * q_scale[:, None] - tl.dot(k_mix, kc, input_precision=PREC)
         s_c = tl.load(s_tile + c * BK * V)
+        if PENDING:
+            kp = tl.load(p_rows + c * BK + offs_c[None, :], mask=plive[:, None], other=0.0).to(tl.float32)
+            s_c = s_c * decay + tl.dot(tl.trans(kp), d_w, input_precision=PREC)
+            tl.store(s_tile + c * BK * V, s_c, mask=keep)
         o += tl.dot(q_eff, s_c, input_precision=PREC)
         if DELTAS:
             ks += tl.dot(kc, s_c, input_precision=PREC)
@@ -465,6 +497,9 @@ def _gdn_block_kernel(
     tl.store(o_ptr + rows_out, o.to(o_ptr.dtype.element_ty), mask=live[:, None])
     if DELTAS:
         rows_d = b64 * sd_b + (ri[:, None] * HV + h) * V + offs_v[None, :]
+        if PENDING:
+            # the pending rows are overwritten in place: every thread must have read its part first
+            tl.debug_barrier()
         tl.store(delta_ptr + rows_d, u - tl.dot(w_of_k, ks, input_precision=PREC), mask=live[:, None])
 
 
@@ -1092,8 +1127,8 @@ BLOCK_STAGES = 3  # software-pipelining stages of the chunked block's and the st
 def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, *, block_v, block_k, num_warps, precision, scale,
                deltas=None, factored=False, factor_warps=None, pending=None, num_stages=None):  # fmt: skip
     """The chunked verify block: one launch of _gdn_block_kernel, or, factored, the factors' launch and the state
-    products' launch (which apply pending = (keys, gates, idx) first, its rows in deltas). Writes out, and deltas
-    if given."""
+    products' launch; either applies pending = (keys, gates, idx) first, its rows in deltas. Writes out, and
+    deltas if given."""
     bsz, seq, hv, dv = v.shape
     dk = k.shape[-1]
     bt = max(16, triton.next_power_of_2(seq))
@@ -1107,10 +1142,10 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, *, block_v, block_k, n
     raw_precision = _raw_precision(k, precision)
     levels = (bt // 16).bit_length() - 1
     sd_b = deltas.stride(0) if deltas is not None else 0
+    keys, gates, idx = pending if pending is not None else (k, a, state)
+    width = keys.shape[1] if pending is not None else 1
+    btp = max(16, triton.next_power_of_2(width))
     if factored:
-        keys, gates, idx = pending if pending is not None else (k, a, state)
-        width = keys.shape[1] if pending is not None else 1
-        btp = max(16, triton.next_power_of_2(width))
         fac = 4 * bt * bt + bt + (btp + 1 if pending is not None else 0)
         factors = torch.empty(bsz * hv, fac, dtype=torch.float32, device=v.device)
         _gdn_factors_kernel[(bsz * hv,)](
@@ -1131,9 +1166,10 @@ def _gdn_block(q, k, v, a, b, a_log, dt_bias, state, out, *, block_v, block_k, n
     _gdn_block_kernel[(bsz * hv, dv // bv)](
         q, k, v, a, b, a_log, dt_bias, state, out, deltas if deltas is not None else state, seq, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(), sd_b,
+        keys, gates, idx, width, *keys.stride()[:3], *gates.stride(),
         HV=hv, G=hv // k.shape[2], K=dk, V=dv, BV=bv, BT=bt, SB=16, LEVELS=levels,
-        BK=bk, PREC=precision, RAW_PREC=raw_precision, DELTAS=deltas is not None, num_warps=num_warps or 4,
-        num_stages=num_stages or BLOCK_STAGES,
+        BK=bk, PREC=precision, RAW_PREC=raw_precision, DELTAS=deltas is not None, PENDING=pending is not None,
+        BTP=btp, num_warps=num_warps or 4, num_stages=num_stages or BLOCK_STAGES,
     )  # fmt: skip
 
 
@@ -1185,6 +1221,7 @@ def gdn_verify(
     block_k: int | None = None,
     factor_warps: int | None = None,
     num_stages: int | None = None,
+    fused_commit: bool = False,
 ) -> torch.Tensor:
     """A verify block: o [B, T, HV, V] in v's dtype. deltas [B, T, HV, V] fp32, if given, receives each position's
     update row, from which gdn_commit_deltas builds the state after the accepted position.
@@ -1192,7 +1229,8 @@ def gdn_verify(
     With a pending block (the last verified block, not yet in the state: its raw keys, gate inputs, update rows and
     accepted position pending_idx[b], -1 for none) state[b] first becomes the state after that position, in place,
     and this block's update rows replace the pending rows' first T positions (deltas must then be None). The
-    factored algorithm does it inside its state launch; the others launch gdn_commit_deltas first.
+    factored algorithm does it inside its state launch, the chunked one inside its launch with fused_commit; the
+    others launch gdn_commit_deltas first.
     Without one, state is left unchanged.
 
     algorithm: "recurrent" (position by position, the decode step's arithmetic; block_v, num_warps, unroll),
@@ -1204,6 +1242,8 @@ def gdn_verify(
     _check(algorithm in ALGORITHMS, "algorithm", f"{algorithm!r} not in {'/'.join(ALGORITHMS)}")
     if algorithm != "factored":
         _check(factor_warps is None, "factor_warps", "only the factored algorithm has a factors launch")
+    _check(not fused_commit or algorithm == "chunked", "fused_commit", "an option of the chunked algorithm (the "
+           "factored one always commits in its state launch)")  # fmt: skip
     if algorithm == "recurrent":
         _check(precision is None, "precision", "only the chunked algorithm takes a dot precision")
         _check(block_k is None, "block_k", "only the chunked algorithm walks K in chunks")
@@ -1216,7 +1256,7 @@ def gdn_verify(
         _check(deltas is None, "deltas", "with a pending block the update rows go to pending_rows")
         keys, gates, rows, idx = pending
         deltas = rows[:, :seq]
-        if algorithm != "factored" or seq == 0:
+        if not (algorithm == "factored" or fused_commit) or seq == 0:
             gdn_commit_deltas(state, idx, keys, rows, gates, a_log, dt_bias)
             pending = None
     if algorithm == "recurrent":
