@@ -920,7 +920,7 @@ def test_the_engine_verifies_at_the_tuned_widths(tmp_path, monkeypatch):
     finally:
         engine.close()
     # the default on the batched runtime at the drafter's block; a block of the caller's own is verified whole
-    for block, widths in ((None, {1: 16, 2: 6, 4: 4}), (8, {1: 8, 2: 8, 4: 8})):
+    for block, widths in ((None, {1: 16, 2: 6, 4: 4}), (16, {1: 16, 2: 6, 4: 4}), (8, {1: 8, 2: 8, 4: 8})):
         engine = Engine.from_pretrained(runtime="batched", max_batch=4, max_seq_len=96, block_size=block)
         try:
             assert engine.serving.runner.verify_widths == widths

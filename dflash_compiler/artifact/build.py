@@ -138,7 +138,8 @@ def compile_artifact(
                 target_model, drafter_model = random_pair(target_cfg, drafter_cfg, random_weights, "cpu", dtype)
             block = resolve_block_size(block_size, drafter_model.cfg.block_size if drafter_model else None)
             buckets = runner_buckets(max_batch)
-            by_default = verify_width is None and block_size is None  # at the drafter's own block
+            # the study's widths were measured at the drafter's own block
+            by_default = verify_width is None and drafter_model is not None and block == drafter_model.cfg.block_size
             if verify_width == "tuned" or by_default:
                 asked = not by_default
                 verify_width = tuned_widths_or_block(target_model.cfg, quant, profile, asked) if block > 1 else None

@@ -225,12 +225,13 @@ class Engine:
             drafter = drafter if drafter is not None else DEFAULT_PAIR / "drafter"
         device = check_device(device)
         dtype = parse_dtype(dtype)
-        batched = runtime == "batched" or (runtime == "auto" and device.type == "cuda")
-        by_default = verify_width is None and batched and block_size is None
-        if verify_width == "tuned" or by_default:
-            verify_width = _tuned_widths(target, quant, device, asked=not by_default) if drafter else None
         target_model = load_target(target, device=device, dtype=dtype)
         drafter_model = load_drafter(drafter, target_model.cfg, device=device, dtype=dtype) if drafter else None
+        batched = runtime == "batched" or (runtime == "auto" and device.type == "cuda")
+        own_block = drafter_model is not None and block_size in (None, drafter_model.cfg.block_size)
+        by_default = verify_width is None and batched and own_block
+        if verify_width == "tuned" or by_default:
+            verify_width = _tuned_widths(target, quant, device, asked=not by_default) if drafter else None
         tokenizer = load_tokenizer(target, drafter)
         return cls(
             target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue,
