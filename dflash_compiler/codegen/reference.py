@@ -209,9 +209,9 @@ def verify_attention(
     lens = cache_lens.long()[:, None]
     kpos = torch.arange(k.shape[2], device=q.device).expand(q.shape[0], -1)
     qpos = lens + torch.arange(q.shape[1], device=q.device)
+    o = _attend(q, k, v, kpos, kpos < lens + q.shape[1], qpos, True, window, scale, out if gate is None else None)
     if gate is None:
-        return _attend(q, k, v, kpos, kpos < lens + q.shape[1], qpos, True, window, scale, out)
-    o = _attend(q, k, v, kpos, kpos < lens + q.shape[1], qpos, True, window, scale, None)
+        return o
     return _emit((o.float() * torch.sigmoid(gate.float()).view(o.shape)).to(o.dtype), out)
 
 

@@ -65,15 +65,13 @@ def calibration_ids(prompts: Sequence[str | Sequence[int]], tokenizer) -> list[l
     return out
 
 
-def _tuned_widths(target: str | Path, quant: str, device: torch.device, asked: bool) -> dict[int, int] | None:
+def _tuned_widths(target_cfg, quant: str, device: torch.device, asked: bool) -> dict[int, int] | None:
     """The verify widths this device's profile recorded for the target (tuning/choice.py)."""
     from ..hw_profiles import profile_for_device
-    from ..models.config import TargetConfig
     from ..tuning.choice import tuned_widths_or_block
 
     profile = profile_for_device(torch.cuda.get_device_properties(device)) if device.type == "cuda" else "cpu"
-    quant = "bf16" if quant == "none" else quant
-    return tuned_widths_or_block(TargetConfig.from_dir(target), quant, profile, asked)
+    return tuned_widths_or_block(target_cfg, "bf16" if quant == "none" else quant, profile, asked)
 
 
 def _stop_strings(stop: str | Sequence[str]) -> tuple[str, ...]:
@@ -231,7 +229,9 @@ class Engine:
         own_block = drafter_model is not None and block_size in (None, drafter_model.cfg.block_size)
         by_default = verify_width is None and batched and own_block
         if verify_width == "tuned" or by_default:
-            verify_width = _tuned_widths(target, quant, device, asked=not by_default) if drafter else None
+            verify_width = None
+            if drafter_model is not None:
+                verify_width = _tuned_widths(target_model.cfg, quant, device, asked=not by_default)
         tokenizer = load_tokenizer(target, drafter)
         return cls(
             target_model, drafter_model, tokenizer, block_size, runtime, quant, max_batch, max_seq_len, max_queue,

@@ -187,6 +187,14 @@ class _Runners:
         return self.runner
 
 
+def _buckets_of(concurrencies: Sequence[int], max_batch: int, bucket_set: str) -> dict[int, int]:
+    """The CUDA-graph bucket a runner of max_batch rows with the named bucket set steps each level at."""
+    from ..runtime.batch import runner_buckets
+
+    buckets = runner_buckets(max_batch, GRAPH_BUCKET_SETS[bucket_set])
+    return {c: next(b for b in buckets if b >= c) for c in concurrencies}
+
+
 def pair_throughput(
     models,
     prompts: Sequence[Sequence[int]],
@@ -211,7 +219,6 @@ def pair_throughput(
     varies far less from trial to trial. With a simulated profile the rate is taken at the profile's mean
     acceptance for the level's width (c (1 + sum of its first width - 1 rates) tokens per timed step), so that a
     few steps' draws do not decide between widths; with real acceptance, the tokens committed."""
-    from ..runtime.batch import runner_buckets
 
     if steady_steps < 0:
         raise DFlashError(f"parameter 'steady_steps' must be >= 0, got {steady_steps}")
@@ -269,8 +276,7 @@ def pair_throughput(
         return generated / (time.perf_counter() - start)
 
     def measure(config: RuntimeConfig, concurrencies: Sequence[int]) -> dict[int, float]:
-        buckets = runner_buckets(max_batch, GRAPH_BUCKET_SETS[config.graph_buckets])
-        bucket_of = {c: next(b for b in buckets if b >= c) for c in concurrencies}
+        bucket_of = _buckets_of(concurrencies, max_batch, config.graph_buckets)
         speculative = [c for c in concurrencies if config.width(c) > 1]
         widths: dict[int, int] = {}
         for c in speculative:
@@ -355,8 +361,6 @@ def chosen_config(study: optuna.Study, space: RuntimeSpace, max_batch: int) -> t
     the width that gave it the most tokens/s among the trials of that bucket set and chunk. A level's figure
     depends only on its bucket's width, so the composed point's figures are the measured ones. Levels that share
     a bucket share a width: where their best widths differ, they keep the best trial's."""
-    from ..runtime.batch import runner_buckets
-
     best = study.best_trial
     same = [
         t
@@ -364,12 +368,11 @@ def chosen_config(study: optuna.Study, space: RuntimeSpace, max_batch: int) -> t
         if t.params.get("graph_buckets") == best.params["graph_buckets"]
         and t.params.get("prefill_chunk") == best.params["prefill_chunk"]
     ]
-    buckets = runner_buckets(max_batch, GRAPH_BUCKET_SETS[best.params["graph_buckets"]])
     params, values = dict(best.params), {}
     for c in space.concurrencies:
         measured = [(t.user_attrs["tokens_per_s"][str(c)], t.params[f"width_c{c}"]) for t in same]
         values[c], params[f"width_c{c}"] = max(measured)
-    bucket_of = {c: next((b for b in buckets if b >= c), buckets[-1]) for c in space.concurrencies}
+    bucket_of = _buckets_of(space.concurrencies, max_batch, best.params["graph_buckets"])
     for c in space.concurrencies:
         shared = [d for d in space.concurrencies if bucket_of[d] == bucket_of[c]]
         if len({params[f"width_c{d}"] for d in shared}) > 1:

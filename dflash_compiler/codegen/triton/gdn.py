@@ -342,6 +342,27 @@ def _commit_weights(k_rows, xa, live, a_log_ptr, dt_bias_ptr, h, K: tl.constexpr
 
 
 @triton.jit
+def _pending_positions(pidx_ptr, bb, TP, BTP: tl.constexpr):
+    """The pending block's accepted position pidx[b] clamped to its TP positions, the positions rp [BTP], and
+    those up to the accepted one (none when pidx[b] = -1)."""
+    last = tl.minimum(tl.load(pidx_ptr + bb), TP - 1)
+    rp = tl.arange(0, BTP)
+    return last, rp, rp <= last
+
+
+@triton.jit
+def _pending_commit(pk_ptr, pa_ptr, pidx_ptr, bb, b64, hq, h, TP, spk_b, spk_t, spk_h, spa_b, spa_t, spa_h,
+                    a_log_ptr, dt_bias_ptr, K: tl.constexpr, BK: tl.constexpr, BTP: tl.constexpr):  # fmt: skip
+    """_pending_positions, the pointers [BTP, 1] to the pending raw keys of key head hq, and the block's commit
+    weights and total log decay for value head h (_commit_weights)."""
+    last, rp, plive = _pending_positions(pidx_ptr, bb, TP, BTP)
+    p_rows = pk_ptr + b64 * spk_b + rp[:, None] * spk_t + hq * spk_h
+    pxa = tl.load(pa_ptr + b64 * spa_b + rp * spa_t + h * spa_h, mask=plive, other=0.0)
+    weight, c_last = _commit_weights(p_rows, pxa, plive, a_log_ptr, dt_bias_ptr, h, K, BK, BTP)
+    return last, rp, plive, p_rows, weight, c_last
+
+
+@triton.jit
 def _block_products(q_rows, k_rows, live, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, RAW_PREC: tl.constexpr):
     """The raw products over K of a block's keys and queries (rows not `live` read as 0): k k^T, q k^T and the
     keys' and queries' inverse l2 norms. RAW_PREC: tf32 is exact for 16-bit inputs."""
@@ -470,12 +491,10 @@ def _gdn_block_kernel(
     xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
     xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0)
     if PENDING:
-        last = tl.minimum(tl.load(pidx_ptr + bb), TP - 1)
-        rp = tl.arange(0, BTP)
-        plive = rp <= last  # none when pidx[b] = -1
-        p_rows = pk_ptr + b64 * spk_b + rp[:, None] * spk_t + hq * spk_h
-        pxa = tl.load(pa_ptr + b64 * spa_b + rp * spa_t + h * spa_h, mask=plive, other=0.0)
-        weight, c_last = _commit_weights(p_rows, pxa, plive, a_log_ptr, dt_bias_ptr, h, K, BK, BTP)
+        last, rp, plive, p_rows, weight, c_last = _pending_commit(
+            pk_ptr, pa_ptr, pidx_ptr, bb, b64, hq, h, TP, spk_b, spk_t, spk_h, spa_b, spa_t, spa_h, a_log_ptr,
+            dt_bias_ptr, K, BK, BTP,
+        )  # fmt: skip
         d_w = tl.load(delta_ptr + b64 * sd_b + (rp[:, None] * HV + h) * V + offs_v[None, :], mask=plive[:, None],
                       other=0.0) * weight[:, None]  # fmt: skip
         decay = tl.exp(c_last)
@@ -543,11 +562,10 @@ def _gdn_factors_kernel(
     tl.store(base + 3 * BT * BT + square, w_of_k)
     tl.store(base + 4 * BT * BT + ri, q_scale)
     if PENDING:
-        rp = tl.arange(0, BTP)
-        plive = rp <= tl.minimum(tl.load(pidx_ptr + bb), TP - 1)  # none when pidx[b] = -1
-        p_rows = pk_ptr + b64 * spk_b + rp[:, None] * spk_t + hq * spk_h
-        pxa = tl.load(pa_ptr + b64 * spa_b + rp * spa_t + h * spa_h, mask=plive, other=0.0)
-        weight, c_last = _commit_weights(p_rows, pxa, plive, a_log_ptr, dt_bias_ptr, h, K, BK, BTP)
+        _, rp, _, _, weight, c_last = _pending_commit(
+            pk_ptr, pa_ptr, pidx_ptr, bb, b64, hq, h, TP, spk_b, spk_t, spk_h, spa_b, spa_t, spa_h, a_log_ptr,
+            dt_bias_ptr, K, BK, BTP,
+        )  # fmt: skip
         tl.store(base + 4 * BT * BT + BT + rp, weight)
         tl.store(base + 4 * BT * BT + BT + BTP, tl.exp(c_last))
 
@@ -592,9 +610,7 @@ def _gdn_state_products_kernel(
     k_cols = k_ptr + b64 * sk_b + ri[None, :] * sk_t + hq * sk_h + offs_c[:, None]
     s_rows = state_ptr + (b64 * HV + h) * (K * V) + offs_c[None, :] * V + offs_v[:, None]
     if PENDING:
-        last = tl.minimum(tl.load(pidx_ptr + bb), TP - 1)
-        rp = tl.arange(0, BTP)
-        plive = rp <= last
+        last, rp, plive = _pending_positions(pidx_ptr, bb, TP, BTP)
         weight = tl.load(base + 4 * BT * BT + BT + rp)
         d_t = tl.load(delta_ptr + b64 * sd_b + (rp[None, :] * HV + h) * V + offs_v[:, None], mask=plive[None, :],
                       other=0.0) * weight[None, :]  # fmt: skip
