@@ -439,30 +439,3 @@ def test_the_sm90_linear_loops_keep_the_tensor_cores_busy(tmp_path):
     # INT4 nibbles become bf16 q - 8 by one LOP3 and one packed FMA per word and plane, written in PTX: the four
     # planes of a 128-input run; no other format has it
     assert {name: n > 0 for name, n in decodes.items()} == {name: name.startswith("int4") for name in decodes}
-
-
-def test_the_sm90_conv_update_needs_no_layout_conversion(tmp_path):
-    """The conv update loads every operand as a tile in the x rows' channel-contiguous layout (weights broadcast
-    over the positions, window columns by an index not affine in the position): its sm90 TTGIR has no
-    convert_layout, each of which is a round trip through shared memory with a barrier, at the default tile and at
-    16 x 128 (the 27B shapes: 16 requests x 16 positions x 10240 channels, x a slice of the GDN input GEMM's rows)."""
-    out = _run_compiler(
-        f"""
-        import glob, json, tempfile, torch
-        from dflash_compiler.codegen.triton import aot
-        from dflash_compiler.codegen.triton.gdn import causal_conv1d_update
-
-        x = torch.randn(16 * 16, 22624).to(torch.bfloat16)[:, :10240].view(16, 16, 10240)
-        window = torch.randn(16, 10240, 3).to(torch.bfloat16)
-        weight = torch.randn(10240, 4).to(torch.bfloat16)
-        conversions = {{}}
-        for name, tile in (("default", {{}}), ("16x128", dict(block_t=16, block_c=128, num_warps=4))):
-            d = tempfile.mkdtemp(dir=r"{tmp_path}")
-            aot.cross_compile(lambda: causal_conv1d_update(x, window, weight, **tile), 90, d, sm_count=132,
-                              host_modules=False)
-            ir = open(glob.glob(d + "/**/_conv_kernel.ttgir", recursive=True)[0]).read()
-            conversions[name] = ir.count("ttg.convert_layout")
-        print(json.dumps(conversions))
-        """
-    )
-    assert json.loads(out.strip().splitlines()[-1]) == {"default": 0, "16x128": 0}

@@ -75,21 +75,15 @@ def _conv_kernel(
     cmask = offs_c < C
     tmask = offs_t < T
     acc = tl.zeros((BT, BC), dtype=tl.float32)
-    # Every operand is loaded as a [BT, BC] tile in the channel-contiguous layout of the x rows, so that the tile
-    # needs no layout conversion (through shared memory, with a barrier each: the weights as [BC] vectors and the
-    # window's position-contiguous loads took 17 barriers on sm90): the weights broadcast over the positions, and
-    # the window column an index that is not affine in the position.
-    rows0 = offs_t[:, None] * 0
     for j in tl.static_range(W):
-        w_j = tl.load(w_ptr + (rows0 + offs_c[None, :]) * W + j, mask=cmask[None, :], other=0.0).to(tl.float32)
+        w_j = tl.load(w_ptr + offs_c * W + j, mask=cmask, other=0.0).to(tl.float32)
         # extended position t + j holds x[t + j - (W-1)], or window column t + j for the first W-1 positions
         src = offs_t + j - (W - 1)
         in_x = (src >= 0)[:, None] & tmask[:, None] & cmask[None, :]
         in_w = (src < 0)[:, None] & tmask[:, None] & cmask[None, :]
         xv = tl.load(x_ptr + b * sx_b + src[:, None] * sx_t + offs_c[None, :], mask=in_x, other=0.0)
-        col = tl.where(src < 0, src + W - 1, 0)
-        wv = tl.load(win_ptr + (b * C + offs_c[None, :]) * (W - 1) + col[:, None], mask=in_w, other=0.0)
-        acc += (xv.to(tl.float32) + wv.to(tl.float32)) * w_j
+        wv = tl.load(win_ptr + (b * C + offs_c[None, :]) * (W - 1) + (src[:, None] + W - 1), mask=in_w, other=0.0)
+        acc += (xv.to(tl.float32) + wv.to(tl.float32)) * w_j[None, :]
     y = acc * 1.0 / (1.0 + tl.exp(-acc))
     tl.store(
         y_ptr + b * sy_b + offs_t[:, None] * sy_t + offs_c[None, :],
