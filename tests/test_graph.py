@@ -399,6 +399,50 @@ def test_the_lowering_takes_the_databases_gdn_configs_by_batch(pair, unpassed, t
     assert used and all(call == (2, config, True) for call in used)
 
 
+def test_the_prefill_takes_the_databases_chunked_config_by_prompt_length(pair, unpassed, tmp_path, monkeypatch):
+    """Tuned chunked-rule entries at two prompt lengths: the prefill's GDN nodes launch a prompt with the entry of
+    the shortest tuned length at or over it, the plan records both, and the step computes what the reference
+    does."""
+    from dflash_compiler.codegen.triton import gdn as t_gdn
+    from dflash_compiler.graph.ops import triton_implementations
+    from dflash_compiler.hw_profiles.database import Entry, TuningDB
+    from dflash_compiler.tuning.choice import Chooser
+    from dflash_compiler.tuning.spaces import GDNChunkedShape
+
+    triton_implementations()
+    target, drafter = pair
+    cfg = target.cfg
+    real = SpeculativeStep(target, drafter, BLOCK, MAX_LEN)
+    graphs = _TRACED.setdefault((repr(target.cfg), repr(drafter.cfg)), StepGraphs(real)).with_passes("bf16")
+    dims = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+    configs = {128: {"chunk_size": 16, "block_v": 16, "precision": "ieee"},
+               512: {"chunk_size": 32, "block_v": 16, "precision": "tf32x3"}}  # fmt: skip
+    db = TuningDB("cpu", tmp_path / "cpu")
+    for t, config in configs.items():
+        shape = GDNChunkedShape(1, t, *dims, "fp32")
+        db.record(Entry(shape.op, shape.key, shape.fmt, "triton", config, True, time_us=1.0, platform="cpu"))
+    db.save()
+    used = []
+    launcher = t_gdn.gdn_chunked
+
+    def spy(q, *args, **kwargs):
+        used.append((q.shape[1], {k: kwargs.get(k) for k in configs[128]}))
+        return launcher(q, *args, **kwargs)
+
+    monkeypatch.setattr(t_gdn, "gdn_chunked", spy)
+    compiled = CompiledStep(
+        graphs, weight_sources(real), "triton", torch.device("cpu"), tuning=Chooser("cpu", root=tmp_path)
+    )
+    for got, want in zip(_run(compiled), unpassed):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    tuned = [row for row in compiled.plan() if row["graph"] == "prefill" and "tuned" in row]
+    assert len(tuned) == len(cfg.gdn_layers)
+    want = {str(t): {"lowering": "triton", "config": c} for t, c in configs.items()}
+    assert all(row["op"] == "gdn_prefill" and row["tuned"] == want for row in tuned)
+    # _run prefills prompts of 9 and 13 tokens, in every GDN layer
+    assert sorted(used) == sorted([(9, configs[128]), (13, configs[128])] * len(cfg.gdn_layers))
+
+
 def test_the_lowering_takes_the_databases_attention_and_conv_configs_by_batch(pair, unpassed, tmp_path, monkeypatch):
     """Tuned verify and draft attention entries (a tile and a split count, at the context the lowering reads) and a
     conv update entry (its tile and warps) at the step's batch size: the nodes launch with them, the plan records

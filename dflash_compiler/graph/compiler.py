@@ -290,8 +290,9 @@ class CompiledStep:
     def _tuned_dims(self, name: str) -> dict[str, tuple]:
         """The dims by op that graph `name`'s tuned ops are looked up with (lower's tuned_dims): in the step graphs
         the GDN verify's, the conv update's and the verify attention's at the graph's verify width, and the draft
-        attention's at the drafter's block in the step and join graphs. The prefill graph runs its chunk's shapes,
-        which the by-batch entries do not describe: it keeps the launchers' defaults."""
+        attention's at the drafter's block in the step and join graphs; in the prefill graph the GDN prefill's
+        chunked rule, by prompt length (its other ops run a chunk's shapes, which the by-batch entries do not
+        describe: they keep the launchers' defaults)."""
         cfg, width = self.step.target.cfg, split_width(name)[1] or self.step.block_size
         dims = {}
         if name.startswith("step"):
@@ -299,6 +300,9 @@ class CompiledStep:
                                   cfg.linear_key_head_dim, cfg.linear_value_head_dim)  # fmt: skip
             dims["causal_conv1d_update"] = (width, cfg.gdn_conv_dim, cfg.linear_conv_kernel_dim)
             dims["verify_attention"] = (width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        if name == "prefill" and cfg.gdn_layers:
+            dims["gdn_prefill"] = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                   cfg.linear_value_head_dim)  # fmt: skip
         if self.step.drafter is not None and name.startswith(("step", "join")):
             d = self.step.drafter.cfg
             dims["draft_attention"] = (self.step.block_size, d.num_heads, d.num_kv_heads, d.head_dim)
@@ -420,23 +424,30 @@ def batch_choices(op: str, dims: tuple, act_dtype, tuning) -> dict[int, tuple[st
     absent), of a GDN verify (dims: verify width, key heads, value heads, key dim, value dim), a conv update (verify
     width, channels, taps) or a verify or draft attention (block queries, query heads, KV heads, head dim; at the
     context the lowering's attention configs are tuned for, ATTENTION_CONTEXT: a captured step serves every context
-    with one launch config)."""
+    with one launch config); for a GDN prefill (dims: key heads, value heads, key dim, value dim), by prompt
+    length instead, at the runtime study's prefill chunks."""
     from ..runtime.batch import BUCKETS
     from ..tuning import spaces
 
     act = next(name for name, dtype in spaces.DTYPES.items() if dtype == act_dtype)
-    shape_at = {
-        "gdn_verify": lambda batch: spaces.GDNShape(batch, *dims, act),
-        "causal_conv1d_update": lambda batch: spaces.ConvShape(batch, *dims, act),
-        "verify_attention": lambda batch: spaces.AttentionShape(batch, *dims, spaces.ATTENTION_CONTEXT, act),
-        "draft_attention": lambda batch: spaces.DraftAttentionShape(batch, *dims, spaces.ATTENTION_CONTEXT, act),
-    }[op]
+    if op == "gdn_prefill":  # by prompt length, one request: the runtime study's prefill chunks
+        from ..tuning.runtime import PREFILL_CHUNKS
+
+        sizes, shape_at = PREFILL_CHUNKS, lambda t: spaces.GDNChunkedShape(1, t, *dims, act)
+    else:
+        sizes = BUCKETS
+        shape_at = {
+            "gdn_verify": lambda batch: spaces.GDNShape(batch, *dims, act),
+            "causal_conv1d_update": lambda batch: spaces.ConvShape(batch, *dims, act),
+            "verify_attention": lambda batch: spaces.AttentionShape(batch, *dims, spaces.ATTENTION_CONTEXT, act),
+            "draft_attention": lambda batch: spaces.DraftAttentionShape(batch, *dims, spaces.ATTENTION_CONTEXT, act),
+        }[op]
     choices = {}
-    for batch in BUCKETS:
-        shape = shape_at(batch)
+    for size in sizes:
+        shape = shape_at(size)
         choice = tuning.choose(shape.op, shape.key, shape.fmt)
         if choice.tuned:
-            choices[batch] = (choice.lowering, dict(choice.config))
+            choices[size] = (choice.lowering, dict(choice.config))
     return choices
 
 

@@ -376,9 +376,11 @@ def gdn_prefill(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Te
     return _gdn_prefill(reference, q, k, v, a, b, a_log, dt_bias, state, window, x, keys, gates, rows, pending)
 
 
-def _gdn_prefill(impl, q, k, v, a, b, a_log, dt_bias, state, window, x, keys, gates, rows, pending) -> Tensor:
+def _gdn_prefill(impl, q, k, v, a, b, a_log, dt_bias, state, window, x, keys, gates, rows, pending,
+                 **chunked) -> Tensor:  # fmt: skip
+    """chunked: the chunked rule's launch options (a tuned config)."""
     impl.gdn_commit_deltas(state, pending, keys, rows, gates, a_log, dt_bias)
-    o, _ = impl.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, final_state=state)
+    o, _ = impl.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, final_state=state, **chunked)
     last = torch.full((x.shape[0],), x.shape[1] - 1, dtype=torch.int32, device=x.device)
     impl.conv_window_commit(window, x, last)
     return o
@@ -583,6 +585,8 @@ def implementation(op: str, backend: str, tuned: dict[int, tuple[str, dict]] | N
     if backend == "reference":
         return custom._init_fn
     default = TRITON_IMPLEMENTATIONS.get(op, custom._init_fn)
+    if tuned and op == "gdn_prefill":
+        return TunedPrefill(tuned)
     for tuned_op in (TunedGDN, TunedAttention, TunedConv):
         if tuned and op in tuned_op.OPS:
             return tuned_op(op, tuned, default)
@@ -621,6 +625,23 @@ class TunedGDN(TunedByBatch):
 
         pend = _pending(keys, gates, rows, pending)
         return t_gdn.gdn_verify(q, k, v, a, b, a_log, dt_bias, state, **pend, **config)
+
+
+class TunedPrefill:
+    """A GDN prefill whose chunked rule runs the tuning database's config of the shortest tuned prompt length at
+    or over the call's (the longest tuned one past them all): a chunk's config is valid at any length."""
+
+    def __init__(self, tuned: dict[int, tuple[str, dict]]):
+        self.configs = sorted((t, config) for t, (lowering, config) in tuned.items() if lowering == "triton")
+        self.__name__ = "gdn_prefill_tuned"
+
+    def __call__(self, q, *args):
+        from ..codegen.triton import gdn as t_gdn
+
+        if not self.configs:
+            return _gdn_prefill(t_gdn, q, *args)
+        config = next((c for t, c in self.configs if t >= q.shape[1]), self.configs[-1][1])
+        return _gdn_prefill(t_gdn, q, *args, **config)
 
 
 class TunedAttention(TunedByBatch):
