@@ -266,6 +266,14 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
 PREFILL_KERNELS: dict[str, list[dict]] = {}  # GPU time per kernel of each chunked prefill row
 
 
+# (chunk_size, block_v, precision, system_precision) of the chunked prefill: the launcher's default first
+PREFILL_CONFIGS = [
+    (64, 32, "tf32", "tf32x3"), (64, 32, "tf32x3", "tf32x3"), (32, 64, "tf32", "tf32x3"),
+    (64, 32, "half", "tf32x3"), (64, 64, "half", "tf32x3"), (64, 32, "half", "tf32"), (64, 64, "half", "tf32"),
+    (64, 128, "half", "tf32"), (32, 64, "half", "tf32x3"), (32, 32, "half", "tf32"), (32, 64, "half", "tf32"),
+]  # fmt: skip
+
+
 def _bench_prefill(rows: _Rows, seq: int, params: dict) -> None:
     a_log, dt_bias = params["a_log"], params["dt_bias"]
     (p,) = _sets(1, seq, 1)
@@ -276,20 +284,28 @@ def _bench_prefill(rows: _Rows, seq: int, params: dict) -> None:
 
     # the reference's per-chunk loop makes a graph of thousands of launches at long prompts
     ref = _safe(lambda: _ref_us(ref_prefill)) if seq <= PREFILL_REF_MAX_T else None
-    for precision in ("tf32", "tf32x3"):
+    want = ref_prefill() if seq <= PREFILL_REF_MAX_T else None
+    for chunk, block_v, precision, system in PREFILL_CONFIGS:
+        config = dict(chunk_size=chunk, block_v=block_v, precision=precision, system_precision=system)
+        name = f"prefill_c{chunk}_v{block_v}_{precision}_{system}"
 
-        def prefill(_, precision=precision):
-            gdn.gdn_chunked(p["q"], p["k"], p["v"], p["a"], p["b"], a_log, dt_bias, p["state"], precision=precision)
+        def prefill(_, config=config):
+            return gdn.gdn_chunked(p["q"], p["k"], p["v"], p["a"], p["b"], a_log, dt_bias, p["state"], **config)
 
+        errors = {}
+        if want is not None:  # the largest error relative to the largest reference value, of o and the state
+            got = prefill(0)
+            for key, g, w in (("o_rel_err", got[0], want[0]), ("state_rel_err", got[1], want[1])):
+                errors[key] = float((g.float() - w.float()).abs().max() / w.float().abs().max())
         rows.add(
-            f"prefill_chunked_{precision}", 1, _safe(lambda f=prefill: _ref_us(lambda: f(0))), ref,
-            _input_bytes(1, seq) + seq * HV * DV * 2 + 2 * STATE_BYTES, seq=seq,
+            name, 1, _safe(lambda f=prefill: _ref_us(lambda: f(0))), ref,
+            _input_bytes(1, seq) + seq * HV * DV * 2 + 2 * STATE_BYTES, seq=seq, config=config, **errors,
         )  # fmt: skip
         if DEV == "cuda":  # which of the three kernels (prepare, state scan, output) takes the time
-            breakdown = kernel_times(lambda f=prefill: f(0), calls=8)
-            PREFILL_KERNELS[f"{precision}_T{seq}"] = breakdown
-            print(f"  prefill_chunked_{precision} T={seq}: " + ", ".join(
-                f"{r['kernel']} {r['gpu_us_per_call']} us" for r in breakdown), flush=True)  # fmt: skip
+            breakdown = _safe(lambda f=prefill: kernel_times(lambda: f(0), calls=8)) or []
+            PREFILL_KERNELS[f"{name}_T{seq}"] = breakdown
+            print(f"  {name} T={seq}: " + ", ".join(
+                f"{r['kernel']} {r['gpu_us_per_call']} us" for r in breakdown) + f" {errors}", flush=True)  # fmt: skip
 
 
 def run(

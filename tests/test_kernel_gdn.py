@@ -390,10 +390,14 @@ def test_chunked_block_options_are_its_own():
 
 
 @pytest.mark.parametrize(
-    ("bsz", "seq", "dtype"),
-    [(2, 1, torch.float32), (1, 70, torch.float32), (2, 150, torch.float32), (2, 70, torch.float16)],
-)
-def test_chunked(bsz, seq, dtype):
+    ("bsz", "seq", "dtype", "precision", "chunk_size"),
+    [(2, 1, torch.float32, "ieee", None), (1, 70, torch.float32, "ieee", None), (2, 150, torch.float32, "ieee", 32),
+     (2, 70, torch.float16, "ieee", None), (2, 70, torch.float16, "half", 32), (1, 150, torch.float16, "half", 64),
+     (2, 45, torch.float16, "half", 16)],
+)  # fmt: skip
+def test_chunked(bsz, seq, dtype, precision, chunk_size):
+    """Against the chunked and the recurrent references; "half" keeps the chunks in fp16 between the kernels, which
+    rounds each chunk's W, U, corrected values and starting state to 11 bits."""
     gen = torch.Generator().manual_seed(seq + bsz)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)
     g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
@@ -401,11 +405,12 @@ def test_chunked(bsz, seq, dtype):
     _, s_rec = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state)
     o, s = gdn.gdn_chunked(
         q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 6, 32, dtype=dtype), final_state=_nan(*state.shape),
-        block_v=16, precision="ieee",
+        chunk_size=chunk_size, block_v=16, precision=precision,
     )  # fmt: skip
-    _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 2e-3)
-    _close("final state", s, s_ref, 1e-4)
-    _close("final state vs recurrent", s, s_rec, 1e-4)
+    half = precision == "half"
+    _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 5e-3 if half else 2e-3)
+    _close("final state", s, s_ref, 5e-3 if half else 1e-4)
+    _close("final state vs recurrent", s, s_rec, 5e-3 if half else 1e-4)
 
 
 # -------------------------------------------------------------------------------------------------- bad input
@@ -425,6 +430,10 @@ def test_bad_inputs_name_the_parameter():
         gdn.causal_conv1d_update(torch.randn(1, 3, 8, device=DEV), torch.randn(1, 8, 2, device=DEV), torch.randn(8, 4))
     with pytest.raises(ValueError, match="^chunk_size:"):
         gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, chunk_size=48)
+    with pytest.raises(ValueError, match="^precision: 'half' keeps the chunks in v's 16-bit dtype; v is torch.float32"):
+        gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, precision="half")
+    with pytest.raises(ValueError, match="^system_precision: 'ieee' not in tf32/tf32x3"):
+        gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, system_precision="ieee")
     x, window, weight = torch.randn(1, 3, 32, device=DEV), torch.randn(1, 32, 3, device=DEV), torch.randn(32, 4)
     with pytest.raises(ValueError, match="^block_t: 3 must be a power of two <= 64"):
         gdn.causal_conv1d_update(x, window, weight.to(DEV), block_t=3)
@@ -555,8 +564,9 @@ def test_gpu_conv_real_dims():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
-def test_gpu_chunked_real_dims(precision):
+@pytest.mark.parametrize(("precision", "system_precision"), [("tf32", "tf32x3"), ("tf32x3", "tf32x3"),
+                                                           ("half", "tf32x3"), ("half", "tf32")])  # fmt: skip
+def test_gpu_chunked_real_dims(precision, system_precision):
     bsz, seq = 2, 300
     gen = torch.Generator().manual_seed(3)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
@@ -564,10 +574,10 @@ def test_gpu_chunked_real_dims(precision):
     o_ref, s_ref = ops.gated_delta_rule_chunked(q, k, v, g, beta, state)
     o, s = gdn.gdn_chunked(
         q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
-        final_state=_nan(*state.shape), precision=precision,
+        final_state=_nan(*state.shape), precision=precision, system_precision=system_precision,
     )  # fmt: skip
     _close("o", o.float(), o_ref.float(), 1e-2)
-    _close("final state", s, s_ref, 1e-2 if precision == "tf32" else 1e-3)
+    _close("final state", s, s_ref, 1e-3 if precision == "tf32x3" else 1e-2)
 
 
 @pytest.mark.gpu

@@ -355,6 +355,7 @@ def gdn_chunked(
     chunk_size=None,
     block_v=32,
     precision="tf32",
+    system_precision="tf32x3",
 ):
     """The chunked gated delta rule for prefill: (o [B, T, HV, V], the final state). final_state may be state
     itself (in place); by default a new tensor."""

@@ -691,8 +691,9 @@ class GDNSpace(Space):
 
 
 class GDNChunkedSpace(Space):
-    """codegen/triton/gdn.py's gdn_chunked: the chunk length, the V slice of the scan and its dot precision (the
-    accuracy of each is checked against the reference like any result)."""
+    """codegen/triton/gdn.py's gdn_chunked: the chunk length, the V slice of the scan, its dot precision (with 16-bit
+    q/k/v also "half": the chunks kept in that dtype) and the UT/WY system's (the accuracy of each is checked
+    against the reference like any result)."""
 
     op = "gdn_chunked"
 
@@ -702,14 +703,16 @@ class GDNChunkedSpace(Space):
                 "lowering": _lowerings(self.profile),
                 "chunk_size": [16, 32, 64, 128],
                 "block_v": _upto([16, 32, 64, 128], self.shape.dv),
-                "precision": ["tf32", "tf32x3", "ieee"],
+                "precision": [p for p in gdn_kernels.CHUNKED_PRECISIONS if p != "half" or self.shape.fmt != "fp32"],
+                "system_precision": ["tf32x3", "tf32"],
             }
         )
 
     def launcher_default(self) -> Params:
         with _launcher_facts(self.profile):
             chunk = gdn_kernels.default_chunk_size(torch.device("cpu"), self.shape.dk)
-        return {"lowering": "triton", "chunk_size": chunk, "block_v": min(32, self.shape.dv), "precision": "tf32"}
+        return {"lowering": "triton", "chunk_size": chunk, "block_v": min(32, self.shape.dv), "precision": "tf32",
+                "system_precision": "tf32x3"}  # fmt: skip
 
     def waste(self, params: Params) -> str | None:
         if params["lowering"] == "triton" and params["chunk_size"] > max(16, _p2(self.shape.t)):

@@ -258,28 +258,41 @@ def _gdn_recurrent_kernel(
         tl.store(final_ptr + head + tile, S)
 
 
+_SYSTEM_PREC = tl.constexpr("tf32x3")  # the verify block's UT/WY system products
+
+
 @triton.jit
-def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
+def _mm(a, b, OP: tl.constexpr, PREC: tl.constexpr):
+    """a @ b accumulated in fp32: on 16-bit operands of dtype OP, or for OP fp32 on fp32 operands at PREC."""
+    if OP == tl.float32:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        c = tl.dot(a.to(OP), b.to(OP))
+    return c
+
+
+@triton.jit
+def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr, SYS_PREC: tl.constexpr):
     """(I + A)^-1 for A [BT, BT] strictly lower triangular (the UT/WY system of a chunk), BT = SB << LEVELS.
 
     The 16 x 16 diagonal blocks D, all at once, as (I + D)^-1 = (I - D)(I + D^2)(I + D^4)(I + D^8) (D^16 = 0): three
     squarings and three products on the tensor cores, where forward substitution takes 15 dependent steps of
     reductions (on the H200 at 27B shapes, the chunked verify block at batch 16 took 69.7 µs this way against 81.3).
     Then blocks are merged pairwise: with D the block diagonal part and E the off-diagonal blocks of the next level,
-    (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0. Every product keeps about fp32 accuracy (3 tf32
-    passes)."""
+    (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0. The products run at SYS_PREC ("tf32x3": about fp32
+    accuracy from 3 tf32 passes)."""
     tl.static_assert(SB == 16, "the squarings invert 16-row blocks")
     row0 = (ri // SB) * SB
     d = tl.where(row0[:, None] == row0[None, :], a_mat, 0.0)
     inv = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0) - d
     for _ in tl.static_range(3):
-        d = tl.dot(d, d, input_precision="tf32x3")
-        inv = inv + tl.dot(inv, d, input_precision="tf32x3")
+        d = tl.dot(d, d, input_precision=SYS_PREC)
+        inv = inv + tl.dot(inv, d, input_precision=SYS_PREC)
     for lvl in tl.static_range(LEVELS):
         s = SB << lvl
         off = ((ri // (2 * s))[:, None] == (ri // (2 * s))[None, :]) & ((ri // s)[:, None] != (ri // s)[None, :])
         e = tl.where(off, a_mat, 0.0)
-        inv = inv - tl.dot(tl.dot(inv, e, input_precision="tf32x3"), inv, input_precision="tf32x3")
+        inv = inv - tl.dot(tl.dot(inv, e, input_precision=SYS_PREC), inv, input_precision=SYS_PREC)
     return inv
 
 
@@ -301,20 +314,21 @@ def _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h):
 
 @triton.jit
 def _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr, LEVELS: tl.constexpr,
-              PREC: tl.constexpr):  # fmt: skip
+              OP: tl.constexpr, PREC: tl.constexpr, SYS_PREC: tl.constexpr):  # fmt: skip
     """One chunk's UT/WY form from its raw keys kt [BT, K] and gate inputs xa, xb [BT] (rows not `live` are no
     step: gate 0, beta 0): (the l2-normed keys, the log decays g, their running sum cum, beta, (I + A)^-1 and
-    W = (I + A)^-1 (beta e^cum k)) with A the strictly lower (beta k k^T) * decay; U = (I + A)^-1 (beta v)."""
+    W = (I + A)^-1 (beta e^cum k)) with A the strictly lower (beta k k^T) * decay; U = (I + A)^-1 (beta v).
+    The system's products run on fp32 operands at SYS_PREC, W's on operands of dtype OP (_mm)."""
     kt = kt.to(tl.float32)
     kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
     g, beta, cum = _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h)
     lower = ri[:, None] > ri[None, :]
     decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
-    # the system is where conditioning matters: its products keep about fp32 accuracy (3 tf32 passes; a plain fp32
-    # FMA product of this size spills registers) whatever the products' precision elsewhere
-    a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision="tf32x3") * decay, 0.0)
-    inv = _ut_inverse(a_mat, ri, SB, LEVELS)
-    w = tl.dot(inv, kt * (beta * tl.exp(cum))[:, None], input_precision=PREC)
+    # the system is where conditioning matters: its products stay on fp32 operands (a plain fp32 FMA product of
+    # this size spills registers) whatever the products' precision elsewhere
+    a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision=SYS_PREC) * decay, 0.0)
+    inv = _ut_inverse(a_mat, ri, SB, LEVELS, SYS_PREC)
+    w = _mm(inv, kt * (beta * tl.exp(cum))[:, None], OP, PREC)
     return kt, g, cum, beta, inv, w
 
 
@@ -383,7 +397,7 @@ def _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.co
     lower = ri[:, None] > ri[None, :]
     decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
     a_mat = tl.where(lower, kk * (beta * rk)[:, None] * rk[None, :] * decay, 0.0)
-    return beta, cum, _ut_inverse(a_mat, ri, SB, LEVELS)
+    return beta, cum, _ut_inverse(a_mat, ri, SB, LEVELS, _SYSTEM_PREC)
 
 
 @triton.jit
@@ -761,11 +775,14 @@ def _chunk_prepare_kernel(
     BT: tl.constexpr,
     SB: tl.constexpr,
     LEVELS: tl.constexpr,
+    OP: tl.constexpr,
     PREC: tl.constexpr,
+    SYS_PREC: tl.constexpr,
 ):
     """Everything of one chunk that does not need the state, all chunks at once: with A the strictly lower
     (beta k k^T) * decay of the UT/WY form, W = (I + A)^-1 (beta e^cum k), U = (I + A)^-1 (beta v), the keys decayed
-    to the chunk's end (k e^(last - cum)) and the cumulative log decay."""
+    to the chunk's end (k e^(last - cum)) and the cumulative log decay. W, U and the keys are stored in their
+    buffers' dtype (OP's)."""
     pid_bh = tl.program_id(0)
     c = tl.program_id(1)
     bb = pid_bh // HV
@@ -781,15 +798,17 @@ def _chunk_prepare_kernel(
     )
     xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=rmask, other=0.0)
     xb = tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0)
-    kt, g, cum, beta, inv, w = _chunk_wy(kt, xa, xb, rmask, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, PREC)
+    kt, g, cum, beta, inv, w = _chunk_wy(kt, xa, xb, rmask, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, OP, PREC,
+                                         SYS_PREC)  # fmt: skip
     last = tl.reduce(g, 0, _add)
     # v after the solve: held across it, a 64-token chunk's values spill registers (sm90, cross-compiled)
     vt = tl.load(v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0)
-    u = tl.dot(inv, vt.to(tl.float32) * beta[:, None], input_precision=PREC)
+    u = _mm(inv, vt.to(tl.float32) * beta[:, None], OP, PREC)
     chunk = pid_bh.to(tl.int64) * NC + c
-    tl.store(w_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], w)
-    tl.store(ktail_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], kt * tl.exp(last - cum)[:, None])
-    tl.store(u_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :], u)
+    idt = w_ptr.dtype.element_ty
+    tl.store(w_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], w.to(idt))
+    tl.store(ktail_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], (kt * tl.exp(last - cum)[:, None]).to(idt))
+    tl.store(u_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :], u.to(idt))
     tl.store(cum_ptr + chunk * BT + ri, cum)
 
 
@@ -809,10 +828,12 @@ def _chunk_state_kernel(
     V: tl.constexpr,
     BV: tl.constexpr,
     BT: tl.constexpr,
+    OP: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The chunks in order for one (request, value head, V slice), carrying the [K, BV] state in registers: the state
-    at each chunk's start and the chunk's corrected values v_new = U - W S are written for the output kernel."""
+    """The chunks in order for one (request, value head, V slice), carrying the [K, BV] state in registers (fp32):
+    the state at each chunk's start and the chunk's corrected values v_new = U - W S are written, in their buffers'
+    dtype (OP's), for the output kernel."""
     pid_bh = tl.program_id(0)
     pid_v = tl.program_id(1)
     bb = pid_bh // HV
@@ -826,14 +847,14 @@ def _chunk_state_kernel(
     S = tl.load(state_ptr + head + tile)
     for c in range(0, NC):
         chunk = pid_bh.to(tl.int64) * NC + c
-        tl.store(h_ptr + chunk * (K * V) + tile, S)
+        tl.store(h_ptr + chunk * (K * V) + tile, S.to(h_ptr.dtype.element_ty))
         w = tl.load(w_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :])
         u = tl.load(u_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :])
-        v_new = u - tl.dot(w, S, input_precision=PREC)
+        v_new = (u.to(tl.float32) - _mm(w, S, OP, PREC)).to(vnew_ptr.dtype.element_ty)
         tl.store(vnew_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :], v_new)
         k_tail = tl.load(ktail_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :])
         last = tl.load(cum_ptr + chunk * BT + BT - 1)  # padded rows decay by nothing: the last row's is the chunk's
-        S = S * tl.exp(last) + tl.dot(tl.trans(k_tail), v_new, input_precision=PREC)
+        S = S * tl.exp(last) + _mm(tl.trans(k_tail), v_new, OP, PREC)
     tl.store(final_ptr + head + tile, S)
 
 
@@ -860,9 +881,11 @@ def _chunk_output_kernel(
     V: tl.constexpr,
     BV: tl.constexpr,
     BT: tl.constexpr,
+    OP: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """o = (q e^cum) S_start + ((q k^T) * decay) v_new for one chunk and V slice, all chunks at once."""
+    """o = (q e^cum) S_start + ((q k^T) * decay) v_new for one chunk and V slice, all chunks at once (products as in
+    _mm)."""
     pid_bh = tl.program_id(0)
     c = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -889,9 +912,9 @@ def _chunk_output_kernel(
     v_new = tl.load(vnew_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :])
     incl = ri[:, None] >= ri[None, :]
     decay = tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
-    attn = tl.dot(qt, tl.trans(kt), input_precision=PREC) * decay
-    o = tl.dot(qt * tl.exp(cum)[:, None], S, input_precision=PREC)
-    o += tl.dot(attn, v_new, input_precision=PREC)
+    attn = _mm(qt, tl.trans(kt), OP, PREC) * decay
+    o = _mm(qt * tl.exp(cum)[:, None], S, OP, PREC)
+    o += _mm(attn, v_new, OP, PREC)
     tl.store(
         o_ptr + ((b64 * T + rows[:, None]) * HV + h) * V + offs_v[None, :],
         o.to(o_ptr.dtype.element_ty),
@@ -1400,6 +1423,10 @@ def gdn_commit(
     )  # fmt: skip
 
 
+CHUNKED_PRECISIONS = ("tf32", "tf32x3", "ieee", "half")
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 def prepare_shared_bytes(chunk_size: int, dk: int) -> int:
     """Shared memory of the chunked prefill's prepare kernel (its largest), as cross-compiled for sm90 and sm120
     at K = 128: 131072 bytes at 64-token chunks, 65536 at 32."""
@@ -1429,13 +1456,18 @@ def gdn_chunked(
     chunk_size: int | None = None,
     block_v: int = 32,
     precision: str = "tf32",
+    system_precision: str = "tf32x3",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked (UT/WY) gated delta rule for prefill: same inputs as gdn_recurrent.
 
     Returns (o [B, T, HV, V] in v's dtype, the final state). final_state may be state itself (in place); by default
-    a new tensor. precision is the scan's tl.dot input precision: "tf32", "tf32x3" (about fp32 accuracy from three
-    tf32 products) or "ieee" (fp32 FMA products: exact, but they spill registers at K = 128). chunk_size: tokens
-    per chunk (default: default_chunk_size for the device).
+    a new tensor. precision: the products outside each chunk's UT/WY system, with the chunks' W, U, keys, starting
+    states and corrected values kept between the kernels in fp32, on fp32 operands at tl.dot's input precision
+    "tf32", "tf32x3" (about fp32 accuracy from three tf32 products) or "ieee" (fp32 FMA products: exact, but they
+    spill registers at K = 128); or "half": kept in v's 16-bit dtype (bf16 or fp16), the products on 16-bit
+    operands, the running state in fp32 (half the bytes between the kernels, the tensor cores at full rate).
+    system_precision: the system's products (its matrix and inverse), on fp32 operands: "tf32x3" or "tf32".
+    chunk_size: tokens per chunk (default: default_chunk_size for the device).
     """
     bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
     if chunk_size is None:
@@ -1444,7 +1476,12 @@ def gdn_chunked(
     _check(chunk_size in (16, 32, 64, 128), "chunk_size", f"{chunk_size} not in 16/32/64/128")
     bv = min(block_v, dv)
     _check(_pow2(bv) and bv >= 16, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
-    _check(precision in ("tf32", "ieee", "tf32x3"), "precision", f"{precision!r} not in tf32/ieee/tf32x3")
+    _check(precision in CHUNKED_PRECISIONS, "precision", f"{precision!r} not in {'/'.join(CHUNKED_PRECISIONS)}")
+    _check(
+        precision != "half" or v.dtype in (torch.float16, torch.bfloat16),
+        "precision", f"'half' keeps the chunks in v's 16-bit dtype; v is {v.dtype}",
+    )  # fmt: skip
+    _check(system_precision in ("tf32", "tf32x3"), "system_precision", f"{system_precision!r} not in tf32/tf32x3")
     out = _gdn_out(out, v)
     if final_state is None:
         final_state = torch.empty_like(state)
@@ -1460,27 +1497,29 @@ def gdn_chunked(
     nc = triton.cdiv(seq, chunk_size)
     chunks = bsz * hv * nc
     # chunk-parallel prepare, a sequential state scan of two products per chunk, chunk-parallel outputs
-    w = torch.empty(chunks, chunk_size, dk, dtype=torch.float32, device=k.device)
+    kept = v.dtype if precision == "half" else torch.float32
+    op, prec = (_TL_DTYPES[kept], "ieee") if precision == "half" else (tl.float32, precision)
+    w = torch.empty(chunks, chunk_size, dk, dtype=kept, device=k.device)
     k_tail = torch.empty_like(w)
-    u = torch.empty(chunks, chunk_size, dv, dtype=torch.float32, device=k.device)
+    u = torch.empty(chunks, chunk_size, dv, dtype=kept, device=k.device)
     v_new = torch.empty_like(u)
     cum = torch.empty(chunks, chunk_size, dtype=torch.float32, device=k.device)
-    starts = torch.empty(chunks, dk, dv, dtype=torch.float32, device=k.device)
+    starts = torch.empty(chunks, dk, dv, dtype=kept, device=k.device)
     sb = min(16, chunk_size)
     _chunk_prepare_kernel[(bsz * hv, nc)](
         k, v, a, b, a_log, dt_bias, w, u, k_tail, cum, seq, nc,
         *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
         HV=hv, G=hv // heads, K=dk, V=dv, BT=chunk_size, SB=sb, LEVELS=(chunk_size // sb).bit_length() - 1,
-        PREC=precision, num_warps=8,
+        OP=op, PREC=prec, SYS_PREC=system_precision, num_warps=8,
     )  # fmt: skip
     # two stages: the third buffer of the prefetched W, U and key tiles takes the scan over sm90's 227 KB of shared
     # memory at K = V = 128 (240 KB, cross-compiled)
     _chunk_state_kernel[(bsz * hv, dv // bv)](
         w, u, k_tail, cum, state, final_state, starts, v_new, nc,
-        HV=hv, K=dk, V=dv, BV=bv, BT=chunk_size, PREC=precision, num_warps=8, num_stages=2,
+        HV=hv, K=dk, V=dv, BV=bv, BT=chunk_size, OP=op, PREC=prec, num_warps=8, num_stages=2,
     )  # fmt: skip
     _chunk_output_kernel[(bsz * hv, nc, dv // bv)](
         q, k, cum, starts, v_new, out, seq, nc, dk**-0.5, *q.stride()[:3], *k.stride()[:3],
-        HV=hv, G=hv // heads, K=dk, V=dv, BV=bv, BT=chunk_size, PREC=precision, num_warps=4,
+        HV=hv, G=hv // heads, K=dk, V=dv, BV=bv, BT=chunk_size, OP=op, PREC=prec, num_warps=4,
     )  # fmt: skip
     return out, final_state
