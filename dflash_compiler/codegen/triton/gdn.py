@@ -264,7 +264,7 @@ _SYSTEM_PREC = tl.constexpr("tf32x3")  # the verify block's UT/WY system product
 @triton.jit
 def _mm(a, b, OP: tl.constexpr, PREC: tl.constexpr):
     """a @ b accumulated in fp32: on 16-bit operands of dtype OP, or for OP fp32 on fp32 operands at PREC."""
-    if OP == tl.float32:
+    if OP == tl.float32:  # noqa: SIM300 - a constexpr compares on the left
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     else:
         c = tl.dot(a.to(OP), b.to(OP))
@@ -390,14 +390,16 @@ def _block_products(q_rows, k_rows, live, K: tl.constexpr, BK: tl.constexpr, BT:
 
 
 @triton.jit
-def _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr, LEVELS: tl.constexpr):
+def _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr, LEVELS: tl.constexpr,
+                  SYS_PREC: tl.constexpr):  # fmt: skip
     """A block's gates (beta, the running sum cum of the log decays) and (I + A)^-1, A the strictly lower
-    (beta k_hat k_hat^T) * decay, from the raw k k^T and the keys' inverse norms rk."""
+    (beta k_hat k_hat^T) * decay, from the raw k k^T and the keys' inverse norms rk (the inverse's products at
+    SYS_PREC)."""
     _, beta, cum = _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h)
     lower = ri[:, None] > ri[None, :]
     decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
     a_mat = tl.where(lower, kk * (beta * rk)[:, None] * rk[None, :] * decay, 0.0)
-    return beta, cum, _ut_inverse(a_mat, ri, SB, LEVELS, _SYSTEM_PREC)
+    return beta, cum, _ut_inverse(a_mat, ri, SB, LEVELS, SYS_PREC)
 
 
 @triton.jit
@@ -508,7 +510,7 @@ def _gdn_block_kernel(
         decay = tl.exp(c_last)
         keep = (offs_c[:, None] * 0 + offs_v[None, :] * 0 + last) >= 0
     kk, qk, rk, rq = _block_products(q_rows, k_rows, live, K, BK, BT, RAW_PREC)
-    beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
+    beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, _SYSTEM_PREC)
     vt = vt.to(tl.float32)
     w_of_k, m_u, attn, k_mix, q_scale = _verify_mixes(qk, rq, rk, beta, cum, inv, ri, scale, PREC)
     u = tl.dot(m_u, vt, input_precision=PREC)
@@ -559,7 +561,7 @@ def _gdn_factors_kernel(
     xa = tl.load(a_ptr + b64 * sa_b + ri * sa_t + h * sa_h, mask=live, other=0.0)
     xb = tl.load(b_ptr + b64 * sb_b + ri * sb_t + h * sb_h, mask=live, other=0.0)
     kk, qk, rk, rq = _block_products(q_rows, k_rows, live, K, BK, BT, RAW_PREC)
-    beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS)
+    beta, cum, inv = _block_system(kk, rk, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, _SYSTEM_PREC)
     w_of_k, m_u, attn, k_mix, q_scale = _verify_mixes(qk, rq, rk, beta, cum, inv, ri, scale, PREC)
     m_o = tl.dot(attn, m_u, input_precision=PREC)
     base = fac_ptr + pid_bh.to(tl.int64) * FAC
@@ -798,16 +800,31 @@ def _chunk_prepare_kernel(
     )
     xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=rmask, other=0.0)
     xb = tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=rmask, other=0.0)
-    kt, g, cum, beta, inv, w = _chunk_wy(kt, xa, xb, rmask, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, OP, PREC,
-                                         SYS_PREC)  # fmt: skip
-    last = tl.reduce(g, 0, _add)
-    # v after the solve: held across it, a 64-token chunk's values spill registers (sm90, cross-compiled)
-    vt = tl.load(v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :], mask=rmask[:, None], other=0.0)
-    u = _mm(inv, vt.to(tl.float32) * beta[:, None], OP, PREC)
+    v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + offs_v[None, :]
+    if OP == tl.float32:  # noqa: SIM300 - a constexpr compares on the left
+        kt, g, cum, beta, inv, w = _chunk_wy(kt, xa, xb, rmask, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, OP, PREC,
+                                             SYS_PREC)  # fmt: skip
+        last = tl.reduce(g, 0, _add)
+        # v after the solve: held across it, a 64-token chunk's values spill registers (sm90, cross-compiled)
+        vt = tl.load(v_rows, mask=rmask[:, None], other=0.0)
+        u = _mm(inv, vt.to(tl.float32) * beta[:, None], OP, PREC)
+        k_tail = kt * tl.exp(last - cum)[:, None]
+    else:
+        # the raw 16-bit keys and values are the products' operands, their norms and gates folded into the
+        # [BT, BT] factors: no fp32 copy of a [BT, K] tile is held (k k^T of 16-bit keys is exact in fp32 products)
+        kf = kt.to(tl.float32)
+        rk = tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6)
+        kk = tl.dot(kt.to(OP), tl.trans(kt.to(OP)))
+        beta, cum, inv = _block_system(kk, rk, xa, xb, rmask, a_log_ptr, dt_bias_ptr, h, ri, SB, LEVELS, SYS_PREC)
+        last = tl.reduce(tl.where(ri == BT - 1, cum, 0.0), 0, _add)  # padded rows decay by nothing
+        w = tl.dot((inv * (rk * beta * tl.exp(cum))[None, :]).to(OP), kt.to(OP))
+        vt = tl.load(v_rows, mask=rmask[:, None], other=0.0)
+        u = tl.dot((inv * beta[None, :]).to(OP), vt.to(OP))
+        k_tail = kf * (rk * tl.exp(last - cum))[:, None]
     chunk = pid_bh.to(tl.int64) * NC + c
     idt = w_ptr.dtype.element_ty
     tl.store(w_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], w.to(idt))
-    tl.store(ktail_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], (kt * tl.exp(last - cum)[:, None]).to(idt))
+    tl.store(ktail_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :], k_tail.to(idt))
     tl.store(u_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :], u.to(idt))
     tl.store(cum_ptr + chunk * BT + ri, cum)
 
@@ -898,22 +915,25 @@ def _chunk_output_kernel(
     ri = tl.arange(0, BT)
     rows = c * BT + ri
     rmask = rows < T
-    kt = tl.load(
-        k_ptr + b64 * sk_b + rows[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=rmask[:, None], other=0.0
-    ).to(tl.float32)
-    kt = kt * tl.rsqrt(tl.reduce(kt * kt, 1, _add) + 1e-6)[:, None]
-    qt = tl.load(
-        q_ptr + b64 * sq_b + rows[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=rmask[:, None], other=0.0
-    ).to(tl.float32)
-    qt = qt * (tl.rsqrt(tl.reduce(qt * qt, 1, _add) + 1e-6) * scale)[:, None]
+    kr = tl.load(k_ptr + b64 * sk_b + rows[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=rmask[:, None],
+                 other=0.0)  # fmt: skip
+    qr = tl.load(q_ptr + b64 * sq_b + rows[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=rmask[:, None],
+                 other=0.0)  # fmt: skip
+    kf = kr.to(tl.float32)
+    qf = qr.to(tl.float32)
+    rk = tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6)
+    rq = tl.rsqrt(tl.reduce(qf * qf, 1, _add) + 1e-6) * scale
     chunk = pid_bh.to(tl.int64) * NC + c
     cum = tl.load(cum_ptr + chunk * BT + ri)
     S = tl.load(h_ptr + chunk * (K * V) + offs_k[:, None] * V + offs_v[None, :])
     v_new = tl.load(vnew_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :])
     incl = ri[:, None] >= ri[None, :]
     decay = tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
-    attn = _mm(qt, tl.trans(kt), OP, PREC) * decay
-    o = _mm(qt * tl.exp(cum)[:, None], S, OP, PREC)
+    if OP == tl.float32:  # noqa: SIM300 - a constexpr compares on the left
+        attn = _mm(qf * rq[:, None], tl.trans(kf * rk[:, None]), OP, PREC) * decay
+    else:  # the raw 16-bit q and k as the operands, their norms applied to the product
+        attn = tl.dot(qr.to(OP), tl.trans(kr.to(OP))) * (rq[:, None] * rk[None, :]) * decay
+    o = _mm(qf * (rq * tl.exp(cum))[:, None], S, OP, PREC)
     o += _mm(attn, v_new, OP, PREC)
     tl.store(
         o_ptr + ((b64 * T + rows[:, None]) * HV + h) * V + offs_v[None, :],
