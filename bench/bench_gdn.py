@@ -271,6 +271,7 @@ PREFILL_CONFIGS = [
     (64, 32, "tf32", "tf32x3"), (64, 32, "tf32x3", "tf32x3"), (32, 64, "tf32", "tf32x3"),
     (64, 32, "half", "tf32x3"), (64, 64, "half", "tf32x3"), (64, 32, "half", "tf32"), (64, 64, "half", "tf32"),
     (64, 128, "half", "tf32"), (32, 64, "half", "tf32x3"), (32, 32, "half", "tf32"), (32, 64, "half", "tf32"),
+    (64, 32, "half", "tf32_refined"), (64, 64, "half", "tf32_refined"), (32, 64, "half", "tf32_refined"),
 ]  # fmt: skip
 
 

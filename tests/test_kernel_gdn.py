@@ -390,12 +390,13 @@ def test_chunked_block_options_are_its_own():
 
 
 @pytest.mark.parametrize(
-    ("bsz", "seq", "dtype", "precision", "chunk_size"),
-    [(2, 1, torch.float32, "ieee", None), (1, 70, torch.float32, "ieee", None), (2, 150, torch.float32, "ieee", 32),
-     (2, 70, torch.float16, "ieee", None), (2, 70, torch.float16, "half", 32), (1, 150, torch.float16, "half", 64),
-     (2, 45, torch.float16, "half", 16)],
+    ("bsz", "seq", "dtype", "precision", "chunk_size", "system"),
+    [(2, 1, torch.float32, "ieee", None, "tf32x3"), (1, 70, torch.float32, "ieee", None, "tf32x3"),
+     (2, 150, torch.float32, "ieee", 32, "tf32_refined"), (2, 70, torch.float16, "ieee", None, "tf32x3"),
+     (2, 70, torch.float16, "half", 32, "tf32x3"), (1, 150, torch.float16, "half", 64, "tf32_refined"),
+     (2, 45, torch.float16, "half", 16, "tf32")],
 )  # fmt: skip
-def test_chunked(bsz, seq, dtype, precision, chunk_size):
+def test_chunked(bsz, seq, dtype, precision, chunk_size, system):
     """Against the chunked and the recurrent references; "half" keeps the chunks in fp16 between the kernels, which
     rounds each chunk's W, U, corrected values and starting state to 11 bits."""
     gen = torch.Generator().manual_seed(seq + bsz)
@@ -405,7 +406,7 @@ def test_chunked(bsz, seq, dtype, precision, chunk_size):
     _, s_rec = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state)
     o, s = gdn.gdn_chunked(
         q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 6, 32, dtype=dtype), final_state=_nan(*state.shape),
-        chunk_size=chunk_size, block_v=16, precision=precision,
+        chunk_size=chunk_size, block_v=16, precision=precision, system_precision=system,
     )  # fmt: skip
     half = precision == "half"
     _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 5e-3 if half else 2e-3)
@@ -432,7 +433,7 @@ def test_bad_inputs_name_the_parameter():
         gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, chunk_size=48)
     with pytest.raises(ValueError, match="^precision: 'half' keeps the chunks in v's 16-bit dtype; v is torch.float32"):
         gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, precision="half")
-    with pytest.raises(ValueError, match="^system_precision: 'ieee' not in tf32/tf32x3"):
+    with pytest.raises(ValueError, match="^system_precision: 'ieee' not in tf32x3/tf32/tf32_refined"):
         gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, system_precision="ieee")
     x, window, weight = torch.randn(1, 3, 32, device=DEV), torch.randn(1, 32, 3, device=DEV), torch.randn(32, 4)
     with pytest.raises(ValueError, match="^block_t: 3 must be a power of two <= 64"):
@@ -565,7 +566,8 @@ def test_gpu_conv_real_dims():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("precision", "system_precision"), [("tf32", "tf32x3"), ("tf32x3", "tf32x3"),
-                                                           ("half", "tf32x3"), ("half", "tf32")])  # fmt: skip
+                                                           ("half", "tf32x3"), ("half", "tf32"),
+                                                           ("half", "tf32_refined")])  # fmt: skip
 def test_gpu_chunked_real_dims(precision, system_precision):
     bsz, seq = 2, 300
     gen = torch.Generator().manual_seed(3)

@@ -704,7 +704,7 @@ class GDNChunkedSpace(Space):
                 "chunk_size": [16, 32, 64, 128],
                 "block_v": _upto([16, 32, 64, 128], self.shape.dv),
                 "precision": [p for p in gdn_kernels.CHUNKED_PRECISIONS if p != "half" or self.shape.fmt != "fp32"],
-                "system_precision": ["tf32x3", "tf32"],
+                "system_precision": list(gdn_kernels.SYSTEM_PRECISIONS),
             }
         )
 

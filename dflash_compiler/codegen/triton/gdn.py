@@ -279,20 +279,28 @@ def _ut_inverse(a_mat, ri, SB: tl.constexpr, LEVELS: tl.constexpr, SYS_PREC: tl.
     squarings and three products on the tensor cores, where forward substitution takes 15 dependent steps of
     reductions (on the H200 at 27B shapes, the chunked verify block at batch 16 took 69.7 µs this way against 81.3).
     Then blocks are merged pairwise: with D the block diagonal part and E the off-diagonal blocks of the next level,
-    (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0. The products run at SYS_PREC ("tf32x3": about fp32
-    accuracy from 3 tf32 passes)."""
+    (D + E)^-1 = D^-1 - D^-1 E D^-1 exactly, as E D^-1 E = 0. The products run at SYS_PREC: "tf32x3" (about fp32
+    accuracy from 3 tf32 passes), "tf32", or "tf32_refined": tf32, then one Newton step X += X (I - (I + A) X) with
+    the residual's product at tf32x3, which squares the relative error (two products at 3 passes instead of all
+    of them)."""
     tl.static_assert(SB == 16, "the squarings invert 16-row blocks")
+    REFINE: tl.constexpr = SYS_PREC == "tf32_refined"
+    PASS: tl.constexpr = "tf32" if REFINE else SYS_PREC
     row0 = (ri // SB) * SB
+    eye = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0)
     d = tl.where(row0[:, None] == row0[None, :], a_mat, 0.0)
-    inv = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0) - d
+    inv = eye - d
     for _ in tl.static_range(3):
-        d = tl.dot(d, d, input_precision=SYS_PREC)
-        inv = inv + tl.dot(inv, d, input_precision=SYS_PREC)
+        d = tl.dot(d, d, input_precision=PASS)
+        inv = inv + tl.dot(inv, d, input_precision=PASS)
     for lvl in tl.static_range(LEVELS):
         s = SB << lvl
         off = ((ri // (2 * s))[:, None] == (ri // (2 * s))[None, :]) & ((ri // s)[:, None] != (ri // s)[None, :])
         e = tl.where(off, a_mat, 0.0)
-        inv = inv - tl.dot(tl.dot(inv, e, input_precision=SYS_PREC), inv, input_precision=SYS_PREC)
+        inv = inv - tl.dot(tl.dot(inv, e, input_precision=PASS), inv, input_precision=PASS)
+    if REFINE:
+        residual = eye - inv - tl.dot(a_mat, inv, input_precision="tf32x3")
+        inv = inv + tl.dot(inv, residual, input_precision="tf32")
     return inv
 
 
@@ -326,7 +334,8 @@ def _chunk_wy(kt, xa, xb, live, a_log_ptr, dt_bias_ptr, h, ri, SB: tl.constexpr,
     decay = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))
     # the system is where conditioning matters: its products stay on fp32 operands (a plain fp32 FMA product of
     # this size spills registers) whatever the products' precision elsewhere
-    a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision=SYS_PREC) * decay, 0.0)
+    KK_PREC: tl.constexpr = "tf32x3" if SYS_PREC == "tf32_refined" else SYS_PREC
+    a_mat = tl.where(lower, tl.dot(kt * beta[:, None], tl.trans(kt), input_precision=KK_PREC) * decay, 0.0)
     inv = _ut_inverse(a_mat, ri, SB, LEVELS, SYS_PREC)
     w = _mm(inv, kt * (beta * tl.exp(cum))[:, None], OP, PREC)
     return kt, g, cum, beta, inv, w
@@ -1444,6 +1453,7 @@ def gdn_commit(
 
 
 CHUNKED_PRECISIONS = ("tf32", "tf32x3", "ieee", "half")
+SYSTEM_PRECISIONS = ("tf32x3", "tf32", "tf32_refined")
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -1486,7 +1496,8 @@ def gdn_chunked(
     "tf32", "tf32x3" (about fp32 accuracy from three tf32 products) or "ieee" (fp32 FMA products: exact, but they
     spill registers at K = 128); or "half": kept in v's 16-bit dtype (bf16 or fp16), the products on 16-bit
     operands, the running state in fp32 (half the bytes between the kernels, the tensor cores at full rate).
-    system_precision: the system's products (its matrix and inverse), on fp32 operands: "tf32x3" or "tf32".
+    system_precision: the system's products (its matrix and inverse) on fp32 operands, as in _ut_inverse: "tf32x3",
+    "tf32" or "tf32_refined".
     chunk_size: tokens per chunk (default: default_chunk_size for the device).
     """
     bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
@@ -1501,7 +1512,10 @@ def gdn_chunked(
         precision != "half" or v.dtype in (torch.float16, torch.bfloat16),
         "precision", f"'half' keeps the chunks in v's 16-bit dtype; v is {v.dtype}",
     )  # fmt: skip
-    _check(system_precision in ("tf32", "tf32x3"), "system_precision", f"{system_precision!r} not in tf32/tf32x3")
+    _check(
+        system_precision in SYSTEM_PRECISIONS, "system_precision",
+        f"{system_precision!r} not in {'/'.join(SYSTEM_PRECISIONS)}",
+    )  # fmt: skip
     out = _gdn_out(out, v)
     if final_state is None:
         final_state = torch.empty_like(state)
