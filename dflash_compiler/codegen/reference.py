@@ -353,9 +353,9 @@ def gdn_chunked(
     out=None,
     final_state=None,
     chunk_size=None,
-    block_v=32,
-    precision="tf32",
-    system_precision="tf32x3",
+    block_v=64,
+    precision=None,
+    system_precision="tf32",
 ):
     """The chunked gated delta rule for prefill: (o [B, T, HV, V], the final state). final_state may be state
     itself (in place); by default a new tensor."""

@@ -711,8 +711,9 @@ class GDNChunkedSpace(Space):
     def launcher_default(self) -> Params:
         with _launcher_facts(self.profile):
             chunk = gdn_kernels.default_chunk_size(torch.device("cpu"), self.shape.dk)
-        return {"lowering": "triton", "chunk_size": chunk, "block_v": min(32, self.shape.dv), "precision": "tf32",
-                "system_precision": "tf32x3"}  # fmt: skip
+        precision = gdn_kernels.default_chunked_precision(DTYPES[self.shape.fmt])
+        return {"lowering": "triton", "chunk_size": chunk, "block_v": min(64, self.shape.dv), "precision": precision,
+                "system_precision": "tf32"}  # fmt: skip
 
     def waste(self, params: Params) -> str | None:
         if params["lowering"] == "triton" and params["chunk_size"] > max(16, _p2(self.shape.t)):
