@@ -678,6 +678,48 @@ def test_measurement_checks_every_config_against_the_reference():
         chunked.measure("triton", {"chunk_size": 8, "block_v": 32, "precision": "ieee"})
 
 
+def test_a_point_that_faults_the_gpu_stops_the_study_and_is_never_run_again(tmp_path):
+    """A measurement that faults the GPU (the CUDA context is lost) marks its point failed and stops the study with
+    a one-line error naming it; the resumed study answers that point from its failed trial and finishes without it.
+    A point that faulted in a compile worker is marked failed without being measured."""
+    from dflash_compiler.tuning.measure import DeviceFault, is_device_fault
+
+    assert is_device_fault("CUDA error: an illegal memory access was encountered") and not is_device_fault("OOM")
+    storage, runs = open_storage(tmp_path / "toy.journal"), []
+
+    def faulting(params):
+        runs.append((params["x"], params["y"]))
+        if (params["x"], params["y"]) == (3, 1):
+            raise DeviceFault("launch faulted the GPU: AcceleratorError: CUDA error: an illegal memory access")
+        return toy_time(params)
+
+    with pytest.raises(DFlashError, match=r"^study toy: config .*'x': 3, 'y': 1.* launch faulted the GPU: .*resume"):
+        optimize(ToySpace(), faulting, storage=storage, study_name="toy", n_trials=24, seed=0)
+    failed = [t for t in measured_points(optuna.load_study(study_name="toy", storage=storage)).values()
+              if t.state == optuna.trial.TrialState.FAIL]  # fmt: skip
+    assert [(t.params["x"], t.params["y"]) for t in failed] == [(3, 1)]
+    runs.clear()
+    study = optimize(ToySpace(), faulting, storage=storage, study_name="toy", n_trials=24, seed=0)
+    assert (3, 1) not in runs and len(measured_points(study)) == 24
+    assert best_trial(study).value == 2.0  # the best point left: one step from (3, 1)
+
+    measured = []
+
+    def prepare(points):
+        return ["AcceleratorError: CUDA error: an illegal memory access" if (p["x"], p["y"]) == (0, 0) else None
+                for p in points]  # fmt: skip
+
+    def measure(params):
+        measured.append((params["x"], params["y"]))
+        return toy_time(params)
+
+    study = optimize(ToySpace(), measure, storage=open_storage(tmp_path / "b.journal"), study_name="b", n_trials=6,
+                     seed=0, prepare=prepare, batch=3)  # fmt: skip
+    default = next(t for t in study.trials if t.user_attrs.get("default"))
+    assert default.state == optuna.trial.TrialState.FAIL and (0, 0) not in measured
+    assert default.user_attrs["error"].startswith("faulted the GPU in a compile worker: AcceleratorError")
+
+
 def test_the_precompiler_runs_each_triton_point_in_a_worker(tmp_path):
     """Workers run a batch's Triton points once on a one-set case (here through the interpreter) and report the
     failures; tune_call with them chooses what it chooses without them."""
@@ -692,7 +734,7 @@ def test_the_precompiler_runs_each_triton_point_in_a_worker(tmp_path):
     with Precompiler(2, profile, "cpu") as pre:
         errors = pre.prepare(shape, space, [good, bad, {"lowering": "reference"}])
         assert errors[0] is None and errors[1].startswith("ValueError: config: block_k must be 128")
-        assert len(errors) == 2  # the reference lowering compiles nothing
+        assert len(errors) == 3 and errors[2] is None  # the reference lowering compiles nothing
         entry, study = tune_call(shape, profile, open_storage(tmp_path / "t.journal"), 4, "cpu", precompiler=pre)
     assert entry.trials == 4 == len(measured_points(study)) and entry.tuned
     assert (

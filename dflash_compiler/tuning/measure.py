@@ -33,6 +33,19 @@ class ConfigFailed(Exception):
     """A config that does not launch, or gives a wrong result: its trial is marked failed, never chosen."""
 
 
+class DeviceFault(Exception):
+    """A config whose launch faulted the GPU (an illegal address and the like): the CUDA context of the process that
+    ran it is lost, so nothing can be measured in that process after it."""
+
+
+# what the CUDA driver reports for a kernel that faulted (the error is sticky: every later call fails)
+_DEVICE_FAULTS = ("illegal memory access", "misaligned address", "unspecified launch failure", "illegal instruction")
+
+
+def is_device_fault(message: str) -> bool:
+    return any(fault in message for fault in _DEVICE_FAULTS)
+
+
 # ---- timing --------------------------------------------------------------------------------------------------
 
 
@@ -138,6 +151,8 @@ class Case:
             raise
         except Exception as e:  # a config that does not compile, launch or capture (OutOfResources, ValueError, ...)
             first_line = str(e).splitlines()[0] if str(e) else ""
+            if is_device_fault(str(e)):
+                raise DeviceFault(f"launch faulted the GPU: {type(e).__name__}: {first_line}") from None
             raise ConfigFailed(f"launch failed: {type(e).__name__}: {first_line}") from None
         raise ConfigFailed(f"wrong result: {wrong}")
 

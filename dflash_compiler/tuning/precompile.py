@@ -17,11 +17,14 @@ from ..hw_profiles import HardwareProfile
 from .spaces import Params, Space
 
 _cases: dict = {}  # in a worker: the one-set case of the shape it compiled last
+_faulted: list[str] = []  # in a worker: the fault that lost its CUDA context (every later call fails alike)
 
 
 def _compile_point(shape, profile: HardwareProfile, device: str, seed: int, lowering: str, config: dict) -> str | None:
-    from .measure import make_case
+    from .measure import is_device_fault, make_case
 
+    if _faulted:  # not run: the main process compiles and checks it itself
+        return None
     if shape not in _cases:
         _cases.clear()  # one shape at a time: a 27B lm_head case holds gigabytes
         _cases[shape] = make_case(shape, profile, device, seed, max_rotations=1)
@@ -32,28 +35,42 @@ def _compile_point(shape, profile: HardwareProfile, device: str, seed: int, lowe
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as e:  # recorded by the main process's own measurement, not here
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if is_device_fault(str(e)):
+            _faulted.append(error)
+        return error
     return None
 
 
 class Precompiler:
     """A pool of `workers` processes that compile the Triton points of one call's batch (its other lowerings need
-    no compile). Use as a context manager; `prepare(shape, space, points)` returns each Triton point's error in a
-    worker (None where it compiled and ran)."""
+    no compile). Use as a context manager; `prepare(shape, space, points)` returns each point's error in a worker
+    (None where it compiled and ran, and for the other lowerings). A point that faults the GPU loses its worker's
+    CUDA context, so the pool is replaced after such a batch."""
 
     def __init__(self, workers: int, profile: HardwareProfile, device: torch.device | str, seed: int = 0):
-        # spawned, not forked: a forked child of a process that initialised CUDA cannot use it
-        self.pool = multiprocessing.get_context("spawn").Pool(workers)
         self.workers, self.profile, self.device, self.seed = workers, profile, str(device), seed
+        self.pool = self._new_pool()
 
     def prepare(self, shape, space: Space, points: list[Params]) -> list[str | None]:
+        from .measure import is_device_fault
+
         configs = [space.config(p) for p in points]
         pending = [
             self.pool.apply_async(_compile_point, (shape, self.profile, self.device, self.seed, lowering, config))
-            for lowering, config in configs
             if lowering == "triton"
+            else None
+            for lowering, config in configs
         ]
-        return [p.get() for p in pending]
+        errors = [p.get() if p is not None else None for p in pending]
+        if any(e is not None and is_device_fault(e) for e in errors):
+            self.close()
+            self.pool = self._new_pool()
+        return errors
+
+    def _new_pool(self):
+        # spawned, not forked: a forked child of a process that initialised CUDA cannot use it
+        return multiprocessing.get_context("spawn").Pool(self.workers)
 
     def close(self) -> None:
         # terminated, not joined: an interrupted run must not leave workers holding GPU memory

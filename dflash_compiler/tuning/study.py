@@ -26,7 +26,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from ..errors import DFlashError
-from .measure import ConfigFailed
+from .measure import ConfigFailed, DeviceFault, is_device_fault
 from .spaces import Params, Space
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -98,7 +98,7 @@ def optimize(
     n_trials: int,
     seed: int = 0,
     progress: Callable[[optuna.trial.FrozenTrial], None] | None = None,
-    prepare: Callable[[list[Params]], None] | None = None,
+    prepare: Callable[[list[Params]], list[str | None] | None] | None = None,
     batch: int = 1,
     seeds: Sequence[Params] = (),
 ) -> optuna.Study:
@@ -106,7 +106,10 @@ def optimize(
 
     measure(params) -> microseconds, raising ConfigFailed for a config that fails or is wrong. Points are proposed
     `batch` at a time (TPE with a constant liar, so a batch spreads out); `prepare(points)` gets each batch's new
-    runnable points before any of them is measured (the tuner compiles them in parallel there)."""
+    runnable points before any of them is measured (the tuner compiles and runs them once in worker processes
+    there) and may return each point's error: a point that faulted the GPU there is marked failed, not measured.
+    A point whose measurement faults the GPU (DeviceFault) is marked failed and stops the study with a one-line
+    error: this process can measure nothing more, and a resumed study does not run that point again."""
     if n_trials < 1:
         raise DFlashError(f"parameter 'trials' must be >= 1, got {n_trials}")
     if batch < 1:
@@ -151,15 +154,27 @@ def optimize(
             else:
                 frozen = study.tell(trial, earlier.value)
             return finished(frozen, wasted=True)
+        fault = faults.pop(params_key(params), None)
+        if fault is not None:
+            trial.set_user_attr("error", f"faulted the GPU in a compile worker: {fault}")
+            return finished(study.tell(trial, state=TrialState.FAIL), wasted=False)
         try:
             frozen = study.tell(trial, measure(params))
         except ConfigFailed as e:
             trial.set_user_attr("error", str(e))
             frozen = study.tell(trial, state=TrialState.FAIL)
+        except DeviceFault as e:
+            trial.set_user_attr("error", str(e))
+            study.tell(trial, state=TrialState.FAIL)
+            raise DFlashError(
+                f"study {study_name}: config {params} {e}; it is marked failed, and this process can measure nothing "
+                "more: resume the study with the same storage"
+            ) from None
         return finished(frozen, wasted=False)
 
     # pruned points and repeats are cheap but bounded, so a space mostly infeasible still terminates
     budget = 20 * n_trials + 50
+    faults: dict[str, str] = {}  # points that faulted the GPU in a compile worker, by params_key
     done = len(measured_points(study)) >= target
     while not done and budget > 0:
         asked: list[tuple[optuna.Trial, Params]] = []
@@ -179,7 +194,8 @@ def optimize(
             measured = measured_points(study)
             fresh = {params_key(p): p for _, p in asked if params_key(p) not in measured}
             if fresh:
-                prepare(list(fresh.values()))
+                errors = prepare(list(fresh.values())) or []
+                faults.update((key, e) for key, e in zip(fresh, errors) if e is not None and is_device_fault(e))
         for trial, params in asked:
             done = run(trial, params) or done
     return study
