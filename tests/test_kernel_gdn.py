@@ -390,15 +390,18 @@ def test_chunked_block_options_are_its_own():
 
 
 @pytest.mark.parametrize(
-    ("bsz", "seq", "dtype", "precision", "chunk_size", "system"),
-    [(2, 1, torch.float32, "ieee", None, "tf32x3"), (1, 70, torch.float32, "ieee", None, "tf32x3"),
-     (2, 150, torch.float32, "ieee", 32, "tf32_refined"), (2, 70, torch.float16, "ieee", None, "tf32x3"),
-     (2, 70, torch.float16, "half", 32, "tf32x3"), (1, 150, torch.float16, "half", 64, "tf32_refined"),
-     (2, 45, torch.float16, "half", 16, "tf32")],
+    ("bsz", "seq", "dtype", "precision", "chunk_size", "system", "fused"),
+    [(2, 1, torch.float32, "ieee", None, "tf32x3", False), (1, 70, torch.float32, "ieee", None, "tf32x3", False),
+     (2, 150, torch.float32, "ieee", 32, "tf32_refined", False), (2, 70, torch.float16, "ieee", None, "tf32x3", False),
+     (2, 70, torch.float16, "half", 32, "tf32x3", False), (1, 150, torch.float16, "half", 64, "tf32_refined", False),
+     (2, 45, torch.float16, "half", 16, "tf32", False), (2, 1, torch.float32, "ieee", None, "tf32x3", True),
+     (2, 150, torch.float32, "ieee", 32, "tf32x3", True), (2, 70, torch.float16, "half", 32, "tf32", True),
+     (1, 150, torch.float16, "half", 64, "tf32x3", True)],
 )  # fmt: skip
-def test_chunked(bsz, seq, dtype, precision, chunk_size, system):
+def test_chunked(bsz, seq, dtype, precision, chunk_size, system, fused):
     """Against the chunked and the recurrent references; "half" keeps the chunks in fp16 between the kernels, which
-    rounds each chunk's W, U, corrected values and starting state to 11 bits."""
+    rounds each chunk's W, U, corrected values and starting state to 11 bits; fused computes the outputs in the
+    state scan."""
     gen = torch.Generator().manual_seed(seq + bsz)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)
     g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
@@ -406,7 +409,7 @@ def test_chunked(bsz, seq, dtype, precision, chunk_size, system):
     _, s_rec = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state)
     o, s = gdn.gdn_chunked(
         q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 6, 32, dtype=dtype), final_state=_nan(*state.shape),
-        chunk_size=chunk_size, block_v=16, precision=precision, system_precision=system,
+        chunk_size=chunk_size, block_v=16, precision=precision, system_precision=system, fused_output=fused,
     )  # fmt: skip
     half = precision == "half"
     _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 5e-3 if half else 2e-3)
@@ -568,7 +571,8 @@ def test_gpu_conv_real_dims():
 @pytest.mark.parametrize(("precision", "system_precision"), [("tf32", "tf32x3"), ("tf32x3", "tf32x3"),
                                                            ("half", "tf32x3"), ("half", "tf32"),
                                                            ("half", "tf32_refined")])  # fmt: skip
-def test_gpu_chunked_real_dims(precision, system_precision):
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_chunked_real_dims(precision, system_precision, fused):
     bsz, seq = 2, 300
     gen = torch.Generator().manual_seed(3)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
@@ -576,7 +580,7 @@ def test_gpu_chunked_real_dims(precision, system_precision):
     o_ref, s_ref = ops.gated_delta_rule_chunked(q, k, v, g, beta, state)
     o, s = gdn.gdn_chunked(
         q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
-        final_state=_nan(*state.shape), precision=precision, system_precision=system_precision,
+        final_state=_nan(*state.shape), precision=precision, system_precision=system_precision, fused_output=fused,
     )  # fmt: skip
     _close("o", o.float(), o_ref.float(), 1e-2)
     _close("final state", s, s_ref, 1e-3 if precision == "tf32x3" else 1e-2)

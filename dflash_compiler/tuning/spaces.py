@@ -692,8 +692,8 @@ class GDNSpace(Space):
 
 class GDNChunkedSpace(Space):
     """codegen/triton/gdn.py's gdn_chunked: the chunk length, the V slice of the scan, its dot precision (with 16-bit
-    q/k/v also "half": the chunks kept in that dtype) and the UT/WY system's (the accuracy of each is checked
-    against the reference like any result)."""
+    q/k/v also "half": the chunks kept in that dtype), the UT/WY system's, and whether the scan computes the
+    outputs itself (the accuracy of each is checked against the reference like any result)."""
 
     op = "gdn_chunked"
 
@@ -705,6 +705,7 @@ class GDNChunkedSpace(Space):
                 "block_v": _upto([16, 32, 64, 128], self.shape.dv),
                 "precision": [p for p in gdn_kernels.CHUNKED_PRECISIONS if p != "half" or self.shape.fmt != "fp32"],
                 "system_precision": list(gdn_kernels.SYSTEM_PRECISIONS),
+                "fused_output": [False, True],
             }
         )
 
@@ -713,7 +714,7 @@ class GDNChunkedSpace(Space):
             chunk = gdn_kernels.default_chunk_size(torch.device("cpu"), self.shape.dk)
         precision = gdn_kernels.default_chunked_precision(DTYPES[self.shape.fmt])
         return {"lowering": "triton", "chunk_size": chunk, "block_v": min(64, self.shape.dv), "precision": precision,
-                "system_precision": "tf32"}  # fmt: skip
+                "system_precision": "tf32", "fused_output": False}  # fmt: skip
 
     def waste(self, params: Params) -> str | None:
         if params["lowering"] == "triton" and params["chunk_size"] > max(16, _p2(self.shape.t)):

@@ -839,6 +839,59 @@ def _chunk_prepare_kernel(
 
 
 @triton.jit
+def _chunk_attention_kernel(
+    q_ptr,
+    k_ptr,
+    cum_ptr,
+    attn_ptr,
+    T,
+    NC,
+    scale,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    HV: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    OP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Each chunk's attention (q_hat k_hat^T) * decay, its diagonal included, all chunks at once, for a scan that
+    computes the outputs itself: stored in its buffer's dtype (OP's)."""
+    pid_bh = tl.program_id(0)
+    c = tl.program_id(1)
+    bb = pid_bh // HV
+    h = pid_bh % HV
+    hq = h // G
+    b64 = bb.to(tl.int64)
+    offs_k = tl.arange(0, K)
+    ri = tl.arange(0, BT)
+    rows = c * BT + ri
+    rmask = rows < T
+    kr = tl.load(k_ptr + b64 * sk_b + rows[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=rmask[:, None],
+                 other=0.0)  # fmt: skip
+    qr = tl.load(q_ptr + b64 * sq_b + rows[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=rmask[:, None],
+                 other=0.0)  # fmt: skip
+    kf = kr.to(tl.float32)
+    qf = qr.to(tl.float32)
+    rk = tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6)
+    rq = tl.rsqrt(tl.reduce(qf * qf, 1, _add) + 1e-6) * scale
+    chunk = pid_bh.to(tl.int64) * NC + c
+    cum = tl.load(cum_ptr + chunk * BT + ri)
+    incl = ri[:, None] >= ri[None, :]
+    decay = tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
+    if OP == tl.float32:  # noqa: SIM300 - a constexpr compares on the left
+        attn = _mm(qf * rq[:, None], tl.trans(kf * rk[:, None]), OP, PREC) * decay
+    else:  # the raw 16-bit q and k as the operands, their norms applied to the product
+        attn = tl.dot(qr.to(OP), tl.trans(kr.to(OP))) * (rq[:, None] * rk[None, :]) * decay
+    tl.store(attn_ptr + (chunk * BT + ri[:, None]) * BT + ri[None, :], attn.to(attn_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _chunk_state_kernel(
     w_ptr,
     u_ptr,
@@ -848,18 +901,29 @@ def _chunk_state_kernel(
     final_ptr,
     h_ptr,
     vnew_ptr,
+    q_ptr,
+    attn_ptr,
+    o_ptr,
+    T,
     NC,
+    scale,
+    sq_b,
+    sq_t,
+    sq_h,
     HV: tl.constexpr,
+    G: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     BV: tl.constexpr,
     BT: tl.constexpr,
     OP: tl.constexpr,
     PREC: tl.constexpr,
+    FUSED: tl.constexpr,
 ):
     """The chunks in order for one (request, value head, V slice), carrying the [K, BV] state in registers (fp32):
     the state at each chunk's start and the chunk's corrected values v_new = U - W S are written, in their buffers'
-    dtype (OP's), for the output kernel."""
+    dtype (OP's), for the output kernel; or with FUSED the chunk's outputs o = (q_hat e^cum) S + attn v_new are
+    computed here instead, from _chunk_attention_kernel's attention, and nothing else is written."""
     pid_bh = tl.program_id(0)
     pid_v = tl.program_id(1)
     bb = pid_bh // HV
@@ -873,11 +937,24 @@ def _chunk_state_kernel(
     S = tl.load(state_ptr + head + tile)
     for c in range(0, NC):
         chunk = pid_bh.to(tl.int64) * NC + c
-        tl.store(h_ptr + chunk * (K * V) + tile, S.to(h_ptr.dtype.element_ty))
+        if not FUSED:
+            tl.store(h_ptr + chunk * (K * V) + tile, S.to(h_ptr.dtype.element_ty))
         w = tl.load(w_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :])
         u = tl.load(u_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :])
-        v_new = (u.to(tl.float32) - _mm(w, S, OP, PREC)).to(vnew_ptr.dtype.element_ty)
-        tl.store(vnew_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :], v_new)
+        v_new = (u.to(tl.float32) - _mm(w, S, OP, PREC)).to(w_ptr.dtype.element_ty)
+        if FUSED:
+            rows = c * BT + ri
+            live = rows < T
+            qr = tl.load(q_ptr + b64 * sq_b + rows[:, None] * sq_t + (h // G) * sq_h + offs_k[None, :],
+                         mask=live[:, None], other=0.0).to(tl.float32)  # fmt: skip
+            cum = tl.load(cum_ptr + chunk * BT + ri)
+            qs = qr * (tl.rsqrt(tl.reduce(qr * qr, 1, _add) + 1e-6) * scale * tl.exp(cum))[:, None]
+            attn = tl.load(attn_ptr + (chunk * BT + ri[:, None]) * BT + ri[None, :])
+            o = _mm(qs, S, OP, PREC) + _mm(attn, v_new, OP, PREC)
+            tl.store(o_ptr + ((b64 * T + rows[:, None]) * HV + h) * V + offs_v[None, :], o.to(o_ptr.dtype.element_ty),
+                     mask=live[:, None])  # fmt: skip
+        else:
+            tl.store(vnew_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :], v_new)
         k_tail = tl.load(ktail_ptr + (chunk * BT + ri[:, None]) * K + offs_k[None, :])
         last = tl.load(cum_ptr + chunk * BT + BT - 1)  # padded rows decay by nothing: the last row's is the chunk's
         S = S * tl.exp(last) + _mm(tl.trans(k_tail), v_new, OP, PREC)
@@ -1491,6 +1568,7 @@ def gdn_chunked(
     block_v: int = 64,
     precision: str | None = None,
     system_precision: str = "tf32",
+    fused_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked (UT/WY) gated delta rule for prefill: same inputs as gdn_recurrent.
 
@@ -1504,7 +1582,9 @@ def gdn_chunked(
     for 32768 tokens against 18.2 with "tf32" (and the old tf32x3 system), its errors those of bf16 rounding.
     system_precision: the system's products (its matrix and inverse) on fp32 operands, as in _ut_inverse: "tf32x3",
     "tf32" or "tf32_refined" (at these shapes all three gave the same errors with "half").
-    chunk_size: tokens per chunk (default: default_chunk_size for the device).
+    chunk_size: tokens per chunk (default: default_chunk_size for the device). fused_output: the outputs are
+    computed in the state scan from each chunk's attention (a chunk-parallel launch writes it), so that neither the
+    chunks' starting states nor their corrected values go through memory.
     """
     bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
     if chunk_size is None:
@@ -1544,9 +1624,14 @@ def gdn_chunked(
     w = torch.empty(chunks, chunk_size, dk, dtype=kept, device=k.device)
     k_tail = torch.empty_like(w)
     u = torch.empty(chunks, chunk_size, dv, dtype=kept, device=k.device)
-    v_new = torch.empty_like(u)
     cum = torch.empty(chunks, chunk_size, dtype=torch.float32, device=k.device)
-    starts = torch.empty(chunks, dk, dv, dtype=kept, device=k.device)
+    if fused_output:
+        attn = torch.empty(chunks, chunk_size, chunk_size, dtype=kept, device=k.device)
+        v_new = starts = u  # not written: the scan computes the outputs itself
+    else:
+        attn = w  # not written
+        v_new = torch.empty_like(u)
+        starts = torch.empty(chunks, dk, dv, dtype=kept, device=k.device)
     sb = min(16, chunk_size)
     _chunk_prepare_kernel[(bsz * hv, nc)](
         k, v, a, b, a_log, dt_bias, w, u, k_tail, cum, seq, nc,
@@ -1554,12 +1639,20 @@ def gdn_chunked(
         HV=hv, G=hv // heads, K=dk, V=dv, BT=chunk_size, SB=sb, LEVELS=(chunk_size // sb).bit_length() - 1,
         OP=op, PREC=prec, SYS_PREC=system_precision, num_warps=8,
     )  # fmt: skip
+    if fused_output:
+        _chunk_attention_kernel[(bsz * hv, nc)](
+            q, k, cum, attn, seq, nc, dk**-0.5, *q.stride()[:3], *k.stride()[:3],
+            HV=hv, G=hv // heads, K=dk, BT=chunk_size, OP=op, PREC=prec, num_warps=4,
+        )  # fmt: skip
     # two stages: the third buffer of the prefetched W, U and key tiles takes the scan over sm90's 227 KB of shared
     # memory at K = V = 128 (240 KB, cross-compiled)
     _chunk_state_kernel[(bsz * hv, dv // bv)](
-        w, u, k_tail, cum, state, final_state, starts, v_new, nc,
-        HV=hv, K=dk, V=dv, BV=bv, BT=chunk_size, OP=op, PREC=prec, num_warps=8, num_stages=2,
+        w, u, k_tail, cum, state, final_state, starts, v_new, q, attn, out, seq, nc, dk**-0.5, *q.stride()[:3],
+        HV=hv, G=hv // heads, K=dk, V=dv, BV=bv, BT=chunk_size, OP=op, PREC=prec, FUSED=fused_output, num_warps=8,
+        num_stages=2,
     )  # fmt: skip
+    if fused_output:
+        return out, final_state
     _chunk_output_kernel[(bsz * hv, nc, dv // bv)](
         q, k, cum, starts, v_new, out, seq, nc, dk**-0.5, *q.stride()[:3], *k.stride()[:3],
         HV=hv, G=hv // heads, K=dk, V=dv, BV=bv, BT=chunk_size, OP=op, PREC=prec, num_warps=4,
