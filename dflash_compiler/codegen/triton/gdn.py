@@ -839,6 +839,36 @@ def _chunk_prepare_kernel(
 
 
 @triton.jit
+def _chunk_qk(q_ptr, k_ptr, cum_ptr, pid_bh, c, T, NC, scale, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, HV: tl.constexpr,
+              G: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, OP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Chunk c's attention (q_hat k_hat^T) * decay of value head pid_bh % HV, its diagonal included, with what the
+    outputs also take: (attn, the raw q in fp32, q's inverse norms times scale, the running log decay)."""
+    hq = (pid_bh % HV) // G
+    b64 = (pid_bh // HV).to(tl.int64)
+    offs_k = tl.arange(0, K)
+    ri = tl.arange(0, BT)
+    rows = c * BT + ri
+    rmask = rows < T
+    kr = tl.load(k_ptr + b64 * sk_b + rows[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=rmask[:, None],
+                 other=0.0)  # fmt: skip
+    qr = tl.load(q_ptr + b64 * sq_b + rows[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=rmask[:, None],
+                 other=0.0)  # fmt: skip
+    kf = kr.to(tl.float32)
+    qf = qr.to(tl.float32)
+    rk = tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6)
+    rq = tl.rsqrt(tl.reduce(qf * qf, 1, _add) + 1e-6) * scale
+    chunk = pid_bh.to(tl.int64) * NC + c
+    cum = tl.load(cum_ptr + chunk * BT + ri)
+    incl = ri[:, None] >= ri[None, :]
+    decay = tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
+    if OP == tl.float32:  # noqa: SIM300 - a constexpr compares on the left
+        attn = _mm(qf * rq[:, None], tl.trans(kf * rk[:, None]), OP, PREC) * decay
+    else:  # the raw 16-bit q and k as the operands, their norms applied to the product
+        attn = tl.dot(qr.to(OP), tl.trans(kr.to(OP))) * (rq[:, None] * rk[None, :]) * decay
+    return attn, qf, rq, cum
+
+
+@triton.jit
 def _chunk_attention_kernel(
     q_ptr,
     k_ptr,
@@ -864,30 +894,10 @@ def _chunk_attention_kernel(
     computes the outputs itself: stored in its buffer's dtype (OP's)."""
     pid_bh = tl.program_id(0)
     c = tl.program_id(1)
-    bb = pid_bh // HV
-    h = pid_bh % HV
-    hq = h // G
-    b64 = bb.to(tl.int64)
-    offs_k = tl.arange(0, K)
-    ri = tl.arange(0, BT)
-    rows = c * BT + ri
-    rmask = rows < T
-    kr = tl.load(k_ptr + b64 * sk_b + rows[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=rmask[:, None],
-                 other=0.0)  # fmt: skip
-    qr = tl.load(q_ptr + b64 * sq_b + rows[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=rmask[:, None],
-                 other=0.0)  # fmt: skip
-    kf = kr.to(tl.float32)
-    qf = qr.to(tl.float32)
-    rk = tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6)
-    rq = tl.rsqrt(tl.reduce(qf * qf, 1, _add) + 1e-6) * scale
     chunk = pid_bh.to(tl.int64) * NC + c
-    cum = tl.load(cum_ptr + chunk * BT + ri)
-    incl = ri[:, None] >= ri[None, :]
-    decay = tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
-    if OP == tl.float32:  # noqa: SIM300 - a constexpr compares on the left
-        attn = _mm(qf * rq[:, None], tl.trans(kf * rk[:, None]), OP, PREC) * decay
-    else:  # the raw 16-bit q and k as the operands, their norms applied to the product
-        attn = tl.dot(qr.to(OP), tl.trans(kr.to(OP))) * (rq[:, None] * rk[None, :]) * decay
+    ri = tl.arange(0, BT)
+    attn, _, _, _ = _chunk_qk(q_ptr, k_ptr, cum_ptr, pid_bh, c, T, NC, scale, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
+                              HV, G, K, BT, OP, PREC)  # fmt: skip
     tl.store(attn_ptr + (chunk * BT + ri[:, None]) * BT + ri[None, :], attn.to(attn_ptr.dtype.element_ty))
 
 
@@ -992,33 +1002,18 @@ def _chunk_output_kernel(
     pid_bh = tl.program_id(0)
     c = tl.program_id(1)
     pid_v = tl.program_id(2)
-    bb = pid_bh // HV
     h = pid_bh % HV
-    hq = h // G
-    b64 = bb.to(tl.int64)
+    b64 = (pid_bh // HV).to(tl.int64)
     offs_k = tl.arange(0, K)
     offs_v = pid_v * BV + tl.arange(0, BV)
     ri = tl.arange(0, BT)
     rows = c * BT + ri
     rmask = rows < T
-    kr = tl.load(k_ptr + b64 * sk_b + rows[:, None] * sk_t + hq * sk_h + offs_k[None, :], mask=rmask[:, None],
-                 other=0.0)  # fmt: skip
-    qr = tl.load(q_ptr + b64 * sq_b + rows[:, None] * sq_t + hq * sq_h + offs_k[None, :], mask=rmask[:, None],
-                 other=0.0)  # fmt: skip
-    kf = kr.to(tl.float32)
-    qf = qr.to(tl.float32)
-    rk = tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6)
-    rq = tl.rsqrt(tl.reduce(qf * qf, 1, _add) + 1e-6) * scale
     chunk = pid_bh.to(tl.int64) * NC + c
-    cum = tl.load(cum_ptr + chunk * BT + ri)
     S = tl.load(h_ptr + chunk * (K * V) + offs_k[:, None] * V + offs_v[None, :])
     v_new = tl.load(vnew_ptr + (chunk * BT + ri[:, None]) * V + offs_v[None, :])
-    incl = ri[:, None] >= ri[None, :]
-    decay = tl.exp(tl.where(incl, cum[:, None] - cum[None, :], float("-inf")))
-    if OP == tl.float32:  # noqa: SIM300 - a constexpr compares on the left
-        attn = _mm(qf * rq[:, None], tl.trans(kf * rk[:, None]), OP, PREC) * decay
-    else:  # the raw 16-bit q and k as the operands, their norms applied to the product
-        attn = tl.dot(qr.to(OP), tl.trans(kr.to(OP))) * (rq[:, None] * rk[None, :]) * decay
+    attn, qf, rq, cum = _chunk_qk(q_ptr, k_ptr, cum_ptr, pid_bh, c, T, NC, scale, sq_b, sq_t, sq_h, sk_b, sk_t,
+                                  sk_h, HV, G, K, BT, OP, PREC)  # fmt: skip
     o = _mm(qf * (rq * tl.exp(cum))[:, None], S, OP, PREC)
     o += _mm(attn, v_new, OP, PREC)
     tl.store(
