@@ -266,13 +266,16 @@ def _bench_batch(rows: _Rows, batch: int, params: dict, sweep: bool) -> None:
 PREFILL_KERNELS: dict[str, list[dict]] = {}  # GPU time per kernel of each chunked prefill row
 
 
-# (chunk_size, block_v, precision, system_precision, fused_output) of the chunked prefill: the launcher's default
-# first, then the default before "half"
+# (chunk_size, block_v, precision, system_precision, fused_output, blocked_system) of the chunked prefill: the
+# launcher's default first, then the default before "half"
 PREFILL_CONFIGS = [
-    (64, 64, "half", "tf32", False), (64, 32, "tf32", "tf32x3", False), (32, 64, "tf32", "tf32x3", False),
-    (64, 32, "half", "tf32", False), (32, 64, "half", "tf32", False), (64, 64, "half", "tf32_refined", False),
-    (64, 64, "half", "tf32", True), (64, 32, "half", "tf32", True), (32, 64, "half", "tf32", True),
-    (32, 32, "half", "tf32", True), (64, 16, "half", "tf32", True), (64, 64, "half", "tf32_refined", True),
+    (64, 64, "half", "tf32", False, False), (64, 32, "tf32", "tf32x3", False, False),
+    (32, 64, "tf32", "tf32x3", False, False), (64, 32, "half", "tf32", False, False),
+    (32, 64, "half", "tf32", False, False), (64, 64, "half", "tf32", True, False),
+    (64, 32, "half", "tf32", True, False), (32, 64, "half", "tf32", True, False),
+    (64, 16, "half", "tf32", True, False), (64, 64, "half", "tf32", False, True),
+    (64, 32, "half", "tf32", False, True), (64, 64, "half", "tf32x3", False, True),
+    (64, 64, "half", "tf32", True, True), (64, 32, "half", "tf32", True, True),
 ]  # fmt: skip
 
 
@@ -287,10 +290,10 @@ def _bench_prefill(rows: _Rows, seq: int, params: dict) -> None:
     # the reference's per-chunk loop makes a graph of thousands of launches at long prompts
     ref = _safe(lambda: _ref_us(ref_prefill)) if seq <= PREFILL_REF_MAX_T else None
     want = ref_prefill() if seq <= PREFILL_REF_MAX_T else None
-    for chunk, block_v, precision, system, fused in PREFILL_CONFIGS:
+    for chunk, block_v, precision, system, fused, blocked in PREFILL_CONFIGS:
         config = dict(chunk_size=chunk, block_v=block_v, precision=precision, system_precision=system,
-                      fused_output=fused)  # fmt: skip
-        name = f"prefill_c{chunk}_v{block_v}_{precision}_{system}" + ("_fused" if fused else "")
+                      fused_output=fused, blocked_system=blocked)  # fmt: skip
+        name = f"prefill_c{chunk}_v{block_v}_{precision}_{system}" + "_fused" * fused + "_blocked" * blocked
 
         def prefill(_, config=config):
             return gdn.gdn_chunked(p["q"], p["k"], p["v"], p["a"], p["b"], a_log, dt_bias, p["state"], **config)
@@ -336,7 +339,7 @@ def run(
 def _kernel_resources() -> None:
     """Registers and spills of every compiled variant (Triton's per-device kernel caches)."""
     jitted = (gdn._gdn_recurrent_kernel, gdn._chunk_prepare_kernel, gdn._chunk_state_kernel, gdn._chunk_output_kernel,
-              gdn._chunk_attention_kernel,
+              gdn._chunk_attention_kernel, gdn._chunk_prepare_blocked_kernel,
               gdn._conv_kernel)  # fmt: skip
     for fn in jitted:
         for cache in getattr(fn, "device_caches", {}).values():

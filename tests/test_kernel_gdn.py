@@ -396,12 +396,13 @@ def test_chunked_block_options_are_its_own():
      (2, 70, torch.float16, "half", 32, "tf32x3", False), (1, 150, torch.float16, "half", 64, "tf32_refined", False),
      (2, 45, torch.float16, "half", 16, "tf32", False), (2, 1, torch.float32, "ieee", None, "tf32x3", True),
      (2, 150, torch.float32, "ieee", 32, "tf32x3", True), (2, 70, torch.float16, "half", 32, "tf32", True),
-     (1, 150, torch.float16, "half", 64, "tf32x3", True)],
+     (1, 150, torch.float16, "half", 64, "tf32x3", True), (1, 200, torch.float16, "half", 64, "tf32", "blocked"),
+     (2, 45, torch.float16, "half", 64, "tf32x3", "blocked"), (2, 130, torch.float16, "half", 64, "tf32", "both")],
 )  # fmt: skip
 def test_chunked(bsz, seq, dtype, precision, chunk_size, system, fused):
     """Against the chunked and the recurrent references; "half" keeps the chunks in fp16 between the kernels, which
     rounds each chunk's W, U, corrected values and starting state to 11 bits; fused computes the outputs in the
-    state scan."""
+    state scan ("blocked": the system in 16-row blocks instead; "both": the two together)."""
     gen = torch.Generator().manual_seed(seq + bsz)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, heads=2, hv=6, dk=16, dv=32, dtype=dtype, gen=gen)
     g, beta = ops.gdn_gates(a, b, a_log, dt_bias)
@@ -409,7 +410,8 @@ def test_chunked(bsz, seq, dtype, precision, chunk_size, system, fused):
     _, s_rec = ops.gated_delta_rule_recurrent(q, k, v, g, beta, state)
     o, s = gdn.gdn_chunked(
         q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 6, 32, dtype=dtype), final_state=_nan(*state.shape),
-        chunk_size=chunk_size, block_v=16, precision=precision, system_precision=system, fused_output=fused,
+        chunk_size=chunk_size, block_v=16, precision=precision, system_precision=system,
+        fused_output=fused in (True, "both"), blocked_system=fused in ("blocked", "both"),
     )  # fmt: skip
     half = precision == "half"
     _close("o", o.float(), o_ref.float(), 1e-4 if dtype == torch.float32 else 5e-3 if half else 2e-3)
@@ -438,6 +440,9 @@ def test_bad_inputs_name_the_parameter():
         gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, precision="half")
     with pytest.raises(ValueError, match="^system_precision: 'ieee' not in tf32x3/tf32/tf32_refined"):
         gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, system_precision="ieee")
+    with pytest.raises(ValueError, match="^blocked_system: solves 64-token chunks in 'half' at tf32 or tf32x3; got "
+                                         "chunk_size 32, precision 'tf32'"):  # fmt: skip
+        gdn.gdn_chunked(q, k, v, a, b, a_log, dt_bias, state, chunk_size=32, blocked_system=True)
     x, window, weight = torch.randn(1, 3, 32, device=DEV), torch.randn(1, 32, 3, device=DEV), torch.randn(32, 4)
     with pytest.raises(ValueError, match="^block_t: 3 must be a power of two <= 64"):
         gdn.causal_conv1d_update(x, window, weight.to(DEV), block_t=3)
@@ -568,11 +573,15 @@ def test_gpu_conv_real_dims():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("precision", "system_precision"), [("tf32", "tf32x3"), ("tf32x3", "tf32x3"),
-                                                           ("half", "tf32x3"), ("half", "tf32"),
-                                                           ("half", "tf32_refined")])  # fmt: skip
-@pytest.mark.parametrize("fused", [False, True])
-def test_gpu_chunked_real_dims(precision, system_precision, fused):
+@pytest.mark.parametrize(
+    ("precision", "system_precision", "fused", "blocked"),
+    [(p, sp, fused, False) for p, sp in [("tf32", "tf32x3"), ("tf32x3", "tf32x3"), ("half", "tf32x3"), ("half", "tf32"),
+                                         ("half", "tf32_refined")] for fused in (False, True)]
+    + [("half", sp, fused, True) for sp in ("tf32", "tf32x3") for fused in (False, True)],
+)  # fmt: skip
+def test_gpu_chunked_real_dims(precision, system_precision, fused, blocked):
+    """The chunked prefill at the real dims in bf16 against the chunked reference (fused: the outputs computed in
+    the scan; blocked: the system in 16-row blocks, a "half" form)."""
     bsz, seq = 2, 300
     gen = torch.Generator().manual_seed(3)
     q, k, v, a, b, a_log, dt_bias, state = _gdn_inputs(bsz, seq, **REAL, dtype=torch.bfloat16, gen=gen)
@@ -580,7 +589,8 @@ def test_gpu_chunked_real_dims(precision, system_precision, fused):
     o_ref, s_ref = ops.gated_delta_rule_chunked(q, k, v, g, beta, state)
     o, s = gdn.gdn_chunked(
         q, k, v, a, b, a_log, dt_bias, state, out=_nan(bsz, seq, 48, 128, dtype=torch.bfloat16),
-        final_state=_nan(*state.shape), precision=precision, system_precision=system_precision, fused_output=fused,
+        final_state=_nan(*state.shape), precision=precision, system_precision=system_precision,
+        fused_output=fused, blocked_system=blocked, chunk_size=64,
     )  # fmt: skip
     _close("o", o.float(), o_ref.float(), 1e-2)
     _close("final state", s, s_ref, 1e-3 if precision == "tf32x3" else 1e-2)

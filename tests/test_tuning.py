@@ -129,6 +129,10 @@ def test_the_chunked_prefill_space_follows_the_shared_memory():
     assert sm120.default()["chunk_size"] == 32 and sm90.default()["chunk_size"] == 64
     assert "shared memory 131072 B over the 101376 B" in sm120.check({**sm120.default(), "chunk_size": 64})
     assert sm90.check({**sm90.default(), "chunk_size": 64}) is None
+    assert sm90.default()["precision"] == "half" and sm90.check({**sm90.default(), "blocked_system": True}) is None
+    for change in ({"chunk_size": 32}, {"precision": "tf32"}, {"system_precision": "tf32_refined"}):
+        assert "blocked_system solves 64-token chunks" in sm90.check({**sm90.default(), "blocked_system": True,
+                                                                       **change})  # fmt: skip
 
 
 def test_pruning_follows_each_profiles_limits():

@@ -438,7 +438,7 @@ class GDNChunkedCase(GDNCase):
         return gdn_chunked(
             *inputs, out=out, final_state=self.finals[i], chunk_size=config["chunk_size"], block_v=config["block_v"],
             precision=config["precision"], system_precision=config.get("system_precision", "tf32x3"),
-            fused_output=config.get("fused_output", False),
+            fused_output=config.get("fused_output", False), blocked_system=config.get("blocked_system", False),
         )  # fmt: skip
 
     def compare(self, got, want) -> str | None:

@@ -692,8 +692,9 @@ class GDNSpace(Space):
 
 class GDNChunkedSpace(Space):
     """codegen/triton/gdn.py's gdn_chunked: the chunk length, the V slice of the scan, its dot precision (with 16-bit
-    q/k/v also "half": the chunks kept in that dtype), the UT/WY system's, and whether the scan computes the
-    outputs itself (the accuracy of each is checked against the reference like any result)."""
+    q/k/v also "half": the chunks kept in that dtype), the UT/WY system's and its form (whole 64 x 64 products or
+    16-row blocks), and whether the scan computes the outputs itself (the accuracy of each is checked against the
+    reference like any result)."""
 
     op = "gdn_chunked"
 
@@ -706,6 +707,7 @@ class GDNChunkedSpace(Space):
                 "precision": [p for p in gdn_kernels.CHUNKED_PRECISIONS if p != "half" or self.shape.fmt != "fp32"],
                 "system_precision": list(gdn_kernels.SYSTEM_PRECISIONS),
                 "fused_output": [False, True],
+                "blocked_system": [False, True],
             }
         )
 
@@ -714,7 +716,7 @@ class GDNChunkedSpace(Space):
             chunk = gdn_kernels.default_chunk_size(torch.device("cpu"), self.shape.dk)
         precision = gdn_kernels.default_chunked_precision(DTYPES[self.shape.fmt])
         return {"lowering": "triton", "chunk_size": chunk, "block_v": min(64, self.shape.dv), "precision": precision,
-                "system_precision": "tf32", "fused_output": False}  # fmt: skip
+                "system_precision": "tf32", "fused_output": False, "blocked_system": False}  # fmt: skip
 
     def waste(self, params: Params) -> str | None:
         if params["lowering"] == "triton" and params["chunk_size"] > max(16, _p2(self.shape.t)):
@@ -727,6 +729,12 @@ class GDNChunkedSpace(Space):
             return None
         if params["block_v"] > s.dv or s.dv % params["block_v"]:
             return f"block_v {params['block_v']} does not divide V={s.dv}"
+        if params.get("blocked_system") and not (
+            params["precision"] == "half"
+            and params["chunk_size"] == 64
+            and params["system_precision"] != "tf32_refined"
+        ):
+            return "blocked_system solves 64-token chunks in 'half' at tf32 or tf32x3"
         # the scan's state slice and one chunk's keys stay in registers (8 warps); the prepare kernel holds a
         # chunk's fp32 keys and products in shared memory
         acc = _accumulator_check(s.dk * params["block_v"] + params["chunk_size"] * s.dk, 8, self.profile, "the scan")

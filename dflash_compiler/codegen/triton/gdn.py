@@ -839,6 +839,226 @@ def _chunk_prepare_kernel(
 
 
 @triton.jit
+def _quarter_rows(k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, b64, h, hk, r0, T, sk_b, sk_t, sk_h, sv_b,
+                  sv_t, sv_h, sa_b, sa_t, sa_h, sb_b, sb_t, sb_h, K: tl.constexpr, V: tl.constexpr):  # fmt: skip
+    """16 rows of a chunk from row r0: (raw keys, raw values, the keys' inverse norms, log decays, beta)."""
+    rows = r0 + tl.arange(0, 16)
+    live = rows < T
+    kr = tl.load(k_ptr + b64 * sk_b + rows[:, None] * sk_t + hk * sk_h + tl.arange(0, K)[None, :], mask=live[:, None],
+                 other=0.0)  # fmt: skip
+    vr = tl.load(v_ptr + b64 * sv_b + rows[:, None] * sv_t + h * sv_h + tl.arange(0, V)[None, :], mask=live[:, None],
+                 other=0.0)  # fmt: skip
+    xa = tl.load(a_ptr + b64 * sa_b + rows * sa_t + h * sa_h, mask=live, other=0.0)
+    xb = tl.load(b_ptr + b64 * sb_b + rows * sb_t + h * sb_h, mask=live, other=0.0)
+    g, beta, _ = _chunk_gates(xa, xb, live, a_log_ptr, dt_bias_ptr, h)
+    kf = kr.to(tl.float32)
+    return kr, vr, tl.rsqrt(tl.reduce(kf * kf, 1, _add) + 1e-6), g, beta
+
+
+@triton.jit
+def _system_block(ki, kj, fi, rkj, cumi, cumj, OP: tl.constexpr, DIAG: tl.constexpr):
+    """A's 16 x 16 block of rows i over rows j, (beta k_hat_i k_hat_j^T) * decay, from the raw keys (fi: beta_i
+    times k_i's inverse norms); a diagonal block (DIAG) strictly lower, every other one whole (rows i all later)."""
+    r16 = tl.arange(0, 16)
+    gap = cumi[:, None] - cumj[None, :]
+    if DIAG:
+        gap = tl.where(r16[:, None] > r16[None, :], gap, float("-inf"))
+    return tl.dot(ki.to(OP), tl.trans(kj.to(OP))) * fi[:, None] * rkj[None, :] * tl.exp(gap)
+
+
+@triton.jit
+def _scaled_sum(x0, x1, x2, x3, s0, s1, s2, s3, r0, r1, r2, r3, N: tl.constexpr, OP: tl.constexpr):
+    """sum_j (X_j * s_j[None, :]) @ R_j over the blocks j given (an absent block: N = how many are given)."""
+    acc = tl.dot((x0 * s0[None, :]).to(OP), r0.to(OP))
+    if N > 1:
+        acc = tl.dot((x1 * s1[None, :]).to(OP), r1.to(OP), acc)
+    if N > 2:
+        acc = tl.dot((x2 * s2[None, :]).to(OP), r2.to(OP), acc)
+    if N > 3:
+        acc = tl.dot((x3 * s3[None, :]).to(OP), r3.to(OP), acc)
+    return acc
+
+
+@triton.jit
+def _store_quarter(w_ptr, u_ptr, ktail_ptr, cum_ptr, chunk, q: tl.constexpr, w, u, kr, rk, cum, last,
+                   K: tl.constexpr, V: tl.constexpr):  # fmt: skip
+    rows = chunk * 64 + q * 16 + tl.arange(0, 16)
+    idt = w_ptr.dtype.element_ty
+    tl.store(w_ptr + rows[:, None] * K + tl.arange(0, K)[None, :], w.to(idt))
+    tl.store(u_ptr + rows[:, None] * V + tl.arange(0, V)[None, :], u.to(idt))
+    k_tail = kr.to(tl.float32) * (rk * tl.exp(last - cum))[:, None]
+    tl.store(ktail_ptr + rows[:, None] * K + tl.arange(0, K)[None, :], k_tail.to(idt))
+    tl.store(cum_ptr + rows, cum)
+
+
+@triton.jit
+def _chunk_prepare_blocked_kernel(
+    k_ptr, v_ptr, a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, w_ptr, u_ptr, ktail_ptr, cum_ptr, T, NC,
+    sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sa_b, sa_t, sa_h, sb_b, sb_t, sb_h,
+    HV: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, OP: tl.constexpr, SYS_PREC: tl.constexpr,
+):  # fmt: skip
+    """_chunk_prepare_kernel's results for 64-token chunks on 16-bit operands, the system solved in 16-row blocks:
+    A's ten 16 x 16 blocks from the raw keys, each diagonal block inverted by squarings (_ut_inverse), the inverse's
+    blocks below the diagonal by X_ij = -X_ii sum_m A_im X_mj (three dependent levels, products at SYS_PREC), then W
+    and U as sums of block products. Every product has 16 rows: none waits on a 64 x 64 one."""
+    pid_bh = tl.program_id(0)
+    c = tl.program_id(1)
+    h = pid_bh % HV
+    b64 = (pid_bh // HV).to(tl.int64)
+    chunk = pid_bh.to(tl.int64) * NC + c
+    r0 = c * 64
+    k0, v0, rk0, g0, be0 = _quarter_rows(
+        k_ptr,
+        v_ptr,
+        a_ptr,
+        b_ptr,
+        a_log_ptr,
+        dt_bias_ptr,
+        b64,
+        h,
+        h // G,
+        r0,
+        T,
+        sk_b,
+        sk_t,
+        sk_h,
+        sv_b,
+        sv_t,
+        sv_h,
+        sa_b,
+        sa_t,
+        sa_h,
+        sb_b,
+        sb_t,
+        sb_h,
+        K,
+        V,
+    )
+    k1, v1, rk1, g1, be1 = _quarter_rows(
+        k_ptr,
+        v_ptr,
+        a_ptr,
+        b_ptr,
+        a_log_ptr,
+        dt_bias_ptr,
+        b64,
+        h,
+        h // G,
+        r0 + 16,
+        T,
+        sk_b,
+        sk_t,
+        sk_h,
+        sv_b,
+        sv_t,
+        sv_h,
+        sa_b,
+        sa_t,
+        sa_h,
+        sb_b,
+        sb_t,
+        sb_h,
+        K,
+        V,
+    )
+    k2, v2, rk2, g2, be2 = _quarter_rows(
+        k_ptr,
+        v_ptr,
+        a_ptr,
+        b_ptr,
+        a_log_ptr,
+        dt_bias_ptr,
+        b64,
+        h,
+        h // G,
+        r0 + 32,
+        T,
+        sk_b,
+        sk_t,
+        sk_h,
+        sv_b,
+        sv_t,
+        sv_h,
+        sa_b,
+        sa_t,
+        sa_h,
+        sb_b,
+        sb_t,
+        sb_h,
+        K,
+        V,
+    )
+    k3, v3, rk3, g3, be3 = _quarter_rows(
+        k_ptr,
+        v_ptr,
+        a_ptr,
+        b_ptr,
+        a_log_ptr,
+        dt_bias_ptr,
+        b64,
+        h,
+        h // G,
+        r0 + 48,
+        T,
+        sk_b,
+        sk_t,
+        sk_h,
+        sv_b,
+        sv_t,
+        sv_h,
+        sa_b,
+        sa_t,
+        sa_h,
+        sb_b,
+        sb_t,
+        sb_h,
+        K,
+        V,
+    )
+    t0, t1, t2 = tl.reduce(g0, 0, _add), tl.reduce(g1, 0, _add), tl.reduce(g2, 0, _add)
+    cum0 = tl.associative_scan(g0, 0, _add)
+    cum1 = tl.associative_scan(g1, 0, _add) + t0
+    cum2 = tl.associative_scan(g2, 0, _add) + (t0 + t1)
+    cum3 = tl.associative_scan(g3, 0, _add) + (t0 + t1 + t2)
+    last = t0 + t1 + t2 + tl.reduce(g3, 0, _add)  # padded rows decay by nothing
+    f0, f1, f2, f3 = be0 * rk0, be1 * rk1, be2 * rk2, be3 * rk3
+    r16 = tl.arange(0, 16)
+    x00 = _ut_inverse(_system_block(k0, k0, f0, rk0, cum0, cum0, OP, True), r16, 16, 0, SYS_PREC)
+    x11 = _ut_inverse(_system_block(k1, k1, f1, rk1, cum1, cum1, OP, True), r16, 16, 0, SYS_PREC)
+    x22 = _ut_inverse(_system_block(k2, k2, f2, rk2, cum2, cum2, OP, True), r16, 16, 0, SYS_PREC)
+    x33 = _ut_inverse(_system_block(k3, k3, f3, rk3, cum3, cum3, OP, True), r16, 16, 0, SYS_PREC)
+    a10 = _system_block(k1, k0, f1, rk0, cum1, cum0, OP, False)
+    a20 = _system_block(k2, k0, f2, rk0, cum2, cum0, OP, False)
+    a21 = _system_block(k2, k1, f2, rk1, cum2, cum1, OP, False)
+    a30 = _system_block(k3, k0, f3, rk0, cum3, cum0, OP, False)
+    a31 = _system_block(k3, k1, f3, rk1, cum3, cum1, OP, False)
+    a32 = _system_block(k3, k2, f3, rk2, cum3, cum2, OP, False)
+    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=SYS_PREC), input_precision=SYS_PREC)
+    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=SYS_PREC), input_precision=SYS_PREC)
+    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=SYS_PREC), input_precision=SYS_PREC)
+    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision=SYS_PREC) + tl.dot(a21, x10, input_precision=SYS_PREC),
+                  input_precision=SYS_PREC)  # fmt: skip
+    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision=SYS_PREC) + tl.dot(a32, x21, input_precision=SYS_PREC),
+                  input_precision=SYS_PREC)  # fmt: skip
+    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision=SYS_PREC) + tl.dot(a31, x10, input_precision=SYS_PREC)
+                  + tl.dot(a32, x20, input_precision=SYS_PREC), input_precision=SYS_PREC)  # fmt: skip
+    # W_i = sum_j X_ij (beta_j e^cum_j k_hat_j), U_i = sum_j X_ij (beta_j v_j): the scalings on X's columns
+    s0, s1, s2, s3 = f0 * tl.exp(cum0), f1 * tl.exp(cum1), f2 * tl.exp(cum2), f3 * tl.exp(cum3)
+    w0 = _scaled_sum(x00, x00, x00, x00, s0, s0, s0, s0, k0, k0, k0, k0, 1, OP)
+    w1 = _scaled_sum(x10, x11, x11, x11, s0, s1, s1, s1, k0, k1, k1, k1, 2, OP)
+    w2 = _scaled_sum(x20, x21, x22, x22, s0, s1, s2, s2, k0, k1, k2, k2, 3, OP)
+    w3 = _scaled_sum(x30, x31, x32, x33, s0, s1, s2, s3, k0, k1, k2, k3, 4, OP)
+    u0 = _scaled_sum(x00, x00, x00, x00, be0, be0, be0, be0, v0, v0, v0, v0, 1, OP)
+    u1 = _scaled_sum(x10, x11, x11, x11, be0, be1, be1, be1, v0, v1, v1, v1, 2, OP)
+    u2 = _scaled_sum(x20, x21, x22, x22, be0, be1, be2, be2, v0, v1, v2, v2, 3, OP)
+    u3 = _scaled_sum(x30, x31, x32, x33, be0, be1, be2, be3, v0, v1, v2, v3, 4, OP)
+    _store_quarter(w_ptr, u_ptr, ktail_ptr, cum_ptr, chunk, 0, w0, u0, k0, rk0, cum0, last, K, V)
+    _store_quarter(w_ptr, u_ptr, ktail_ptr, cum_ptr, chunk, 1, w1, u1, k1, rk1, cum1, last, K, V)
+    _store_quarter(w_ptr, u_ptr, ktail_ptr, cum_ptr, chunk, 2, w2, u2, k2, rk2, cum2, last, K, V)
+    _store_quarter(w_ptr, u_ptr, ktail_ptr, cum_ptr, chunk, 3, w3, u3, k3, rk3, cum3, last, K, V)
+
+
+@triton.jit
 def _chunk_qk(q_ptr, k_ptr, cum_ptr, pid_bh, c, T, NC, scale, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, HV: tl.constexpr,
               G: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, OP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """Chunk c's attention (q_hat k_hat^T) * decay of value head pid_bh % HV, its diagonal included, with what the
@@ -1564,6 +1784,7 @@ def gdn_chunked(
     precision: str | None = None,
     system_precision: str = "tf32",
     fused_output: bool = False,
+    blocked_system: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked (UT/WY) gated delta rule for prefill: same inputs as gdn_recurrent.
 
@@ -1579,7 +1800,9 @@ def gdn_chunked(
     "tf32" or "tf32_refined" (at these shapes all three gave the same errors with "half").
     chunk_size: tokens per chunk (default: default_chunk_size for the device). fused_output: the outputs are
     computed in the state scan from each chunk's attention (a chunk-parallel launch writes it), so that neither the
-    chunks' starting states nor their corrected values go through memory.
+    chunks' starting states nor their corrected values go through memory. blocked_system: with "half" and 64-token
+    chunks, the UT/WY system is solved in 16-row blocks (_chunk_prepare_blocked_kernel) instead of by products of
+    whole 64 x 64 matrices.
     """
     bsz, seq, heads, hv, dk, dv = _check_gdn_inputs(q, k, v, a, b, a_log, dt_bias, state)
     if chunk_size is None:
@@ -1588,6 +1811,11 @@ def gdn_chunked(
     _check(chunk_size in (16, 32, 64, 128), "chunk_size", f"{chunk_size} not in 16/32/64/128")
     if precision is None:
         precision = default_chunked_precision(v.dtype)
+    _check(
+        not blocked_system or (precision == "half" and chunk_size == 64 and system_precision != "tf32_refined"),
+        "blocked_system", f"solves 64-token chunks in 'half' at tf32 or tf32x3; got chunk_size {chunk_size}, "
+        f"precision {precision!r}, system_precision {system_precision!r}",
+    )  # fmt: skip
     bv = min(block_v, dv)
     _check(_pow2(bv) and bv >= 16, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
     _check(precision in CHUNKED_PRECISIONS, "precision", f"{precision!r} not in {'/'.join(CHUNKED_PRECISIONS)}")
@@ -1628,12 +1856,19 @@ def gdn_chunked(
         v_new = torch.empty_like(u)
         starts = torch.empty(chunks, dk, dv, dtype=kept, device=k.device)
     sb = min(16, chunk_size)
-    _chunk_prepare_kernel[(bsz * hv, nc)](
-        k, v, a, b, a_log, dt_bias, w, u, k_tail, cum, seq, nc,
-        *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
-        HV=hv, G=hv // heads, K=dk, V=dv, BT=chunk_size, SB=sb, LEVELS=(chunk_size // sb).bit_length() - 1,
-        OP=op, PREC=prec, SYS_PREC=system_precision, num_warps=8,
-    )  # fmt: skip
+    if blocked_system:
+        _chunk_prepare_blocked_kernel[(bsz * hv, nc)](
+            k, v, a, b, a_log, dt_bias, w, u, k_tail, cum, seq, nc,
+            *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
+            HV=hv, G=hv // heads, K=dk, V=dv, OP=op, SYS_PREC=system_precision, num_warps=4,
+        )  # fmt: skip
+    else:
+        _chunk_prepare_kernel[(bsz * hv, nc)](
+            k, v, a, b, a_log, dt_bias, w, u, k_tail, cum, seq, nc,
+            *k.stride()[:3], *v.stride()[:3], *a.stride(), *b.stride(),
+            HV=hv, G=hv // heads, K=dk, V=dv, BT=chunk_size, SB=sb, LEVELS=(chunk_size // sb).bit_length() - 1,
+            OP=op, PREC=prec, SYS_PREC=system_precision, num_warps=8,
+        )  # fmt: skip
     if fused_output:
         _chunk_attention_kernel[(bsz * hv, nc)](
             q, k, cum, attn, seq, nc, dk**-0.5, *q.stride()[:3], *k.stride()[:3],
