@@ -303,8 +303,8 @@ def test_cubin_arch_refuses_a_file_that_is_no_cubin(tmp_path):
 @pytest.mark.parametrize("profile_name,arch", [("sm90", 90), ("sm120", 120)])
 def test_the_chunked_prefill_fits_the_gpu_at_qwen35_dims(tmp_path, profile_name, arch):
     """The three kernels of the chunked GDN prefill, cross-compiled at the 27B head dims (K = V = 128, 48 value
-    heads) in both scan precisions with the launcher's default chunk for the GPU, each within the profile's shared
-    memory per block (sm120's 99 KB takes 32-token chunks)."""
+    heads) in the 16-bit and two fp32 precisions with the launcher's default chunk and V slice for the GPU, each
+    within the profile's shared memory per block (sm120's 99 KB takes 32-token chunks)."""
     out = _run_compiler(
         f"""
         import json, torch
@@ -317,7 +317,7 @@ def test_the_chunked_prefill_fits_the_gpu_at_qwen35_dims(tmp_path, profile_name,
             q = torch.zeros(1, 512, 16, 128, dtype=torch.bfloat16)
             v = torch.zeros(1, 512, 48, 128, dtype=torch.bfloat16)
             a = torch.zeros(1, 512, 48, dtype=torch.bfloat16)
-            for precision in ("tf32", "tf32x3"):
+            for precision in ("half", "tf32", "tf32x3"):
                 gdn.gdn_chunked(q, q.clone(), v, a, a.clone(), torch.zeros(48), torch.zeros(48),
                                 torch.zeros(1, 48, 128, 128), precision=precision)
 
@@ -328,7 +328,7 @@ def test_the_chunked_prefill_fits_the_gpu_at_qwen35_dims(tmp_path, profile_name,
     )
     limit, records = json.loads(out.strip().splitlines()[-1])
     kernels = ("_chunk_prepare_kernel", "_chunk_state_kernel", "_chunk_output_kernel")
-    assert sorted({name for name, _ in records}) == sorted(kernels) and len(records) == 6
+    assert sorted({name for name, _ in records}) == sorted(kernels) and len(records) == 9
     assert limit == {"sm90": 232448, "sm120": 101376}[profile_name]
     assert all(0 < shared <= limit for _, shared in records)
 

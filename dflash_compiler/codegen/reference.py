@@ -353,9 +353,11 @@ def gdn_chunked(
     out=None,
     final_state=None,
     chunk_size=None,
-    block_v=64,
+    block_v=None,
     precision=None,
     system_precision="tf32",
+    fused_output=False,
+    blocked_system=False,
 ):
     """The chunked gated delta rule for prefill: (o [B, T, HV, V], the final state). final_state may be state
     itself (in place); by default a new tensor."""

@@ -715,7 +715,8 @@ class GDNChunkedSpace(Space):
         with _launcher_facts(self.profile):
             chunk = gdn_kernels.default_chunk_size(torch.device("cpu"), self.shape.dk)
         precision = gdn_kernels.default_chunked_precision(DTYPES[self.shape.fmt])
-        return {"lowering": "triton", "chunk_size": chunk, "block_v": min(64, self.shape.dv), "precision": precision,
+        block_v = min(gdn_kernels.default_chunked_block_v(precision), self.shape.dv)
+        return {"lowering": "triton", "chunk_size": chunk, "block_v": block_v, "precision": precision,
                 "system_precision": "tf32", "fused_output": False, "blocked_system": False}  # fmt: skip
 
     def waste(self, params: Params) -> str | None:

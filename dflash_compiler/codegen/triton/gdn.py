@@ -1658,6 +1658,12 @@ def default_chunked_precision(dtype: torch.dtype) -> str:
     return "half" if dtype in _TL_DTYPES else "tf32"
 
 
+def default_chunked_block_v(precision: str) -> int:
+    """64-wide V slices in "half", 32 with fp32 chunks (whose 64-wide scan takes 106 KB of shared memory at 32-token
+    chunks, over sm120's 99 KB)."""
+    return 64 if precision == "half" else 32
+
+
 def prepare_shared_bytes(chunk_size: int, dk: int) -> int:
     """Shared memory of the chunked prefill's prepare kernel (its largest), as cross-compiled for sm90 and sm120
     at K = 128: 131072 bytes at 64-token chunks, 65536 at 32."""
@@ -1685,7 +1691,7 @@ def gdn_chunked(
     out: torch.Tensor | None = None,
     final_state: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    block_v: int = 64,
+    block_v: int | None = None,
     precision: str | None = None,
     system_precision: str = "tf32",
     fused_output: bool = False,
@@ -1703,7 +1709,8 @@ def gdn_chunked(
     for 32768 tokens against 18.2 with "tf32" (and the old tf32x3 system), its errors those of bf16 rounding.
     system_precision: the system's products (its matrix and inverse) on fp32 operands, as in _ut_inverse: "tf32x3",
     "tf32" or "tf32_refined" (at these shapes all three gave the same errors with "half").
-    chunk_size: tokens per chunk (default: default_chunk_size for the device). fused_output: the outputs are
+    chunk_size: tokens per chunk (default: default_chunk_size for the device). block_v: the scan's V slice (default:
+    default_chunked_block_v for the precision). fused_output: the outputs are
     computed in the state scan from each chunk's attention (a chunk-parallel launch writes it), so that neither the
     chunks' starting states nor their corrected values go through memory. blocked_system: with "half" and 64-token
     chunks, the UT/WY system is solved in 16-row blocks (_chunk_prepare_blocked_kernel) instead of by products of
@@ -1716,6 +1723,8 @@ def gdn_chunked(
     _check(chunk_size in (16, 32, 64, 128), "chunk_size", f"{chunk_size} not in 16/32/64/128")
     if precision is None:
         precision = default_chunked_precision(v.dtype)
+    if block_v is None:
+        block_v = default_chunked_block_v(precision)
     _check(
         not blocked_system or (precision == "half" and chunk_size == 64 and system_precision != "tf32_refined"),
         "blocked_system", f"solves 64-token chunks in 'half' at tf32 or tf32x3; got chunk_size {chunk_size}, "
