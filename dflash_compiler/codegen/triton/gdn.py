@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .device import gpu_facts
+from .linear import DOT_DTYPES
 
 # tl.sum's combine function. The kernels call tl.reduce with it rather than tl.sum (and write out sigmoid and
 # cumsum): Triton's interpreter re-patches the language on every call of a library @jit function (about 5 ms each),
@@ -1651,11 +1652,11 @@ def gdn_commit(
 
 CHUNKED_PRECISIONS = ("tf32", "tf32x3", "ieee", "half")
 SYSTEM_PRECISIONS = ("tf32x3", "tf32", "tf32_refined")
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def default_chunked_precision(dtype: torch.dtype) -> str:
-    return "half" if dtype in _TL_DTYPES else "tf32"
+    return "half" if dtype in _HALF_DTYPES else "tf32"
 
 
 def default_chunked_block_v(precision: str) -> int:
@@ -1734,7 +1735,7 @@ def gdn_chunked(
     _check(_pow2(bv) and bv >= 16, "block_v", f"{bv} must be a power of two >= 16 dividing V={dv}")
     _check(precision in CHUNKED_PRECISIONS, "precision", f"{precision!r} not in {'/'.join(CHUNKED_PRECISIONS)}")
     _check(
-        precision != "half" or v.dtype in (torch.float16, torch.bfloat16),
+        precision != "half" or v.dtype in _HALF_DTYPES,
         "precision", f"'half' keeps the chunks in v's 16-bit dtype; v is {v.dtype}",
     )  # fmt: skip
     _check(
@@ -1757,7 +1758,7 @@ def gdn_chunked(
     chunks = bsz * hv * nc
     # chunk-parallel prepare, a sequential state scan of two products per chunk, chunk-parallel outputs
     kept = v.dtype if precision == "half" else torch.float32
-    op, prec = (_TL_DTYPES[kept], "ieee") if precision == "half" else (tl.float32, precision)
+    op, prec = (DOT_DTYPES[kept], "ieee") if precision == "half" else (tl.float32, precision)
     w = torch.empty(chunks, chunk_size, dk, dtype=kept, device=k.device)
     k_tail = torch.empty_like(w)
     u = torch.empty(chunks, chunk_size, dv, dtype=kept, device=k.device)

@@ -1022,7 +1022,7 @@ def _fp8_hardware(device: torch.device) -> bool:
     return facts is not None and facts.capability >= (8, 9)
 
 
-_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def linear(
@@ -1047,7 +1047,7 @@ def linear(
     reads x * sigmoid(gate) (not together with norm). residual_in_place: the result is written into the residual's
     memory (each element of the residual is read by the program that then stores it).
     """
-    if x.dim() != 2 or x.dtype not in _DOT_DTYPES:
+    if x.dim() != 2 or x.dtype not in DOT_DTYPES:
         raise ValueError(f"x: expected a 2-D bf16/fp16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
     n, k = weight.shape
     m = x.shape[0]
@@ -1199,7 +1199,7 @@ def linear(
         return out
     x_fp8 = config.prequant_x and (fp8 or fmt == INT4)
     xs = dummy
-    dot_dtype = _DOT_DTYPES[x.dtype]
+    dot_dtype = DOT_DTYPES[x.dtype]
     if x_fp8:
         x, xs = quantize_x_fp8(x, per_row=config.x_per_token, norm=norm, gate=gate)
         norm = gate = None
